@@ -1,0 +1,453 @@
+//! The agent's one configuration struct: a TOML file, overridden by environment variables, overridden
+//! by command-line flags, validated once at start-up.
+//!
+//! Every field is documented in the README's configuration reference; keep the two in step. This module
+//! only reads and checks settings: it opens no store and starts nothing.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use crate::quantity::ByteSize;
+
+/// Where the config file is looked for when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/lichen/config.toml";
+
+/// Errors from loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file named with `--config` (or `LICHEN_CONFIG`) could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown fields or wrongly typed values.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, which names the field and the line.
+        message: String,
+    },
+    /// A value parsed but is not acceptable.
+    #[error("invalid value for `{field}`: {message}")]
+    Invalid {
+        /// The TOML name of the field (flag and env names are listed in the README).
+        field: &'static str,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+/// Output format of the agent's own logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (journald adds its own timestamps).
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The whole agent configuration, after defaults, file, environment and flags have been merged.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// The node's name; defaults to the host name.
+    pub node_name: String,
+    /// Where the state store, volumes and container logs live.
+    pub state_dir: PathBuf,
+    /// A directory of Pod manifests run without a cluster, like kubelet's `--pod-manifest-path`.
+    /// An empty path turns static pods off.
+    pub static_pod_dir: PathBuf,
+    /// The most pods this node admits; more are refused with `OutOfpods`.
+    pub max_pods: u32,
+    /// How long shutdown waits for pods and the store before giving up.
+    pub shutdown_timeout_secs: u64,
+    /// The agent's own logging.
+    pub log: LogConfig,
+    /// WebAssembly execution limits.
+    pub runtime: RuntimeConfig,
+    /// Where containers' stdout and stderr go.
+    pub container_logs: ContainerLogConfig,
+}
+
+/// The agent's own logging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, or per target such as `info,lichen::runtime=debug`.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+/// WebAssembly execution limits applied to every container unless a pod asks otherwise.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Fuel (roughly, wasm instructions) one run of a container may burn; 0 means unlimited.
+    /// A pod overrides it with the annotation `lichen.dev/fuel`.
+    pub default_fuel: u64,
+    /// Linear-memory limit for containers without `resources.limits.memory`.
+    pub default_memory_limit: ByteSize,
+    /// Wall-clock limit of one run of a container, in seconds; 0 means none.
+    /// A pod overrides it with the annotation `lichen.dev/run-timeout-seconds`.
+    pub run_timeout_secs: u64,
+}
+
+/// Container log files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainerLogConfig {
+    /// A container's log file is rotated when it reaches this size.
+    pub max_size: ByteSize,
+    /// How many files (the live one included) are kept per container run.
+    pub max_files: u32,
+    /// Also print every line containers write into the agent's own log (handy standalone, noisy at scale).
+    pub echo: bool,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            node_name: String::new(),
+            state_dir: PathBuf::from("/var/lib/lichen"),
+            static_pod_dir: PathBuf::from("/etc/lichen/pods"),
+            max_pods: 110,
+            shutdown_timeout_secs: 10,
+            log: LogConfig::default(),
+            runtime: RuntimeConfig::default(),
+            container_logs: ContainerLogConfig::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            default_fuel: 0,
+            default_memory_limit: ByteSize(128 << 20),
+            run_timeout_secs: 0,
+        }
+    }
+}
+
+impl Default for ContainerLogConfig {
+    fn default() -> Self {
+        Self {
+            max_size: ByteSize(10 << 20),
+            max_files: 5,
+            echo: false,
+        }
+    }
+}
+
+/// Command-line flags and environment variables that override the config file, one per field.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ConfigArgs {
+    /// Config file [default: /etc/lichen/config.toml, used only if it exists].
+    #[arg(long, short = 'c', env = "LICHEN_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Node name [default: the host name].
+    #[arg(long, env = "LICHEN_NODE_NAME", global = true)]
+    pub node_name: Option<String>,
+    /// State directory [default: /var/lib/lichen].
+    #[arg(long, env = "LICHEN_STATE_DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
+    /// Static pod manifest directory; empty turns static pods off [default: /etc/lichen/pods].
+    #[arg(long, env = "LICHEN_STATIC_POD_DIR", global = true)]
+    pub static_pod_dir: Option<PathBuf>,
+    /// Most pods admitted [default: 110].
+    #[arg(long, env = "LICHEN_MAX_PODS", global = true)]
+    pub max_pods: Option<u32>,
+    /// Seconds shutdown may take [default: 10].
+    #[arg(long, env = "LICHEN_SHUTDOWN_TIMEOUT_SECS", global = true)]
+    pub shutdown_timeout_secs: Option<u64>,
+    /// Log filter, e.g. `info` or `info,lichen::runtime=debug` [default: info].
+    #[arg(long, env = "LICHEN_LOG_LEVEL", global = true)]
+    pub log_level: Option<String>,
+    /// Log format [default: text].
+    #[arg(long, env = "LICHEN_LOG_FORMAT", global = true)]
+    pub log_format: Option<LogFormat>,
+    /// Fuel per container run, 0 = unlimited [default: 0].
+    #[arg(long, env = "LICHEN_DEFAULT_FUEL", global = true)]
+    pub default_fuel: Option<u64>,
+    /// Memory limit for containers that set none [default: 128Mi].
+    #[arg(long, env = "LICHEN_DEFAULT_MEMORY_LIMIT", global = true)]
+    pub default_memory_limit: Option<ByteSize>,
+    /// Wall-clock seconds per container run, 0 = none [default: 0].
+    #[arg(long, env = "LICHEN_RUN_TIMEOUT_SECS", global = true)]
+    pub run_timeout_secs: Option<u64>,
+    /// Container log rotation size [default: 10Mi].
+    #[arg(long, env = "LICHEN_CONTAINER_LOG_MAX_SIZE", global = true)]
+    pub container_log_max_size: Option<ByteSize>,
+    /// Container log files kept per run [default: 5].
+    #[arg(long, env = "LICHEN_CONTAINER_LOG_MAX_FILES", global = true)]
+    pub container_log_max_files: Option<u32>,
+    /// Echo container output into the agent log [default: false].
+    #[arg(long, env = "LICHEN_CONTAINER_LOG_ECHO", global = true)]
+    pub container_log_echo: Option<bool>,
+}
+
+impl AgentConfig {
+    /// Loads the file (if any), applies `args`, resolves defaults that depend on the host, and validates.
+    pub fn load(args: &ConfigArgs) -> Result<Self, ConfigError> {
+        let (path, required) = match &args.config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        let mut config = match std::fs::read_to_string(&path) {
+            Ok(text) => Self::from_toml(&text, &path)?,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Self::default(),
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        config.apply(args);
+        config.finish()?;
+        Ok(config)
+    }
+
+    /// Parses a config file's text. Relative paths in it are taken relative to the file's directory,
+    /// so a config and its pods can move together.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut config: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut config.state_dir, &mut config.static_pod_dir] {
+            if !p.as_os_str().is_empty() && p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(config)
+    }
+
+    fn apply(&mut self, a: &ConfigArgs) {
+        fn set<T: Clone>(dst: &mut T, src: &Option<T>) {
+            if let Some(v) = src {
+                *dst = v.clone();
+            }
+        }
+        set(&mut self.node_name, &a.node_name);
+        set(&mut self.state_dir, &a.state_dir);
+        set(&mut self.static_pod_dir, &a.static_pod_dir);
+        set(&mut self.max_pods, &a.max_pods);
+        set(&mut self.shutdown_timeout_secs, &a.shutdown_timeout_secs);
+        set(&mut self.log.level, &a.log_level);
+        set(&mut self.log.format, &a.log_format);
+        set(&mut self.runtime.default_fuel, &a.default_fuel);
+        set(
+            &mut self.runtime.default_memory_limit,
+            &a.default_memory_limit,
+        );
+        set(&mut self.runtime.run_timeout_secs, &a.run_timeout_secs);
+        set(&mut self.container_logs.max_size, &a.container_log_max_size);
+        set(
+            &mut self.container_logs.max_files,
+            &a.container_log_max_files,
+        );
+        set(&mut self.container_logs.echo, &a.container_log_echo);
+    }
+
+    /// Fills host-dependent defaults and checks every value, naming the field that is wrong.
+    pub fn finish(&mut self) -> Result<(), ConfigError> {
+        if self.node_name.is_empty() {
+            self.node_name = host_name().ok_or(ConfigError::Invalid {
+                field: "node_name",
+                message:
+                    "not set and the host name could not be read; set node_name in the config \
+                          or LICHEN_NODE_NAME"
+                        .into(),
+            })?;
+        }
+        // Node names become Kubernetes object names (RFC 1123 subdomains) and parts of file names.
+        self.node_name = self.node_name.to_ascii_lowercase();
+        if let Err(why) = validate_dns_subdomain(&self.node_name) {
+            return Err(ConfigError::Invalid {
+                field: "node_name",
+                message: format!("{:?} {why}", self.node_name),
+            });
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "state_dir",
+                message: "must not be empty (the default is /var/lib/lichen)".into(),
+            });
+        }
+        if !(1..=10_000).contains(&self.max_pods) {
+            return Err(ConfigError::Invalid {
+                field: "max_pods",
+                message: format!("{} is outside 1..=10000", self.max_pods),
+            });
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(ConfigError::Invalid {
+                field: "log.level",
+                message: format!(
+                    "{:?}: {e} (examples: info, debug, info,lichen=debug)",
+                    self.log.level
+                ),
+            });
+        }
+        if self.runtime.default_memory_limit.0 < 64 << 10 {
+            return Err(ConfigError::Invalid {
+                field: "runtime.default_memory_limit",
+                message: format!(
+                    "{} is below one WebAssembly page (64Ki)",
+                    self.runtime.default_memory_limit
+                ),
+            });
+        }
+        if self.runtime.default_memory_limit.0 > 4 << 30 {
+            return Err(ConfigError::Invalid {
+                field: "runtime.default_memory_limit",
+                message: format!(
+                    "{} is above the 4Gi a 32-bit WebAssembly memory can address",
+                    self.runtime.default_memory_limit
+                ),
+            });
+        }
+        if self.container_logs.max_size.0 < 4096 {
+            return Err(ConfigError::Invalid {
+                field: "container_logs.max_size",
+                message: format!("{} is below the 4Ki minimum", self.container_logs.max_size),
+            });
+        }
+        if !(1..=100).contains(&self.container_logs.max_files) {
+            return Err(ConfigError::Invalid {
+                field: "container_logs.max_files",
+                message: format!("{} is outside 1..=100", self.container_logs.max_files),
+            });
+        }
+        Ok(())
+    }
+
+    /// The static pod directory, unless static pods are turned off.
+    pub fn static_pods(&self) -> Option<&Path> {
+        (!self.static_pod_dir.as_os_str().is_empty()).then_some(self.static_pod_dir.as_path())
+    }
+
+    /// The config as TOML, for `lichen check`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// The kernel's host name, as the kubelet uses for the node name by default.
+pub fn host_name() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
+/// Checks an RFC 1123 subdomain, the rule for Node and Pod names.
+pub fn validate_dns_subdomain(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > 253 {
+        return Err("must be 1 to 253 characters long");
+    }
+    for label in name.split('.') {
+        let ok_chars = label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if label.is_empty() || !ok_chars || label.starts_with('-') || label.ends_with('-') {
+            return Err(
+                "must consist of lower-case letters, digits, '-' and '.', and start and end with a \
+                 letter or digit",
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        let mut c = AgentConfig::from_toml(text, Path::new("/etc/lichen/config.toml"))?;
+        c.finish()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = parse("node_name = \"pi-07\"").expect("valid");
+        assert_eq!(c.state_dir, Path::new("/var/lib/lichen"));
+        assert_eq!(c.static_pods(), Some(Path::new("/etc/lichen/pods")));
+        assert_eq!(c.max_pods, 110);
+        assert_eq!(c.runtime.default_memory_limit, ByteSize(128 << 20));
+        assert_eq!(c.container_logs.max_size, ByteSize(10 << 20));
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_the_expected_ones() {
+        let err = parse("node_name = \"a\"\nstatic_pods_dir = \"/x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("static_pods_dir"), "{err}");
+        assert!(
+            err.contains("static_pod_dir"),
+            "hint should list valid fields: {err}"
+        );
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let err = parse("node_name = \"Bad_Name\"").unwrap_err().to_string();
+        assert!(err.contains("node_name"), "{err}");
+        let err = parse("node_name = \"a\"\n[runtime]\ndefault_memory_limit = \"12 parsecs\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("default_memory_limit") && err.contains("unknown suffix"),
+            "{err}"
+        );
+        let err = parse("node_name = \"a\"\nmax_pods = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_pods"), "{err}");
+        let err = parse("node_name = \"a\"\n[log]\nlevel = \"lichen=[\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("log.level"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_follow_the_file_and_flags_win() {
+        let mut c = AgentConfig::from_toml(
+            "static_pod_dir = \"pods\"",
+            Path::new("/opt/demo/lichen.toml"),
+        )
+        .expect("valid");
+        assert_eq!(c.static_pod_dir, Path::new("/opt/demo/pods"));
+        let args = ConfigArgs {
+            node_name: Some("edge-1".into()),
+            max_pods: Some(7),
+            default_fuel: Some(99),
+            ..Default::default()
+        };
+        c.apply(&args);
+        c.finish().expect("valid");
+        assert_eq!(
+            (c.node_name.as_str(), c.max_pods, c.runtime.default_fuel),
+            ("edge-1", 7, 99)
+        );
+    }
+}

@@ -1,0 +1,22 @@
+//! Lichen: an edge node agent that runs Kubernetes pods as WASI modules in Wasmtime.
+//!
+//! Module map, in the order data flows:
+//! - [`config`]: the one configuration struct (file, environment, flags).
+//! - [`static_pods`]: reads Pod manifests from a directory and reports the desired set.
+//! - [`pod`]: turns pods into plans ([`pod::spec`]), decides phases ([`pod::state`]), runs each pod
+//!   ([`pod::worker`]) and keeps the running set equal to the desired set ([`pod::manager`]).
+//! - [`store`]: the durable record of pods and modules (sled).
+//! - [`runtime`]: Wasmtime: one engine, a store per container run, WASI preview 1, logs.
+//! - [`app`]: wires the parts together and shuts them down in order.
+//! - [`cli`], [`check`]: the command line and `lichen check`.
+//! - [`quantity`]: Kubernetes resource quantities.
+
+pub mod app;
+pub mod check;
+pub mod cli;
+pub mod config;
+pub mod pod;
+pub mod quantity;
+pub mod runtime;
+pub mod static_pods;
+pub mod store;

@@ -1,0 +1,876 @@
+//! Turns a `v1.Pod` into a [`PodPlan`]: what to run, with which limits, mounts and environment.
+//!
+//! Anything Lichen cannot honour is refused here with the field's path and a reason a user can act
+//! on; nothing is silently dropped. Fields that are accepted but not enforced (CPU limits, emptyDir
+//! size limits) come back as warnings, which the agent logs and `lichen check` prints.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, Volume};
+
+use super::state::RestartPolicy;
+use crate::config::RuntimeConfig;
+use crate::quantity::ByteSize;
+use crate::runtime::Preopen;
+
+/// Annotation overriding the fuel budget of every container run in the pod (`0` = unlimited).
+pub const FUEL_ANNOTATION: &str = "lichen.dev/fuel";
+/// Annotation overriding the wall-clock limit of every container run, in seconds (`0` = none).
+pub const TIMEOUT_ANNOTATION: &str = "lichen.dev/run-timeout-seconds";
+
+/// A field Lichen cannot run, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    /// JSON path of the field, e.g. `spec.containers[0].ports`.
+    pub field: String,
+    /// The reason and, where there is one, what to do instead.
+    pub message: String,
+}
+
+/// Where a container's module comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModuleSource {
+    /// A `.wasm` or `.wat` file on this machine.
+    File(PathBuf),
+}
+
+impl ModuleSource {
+    /// A stable description for logs and the module cache.
+    pub fn describe(&self) -> String {
+        match self {
+            ModuleSource::File(p) => format!("file://{}", p.display()),
+        }
+    }
+}
+
+/// What the agent needs to run one container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerPlan {
+    /// Container name.
+    pub name: String,
+    /// `image` as written.
+    pub image: String,
+    /// Where the module is.
+    pub source: ModuleSource,
+    /// `argv`: `command` (or the container name) followed by `args`.
+    pub argv: Vec<String>,
+    /// Environment, in order.
+    pub env: Vec<(String, String)>,
+    /// Volume mounts.
+    pub preopens: Vec<Preopen>,
+    /// Fuel per run; `None` is unlimited.
+    pub fuel: Option<u64>,
+    /// Memory limit in bytes.
+    pub memory_limit: u64,
+    /// Wall-clock limit per run.
+    pub timeout: Option<Duration>,
+}
+
+/// A pod volume backed by a host directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumePlan {
+    /// Volume name.
+    pub name: String,
+    /// The directory on the host.
+    pub host: PathBuf,
+    /// Whether the agent creates (and, for emptyDir, deletes) it.
+    pub kind: VolumeKind,
+}
+
+/// How a volume's directory is managed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeKind {
+    /// Created with the pod, removed with it.
+    EmptyDir,
+    /// Must exist already.
+    HostPath,
+    /// Created if missing, never removed.
+    HostPathOrCreate,
+}
+
+/// A pod ready to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodPlan {
+    /// `namespace/name`.
+    pub key: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// UID.
+    pub uid: String,
+    /// Restart policy.
+    pub restart_policy: RestartPolicy,
+    /// Init containers, run in order before the others.
+    pub init_containers: Vec<ContainerPlan>,
+    /// Containers.
+    pub containers: Vec<ContainerPlan>,
+    /// Volumes.
+    pub volumes: Vec<VolumePlan>,
+    /// `spec.activeDeadlineSeconds`.
+    pub active_deadline: Option<Duration>,
+    /// Accepted but not enforced.
+    pub warnings: Vec<String>,
+}
+
+impl PodPlan {
+    /// Every container, init containers first.
+    pub fn all_containers(&self) -> impl Iterator<Item = &ContainerPlan> {
+        self.init_containers.iter().chain(&self.containers)
+    }
+}
+
+/// What the plan depends on besides the pod.
+pub struct PlanContext<'a> {
+    /// This node's name (for `fieldRef: spec.nodeName`).
+    pub node_name: &'a str,
+    /// This node's address (for `fieldRef: status.hostIP`), if known.
+    pub host_ip: Option<&'a str>,
+    /// Where the pod's own directories (emptyDir volumes) live.
+    pub pod_dir: PathBuf,
+    /// Directory that relative image paths are resolved against (the static pod directory).
+    pub image_base: Option<&'a Path>,
+    /// Default limits.
+    pub runtime: &'a RuntimeConfig,
+}
+
+/// Builds the plan for `pod`, or every reason it cannot run.
+pub fn plan(pod: &Pod, ctx: &PlanContext<'_>) -> Result<PodPlan, Vec<SpecError>> {
+    let mut errs = Errors::default();
+    let meta = &pod.metadata;
+    let name = meta.name.clone().unwrap_or_default();
+    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    let uid = meta.uid.clone().unwrap_or_default();
+    if name.is_empty() {
+        errs.add("metadata.name", "is required");
+    }
+    if uid.is_empty() {
+        errs.add("metadata.uid", "is required");
+    }
+    let Some(spec) = &pod.spec else {
+        errs.add("spec", "is required");
+        return Err(errs.0);
+    };
+    let annotations = meta.annotations.clone().unwrap_or_default();
+    let restart_policy = RestartPolicy::parse(spec.restart_policy.as_deref()).unwrap_or_else(|e| {
+        errs.add("spec.restartPolicy", e);
+        RestartPolicy::Always
+    });
+
+    let flag = |errs: &mut Errors, on: Option<bool>, field: &str, why: &str| {
+        if on == Some(true) {
+            errs.add(field, why);
+        }
+    };
+    const NO_NET: &str = "WebAssembly modules have no network namespace to share; remove it";
+    flag(&mut errs, spec.host_network, "spec.hostNetwork", NO_NET);
+    flag(
+        &mut errs,
+        spec.host_pid,
+        "spec.hostPID",
+        "modules are not processes; remove it",
+    );
+    flag(
+        &mut errs,
+        spec.host_ipc,
+        "spec.hostIPC",
+        "modules are not processes; remove it",
+    );
+    flag(
+        &mut errs,
+        spec.share_process_namespace,
+        "spec.shareProcessNamespace",
+        "modules are not processes; remove it",
+    );
+    if spec
+        .ephemeral_containers
+        .as_ref()
+        .is_some_and(|v| !v.is_empty())
+    {
+        errs.add(
+            "spec.ephemeralContainers",
+            "debug containers are not supported for WebAssembly pods",
+        );
+    }
+    if spec.readiness_gates.as_ref().is_some_and(|v| !v.is_empty()) {
+        errs.add(
+            "spec.readinessGates",
+            "Lichen cannot evaluate readiness gates, so the pod would never be Ready",
+        );
+    }
+    if spec.host_aliases.as_ref().is_some_and(|v| !v.is_empty()) {
+        errs.add("spec.hostAliases", "modules have no /etc/hosts; remove it");
+    }
+    if spec.resource_claims.as_ref().is_some_and(|v| !v.is_empty()) {
+        errs.add(
+            "spec.resourceClaims",
+            "dynamic resource allocation is not supported",
+        );
+    }
+    if let Some(sc) = &spec.security_context
+        && sc.sysctls.as_ref().is_some_and(|v| !v.is_empty())
+    {
+        errs.add(
+            "spec.securityContext.sysctls",
+            "modules have no kernel namespace to tune; remove it",
+        );
+    }
+
+    let fuel = match annotations.get(FUEL_ANNOTATION) {
+        None => nonzero(ctx.runtime.default_fuel),
+        Some(v) => match v.trim().parse::<u64>() {
+            Ok(n) => nonzero(n),
+            Err(_) => {
+                errs.add(
+                    &format!("metadata.annotations[{FUEL_ANNOTATION}]"),
+                    format!("{v:?} is not a whole number of fuel units (\"0\" means unlimited)"),
+                );
+                None
+            }
+        },
+    };
+    let timeout = match annotations.get(TIMEOUT_ANNOTATION) {
+        None => nonzero(ctx.runtime.run_timeout_secs).map(Duration::from_secs),
+        Some(v) => match v.trim().parse::<u64>() {
+            Ok(n) => nonzero(n).map(Duration::from_secs),
+            Err(_) => {
+                errs.add(
+                    &format!("metadata.annotations[{TIMEOUT_ANNOTATION}]"),
+                    format!("{v:?} is not a whole number of seconds (\"0\" means none)"),
+                );
+                None
+            }
+        },
+    };
+
+    let mut warnings = Vec::new();
+    let mut volumes = Vec::new();
+    for (i, v) in spec.volumes.iter().flatten().enumerate() {
+        if let Some(plan) = volume(
+            v,
+            &format!("spec.volumes[{i}]"),
+            &ctx.pod_dir,
+            &mut errs,
+            &mut warnings,
+        ) {
+            volumes.push(plan);
+        }
+    }
+
+    let field_env = field_values(pod, ctx);
+    let mut containers_of = |list: Option<&Vec<Container>>, kind: &str| -> Vec<ContainerPlan> {
+        list.into_iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let path = format!("spec.{kind}[{i}]");
+                container(
+                    c,
+                    &path,
+                    ctx,
+                    &volumes,
+                    &field_env,
+                    fuel,
+                    timeout,
+                    &mut errs,
+                    &mut warnings,
+                )
+            })
+            .collect()
+    };
+    let init_containers = containers_of(spec.init_containers.as_ref(), "initContainers");
+    let containers = containers_of(Some(&spec.containers), "containers");
+    if spec.containers.is_empty() {
+        errs.add("spec.containers", "at least one container is required");
+    }
+    let mut seen = std::collections::HashSet::new();
+    for c in spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+    {
+        if !seen.insert(c.name.as_str()) {
+            errs.add(
+                "spec.containers",
+                format!("container name {:?} is used twice", c.name),
+            );
+        }
+    }
+
+    let active_deadline = match spec.active_deadline_seconds {
+        Some(s) if s <= 0 => {
+            errs.add("spec.activeDeadlineSeconds", "must be positive");
+            None
+        }
+        Some(s) => Some(Duration::from_secs(s as u64)),
+        None => None,
+    };
+
+    if !errs.0.is_empty() {
+        return Err(errs.0);
+    }
+    Ok(PodPlan {
+        key: format!("{namespace}/{name}"),
+        namespace,
+        name,
+        uid,
+        restart_policy,
+        init_containers,
+        containers,
+        volumes,
+        active_deadline,
+        warnings,
+    })
+}
+
+#[derive(Default)]
+struct Errors(Vec<SpecError>);
+
+impl Errors {
+    fn add(&mut self, field: &str, message: impl Into<String>) {
+        self.0.push(SpecError {
+            field: field.to_owned(),
+            message: message.into(),
+        });
+    }
+}
+
+fn nonzero(n: u64) -> Option<u64> {
+    (n != 0).then_some(n)
+}
+
+fn volume(
+    v: &Volume,
+    path: &str,
+    pod_dir: &Path,
+    errs: &mut Errors,
+    warnings: &mut Vec<String>,
+) -> Option<VolumePlan> {
+    if let Some(e) = &v.empty_dir {
+        if e.medium.as_deref().is_some_and(|m| !m.is_empty()) {
+            errs.add(
+                &format!("{path}.emptyDir.medium"),
+                "only disk-backed emptyDir is supported; remove medium",
+            );
+            return None;
+        }
+        if e.size_limit.is_some() {
+            warnings.push(format!("{path}.emptyDir.sizeLimit is not enforced"));
+        }
+        return Some(VolumePlan {
+            name: v.name.clone(),
+            host: pod_dir.join("volumes").join(&v.name),
+            kind: VolumeKind::EmptyDir,
+        });
+    }
+    if let Some(h) = &v.host_path {
+        let kind = match h.type_.as_deref().unwrap_or("") {
+            "" | "Directory" => VolumeKind::HostPath,
+            "DirectoryOrCreate" => VolumeKind::HostPathOrCreate,
+            other => {
+                errs.add(
+                    &format!("{path}.hostPath.type"),
+                    format!("{other:?} is not supported: modules see volumes as preopened directories, so use Directory or DirectoryOrCreate"),
+                );
+                return None;
+            }
+        };
+        if !Path::new(&h.path).is_absolute() {
+            errs.add(&format!("{path}.hostPath.path"), "must be an absolute path");
+            return None;
+        }
+        return Some(VolumePlan {
+            name: v.name.clone(),
+            host: PathBuf::from(&h.path),
+            kind,
+        });
+    }
+    // Name the volume type the user wrote, from the one field besides `name` that is set.
+    let kind = serde_json::to_value(v)
+        .ok()
+        .and_then(|j| {
+            j.as_object()
+                .and_then(|o| o.keys().find(|k| *k != "name").cloned())
+        })
+        .unwrap_or_else(|| "(no type)".into());
+    errs.add(
+        path,
+        format!(
+            "volume {:?} of type {kind} is not supported here; use emptyDir or hostPath",
+            v.name
+        ),
+    );
+    None
+}
+
+#[allow(clippy::too_many_arguments)]
+fn container(
+    c: &Container,
+    path: &str,
+    ctx: &PlanContext<'_>,
+    volumes: &[VolumePlan],
+    field_env: &BTreeMap<&'static str, String>,
+    fuel: Option<u64>,
+    timeout: Option<Duration>,
+    errs: &mut Errors,
+    warnings: &mut Vec<String>,
+) -> Option<ContainerPlan> {
+    let before = errs.0.len();
+    let reject = |errs: &mut Errors, set: bool, field: &str, why: &str| {
+        if set {
+            errs.add(&format!("{path}.{field}"), why);
+        }
+    };
+    reject(
+        errs,
+        c.ports.as_ref().is_some_and(|p| !p.is_empty()),
+        "ports",
+        "WASI preview 1 modules cannot listen on ports; remove ports",
+    );
+    let probe_why =
+        "Lichen does not run probes, and an unrun probe would make status dishonest; remove it";
+    reject(errs, c.liveness_probe.is_some(), "livenessProbe", probe_why);
+    reject(
+        errs,
+        c.readiness_probe.is_some(),
+        "readinessProbe",
+        probe_why,
+    );
+    reject(errs, c.startup_probe.is_some(), "startupProbe", probe_why);
+    reject(
+        errs,
+        c.lifecycle.is_some(),
+        "lifecycle",
+        "modules receive no hooks or signals; remove lifecycle",
+    );
+    reject(errs, c.tty == Some(true), "tty", "modules have no terminal");
+    reject(
+        errs,
+        c.stdin == Some(true),
+        "stdin",
+        "attaching to a module's stdin is not supported",
+    );
+    reject(
+        errs,
+        c.working_dir.is_some(),
+        "workingDir",
+        "WASI preview 1 has no working directory; use paths under a volume's mountPath",
+    );
+    reject(
+        errs,
+        c.volume_devices.as_ref().is_some_and(|v| !v.is_empty()),
+        "volumeDevices",
+        "modules cannot use block devices",
+    );
+    reject(
+        errs,
+        c.env_from.as_ref().is_some_and(|v| !v.is_empty()),
+        "envFrom",
+        "envFrom needs ConfigMaps or Secrets from a cluster; list env values instead",
+    );
+    reject(
+        errs,
+        c.restart_policy.is_some(),
+        "restartPolicy",
+        "sidecar containers are not supported; use spec.restartPolicy",
+    );
+    if let Some(sc) = &c.security_context {
+        reject(
+            errs,
+            sc.privileged == Some(true),
+            "securityContext.privileged",
+            "modules cannot be privileged; remove it",
+        );
+        let adds = sc
+            .capabilities
+            .as_ref()
+            .and_then(|cap| cap.add.as_ref())
+            .is_some_and(|a| !a.is_empty());
+        reject(
+            errs,
+            adds,
+            "securityContext.capabilities.add",
+            "modules have no Linux capabilities to add; remove it",
+        );
+    }
+
+    let mut memory_limit = ctx.runtime.default_memory_limit.0;
+    if let Some(res) = &c.resources {
+        for (name, q) in res.limits.iter().flatten() {
+            match name.as_str() {
+                "memory" => match ByteSize::parse(&q.0) {
+                    Ok(b) if b.0 < 64 << 10 => errs.add(
+                        &format!("{path}.resources.limits.memory"),
+                        format!("{} is below one WebAssembly page (64Ki)", q.0),
+                    ),
+                    Ok(b) if b.0 > 4 << 30 => errs.add(
+                        &format!("{path}.resources.limits.memory"),
+                        format!("{} is above the 4Gi a wasm32 memory can address", q.0),
+                    ),
+                    Ok(b) => memory_limit = b.0,
+                    Err(e) => errs.add(&format!("{path}.resources.limits.memory"), e),
+                },
+                "cpu" | "ephemeral-storage" => warnings.push(format!(
+                    "{path}.resources.limits.{name} is not enforced (fuel bounds compute)"
+                )),
+                other => errs.add(
+                    &format!("{path}.resources.limits.{other}"),
+                    "extended resources are not available to modules",
+                ),
+            }
+        }
+        for name in res.requests.iter().flatten().map(|(k, _)| k) {
+            if !matches!(name.as_str(), "memory" | "cpu" | "ephemeral-storage") {
+                errs.add(
+                    &format!("{path}.resources.requests.{name}"),
+                    "extended resources are not available to modules",
+                );
+            }
+        }
+    }
+
+    let source = match image_source(c.image.as_deref().unwrap_or(""), ctx.image_base) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            errs.add(&format!("{path}.image"), e);
+            None
+        }
+    };
+
+    let mut env: Vec<(String, String)> = Vec::new();
+    for (i, e) in c.env.iter().flatten().enumerate() {
+        match env_value(e, field_env) {
+            Ok(v) => {
+                let v = expand(&v, &env);
+                env.retain(|(k, _)| k != &e.name);
+                env.push((e.name.clone(), v));
+            }
+            Err(why) => errs.add(&format!("{path}.env[{i}]"), format!("{}: {why}", e.name)),
+        }
+    }
+
+    let mut preopens = Vec::new();
+    for (i, m) in c.volume_mounts.iter().flatten().enumerate() {
+        let mpath = format!("{path}.volumeMounts[{i}]");
+        if m.sub_path.as_deref().is_some_and(|s| !s.is_empty())
+            || m.sub_path_expr.as_deref().is_some_and(|s| !s.is_empty())
+        {
+            errs.add(
+                &mpath,
+                "subPath is not supported; mount the volume and use the subdirectory",
+            );
+            continue;
+        }
+        if m.mount_propagation.as_deref().is_some_and(|p| p != "None") {
+            errs.add(
+                &format!("{mpath}.mountPropagation"),
+                "modules have no mount namespace; remove it",
+            );
+        }
+        if m.recursive_read_only
+            .as_deref()
+            .is_some_and(|p| p != "Disabled")
+        {
+            warnings.push(format!(
+                "{mpath}.recursiveReadOnly: read-only mounts are always recursive for modules"
+            ));
+        }
+        match volumes.iter().find(|v| v.name == m.name) {
+            Some(v) => preopens.push(Preopen {
+                host: v.host.clone(),
+                guest: m.mount_path.clone(),
+                read_only: m.read_only == Some(true),
+            }),
+            None => errs.add(
+                &mpath,
+                format!("no volume named {:?} in spec.volumes", m.name),
+            ),
+        }
+    }
+
+    let mut argv: Vec<String> = match &c.command {
+        Some(cmd) if !cmd.is_empty() => cmd.iter().map(|a| expand(a, &env)).collect(),
+        _ => vec![c.name.clone()],
+    };
+    argv.extend(c.args.iter().flatten().map(|a| expand(a, &env)));
+
+    if errs.0.len() > before {
+        return None;
+    }
+    Some(ContainerPlan {
+        name: c.name.clone(),
+        image: c.image.clone().unwrap_or_default(),
+        source: source?,
+        argv,
+        env,
+        preopens,
+        fuel,
+        memory_limit,
+        timeout,
+    })
+}
+
+/// Resolves `image` to a module location. `file://` URLs and paths ending in `.wasm` or `.wat` are
+/// files; relative ones are taken relative to `base` (the static pod directory).
+pub fn image_source(image: &str, base: Option<&Path>) -> Result<ModuleSource, String> {
+    if image.is_empty() {
+        return Err("is required".into());
+    }
+    if let Some(p) = image.strip_prefix("file://") {
+        let p = Path::new(p);
+        if !p.is_absolute() {
+            return Err(format!(
+                "{image:?}: a file:// image needs an absolute path (file:///opt/modules/app.wasm)"
+            ));
+        }
+        return Ok(ModuleSource::File(p.to_owned()));
+    }
+    let looks_like_file = image.starts_with('/')
+        || image.starts_with("./")
+        || image.starts_with("../")
+        || [".wasm", ".wat", ".cwasm"]
+            .iter()
+            .any(|ext| image.ends_with(ext));
+    if looks_like_file && !image.contains("://") {
+        let p = Path::new(image);
+        if p.is_absolute() {
+            return Ok(ModuleSource::File(p.to_owned()));
+        }
+        return match base {
+            Some(base) => Ok(ModuleSource::File(base.join(p))),
+            None => Err(format!(
+                "{image:?} is a relative path, which only static pods can use; use file:///absolute/path"
+            )),
+        };
+    }
+    Err(format!(
+        "{image:?} looks like a registry reference; this Lichen runs modules from files (file:///path/app.wasm, \
+         or a path relative to the static pod directory)"
+    ))
+}
+
+fn field_values(pod: &Pod, ctx: &PlanContext<'_>) -> BTreeMap<&'static str, String> {
+    let m = &pod.metadata;
+    let mut out = BTreeMap::new();
+    out.insert("metadata.name", m.name.clone().unwrap_or_default());
+    out.insert(
+        "metadata.namespace",
+        m.namespace.clone().unwrap_or_else(|| "default".into()),
+    );
+    out.insert("metadata.uid", m.uid.clone().unwrap_or_default());
+    out.insert("spec.nodeName", ctx.node_name.to_owned());
+    let sa = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".into());
+    out.insert("spec.serviceAccountName", sa);
+    if let Some(ip) = ctx.host_ip {
+        out.insert("status.hostIP", ip.to_owned());
+    }
+    out
+}
+
+fn env_value(e: &EnvVar, fields: &BTreeMap<&'static str, String>) -> Result<String, String> {
+    let Some(from) = &e.value_from else {
+        return Ok(e.value.clone().unwrap_or_default());
+    };
+    if let Some(f) = &from.field_ref {
+        let path = f.field_path.as_str();
+        if let Some(v) = fields.get(path) {
+            return Ok(v.clone());
+        }
+        if let Some(rest) = path
+            .strip_prefix("metadata.labels['")
+            .and_then(|r| r.strip_suffix("']"))
+        {
+            return Err(format!(
+                "label field {rest:?} is not available (labels are not passed through yet)"
+            ));
+        }
+        return Err(format!(
+            "fieldRef {path:?} is not available; use one of {}",
+            fields.keys().copied().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if from.config_map_key_ref.is_some() || from.secret_key_ref.is_some() {
+        return Err("ConfigMap and Secret references need a cluster connection; static pods must use literal values".into());
+    }
+    Err("resourceFieldRef is not supported; use a literal value".into())
+}
+
+/// Kubernetes' `$(VAR)` expansion against variables defined earlier; `$$` escapes, unknown names stay.
+fn expand(s: &str, env: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(inner) = after.strip_prefix('(')
+            && let Some(end) = inner.find(')')
+        {
+            let name = &inner[..end];
+            match env.iter().rev().find(|(k, _)| k == name) {
+                Some((_, v)) => out.push_str(v),
+                None => {
+                    out.push_str("$(");
+                    out.push_str(name);
+                    out.push(')');
+                }
+            }
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(yaml: &str) -> Pod {
+        serde_yaml::from_str(yaml).expect("test pod parses")
+    }
+
+    fn ctx(runtime: &RuntimeConfig) -> PlanContext<'_> {
+        PlanContext {
+            node_name: "pi-07",
+            host_ip: Some("10.0.0.7"),
+            pod_dir: PathBuf::from("/var/lib/lichen/pods/u1"),
+            image_base: Some(Path::new("/etc/lichen/pods")),
+            runtime,
+        }
+    }
+
+    const BASE: &str = "
+metadata: {name: p, namespace: ns, uid: u1, annotations: {lichen.dev/fuel: '500'}}
+spec:
+  restartPolicy: OnFailure
+  volumes: [{name: data, emptyDir: {}}, {name: cfg, hostPath: {path: /etc/app, type: Directory}}]
+  containers:
+  - name: app
+    image: mods/app.wasm
+    command: [app, --node, $(NODE)]
+    args: [$(GREETING)-x, $$(NODE)]
+    env:
+    - {name: NODE, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}
+    - {name: GREETING, value: hi-$(NODE)}
+    resources: {limits: {memory: 16Mi, cpu: 250m}}
+    volumeMounts: [{name: data, mountPath: /data}, {name: cfg, mountPath: /cfg, readOnly: true}]
+";
+
+    #[test]
+    fn a_supported_pod_becomes_a_plan() {
+        let rt = RuntimeConfig::default();
+        let plan = plan(&pod(BASE), &ctx(&rt)).expect("valid");
+        assert_eq!(plan.key, "ns/p");
+        assert_eq!(plan.restart_policy, RestartPolicy::OnFailure);
+        let c = &plan.containers[0];
+        assert_eq!(
+            c.source,
+            ModuleSource::File(PathBuf::from("/etc/lichen/pods/mods/app.wasm"))
+        );
+        assert_eq!(
+            c.argv,
+            vec!["app", "--node", "pi-07", "hi-pi-07-x", "$(NODE)"]
+        );
+        assert_eq!(
+            c.env,
+            vec![
+                ("NODE".into(), "pi-07".into()),
+                ("GREETING".into(), "hi-pi-07".into())
+            ]
+        );
+        assert_eq!((c.fuel, c.memory_limit), (Some(500), 16 << 20));
+        assert_eq!(
+            c.preopens[0].host,
+            Path::new("/var/lib/lichen/pods/u1/volumes/data")
+        );
+        assert!(c.preopens[1].read_only && !c.preopens[0].read_only);
+        assert_eq!(
+            plan.warnings,
+            vec!["spec.containers[0].resources.limits.cpu is not enforced (fuel bounds compute)"]
+        );
+    }
+
+    #[test]
+    fn unsupported_fields_are_refused_by_path() {
+        let rt = RuntimeConfig::default();
+        let bad = pod("
+metadata: {name: p, uid: u1, annotations: {lichen.dev/fuel: lots}}
+spec:
+  hostNetwork: true
+  volumes: [{name: s, secret: {secretName: x}}, {name: f, hostPath: {path: /dev/x, type: File}}]
+  containers:
+  - name: app
+    image: ghcr.io/acme/app:1.0
+    ports: [{containerPort: 80}]
+    securityContext: {privileged: true}
+    readinessProbe: {exec: {command: [x]}}
+    resources: {limits: {nvidia.com/gpu: '1'}}
+    volumeMounts: [{name: nope, mountPath: /x}]
+");
+        let errs = plan(&bad, &ctx(&rt)).expect_err("must be refused");
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        for want in [
+            "spec.hostNetwork",
+            "metadata.annotations[lichen.dev/fuel]",
+            "spec.volumes[0]",
+            "spec.volumes[1].hostPath.type",
+            "spec.containers[0].ports",
+            "spec.containers[0].readinessProbe",
+            "spec.containers[0].securityContext.privileged",
+            "spec.containers[0].resources.limits.nvidia.com/gpu",
+            "spec.containers[0].image",
+            "spec.containers[0].volumeMounts[0]",
+        ] {
+            assert!(fields.contains(&want), "missing {want} in {errs:#?}");
+        }
+        let secret = errs
+            .iter()
+            .find(|e| e.field == "spec.volumes[0]")
+            .expect("volume error");
+        assert!(
+            secret.message.contains("secret"),
+            "names the type: {}",
+            secret.message
+        );
+    }
+
+    #[test]
+    fn image_sources() {
+        let base = Some(Path::new("/pods"));
+        assert_eq!(
+            image_source("file:///m/a.wasm", None),
+            Ok(ModuleSource::File("/m/a.wasm".into()))
+        );
+        assert_eq!(
+            image_source("a.wat", base),
+            Ok(ModuleSource::File("/pods/a.wat".into()))
+        );
+        assert!(image_source("a.wat", None).is_err());
+        assert!(image_source("file://rel/a.wasm", base).is_err());
+        assert!(
+            image_source("registry.lan:5000/app:1", base)
+                .unwrap_err()
+                .contains("registry")
+        );
+    }
+
+    #[test]
+    fn expansion_matches_kubernetes() {
+        let env = vec![("A".to_string(), "1".to_string())];
+        assert_eq!(expand("$(A)-$(B)-$$(A)-$", &env), "1-$(B)-$(A)-$");
+    }
+}

@@ -1,0 +1,552 @@
+//! One task per pod: prepares volumes, loads modules, runs init containers in order and the other
+//! containers side by side, restarts them by policy with the kubelet's back-off, and publishes every
+//! state change to the store and to watchers.
+//!
+//! The worker acts; it does not decide phases (that is [`super::state`]) and it never talks to the API.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::PodStatus;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::spec::{ContainerPlan, ModuleSource, PodPlan, VolumeKind};
+use super::state::{Backoff, ContainerState, ContainerView, RestartPolicy, Termination};
+use super::status::{self, PodFailure, PodView};
+use crate::config::ContainerLogConfig;
+use crate::runtime::logs::{ContainerLog, Stream};
+use crate::runtime::{Outcome, PreparedModule, RunSpec, WasmRuntime};
+use crate::store::{ModuleDigest, StateStore};
+
+/// What every worker shares.
+pub struct WorkerDeps {
+    /// The Wasm engine.
+    pub runtime: Arc<WasmRuntime>,
+    /// The durable store.
+    pub store: Arc<dyn StateStore>,
+    /// `<state_dir>/logs`.
+    pub logs_dir: PathBuf,
+    /// Log rotation settings.
+    pub log_config: ContainerLogConfig,
+    /// The node's address, for `status.hostIP`.
+    pub host_ip: Option<String>,
+    /// The back-off between restarts (the kubelet's unless a test shortens it).
+    pub backoff: Backoff,
+}
+
+/// A running pod worker.
+pub struct PodHandle {
+    /// The pod's UID.
+    pub uid: String,
+    cancel: CancellationToken,
+    done: watch::Receiver<bool>,
+    status: watch::Receiver<PodStatus>,
+}
+
+impl PodHandle {
+    /// Latest status.
+    pub fn status(&self) -> PodStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that sees every status change.
+    pub fn watch(&self) -> watch::Receiver<PodStatus> {
+        self.status.clone()
+    }
+
+    /// Stops the pod's modules and waits up to `grace` for the worker to finish.
+    /// Returns whether it finished in time.
+    pub async fn stop(&self, grace: Duration) -> bool {
+        self.cancel.cancel();
+        let mut done = self.done.clone();
+        tokio::time::timeout(grace, done.wait_for(|d| *d))
+            .await
+            .is_ok()
+    }
+}
+
+/// Starts a worker for `plan` on `tracker`. `restart_counts` carries counts across agent restarts.
+pub fn spawn(
+    plan: PodPlan,
+    restart_counts: BTreeMap<String, u32>,
+    deps: Arc<WorkerDeps>,
+    tracker: &TaskTracker,
+    parent: &CancellationToken,
+) -> PodHandle {
+    let cancel = parent.child_token();
+    let now = Timestamp::now();
+    let count = |name: &str| restart_counts.get(name).copied().unwrap_or(0);
+    let init_reason = if plan.init_containers.is_empty() {
+        "ContainerCreating"
+    } else {
+        "PodInitializing"
+    };
+    let view = PodView {
+        restart_policy: plan.restart_policy,
+        init: plan
+            .init_containers
+            .iter()
+            .map(|c| ContainerView::new(&c.name, &c.image, "PodInitializing", count(&c.name)))
+            .collect(),
+        app: plan
+            .containers
+            .iter()
+            .map(|c| ContainerView::new(&c.name, &c.image, init_reason, count(&c.name)))
+            .collect(),
+        failure: None,
+        start_time: Some(now),
+        host_ip: deps.host_ip.clone(),
+    };
+    let initial = status::build(&view, None, now);
+    let (status_tx, status_rx) = watch::channel(initial);
+    let (done_tx, done_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        view: Mutex::new(view),
+        status_tx,
+        plan_key: plan.key.clone(),
+        uid: plan.uid.clone(),
+        deps: deps.clone(),
+        written: AtomicBool::new(false),
+    });
+    shared.publish();
+    let uid = plan.uid.clone();
+    let token = cancel.clone();
+    let span = tracing::info_span!("pod", pod = %plan.key);
+    tracker.spawn(tracing::Instrument::instrument(
+        async move {
+            run_pod(plan, shared, token).await;
+            let _ = done_tx.send(true);
+        },
+        span,
+    ));
+    PodHandle {
+        uid,
+        cancel,
+        done: done_rx,
+        status: status_rx,
+    }
+}
+
+struct Shared {
+    view: Mutex<PodView>,
+    status_tx: watch::Sender<PodStatus>,
+    plan_key: String,
+    uid: String,
+    deps: Arc<WorkerDeps>,
+    written: AtomicBool,
+}
+
+#[derive(Clone, Copy)]
+enum Slot {
+    Init(usize),
+    App(usize),
+}
+
+impl Shared {
+    fn update(&self, slot: Slot, f: impl FnOnce(&mut ContainerView)) {
+        if let Ok(mut view) = self.view.lock() {
+            let c = match slot {
+                Slot::Init(i) => view.init.get_mut(i),
+                Slot::App(i) => view.app.get_mut(i),
+            };
+            if let Some(c) = c {
+                f(c);
+            }
+        }
+        self.publish();
+    }
+
+    fn fail(&self, reason: &str, message: String) {
+        if let Ok(mut view) = self.view.lock() {
+            view.failure = Some(PodFailure {
+                reason: reason.to_owned(),
+                message,
+            });
+        }
+        self.publish();
+    }
+
+    /// Renders the status and records it, once per change.
+    fn publish(&self) {
+        let Ok(view) = self.view.lock() else { return };
+        let previous = self.status_tx.borrow().clone();
+        let status = status::build(&view, Some(&previous), Timestamp::now());
+        let counts: BTreeMap<String, u32> = view
+            .init
+            .iter()
+            .chain(&view.app)
+            .map(|c| (c.name.clone(), c.restart_count))
+            .collect();
+        drop(view);
+        // One store write per visible change; the first call always records the pod's initial state.
+        if status == previous && self.written.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        match serde_json::to_value(&status) {
+            Ok(json) => {
+                if let Err(e) =
+                    self.deps
+                        .store
+                        .put_pod_status(&self.plan_key, &self.uid, &json, &counts)
+                {
+                    tracing::error!(error = %e, "cannot record pod status");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode pod status"),
+        }
+        self.status_tx.send_replace(status);
+    }
+}
+
+async fn run_pod(plan: PodPlan, shared: Arc<Shared>, cancel: CancellationToken) {
+    tracing::info!(uid = %plan.uid, containers = plan.containers.len(), init_containers = plan.init_containers.len(), "starting pod");
+    for w in &plan.warnings {
+        tracing::warn!("{w}");
+    }
+    let deadline = plan
+        .active_deadline
+        .map(|d| tokio::time::Instant::now() + d);
+    let body = run_containers(&plan, &shared, &cancel);
+    tokio::pin!(body);
+    tokio::select! {
+        _ = &mut body => {}
+        _ = sleep_until(deadline) => {
+            // Stop the containers and let them record how they ended before failing the pod.
+            cancel.cancel();
+            body.await;
+            let d = plan.active_deadline.unwrap_or_default().as_secs();
+            shared.fail("DeadlineExceeded", format!("Pod was active on the node longer than the specified deadline ({d}s)"));
+        }
+    }
+    let phase = shared.status_tx.borrow().phase.clone().unwrap_or_default();
+    tracing::info!(%phase, "pod worker finished");
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn run_containers(plan: &PodPlan, shared: &Arc<Shared>, cancel: &CancellationToken) {
+    if let Err(message) = prepare_volumes(plan) {
+        tracing::error!(%message, "cannot prepare volumes");
+        for i in 0..plan.containers.len() {
+            shared.update(Slot::App(i), |c| {
+                c.state = ContainerState::Waiting {
+                    reason: "CreateContainerConfigError".into(),
+                    message: Some(message.clone()),
+                };
+            });
+        }
+        shared.fail("VolumeSetupFailed", message);
+        return;
+    }
+    for (i, c) in plan.init_containers.iter().enumerate() {
+        // Init containers run to success; Always behaves as OnFailure for them, as in the kubelet.
+        let policy = match plan.restart_policy {
+            RestartPolicy::Never => RestartPolicy::Never,
+            _ => RestartPolicy::OnFailure,
+        };
+        let ok = run_container(c, Slot::Init(i), policy, shared, cancel).await;
+        if !ok || cancel.is_cancelled() {
+            return;
+        }
+    }
+    let runs = plan
+        .containers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| run_container(c, Slot::App(i), plan.restart_policy, shared, cancel));
+    futures_join_all(runs).await;
+}
+
+/// Runs futures to completion side by side without spawning, so they share the pod's span and borrow.
+async fn futures_join_all<F: std::future::Future<Output = bool>>(futs: impl Iterator<Item = F>) {
+    let mut set: Vec<std::pin::Pin<Box<F>>> = futs.map(Box::pin).collect();
+    std::future::poll_fn(|cx| {
+        set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if set.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
+
+fn prepare_volumes(plan: &PodPlan) -> Result<(), String> {
+    for v in &plan.volumes {
+        match v.kind {
+            VolumeKind::EmptyDir | VolumeKind::HostPathOrCreate => std::fs::create_dir_all(&v.host)
+                .map_err(|e| {
+                    format!(
+                        "volume {:?}: cannot create {}: {e}",
+                        v.name,
+                        v.host.display()
+                    )
+                })?,
+            VolumeKind::HostPath => {
+                if !v.host.is_dir() {
+                    return Err(format!(
+                        "volume {:?}: hostPath {} is not an existing directory",
+                        v.name,
+                        v.host.display()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs one container until it ends for good (returns whether it succeeded) or the pod is stopped.
+async fn run_container(
+    plan: &ContainerPlan,
+    slot: Slot,
+    policy: RestartPolicy,
+    shared: &Arc<Shared>,
+    cancel: &CancellationToken,
+) -> bool {
+    let deps = shared.deps.clone();
+    let mut backoff = deps.backoff.clone();
+    let pod_dir = format!("{}_{}", shared.plan_key.replace('/', "_"), shared.uid);
+    let log_dir = deps.logs_dir.join(pod_dir).join(&plan.name);
+    let mut restart_count = match slot {
+        Slot::Init(i) => shared
+            .view
+            .lock()
+            .ok()
+            .and_then(|v| v.init.get(i).map(|c| c.restart_count)),
+        Slot::App(i) => shared
+            .view
+            .lock()
+            .ok()
+            .and_then(|v| v.app.get(i).map(|c| c.restart_count)),
+    }
+    .unwrap_or(0);
+    let mut first = true;
+    loop {
+        if !first {
+            restart_count += 1;
+        }
+        first = false;
+        let module = match load_module(plan, &deps).await {
+            Ok(m) => m,
+            Err(LoadError::Unreadable(message)) => {
+                tracing::warn!(container = %plan.name, %message, "cannot read module");
+                let delay = backoff.next_delay(Duration::ZERO);
+                shared.update(slot, |c| {
+                    c.state = ContainerState::Waiting {
+                        reason: "ImagePullBackOff".into(),
+                        message: Some(format!("{message}; retrying in {}s", delay.as_secs())),
+                    };
+                });
+                restart_count = restart_count.saturating_sub(1);
+                if sleep_or_cancel(delay, cancel).await {
+                    return false;
+                }
+                continue;
+            }
+            Err(LoadError::Invalid(outcome, digest)) => {
+                let now = Timestamp::now();
+                let t = termination(&outcome, None, now);
+                match finish_run(
+                    plan,
+                    slot,
+                    policy,
+                    t,
+                    digest,
+                    restart_count,
+                    Duration::ZERO,
+                    &mut backoff,
+                    shared,
+                    cancel,
+                )
+                .await
+                {
+                    Some(result) => return result,
+                    None => continue,
+                }
+            }
+        };
+        let digest = module.digest();
+        let log = match ContainerLog::open(
+            &log_dir,
+            restart_count,
+            deps.log_config.max_size.0,
+            deps.log_config.max_files,
+            deps.log_config
+                .echo
+                .then(|| format!("{}/{}", shared.plan_key, plan.name)),
+        ) {
+            Ok(log) => log,
+            Err(e) => {
+                let message = format!("cannot open log {}: {e}", log_dir.display());
+                shared.update(slot, |c| {
+                    c.state = ContainerState::Waiting {
+                        reason: "CreateContainerError".into(),
+                        message: Some(message.clone()),
+                    }
+                });
+                tracing::error!(container = %plan.name, %message);
+                if sleep_or_cancel(backoff.next_delay(Duration::ZERO), cancel).await {
+                    return false;
+                }
+                continue;
+            }
+        };
+        let started_at = Timestamp::now();
+        shared.update(slot, |c| {
+            c.state = ContainerState::Running { started_at };
+            c.restart_count = restart_count;
+            c.image_id = Some(digest.to_string());
+        });
+        tracing::info!(container = %plan.name, restart_count, module = %digest, "container started");
+        let spec = RunSpec {
+            args: plan.argv.clone(),
+            env: plan.env.clone(),
+            preopens: plan.preopens.clone(),
+            fuel: plan.fuel,
+            memory_limit: plan.memory_limit,
+            timeout: plan.timeout,
+            stdout: log.sink(Stream::Stdout),
+            stderr: log.sink(Stream::Stderr),
+        };
+        let run_started = Instant::now();
+        let report = deps.runtime.run(&module, spec, cancel).await;
+        let t = termination(&report.outcome, Some(started_at), Timestamp::now());
+        tracing::info!(container = %plan.name, exit_code = t.exit_code, reason = %t.reason, message = t.message.as_deref().unwrap_or(""), fuel_consumed = report.fuel_consumed, peak_memory = report.peak_memory, "container ended");
+        if report.outcome == Outcome::Killed {
+            shared.update(slot, |c| c.state = ContainerState::Terminated(t));
+            return false;
+        }
+        match finish_run(
+            plan,
+            slot,
+            policy,
+            t,
+            Some(digest),
+            restart_count,
+            run_started.elapsed(),
+            &mut backoff,
+            shared,
+            cancel,
+        )
+        .await
+        {
+            Some(result) => return result,
+            None => continue,
+        }
+    }
+}
+
+/// Records a run's end; returns `None` to run again (after back-off) or the final success.
+#[allow(clippy::too_many_arguments)]
+async fn finish_run(
+    plan: &ContainerPlan,
+    slot: Slot,
+    policy: RestartPolicy,
+    t: Termination,
+    digest: Option<ModuleDigest>,
+    restart_count: u32,
+    ran_for: Duration,
+    backoff: &mut Backoff,
+    shared: &Arc<Shared>,
+    cancel: &CancellationToken,
+) -> Option<bool> {
+    let succeeded = t.exit_code == 0;
+    let again = match slot {
+        Slot::Init(_) => !succeeded && policy != RestartPolicy::Never,
+        Slot::App(_) => policy.restarts(t.exit_code),
+    };
+    if !again {
+        shared.update(slot, |c| {
+            c.state = ContainerState::Terminated(t);
+            c.restart_count = restart_count;
+            if let Some(d) = digest {
+                c.image_id = Some(d.to_string());
+            }
+        });
+        return Some(succeeded);
+    }
+    let delay = backoff.next_delay(ran_for);
+    let message = format!(
+        "back-off {}s restarting failed container={} pod={}",
+        delay.as_secs(),
+        plan.name,
+        shared.plan_key
+    );
+    tracing::info!(container = %plan.name, delay_secs = delay.as_secs(), "back-off before restart");
+    shared.update(slot, |c| {
+        c.state = ContainerState::Waiting {
+            reason: "CrashLoopBackOff".into(),
+            message: Some(message),
+        };
+        c.last_termination = Some(t);
+        c.restart_count = restart_count;
+    });
+    if sleep_or_cancel(delay, cancel).await {
+        return Some(false);
+    }
+    None
+}
+
+/// Sleeps; returns true if cancelled first.
+async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = cancel.cancelled() => true,
+    }
+}
+
+fn termination(
+    outcome: &Outcome,
+    started_at: Option<Timestamp>,
+    finished_at: Timestamp,
+) -> Termination {
+    Termination {
+        exit_code: outcome.exit_code(),
+        reason: outcome.reason().to_owned(),
+        message: outcome.message(),
+        started_at,
+        finished_at,
+    }
+}
+
+enum LoadError {
+    /// The module could not be read; retried with back-off like an image pull.
+    Unreadable(String),
+    /// The bytes cannot run; handled like a failed run.
+    Invalid(Outcome, Option<ModuleDigest>),
+}
+
+async fn load_module(plan: &ContainerPlan, deps: &WorkerDeps) -> Result<PreparedModule, LoadError> {
+    let ModuleSource::File(path) = &plan.source;
+    let bytes = tokio::fs::read(path).await.map_err(|e| {
+        LoadError::Unreadable(format!("cannot read module {}: {e}", path.display()))
+    })?;
+    let digest = ModuleDigest::of(&bytes);
+    let bytes: Arc<[u8]> = bytes.into();
+    let store = deps.store.clone();
+    let source = plan.source.describe();
+    let to_store = bytes.clone();
+    // The store fsyncs; keep that off the reactor.
+    let stored = tokio::task::spawn_blocking(move || store.put_module(&to_store, &source)).await;
+    match stored {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot cache module in the store"),
+        Err(e) => tracing::warn!(error = %e, "module cache task failed"),
+    }
+    deps.runtime
+        .prepare(digest, bytes)
+        .await
+        .map_err(|o| LoadError::Invalid(o, Some(digest)))
+}

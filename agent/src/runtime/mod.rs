@@ -1,0 +1,440 @@
+//! Runs WebAssembly modules as containers: one Wasmtime [`Engine`] per process, one [`Store`] per
+//! container run, WASI preview 1 from `wasmtime-wasi`.
+//!
+//! # Why async
+//! Every run is an async call on the tokio runtime (`Config::async_support`). Wasm code yields to the
+//! scheduler every [`FUEL_YIELD_INTERVAL`] units of fuel, so a busy module cannot starve the agent's
+//! other tasks, and WASI's blocking host calls (`poll_oneoff`, file I/O) are awaited rather than parked
+//! on a thread. A hundred idle modules therefore cost a hundred small fiber stacks, not a hundred OS
+//! threads, and stopping a container is dropping its future. The synchronous WASI bindings would
+//! instead block (and, inside a tokio worker, panic on their own nested runtime).
+//!
+//! The runtime knows nothing of pods or the API: it takes a [`RunSpec`] and returns a [`RunReport`].
+
+mod limits;
+pub mod logs;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use wasmtime::{Config, Engine, InstancePre, Linker, Module, Store, Trap};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
+
+use crate::store::ModuleDigest;
+use limits::{ContainerLimits, MemoryLimitExceeded};
+use logs::OutputSink;
+
+/// Fuel between cooperative yields to tokio: about 100 µs of wasm on a Raspberry Pi 4.
+pub const FUEL_YIELD_INTERVAL: u64 = 100_000;
+/// Granularity of wall-clock deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(100);
+
+/// The Wasmtime version compiled in, reported as the node's container runtime version.
+pub const WASMTIME_VERSION: &str = "48.0.8";
+
+/// Errors setting up the runtime itself (not a container's outcome).
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// Wasmtime refused the engine configuration (for example an unsupported CPU).
+    #[error("cannot create the WebAssembly engine: {0}")]
+    Engine(String),
+}
+
+/// A compiled module ready to instantiate, shared by every container that runs the same bytes.
+#[derive(Clone)]
+pub struct PreparedModule {
+    digest: ModuleDigest,
+    pre: InstancePre<ContainerCtx>,
+}
+
+impl PreparedModule {
+    /// The module's content address.
+    pub fn digest(&self) -> ModuleDigest {
+        self.digest
+    }
+}
+
+/// A directory made visible to the module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preopen {
+    /// Directory on the host.
+    pub host: PathBuf,
+    /// Path the module sees.
+    pub guest: String,
+    /// Whether the module may only read.
+    pub read_only: bool,
+}
+
+/// Everything one run of a container needs.
+#[derive(Clone)]
+pub struct RunSpec {
+    /// `argv`, including `argv[0]`.
+    pub args: Vec<String>,
+    /// Environment variables.
+    pub env: Vec<(String, String)>,
+    /// Preopened directories.
+    pub preopens: Vec<Preopen>,
+    /// Fuel budget for this run; `None` is unlimited.
+    pub fuel: Option<u64>,
+    /// Linear memory limit in bytes.
+    pub memory_limit: u64,
+    /// Wall-clock limit for this run.
+    pub timeout: Option<Duration>,
+    /// Where stdout goes.
+    pub stdout: OutputSink,
+    /// Where stderr goes.
+    pub stderr: OutputSink,
+}
+
+/// How a run ended. Each maps to a distinct container status reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// `_start` returned or the module called `proc_exit`.
+    Exited(i32),
+    /// The fuel budget ran out.
+    OutOfFuel {
+        /// The budget.
+        fuel: u64,
+    },
+    /// The module tried to grow memory beyond its limit.
+    MemoryLimitExceeded {
+        /// The limit in bytes.
+        limit: u64,
+        /// The size it asked for.
+        requested: u64,
+    },
+    /// The wall-clock limit passed.
+    DeadlineExceeded {
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The module trapped.
+    Trap(String),
+    /// The bytes are not a runnable WASI command module.
+    InvalidModule(String),
+    /// The agent stopped it.
+    Killed,
+}
+
+impl Outcome {
+    /// The exit code shown in the container status, following the container runtimes' conventions
+    /// (128 + signal for kills, 128 for "cannot run").
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::Exited(code) => *code,
+            Outcome::OutOfFuel { .. } | Outcome::MemoryLimitExceeded { .. } => 137,
+            Outcome::DeadlineExceeded { .. } | Outcome::Killed => 137,
+            Outcome::Trap(_) => 134,
+            Outcome::InvalidModule(_) => 128,
+        }
+    }
+
+    /// The container status reason, as `kubectl get pods` shows it.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Outcome::Exited(0) => "Completed",
+            Outcome::Exited(_) => "Error",
+            Outcome::OutOfFuel { .. } => "OutOfFuel",
+            Outcome::MemoryLimitExceeded { .. } => "OOMKilled",
+            Outcome::DeadlineExceeded { .. } => "DeadlineExceeded",
+            Outcome::Trap(_) => "Trap",
+            Outcome::InvalidModule(_) => "InvalidModule",
+            Outcome::Killed => "Killed",
+        }
+    }
+
+    /// A human-readable explanation for the status message.
+    pub fn message(&self) -> Option<String> {
+        match self {
+            Outcome::Exited(_) | Outcome::Killed => None,
+            Outcome::OutOfFuel { fuel } => Some(format!("fuel budget of {fuel} exhausted")),
+            Outcome::MemoryLimitExceeded { limit, requested } => Some(format!(
+                "memory limit of {limit} bytes exceeded: the module asked for {requested} bytes"
+            )),
+            Outcome::DeadlineExceeded { timeout } => Some(format!(
+                "run time limit of {}s exceeded",
+                timeout.as_secs_f64()
+            )),
+            Outcome::Trap(msg) | Outcome::InvalidModule(msg) => Some(msg.clone()),
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Fuel burned.
+    pub fuel_consumed: u64,
+    /// Largest linear memory it had, in bytes.
+    pub peak_memory: u64,
+    /// How long it ran.
+    pub elapsed: Duration,
+}
+
+/// The per-run store data.
+pub struct ContainerCtx {
+    wasi: WasiP1Ctx,
+    limits: ContainerLimits,
+}
+
+/// The process's one WebAssembly engine, its WASI linker and its compiled-module cache.
+pub struct WasmRuntime {
+    engine: Engine,
+    linker: Linker<ContainerCtx>,
+    compiled: Mutex<HashMap<ModuleDigest, PreparedModule>>,
+    ticker: EpochTicker,
+}
+
+impl WasmRuntime {
+    /// Creates the engine. Call once per process, inside a tokio runtime.
+    pub fn new() -> Result<Arc<Self>, RuntimeError> {
+        let mut config = Config::new();
+        config.consume_fuel(true).epoch_interruption(true);
+        let engine = Engine::new(&config).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |cx: &mut ContainerCtx| &mut cx.wasi)
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let ticker = EpochTicker::start(engine.clone());
+        Ok(Arc::new(WasmRuntime {
+            engine,
+            linker,
+            compiled: Mutex::new(HashMap::new()),
+            ticker,
+        }))
+    }
+
+    /// The engine, for callers that precompile.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Compiles (or finds already compiled) the module with this digest. Compilation runs on a
+    /// blocking thread so the reactor keeps serving other pods.
+    pub async fn prepare(
+        &self,
+        digest: ModuleDigest,
+        bytes: Arc<[u8]>,
+    ) -> Result<PreparedModule, Outcome> {
+        if let Some(m) = self.cached(&digest) {
+            return Ok(m);
+        }
+        let engine = self.engine.clone();
+        let module = tokio::task::spawn_blocking(move || Module::new(&engine, &bytes))
+            .await
+            .map_err(|e| Outcome::InvalidModule(format!("compiler task failed: {e}")))?
+            .map_err(|e| {
+                Outcome::InvalidModule(format!("not a valid WebAssembly module: {e:#}"))
+            })?;
+        if module.get_export("_start").is_none() {
+            return Err(Outcome::InvalidModule(
+                "the module exports no `_start` function; Lichen runs WASI command modules".into(),
+            ));
+        }
+        let pre = self
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|e| Outcome::InvalidModule(format!("cannot link the module: {e:#}")))?;
+        let prepared = PreparedModule { digest, pre };
+        if let Ok(mut cache) = self.compiled.lock() {
+            cache.insert(digest, prepared.clone());
+        }
+        Ok(prepared)
+    }
+
+    fn cached(&self, digest: &ModuleDigest) -> Option<PreparedModule> {
+        self.compiled.lock().ok()?.get(digest).cloned()
+    }
+
+    /// Drops compiled modules whose digests are not in `keep`, so memory follows the running pods.
+    pub fn retain_compiled(&self, keep: &std::collections::HashSet<ModuleDigest>) {
+        if let Ok(mut cache) = self.compiled.lock() {
+            cache.retain(|d, _| keep.contains(d));
+        }
+    }
+
+    /// Runs the module's `_start` to completion, a limit, or `cancel`.
+    pub async fn run(
+        &self,
+        module: &PreparedModule,
+        spec: RunSpec,
+        cancel: &CancellationToken,
+    ) -> RunReport {
+        let started = Instant::now();
+        let fuel_budget = spec.fuel.unwrap_or(u64::MAX);
+        let memory_limit = spec.memory_limit;
+        let mut store = match self.new_store(spec.clone()) {
+            Ok(store) => store,
+            Err(outcome) => {
+                return RunReport {
+                    outcome,
+                    fuel_consumed: 0,
+                    peak_memory: 0,
+                    elapsed: started.elapsed(),
+                };
+            }
+        };
+        let _deadline_guard = spec.timeout.map(|t| {
+            store.set_epoch_deadline(ticks_for(t));
+            self.ticker.acquire()
+        });
+        let call = async {
+            let instance = module.pre.instantiate_async(&mut store).await?;
+            let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+            start.call_async(&mut store, ()).await
+        };
+        let timeout = spec.timeout.unwrap_or(Duration::MAX);
+        // The epoch deadline stops wasm code; the sleep also covers a module parked in a host call.
+        let result = tokio::select! {
+            r = call => Some(r),
+            _ = cancel.cancelled() => None,
+            _ = tokio::time::sleep(timeout) => Some(Err(wasmtime::Error::new(Trap::Interrupt))),
+        };
+        spec.stdout.finish();
+        spec.stderr.finish();
+        let outcome = match result {
+            None => Outcome::Killed,
+            Some(Ok(())) => Outcome::Exited(0),
+            Some(Err(e)) => classify(e, spec.fuel, spec.timeout, memory_limit),
+        };
+        let fuel_left = store.get_fuel().unwrap_or(0);
+        RunReport {
+            outcome,
+            fuel_consumed: fuel_budget.saturating_sub(fuel_left),
+            peak_memory: store.data().limits.peak_memory(),
+            elapsed: started.elapsed(),
+        }
+    }
+
+    fn new_store(&self, spec: RunSpec) -> Result<Store<ContainerCtx>, Outcome> {
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.args(&spec.args)
+            .envs(&spec.env)
+            .stdout(spec.stdout)
+            .stderr(spec.stderr);
+        for p in &spec.preopens {
+            let perms = if p.read_only {
+                FsPerms::ReadOnly
+            } else {
+                FsPerms::ReadWrite
+            };
+            wasi.preopened_dir(&p.host, &p.guest, perms).map_err(|e| {
+                Outcome::InvalidModule(format!(
+                    "cannot open volume {} for {}: {e:#}",
+                    p.host.display(),
+                    p.guest
+                ))
+            })?;
+        }
+        let ctx = ContainerCtx {
+            wasi: wasi.build_p1(),
+            limits: ContainerLimits::new(spec.memory_limit),
+        };
+        let mut store = Store::new(&self.engine, ctx);
+        store.limiter(|cx| &mut cx.limits);
+        let internal = |e: wasmtime::Error| Outcome::InvalidModule(format!("store setup: {e:#}"));
+        store
+            .set_fuel(spec.fuel.unwrap_or(u64::MAX))
+            .map_err(internal)?;
+        store
+            .fuel_async_yield_interval(Some(FUEL_YIELD_INTERVAL))
+            .map_err(internal)?;
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(u64::MAX);
+        Ok(store)
+    }
+}
+
+fn ticks_for(t: Duration) -> u64 {
+    (t.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64
+}
+
+fn classify(
+    e: wasmtime::Error,
+    fuel: Option<u64>,
+    timeout: Option<Duration>,
+    memory_limit: u64,
+) -> Outcome {
+    if let Some(exit) = e.downcast_ref::<I32Exit>() {
+        return Outcome::Exited(exit.0);
+    }
+    if let Some(m) = e.downcast_ref::<MemoryLimitExceeded>() {
+        return Outcome::MemoryLimitExceeded {
+            limit: memory_limit,
+            requested: m.requested,
+        };
+    }
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => Outcome::OutOfFuel {
+            fuel: fuel.unwrap_or(u64::MAX),
+        },
+        Some(Trap::Interrupt) => Outcome::DeadlineExceeded {
+            timeout: timeout.unwrap_or_default(),
+        },
+        Some(trap) => Outcome::Trap(format!("wasm trap: {trap}")),
+        None => {
+            let text = format!("{e:#}");
+            // Link and instantiation failures mean the module cannot run here at all.
+            if text.contains("unknown import") || text.contains("incompatible import") {
+                Outcome::InvalidModule(text)
+            } else {
+                Outcome::Trap(text)
+            }
+        }
+    }
+}
+
+/// Advances the engine's epoch while any run has a deadline, and sleeps otherwise, so an idle agent
+/// takes no wake-ups.
+struct EpochTicker {
+    active: Arc<(Mutex<usize>, tokio::sync::Notify)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct TickerGuard(Arc<(Mutex<usize>, tokio::sync::Notify)>);
+
+impl EpochTicker {
+    fn start(engine: Engine) -> Self {
+        let active: Arc<(Mutex<usize>, tokio::sync::Notify)> = Arc::default();
+        let shared = active.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let users = shared.0.lock().map(|n| *n).unwrap_or(0);
+                if users == 0 {
+                    shared.1.notified().await;
+                    continue;
+                }
+                tokio::time::sleep(EPOCH_TICK).await;
+                engine.increment_epoch();
+            }
+        });
+        EpochTicker { active, task }
+    }
+
+    fn acquire(&self) -> TickerGuard {
+        if let Ok(mut n) = self.active.0.lock() {
+            *n += 1;
+        }
+        self.active.1.notify_one();
+        TickerGuard(self.active.clone())
+    }
+}
+
+impl Drop for TickerGuard {
+    fn drop(&mut self) {
+        if let Ok(mut n) = self.0.0.lock() {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

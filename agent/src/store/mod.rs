@@ -1,0 +1,188 @@
+//! The agent's durable memory: pods (desired spec, last observed status, restart counts) and modules
+//! (content-addressed by sha256), behind the [`StateStore`] trait.
+//!
+//! The store records; it never decides. Callers write a pod before they start it, so that whatever
+//! the agent has acknowledged survives `kill -9` and power loss. The sled implementation lives in
+//! [`sled_store`]; tests and later backends implement the same trait.
+
+mod sled_store;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use sled_store::SledStore;
+
+/// The schema this build writes. Bump it with a migration in `sled_store::MIGRATIONS`.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Errors from the state store. Each names the store's path and what the operator can do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The directory could not be created or opened for writing.
+    #[error(
+        "cannot use the state directory {path}: permission denied; run lichen as the user that owns \
+         it, or give it that user (for the packaged service: chown -R lichen:lichen {path})"
+    )]
+    PermissionDenied {
+        /// The state directory.
+        path: PathBuf,
+    },
+    /// Another process holds the store's lock.
+    #[error(
+        "the state store {path} is in use by another process; is another lichen running? \
+         (stop it, or give this one its own --state-dir)"
+    )]
+    Locked {
+        /// The store directory.
+        path: PathBuf,
+    },
+    /// The on-disk data could not be read back.
+    #[error(
+        "the state store {path} is corrupt ({detail}); move it aside (mv {path} {path}.corrupt) and \
+         start again: static pods come back from their manifests, cluster pods from the API server"
+    )]
+    Corrupt {
+        /// The store directory.
+        path: PathBuf,
+        /// What was found.
+        detail: String,
+    },
+    /// The store was written by a newer Lichen.
+    #[error(
+        "the state store {path} has schema version {found}, but this lichen understands up to \
+         {supported}; run the newer lichen again, or move the store aside to start afresh"
+    )]
+    TooNew {
+        /// The store directory.
+        path: PathBuf,
+        /// The version on disk.
+        found: u32,
+        /// [`SCHEMA_VERSION`].
+        supported: u32,
+    },
+    /// A migration from an older schema failed.
+    #[error("migrating the state store {path} from schema {from}: {detail}")]
+    Migration {
+        /// The store directory.
+        path: PathBuf,
+        /// The version migrated from.
+        from: u32,
+        /// What failed.
+        detail: String,
+    },
+    /// Any other I/O failure (disk full, device gone).
+    #[error("state store {path}: {source}")]
+    Io {
+        /// The store directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A module's content address: the sha256 of its bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ModuleDigest(pub [u8; 32]);
+
+impl ModuleDigest {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        ModuleDigest(Sha256::digest(bytes).into())
+    }
+
+    /// Lower-case hex without the `sha256:` prefix.
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses `sha256:<64 hex>` or the bare hex.
+    pub fn parse(s: &str) -> Option<Self> {
+        let hex = s.strip_prefix("sha256:").unwrap_or(s);
+        if hex.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
+            let s = std::str::from_utf8(chunk).ok()?;
+            out[i] = u8::from_str_radix(s, 16).ok()?;
+        }
+        Some(ModuleDigest(out))
+    }
+}
+
+impl fmt::Display for ModuleDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.hex())
+    }
+}
+
+impl fmt::Debug for ModuleDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Everything the agent remembers about one pod.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PodRecord {
+    /// `namespace/name`.
+    pub key: String,
+    /// The pod's UID; a pod recreated under the same name has a new one.
+    pub uid: String,
+    /// Where the pod came from, e.g. `file:/etc/lichen/pods/ticker.yaml`.
+    pub source: String,
+    /// The desired `v1.Pod` as JSON.
+    pub pod: serde_json::Value,
+    /// The last `v1.PodStatus` observed, as JSON.
+    pub status: Option<serde_json::Value>,
+    /// Restarts per container name, carried across agent restarts.
+    pub restart_counts: BTreeMap<String, u32>,
+}
+
+/// What the store keeps about a cached module besides its bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleInfo {
+    /// The content address.
+    pub digest: ModuleDigest,
+    /// Size in bytes.
+    pub size: u64,
+    /// Where it was last loaded from.
+    pub source: String,
+}
+
+/// The durable store's operations. Implementations must make `put_pod`, `delete_pod` and
+/// `put_module` durable before returning; status writes may be batched by the store's own flusher.
+pub trait StateStore: Send + Sync + 'static {
+    /// Inserts or replaces a pod record and flushes it to disk.
+    fn put_pod(&self, record: &PodRecord) -> Result<(), StoreError>;
+    /// Updates only the observed status and restart counts of a pod (not flushed synchronously).
+    /// Ignored if the stored pod has a different UID, so a late write never lands on a newer pod.
+    fn put_pod_status(
+        &self,
+        key: &str,
+        uid: &str,
+        status: &serde_json::Value,
+        restart_counts: &BTreeMap<String, u32>,
+    ) -> Result<(), StoreError>;
+    /// The record stored under `key`.
+    fn get_pod(&self, key: &str) -> Result<Option<PodRecord>, StoreError>;
+    /// Every pod record, ordered by key.
+    fn list_pods(&self) -> Result<Vec<PodRecord>, StoreError>;
+    /// Removes a pod record (if its UID matches) and flushes.
+    fn delete_pod(&self, key: &str, uid: &str) -> Result<(), StoreError>;
+    /// Stores module bytes under their digest and flushes; storing the same bytes again is a no-op.
+    fn put_module(&self, bytes: &[u8], source: &str) -> Result<ModuleDigest, StoreError>;
+    /// Module bytes by digest, verified against it.
+    fn get_module(&self, digest: &ModuleDigest) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every cached module.
+    fn list_modules(&self) -> Result<Vec<ModuleInfo>, StoreError>;
+    /// Writes everything buffered to disk.
+    fn flush(&self) -> Result<(), StoreError>;
+    /// The schema version on disk.
+    fn schema_version(&self) -> u32;
+}

@@ -1,0 +1,394 @@
+//! [`StateStore`] on sled: one tree per record type and a `meta` tree for the schema version.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::{ModuleDigest, ModuleInfo, PodRecord, SCHEMA_VERSION, StateStore, StoreError};
+
+const PODS: &str = "pods";
+const MODULES: &str = "modules";
+const MODULE_INFO: &str = "module_info";
+const META: &str = "meta";
+const SCHEMA_KEY: &str = "schema_version";
+
+/// A migration takes the store from schema `n` to `n + 1`; `MIGRATIONS[n - 1]` migrates from `n`.
+type Migration = fn(&sled::Db) -> Result<(), String>;
+const MIGRATIONS: &[Migration] = &[];
+
+/// The sled-backed store. Cheap to clone; all clones share one database.
+#[derive(Clone)]
+pub struct SledStore {
+    db: sled::Db,
+    pods: sled::Tree,
+    modules: sled::Tree,
+    module_info: sled::Tree,
+    path: PathBuf,
+    schema: u32,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`, migrating an older schema and refusing a newer one.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.to_owned();
+        std::fs::create_dir_all(&path).map_err(|e| io_error(&path, e))?;
+        // sled's own flusher bounds how much unflushed status a crash can lose; durable writes flush
+        // explicitly.
+        let db = sled::Config::new()
+            .path(&path)
+            .flush_every_ms(Some(500))
+            .cache_capacity(8 << 20)
+            .open()
+            .map_err(|e| sled_error(&path, e))?;
+        let tree = |name: &str| db.open_tree(name).map_err(|e| sled_error(&path, e));
+        let (pods, modules, module_info, meta) =
+            (tree(PODS)?, tree(MODULES)?, tree(MODULE_INFO)?, tree(META)?);
+        let schema = match meta.get(SCHEMA_KEY).map_err(|e| sled_error(&path, e))? {
+            None if pods.is_empty() && modules.is_empty() => {
+                meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())
+                    .map_err(|e| sled_error(&path, e))?;
+                db.flush().map_err(|e| sled_error(&path, e))?;
+                SCHEMA_VERSION
+            }
+            None => {
+                return Err(StoreError::Corrupt {
+                    path,
+                    detail: "schema version missing".into(),
+                });
+            }
+            Some(v) => {
+                let bytes: [u8; 4] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    path: path.clone(),
+                    detail: "schema version unreadable".into(),
+                })?;
+                u32::from_be_bytes(bytes)
+            }
+        };
+        if schema > SCHEMA_VERSION {
+            return Err(StoreError::TooNew {
+                path,
+                found: schema,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if schema == 0 {
+            return Err(StoreError::Corrupt {
+                path,
+                detail: "schema version 0".into(),
+            });
+        }
+        for from in schema..SCHEMA_VERSION {
+            let migrate =
+                MIGRATIONS
+                    .get(from as usize - 1)
+                    .ok_or_else(|| StoreError::Migration {
+                        path: path.clone(),
+                        from,
+                        detail: "no migration registered".into(),
+                    })?;
+            migrate(&db).map_err(|detail| StoreError::Migration {
+                path: path.clone(),
+                from,
+                detail,
+            })?;
+            meta.insert(SCHEMA_KEY, &(from + 1).to_be_bytes())
+                .map_err(|e| sled_error(&path, e))?;
+            db.flush().map_err(|e| sled_error(&path, e))?;
+            tracing::info!(store = %path.display(), from, to = from + 1, "migrated state store");
+        }
+        Ok(SledStore {
+            db,
+            pods,
+            modules,
+            module_info,
+            path,
+            schema: SCHEMA_VERSION,
+        })
+    }
+
+    /// The directory the store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, e: sled::Error) -> StoreError {
+        sled_error(&self.path, e)
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &str,
+        bytes: &[u8],
+    ) -> Result<T, StoreError> {
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+            path: self.path.clone(),
+            detail: format!("{what}: {e}"),
+        })
+    }
+
+    fn encode<T: serde::Serialize>(&self, value: &T) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(value).map_err(|e| io_error(&self.path, io::Error::other(e)))
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(|e| self.err(e))
+    }
+}
+
+impl StateStore for SledStore {
+    fn put_pod(&self, record: &PodRecord) -> Result<(), StoreError> {
+        let bytes = self.encode(record)?;
+        self.pods
+            .insert(record.key.as_bytes(), bytes)
+            .map_err(|e| self.err(e))?;
+        self.sync()
+    }
+
+    fn put_pod_status(
+        &self,
+        key: &str,
+        uid: &str,
+        status: &serde_json::Value,
+        restart_counts: &BTreeMap<String, u32>,
+    ) -> Result<(), StoreError> {
+        // Compare-and-swap so a concurrent put_pod or delete of a newer pod is never overwritten.
+        loop {
+            let Some(old) = self.pods.get(key.as_bytes()).map_err(|e| self.err(e))? else {
+                return Ok(());
+            };
+            let mut record: PodRecord = self.decode(key, &old)?;
+            if record.uid != uid {
+                return Ok(());
+            }
+            record.status = Some(status.clone());
+            record.restart_counts = restart_counts.clone();
+            let new = self.encode(&record)?;
+            match self
+                .pods
+                .compare_and_swap(key.as_bytes(), Some(old), Some(new))
+                .map_err(|e| self.err(e))?
+            {
+                Ok(()) => return Ok(()),
+                Err(_) => continue,
+            }
+        }
+    }
+
+    fn get_pod(&self, key: &str) -> Result<Option<PodRecord>, StoreError> {
+        match self.pods.get(key.as_bytes()).map_err(|e| self.err(e))? {
+            Some(bytes) => Ok(Some(self.decode(key, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn list_pods(&self) -> Result<Vec<PodRecord>, StoreError> {
+        self.pods
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(|e| self.err(e))?;
+                self.decode(&String::from_utf8_lossy(&k), &v)
+            })
+            .collect()
+    }
+
+    fn delete_pod(&self, key: &str, uid: &str) -> Result<(), StoreError> {
+        if let Some(record) = self.get_pod(key)?
+            && record.uid == uid
+        {
+            self.pods.remove(key.as_bytes()).map_err(|e| self.err(e))?;
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn put_module(&self, bytes: &[u8], source: &str) -> Result<ModuleDigest, StoreError> {
+        let digest = ModuleDigest::of(bytes);
+        let key = digest.0;
+        // Starting a cached module must not cost an fsync.
+        if self.modules.contains_key(key).map_err(|e| self.err(e))? {
+            return Ok(digest);
+        }
+        self.modules.insert(key, bytes).map_err(|e| self.err(e))?;
+        let info = ModuleInfo {
+            digest,
+            size: bytes.len() as u64,
+            source: source.to_owned(),
+        };
+        self.module_info
+            .insert(key, self.encode(&info)?)
+            .map_err(|e| self.err(e))?;
+        self.sync()?;
+        Ok(digest)
+    }
+
+    fn get_module(&self, digest: &ModuleDigest) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(bytes) = self.modules.get(digest.0).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        if ModuleDigest::of(&bytes) != *digest {
+            // A damaged entry is dropped rather than served: the caller fetches the module again.
+            tracing::warn!(store = %self.path.display(), %digest, "cached module failed its digest check; dropped");
+            self.modules.remove(digest.0).map_err(|e| self.err(e))?;
+            self.module_info.remove(digest.0).map_err(|e| self.err(e))?;
+            return Ok(None);
+        }
+        Ok(Some(bytes.to_vec()))
+    }
+
+    fn list_modules(&self) -> Result<Vec<ModuleInfo>, StoreError> {
+        self.module_info
+            .iter()
+            .map(|kv| {
+                let (_, v) = kv.map_err(|e| self.err(e))?;
+                self.decode("module info", &v)
+            })
+            .collect()
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.sync()
+    }
+
+    fn schema_version(&self) -> u32 {
+        self.schema
+    }
+}
+
+fn io_error(path: &Path, e: io::Error) -> StoreError {
+    match e.kind() {
+        io::ErrorKind::PermissionDenied => StoreError::PermissionDenied {
+            path: path.to_owned(),
+        },
+        io::ErrorKind::WouldBlock => StoreError::Locked {
+            path: path.to_owned(),
+        },
+        _ if e.to_string().contains("could not acquire lock") => StoreError::Locked {
+            path: path.to_owned(),
+        },
+        _ => StoreError::Io {
+            path: path.to_owned(),
+            source: e,
+        },
+    }
+}
+
+fn sled_error(path: &Path, e: sled::Error) -> StoreError {
+    match e {
+        sled::Error::Io(e) => io_error(path, e),
+        sled::Error::Corruption { at, .. } => StoreError::Corrupt {
+            path: path.to_owned(),
+            detail: match at {
+                Some(at) => format!("bad data at {at:?}"),
+                None => "bad data".into(),
+            },
+        },
+        other => StoreError::Corrupt {
+            path: path.to_owned(),
+            detail: other.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(key: &str, uid: &str) -> PodRecord {
+        PodRecord {
+            key: key.into(),
+            uid: uid.into(),
+            source: "test".into(),
+            pod: serde_json::json!({"metadata": {"name": key}}),
+            status: None,
+            restart_counts: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn pods_survive_reopen_and_status_respects_uid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = SledStore::open(dir.path()).expect("open");
+            store.put_pod(&record("default/a", "u1")).expect("put");
+            let counts = BTreeMap::from([("c".to_string(), 2)]);
+            store
+                .put_pod_status(
+                    "default/a",
+                    "u1",
+                    &serde_json::json!({"phase": "Running"}),
+                    &counts,
+                )
+                .expect("status");
+            // A write for an older incarnation of the pod must not land.
+            store
+                .put_pod_status(
+                    "default/a",
+                    "u0",
+                    &serde_json::json!({"phase": "Failed"}),
+                    &counts,
+                )
+                .expect("stale status");
+            store.flush().expect("flush");
+        }
+        let store = SledStore::open(dir.path()).expect("reopen");
+        let got = store.get_pod("default/a").expect("get").expect("present");
+        assert_eq!(got.status, Some(serde_json::json!({"phase": "Running"})));
+        assert_eq!(got.restart_counts.get("c"), Some(&2));
+        store
+            .delete_pod("default/a", "other")
+            .expect("delete wrong uid");
+        assert!(store.get_pod("default/a").expect("get").is_some());
+        store.delete_pod("default/a", "u1").expect("delete");
+        assert!(store.list_pods().expect("list").is_empty());
+    }
+
+    #[test]
+    fn modules_are_content_addressed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let d1 = store.put_module(b"\0asm\x01\0\0\0", "a").expect("put");
+        let d2 = store
+            .put_module(b"\0asm\x01\0\0\0", "b")
+            .expect("put again");
+        assert_eq!(d1, d2);
+        assert_eq!(store.list_modules().expect("list").len(), 1);
+        assert_eq!(
+            store.get_module(&d1).expect("get").as_deref(),
+            Some(&b"\0asm\x01\0\0\0"[..])
+        );
+        assert_eq!(ModuleDigest::parse(&d1.to_string()), Some(d1));
+    }
+
+    #[test]
+    fn newer_schema_is_refused_with_the_way_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = sled::open(dir.path()).expect("sled");
+            db.open_tree(META)
+                .expect("meta")
+                .insert(SCHEMA_KEY, &99u32.to_be_bytes())
+                .expect("insert");
+            db.flush().expect("flush");
+        }
+        let err = SledStore::open(dir.path())
+            .err()
+            .expect("must fail")
+            .to_string();
+        assert!(
+            err.contains("schema version 99") && err.contains(&dir.path().display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn second_opener_is_told_the_store_is_in_use() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _first = SledStore::open(dir.path()).expect("open");
+        // flock(2) locks belong to the open file description, so a second open in this process
+        // meets the lock exactly as a second process would.
+        let err = SledStore::open(dir.path())
+            .err()
+            .expect("second open must fail");
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    }
+}
