@@ -45,11 +45,7 @@ impl StateLayout {
     /// The layout of `config.state_dir`.
     pub fn of(config: &AgentConfig) -> Self {
         let d = &config.state_dir;
-        StateLayout {
-            store: d.join("store"),
-            pods: d.join("pods"),
-            logs: d.join("logs"),
-        }
+        StateLayout { store: d.join("store"), pods: d.join("pods"), logs: d.join("logs") }
     }
 }
 
@@ -58,10 +54,7 @@ pub async fn open_store(path: PathBuf) -> Result<Arc<SledStore>, StoreError> {
     let p = path.clone();
     tokio::task::spawn_blocking(move || SledStore::open(&p))
         .await
-        .map_err(|e| StoreError::Io {
-            path,
-            source: std::io::Error::other(e),
-        })?
+        .map_err(|e| StoreError::Io { path, source: std::io::Error::other(e) })?
         .map(Arc::new)
 }
 
@@ -148,23 +141,15 @@ pub async fn run(
     tracing::info!("shutting down: stopping pods");
     pods_cancel.cancel();
     let bound = Duration::from_secs(config.shutdown_timeout_secs);
-    if tokio::time::timeout(bound, manager.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(bound, manager.shutdown()).await.is_err() {
         tracing::warn!("pods did not stop within {}s", bound.as_secs());
     }
     tracker.close();
     if tokio::time::timeout(bound, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            "background tasks did not finish within {}s",
-            bound.as_secs()
-        );
+        tracing::warn!("background tasks did not finish within {}s", bound.as_secs());
     }
     let s = store.clone();
-    tokio::task::spawn_blocking(move || s.flush())
-        .await
-        .map_err(|e| AppError::Task(e.to_string()))??;
+    tokio::task::spawn_blocking(move || s.flush()).await.map_err(|e| AppError::Task(e.to_string()))??;
     tracing::info!("stopped");
     Ok(())
 }
@@ -175,9 +160,8 @@ fn forget_vanished(store: &dyn StateStore, desired: &[DesiredPod]) {
         return;
     };
     for r in records {
-        let wanted = desired
-            .iter()
-            .any(|d| d.key() == r.key && d.pod.metadata.uid.as_deref() == Some(r.uid.as_str()));
+        let wanted =
+            desired.iter().any(|d| d.key() == r.key && d.pod.metadata.uid.as_deref() == Some(r.uid.as_str()));
         if r.source.starts_with("file:") && !wanted {
             tracing::info!(pod = %r.key, "forgetting static pod whose manifest is gone");
             if let Err(e) = store.delete_pod(&r.key, &r.uid) {

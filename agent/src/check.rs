@@ -21,11 +21,7 @@ pub struct CheckReport {
 pub fn check(config: &AgentConfig) -> CheckReport {
     let mut out = String::new();
     let mut problems = 0;
-    let _ = writeln!(
-        out,
-        "# configuration (after file, environment and flags)\n{}",
-        config.to_toml()
-    );
+    let _ = writeln!(out, "# configuration (after file, environment and flags)\n{}", config.to_toml());
     let layout = StateLayout::of(config);
     match SledStore::open(&layout.store) {
         Ok(store) => {
@@ -39,11 +35,8 @@ pub fn check(config: &AgentConfig) -> CheckReport {
             );
         }
         Err(StoreError::Locked { .. }) => {
-            let _ = writeln!(
-                out,
-                "ok    state store {} is in use by a running lichen",
-                layout.store.display()
-            );
+            let _ =
+                writeln!(out, "ok    state store {} is in use by a running lichen", layout.store.display());
         }
         Err(e) => {
             problems += 1;
@@ -52,11 +45,7 @@ pub fn check(config: &AgentConfig) -> CheckReport {
     }
     match wasmtime::Engine::new(&wasmtime::Config::new()) {
         Ok(_) => {
-            let _ = writeln!(
-                out,
-                "ok    WebAssembly engine (wasmtime {})",
-                crate::runtime::WASMTIME_VERSION
-            );
+            let _ = writeln!(out, "ok    WebAssembly engine (wasmtime {})", crate::runtime::WASMTIME_VERSION);
         }
         Err(e) => {
             problems += 1;
@@ -65,10 +54,7 @@ pub fn check(config: &AgentConfig) -> CheckReport {
     }
     let Some(dir) = config.static_pods() else {
         let _ = writeln!(out, "ok    static pods are off");
-        return CheckReport {
-            text: out,
-            problems,
-        };
+        return CheckReport { text: out, problems };
     };
     if !dir.is_dir() {
         let _ = writeln!(
@@ -76,18 +62,10 @@ pub fn check(config: &AgentConfig) -> CheckReport {
             "note  static pod directory {} does not exist (yet); nothing would run",
             dir.display()
         );
-        return CheckReport {
-            text: out,
-            problems,
-        };
+        return CheckReport { text: out, problems };
     }
     let (scan, _) = StaticPodSource::new(dir.to_owned(), config.node_name.clone()).scan();
-    let _ = writeln!(
-        out,
-        "ok    static pod directory {}: {} pods",
-        dir.display(),
-        scan.pods.len()
-    );
+    let _ = writeln!(out, "ok    static pod directory {}: {} pods", dir.display(), scan.pods.len());
     for e in &scan.errors {
         problems += 1;
         let _ = writeln!(out, "FAIL  {e}");
@@ -140,8 +118,5 @@ pub fn check(config: &AgentConfig) -> CheckReport {
             }
         }
     }
-    CheckReport {
-        text: out,
-        problems,
-    }
+    CheckReport { text: out, problems }
 }

@@ -131,30 +131,19 @@ impl Default for AgentConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            level: "info".into(),
-            format: LogFormat::Text,
-        }
+        Self { level: "info".into(), format: LogFormat::Text }
     }
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        Self {
-            default_fuel: 0,
-            default_memory_limit: ByteSize(128 << 20),
-            run_timeout_secs: 0,
-        }
+        Self { default_fuel: 0, default_memory_limit: ByteSize(128 << 20), run_timeout_secs: 0 }
     }
 }
 
 impl Default for ContainerLogConfig {
     fn default() -> Self {
-        Self {
-            max_size: ByteSize(10 << 20),
-            max_files: 5,
-            echo: false,
-        }
+        Self { max_size: ByteSize(10 << 20), max_files: 5, echo: false }
     }
 }
 
@@ -252,16 +241,10 @@ impl AgentConfig {
         set(&mut self.log.level, &a.log_level);
         set(&mut self.log.format, &a.log_format);
         set(&mut self.runtime.default_fuel, &a.default_fuel);
-        set(
-            &mut self.runtime.default_memory_limit,
-            &a.default_memory_limit,
-        );
+        set(&mut self.runtime.default_memory_limit, &a.default_memory_limit);
         set(&mut self.runtime.run_timeout_secs, &a.run_timeout_secs);
         set(&mut self.container_logs.max_size, &a.container_log_max_size);
-        set(
-            &mut self.container_logs.max_files,
-            &a.container_log_max_files,
-        );
+        set(&mut self.container_logs.max_files, &a.container_log_max_files);
         set(&mut self.container_logs.echo, &a.container_log_echo);
     }
 
@@ -270,10 +253,9 @@ impl AgentConfig {
         if self.node_name.is_empty() {
             self.node_name = host_name().ok_or(ConfigError::Invalid {
                 field: "node_name",
-                message:
-                    "not set and the host name could not be read; set node_name in the config \
+                message: "not set and the host name could not be read; set node_name in the config \
                           or LICHEN_NODE_NAME"
-                        .into(),
+                    .into(),
             })?;
         }
         // Node names become Kubernetes object names (RFC 1123 subdomains) and parts of file names.
@@ -299,10 +281,7 @@ impl AgentConfig {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(ConfigError::Invalid {
                 field: "log.level",
-                message: format!(
-                    "{:?}: {e} (examples: info, debug, info,lichen=debug)",
-                    self.log.level
-                ),
+                message: format!("{:?}: {e} (examples: info, debug, info,lichen=debug)", self.log.level),
             });
         }
         if self.runtime.default_memory_limit.0 < 64 << 10 {
@@ -362,14 +341,10 @@ pub fn validate_dns_subdomain(name: &str) -> Result<(), &'static str> {
         return Err("must be 1 to 253 characters long");
     }
     for label in name.split('.') {
-        let ok_chars = label
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        let ok_chars = label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if label.is_empty() || !ok_chars || label.starts_with('-') || label.ends_with('-') {
-            return Err(
-                "must consist of lower-case letters, digits, '-' and '.', and start and end with a \
-                 letter or digit",
-            );
+            return Err("must consist of lower-case letters, digits, '-' and '.', and start and end with a \
+                 letter or digit");
         }
     }
     Ok(())
@@ -397,14 +372,9 @@ mod tests {
 
     #[test]
     fn unknown_field_is_named_with_the_expected_ones() {
-        let err = parse("node_name = \"a\"\nstatic_pods_dir = \"/x\"")
-            .unwrap_err()
-            .to_string();
+        let err = parse("node_name = \"a\"\nstatic_pods_dir = \"/x\"").unwrap_err().to_string();
         assert!(err.contains("static_pods_dir"), "{err}");
-        assert!(
-            err.contains("static_pod_dir"),
-            "hint should list valid fields: {err}"
-        );
+        assert!(err.contains("static_pod_dir"), "hint should list valid fields: {err}");
         assert!(err.contains("line 2"), "{err}");
     }
 
@@ -415,27 +385,17 @@ mod tests {
         let err = parse("node_name = \"a\"\n[runtime]\ndefault_memory_limit = \"12 parsecs\"")
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("default_memory_limit") && err.contains("unknown suffix"),
-            "{err}"
-        );
-        let err = parse("node_name = \"a\"\nmax_pods = 0")
-            .unwrap_err()
-            .to_string();
+        assert!(err.contains("default_memory_limit") && err.contains("unknown suffix"), "{err}");
+        let err = parse("node_name = \"a\"\nmax_pods = 0").unwrap_err().to_string();
         assert!(err.contains("max_pods"), "{err}");
-        let err = parse("node_name = \"a\"\n[log]\nlevel = \"lichen=[\"")
-            .unwrap_err()
-            .to_string();
+        let err = parse("node_name = \"a\"\n[log]\nlevel = \"lichen=[\"").unwrap_err().to_string();
         assert!(err.contains("log.level"), "{err}");
     }
 
     #[test]
     fn relative_paths_follow_the_file_and_flags_win() {
-        let mut c = AgentConfig::from_toml(
-            "static_pod_dir = \"pods\"",
-            Path::new("/opt/demo/lichen.toml"),
-        )
-        .expect("valid");
+        let mut c = AgentConfig::from_toml("static_pod_dir = \"pods\"", Path::new("/opt/demo/lichen.toml"))
+            .expect("valid");
         assert_eq!(c.static_pod_dir, Path::new("/opt/demo/pods"));
         let args = ConfigArgs {
             node_name: Some("edge-1".into()),
@@ -445,9 +405,6 @@ mod tests {
         };
         c.apply(&args);
         c.finish().expect("valid");
-        assert_eq!(
-            (c.node_name.as_str(), c.max_pods, c.runtime.default_fuel),
-            ("edge-1", 7, 99)
-        );
+        assert_eq!((c.node_name.as_str(), c.max_pods, c.runtime.default_fuel), ("edge-1", 7, 99));
     }
 }

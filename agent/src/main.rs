@@ -54,9 +54,7 @@ fn init_logging(config: &AgentConfig) {
     // The level was validated with the config; fall back to info rather than run blind.
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
@@ -80,10 +78,8 @@ fn run(config: AgentConfig) -> anyhow::Result<()> {
 /// The first SIGTERM or SIGINT stops the agent gracefully; a second one exits at once.
 async fn handle_signals(cancel: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
         tracing::error!("cannot install signal handlers; stop lichen with SIGKILL");
         return;
     };
@@ -93,10 +89,7 @@ async fn handle_signals(cancel: CancellationToken) {
             _ = int.recv() => "SIGINT",
         };
         if round == 0 {
-            tracing::info!(
-                signal = name,
-                "stopping (send it again to exit immediately)"
-            );
+            tracing::info!(signal = name, "stopping (send it again to exit immediately)");
             cancel.cancel();
         } else {
             tracing::warn!(signal = name, "exiting immediately");

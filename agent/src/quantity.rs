@@ -20,9 +20,7 @@ impl ByteSize {
         if s.is_empty() {
             return Err("empty quantity".into());
         }
-        let split = s
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(s.len());
+        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
         let (num, suffix) = s.split_at(split);
         let multiplier: f64 = match suffix {
             "" => 1.0,
@@ -40,19 +38,14 @@ impl ByteSize {
             "E" => 1e18,
             "m" => 1e-3,
             other => {
-                return Err(format!(
-                    "unknown suffix {other:?} in {s:?} (use Ki, Mi, Gi, Ti or k, M, G, T)"
-                ));
+                return Err(format!("unknown suffix {other:?} in {s:?} (use Ki, Mi, Gi, Ti or k, M, G, T)"));
             }
         };
         if num.is_empty() || num.matches('.').count() > 1 {
-            return Err(format!(
-                "{s:?} is not a quantity (examples: 128Mi, 1G, 4096)"
-            ));
+            return Err(format!("{s:?} is not a quantity (examples: 128Mi, 1G, 4096)"));
         }
-        let value: f64 = num
-            .parse()
-            .map_err(|_| format!("{s:?} is not a quantity (examples: 128Mi, 1G, 4096)"))?;
+        let value: f64 =
+            num.parse().map_err(|_| format!("{s:?} is not a quantity (examples: 128Mi, 1G, 4096)"))?;
         let bytes = (value * multiplier).ceil();
         if !bytes.is_finite() || bytes > u64::MAX as f64 {
             return Err(format!("{s:?} is too large"));
@@ -63,8 +56,7 @@ impl ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(&str, u64); 4] =
-            [("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10), ("", 1)];
+        const UNITS: [(&str, u64); 4] = [("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10), ("", 1)];
         for (unit, size) in UNITS {
             if self.0 >= size && self.0 % size == 0 {
                 return write!(f, "{}{unit}", self.0 / size);

@@ -35,10 +35,7 @@ pub struct ManifestError {
 
 /// Parses one manifest into a static pod for `node_name`.
 pub fn parse_manifest(text: &str, file: &Path, node_name: &str) -> Result<Pod, ManifestError> {
-    let err = |message: String| ManifestError {
-        file: file.to_owned(),
-        message,
-    };
+    let err = |message: String| ManifestError { file: file.to_owned(), message };
     let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(text)
         .map(serde::Deserialize::deserialize)
         .collect::<Result<_, _>>()
@@ -47,34 +44,23 @@ pub fn parse_manifest(text: &str, file: &Path, node_name: &str) -> Result<Pod, M
         [one] => one.clone(),
         [] => return Err(err("empty manifest".into())),
         _ => {
-            return Err(err(format!(
-                "{} documents in one file; put one Pod in each file",
-                docs.len()
-            )));
+            return Err(err(format!("{} documents in one file; put one Pod in each file", docs.len())));
         }
     };
     let json: serde_json::Value =
         serde_json::to_value(&doc).map_err(|e| err(format!("cannot read manifest: {e}")))?;
     let kind = json.get("kind").and_then(|v| v.as_str()).unwrap_or("");
-    let api = json
-        .get("apiVersion")
-        .and_then(|v| v.as_str())
-        .unwrap_or("");
+    let api = json.get("apiVersion").and_then(|v| v.as_str()).unwrap_or("");
     if kind != "Pod" || api != "v1" {
-        return Err(err(format!(
-            "apiVersion/kind: expected v1/Pod, found {api:?}/{kind:?}"
-        )));
+        return Err(err(format!("apiVersion/kind: expected v1/Pod, found {api:?}/{kind:?}")));
     }
     let mut pod: Pod = serde_path_to_error::deserialize(&json).map_err(|e| {
         let path = e.path().to_string();
         err(format!("field {path}: {}", e.into_inner()))
     })?;
-    let round_trip =
-        serde_json::to_value(&pod).map_err(|e| err(format!("cannot re-encode pod: {e}")))?;
+    let round_trip = serde_json::to_value(&pod).map_err(|e| err(format!("cannot re-encode pod: {e}")))?;
     if let Some(unknown) = first_unknown_field(&json, &round_trip, String::new()) {
-        return Err(err(format!(
-            "unknown field {unknown} (check its spelling and indentation)"
-        )));
+        return Err(err(format!("unknown field {unknown} (check its spelling and indentation)")));
     }
     let name = pod.metadata.name.clone().unwrap_or_default();
     if name.is_empty() {
@@ -92,22 +78,11 @@ pub fn parse_manifest(text: &str, file: &Path, node_name: &str) -> Result<Pod, M
     hasher.update(text.as_bytes());
     let hash: [u8; 32] = hasher.finalize().into();
     let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
-    let uid = format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    );
+    let uid = format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32]);
     let meta = &mut pod.metadata;
     meta.name = Some(full_name);
-    meta.namespace = Some(
-        meta.namespace
-            .clone()
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| "default".into()),
-    );
+    meta.namespace =
+        Some(meta.namespace.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into()));
     meta.uid = Some(uid);
     let annotations = meta.annotations.get_or_insert_with(BTreeMap::new);
     annotations.insert("kubernetes.io/config.source".into(), "file".into());
@@ -127,11 +102,7 @@ fn first_unknown_field(
     use serde_json::Value;
     match (input, parsed) {
         (Value::Object(a), Value::Object(b)) => a.iter().find_map(|(k, v)| {
-            let p = if path.is_empty() {
-                k.clone()
-            } else {
-                format!("{path}.{k}")
-            };
+            let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
             match b.get(k) {
                 None if !v.is_null() && !is_empty_container(v) => Some(p),
                 None => None,
@@ -178,11 +149,7 @@ struct FileState {
 impl StaticPodSource {
     /// A source for `dir`.
     pub fn new(dir: PathBuf, node_name: String) -> Self {
-        StaticPodSource {
-            dir,
-            node_name,
-            known: HashMap::new(),
-        }
+        StaticPodSource { dir, node_name, known: HashMap::new() }
     }
 
     /// Rescans the directory. Errors are returned for every invalid file; `newly_broken` lists only those
@@ -191,11 +158,7 @@ impl StaticPodSource {
         let mut seen = HashMap::new();
         let mut newly = Vec::new();
         let mut files: Vec<PathBuf> = match std::fs::read_dir(&self.dir) {
-            Ok(rd) => rd
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| is_manifest(p))
-                .collect(),
+            Ok(rd) => rd.flatten().map(|e| e.path()).filter(|p| is_manifest(p)).collect(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => {
                 let err = ManifestError {
@@ -204,11 +167,7 @@ impl StaticPodSource {
                 };
                 return (
                     Scan {
-                        pods: self
-                            .known
-                            .values()
-                            .filter_map(|f| f.last_good.clone())
-                            .collect(),
+                        pods: self.known.values().filter_map(|f| f.last_good.clone()).collect(),
                         errors: vec![err.clone()],
                     },
                     vec![err],
@@ -234,18 +193,10 @@ impl StaticPodSource {
             });
             let previous = self.known.remove(&file).and_then(|s| s.last_good);
             let state = match parsed {
-                Ok(pod) => FileState {
-                    content,
-                    last_good: Some(pod),
-                    error: None,
-                },
+                Ok(pod) => FileState { content, last_good: Some(pod), error: None },
                 Err(e) => {
                     newly.push(e.clone());
-                    FileState {
-                        content,
-                        last_good: previous,
-                        error: Some(e),
-                    }
+                    FileState { content, last_good: previous, error: Some(e) }
                 }
             };
             self.known.insert(file.clone(), state);
@@ -336,48 +287,30 @@ impl StaticPodSource {
 }
 
 fn is_manifest(p: &Path) -> bool {
-    let name = p
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
+    let name = p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     !name.starts_with('.')
         && p.is_file()
-        && matches!(
-            p.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
-        )
+        && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const GOOD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web}\nspec:\n  containers: [{name: c, image: a.wasm}]\n";
+    const GOOD: &str =
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web}\nspec:\n  containers: [{name: c, image: a.wasm}]\n";
 
     #[test]
     fn a_manifest_becomes_a_static_pod() {
         let pod = parse_manifest(GOOD, Path::new("/p/web.yaml"), "pi-07").expect("valid");
         assert_eq!(pod.metadata.name.as_deref(), Some("web-pi-07"));
         assert_eq!(pod.metadata.namespace.as_deref(), Some("default"));
-        assert_eq!(
-            pod.spec.as_ref().and_then(|s| s.node_name.as_deref()),
-            Some("pi-07")
-        );
+        assert_eq!(pod.spec.as_ref().and_then(|s| s.node_name.as_deref()), Some("pi-07"));
         let again = parse_manifest(GOOD, Path::new("/p/web.yaml"), "pi-07").expect("valid");
-        assert_eq!(
-            pod.metadata.uid, again.metadata.uid,
-            "UID is stable for the same content"
-        );
-        let edited = parse_manifest(
-            &GOOD.replace("a.wasm", "b.wasm"),
-            Path::new("/p/web.yaml"),
-            "pi-07",
-        )
-        .expect("valid");
-        assert_ne!(
-            pod.metadata.uid, edited.metadata.uid,
-            "an edit makes a new pod"
-        );
+        assert_eq!(pod.metadata.uid, again.metadata.uid, "UID is stable for the same content");
+        let edited = parse_manifest(&GOOD.replace("a.wasm", "b.wasm"), Path::new("/p/web.yaml"), "pi-07")
+            .expect("valid");
+        assert_ne!(pod.metadata.uid, edited.metadata.uid, "an edit makes a new pod");
     }
 
     #[test]
@@ -390,8 +323,7 @@ mod tests {
         let e = parse_manifest(&wrong_type, file, "n").expect_err("type");
         assert!(e.message.contains("spec.containers"), "{e}");
         assert!(e.to_string().starts_with("/p/bad.yaml: "), "{e}");
-        let e =
-            parse_manifest("apiVersion: apps/v1\nkind: Deployment\n", file, "n").expect_err("kind");
+        let e = parse_manifest("apiVersion: apps/v1\nkind: Deployment\n", file, "n").expect_err("kind");
         assert!(e.message.contains("v1/Pod"), "{e}");
         let e = parse_manifest(&format!("{GOOD}---\n{GOOD}"), file, "n").expect_err("two docs");
         assert!(e.message.contains("2 documents"), "{e}");

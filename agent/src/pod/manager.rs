@@ -34,11 +34,7 @@ impl DesiredPod {
     /// `namespace/name`.
     pub fn key(&self) -> String {
         let m = &self.pod.metadata;
-        format!(
-            "{}/{}",
-            m.namespace.as_deref().unwrap_or("default"),
-            m.name.as_deref().unwrap_or("")
-        )
+        format!("{}/{}", m.namespace.as_deref().unwrap_or("default"), m.name.as_deref().unwrap_or(""))
     }
 
     fn uid(&self) -> &str {
@@ -95,13 +91,7 @@ impl PodManager {
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> Self {
-        PodManager {
-            config,
-            deps,
-            pods: HashMap::new(),
-            tracker,
-            cancel,
-        }
+        PodManager { config, deps, pods: HashMap::new(), tracker, cancel }
     }
 
     /// Makes the running set equal to `desired`.
@@ -152,11 +142,7 @@ impl PodManager {
             image_base: d.image_base.as_deref(),
             runtime: &self.config.runtime,
         };
-        let running = self
-            .pods
-            .values()
-            .filter(|e| matches!(e, Entry::Running(_)))
-            .count();
+        let running = self.pods.values().filter(|e| matches!(e, Entry::Running(_))).count();
         let refusal = if running >= self.config.max_pods as usize {
             Some(PodFailure {
                 reason: "OutOfpods".into(),
@@ -172,24 +158,11 @@ impl PodManager {
             Some(f) => Err(f),
             None => spec::plan(&d.pod, &ctx).map_err(|errs| PodFailure {
                 reason: "UnsupportedPodSpec".into(),
-                message: errs
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; "),
+                message: errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
             }),
         };
-        let previous = self
-            .deps
-            .store
-            .get_pod(&key)
-            .ok()
-            .flatten()
-            .filter(|r| r.uid == uid);
-        let restart_counts = previous
-            .as_ref()
-            .map(|r| r.restart_counts.clone())
-            .unwrap_or_default();
+        let previous = self.deps.store.get_pod(&key).ok().flatten().filter(|r| r.uid == uid);
+        let restart_counts = previous.as_ref().map(|r| r.restart_counts.clone()).unwrap_or_default();
         let pod_json = serde_json::to_value(&d.pod).unwrap_or_default();
         let mut record = PodRecord {
             key: key.clone(),
@@ -206,13 +179,8 @@ impl PodManager {
                     tracing::error!(pod = %key, error = %e, "cannot record pod; not starting it");
                     return;
                 }
-                let handle = worker::spawn(
-                    plan,
-                    restart_counts,
-                    self.deps.clone(),
-                    &self.tracker,
-                    &self.cancel,
-                );
+                let handle =
+                    worker::spawn(plan, restart_counts, self.deps.clone(), &self.tracker, &self.cancel);
                 self.pods.insert(key, Entry::Running(handle));
             }
             Err(failure) => {

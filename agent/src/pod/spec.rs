@@ -167,33 +167,16 @@ pub fn plan(pod: &Pod, ctx: &PlanContext<'_>) -> Result<PodPlan, Vec<SpecError>>
     };
     const NO_NET: &str = "WebAssembly modules have no network namespace to share; remove it";
     flag(&mut errs, spec.host_network, "spec.hostNetwork", NO_NET);
-    flag(
-        &mut errs,
-        spec.host_pid,
-        "spec.hostPID",
-        "modules are not processes; remove it",
-    );
-    flag(
-        &mut errs,
-        spec.host_ipc,
-        "spec.hostIPC",
-        "modules are not processes; remove it",
-    );
+    flag(&mut errs, spec.host_pid, "spec.hostPID", "modules are not processes; remove it");
+    flag(&mut errs, spec.host_ipc, "spec.hostIPC", "modules are not processes; remove it");
     flag(
         &mut errs,
         spec.share_process_namespace,
         "spec.shareProcessNamespace",
         "modules are not processes; remove it",
     );
-    if spec
-        .ephemeral_containers
-        .as_ref()
-        .is_some_and(|v| !v.is_empty())
-    {
-        errs.add(
-            "spec.ephemeralContainers",
-            "debug containers are not supported for WebAssembly pods",
-        );
+    if spec.ephemeral_containers.as_ref().is_some_and(|v| !v.is_empty()) {
+        errs.add("spec.ephemeralContainers", "debug containers are not supported for WebAssembly pods");
     }
     if spec.readiness_gates.as_ref().is_some_and(|v| !v.is_empty()) {
         errs.add(
@@ -205,18 +188,12 @@ pub fn plan(pod: &Pod, ctx: &PlanContext<'_>) -> Result<PodPlan, Vec<SpecError>>
         errs.add("spec.hostAliases", "modules have no /etc/hosts; remove it");
     }
     if spec.resource_claims.as_ref().is_some_and(|v| !v.is_empty()) {
-        errs.add(
-            "spec.resourceClaims",
-            "dynamic resource allocation is not supported",
-        );
+        errs.add("spec.resourceClaims", "dynamic resource allocation is not supported");
     }
     if let Some(sc) = &spec.security_context
         && sc.sysctls.as_ref().is_some_and(|v| !v.is_empty())
     {
-        errs.add(
-            "spec.securityContext.sysctls",
-            "modules have no kernel namespace to tune; remove it",
-        );
+        errs.add("spec.securityContext.sysctls", "modules have no kernel namespace to tune; remove it");
     }
 
     let fuel = match annotations.get(FUEL_ANNOTATION) {
@@ -249,13 +226,7 @@ pub fn plan(pod: &Pod, ctx: &PlanContext<'_>) -> Result<PodPlan, Vec<SpecError>>
     let mut warnings = Vec::new();
     let mut volumes = Vec::new();
     for (i, v) in spec.volumes.iter().flatten().enumerate() {
-        if let Some(plan) = volume(
-            v,
-            &format!("spec.volumes[{i}]"),
-            &ctx.pod_dir,
-            &mut errs,
-            &mut warnings,
-        ) {
+        if let Some(plan) = volume(v, &format!("spec.volumes[{i}]"), &ctx.pod_dir, &mut errs, &mut warnings) {
             volumes.push(plan);
         }
     }
@@ -267,17 +238,7 @@ pub fn plan(pod: &Pod, ctx: &PlanContext<'_>) -> Result<PodPlan, Vec<SpecError>>
             .enumerate()
             .filter_map(|(i, c)| {
                 let path = format!("spec.{kind}[{i}]");
-                container(
-                    c,
-                    &path,
-                    ctx,
-                    &volumes,
-                    &field_env,
-                    fuel,
-                    timeout,
-                    &mut errs,
-                    &mut warnings,
-                )
+                container(c, &path, ctx, &volumes, &field_env, fuel, timeout, &mut errs, &mut warnings)
             })
             .collect()
     };
@@ -287,17 +248,9 @@ pub fn plan(pod: &Pod, ctx: &PlanContext<'_>) -> Result<PodPlan, Vec<SpecError>>
         errs.add("spec.containers", "at least one container is required");
     }
     let mut seen = std::collections::HashSet::new();
-    for c in spec
-        .init_containers
-        .iter()
-        .flatten()
-        .chain(&spec.containers)
-    {
+    for c in spec.init_containers.iter().flatten().chain(&spec.containers) {
         if !seen.insert(c.name.as_str()) {
-            errs.add(
-                "spec.containers",
-                format!("container name {:?} is used twice", c.name),
-            );
+            errs.add("spec.containers", format!("container name {:?} is used twice", c.name));
         }
     }
 
@@ -332,10 +285,7 @@ struct Errors(Vec<SpecError>);
 
 impl Errors {
     fn add(&mut self, field: &str, message: impl Into<String>) {
-        self.0.push(SpecError {
-            field: field.to_owned(),
-            message: message.into(),
-        });
+        self.0.push(SpecError { field: field.to_owned(), message: message.into() });
     }
 }
 
@@ -383,26 +333,16 @@ fn volume(
             errs.add(&format!("{path}.hostPath.path"), "must be an absolute path");
             return None;
         }
-        return Some(VolumePlan {
-            name: v.name.clone(),
-            host: PathBuf::from(&h.path),
-            kind,
-        });
+        return Some(VolumePlan { name: v.name.clone(), host: PathBuf::from(&h.path), kind });
     }
     // Name the volume type the user wrote, from the one field besides `name` that is set.
     let kind = serde_json::to_value(v)
         .ok()
-        .and_then(|j| {
-            j.as_object()
-                .and_then(|o| o.keys().find(|k| *k != "name").cloned())
-        })
+        .and_then(|j| j.as_object().and_then(|o| o.keys().find(|k| *k != "name").cloned()))
         .unwrap_or_else(|| "(no type)".into());
     errs.add(
         path,
-        format!(
-            "volume {:?} of type {kind} is not supported here; use emptyDir or hostPath",
-            v.name
-        ),
+        format!("volume {:?} of type {kind} is not supported here; use emptyDir or hostPath", v.name),
     );
     None
 }
@@ -431,29 +371,13 @@ fn container(
         "ports",
         "WASI preview 1 modules cannot listen on ports; remove ports",
     );
-    let probe_why =
-        "Lichen does not run probes, and an unrun probe would make status dishonest; remove it";
+    let probe_why = "Lichen does not run probes, and an unrun probe would make status dishonest; remove it";
     reject(errs, c.liveness_probe.is_some(), "livenessProbe", probe_why);
-    reject(
-        errs,
-        c.readiness_probe.is_some(),
-        "readinessProbe",
-        probe_why,
-    );
+    reject(errs, c.readiness_probe.is_some(), "readinessProbe", probe_why);
     reject(errs, c.startup_probe.is_some(), "startupProbe", probe_why);
-    reject(
-        errs,
-        c.lifecycle.is_some(),
-        "lifecycle",
-        "modules receive no hooks or signals; remove lifecycle",
-    );
+    reject(errs, c.lifecycle.is_some(), "lifecycle", "modules receive no hooks or signals; remove lifecycle");
     reject(errs, c.tty == Some(true), "tty", "modules have no terminal");
-    reject(
-        errs,
-        c.stdin == Some(true),
-        "stdin",
-        "attaching to a module's stdin is not supported",
-    );
+    reject(errs, c.stdin == Some(true), "stdin", "attaching to a module's stdin is not supported");
     reject(
         errs,
         c.working_dir.is_some(),
@@ -485,11 +409,7 @@ fn container(
             "securityContext.privileged",
             "modules cannot be privileged; remove it",
         );
-        let adds = sc
-            .capabilities
-            .as_ref()
-            .and_then(|cap| cap.add.as_ref())
-            .is_some_and(|a| !a.is_empty());
+        let adds = sc.capabilities.as_ref().and_then(|cap| cap.add.as_ref()).is_some_and(|a| !a.is_empty());
         reject(
             errs,
             adds,
@@ -514,9 +434,8 @@ fn container(
                     Ok(b) => memory_limit = b.0,
                     Err(e) => errs.add(&format!("{path}.resources.limits.memory"), e),
                 },
-                "cpu" | "ephemeral-storage" => warnings.push(format!(
-                    "{path}.resources.limits.{name} is not enforced (fuel bounds compute)"
-                )),
+                "cpu" | "ephemeral-storage" => warnings
+                    .push(format!("{path}.resources.limits.{name} is not enforced (fuel bounds compute)")),
                 other => errs.add(
                     &format!("{path}.resources.limits.{other}"),
                     "extended resources are not available to modules",
@@ -559,22 +478,13 @@ fn container(
         if m.sub_path.as_deref().is_some_and(|s| !s.is_empty())
             || m.sub_path_expr.as_deref().is_some_and(|s| !s.is_empty())
         {
-            errs.add(
-                &mpath,
-                "subPath is not supported; mount the volume and use the subdirectory",
-            );
+            errs.add(&mpath, "subPath is not supported; mount the volume and use the subdirectory");
             continue;
         }
         if m.mount_propagation.as_deref().is_some_and(|p| p != "None") {
-            errs.add(
-                &format!("{mpath}.mountPropagation"),
-                "modules have no mount namespace; remove it",
-            );
+            errs.add(&format!("{mpath}.mountPropagation"), "modules have no mount namespace; remove it");
         }
-        if m.recursive_read_only
-            .as_deref()
-            .is_some_and(|p| p != "Disabled")
-        {
+        if m.recursive_read_only.as_deref().is_some_and(|p| p != "Disabled") {
             warnings.push(format!(
                 "{mpath}.recursiveReadOnly: read-only mounts are always recursive for modules"
             ));
@@ -585,10 +495,7 @@ fn container(
                 guest: m.mount_path.clone(),
                 read_only: m.read_only == Some(true),
             }),
-            None => errs.add(
-                &mpath,
-                format!("no volume named {:?} in spec.volumes", m.name),
-            ),
+            None => errs.add(&mpath, format!("no volume named {:?} in spec.volumes", m.name)),
         }
     }
 
@@ -632,9 +539,7 @@ pub fn image_source(image: &str, base: Option<&Path>) -> Result<ModuleSource, St
     let looks_like_file = image.starts_with('/')
         || image.starts_with("./")
         || image.starts_with("../")
-        || [".wasm", ".wat", ".cwasm"]
-            .iter()
-            .any(|ext| image.ends_with(ext));
+        || [".wasm", ".wat", ".cwasm"].iter().any(|ext| image.ends_with(ext));
     if looks_like_file && !image.contains("://") {
         let p = Path::new(image);
         if p.is_absolute() {
@@ -657,17 +562,11 @@ fn field_values(pod: &Pod, ctx: &PlanContext<'_>) -> BTreeMap<&'static str, Stri
     let m = &pod.metadata;
     let mut out = BTreeMap::new();
     out.insert("metadata.name", m.name.clone().unwrap_or_default());
-    out.insert(
-        "metadata.namespace",
-        m.namespace.clone().unwrap_or_else(|| "default".into()),
-    );
+    out.insert("metadata.namespace", m.namespace.clone().unwrap_or_else(|| "default".into()));
     out.insert("metadata.uid", m.uid.clone().unwrap_or_default());
     out.insert("spec.nodeName", ctx.node_name.to_owned());
-    let sa = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.clone())
-        .unwrap_or_else(|| "default".into());
+    let sa =
+        pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
     out.insert("spec.serviceAccountName", sa);
     if let Some(ip) = ctx.host_ip {
         out.insert("status.hostIP", ip.to_owned());
@@ -684,13 +583,8 @@ fn env_value(e: &EnvVar, fields: &BTreeMap<&'static str, String>) -> Result<Stri
         if let Some(v) = fields.get(path) {
             return Ok(v.clone());
         }
-        if let Some(rest) = path
-            .strip_prefix("metadata.labels['")
-            .and_then(|r| r.strip_suffix("']"))
-        {
-            return Err(format!(
-                "label field {rest:?} is not available (labels are not passed through yet)"
-            ));
+        if let Some(rest) = path.strip_prefix("metadata.labels['").and_then(|r| r.strip_suffix("']")) {
+            return Err(format!("label field {rest:?} is not available (labels are not passed through yet)"));
         }
         return Err(format!(
             "fieldRef {path:?} is not available; use one of {}",
@@ -698,7 +592,10 @@ fn env_value(e: &EnvVar, fields: &BTreeMap<&'static str, String>) -> Result<Stri
         ));
     }
     if from.config_map_key_ref.is_some() || from.secret_key_ref.is_some() {
-        return Err("ConfigMap and Secret references need a cluster connection; static pods must use literal values".into());
+        return Err(
+            "ConfigMap and Secret references need a cluster connection; static pods must use literal values"
+                .into(),
+        );
     }
     Err("resourceFieldRef is not supported; use a literal value".into())
 }
@@ -777,26 +674,11 @@ spec:
         assert_eq!(plan.key, "ns/p");
         assert_eq!(plan.restart_policy, RestartPolicy::OnFailure);
         let c = &plan.containers[0];
-        assert_eq!(
-            c.source,
-            ModuleSource::File(PathBuf::from("/etc/lichen/pods/mods/app.wasm"))
-        );
-        assert_eq!(
-            c.argv,
-            vec!["app", "--node", "pi-07", "hi-pi-07-x", "$(NODE)"]
-        );
-        assert_eq!(
-            c.env,
-            vec![
-                ("NODE".into(), "pi-07".into()),
-                ("GREETING".into(), "hi-pi-07".into())
-            ]
-        );
+        assert_eq!(c.source, ModuleSource::File(PathBuf::from("/etc/lichen/pods/mods/app.wasm")));
+        assert_eq!(c.argv, vec!["app", "--node", "pi-07", "hi-pi-07-x", "$(NODE)"]);
+        assert_eq!(c.env, vec![("NODE".into(), "pi-07".into()), ("GREETING".into(), "hi-pi-07".into())]);
         assert_eq!((c.fuel, c.memory_limit), (Some(500), 16 << 20));
-        assert_eq!(
-            c.preopens[0].host,
-            Path::new("/var/lib/lichen/pods/u1/volumes/data")
-        );
+        assert_eq!(c.preopens[0].host, Path::new("/var/lib/lichen/pods/u1/volumes/data"));
         assert!(c.preopens[1].read_only && !c.preopens[0].read_only);
         assert_eq!(
             plan.warnings,
@@ -837,35 +719,18 @@ spec:
         ] {
             assert!(fields.contains(&want), "missing {want} in {errs:#?}");
         }
-        let secret = errs
-            .iter()
-            .find(|e| e.field == "spec.volumes[0]")
-            .expect("volume error");
-        assert!(
-            secret.message.contains("secret"),
-            "names the type: {}",
-            secret.message
-        );
+        let secret = errs.iter().find(|e| e.field == "spec.volumes[0]").expect("volume error");
+        assert!(secret.message.contains("secret"), "names the type: {}", secret.message);
     }
 
     #[test]
     fn image_sources() {
         let base = Some(Path::new("/pods"));
-        assert_eq!(
-            image_source("file:///m/a.wasm", None),
-            Ok(ModuleSource::File("/m/a.wasm".into()))
-        );
-        assert_eq!(
-            image_source("a.wat", base),
-            Ok(ModuleSource::File("/pods/a.wat".into()))
-        );
+        assert_eq!(image_source("file:///m/a.wasm", None), Ok(ModuleSource::File("/m/a.wasm".into())));
+        assert_eq!(image_source("a.wat", base), Ok(ModuleSource::File("/pods/a.wat".into())));
         assert!(image_source("a.wat", None).is_err());
         assert!(image_source("file://rel/a.wasm", base).is_err());
-        assert!(
-            image_source("registry.lan:5000/app:1", base)
-                .unwrap_err()
-                .contains("registry")
-        );
+        assert!(image_source("registry.lan:5000/app:1", base).unwrap_err().contains("registry"));
     }
 
     #[test]

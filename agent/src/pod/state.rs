@@ -24,9 +24,7 @@ impl RestartPolicy {
             None | Some("Always") => Ok(RestartPolicy::Always),
             Some("OnFailure") => Ok(RestartPolicy::OnFailure),
             Some("Never") => Ok(RestartPolicy::Never),
-            Some(other) => Err(format!(
-                "unknown restartPolicy {other:?} (Always, OnFailure or Never)"
-            )),
+            Some(other) => Err(format!("unknown restartPolicy {other:?} (Always, OnFailure or Never)")),
         }
     }
 
@@ -107,10 +105,7 @@ impl ContainerView {
             name: name.to_owned(),
             image: image.to_owned(),
             image_id: None,
-            state: ContainerState::Waiting {
-                reason: reason.to_owned(),
-                message: None,
-            },
+            state: ContainerState::Waiting { reason: reason.to_owned(), message: None },
             last_termination: None,
             restart_count,
         }
@@ -192,9 +187,7 @@ pub fn pod_phase(policy: RestartPolicy, init: &[ContainerView], app: &[Container
             RestartPolicy::Always => PodPhase::Running,
             _ if stopped == succeeded => PodPhase::Succeeded,
             RestartPolicy::OnFailure
-                if app
-                    .iter()
-                    .any(|c| !c.succeeded() && c.last_termination.is_some()) =>
+                if app.iter().any(|c| !c.succeeded() && c.last_termination.is_some()) =>
             {
                 PodPhase::Running
             }
@@ -217,39 +210,19 @@ pub struct Condition {
 }
 
 /// The four standard pod conditions.
-pub fn conditions(
-    phase: PodPhase,
-    init: &[ContainerView],
-    app: &[ContainerView],
-) -> Vec<Condition> {
+pub fn conditions(phase: PodPhase, init: &[ContainerView], app: &[ContainerView]) -> Vec<Condition> {
     let initialized = init.iter().all(ContainerView::succeeded);
     let ready = !phase.is_terminal() && !app.is_empty() && app.iter().all(ContainerView::ready);
-    let not_ready_reason = if phase.is_terminal() {
-        "PodCompleted"
-    } else {
-        "ContainersNotReady"
-    };
+    let not_ready_reason = if phase.is_terminal() { "PodCompleted" } else { "ContainersNotReady" };
     vec![
-        Condition {
-            kind: "PodScheduled",
-            status: true,
-            reason: None,
-        },
+        Condition { kind: "PodScheduled", status: true, reason: None },
         Condition {
             kind: "Initialized",
             status: initialized,
             reason: (!initialized).then_some("ContainersNotInitialized"),
         },
-        Condition {
-            kind: "ContainersReady",
-            status: ready,
-            reason: (!ready).then_some(not_ready_reason),
-        },
-        Condition {
-            kind: "Ready",
-            status: ready,
-            reason: (!ready).then_some(not_ready_reason),
-        },
+        Condition { kind: "ContainersReady", status: ready, reason: (!ready).then_some(not_ready_reason) },
+        Condition { kind: "Ready", status: ready, reason: (!ready).then_some(not_ready_reason) },
     ]
 }
 
@@ -264,23 +237,14 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff::new(
-            Duration::from_secs(10),
-            Duration::from_secs(300),
-            Duration::from_secs(600),
-        )
+        Backoff::new(Duration::from_secs(10), Duration::from_secs(300), Duration::from_secs(600))
     }
 }
 
 impl Backoff {
     /// A back-off with explicit bounds.
     pub fn new(initial: Duration, max: Duration, reset_after: Duration) -> Self {
-        Backoff {
-            initial,
-            max,
-            reset_after,
-            last: None,
-        }
+        Backoff { initial, max, reset_after, last: None }
     }
 
     /// The delay before the next run of a container whose last run lasted `ran_for`.
@@ -316,21 +280,13 @@ mod tests {
     }
 
     fn c(state: ContainerState) -> ContainerView {
-        ContainerView {
-            state,
-            ..ContainerView::new("c", "img", "ContainerCreating", 0)
-        }
+        ContainerView { state, ..ContainerView::new("c", "img", "ContainerCreating", 0) }
     }
 
     fn backing_off(code: i32) -> ContainerView {
-        let ContainerState::Terminated(last) = ended(code) else {
-            unreachable!()
-        };
+        let ContainerState::Terminated(last) = ended(code) else { unreachable!() };
         ContainerView {
-            state: ContainerState::Waiting {
-                reason: "CrashLoopBackOff".into(),
-                message: None,
-            },
+            state: ContainerState::Waiting { reason: "CrashLoopBackOff".into(), message: None },
             last_termination: Some(last),
             restart_count: 1,
             ..ContainerView::new("c", "img", "x", 0)
@@ -357,14 +313,8 @@ mod tests {
         assert_eq!(pod_phase(Always, &[], &[backing_off(0)]), Running);
         assert_eq!(pod_phase(OnFailure, &[], &[c(ended(0))]), Succeeded);
         assert_eq!(pod_phase(OnFailure, &[], &[backing_off(2)]), Running);
-        assert_eq!(
-            pod_phase(OnFailure, &[], &[c(ended(0)), running()]),
-            Running
-        );
-        assert_eq!(
-            pod_phase(Never, &[], &[c(ended(0)), c(ended(0))]),
-            Succeeded
-        );
+        assert_eq!(pod_phase(OnFailure, &[], &[c(ended(0)), running()]), Running);
+        assert_eq!(pod_phase(Never, &[], &[c(ended(0)), c(ended(0))]), Succeeded);
         assert_eq!(pod_phase(Never, &[], &[c(ended(0)), c(ended(3))]), Failed);
         assert_eq!(pod_phase(Never, &[], &[c(ended(0)), running()]), Running);
     }
@@ -384,35 +334,20 @@ mod tests {
         assert!(conds.iter().all(|c| c.status), "{conds:?}");
         let conds = conditions(Running, &[], &[running(), backing_off(1)]);
         let ready = conds.iter().find(|c| c.kind == "Ready").expect("Ready");
-        assert_eq!(
-            (ready.status, ready.reason),
-            (false, Some("ContainersNotReady"))
-        );
+        assert_eq!((ready.status, ready.reason), (false, Some("ContainersNotReady")));
         let conds = conditions(Succeeded, &[], &[c(ended(0))]);
         let ready = conds.iter().find(|c| c.kind == "Ready").expect("Ready");
         assert_eq!(ready.reason, Some("PodCompleted"));
         let init = conditions(Pending, &[running()], &[waiting()]);
-        assert!(
-            !init
-                .iter()
-                .find(|c| c.kind == "Initialized")
-                .expect("Initialized")
-                .status
-        );
+        assert!(!init.iter().find(|c| c.kind == "Initialized").expect("Initialized").status);
     }
 
     #[test]
     fn backoff_doubles_caps_and_resets() {
         let mut b = Backoff::default();
-        let secs: Vec<u64> = (0..7)
-            .map(|_| b.next_delay(Duration::from_secs(1)).as_secs())
-            .collect();
+        let secs: Vec<u64> = (0..7).map(|_| b.next_delay(Duration::from_secs(1)).as_secs()).collect();
         assert_eq!(secs, vec![10, 20, 40, 80, 160, 300, 300]);
-        assert_eq!(
-            b.next_delay(Duration::from_secs(600)).as_secs(),
-            10,
-            "reset after 10 min of running"
-        );
+        assert_eq!(b.next_delay(Duration::from_secs(600)).as_secs(), 10, "reset after 10 min of running");
         assert_eq!(b.next_delay(Duration::from_secs(599)).as_secs(), 20);
     }
 

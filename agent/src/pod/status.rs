@@ -2,8 +2,8 @@
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{
-    ContainerState as K8sState, ContainerStateRunning, ContainerStateTerminated,
-    ContainerStateWaiting, ContainerStatus, HostIP, PodCondition, PodStatus,
+    ContainerState as K8sState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
+    ContainerStatus, HostIP, PodCondition, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -74,8 +74,7 @@ pub fn build(view: &PodView, previous: Option<&PodStatus>, now: Timestamp) -> Po
         host_ip: view.host_ip.clone(),
         host_ips: view.host_ip.clone().map(|ip| vec![HostIP { ip }]),
         start_time: view.start_time.map(Time),
-        init_container_statuses: (!view.init.is_empty())
-            .then(|| view.init.iter().map(container).collect()),
+        init_container_statuses: (!view.init.is_empty()).then(|| view.init.iter().map(container).collect()),
         container_statuses: Some(view.app.iter().map(container).collect()),
         ..Default::default()
     }
@@ -90,10 +89,10 @@ fn container(c: &ContainerView) -> ContainerStatus {
         started: Some(c.ready()),
         restart_count: c.restart_count as i32,
         state: Some(k8s_state(&c.state)),
-        last_state: c.last_termination.as_ref().map(|t| K8sState {
-            terminated: Some(terminated(t)),
-            ..Default::default()
-        }),
+        last_state: c
+            .last_termination
+            .as_ref()
+            .map(|t| K8sState { terminated: Some(terminated(t)), ..Default::default() }),
         ..Default::default()
     }
 }
@@ -101,22 +100,14 @@ fn container(c: &ContainerView) -> ContainerStatus {
 fn k8s_state(s: &ContainerState) -> K8sState {
     match s {
         ContainerState::Waiting { reason, message } => K8sState {
-            waiting: Some(ContainerStateWaiting {
-                reason: Some(reason.clone()),
-                message: message.clone(),
-            }),
+            waiting: Some(ContainerStateWaiting { reason: Some(reason.clone()), message: message.clone() }),
             ..Default::default()
         },
         ContainerState::Running { started_at } => K8sState {
-            running: Some(ContainerStateRunning {
-                started_at: Some(Time(*started_at)),
-            }),
+            running: Some(ContainerStateRunning { started_at: Some(Time(*started_at)) }),
             ..Default::default()
         },
-        ContainerState::Terminated(t) => K8sState {
-            terminated: Some(terminated(t)),
-            ..Default::default()
-        },
+        ContainerState::Terminated(t) => K8sState { terminated: Some(terminated(t)), ..Default::default() },
     }
 }
 

@@ -65,9 +65,7 @@ impl PodHandle {
     pub async fn stop(&self, grace: Duration) -> bool {
         self.cancel.cancel();
         let mut done = self.done.clone();
-        tokio::time::timeout(grace, done.wait_for(|d| *d))
-            .await
-            .is_ok()
+        tokio::time::timeout(grace, done.wait_for(|d| *d)).await.is_ok()
     }
 }
 
@@ -82,11 +80,7 @@ pub fn spawn(
     let cancel = parent.child_token();
     let now = Timestamp::now();
     let count = |name: &str| restart_counts.get(name).copied().unwrap_or(0);
-    let init_reason = if plan.init_containers.is_empty() {
-        "ContainerCreating"
-    } else {
-        "PodInitializing"
-    };
+    let init_reason = if plan.init_containers.is_empty() { "ContainerCreating" } else { "PodInitializing" };
     let view = PodView {
         restart_policy: plan.restart_policy,
         init: plan
@@ -125,12 +119,7 @@ pub fn spawn(
         },
         span,
     ));
-    PodHandle {
-        uid,
-        cancel,
-        done: done_rx,
-        status: status_rx,
-    }
+    PodHandle { uid, cancel, done: done_rx, status: status_rx }
 }
 
 struct Shared {
@@ -164,10 +153,7 @@ impl Shared {
 
     fn fail(&self, reason: &str, message: String) {
         if let Ok(mut view) = self.view.lock() {
-            view.failure = Some(PodFailure {
-                reason: reason.to_owned(),
-                message,
-            });
+            view.failure = Some(PodFailure { reason: reason.to_owned(), message });
         }
         self.publish();
     }
@@ -177,12 +163,8 @@ impl Shared {
         let Ok(view) = self.view.lock() else { return };
         let previous = self.status_tx.borrow().clone();
         let status = status::build(&view, Some(&previous), Timestamp::now());
-        let counts: BTreeMap<String, u32> = view
-            .init
-            .iter()
-            .chain(&view.app)
-            .map(|c| (c.name.clone(), c.restart_count))
-            .collect();
+        let counts: BTreeMap<String, u32> =
+            view.init.iter().chain(&view.app).map(|c| (c.name.clone(), c.restart_count)).collect();
         drop(view);
         // One store write per visible change; the first call always records the pod's initial state.
         if status == previous && self.written.swap(true, Ordering::Relaxed) {
@@ -190,11 +172,7 @@ impl Shared {
         }
         match serde_json::to_value(&status) {
             Ok(json) => {
-                if let Err(e) =
-                    self.deps
-                        .store
-                        .put_pod_status(&self.plan_key, &self.uid, &json, &counts)
-                {
+                if let Err(e) = self.deps.store.put_pod_status(&self.plan_key, &self.uid, &json, &counts) {
                     tracing::error!(error = %e, "cannot record pod status");
                 }
             }
@@ -209,9 +187,7 @@ async fn run_pod(plan: PodPlan, shared: Arc<Shared>, cancel: CancellationToken) 
     for w in &plan.warnings {
         tracing::warn!("{w}");
     }
-    let deadline = plan
-        .active_deadline
-        .map(|d| tokio::time::Instant::now() + d);
+    let deadline = plan.active_deadline.map(|d| tokio::time::Instant::now() + d);
     let body = run_containers(&plan, &shared, &cancel);
     tokio::pin!(body);
     tokio::select! {
@@ -273,11 +249,7 @@ async fn futures_join_all<F: std::future::Future<Output = bool>>(futs: impl Iter
     let mut set: Vec<std::pin::Pin<Box<F>>> = futs.map(Box::pin).collect();
     std::future::poll_fn(|cx| {
         set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
-        if set.is_empty() {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
+        if set.is_empty() { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
     })
     .await
 }
@@ -286,13 +258,7 @@ fn prepare_volumes(plan: &PodPlan) -> Result<(), String> {
     for v in &plan.volumes {
         match v.kind {
             VolumeKind::EmptyDir | VolumeKind::HostPathOrCreate => std::fs::create_dir_all(&v.host)
-                .map_err(|e| {
-                    format!(
-                        "volume {:?}: cannot create {}: {e}",
-                        v.name,
-                        v.host.display()
-                    )
-                })?,
+                .map_err(|e| format!("volume {:?}: cannot create {}: {e}", v.name, v.host.display()))?,
             VolumeKind::HostPath => {
                 if !v.host.is_dir() {
                     return Err(format!(
@@ -320,16 +286,8 @@ async fn run_container(
     let pod_dir = format!("{}_{}", shared.plan_key.replace('/', "_"), shared.uid);
     let log_dir = deps.logs_dir.join(pod_dir).join(&plan.name);
     let mut restart_count = match slot {
-        Slot::Init(i) => shared
-            .view
-            .lock()
-            .ok()
-            .and_then(|v| v.init.get(i).map(|c| c.restart_count)),
-        Slot::App(i) => shared
-            .view
-            .lock()
-            .ok()
-            .and_then(|v| v.app.get(i).map(|c| c.restart_count)),
+        Slot::Init(i) => shared.view.lock().ok().and_then(|v| v.init.get(i).map(|c| c.restart_count)),
+        Slot::App(i) => shared.view.lock().ok().and_then(|v| v.app.get(i).map(|c| c.restart_count)),
     }
     .unwrap_or(0);
     let mut first = true;
@@ -383,9 +341,7 @@ async fn run_container(
             restart_count,
             deps.log_config.max_size.0,
             deps.log_config.max_files,
-            deps.log_config
-                .echo
-                .then(|| format!("{}/{}", shared.plan_key, plan.name)),
+            deps.log_config.echo.then(|| format!("{}/{}", shared.plan_key, plan.name)),
         ) {
             Ok(log) => log,
             Err(e) => {
@@ -486,10 +442,7 @@ async fn finish_run(
     );
     tracing::info!(container = %plan.name, delay_secs = delay.as_secs(), "back-off before restart");
     shared.update(slot, |c| {
-        c.state = ContainerState::Waiting {
-            reason: "CrashLoopBackOff".into(),
-            message: Some(message),
-        };
+        c.state = ContainerState::Waiting { reason: "CrashLoopBackOff".into(), message: Some(message) };
         c.last_termination = Some(t);
         c.restart_count = restart_count;
     });
@@ -507,11 +460,7 @@ async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
     }
 }
 
-fn termination(
-    outcome: &Outcome,
-    started_at: Option<Timestamp>,
-    finished_at: Timestamp,
-) -> Termination {
+fn termination(outcome: &Outcome, started_at: Option<Timestamp>, finished_at: Timestamp) -> Termination {
     Termination {
         exit_code: outcome.exit_code(),
         reason: outcome.reason().to_owned(),
@@ -530,9 +479,9 @@ enum LoadError {
 
 async fn load_module(plan: &ContainerPlan, deps: &WorkerDeps) -> Result<PreparedModule, LoadError> {
     let ModuleSource::File(path) = &plan.source;
-    let bytes = tokio::fs::read(path).await.map_err(|e| {
-        LoadError::Unreadable(format!("cannot read module {}: {e}", path.display()))
-    })?;
+    let bytes = tokio::fs::read(path)
+        .await
+        .map_err(|e| LoadError::Unreadable(format!("cannot read module {}: {e}", path.display())))?;
     let digest = ModuleDigest::of(&bytes);
     let bytes: Arc<[u8]> = bytes.into();
     let store = deps.store.clone();
@@ -545,8 +494,5 @@ async fn load_module(plan: &ContainerPlan, deps: &WorkerDeps) -> Result<Prepared
         Ok(Err(e)) => tracing::warn!(error = %e, "cannot cache module in the store"),
         Err(e) => tracing::warn!(error = %e, "module cache task failed"),
     }
-    deps.runtime
-        .prepare(digest, bytes)
-        .await
-        .map_err(|o| LoadError::Invalid(o, Some(digest)))
+    deps.runtime.prepare(digest, bytes).await.map_err(|o| LoadError::Invalid(o, Some(digest)))
 }

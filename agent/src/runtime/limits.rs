@@ -21,10 +21,7 @@ pub(super) struct ContainerLimits {
 
 impl ContainerLimits {
     pub(super) fn new(memory_limit: u64) -> Self {
-        ContainerLimits {
-            memory_limit,
-            peak_memory: 0,
-        }
+        ContainerLimits { memory_limit, peak_memory: 0 }
     }
 
     pub(super) fn peak_memory(&self) -> u64 {
@@ -41,9 +38,7 @@ impl ResourceLimiter for ContainerLimits {
     ) -> wasmtime::Result<bool> {
         let desired = desired as u64;
         if desired > self.memory_limit {
-            return Err(wasmtime::Error::new(MemoryLimitExceeded {
-                requested: desired,
-            }));
+            return Err(wasmtime::Error::new(MemoryLimitExceeded { requested: desired }));
         }
         self.peak_memory = self.peak_memory.max(desired);
         Ok(true)

@@ -88,10 +88,7 @@ impl ContainerLog {
 
     /// A stream handle to give to WASI.
     pub fn sink(self: &Arc<Self>, stream: Stream) -> OutputSink {
-        OutputSink {
-            log: self.clone(),
-            stream,
-        }
+        OutputSink { log: self.clone(), stream }
     }
 
     fn write(&self, stream: Stream, mut bytes: &[u8]) {
@@ -130,13 +127,7 @@ impl ContainerLog {
         if let Some(label) = &self.echo {
             tracing::info!(target: "lichen::container", container = %label, stream = stream.name(), "{text}");
         }
-        let record = format!(
-            "{} {} {} {}\n",
-            jiff::Timestamp::now(),
-            stream.name(),
-            tag as char,
-            text
-        );
+        let record = format!("{} {} {} {}\n", jiff::Timestamp::now(), stream.name(), tag as char, text);
         let result = match f.file.as_mut() {
             Some(file) => file.write_all(record.as_bytes()),
             None => Err(io::Error::other("log file closed")),
@@ -173,12 +164,7 @@ impl LogFile {
             let _ = fs::rename(&self.path, rotated(1));
         }
         self.size = 0;
-        match OpenOptions::new()
-            .create(true)
-            .append(true)
-            .truncate(false)
-            .open(&self.path)
-        {
+        match OpenOptions::new().create(true).append(true).truncate(false).open(&self.path) {
             Ok(file) => self.file = Some(file),
             Err(e) => {
                 tracing::warn!(log = %self.path.display(), error = %e, "cannot reopen container log after rotation")
@@ -216,11 +202,7 @@ impl StdoutStream for OutputSink {
 // Appends go to the page cache and take microseconds; routing them through a blocking pool would cost
 // more than it saves.
 impl tokio::io::AsyncWrite for OutputSink {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.log.write(self.stream, buf);
         Poll::Ready(Ok(buf.len()))
     }
@@ -270,15 +252,10 @@ pub fn read_run(dir: &Path, run: u32) -> io::Result<Vec<LogRecord>> {
     for (_, path) in files {
         for line in fs::read_to_string(path)?.lines() {
             let mut parts = line.splitn(4, ' ');
-            let (Some(time), Some(stream), Some(tag)) = (parts.next(), parts.next(), parts.next())
-            else {
+            let (Some(time), Some(stream), Some(tag)) = (parts.next(), parts.next(), parts.next()) else {
                 continue;
             };
-            let stream = if stream == "stderr" {
-                Stream::Stderr
-            } else {
-                Stream::Stdout
-            };
+            let stream = if stream == "stderr" { Stream::Stderr } else { Stream::Stdout };
             out.push(LogRecord {
                 time: time.to_owned(),
                 stream,
@@ -305,36 +282,17 @@ mod tests {
         out.finish();
         let recs = read_run(dir.path(), 0).expect("read");
         let texts: Vec<_> = recs.iter().map(|r| (r.stream, r.text.as_str())).collect();
-        assert_eq!(
-            texts,
-            vec![
-                (Stream::Stdout, "hello"),
-                (Stream::Stderr, "oops"),
-                (Stream::Stdout, "wor")
-            ]
-        );
+        assert_eq!(texts, vec![(Stream::Stdout, "hello"), (Stream::Stderr, "oops"), (Stream::Stdout, "wor")]);
 
         for i in 0..200 {
-            log.write(
-                Stream::Stdout,
-                format!("line {i:04} padding padding padding\n").as_bytes(),
-            );
+            log.write(Stream::Stdout, format!("line {i:04} padding padding padding\n").as_bytes());
         }
         let files = fs::read_dir(dir.path()).expect("dir").count();
         assert_eq!(files, 3, "live file plus max_files - 1 rotated ones");
         let recs = read_run(dir.path(), 0).expect("read");
-        assert_eq!(
-            recs.last().map(|r| r.text.as_str()),
-            Some("line 0199 padding padding padding")
-        );
-        let nums: Vec<u32> = recs
-            .iter()
-            .filter_map(|r| r.text.get(5..9)?.parse().ok())
-            .collect();
-        assert!(
-            nums.windows(2).all(|w| w[1] == w[0] + 1),
-            "rotated files read back in order"
-        );
+        assert_eq!(recs.last().map(|r| r.text.as_str()), Some("line 0199 padding padding padding"));
+        let nums: Vec<u32> = recs.iter().filter_map(|r| r.text.get(5..9)?.parse().ok()).collect();
+        assert!(nums.windows(2).all(|w| w[1] == w[0] + 1), "rotated files read back in order");
     }
 
     #[test]
@@ -344,19 +302,10 @@ mod tests {
         log.write(Stream::Stdout, &vec![b'x'; MAX_LINE + 10]);
         log.finish();
         let recs = read_run(dir.path(), 0).expect("read");
-        assert_eq!(
-            recs.iter().map(|r| r.complete).collect::<Vec<_>>(),
-            vec![false, true]
-        );
+        assert_eq!(recs.iter().map(|r| r.complete).collect::<Vec<_>>(), vec![false, true]);
         let _ = ContainerLog::open(dir.path(), 1, 1 << 20, 2, None).expect("run 1");
         let _ = ContainerLog::open(dir.path(), 2, 1 << 20, 2, None).expect("run 2");
-        assert!(
-            !dir.path().join("0.log").exists(),
-            "runs before the previous are pruned"
-        );
-        assert!(
-            dir.path().join("1.log").exists(),
-            "the previous run is kept for --previous"
-        );
+        assert!(!dir.path().join("0.log").exists(), "runs before the previous are pruned");
+        assert!(dir.path().join("1.log").exists(), "the previous run is kept for --previous");
     }
 }

@@ -155,10 +155,9 @@ impl Outcome {
             Outcome::MemoryLimitExceeded { limit, requested } => Some(format!(
                 "memory limit of {limit} bytes exceeded: the module asked for {requested} bytes"
             )),
-            Outcome::DeadlineExceeded { timeout } => Some(format!(
-                "run time limit of {}s exceeded",
-                timeout.as_secs_f64()
-            )),
+            Outcome::DeadlineExceeded { timeout } => {
+                Some(format!("run time limit of {}s exceeded", timeout.as_secs_f64()))
+            }
             Outcome::Trap(msg) | Outcome::InvalidModule(msg) => Some(msg.clone()),
         }
     }
@@ -201,12 +200,7 @@ impl WasmRuntime {
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |cx: &mut ContainerCtx| &mut cx.wasi)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let ticker = EpochTicker::start(engine.clone());
-        Ok(Arc::new(WasmRuntime {
-            engine,
-            linker,
-            compiled: Mutex::new(HashMap::new()),
-            ticker,
-        }))
+        Ok(Arc::new(WasmRuntime { engine, linker, compiled: Mutex::new(HashMap::new()), ticker }))
     }
 
     /// The engine, for callers that precompile.
@@ -216,11 +210,7 @@ impl WasmRuntime {
 
     /// Compiles (or finds already compiled) the module with this digest. Compilation runs on a
     /// blocking thread so the reactor keeps serving other pods.
-    pub async fn prepare(
-        &self,
-        digest: ModuleDigest,
-        bytes: Arc<[u8]>,
-    ) -> Result<PreparedModule, Outcome> {
+    pub async fn prepare(&self, digest: ModuleDigest, bytes: Arc<[u8]>) -> Result<PreparedModule, Outcome> {
         if let Some(m) = self.cached(&digest) {
             return Ok(m);
         }
@@ -228,9 +218,7 @@ impl WasmRuntime {
         let module = tokio::task::spawn_blocking(move || Module::new(&engine, &bytes))
             .await
             .map_err(|e| Outcome::InvalidModule(format!("compiler task failed: {e}")))?
-            .map_err(|e| {
-                Outcome::InvalidModule(format!("not a valid WebAssembly module: {e:#}"))
-            })?;
+            .map_err(|e| Outcome::InvalidModule(format!("not a valid WebAssembly module: {e:#}")))?;
         if module.get_export("_start").is_none() {
             return Err(Outcome::InvalidModule(
                 "the module exports no `_start` function; Lichen runs WASI command modules".into(),
@@ -259,24 +247,14 @@ impl WasmRuntime {
     }
 
     /// Runs the module's `_start` to completion, a limit, or `cancel`.
-    pub async fn run(
-        &self,
-        module: &PreparedModule,
-        spec: RunSpec,
-        cancel: &CancellationToken,
-    ) -> RunReport {
+    pub async fn run(&self, module: &PreparedModule, spec: RunSpec, cancel: &CancellationToken) -> RunReport {
         let started = Instant::now();
         let fuel_budget = spec.fuel.unwrap_or(u64::MAX);
         let memory_limit = spec.memory_limit;
         let mut store = match self.new_store(spec.clone()) {
             Ok(store) => store,
             Err(outcome) => {
-                return RunReport {
-                    outcome,
-                    fuel_consumed: 0,
-                    peak_memory: 0,
-                    elapsed: started.elapsed(),
-                };
+                return RunReport { outcome, fuel_consumed: 0, peak_memory: 0, elapsed: started.elapsed() };
             }
         };
         let _deadline_guard = spec.timeout.map(|t| {
@@ -313,16 +291,9 @@ impl WasmRuntime {
 
     fn new_store(&self, spec: RunSpec) -> Result<Store<ContainerCtx>, Outcome> {
         let mut wasi = WasiCtxBuilder::new();
-        wasi.args(&spec.args)
-            .envs(&spec.env)
-            .stdout(spec.stdout)
-            .stderr(spec.stderr);
+        wasi.args(&spec.args).envs(&spec.env).stdout(spec.stdout).stderr(spec.stderr);
         for p in &spec.preopens {
-            let perms = if p.read_only {
-                FsPerms::ReadOnly
-            } else {
-                FsPerms::ReadWrite
-            };
+            let perms = if p.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
             wasi.preopened_dir(&p.host, &p.guest, perms).map_err(|e| {
                 Outcome::InvalidModule(format!(
                     "cannot open volume {} for {}: {e:#}",
@@ -331,19 +302,12 @@ impl WasmRuntime {
                 ))
             })?;
         }
-        let ctx = ContainerCtx {
-            wasi: wasi.build_p1(),
-            limits: ContainerLimits::new(spec.memory_limit),
-        };
+        let ctx = ContainerCtx { wasi: wasi.build_p1(), limits: ContainerLimits::new(spec.memory_limit) };
         let mut store = Store::new(&self.engine, ctx);
         store.limiter(|cx| &mut cx.limits);
         let internal = |e: wasmtime::Error| Outcome::InvalidModule(format!("store setup: {e:#}"));
-        store
-            .set_fuel(spec.fuel.unwrap_or(u64::MAX))
-            .map_err(internal)?;
-        store
-            .fuel_async_yield_interval(Some(FUEL_YIELD_INTERVAL))
-            .map_err(internal)?;
+        store.set_fuel(spec.fuel.unwrap_or(u64::MAX)).map_err(internal)?;
+        store.fuel_async_yield_interval(Some(FUEL_YIELD_INTERVAL)).map_err(internal)?;
         store.epoch_deadline_trap();
         store.set_epoch_deadline(u64::MAX);
         Ok(store)
@@ -354,28 +318,16 @@ fn ticks_for(t: Duration) -> u64 {
     (t.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64
 }
 
-fn classify(
-    e: wasmtime::Error,
-    fuel: Option<u64>,
-    timeout: Option<Duration>,
-    memory_limit: u64,
-) -> Outcome {
+fn classify(e: wasmtime::Error, fuel: Option<u64>, timeout: Option<Duration>, memory_limit: u64) -> Outcome {
     if let Some(exit) = e.downcast_ref::<I32Exit>() {
         return Outcome::Exited(exit.0);
     }
     if let Some(m) = e.downcast_ref::<MemoryLimitExceeded>() {
-        return Outcome::MemoryLimitExceeded {
-            limit: memory_limit,
-            requested: m.requested,
-        };
+        return Outcome::MemoryLimitExceeded { limit: memory_limit, requested: m.requested };
     }
     match e.downcast_ref::<Trap>() {
-        Some(Trap::OutOfFuel) => Outcome::OutOfFuel {
-            fuel: fuel.unwrap_or(u64::MAX),
-        },
-        Some(Trap::Interrupt) => Outcome::DeadlineExceeded {
-            timeout: timeout.unwrap_or_default(),
-        },
+        Some(Trap::OutOfFuel) => Outcome::OutOfFuel { fuel: fuel.unwrap_or(u64::MAX) },
+        Some(Trap::Interrupt) => Outcome::DeadlineExceeded { timeout: timeout.unwrap_or_default() },
         Some(trap) => Outcome::Trap(format!("wasm trap: {trap}")),
         None => {
             let text = format!("{e:#}");

@@ -11,6 +11,8 @@ const MODULES: &str = "modules";
 const MODULE_INFO: &str = "module_info";
 const META: &str = "meta";
 const SCHEMA_KEY: &str = "schema_version";
+/// File beside sled's own, present once the store has been initialised.
+const MARKER: &str = "lichen-store";
 
 /// A migration takes the store from schema `n` to `n + 1`; `MIGRATIONS[n - 1]` migrates from `n`.
 type Migration = fn(&sled::Db) -> Result<(), String>;
@@ -43,18 +45,27 @@ impl SledStore {
         let tree = |name: &str| db.open_tree(name).map_err(|e| sled_error(&path, e));
         let (pods, modules, module_info, meta) =
             (tree(PODS)?, tree(MODULES)?, tree(MODULE_INFO)?, tree(META)?);
+        // sled recovers a damaged log to its last consistent prefix without complaint, which can leave
+        // an empty database. The marker, written once the store is initialised, tells that apart
+        // from a new store.
+        let marker = path.join(MARKER);
+        let initialised = marker.exists();
         let schema = match meta.get(SCHEMA_KEY).map_err(|e| sled_error(&path, e))? {
+            None if initialised => {
+                return Err(StoreError::Corrupt {
+                    path,
+                    detail: "the database came back empty although it was initialised before: \
+                             its files were damaged or removed"
+                        .into(),
+                });
+            }
             None if pods.is_empty() && modules.is_empty() => {
-                meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())
-                    .map_err(|e| sled_error(&path, e))?;
+                meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes()).map_err(|e| sled_error(&path, e))?;
                 db.flush().map_err(|e| sled_error(&path, e))?;
                 SCHEMA_VERSION
             }
             None => {
-                return Err(StoreError::Corrupt {
-                    path,
-                    detail: "schema version missing".into(),
-                });
+                return Err(StoreError::Corrupt { path, detail: "schema version missing".into() });
             }
             Some(v) => {
                 let bytes: [u8; 4] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
@@ -64,46 +75,27 @@ impl SledStore {
                 u32::from_be_bytes(bytes)
             }
         };
+        if !initialised {
+            write_marker(&marker).map_err(|e| io_error(&path, e))?;
+        }
         if schema > SCHEMA_VERSION {
-            return Err(StoreError::TooNew {
-                path,
-                found: schema,
-                supported: SCHEMA_VERSION,
-            });
+            return Err(StoreError::TooNew { path, found: schema, supported: SCHEMA_VERSION });
         }
         if schema == 0 {
-            return Err(StoreError::Corrupt {
-                path,
-                detail: "schema version 0".into(),
-            });
+            return Err(StoreError::Corrupt { path, detail: "schema version 0".into() });
         }
         for from in schema..SCHEMA_VERSION {
-            let migrate =
-                MIGRATIONS
-                    .get(from as usize - 1)
-                    .ok_or_else(|| StoreError::Migration {
-                        path: path.clone(),
-                        from,
-                        detail: "no migration registered".into(),
-                    })?;
-            migrate(&db).map_err(|detail| StoreError::Migration {
+            let migrate = MIGRATIONS.get(from as usize - 1).ok_or_else(|| StoreError::Migration {
                 path: path.clone(),
                 from,
-                detail,
+                detail: "no migration registered".into(),
             })?;
-            meta.insert(SCHEMA_KEY, &(from + 1).to_be_bytes())
-                .map_err(|e| sled_error(&path, e))?;
+            migrate(&db).map_err(|detail| StoreError::Migration { path: path.clone(), from, detail })?;
+            meta.insert(SCHEMA_KEY, &(from + 1).to_be_bytes()).map_err(|e| sled_error(&path, e))?;
             db.flush().map_err(|e| sled_error(&path, e))?;
             tracing::info!(store = %path.display(), from, to = from + 1, "migrated state store");
         }
-        Ok(SledStore {
-            db,
-            pods,
-            modules,
-            module_info,
-            path,
-            schema: SCHEMA_VERSION,
-        })
+        Ok(SledStore { db, pods, modules, module_info, path, schema: SCHEMA_VERSION })
     }
 
     /// The directory the store lives in.
@@ -115,15 +107,9 @@ impl SledStore {
         sled_error(&self.path, e)
     }
 
-    fn decode<T: serde::de::DeserializeOwned>(
-        &self,
-        what: &str,
-        bytes: &[u8],
-    ) -> Result<T, StoreError> {
-        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
-            path: self.path.clone(),
-            detail: format!("{what}: {e}"),
-        })
+    fn decode<T: serde::de::DeserializeOwned>(&self, what: &str, bytes: &[u8]) -> Result<T, StoreError> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| StoreError::Corrupt { path: self.path.clone(), detail: format!("{what}: {e}") })
     }
 
     fn encode<T: serde::Serialize>(&self, value: &T) -> Result<Vec<u8>, StoreError> {
@@ -138,9 +124,7 @@ impl SledStore {
 impl StateStore for SledStore {
     fn put_pod(&self, record: &PodRecord) -> Result<(), StoreError> {
         let bytes = self.encode(record)?;
-        self.pods
-            .insert(record.key.as_bytes(), bytes)
-            .map_err(|e| self.err(e))?;
+        self.pods.insert(record.key.as_bytes(), bytes).map_err(|e| self.err(e))?;
         self.sync()
     }
 
@@ -163,11 +147,7 @@ impl StateStore for SledStore {
             record.status = Some(status.clone());
             record.restart_counts = restart_counts.clone();
             let new = self.encode(&record)?;
-            match self
-                .pods
-                .compare_and_swap(key.as_bytes(), Some(old), Some(new))
-                .map_err(|e| self.err(e))?
-            {
+            match self.pods.compare_and_swap(key.as_bytes(), Some(old), Some(new)).map_err(|e| self.err(e))? {
                 Ok(()) => return Ok(()),
                 Err(_) => continue,
             }
@@ -209,14 +189,8 @@ impl StateStore for SledStore {
             return Ok(digest);
         }
         self.modules.insert(key, bytes).map_err(|e| self.err(e))?;
-        let info = ModuleInfo {
-            digest,
-            size: bytes.len() as u64,
-            source: source.to_owned(),
-        };
-        self.module_info
-            .insert(key, self.encode(&info)?)
-            .map_err(|e| self.err(e))?;
+        let info = ModuleInfo { digest, size: bytes.len() as u64, source: source.to_owned() };
+        self.module_info.insert(key, self.encode(&info)?).map_err(|e| self.err(e))?;
         self.sync()?;
         Ok(digest)
     }
@@ -254,21 +228,22 @@ impl StateStore for SledStore {
     }
 }
 
+fn write_marker(marker: &Path) -> io::Result<()> {
+    let mut f = std::fs::File::create(marker)?;
+    io::Write::write_all(&mut f, b"lichen state store; see the README before touching these files\n")?;
+    f.sync_all()
+}
+
 fn io_error(path: &Path, e: io::Error) -> StoreError {
     match e.kind() {
-        io::ErrorKind::PermissionDenied => StoreError::PermissionDenied {
+        io::ErrorKind::PermissionDenied => StoreError::PermissionDenied { path: path.to_owned() },
+        io::ErrorKind::WouldBlock => StoreError::Locked { path: path.to_owned() },
+        io::ErrorKind::AlreadyExists | io::ErrorKind::NotADirectory => StoreError::Io {
             path: path.to_owned(),
+            source: io::Error::new(e.kind(), format!("{e}: the path must be a directory (or not exist yet)")),
         },
-        io::ErrorKind::WouldBlock => StoreError::Locked {
-            path: path.to_owned(),
-        },
-        _ if e.to_string().contains("could not acquire lock") => StoreError::Locked {
-            path: path.to_owned(),
-        },
-        _ => StoreError::Io {
-            path: path.to_owned(),
-            source: e,
-        },
+        _ if e.to_string().contains("could not acquire lock") => StoreError::Locked { path: path.to_owned() },
+        _ => StoreError::Io { path: path.to_owned(), source: e },
     }
 }
 
@@ -282,10 +257,7 @@ fn sled_error(path: &Path, e: sled::Error) -> StoreError {
                 None => "bad data".into(),
             },
         },
-        other => StoreError::Corrupt {
-            path: path.to_owned(),
-            detail: other.to_string(),
-        },
+        other => StoreError::Corrupt { path: path.to_owned(), detail: other.to_string() },
     }
 }
 
@@ -312,21 +284,11 @@ mod tests {
             store.put_pod(&record("default/a", "u1")).expect("put");
             let counts = BTreeMap::from([("c".to_string(), 2)]);
             store
-                .put_pod_status(
-                    "default/a",
-                    "u1",
-                    &serde_json::json!({"phase": "Running"}),
-                    &counts,
-                )
+                .put_pod_status("default/a", "u1", &serde_json::json!({"phase": "Running"}), &counts)
                 .expect("status");
             // A write for an older incarnation of the pod must not land.
             store
-                .put_pod_status(
-                    "default/a",
-                    "u0",
-                    &serde_json::json!({"phase": "Failed"}),
-                    &counts,
-                )
+                .put_pod_status("default/a", "u0", &serde_json::json!({"phase": "Failed"}), &counts)
                 .expect("stale status");
             store.flush().expect("flush");
         }
@@ -334,9 +296,7 @@ mod tests {
         let got = store.get_pod("default/a").expect("get").expect("present");
         assert_eq!(got.status, Some(serde_json::json!({"phase": "Running"})));
         assert_eq!(got.restart_counts.get("c"), Some(&2));
-        store
-            .delete_pod("default/a", "other")
-            .expect("delete wrong uid");
+        store.delete_pod("default/a", "other").expect("delete wrong uid");
         assert!(store.get_pod("default/a").expect("get").is_some());
         store.delete_pod("default/a", "u1").expect("delete");
         assert!(store.list_pods().expect("list").is_empty());
@@ -347,15 +307,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(dir.path()).expect("open");
         let d1 = store.put_module(b"\0asm\x01\0\0\0", "a").expect("put");
-        let d2 = store
-            .put_module(b"\0asm\x01\0\0\0", "b")
-            .expect("put again");
+        let d2 = store.put_module(b"\0asm\x01\0\0\0", "b").expect("put again");
         assert_eq!(d1, d2);
         assert_eq!(store.list_modules().expect("list").len(), 1);
-        assert_eq!(
-            store.get_module(&d1).expect("get").as_deref(),
-            Some(&b"\0asm\x01\0\0\0"[..])
-        );
+        assert_eq!(store.get_module(&d1).expect("get").as_deref(), Some(&b"\0asm\x01\0\0\0"[..]));
         assert_eq!(ModuleDigest::parse(&d1.to_string()), Some(d1));
     }
 
@@ -364,20 +319,29 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let db = sled::open(dir.path()).expect("sled");
-            db.open_tree(META)
-                .expect("meta")
-                .insert(SCHEMA_KEY, &99u32.to_be_bytes())
-                .expect("insert");
+            db.open_tree(META).expect("meta").insert(SCHEMA_KEY, &99u32.to_be_bytes()).expect("insert");
             db.flush().expect("flush");
         }
-        let err = SledStore::open(dir.path())
-            .err()
-            .expect("must fail")
-            .to_string();
+        let err = SledStore::open(dir.path()).err().expect("must fail").to_string();
         assert!(
             err.contains("schema version 99") && err.contains(&dir.path().display().to_string()),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_store_that_comes_back_empty_is_reported_corrupt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = SledStore::open(dir.path()).expect("open");
+            store.put_pod(&record("default/a", "u1")).expect("put");
+        }
+        // Garbage where the log was: sled alone would start over with an empty database.
+        std::fs::write(dir.path().join("db"), vec![0x5a; 5000]).expect("overwrite");
+        let err = SledStore::open(dir.path()).err().expect("must fail");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&dir.path().display().to_string()) && text.contains("move it aside"), "{text}");
     }
 
     #[test]
@@ -386,9 +350,7 @@ mod tests {
         let _first = SledStore::open(dir.path()).expect("open");
         // flock(2) locks belong to the open file description, so a second open in this process
         // meets the lock exactly as a second process would.
-        let err = SledStore::open(dir.path())
-            .err()
-            .expect("second open must fail");
+        let err = SledStore::open(dir.path()).err().expect("second open must fail");
         assert!(matches!(err, StoreError::Locked { .. }), "{err}");
     }
 }
