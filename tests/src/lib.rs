@@ -1,1 +1,212 @@
-//! tests
+//! Test harness for Lichen's integration tests: fixture modules, the real `lichen` binary run as a
+//! child process with its log captured, and waiting helpers that fail with what was seen.
+//!
+//! Tests here use real parts only: Wasmtime itself, sled on a real disk, the compiled binary.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A fixture module's path (`tests/fixtures/<name>`).
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+/// The `lichen` binary that `cargo test --workspace` built beside this test.
+pub fn lichen_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("LICHEN_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/lichen
+    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("lichen")).expect("target dir");
+    assert!(
+        bin.is_file(),
+        "{} not found: run the tests with `cargo test --workspace` (which builds it) or set LICHEN_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// Polls `f` every 10 ms until it returns `Some` or `timeout` passes; panics with `what` on timeout.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A `lichen run` child process with its stderr captured line by line.
+pub struct Agent {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    /// The state directory it was given.
+    pub state_dir: PathBuf,
+}
+
+impl Agent {
+    /// Starts `lichen <args>` (normally `run --config …`) with `state_dir` for later inspection.
+    pub fn start(args: &[&str], state_dir: &Path) -> Agent {
+        let mut child = Command::new(lichen_bin())
+            .args(args)
+            .env_remove("LICHEN_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn lichen");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let stderr = child.stderr.take().expect("stderr piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("LICHEN_TEST_ECHO").is_some() {
+                    eprintln!("agent| {line}");
+                }
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        Agent { child, lines, state_dir: state_dir.to_owned() }
+    }
+
+    /// Everything the agent logged so far.
+    pub fn log(&self) -> Vec<String> {
+        self.lines.lock().expect("log lock").clone()
+    }
+
+    /// Waits until a log line contains every one of `needles`; returns it.
+    pub fn wait_log(&self, needles: &[&str], timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self.log().into_iter().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return l;
+            }
+            if start.elapsed() > timeout {
+                panic!("timed out waiting for a log line with {needles:?}; the agent logged:\n{}", self.log().join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for exit.
+    pub fn stop(mut self) -> (ExitStatus, Vec<String>) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let status = wait_exit(&mut self.child, Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50));
+        (status, self.log())
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait(mut self, timeout: Duration) -> (ExitStatus, Vec<String>) {
+        let status = wait_exit(&mut self.child, timeout);
+        std::thread::sleep(Duration::from_millis(50));
+        (status, self.log())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            panic!("lichen did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A scratch layout for one agent: a state dir, a pod dir and a config file pointing at both.
+pub struct Scratch {
+    /// Keeps the directory alive.
+    pub dir: tempfile::TempDir,
+    /// `<dir>/state`.
+    pub state: PathBuf,
+    /// `<dir>/pods`.
+    pub pods: PathBuf,
+    /// `<dir>/lichen.toml`.
+    pub config: PathBuf,
+}
+
+impl Scratch {
+    /// Creates the layout with `extra` appended to the config file.
+    pub fn new(extra: &str) -> Scratch {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let pods = dir.path().join("pods");
+        std::fs::create_dir_all(&pods).expect("pods dir");
+        let config = dir.path().join("lichen.toml");
+        let text = format!(
+            "node_name = \"test-node\"\nstate_dir = {:?}\nstatic_pod_dir = {:?}\nshutdown_timeout_secs = 5\n{extra}\n",
+            state.display().to_string(),
+            pods.display().to_string()
+        );
+        std::fs::write(&config, text).expect("config");
+        Scratch { dir, state, pods, config }
+    }
+
+    /// `["run", "--config", <config>]`.
+    pub fn run_args(&self) -> Vec<String> {
+        vec!["run".into(), "--config".into(), self.config.display().to_string()]
+    }
+
+    /// Starts the agent on this layout.
+    pub fn start(&self) -> Agent {
+        let args = self.run_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Agent::start(&args, &self.state)
+    }
+
+    /// Writes a manifest atomically (write + rename), as configuration tools do.
+    pub fn put_pod(&self, file: &str, yaml: &str) {
+        let tmp = self.dir.path().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml).expect("write manifest");
+        std::fs::rename(&tmp, self.pods.join(file)).expect("rename manifest");
+    }
+
+    /// The directory holding a static pod's container logs, once it exists.
+    pub fn log_dir(&self, pod: &str, container: &str) -> Option<PathBuf> {
+        let prefix = format!("default_{pod}-test-node_");
+        std::fs::read_dir(self.state.join("logs"))
+            .ok()?
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path().join(container))
+    }
+
+    /// The text lines of a static pod's container log for run `run`.
+    pub fn output(&self, pod: &str, container: &str, run: u32) -> Vec<String> {
+        self.log_dir(pod, container)
+            .and_then(|d| lichen::runtime::logs::read_run(&d, run).ok())
+            .map(|recs| recs.into_iter().map(|r| r.text).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// A Pod manifest with one container.
+pub fn pod_yaml(name: &str, image: &Path, extra_spec: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n{extra_spec}  containers:\n  - name: main\n    image: file://{}\n",
+        image.display()
+    )
+}

@@ -30,6 +30,8 @@ use logs::OutputSink;
 
 /// Fuel between cooperative yields to tokio: about 100 µs of wasm on a Raspberry Pi 4.
 pub const FUEL_YIELD_INTERVAL: u64 = 100_000;
+/// Epoch ticks that stand for "never" (about 1.4 billion years of ticks).
+const NO_DEADLINE: u64 = u64::MAX / 2;
 /// Granularity of wall-clock deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(100);
 
@@ -266,12 +268,17 @@ impl WasmRuntime {
             let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
             start.call_async(&mut store, ()).await
         };
-        let timeout = spec.timeout.unwrap_or(Duration::MAX);
         // The epoch deadline stops wasm code; the sleep also covers a module parked in a host call.
+        let deadline = async {
+            match spec.timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
         let result = tokio::select! {
             r = call => Some(r),
             _ = cancel.cancelled() => None,
-            _ = tokio::time::sleep(timeout) => Some(Err(wasmtime::Error::new(Trap::Interrupt))),
+            _ = deadline => Some(Err(wasmtime::Error::new(Trap::Interrupt))),
         };
         spec.stdout.finish();
         spec.stderr.finish();
@@ -309,7 +316,8 @@ impl WasmRuntime {
         store.set_fuel(spec.fuel.unwrap_or(u64::MAX)).map_err(internal)?;
         store.fuel_async_yield_interval(Some(FUEL_YIELD_INTERVAL)).map_err(internal)?;
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(u64::MAX);
+        // "No deadline": Wasmtime adds this to the current epoch, so it must leave room to add.
+        store.set_epoch_deadline(NO_DEADLINE);
         Ok(store)
     }
 }
