@@ -88,7 +88,10 @@ impl Agent {
                 return l;
             }
             if start.elapsed() > timeout {
-                panic!("timed out waiting for a log line with {needles:?}; the agent logged:\n{}", self.log().join("\n"));
+                panic!(
+                    "timed out waiting for a log line with {needles:?}; the agent logged:\n{}",
+                    self.log().join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -59,7 +59,8 @@ fn stdout(recs: &[LogRecord]) -> Vec<&str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_codes_output_and_args_reach_the_user() {
     let rt = WasmRuntime::new().expect("runtime");
-    let (r, out) = run_fixture(&rt, "hello.wat", Run { args: vec!["m".into(), "edge".into()], ..Run::default() }).await;
+    let (r, out) =
+        run_fixture(&rt, "hello.wat", Run { args: vec!["m".into(), "edge".into()], ..Run::default() }).await;
     assert_eq!(r.outcome, Outcome::Exited(0));
     assert_eq!(stdout(&out), vec!["hello edge", "GREETING_X=hi"]);
     assert!(out.iter().any(|r| r.stream == Stream::Stderr && r.text == "bye"), "{out:?}");
@@ -109,7 +110,8 @@ async fn a_busy_module_does_not_starve_the_reactor() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         stopper.cancel();
     });
-    let r = tokio::time::timeout(Duration::from_secs(30), rt.run(&module, spec, &cancel)).await.expect("stopped");
+    let r =
+        tokio::time::timeout(Duration::from_secs(30), rt.run(&module, spec, &cancel)).await.expect("stopped");
     assert_eq!(r.outcome, Outcome::Killed);
     assert!(r.fuel_consumed > 0);
 }
@@ -129,7 +131,11 @@ async fn an_initial_memory_over_the_limit_fails_at_instantiation() {
     let rt = WasmRuntime::new().expect("runtime");
     let wat = r#"(module (memory (export "memory") 100) (func (export "_start")))"#;
     let (r, _) = run_bytes(&rt, wat.as_bytes().to_vec(), Run { memory: 1 << 20, ..Run::default() }).await;
-    assert!(matches!(r.outcome, Outcome::MemoryLimitExceeded { requested, .. } if requested == 100 * 65536), "{:?}", r.outcome);
+    assert!(
+        matches!(r.outcome, Outcome::MemoryLimitExceeded { requested, .. } if requested == 100 * 65536),
+        "{:?}",
+        r.outcome
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,7 +161,9 @@ async fn invalid_modules_are_reported_not_run() {
         (std::fs::read(fixture("noexport.wat")).expect("fixture"), "_start"),
     ] {
         let (r, _) = run_bytes(&rt, bytes, Run::default()).await;
-        let Outcome::InvalidModule(msg) = &r.outcome else { panic!("expected InvalidModule, got {:?}", r.outcome) };
+        let Outcome::InvalidModule(msg) = &r.outcome else {
+            panic!("expected InvalidModule, got {:?}", r.outcome)
+        };
         assert!(msg.contains(needle), "{msg}");
         assert_eq!((r.outcome.reason(), r.outcome.exit_code()), ("InvalidModule", 128));
     }
