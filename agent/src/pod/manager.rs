@@ -47,7 +47,7 @@ enum Entry {
     /// Refused at admission; kept so the refusal is not repeated on every sync.
     Rejected {
         uid: String,
-        status: PodStatus,
+        status: Box<PodStatus>,
     },
 }
 
@@ -198,7 +198,7 @@ impl PodManager {
                 if let Err(e) = self.put_record(&record).await {
                     tracing::error!(pod = %key, error = %e, "cannot record refused pod");
                 }
-                self.pods.insert(key, Entry::Rejected { uid, status });
+                self.pods.insert(key, Entry::Rejected { uid, status: Box::new(status) });
             }
         }
     }
@@ -246,7 +246,7 @@ impl PodManager {
             .map(|(k, e)| {
                 let s = match e {
                     Entry::Running(h) => h.status(),
-                    Entry::Rejected { status, .. } => status.clone(),
+                    Entry::Rejected { status, .. } => (**status).clone(),
                 };
                 (k.clone(), s)
             })

@@ -247,7 +247,7 @@ pub fn read_run(dir: &Path, run: u32) -> io::Result<Vec<LogRecord>> {
         };
         files.push((order, entry.path()));
     }
-    files.sort_by(|a, b| b.0.cmp(&a.0));
+    files.sort_by_key(|f| std::cmp::Reverse(f.0));
     let mut out = Vec::new();
     for (_, path) in files {
         for line in fs::read_to_string(path)?.lines() {

@@ -1,0 +1,209 @@
+//! The real `lichen` binary, as a user runs it: static pods follow their directory, bad input is
+//! named precisely without disturbing anything else, and a broken state store is a clear error.
+
+use std::time::Duration;
+
+use lichen_tests::{Scratch, fixture, lichen_bin, pod_yaml, wait_for};
+
+const T: Duration = Duration::from_secs(30);
+
+#[test]
+fn static_pods_follow_their_directory() {
+    let s = Scratch::new("");
+    let agent = s.start();
+    agent.wait_log(&["lichen running"], T);
+
+    let volume = "  volumes: [{name: scratch, emptyDir: {}}]\n";
+    s.put_pod("idle.yaml", &pod_yaml("idle", &fixture("idle.wat"), volume));
+    wait_for(T, "first output of the new pod", || s.output("idle", "main", 0).first().cloned());
+    let first_uid = agent.wait_log(&["starting pod", "default/idle-test-node"], T);
+
+    // An edit is a new pod: the old one is stopped, the new one started.
+    s.put_pod("idle.yaml", &pod_yaml("idle", &fixture("sleeper.wat"), volume));
+    let second_uid = wait_for(T, "the edited pod to start", || {
+        agent.log().into_iter().filter(|l| l.contains("starting pod") && l.contains("idle-test-node")).nth(1)
+    });
+    assert_ne!(first_uid, second_uid);
+    agent.wait_log(&["pod removed", "default/idle-test-node"], T);
+    wait_for(T, "ticks from the edited pod", || {
+        s.output("idle", "main", 0).iter().any(|l| l.starts_with("tick")).then_some(())
+    });
+    let pods_dir = s.state.join("pods");
+    assert_eq!(std::fs::read_dir(&pods_dir).expect("pods dir").count(), 1, "the old pod's emptyDir is gone");
+
+    std::fs::remove_file(s.pods.join("idle.yaml")).expect("rm");
+    wait_for(T, "the pod to be removed", || {
+        let removed = agent.log().iter().filter(|l| l.contains("pod removed")).count();
+        (removed == 2).then_some(())
+    });
+    wait_for(T, "its directory to be removed", || {
+        (std::fs::read_dir(&pods_dir).expect("pods dir").count() == 0).then_some(())
+    });
+    let (status, log) = agent.stop();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}\n{}", log.join("\n"));
+    assert!(log.iter().any(|l| l.contains("stopped")));
+}
+
+#[test]
+fn a_malformed_manifest_is_named_and_the_others_keep_running() {
+    let s = Scratch::new("");
+    s.put_pod("good.yaml", &pod_yaml("good", &fixture("sleeper.wat"), ""));
+    let bad = pod_yaml("bad", &fixture("hello.wat"), "").replace("image:", "imagee:");
+    s.put_pod("bad.yaml", &bad);
+    s.put_pod("worse.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: worse}\nspec: {containers: 7}\n");
+    let agent = s.start();
+    let line = agent.wait_log(&["bad.yaml", "spec.containers[0].imagee"], T);
+    assert!(line.contains("unknown field"), "{line}");
+    agent.wait_log(&["worse.yaml", "spec.containers"], T);
+    let ticks = |s: &Scratch| s.output("good", "main", 0).iter().filter(|l| l.starts_with("tick")).count();
+    wait_for(T, "the good pod to tick", || (ticks(&s) > 2).then_some(()));
+
+    // Breaking the good manifest keeps its last valid version running.
+    s.put_pod("good.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: good}\nspec: [");
+    agent.wait_log(&["good.yaml", "not valid YAML"], T);
+    let before = ticks(&s);
+    wait_for(T, "the good pod to keep ticking", || (ticks(&s) > before + 5).then_some(()));
+    assert!(!agent.log().iter().any(|l| l.contains("pod removed")), "nothing was stopped");
+
+    // A pod Lichen cannot honour is refused with the field and the reason.
+    s.put_pod(
+        "ports.yaml",
+        &pod_yaml("ports", &fixture("hello.wat"), "")
+            .replace("    image:", "    ports: [{containerPort: 80}]\n    image:"),
+    );
+    let line = agent.wait_log(&["default/ports-test-node", "UnsupportedPodSpec"], T);
+    assert!(line.contains("spec.containers[0].ports") && line.contains("cannot listen"), "{line}");
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}
+
+#[test]
+fn a_corrupt_store_is_a_clear_error_naming_the_way_out() {
+    let s = Scratch::new("");
+    s.put_pod("idle.yaml", &pod_yaml("idle", &fixture("idle.wat"), ""));
+    let agent = s.start();
+    wait_for(T, "the pod to run", || s.output("idle", "main", 0).first().cloned());
+    let (status, _) = agent.stop();
+    assert!(status.success());
+
+    let db = s.state.join("store/db");
+    let len = std::fs::metadata(&db).expect("db").len() as usize;
+    std::fs::write(&db, vec![0xa5; len]).expect("corrupt the db");
+    let (status, log) = s.start().wait(T);
+    let text = log.join("\n");
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("is corrupt") && text.contains(&s.state.join("store").display().to_string()),
+        "{text}"
+    );
+    assert!(text.contains("move it aside"), "tells the way out: {text}");
+    assert!(!text.contains("panicked"), "{text}");
+}
+
+#[test]
+fn a_state_dir_without_permission_is_a_clear_error() {
+    let s = Scratch::new("");
+    std::fs::create_dir_all(&s.state).expect("state dir");
+    let args = s.run_args();
+    let mut cmd = if is_root() {
+        // Root ignores file modes, so run as nobody against a directory only root may write.
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(lichen_bin());
+        c
+    } else {
+        std::process::Command::new(lichen_bin())
+    };
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&s.state, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    if !is_root() {
+        std::fs::set_permissions(&s.state, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+    }
+    // nobody must be able to reach the config file and the pods to get as far as the store.
+    for p in [s.dir.path(), &s.pods] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    std::fs::set_permissions(&s.config, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = cmd.args(&args).output().expect("run lichen");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("permission denied") && text.contains(&s.state.join("store").display().to_string()),
+        "{text}"
+    );
+    assert!(text.contains("chown"), "tells the way out: {text}");
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn check_reports_every_problem_and_what_would_run() {
+    let s = Scratch::new("");
+    s.put_pod("hello.yaml", &pod_yaml("hello", &fixture("hello.wat"), ""));
+    s.put_pod("bad.yaml", &pod_yaml("bad", &fixture("hello.wat"), "  hostNetwork: true\n"));
+    let out = std::process::Command::new(lichen_bin())
+        .args(["check", "--config"])
+        .arg(&s.config)
+        .output()
+        .expect("run check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("ok    pod default/hello-test-node"), "{text}");
+    assert!(text.contains("FAIL  pod default/bad-test-node") && text.contains("spec.hostNetwork"), "{text}");
+    assert!(text.contains("1 problem(s) found"), "{text}");
+
+    std::fs::remove_file(s.pods.join("bad.yaml")).expect("rm");
+    let out = std::process::Command::new(lichen_bin())
+        .args(["check", "-c"])
+        .arg(&s.config)
+        .output()
+        .expect("check");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn bad_config_names_the_field_and_flags_override_the_file() {
+    let s = Scratch::new("[runtime]\ndefault_fule = 5\n");
+    let out =
+        std::process::Command::new(lichen_bin()).args(["check", "-c"]).arg(&s.config).output().expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("default_fule") && err.contains("default_fuel") && err.contains("lichen.toml"),
+        "{err}"
+    );
+
+    let s = Scratch::new("max_pods = 3\n");
+    let out = std::process::Command::new(lichen_bin())
+        .args(["check", "--max-pods", "9", "-c"])
+        .arg(&s.config)
+        .env("LICHEN_DEFAULT_FUEL", "77")
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("max_pods = 9") && text.contains("default_fuel = 77"), "{text}");
+
+    let out = std::process::Command::new(lichen_bin())
+        .args(["check", "--default-memory-limit", "lots"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--default-memory-limit"));
+}
+
+#[test]
+fn a_missing_explicit_config_file_is_an_error() {
+    let out = std::process::Command::new(lichen_bin())
+        .args(["check", "--config", "/nonexistent/lichen.toml"])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("/nonexistent/lichen.toml"), "{err}");
+}
