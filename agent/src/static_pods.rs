@@ -36,19 +36,13 @@ pub struct ManifestError {
 /// Parses one manifest into a static pod for `node_name`.
 pub fn parse_manifest(text: &str, file: &Path, node_name: &str) -> Result<Pod, ManifestError> {
     let err = |message: String| ManifestError { file: file.to_owned(), message };
-    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(text)
-        .map(serde::Deserialize::deserialize)
-        .collect::<Result<_, _>>()
-        .map_err(|e| err(format!("not valid YAML or JSON: {e}")))?;
-    let doc = match docs.as_slice() {
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(text).map_err(|e| err(format!("not valid YAML or JSON: {e}")))?;
+    let json = match docs.as_slice() {
         [one] => one.clone(),
         [] => return Err(err("empty manifest".into())),
-        _ => {
-            return Err(err(format!("{} documents in one file; put one Pod in each file", docs.len())));
-        }
+        _ => return Err(err(format!("{} documents in one file; put one Pod in each file", docs.len()))),
     };
-    let json: serde_json::Value =
-        serde_json::to_value(&doc).map_err(|e| err(format!("cannot read manifest: {e}")))?;
     let kind = json.get("kind").and_then(|v| v.as_str()).unwrap_or("");
     let api = json.get("apiVersion").and_then(|v| v.as_str()).unwrap_or("");
     if kind != "Pod" || api != "v1" {

@@ -41,7 +41,7 @@ fn env(backoff: Backoff) -> Env {
 
 impl Env {
     fn start(&self, yaml: &str, counts: BTreeMap<String, u32>) -> PodHandle {
-        let pod: Pod = serde_yaml_from(yaml);
+        let pod: Pod = pod_from_json(yaml);
         let rt = RuntimeConfig::default();
         let ctx = PlanContext {
             node_name: "n",
@@ -69,8 +69,7 @@ fn fixtures_dir() -> PathBuf {
     fixture("x").parent().expect("fixtures").to_owned()
 }
 
-fn serde_yaml_from(yaml: &str) -> Pod {
-    // The agent reads manifests as YAML; JSON is YAML, so build pods as JSON here.
+fn pod_from_json(yaml: &str) -> Pod {
     let v: serde_json::Value = serde_json::from_str(yaml).expect("test pod json");
     serde_json::from_value(v).expect("test pod")
 }

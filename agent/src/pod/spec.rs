@@ -637,7 +637,7 @@ mod tests {
     use super::*;
 
     fn pod(yaml: &str) -> Pod {
-        serde_yaml::from_str(yaml).expect("test pod parses")
+        serde_saphyr::from_str(yaml).expect("test pod parses")
     }
 
     fn ctx(runtime: &RuntimeConfig) -> PlanContext<'_> {
