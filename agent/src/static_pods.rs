@@ -36,8 +36,8 @@ pub struct ManifestError {
 /// Parses one manifest into a static pod for `node_name`.
 pub fn parse_manifest(text: &str, file: &Path, node_name: &str) -> Result<Pod, ManifestError> {
     let err = |message: String| ManifestError { file: file.to_owned(), message };
-    let docs: Vec<serde_json::Value> =
-        serde_saphyr::from_multiple(text).map_err(|e| err(format!("not valid YAML or JSON: {e}")))?;
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(text)
+        .map_err(|e| err(format!("not valid YAML or JSON: {}", one_line(&e))))?;
     let json = match docs.as_slice() {
         [one] => one.clone(),
         [] => return Err(err("empty manifest".into())),
@@ -85,6 +85,13 @@ pub fn parse_manifest(text: &str, file: &Path, node_name: &str) -> Result<Pod, M
         spec.node_name = Some(node_name.to_owned());
     }
     Ok(pod)
+}
+
+/// The parser's message without its multi-line source snippet, so a log record stays one line.
+fn one_line(e: &impl std::fmt::Display) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default().trim();
+    first.strip_prefix("error: ").unwrap_or(first).to_owned()
 }
 
 /// The first path present (and not null) in `input` but missing from `parsed`.
@@ -170,8 +177,20 @@ impl StaticPodSource {
         };
         files.sort();
         for file in files {
-            let Ok(text) = std::fs::read_to_string(&file) else {
-                continue;
+            let text = match read_manifest(&file) {
+                Ok(text) => text,
+                Err(message) => {
+                    let e = ManifestError { file: file.clone(), message };
+                    let content: [u8; 32] = Sha256::digest(e.message.as_bytes()).into();
+                    let state = self.known.remove(&file);
+                    if state.as_ref().is_none_or(|s| s.content != content) {
+                        newly.push(e.clone());
+                    }
+                    let last_good = state.and_then(|s| s.last_good);
+                    self.known.insert(file.clone(), FileState { content, last_good, error: Some(e) });
+                    seen.insert(file, ());
+                    continue;
+                }
             };
             let content: [u8; 32] = Sha256::digest(text.as_bytes()).into();
             if let Some(state) = self.known.get(&file)
@@ -280,6 +299,17 @@ impl StaticPodSource {
     }
 }
 
+/// Largest manifest read; a Pod spec is a few KiB, so anything near this is a mistake or an attack.
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+fn read_manifest(file: &Path) -> Result<String, String> {
+    let len = std::fs::metadata(file).map_err(|e| format!("cannot read: {e}"))?.len();
+    if len > MAX_MANIFEST_BYTES {
+        return Err(format!("{len} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit for a manifest"));
+    }
+    std::fs::read_to_string(file).map_err(|e| format!("cannot read: {e}"))
+}
+
 fn is_manifest(p: &Path) -> bool {
     let name = p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     !name.starts_with('.')
@@ -322,7 +352,23 @@ mod tests {
         let e = parse_manifest(&format!("{GOOD}---\n{GOOD}"), file, "n").expect_err("two docs");
         assert!(e.message.contains("2 documents"), "{e}");
         let e = parse_manifest("a: [", file, "n").expect_err("syntax");
-        assert!(e.message.contains("not valid YAML"), "{e}");
+        assert!(e.message.contains("not valid YAML") && e.message.contains("line 1"), "{e}");
+        assert!(!e.message.contains('\n'), "one line for the log: {e}");
+    }
+
+    #[test]
+    fn an_oversized_manifest_is_refused_without_disturbing_others() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("web.yaml"), GOOD).expect("write");
+        let huge = format!("{GOOD}# {}\n", "x".repeat(MAX_MANIFEST_BYTES as usize));
+        std::fs::write(dir.path().join("huge.yaml"), huge).expect("write");
+        let mut src = StaticPodSource::new(dir.path().to_owned(), "n".into());
+        let (scan, newly) = src.scan();
+        assert_eq!(scan.pods.len(), 1);
+        assert_eq!(newly.len(), 1);
+        assert!(newly[0].message.contains("limit"), "{}", newly[0]);
+        let (_, newly) = src.scan();
+        assert!(newly.is_empty(), "reported once");
     }
 
     #[test]

@@ -30,6 +30,8 @@ fn static_pods_follow_their_directory() {
     });
     let pods_dir = s.state.join("pods");
     assert_eq!(std::fs::read_dir(&pods_dir).expect("pods dir").count(), 1, "the old pod's emptyDir is gone");
+    let logs_dir = s.state.join("logs");
+    assert_eq!(std::fs::read_dir(&logs_dir).expect("logs dir").count(), 1, "and so are its logs");
 
     std::fs::remove_file(s.pods.join("idle.yaml")).expect("rm");
     wait_for(T, "the pod to be removed", || {
@@ -39,6 +41,11 @@ fn static_pods_follow_their_directory() {
     wait_for(T, "its directory to be removed", || {
         (std::fs::read_dir(&pods_dir).expect("pods dir").count() == 0).then_some(())
     });
+    assert_eq!(
+        std::fs::read_dir(&logs_dir).expect("logs dir").count(),
+        0,
+        "removed pods leave no logs behind"
+    );
     let (status, log) = agent.stop();
     assert!(status.success(), "clean exit on SIGTERM: {status:?}\n{}", log.join("\n"));
     assert!(log.iter().any(|l| l.contains("stopped")));

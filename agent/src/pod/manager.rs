@@ -230,11 +230,14 @@ impl PodManager {
             Ok(Err(e)) => tracing::error!(pod = %key, error = %e, "cannot remove pod record"),
             Err(e) => tracing::error!(pod = %key, error = %e, "pod record task failed"),
         }
-        let dir = self.config.pods_dir.join(&uid);
-        if let Err(e) = std::fs::remove_dir_all(&dir)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(pod = %key, dir = %dir.display(), error = %e, "cannot remove pod directory");
+        // The pod's volumes and logs go with it, or a board's disk fills with pods long gone.
+        let logs = worker::pod_log_dir(&self.deps.logs_dir, key, &uid);
+        for dir in [self.config.pods_dir.join(&uid), logs] {
+            if let Err(e) = std::fs::remove_dir_all(&dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(pod = %key, dir = %dir.display(), error = %e, "cannot remove pod directory");
+            }
         }
         tracing::info!(pod = %key, "pod removed");
     }

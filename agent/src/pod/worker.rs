@@ -5,7 +5,7 @@
 //! The worker acts; it does not decide phases (that is [`super::state`]) and it never talks to the API.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -67,6 +67,11 @@ impl PodHandle {
         let mut done = self.done.clone();
         tokio::time::timeout(grace, done.wait_for(|d| *d)).await.is_ok()
     }
+}
+
+/// A pod's log directory, `<logs>/<namespace>_<name>_<uid>`, as the kubelet lays out `/var/log/pods`.
+pub fn pod_log_dir(logs_dir: &Path, key: &str, uid: &str) -> PathBuf {
+    logs_dir.join(format!("{}_{uid}", key.replace('/', "_")))
 }
 
 /// Starts a worker for `plan` on `tracker`. `restart_counts` carries counts across agent restarts.
@@ -283,8 +288,7 @@ async fn run_container(
 ) -> bool {
     let deps = shared.deps.clone();
     let mut backoff = deps.backoff.clone();
-    let pod_dir = format!("{}_{}", shared.plan_key.replace('/', "_"), shared.uid);
-    let log_dir = deps.logs_dir.join(pod_dir).join(&plan.name);
+    let log_dir = pod_log_dir(&deps.logs_dir, &shared.plan_key, &shared.uid).join(&plan.name);
     let mut restart_count = match slot {
         Slot::Init(i) => shared.view.lock().ok().and_then(|v| v.init.get(i).map(|c| c.restart_count)),
         Slot::App(i) => shared.view.lock().ok().and_then(|v| v.app.get(i).map(|c| c.restart_count)),
