@@ -286,174 +286,179 @@ async fn run_container(
     shared: &Arc<Shared>,
     cancel: &CancellationToken,
 ) -> bool {
-    let deps = shared.deps.clone();
-    let mut backoff = deps.backoff.clone();
-    let log_dir = pod_log_dir(&deps.logs_dir, &shared.plan_key, &shared.uid).join(&plan.name);
-    let mut restart_count = match slot {
-        Slot::Init(i) => shared.view.lock().ok().and_then(|v| v.init.get(i).map(|c| c.restart_count)),
-        Slot::App(i) => shared.view.lock().ok().and_then(|v| v.app.get(i).map(|c| c.restart_count)),
-    }
-    .unwrap_or(0);
-    let mut first = true;
-    loop {
-        if !first {
-            restart_count += 1;
-        }
-        first = false;
-        let module = match load_module(plan, &deps).await {
-            Ok(m) => m,
-            Err(LoadError::Unreadable(message)) => {
-                tracing::warn!(container = %plan.name, %message, "cannot read module");
-                let delay = backoff.next_delay(Duration::ZERO);
-                shared.update(slot, |c| {
-                    c.state = ContainerState::Waiting {
-                        reason: "ImagePullBackOff".into(),
-                        message: Some(format!("{message}; retrying in {}s", delay.as_secs())),
-                    };
-                });
-                restart_count = restart_count.saturating_sub(1);
-                if sleep_or_cancel(delay, cancel).await {
-                    return false;
-                }
-                continue;
-            }
-            Err(LoadError::Invalid(outcome, digest)) => {
-                let now = Timestamp::now();
-                let t = termination(&outcome, None, now);
-                match finish_run(
-                    plan,
-                    slot,
-                    policy,
-                    t,
-                    digest,
-                    restart_count,
-                    Duration::ZERO,
-                    &mut backoff,
-                    shared,
-                    cancel,
-                )
-                .await
-                {
-                    Some(result) => return result,
-                    None => continue,
-                }
-            }
-        };
-        let digest = module.digest();
-        let log = match ContainerLog::open(
-            &log_dir,
-            restart_count,
-            deps.log_config.max_size.0,
-            deps.log_config.max_files,
-            deps.log_config.echo.then(|| format!("{}/{}", shared.plan_key, plan.name)),
-        ) {
-            Ok(log) => log,
-            Err(e) => {
-                let message = format!("cannot open log {}: {e}", log_dir.display());
-                shared.update(slot, |c| {
-                    c.state = ContainerState::Waiting {
-                        reason: "CreateContainerError".into(),
-                        message: Some(message.clone()),
-                    }
-                });
-                tracing::error!(container = %plan.name, %message);
-                if sleep_or_cancel(backoff.next_delay(Duration::ZERO), cancel).await {
-                    return false;
-                }
-                continue;
-            }
-        };
-        let started_at = Timestamp::now();
-        shared.update(slot, |c| {
-            c.state = ContainerState::Running { started_at };
-            c.restart_count = restart_count;
-            c.image_id = Some(digest.to_string());
-        });
-        tracing::info!(container = %plan.name, restart_count, module = %digest, "container started");
-        let spec = RunSpec {
-            args: plan.argv.clone(),
-            env: plan.env.clone(),
-            preopens: plan.preopens.clone(),
-            fuel: plan.fuel,
-            memory_limit: plan.memory_limit,
-            timeout: plan.timeout,
-            stdout: log.sink(Stream::Stdout),
-            stderr: log.sink(Stream::Stderr),
-        };
-        let run_started = Instant::now();
-        let report = deps.runtime.run(&module, spec, cancel).await;
-        let t = termination(&report.outcome, Some(started_at), Timestamp::now());
-        tracing::info!(container = %plan.name, exit_code = t.exit_code, reason = %t.reason, message = t.message.as_deref().unwrap_or(""), fuel_consumed = report.fuel_consumed, peak_memory = report.peak_memory, "container ended");
-        if report.outcome == Outcome::Killed {
-            shared.update(slot, |c| c.state = ContainerState::Terminated(t));
-            return false;
-        }
-        match finish_run(
-            plan,
-            slot,
-            policy,
-            t,
-            Some(digest),
-            restart_count,
-            run_started.elapsed(),
-            &mut backoff,
-            shared,
-            cancel,
-        )
-        .await
-        {
-            Some(result) => return result,
-            None => continue,
-        }
-    }
+    let restart_count = shared
+        .view
+        .lock()
+        .ok()
+        .and_then(|v| match slot {
+            Slot::Init(i) => v.init.get(i).map(|c| c.restart_count),
+            Slot::App(i) => v.app.get(i).map(|c| c.restart_count),
+        })
+        .unwrap_or(0);
+    let runner = ContainerRunner {
+        plan,
+        slot,
+        policy,
+        shared,
+        cancel,
+        backoff: shared.deps.backoff.clone(),
+        restart_count,
+        log_dir: pod_log_dir(&shared.deps.logs_dir, &shared.plan_key, &shared.uid).join(&plan.name),
+    };
+    runner.run().await
 }
 
-/// Records a run's end; returns `None` to run again (after back-off) or the final success.
-#[allow(clippy::too_many_arguments)]
-async fn finish_run(
-    plan: &ContainerPlan,
+/// One container's restart loop and the state it carries between runs.
+struct ContainerRunner<'a> {
+    plan: &'a ContainerPlan,
     slot: Slot,
     policy: RestartPolicy,
-    t: Termination,
-    digest: Option<ModuleDigest>,
+    shared: &'a Arc<Shared>,
+    cancel: &'a CancellationToken,
+    backoff: Backoff,
     restart_count: u32,
-    ran_for: Duration,
-    backoff: &mut Backoff,
-    shared: &Arc<Shared>,
-    cancel: &CancellationToken,
-) -> Option<bool> {
-    let succeeded = t.exit_code == 0;
-    let again = match slot {
-        Slot::Init(_) => !succeeded && policy != RestartPolicy::Never,
-        Slot::App(_) => policy.restarts(t.exit_code),
-    };
-    if !again {
-        shared.update(slot, |c| {
-            c.state = ContainerState::Terminated(t);
-            c.restart_count = restart_count;
-            if let Some(d) = digest {
-                c.image_id = Some(d.to_string());
+    log_dir: PathBuf,
+}
+
+impl ContainerRunner<'_> {
+    async fn run(mut self) -> bool {
+        let deps = self.shared.deps.clone();
+        let mut first = true;
+        loop {
+            // A run that never started (the module could not be read) is not a restart.
+            if !first {
+                self.restart_count += 1;
             }
+            first = false;
+            let module = match load_module(self.plan, &deps).await {
+                Ok(m) => m,
+                Err(LoadError::Unreadable(message)) => {
+                    tracing::warn!(container = %self.plan.name, %message, "cannot read module");
+                    let delay = self.backoff.next_delay(Duration::ZERO);
+                    let message = format!("{message}; retrying in {}s", delay.as_secs());
+                    self.set_waiting("ImagePullBackOff", message);
+                    self.restart_count = self.restart_count.saturating_sub(1);
+                    if sleep_or_cancel(delay, self.cancel).await {
+                        return false;
+                    }
+                    continue;
+                }
+                Err(LoadError::Invalid(outcome, digest)) => {
+                    let t = termination(&outcome, None, Timestamp::now());
+                    match self.finish(t, digest, Duration::ZERO).await {
+                        Some(result) => return result,
+                        None => continue,
+                    }
+                }
+            };
+            let digest = module.digest();
+            let echo = deps.log_config.echo.then(|| format!("{}/{}", self.shared.plan_key, self.plan.name));
+            let log = match ContainerLog::open(
+                &self.log_dir,
+                self.restart_count,
+                deps.log_config.max_size.0,
+                deps.log_config.max_files,
+                echo,
+            ) {
+                Ok(log) => log,
+                Err(e) => {
+                    let message = format!("cannot open log {}: {e}", self.log_dir.display());
+                    tracing::error!(container = %self.plan.name, %message);
+                    self.set_waiting("CreateContainerError", message);
+                    if sleep_or_cancel(self.backoff.next_delay(Duration::ZERO), self.cancel).await {
+                        return false;
+                    }
+                    continue;
+                }
+            };
+            let started_at = Timestamp::now();
+            let restart_count = self.restart_count;
+            self.shared.update(self.slot, |c| {
+                c.state = ContainerState::Running { started_at };
+                c.restart_count = restart_count;
+                c.image_id = Some(digest.to_string());
+            });
+            tracing::info!(container = %self.plan.name, restart_count, module = %digest, "container started");
+            let spec = RunSpec {
+                args: self.plan.argv.clone(),
+                env: self.plan.env.clone(),
+                preopens: self.plan.preopens.clone(),
+                fuel: self.plan.fuel,
+                memory_limit: self.plan.memory_limit,
+                timeout: self.plan.timeout,
+                stdout: log.sink(Stream::Stdout),
+                stderr: log.sink(Stream::Stderr),
+            };
+            let run_started = Instant::now();
+            let report = deps.runtime.run(&module, spec, self.cancel).await;
+            let t = termination(&report.outcome, Some(started_at), Timestamp::now());
+            tracing::info!(
+                container = %self.plan.name,
+                exit_code = t.exit_code,
+                reason = %t.reason,
+                message = t.message.as_deref().unwrap_or(""),
+                fuel_consumed = report.fuel_consumed,
+                peak_memory = report.peak_memory,
+                "container ended"
+            );
+            if report.outcome == Outcome::Killed {
+                self.shared.update(self.slot, |c| c.state = ContainerState::Terminated(t));
+                return false;
+            }
+            match self.finish(t, Some(digest), run_started.elapsed()).await {
+                Some(result) => return result,
+                None => continue,
+            }
+        }
+    }
+
+    fn set_waiting(&self, reason: &str, message: String) {
+        self.shared.update(self.slot, |c| {
+            c.state = ContainerState::Waiting { reason: reason.to_owned(), message: Some(message) };
         });
-        return Some(succeeded);
     }
-    let delay = backoff.next_delay(ran_for);
-    let message = format!(
-        "back-off {}s restarting failed container={} pod={}",
-        delay.as_secs(),
-        plan.name,
-        shared.plan_key
-    );
-    tracing::info!(container = %plan.name, delay_secs = delay.as_secs(), "back-off before restart");
-    shared.update(slot, |c| {
-        c.state = ContainerState::Waiting { reason: "CrashLoopBackOff".into(), message: Some(message) };
-        c.last_termination = Some(t);
-        c.restart_count = restart_count;
-    });
-    if sleep_or_cancel(delay, cancel).await {
-        return Some(false);
+
+    /// Records a run's end; returns `None` to run again (after back-off) or the final success.
+    async fn finish(
+        &mut self,
+        t: Termination,
+        digest: Option<ModuleDigest>,
+        ran_for: Duration,
+    ) -> Option<bool> {
+        let succeeded = t.exit_code == 0;
+        let again = match self.slot {
+            Slot::Init(_) => !succeeded && self.policy != RestartPolicy::Never,
+            Slot::App(_) => self.policy.restarts(t.exit_code),
+        };
+        let restart_count = self.restart_count;
+        if !again {
+            self.shared.update(self.slot, |c| {
+                c.state = ContainerState::Terminated(t);
+                c.restart_count = restart_count;
+                if let Some(d) = digest {
+                    c.image_id = Some(d.to_string());
+                }
+            });
+            return Some(succeeded);
+        }
+        let delay = self.backoff.next_delay(ran_for);
+        let message = format!(
+            "back-off {}s restarting failed container={} pod={}",
+            delay.as_secs(),
+            self.plan.name,
+            self.shared.plan_key
+        );
+        tracing::info!(container = %self.plan.name, delay_secs = delay.as_secs(), "back-off before restart");
+        self.shared.update(self.slot, |c| {
+            c.state = ContainerState::Waiting { reason: "CrashLoopBackOff".into(), message: Some(message) };
+            c.last_termination = Some(t);
+            c.restart_count = restart_count;
+        });
+        if sleep_or_cancel(delay, self.cancel).await {
+            return Some(false);
+        }
+        None
     }
-    None
 }
 
 /// Sleeps; returns true if cancelled first.
