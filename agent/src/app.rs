@@ -58,21 +58,8 @@ pub async fn open_store(path: PathBuf) -> Result<Arc<SledStore>, StoreError> {
         .map(Arc::new)
 }
 
-/// Hooks for tests and embedders; the defaults are what `lichen run` uses.
-#[derive(Default)]
-pub struct RunOptions {
-    /// Fires once the first desired set has been applied (pods admitted and started).
-    pub on_ready: Option<tokio::sync::oneshot::Sender<()>>,
-    /// Replaces the kubelet back-off (tests use a short one).
-    pub backoff: Option<Backoff>,
-}
-
 /// Runs the agent until `cancel` fires, then stops pods and flushes the store.
-pub async fn run(
-    config: AgentConfig,
-    cancel: CancellationToken,
-    options: RunOptions,
-) -> Result<(), AppError> {
+pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), AppError> {
     let layout = StateLayout::of(&config);
     let store = open_store(layout.store.clone()).await?;
     tracing::info!(store = %layout.store.display(), schema = store.schema_version(), "state store open");
@@ -83,7 +70,7 @@ pub async fn run(
         logs_dir: layout.logs.clone(),
         log_config: config.container_logs.clone(),
         host_ip: None,
-        backoff: options.backoff.unwrap_or_default(),
+        backoff: Backoff::default(),
     });
     let tracker = TaskTracker::new();
     let pods_cancel = cancel.child_token();
@@ -116,17 +103,13 @@ pub async fn run(
         }
     }
     tracing::info!(node = %config.node_name, version = env!("CARGO_PKG_VERSION"), "lichen running");
-    let mut on_ready = options.on_ready;
     let mut first = true;
     loop {
         let desired = desired_rx.borrow_and_update().clone();
         manager.sync(&desired).await;
         if first && !cancel.is_cancelled() {
             first = false;
-            forget_vanished(&*store, &desired);
-        }
-        if let Some(tx) = on_ready.take() {
-            let _ = tx.send(());
+            manager.forget_absent(&desired, "file:").await;
         }
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -152,21 +135,4 @@ pub async fn run(
     tokio::task::spawn_blocking(move || s.flush()).await.map_err(|e| AppError::Task(e.to_string()))??;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Drops records of static pods whose manifests disappeared while the agent was not running.
-fn forget_vanished(store: &dyn StateStore, desired: &[DesiredPod]) {
-    let Ok(records) = store.list_pods() else {
-        return;
-    };
-    for r in records {
-        let wanted =
-            desired.iter().any(|d| d.key() == r.key && d.pod.metadata.uid.as_deref() == Some(r.uid.as_str()));
-        if r.source.starts_with("file:") && !wanted {
-            tracing::info!(pod = %r.key, "forgetting static pod whose manifest is gone");
-            if let Err(e) = store.delete_pod(&r.key, &r.uid) {
-                tracing::warn!(pod = %r.key, error = %e, "cannot forget pod");
-            }
-        }
-    }
 }

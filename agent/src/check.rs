@@ -23,8 +23,20 @@ pub fn check(config: &AgentConfig) -> CheckReport {
     let mut problems = 0;
     let _ = writeln!(out, "# configuration (after file, environment and flags)\n{}", config.to_toml());
     let layout = StateLayout::of(config);
-    match SledStore::open(&layout.store) {
-        Ok(store) => {
+    // Checking must not create anything: a missing store is reported, not made.
+    let store_result = if layout.store.join("db").exists() || layout.store.join("conf").exists() {
+        Some(SledStore::open(&layout.store))
+    } else {
+        let _ = writeln!(
+            out,
+            "note  state store {} does not exist yet; `lichen run` creates it",
+            layout.store.display()
+        );
+        None
+    };
+    match store_result {
+        None => {}
+        Some(Ok(store)) => {
             let pods = store.list_pods().map(|p| p.len()).unwrap_or(0);
             let modules = store.list_modules().map(|m| m.len()).unwrap_or(0);
             let _ = writeln!(
@@ -34,16 +46,16 @@ pub fn check(config: &AgentConfig) -> CheckReport {
                 store.schema_version()
             );
         }
-        Err(StoreError::Locked { .. }) => {
+        Some(Err(StoreError::Locked { .. })) => {
             let _ =
                 writeln!(out, "ok    state store {} is in use by a running lichen", layout.store.display());
         }
-        Err(e) => {
+        Some(Err(e)) => {
             problems += 1;
             let _ = writeln!(out, "FAIL  {e}");
         }
     }
-    match wasmtime::Engine::new(&wasmtime::Config::new()) {
+    match wasmtime::Engine::new(&crate::runtime::engine_config()) {
         Ok(_) => {
             let _ = writeln!(out, "ok    WebAssembly engine (wasmtime {})", crate::runtime::WASMTIME_VERSION);
         }

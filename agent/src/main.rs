@@ -70,7 +70,7 @@ fn run(config: AgentConfig) -> anyhow::Result<()> {
     rt.block_on(async {
         let cancel = CancellationToken::new();
         tokio::spawn(handle_signals(cancel.clone()));
-        lichen::app::run(config, cancel, Default::default()).await?;
+        lichen::app::run(config, cancel).await?;
         Ok(())
     })
 }

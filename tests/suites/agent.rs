@@ -85,6 +85,36 @@ fn a_malformed_manifest_is_named_and_the_others_keep_running() {
 }
 
 #[test]
+fn a_manifest_deleted_while_stopped_is_forgotten_with_its_files() {
+    let s = Scratch::new("");
+    s.put_pod("keep.yaml", &pod_yaml("keep", &fixture("idle.wat"), ""));
+    s.put_pod("gone.yaml", &pod_yaml("gone", &fixture("idle.wat"), "  volumes: [{name: v, emptyDir: {}}]\n"));
+    let agent = s.start();
+    wait_for(T, "both pods to run", || {
+        (!s.output("keep", "main", 0).is_empty() && !s.output("gone", "main", 0).is_empty()).then_some(())
+    });
+    assert!(agent.stop().0.success());
+    assert_eq!(std::fs::read_dir(s.state.join("logs")).expect("logs").count(), 2);
+
+    std::fs::remove_file(s.pods.join("gone.yaml")).expect("rm");
+    let agent = s.start();
+    agent.wait_log(&["forgetting pod", "default/gone-test-node"], T);
+    wait_for(T, "the kept pod to run again", || (s.output("keep", "main", 0).len() >= 2).then_some(()));
+    let logs: Vec<String> = std::fs::read_dir(s.state.join("logs"))
+        .expect("logs")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert!(logs[0].starts_with("default_keep-test-node_"), "{logs:?}");
+    assert_eq!(
+        std::fs::read_dir(s.state.join("pods")).map(|d| d.count()).unwrap_or(0),
+        0,
+        "emptyDir removed"
+    );
+    assert!(agent.stop().0.success());
+}
+
+#[test]
 fn a_corrupt_store_is_a_clear_error_naming_the_way_out() {
     let s = Scratch::new("");
     s.put_pod("idle.yaml", &pod_yaml("idle", &fixture("idle.wat"), ""));
@@ -164,6 +194,8 @@ fn check_reports_every_problem_and_what_would_run() {
     assert!(text.contains("ok    pod default/hello-test-node"), "{text}");
     assert!(text.contains("FAIL  pod default/bad-test-node") && text.contains("spec.hostNetwork"), "{text}");
     assert!(text.contains("1 problem(s) found"), "{text}");
+    assert!(text.contains("does not exist yet"), "{text}");
+    assert!(!s.state.exists(), "check creates nothing");
 
     std::fs::remove_file(s.pods.join("bad.yaml")).expect("rm");
     let out = std::process::Command::new(lichen_bin())

@@ -223,23 +223,45 @@ impl PodManager {
                 tracing::warn!(pod = %key, "pod did not stop within {:?}", self.config.stop_grace);
             }
         }
+        self.cleanup(key, &uid).await;
+        tracing::info!(pod = %key, "pod removed");
+    }
+
+    /// Deletes a pod's record, volumes and logs.
+    async fn cleanup(&self, key: &str, uid: &str) {
         let store = self.deps.store.clone();
-        let (k, u) = (key.to_owned(), uid.clone());
+        let (k, u) = (key.to_owned(), uid.to_owned());
         match tokio::task::spawn_blocking(move || store.delete_pod(&k, &u)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(pod = %key, error = %e, "cannot remove pod record"),
             Err(e) => tracing::error!(pod = %key, error = %e, "pod record task failed"),
         }
         // The pod's volumes and logs go with it, or a board's disk fills with pods long gone.
-        let logs = worker::pod_log_dir(&self.deps.logs_dir, key, &uid);
-        for dir in [self.config.pods_dir.join(&uid), logs] {
+        let logs = worker::pod_log_dir(&self.deps.logs_dir, key, uid);
+        for dir in [self.config.pods_dir.join(uid), logs] {
             if let Err(e) = std::fs::remove_dir_all(&dir)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
                 tracing::warn!(pod = %key, dir = %dir.display(), error = %e, "cannot remove pod directory");
             }
         }
-        tracing::info!(pod = %key, "pod removed");
+    }
+
+    /// Forgets pods from `source_prefix` that the store remembers but `desired` no longer lists,
+    /// e.g. static pods whose manifests were deleted while the agent was not running.
+    pub async fn forget_absent(&self, desired: &[DesiredPod], source_prefix: &str) {
+        let records = match self.deps.store.list_pods() {
+            Ok(r) => r,
+            Err(e) => return tracing::warn!(error = %e, "cannot list stored pods"),
+        };
+        for r in records {
+            let wanted = desired.iter().any(|d| d.key() == r.key && d.uid() == r.uid);
+            let running = self.pods.get(&r.key).is_some_and(|e| e.uid() == r.uid);
+            if r.source.starts_with(source_prefix) && !wanted && !running {
+                tracing::info!(pod = %r.key, "forgetting pod whose source is gone");
+                self.cleanup(&r.key, &r.uid).await;
+            }
+        }
     }
 
     /// Every pod's latest status, by key.

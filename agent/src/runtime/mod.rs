@@ -178,6 +178,13 @@ pub struct RunReport {
     pub elapsed: Duration,
 }
 
+/// The engine configuration every container runs under (also checked by `lichen check`).
+pub fn engine_config() -> Config {
+    let mut config = Config::new();
+    config.consume_fuel(true).epoch_interruption(true);
+    config
+}
+
 /// The per-run store data.
 pub struct ContainerCtx {
     wasi: WasiP1Ctx,
@@ -195,9 +202,7 @@ pub struct WasmRuntime {
 impl WasmRuntime {
     /// Creates the engine. Call once per process, inside a tokio runtime.
     pub fn new() -> Result<Arc<Self>, RuntimeError> {
-        let mut config = Config::new();
-        config.consume_fuel(true).epoch_interruption(true);
-        let engine = Engine::new(&config).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let engine = Engine::new(&engine_config()).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |cx: &mut ContainerCtx| &mut cx.wasi)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
