@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::AgentConfig;
+use crate::node::NodeRegistrar;
 use crate::pod::manager::{DesiredPod, ManagerConfig, PodManager};
 use crate::pod::state::Backoff;
 use crate::pod::worker::WorkerDeps;
@@ -69,7 +70,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         store: store.clone(),
         logs_dir: layout.logs.clone(),
         log_config: config.container_logs.clone(),
-        host_ip: None,
+        host_ip: node_ip(&config).map(|ip| ip.to_string()),
         backoff: Backoff::default(),
     });
     let tracker = TaskTracker::new();
@@ -95,6 +96,13 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             tracker.spawn(source.run(desired_tx, cancel.child_token()));
         }
         None => tracing::info!("static pods are off (static_pod_dir is empty)"),
+    }
+    match config.cluster() {
+        Some(kubeconfig) => {
+            tracing::info!(kubeconfig = %kubeconfig.display(), "joining the cluster");
+            tracker.spawn(NodeRegistrar::new(&config).run(cancel.child_token()));
+        }
+        None => tracing::info!("standalone: no kubeconfig, static pods only"),
     }
     if config.static_pods().is_some() {
         tokio::select! {
@@ -135,4 +143,9 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     tokio::task::spawn_blocking(move || s.flush()).await.map_err(|e| AppError::Task(e.to_string()))??;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The node's address: configured, or that of the default-route interface.
+fn node_ip(config: &AgentConfig) -> Option<std::net::IpAddr> {
+    crate::node::facts::HostFacts::read(&config.state_dir, config.node_ip.parse().ok()).ip
 }

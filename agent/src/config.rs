@@ -4,6 +4,7 @@
 //! Every field is documented in the README's configuration reference; keep the two in step. This module
 //! only reads and checks settings: it opens no store and starts nothing.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
@@ -76,6 +77,14 @@ pub struct AgentConfig {
     pub runtime: RuntimeConfig,
     /// Where containers' stdout and stderr go.
     pub container_logs: ContainerLogConfig,
+    /// Kubeconfig for joining a cluster; empty means standalone (static pods only).
+    pub kubeconfig: PathBuf,
+    /// The address reported as the node's InternalIP; empty means that of the default-route interface.
+    pub node_ip: String,
+    /// Labels added to the Node besides the ones Lichen sets.
+    pub node_labels: BTreeMap<String, String>,
+    /// Taints the Node registers with, as `key=value:Effect` or `key:Effect`.
+    pub node_taints: Vec<String>,
 }
 
 /// The agent's own logging.
@@ -125,6 +134,10 @@ impl Default for AgentConfig {
             log: LogConfig::default(),
             runtime: RuntimeConfig::default(),
             container_logs: ContainerLogConfig::default(),
+            kubeconfig: PathBuf::new(),
+            node_ip: String::new(),
+            node_labels: BTreeMap::new(),
+            node_taints: vec![DEFAULT_TAINT.to_owned()],
         }
     }
 }
@@ -160,7 +173,7 @@ pub struct ConfigArgs {
     #[arg(long, env = "LICHEN_STATE_DIR", global = true)]
     pub state_dir: Option<PathBuf>,
     /// Static pod manifest directory; empty turns static pods off [default: /etc/lichen/pods].
-    #[arg(long, env = "LICHEN_STATIC_POD_DIR", global = true)]
+    #[arg(long, env = "LICHEN_STATIC_POD_DIR", global = true, value_parser = path_allow_empty)]
     pub static_pod_dir: Option<PathBuf>,
     /// Most pods admitted [default: 110].
     #[arg(long, env = "LICHEN_MAX_PODS", global = true)]
@@ -192,6 +205,19 @@ pub struct ConfigArgs {
     /// Echo container output into the agent log [default: false].
     #[arg(long, env = "LICHEN_CONTAINER_LOG_ECHO", global = true)]
     pub container_log_echo: Option<bool>,
+    /// Kubeconfig to join a cluster with; empty = standalone [default: none].
+    #[arg(long, env = "LICHEN_KUBECONFIG", global = true, value_parser = path_allow_empty)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Node InternalIP [default: address of the default-route interface].
+    #[arg(long, env = "LICHEN_NODE_IP", global = true)]
+    pub node_ip: Option<String>,
+    /// Node labels as key=value, comma-separated; replaces the file's list [default: none].
+    #[arg(long, env = "LICHEN_NODE_LABELS", global = true, value_delimiter = ',')]
+    pub node_labels: Option<Vec<String>>,
+    /// Node taints as key=value:Effect, comma-separated; replaces the file's list
+    /// [default: lichen.dev/runtime=wasm:NoSchedule].
+    #[arg(long, env = "LICHEN_NODE_TAINTS", global = true, value_delimiter = ',')]
+    pub node_taints: Option<Vec<String>>,
 }
 
 impl AgentConfig {
@@ -219,7 +245,7 @@ impl AgentConfig {
             message: e.to_string().trim_end().to_owned(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut config.state_dir, &mut config.static_pod_dir] {
+        for p in [&mut config.state_dir, &mut config.static_pod_dir, &mut config.kubeconfig] {
             if !p.as_os_str().is_empty() && p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -246,6 +272,20 @@ impl AgentConfig {
         set(&mut self.container_logs.max_size, &a.container_log_max_size);
         set(&mut self.container_logs.max_files, &a.container_log_max_files);
         set(&mut self.container_logs.echo, &a.container_log_echo);
+        set(&mut self.kubeconfig, &a.kubeconfig);
+        set(&mut self.node_ip, &a.node_ip);
+        set(&mut self.node_taints, &a.node_taints);
+        if let Some(labels) = &a.node_labels {
+            // A malformed entry keeps its text as the key so validation names it.
+            self.node_labels = labels
+                .iter()
+                .filter(|l| !l.is_empty())
+                .map(|l| match l.split_once('=') {
+                    Some((k, v)) => (k.to_owned(), v.to_owned()),
+                    None => (l.clone(), "\0".to_owned()),
+                })
+                .collect();
+        }
     }
 
     /// Fills host-dependent defaults and checks every value, naming the field that is wrong.
@@ -314,7 +354,28 @@ impl AgentConfig {
                 message: format!("{} is outside 1..=100", self.container_logs.max_files),
             });
         }
+        if !self.node_ip.is_empty() && self.node_ip.parse::<std::net::IpAddr>().is_err() {
+            return Err(ConfigError::Invalid {
+                field: "node_ip",
+                message: format!("{:?} is not an IP address", self.node_ip),
+            });
+        }
+        for (k, v) in &self.node_labels {
+            validate_label(k, v).map_err(|message| ConfigError::Invalid { field: "node_labels", message })?;
+        }
+        for t in &self.node_taints {
+            parse_taint(t).map_err(|message| ConfigError::Invalid { field: "node_taints", message })?;
+        }
+        let kc = &mut self.kubeconfig;
+        if !kc.as_os_str().is_empty() && kc.is_relative() {
+            *kc = std::env::current_dir().map(|d| d.join(&*kc)).unwrap_or_else(|_| kc.clone());
+        }
         Ok(())
+    }
+
+    /// The kubeconfig, unless running standalone.
+    pub fn cluster(&self) -> Option<&Path> {
+        (!self.kubeconfig.as_os_str().is_empty()).then_some(self.kubeconfig.as_path())
     }
 
     /// The static pod directory, unless static pods are turned off.
@@ -326,6 +387,108 @@ impl AgentConfig {
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
+}
+
+/// The taint a Lichen node registers with unless configured otherwise: only pods that tolerate it
+/// (WebAssembly workloads) are scheduled there.
+pub const DEFAULT_TAINT: &str = "lichen.dev/runtime=wasm:NoSchedule";
+
+/// A node taint: key, optional value, effect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaintSpec {
+    /// Taint key.
+    pub key: String,
+    /// Taint value, possibly empty.
+    pub value: String,
+    /// `NoSchedule`, `PreferNoSchedule` or `NoExecute`.
+    pub effect: String,
+}
+
+/// Parses `key=value:Effect` or `key:Effect`.
+pub fn parse_taint(s: &str) -> Result<TaintSpec, String> {
+    let (kv, effect) = s.rsplit_once(':').ok_or_else(|| {
+        format!("{s:?} has no effect; write key=value:NoSchedule (or PreferNoSchedule, NoExecute)")
+    })?;
+    if !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+        return Err(format!("{s:?}: effect {effect:?} must be NoSchedule, PreferNoSchedule or NoExecute"));
+    }
+    let (key, value) = kv.split_once('=').unwrap_or((kv, ""));
+    validate_qualified_name(key).map_err(|e| format!("{s:?}: key {e}"))?;
+    Ok(TaintSpec { key: key.to_owned(), value: value.to_owned(), effect: effect.to_owned() })
+}
+
+/// Checks a node label the way the API server and NodeRestriction will, so a bad label is refused at
+/// start-up with a reason instead of by the API server later.
+pub fn validate_label(key: &str, value: &str) -> Result<(), String> {
+    if value == "\0" {
+        return Err(format!("{key:?} is not key=value"));
+    }
+    validate_qualified_name(key).map_err(|e| format!("label {key:?}: {e}"))?;
+    let value_ok = value.len() <= 63
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && value.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
+        && value.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric());
+    if !value_ok {
+        return Err(format!("label {key:?}: value {value:?} is not a valid label value"));
+    }
+    if let Some((prefix, _)) = key.split_once('/') {
+        let restricted = |domain: &str| prefix == domain || prefix.ends_with(&format!(".{domain}"));
+        if prefix == "node-role.kubernetes.io" || prefix.ends_with(".node-role.kubernetes.io") {
+            return Err(format!(
+                "label {key:?}: NodeRestriction forbids a node to set node-role labels on itself; \
+                 an admin applies them with `kubectl label node <name> {key}=`"
+            ));
+        }
+        if (restricted("kubernetes.io") || restricted("k8s.io")) && !NODE_SETTABLE.contains(&key) {
+            let allowed_prefix = ["kubelet.kubernetes.io", "node.kubernetes.io"]
+                .iter()
+                .any(|p| prefix == *p || prefix.ends_with(&format!(".{p}")));
+            if !allowed_prefix {
+                return Err(format!(
+                    "label {key:?}: NodeRestriction forbids a node to set labels under kubernetes.io or k8s.io \
+                     other than {} and the kubelet.kubernetes.io/ and node.kubernetes.io/ prefixes; use your own prefix",
+                    NODE_SETTABLE.join(", ")
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The kubernetes.io labels NodeRestriction lets a node set on itself.
+const NODE_SETTABLE: &[&str] = &[
+    "kubernetes.io/hostname",
+    "kubernetes.io/arch",
+    "kubernetes.io/os",
+    "beta.kubernetes.io/arch",
+    "beta.kubernetes.io/os",
+    "beta.kubernetes.io/instance-type",
+    "node.kubernetes.io/instance-type",
+    "failure-domain.beta.kubernetes.io/region",
+    "failure-domain.beta.kubernetes.io/zone",
+    "topology.kubernetes.io/region",
+    "topology.kubernetes.io/zone",
+];
+
+fn validate_qualified_name(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(p) = prefix {
+        validate_dns_subdomain(p).map_err(|e| format!("prefix {e}"))?;
+    }
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+    if ok { Ok(()) } else { Err(format!("{key:?} is not a valid qualified name")) }
+}
+
+/// Parses a path flag where an empty value means "off" (clap's own path parser refuses empty values).
+fn path_allow_empty(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
 }
 
 /// The kernel's host name, as the kubelet uses for the node name by default.
@@ -390,6 +553,30 @@ mod tests {
         assert!(err.contains("max_pods"), "{err}");
         let err = parse("node_name = \"a\"\n[log]\nlevel = \"lichen=[\"").unwrap_err().to_string();
         assert!(err.contains("log.level"), "{err}");
+    }
+
+    #[test]
+    fn node_labels_and_taints_are_checked_like_the_api_server_would() {
+        let err = parse("node_name = \"a\"\n[node_labels]\n\"node-role.kubernetes.io/edge\" = \"\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("node_labels") && err.contains("kubectl label node"), "{err}");
+        let err =
+            parse("node_name = \"a\"\n[node_labels]\n\"kubernetes.io/foo\" = \"x\"").unwrap_err().to_string();
+        assert!(err.contains("NodeRestriction"), "{err}");
+        parse("node_name = \"a\"\n[node_labels]\n\"topology.kubernetes.io/zone\" = \"barn-3\"\n\"acme.io/site\" = \"x\"")
+            .expect("allowed labels");
+        let err = parse("node_name = \"a\"\nnode_taints = [\"x=y:Sometimes\"]").unwrap_err().to_string();
+        assert!(err.contains("node_taints") && err.contains("NoSchedule"), "{err}");
+        assert_eq!(
+            parse_taint(DEFAULT_TAINT),
+            Ok(TaintSpec {
+                key: "lichen.dev/runtime".into(),
+                value: "wasm".into(),
+                effect: "NoSchedule".into()
+            })
+        );
+        assert!(parse("node_name = \"a\"\nnode_ip = \"pi.local\"").is_err());
     }
 
     #[test]

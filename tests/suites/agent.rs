@@ -246,3 +246,33 @@ fn a_missing_explicit_config_file_is_an_error() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("/nonexistent/lichen.toml"), "{err}");
 }
+
+#[test]
+fn an_unreachable_api_server_never_stops_static_pods() {
+    let s = Scratch::new("");
+    // A kubeconfig for a server that refuses connections: the agent must retry, not give up.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let kc = s.dir.path().join("kubeconfig");
+    std::fs::write(
+        &kc,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"https://127.0.0.1:{port}\", insecure-skip-tls-verify: true}}\n\
+             users:\n- name: u\n  user: {{token: not-a-secret}}\ncontexts:\n- name: d\n  context: {{cluster: c, user: u}}\ncurrent-context: d\n"
+        ),
+    )
+    .expect("kubeconfig");
+    let cfg = std::fs::read_to_string(&s.config).expect("config");
+    std::fs::write(
+        &s.config,
+        format!("kubeconfig = {:?}\nnode_ip = \"127.0.0.1\"\n{cfg}", kc.display().to_string()),
+    )
+    .expect("config");
+    s.put_pod("ticker.yaml", &pod_yaml("ticker", &fixture("sleeper.wat"), ""));
+    let agent = s.start();
+    agent.wait_log(&["node registration failed", "retry_in_secs"], T);
+    let ticks = || s.output("ticker", "main", 0).iter().filter(|l| l.starts_with("tick")).count();
+    wait_for(T, "the static pod to keep ticking", || (ticks() > 10).then_some(()));
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{}", log.join("\n"));
+    assert!(!log.iter().any(|l| l.contains("panicked")), "{}", log.join("\n"));
+}

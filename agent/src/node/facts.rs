@@ -1,0 +1,119 @@
+//! Facts about the host that the Node reports: CPUs, memory, disk, kernel, OS image, address.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+/// What the host looks like right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFacts {
+    /// Usable CPUs.
+    pub cpus: u64,
+    /// `MemTotal`, bytes.
+    pub memory_total: u64,
+    /// `MemAvailable`, bytes.
+    pub memory_available: u64,
+    /// Size of the filesystem holding the state directory, bytes.
+    pub disk_total: u64,
+    /// Space available to unprivileged users there, bytes.
+    pub disk_available: u64,
+    /// `uname -r`.
+    pub kernel: String,
+    /// `PRETTY_NAME` from /etc/os-release.
+    pub os_image: String,
+    /// The node's address.
+    pub ip: Option<IpAddr>,
+}
+
+impl HostFacts {
+    /// Reads the host. `node_ip` (from config) wins over detection; `state_dir` picks the disk.
+    pub fn read(state_dir: &Path, node_ip: Option<IpAddr>) -> HostFacts {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let (disk_total, disk_available) = disk(state_dir);
+        HostFacts {
+            cpus: std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1),
+            memory_total: meminfo_field(&meminfo, "MemTotal:"),
+            memory_available: meminfo_field(&meminfo, "MemAvailable:"),
+            disk_total,
+            disk_available,
+            kernel: rustix::system::uname().release().to_string_lossy().into_owned(),
+            os_image: os_image(&std::fs::read_to_string("/etc/os-release").unwrap_or_default()),
+            ip: node_ip.or_else(default_route_ip),
+        }
+    }
+}
+
+fn meminfo_field(meminfo: &str, name: &str) -> u64 {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+fn disk(path: &Path) -> (u64, u64) {
+    // The state dir may not exist yet at first start; its nearest existing ancestor is on the same disk.
+    let mut p = path;
+    while !p.exists() {
+        match p.parent() {
+            Some(parent) => p = parent,
+            None => break,
+        }
+    }
+    match rustix::fs::statvfs(p) {
+        Ok(s) => (s.f_blocks * s.f_frsize, s.f_bavail * s.f_frsize),
+        Err(_) => (0, 0),
+    }
+}
+
+/// `PRETTY_NAME` from an os-release file, unquoted.
+pub fn os_image(os_release: &str) -> String {
+    os_release
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|v| v.trim().trim_matches('"').to_owned())
+        .unwrap_or_else(|| "Linux".to_owned())
+}
+
+/// The source address the kernel would use for the default route. Connecting a UDP socket sends
+/// nothing; it only makes the kernel pick a route and a source address.
+fn default_route_ip() -> Option<IpAddr> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    sock.connect("192.0.2.1:9").ok()?; // TEST-NET-1: never routed anywhere real
+    let ip = sock.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+/// The Kubernetes name of the architecture this binary was built for.
+pub fn kube_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        "x86_64" => "amd64",
+        "x86" => "386",
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_host() {
+        let f = HostFacts::read(Path::new("/nonexistent/state"), Some("127.0.0.1".parse().expect("ip")));
+        assert!(f.cpus >= 1 && f.memory_total > 0 && f.memory_available <= f.memory_total, "{f:?}");
+        assert!(f.disk_total > 0 && f.disk_available <= f.disk_total, "{f:?}");
+        assert!(!f.kernel.is_empty());
+        assert_eq!(f.ip, Some("127.0.0.1".parse().expect("ip")));
+    }
+
+    #[test]
+    fn os_image_is_the_pretty_name() {
+        assert_eq!(
+            os_image("NAME=x\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n"),
+            "Debian GNU/Linux 12 (bookworm)"
+        );
+        assert_eq!(os_image(""), "Linux");
+    }
+}

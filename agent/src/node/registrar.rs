@@ -1,0 +1,257 @@
+//! Registers the Node and keeps it alive: a Lease renewed every 10 s and the node status patched on
+//! change and at least every 5 minutes, as the kubelet does. API failures are retried with jittered
+//! back-off forever; they are logged, never fatal, and pods keep running meanwhile.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::{Node, NodeStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::facts::HostFacts;
+use super::object::{self, Readiness};
+use crate::config::{AgentConfig, TaintSpec, parse_taint};
+use crate::retry::RetryBackoff;
+
+/// How often the Lease is renewed.
+pub const LEASE_RENEW: Duration = Duration::from_secs(10);
+/// The Lease's duration: the node-lifecycle controller marks the node unknown after this much silence.
+pub const LEASE_DURATION_SECS: i32 = 40;
+/// The longest the node status goes unwritten.
+pub const STATUS_REFRESH: Duration = Duration::from_secs(300);
+const LEASE_NAMESPACE: &str = "kube-node-lease";
+
+/// Errors talking to the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The kubeconfig could not be read or used.
+    #[error("kubeconfig {path}: {message}")]
+    Kubeconfig {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The API server refused or failed a request.
+    #[error("{what}: {source}")]
+    Api {
+        /// The request.
+        what: String,
+        /// The error.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+fn api(what: impl Into<String>) -> impl FnOnce(kube::Error) -> NodeError {
+    let what = what.into();
+    move |source| NodeError::Api { what, source }
+}
+
+/// A client from a kubeconfig file (rustls, ring; no OpenSSL).
+pub async fn connect(kubeconfig: &Path) -> Result<Client, NodeError> {
+    let err = |message: String| NodeError::Kubeconfig { path: kubeconfig.to_owned(), message };
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig).map_err(|e| err(e.to_string()))?;
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    // An edge link that silently drops packets must not hang a heartbeat for minutes.
+    config.connect_timeout = Some(Duration::from_secs(10));
+    config.read_timeout = Some(Duration::from_secs(30));
+    config.write_timeout = Some(Duration::from_secs(30));
+    Client::try_from(config).map_err(|e| err(e.to_string()))
+}
+
+/// Owns the Node object and its Lease.
+pub struct NodeRegistrar {
+    kubeconfig: PathBuf,
+    node_name: String,
+    labels: BTreeMap<String, String>,
+    taints: Vec<TaintSpec>,
+    max_pods: u32,
+    state_dir: PathBuf,
+    node_ip: Option<std::net::IpAddr>,
+}
+
+impl NodeRegistrar {
+    /// A registrar for the config's node.
+    pub fn new(config: &AgentConfig) -> Self {
+        NodeRegistrar {
+            kubeconfig: config.kubeconfig.clone(),
+            node_name: config.node_name.clone(),
+            labels: config.node_labels.clone(),
+            // Validated at config load; an invalid one cannot reach here.
+            taints: config.node_taints.iter().filter_map(|t| parse_taint(t).ok()).collect(),
+            max_pods: config.max_pods,
+            state_dir: config.state_dir.clone(),
+            node_ip: config.node_ip.parse().ok(),
+        }
+    }
+
+    fn status(&self, readiness: Readiness, previous: Option<&NodeStatus>) -> NodeStatus {
+        let facts = HostFacts::read(&self.state_dir, self.node_ip);
+        let prev = previous.and_then(|p| p.conditions.as_deref()).unwrap_or(&[]);
+        object::status(&self.node_name, &facts, self.max_pods, readiness, jiff::Timestamp::now(), prev)
+    }
+
+    /// Registers, then heartbeats until `cancel`; on the way out marks the node NotReady.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut backoff = RetryBackoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        let client = loop {
+            match connect(&self.kubeconfig).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::error!(error = %e, retry_in_secs = delay.as_secs(), "cannot use the kubeconfig; static pods keep running");
+                    if sleep_or_cancel(delay, &cancel).await {
+                        return;
+                    }
+                }
+            }
+        };
+        backoff.reset();
+        let nodes: Api<Node> = Api::all(client.clone());
+        let leases: Api<Lease> = Api::namespaced(client, LEASE_NAMESPACE);
+        let uid = loop {
+            match self.register(&nodes).await {
+                Ok(uid) => break uid,
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in_secs = delay.as_secs(), "node registration failed");
+                    if sleep_or_cancel(delay, &cancel).await {
+                        return;
+                    }
+                }
+            }
+        };
+        tracing::info!(node = %self.node_name, %uid, "node registered");
+        backoff.reset();
+
+        let mut written: Option<(NodeStatus, Instant)> = None;
+        let mut next = Instant::now();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            let lease = self.renew_lease(&leases, &uid).await;
+            let status = self.status(Readiness::Ready, written.as_ref().map(|(s, _)| s));
+            let due = written.as_ref().is_none_or(|(s, at)| {
+                object::significant(s) != object::significant(&status) || at.elapsed() >= STATUS_REFRESH
+            });
+            let patched =
+                if due { self.patch_status(&nodes, &status).await.map(|()| true) } else { Ok(false) };
+            match (lease, patched) {
+                (Ok(()), Ok(wrote)) => {
+                    if wrote {
+                        written = Some((status, Instant::now()));
+                    }
+                    backoff.reset();
+                    next = Instant::now() + LEASE_RENEW;
+                }
+                (l, p) => {
+                    let delay = backoff.next_delay().min(LEASE_RENEW);
+                    for e in [l.err(), p.err()].into_iter().flatten() {
+                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "heartbeat failed");
+                    }
+                    next = Instant::now() + delay;
+                }
+            }
+        }
+        // Tell the scheduler and the controllers before going quiet, but do not hold up shutdown for it.
+        let status = self.status(Readiness::Stopping, written.as_ref().map(|(s, _)| s));
+        match tokio::time::timeout(Duration::from_secs(5), self.patch_status(&nodes, &status)).await {
+            Ok(Ok(())) => tracing::info!("node marked NotReady for shutdown"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot mark the node NotReady"),
+            Err(_) => tracing::warn!("timed out marking the node NotReady"),
+        }
+    }
+
+    /// Creates the Node, or adopts an existing one (refreshing Lichen's labels); returns its UID.
+    async fn register(&self, nodes: &Api<Node>) -> Result<String, NodeError> {
+        let status = self.status(Readiness::Ready, None);
+        let node = object::registration(&self.node_name, &self.labels, &self.taints, status.clone());
+        let uid = match nodes.create(&PostParams::default(), &node).await {
+            Ok(created) => created.metadata.uid,
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                // Taints are only set at creation, as the kubelet does: admins may have changed them since.
+                let labels = object::labels(&self.node_name, &self.labels);
+                let patch = serde_json::json!({ "metadata": { "labels": labels } });
+                let patched = nodes
+                    .patch(&self.node_name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map_err(api(format!("updating the labels of existing node {}", self.node_name)))?;
+                patched.metadata.uid
+            }
+            Err(e) => return Err(api(format!("creating node {}", self.node_name))(e)),
+        };
+        self.patch_status(nodes, &status).await?;
+        Ok(uid.unwrap_or_default())
+    }
+
+    /// PATCHes `nodes/status`: a node may patch its status but not read it.
+    async fn patch_status(&self, nodes: &Api<Node>, status: &NodeStatus) -> Result<(), NodeError> {
+        let patch = serde_json::json!({ "status": status });
+        nodes
+            .patch_status(&self.node_name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+            .map_err(api("patching node status"))
+    }
+
+    async fn renew_lease(&self, leases: &Api<Lease>, node_uid: &str) -> Result<(), NodeError> {
+        let now = MicroTime(jiff::Timestamp::now());
+        let patch = serde_json::json!({ "spec": {
+            "holderIdentity": self.node_name,
+            "leaseDurationSeconds": LEASE_DURATION_SECS,
+            "renewTime": now,
+        }});
+        match leases.patch(&self.node_name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(self.node_name.clone()),
+                        namespace: Some(LEASE_NAMESPACE.into()),
+                        // Owned by the Node, so deleting the Node collects its Lease.
+                        owner_references: (!node_uid.is_empty()).then(|| {
+                            vec![OwnerReference {
+                                api_version: "v1".into(),
+                                kind: "Node".into(),
+                                name: self.node_name.clone(),
+                                uid: node_uid.to_owned(),
+                                ..Default::default()
+                            }]
+                        }),
+                        ..Default::default()
+                    },
+                    spec: Some(LeaseSpec {
+                        holder_identity: Some(self.node_name.clone()),
+                        lease_duration_seconds: Some(LEASE_DURATION_SECS),
+                        renew_time: Some(now),
+                        ..Default::default()
+                    }),
+                };
+                leases
+                    .create(&PostParams::default(), &lease)
+                    .await
+                    .map(|_| ())
+                    .map_err(api("creating the node lease"))
+            }
+            Err(e) => Err(api("renewing the node lease")(e)),
+        }
+    }
+}
+
+async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = cancel.cancelled() => true,
+    }
+}

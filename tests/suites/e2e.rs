@@ -1,0 +1,179 @@
+//! The cluster tier, against a real API server (`LICHEN_E2E_KUBECONFIG`): the agent joins with node
+//! credentials under the Node authorizer and NodeRestriction, and what `kubectl` shows is checked.
+//! Run: `cargo test -p lichen-tests --features e2e --test e2e` (CI starts a 1.20 control plane first).
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, PostParams};
+use lichen_tests::cluster::Cluster;
+use lichen_tests::{Agent, Scratch, wait_for_async};
+
+const T: Duration = Duration::from_secs(60);
+
+fn condition(node: &Node, kind: &str) -> Option<(String, Option<String>)> {
+    let c = node.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == kind)?;
+    Some((c.status.clone(), c.reason.clone()))
+}
+
+async fn start_node(cluster: &Cluster, name: &str, tables: &str) -> (Scratch, Agent) {
+    cluster.delete_node(name).await;
+    let s = Scratch::new("");
+    let kc = cluster.node_kubeconfig(name, s.dir.path()).await;
+    // Top-level keys first: anything after a [table] header would land inside that table.
+    let config = format!(
+        "node_name = {name:?}\nstate_dir = {:?}\nstatic_pod_dir = \"\"\nnode_ip = \"127.0.0.1\"\n\
+         shutdown_timeout_secs = 5\nkubeconfig = {:?}\n{tables}",
+        s.state.display().to_string(),
+        kc.display().to_string()
+    );
+    std::fs::write(&s.config, config).expect("config");
+    let agent = s.start();
+    (s, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_registers_with_what_the_scheduler_needs_and_heartbeats() {
+    let cluster = Cluster::from_env().await;
+    let name = "lichen-e2e-register";
+    let (_s, agent) = start_node(&cluster, name, "[node_labels]\n\"acme.io/site\" = \"barn-3\"\n").await;
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    let node = wait_for_async(T, "the node to be Ready", || async {
+        let n = nodes.get(name).await.ok()?;
+        (condition(&n, "Ready")?.0 == "True").then_some(n)
+    })
+    .await;
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(labels.get("lichen.dev/runtime").map(String::as_str), Some("wasm"));
+    assert_eq!(labels.get("kubernetes.io/hostname").map(String::as_str), Some(name));
+    assert_eq!(labels.get("acme.io/site").map(String::as_str), Some("barn-3"));
+    let taints = node.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
+    assert!(taints.iter().any(|t| t.key == "lichen.dev/runtime" && t.effect == "NoSchedule"), "{taints:?}");
+    let status = node.status.clone().expect("status");
+    assert_eq!(status.allocatable.as_ref().and_then(|a| a.get("pods")).map(|q| q.0.as_str()), Some("110"));
+    let info = status.node_info.expect("nodeInfo");
+    assert!(info.container_runtime_version.starts_with("wasmtime://"), "{info:?}");
+    assert_eq!(info.operating_system, "linux");
+    let addrs = status.addresses.unwrap_or_default();
+    assert!(addrs.iter().any(|a| a.type_ == "InternalIP" && a.address == "127.0.0.1"), "{addrs:?}");
+    for kind in ["MemoryPressure", "DiskPressure", "PIDPressure"] {
+        assert!(condition(&node, kind).is_some(), "{kind} reported");
+    }
+
+    let leases: Api<Lease> = Api::namespaced(cluster.client.clone(), "kube-node-lease");
+    let lease = leases.get(name).await.expect("lease");
+    let spec = lease.spec.clone().expect("lease spec");
+    assert_eq!((spec.holder_identity.as_deref(), spec.lease_duration_seconds), (Some(name), Some(40)));
+    let owner = lease.metadata.owner_references.clone().unwrap_or_default();
+    assert_eq!(owner.first().map(|o| o.uid.as_str()), node.metadata.uid.as_deref(), "owned by the Node");
+    let first = spec.renew_time.expect("renewTime").0;
+    let renewed = wait_for_async(Duration::from_secs(25), "the lease to be renewed", || async {
+        let t = leases.get(name).await.ok()?.spec?.renew_time?.0;
+        (t > first).then_some(t)
+    })
+    .await;
+    let gap = renewed.duration_since(first).as_secs_f64();
+    assert!((8.0..=15.0).contains(&gap), "renewed every ~10 s, saw {gap}s");
+    assert!(
+        !agent.log().iter().any(|l| l.contains("WARN") || l.contains("ERROR")),
+        "{}",
+        agent.log().join("\n")
+    );
+    let (status, _) = agent.stop();
+    assert!(status.success());
+    cluster.delete_node(name).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_makes_the_node_not_ready_and_starting_makes_it_ready_again() {
+    let cluster = Cluster::from_env().await;
+    let name = "lichen-e2e-restart";
+    let (s, agent) = start_node(&cluster, name, "").await;
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    let ready = |want: &'static str| {
+        let nodes = nodes.clone();
+        async move {
+            wait_for_async(T, &format!("Ready={want}"), || async {
+                let n = nodes.get(name).await.ok()?;
+                let c = condition(&n, "Ready")?;
+                (c.0 == want).then_some(c)
+            })
+            .await
+        }
+    };
+    ready("True").await;
+    let (status, _) = agent.stop();
+    assert!(status.success());
+    let (_, reason) = ready("False").await;
+    assert_eq!(reason.as_deref(), Some("KubeletNotReady"));
+
+    // An admin's taint survives re-registration; Lichen's labels come back if removed.
+    let admin_taint = serde_json::json!({"spec": {"taints": [
+        {"key": "lichen.dev/runtime", "value": "wasm", "effect": "NoSchedule"},
+        {"key": "acme.io/maintenance", "effect": "NoSchedule"}]}});
+    nodes
+        .patch(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&admin_taint))
+        .await
+        .expect("admin taints the node");
+    let agent = s.start();
+    ready("True").await;
+    let node = nodes.get(name).await.expect("node");
+    let taints = node.spec.and_then(|s| s.taints).unwrap_or_default();
+    assert!(taints.iter().any(|t| t.key == "acme.io/maintenance"), "admin taint kept: {taints:?}");
+    assert!(agent.log().iter().any(|l| l.contains("node registered")));
+    assert!(agent.stop().0.success());
+    cluster.delete_node(name).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_places_tolerating_pods_and_keeps_others_away() {
+    let cluster = Cluster::from_env().await;
+    let name = "lichen-e2e-sched";
+    let (_s, agent) = start_node(&cluster, name, "").await;
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    wait_for_async(T, "the node to be Ready", || async {
+        let n = nodes.get(name).await.ok()?;
+        (condition(&n, "Ready")?.0 == "True").then_some(())
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let pod = |pod_name: &str, tolerate: bool| -> Pod {
+        let tolerations = if tolerate {
+            serde_json::json!([{"key": "lichen.dev/runtime", "operator": "Equal", "value": "wasm", "effect": "NoSchedule"}])
+        } else {
+            serde_json::json!([])
+        };
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": pod_name},
+            "spec": {
+                "nodeSelector": {"kubernetes.io/hostname": name},
+                "tolerations": tolerations,
+                "automountServiceAccountToken": false,
+                "containers": [{"name": "m", "image": "file:///opt/modules/hello.wasm"}]
+            }
+        }))
+        .expect("pod")
+    };
+    for (p, tol) in [("lichen-e2e-wasm", true), ("lichen-e2e-plain", false)] {
+        let _ = pods.delete(p, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await;
+        wait_for_async(T, "the old pod to go", || async {
+            pods.get_opt(p).await.ok()?.is_none().then_some(())
+        })
+        .await;
+        pods.create(&PostParams::default(), &pod(p, tol)).await.expect("create pod");
+    }
+    let bound = wait_for_async(T, "the tolerating pod to be bound", || async {
+        pods.get("lichen-e2e-wasm").await.ok()?.spec?.node_name
+    })
+    .await;
+    assert_eq!(bound, name);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let plain = pods.get("lichen-e2e-plain").await.expect("pod");
+    assert_eq!(plain.spec.and_then(|s| s.node_name), None, "the taint keeps ordinary pods off the node");
+    for p in ["lichen-e2e-wasm", "lichen-e2e-plain"] {
+        let _ = pods.delete(p, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await;
+    }
+    assert!(agent.stop().0.success());
+    cluster.delete_node(name).await;
+}
