@@ -9,8 +9,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::{self, pods::TerminatingSet};
 use crate::config::AgentConfig;
 use crate::node::NodeRegistrar;
+use crate::pod::board::StatusBoard;
 use crate::pod::manager::{DesiredPod, ManagerConfig, PodManager};
 use crate::pod::state::Backoff;
 use crate::pod::worker::WorkerDeps;
@@ -65,6 +67,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     let store = open_store(layout.store.clone()).await?;
     tracing::info!(store = %layout.store.display(), schema = store.schema_version(), "state store open");
     let runtime = WasmRuntime::new()?;
+    let board = Arc::new(StatusBoard::default());
     let deps = Arc::new(WorkerDeps {
         runtime,
         store: store.clone(),
@@ -72,6 +75,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         log_config: config.container_logs.clone(),
         host_ip: node_ip(&config).map(|ip| ip.to_string()),
         backoff: Backoff::default(),
+        board: board.clone(),
     });
     let tracker = TaskTracker::new();
     let pods_cancel = cancel.child_token();
@@ -88,44 +92,74 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         pods_cancel.clone(),
     );
 
-    let (desired_tx, mut desired_rx) = watch::channel(Vec::<DesiredPod>::new());
+    let (static_tx, mut static_rx) = watch::channel(Vec::<DesiredPod>::new());
+    let (api_tx, mut api_rx) = watch::channel(Vec::<DesiredPod>::new());
+    let (client_tx, client_rx) = watch::channel(None::<kube::Client>);
+    let terminating = TerminatingSet::default();
     match config.static_pods() {
         Some(dir) => {
             tracing::info!(dir = %dir.display(), "watching static pod manifests");
             let source = StaticPodSource::new(dir.to_owned(), config.node_name.clone());
-            tracker.spawn(source.run(desired_tx, cancel.child_token()));
+            tracker.spawn(source.run(static_tx, cancel.child_token()));
         }
-        None => tracing::info!("static pods are off (static_pod_dir is empty)"),
+        None => {
+            tracing::info!("static pods are off (static_pod_dir is empty)");
+            drop(static_tx);
+        }
     }
     match config.cluster() {
         Some(kubeconfig) => {
             tracing::info!(kubeconfig = %kubeconfig.display(), "joining the cluster");
-            tracker.spawn(NodeRegistrar::new(&config).run(cancel.child_token()));
+            let (kubeconfig, registrar, node) =
+                (kubeconfig.to_owned(), NodeRegistrar::new(&config), config.node_name.clone());
+            let (cancel, tracker2, terminating, board) =
+                (cancel.clone(), tracker.clone(), terminating.clone(), board.clone());
+            tracker.spawn(async move {
+                let Some(client) = cluster::connect_with_retry(&kubeconfig, &cancel).await else { return };
+                tracker2.spawn(registrar.run(client.clone(), cancel.child_token()));
+                let source = cluster::pods::ApiPodSource::new(client.clone(), node, terminating);
+                tracker2.spawn(source.run(api_tx, cancel.child_token()));
+                tracker2.spawn(cluster::status::run(client.clone(), board, cancel.child_token()));
+                let _ = client_tx.send(Some(client));
+            });
         }
-        None => tracing::info!("standalone: no kubeconfig, static pods only"),
+        None => {
+            tracing::info!("standalone: no kubeconfig, static pods only");
+            drop(api_tx);
+        }
     }
     if config.static_pods().is_some() {
         tokio::select! {
             _ = cancel.cancelled() => {}
-            _ = desired_rx.changed() => {}
+            _ = static_rx.changed() => {}
         }
     }
     tracing::info!(node = %config.node_name, version = env!("CARGO_PKG_VERSION"), "lichen running");
     let mut first = true;
+    let (mut static_open, mut api_open) = (config.static_pods().is_some(), config.cluster().is_some());
     loop {
-        let desired = desired_rx.borrow_and_update().clone();
+        let desired: Vec<DesiredPod> =
+            static_rx.borrow_and_update().iter().chain(api_rx.borrow_and_update().iter()).cloned().collect();
         manager.sync(&desired).await;
         if first && !cancel.is_cancelled() {
             first = false;
-            manager.forget_absent(&desired, "file:").await;
+            let static_pods: Vec<DesiredPod> =
+                desired.iter().filter(|d| d.source.starts_with("file:")).cloned().collect();
+            manager.forget_absent(&static_pods, "file:").await;
+        }
+        let client = client_rx.borrow().clone();
+        if let Some(client) = client {
+            cluster::pods::finish_deletions(&client, &terminating, |key, uid| manager.is_running(key, uid))
+                .await;
+        }
+        if !static_open && !api_open {
+            cancel.cancelled().await;
+            break;
         }
         tokio::select! {
             _ = cancel.cancelled() => break,
-            changed = desired_rx.changed() => if changed.is_err() {
-                // Without a source nothing changes; wait for shutdown.
-                cancel.cancelled().await;
-                break;
-            },
+            changed = static_rx.changed(), if static_open => static_open = changed.is_ok(),
+            changed = api_rx.changed(), if api_open => api_open = changed.is_ok(),
         }
     }
 

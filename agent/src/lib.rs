@@ -14,6 +14,7 @@
 pub mod app;
 pub mod check;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod node;
 pub mod pod;

@@ -177,3 +177,139 @@ async fn the_scheduler_places_tolerating_pods_and_keeps_others_away() {
     assert!(agent.stop().0.success());
     cluster.delete_node(name).await;
 }
+
+async fn ready_node(cluster: &Cluster, name: &str) -> (Scratch, Agent) {
+    let (s, agent) = start_node(cluster, name, "").await;
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    wait_for_async(T, "the node to be Ready", || async {
+        let n = nodes.get(name).await.ok()?;
+        (condition(&n, "Ready")?.0 == "True").then_some(())
+    })
+    .await;
+    (s, agent)
+}
+
+fn wasm_pod_template(node: &str, image: &str, extra_container: serde_json::Value) -> serde_json::Value {
+    let mut container = serde_json::json!({"name": "main", "image": image});
+    if let (Some(c), Some(extra)) = (container.as_object_mut(), extra_container.as_object()) {
+        c.extend(extra.clone());
+    }
+    serde_json::json!({
+        "nodeSelector": {"kubernetes.io/hostname": node, "lichen.dev/runtime": "wasm"},
+        "tolerations": [{"key": "lichen.dev/runtime", "operator": "Equal", "value": "wasm", "effect": "NoSchedule"}],
+        "automountServiceAccountToken": false,
+        "containers": [container]
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_runs_on_the_node_and_scales_to_zero_gracefully() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let cluster = Cluster::from_env().await;
+    let name = "lichen-e2e-deploy";
+    let (_s, agent) = ready_node(&cluster, name).await;
+    let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), "default");
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let _ = deployments.delete(name, &DeleteParams::default()).await;
+    let image = format!("file://{}", lichen_tests::fixture("sleeper.wat").display());
+    let deployment: Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}}, "spec": wasm_pod_template(name, &image, serde_json::json!({}))}
+        }
+    }))
+    .expect("deployment");
+    deployments.create(&PostParams::default(), &deployment).await.expect("create deployment");
+    let lp = kube::api::ListParams::default().labels(&format!("app={name}"));
+    let running = wait_for_async(T, "both replicas Running and Ready", || async {
+        let list = pods.list(&lp).await.ok()?;
+        let ready = list.items.iter().filter(|p| {
+            let st = p.status.as_ref();
+            st.and_then(|s| s.phase.as_deref()) == Some("Running")
+                && st
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        });
+        (ready.count() == 2).then_some(list.items)
+    })
+    .await;
+    for p in &running {
+        assert_eq!(p.spec.as_ref().and_then(|s| s.node_name.as_deref()), Some(name));
+        let st = p.status.clone().expect("status");
+        assert_eq!(st.host_ip.as_deref(), Some("127.0.0.1"));
+        let c = &st.container_statuses.expect("containerStatuses")[0];
+        assert!(c.ready && c.image_id.starts_with("sha256:"), "{c:?}");
+        assert!(c.state.as_ref().and_then(|s| s.running.as_ref()).is_some(), "{c:?}");
+        assert!(st.start_time.is_some());
+    }
+
+    let scale = serde_json::json!({"spec": {"replicas": 0}});
+    deployments
+        .patch(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&scale))
+        .await
+        .expect("scale");
+    wait_for_async(T, "the pods to be gone", || async {
+        pods.list(&lp).await.ok()?.items.is_empty().then_some(())
+    })
+    .await;
+    let log = agent.log();
+    assert_eq!(log.iter().filter(|l| l.contains("pod deleted")).count(), 2, "{}", log.join("\n"));
+    let _ = deployments.delete(name, &DeleteParams::default()).await;
+    assert!(agent.stop().0.success());
+    cluster.delete_node(name).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_lichen_cannot_run_fails_with_a_readable_reason() {
+    let cluster = Cluster::from_env().await;
+    let name = "lichen-e2e-refuse";
+    let (_s, agent) = ready_node(&cluster, name).await;
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let pod_name = "lichen-e2e-ports";
+    let _ =
+        pods.delete(pod_name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await;
+    wait_for_async(T, "the old pod to go", || async {
+        pods.get_opt(pod_name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let image = format!("file://{}", lichen_tests::fixture("hello.wat").display());
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": pod_name},
+        "spec": wasm_pod_template(name, &image, serde_json::json!({"ports": [{"containerPort": 8080}]}))
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod).await.expect("create");
+    let status = wait_for_async(T, "the pod to fail", || async {
+        let st = pods.get(pod_name).await.ok()?.status?;
+        (st.phase.as_deref() == Some("Failed")).then_some(st)
+    })
+    .await;
+    assert_eq!(status.reason.as_deref(), Some("UnsupportedPodSpec"));
+    let msg = status.message.unwrap_or_default();
+    assert!(msg.contains("spec.containers[0].ports") && msg.contains("cannot listen"), "{msg}");
+    let _ =
+        pods.delete(pod_name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await;
+    assert!(agent.stop().0.success());
+    cluster.delete_node(name).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_node_registers_again() {
+    let cluster = Cluster::from_env().await;
+    let name = "lichen-e2e-reregister";
+    let (_s, agent) = ready_node(&cluster, name).await;
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    let old = nodes.get(name).await.expect("node").metadata.uid;
+    cluster.delete_node(name).await;
+    let new = wait_for_async(T, "the node to come back", || async {
+        let n = nodes.get(name).await.ok()?;
+        (n.metadata.uid != old && condition(&n, "Ready")?.0 == "True").then_some(n.metadata.uid)
+    })
+    .await;
+    assert!(new.is_some());
+    agent.wait_log(&["registering again"], T);
+    assert!(agent.stop().0.success());
+    cluster.delete_node(name).await;
+}

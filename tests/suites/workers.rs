@@ -35,6 +35,7 @@ fn env(backoff: Backoff) -> Env {
         log_config: ContainerLogConfig::default(),
         host_ip: Some("127.0.0.1".into()),
         backoff,
+        board: Default::default(),
     });
     Env { dir, store, deps, tracker: TaskTracker::new(), cancel: CancellationToken::new() }
 }
@@ -61,7 +62,7 @@ impl Env {
                 restart_counts: BTreeMap::new(),
             })
             .expect("record");
-        worker::spawn(plan, counts, self.deps.clone(), &self.tracker, &self.cancel)
+        worker::spawn(plan, "test", counts, self.deps.clone(), &self.tracker, &self.cancel)
     }
 }
 

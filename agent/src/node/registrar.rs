@@ -49,6 +49,13 @@ pub enum NodeError {
     },
 }
 
+impl NodeError {
+    /// Whether the API server answered 404.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, NodeError::Api { source: kube::Error::Api(s), .. } if s.code == 404)
+    }
+}
+
 fn api(what: impl Into<String>) -> impl FnOnce(kube::Error) -> NodeError {
     let what = what.into();
     move |source| NodeError::Api { what, source }
@@ -70,7 +77,6 @@ pub async fn connect(kubeconfig: &Path) -> Result<Client, NodeError> {
 
 /// Owns the Node object and its Lease.
 pub struct NodeRegistrar {
-    kubeconfig: PathBuf,
     node_name: String,
     labels: BTreeMap<String, String>,
     taints: Vec<TaintSpec>,
@@ -83,7 +89,6 @@ impl NodeRegistrar {
     /// A registrar for the config's node.
     pub fn new(config: &AgentConfig) -> Self {
         NodeRegistrar {
-            kubeconfig: config.kubeconfig.clone(),
             node_name: config.node_name.clone(),
             labels: config.node_labels.clone(),
             // Validated at config load; an invalid one cannot reach here.
@@ -101,24 +106,11 @@ impl NodeRegistrar {
     }
 
     /// Registers, then heartbeats until `cancel`; on the way out marks the node NotReady.
-    pub async fn run(self, cancel: CancellationToken) {
+    pub async fn run(self, client: Client, cancel: CancellationToken) {
         let mut backoff = RetryBackoff::new(Duration::from_secs(1), Duration::from_secs(60));
-        let client = loop {
-            match connect(&self.kubeconfig).await {
-                Ok(c) => break c,
-                Err(e) => {
-                    let delay = backoff.next_delay();
-                    tracing::error!(error = %e, retry_in_secs = delay.as_secs(), "cannot use the kubeconfig; static pods keep running");
-                    if sleep_or_cancel(delay, &cancel).await {
-                        return;
-                    }
-                }
-            }
-        };
-        backoff.reset();
         let nodes: Api<Node> = Api::all(client.clone());
         let leases: Api<Lease> = Api::namespaced(client, LEASE_NAMESPACE);
-        let uid = loop {
+        let mut uid = loop {
             match self.register(&nodes).await {
                 Ok(uid) => break uid,
                 Err(e) => {
@@ -141,12 +133,26 @@ impl NodeRegistrar {
                 _ = tokio::time::sleep_until(next) => {}
             }
             let lease = self.renew_lease(&leases, &uid).await;
+            // A Lease that had to be created again went with its Node: check the Node now.
+            if matches!(lease, Ok(true)) {
+                written = None;
+            }
+            let lease = lease.map(|_| ());
             let status = self.status(Readiness::Ready, written.as_ref().map(|(s, _)| s));
             let due = written.as_ref().is_none_or(|(s, at)| {
                 object::significant(s) != object::significant(&status) || at.elapsed() >= STATUS_REFRESH
             });
-            let patched =
+            let mut patched =
                 if due { self.patch_status(&nodes, &status).await.map(|()| true) } else { Ok(false) };
+            if patched.as_ref().is_err_and(NodeError::is_not_found) {
+                // Someone deleted the Node: register again rather than heartbeat into the void.
+                tracing::warn!(node = %self.node_name, "the Node object was deleted; registering again");
+                patched = self.register(&nodes).await.map(|new_uid| {
+                    // The Lease must now be owned by the new Node.
+                    uid = new_uid;
+                    true
+                });
+            }
             match (lease, patched) {
                 (Ok(()), Ok(wrote)) => {
                     if wrote {
@@ -205,7 +211,8 @@ impl NodeRegistrar {
             .map_err(api("patching node status"))
     }
 
-    async fn renew_lease(&self, leases: &Api<Lease>, node_uid: &str) -> Result<(), NodeError> {
+    /// Renews the Lease; returns whether it had to be created.
+    async fn renew_lease(&self, leases: &Api<Lease>, node_uid: &str) -> Result<bool, NodeError> {
         let now = MicroTime(jiff::Timestamp::now());
         let patch = serde_json::json!({ "spec": {
             "holderIdentity": self.node_name,
@@ -213,7 +220,7 @@ impl NodeRegistrar {
             "renewTime": now,
         }});
         match leases.patch(&self.node_name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(false),
             Err(kube::Error::Api(s)) if s.code == 404 => {
                 let lease = Lease {
                     metadata: ObjectMeta {
@@ -241,7 +248,7 @@ impl NodeRegistrar {
                 leases
                     .create(&PostParams::default(), &lease)
                     .await
-                    .map(|_| ())
+                    .map(|_| true)
                     .map_err(api("creating the node lease"))
             }
             Err(e) => Err(api("renewing the node lease")(e)),

@@ -179,8 +179,14 @@ impl PodManager {
                     tracing::error!(pod = %key, error = %e, "cannot record pod; not starting it");
                     return;
                 }
-                let handle =
-                    worker::spawn(plan, restart_counts, self.deps.clone(), &self.tracker, &self.cancel);
+                let handle = worker::spawn(
+                    plan,
+                    &d.source,
+                    restart_counts,
+                    self.deps.clone(),
+                    &self.tracker,
+                    &self.cancel,
+                );
                 self.pods.insert(key, Entry::Running(handle));
             }
             Err(failure) => {
@@ -198,6 +204,7 @@ impl PodManager {
                 if let Err(e) = self.put_record(&record).await {
                     tracing::error!(pod = %key, error = %e, "cannot record refused pod");
                 }
+                self.deps.board.set(&key, &uid, &d.source, status.clone());
                 self.pods.insert(key, Entry::Rejected { uid, status: Box::new(status) });
             }
         }
@@ -229,6 +236,7 @@ impl PodManager {
 
     /// Deletes a pod's record, volumes and logs.
     async fn cleanup(&self, key: &str, uid: &str) {
+        self.deps.board.remove(key, uid);
         let store = self.deps.store.clone();
         let (k, u) = (key.to_owned(), uid.to_owned());
         match tokio::task::spawn_blocking(move || store.delete_pod(&k, &u)).await {
@@ -262,6 +270,11 @@ impl PodManager {
                 self.cleanup(&r.key, &r.uid).await;
             }
         }
+    }
+
+    /// Whether a worker for this pod is still running.
+    pub fn is_running(&self, key: &str, uid: &str) -> bool {
+        matches!(self.pods.get(key), Some(Entry::Running(h)) if h.uid == uid)
     }
 
     /// Every pod's latest status, by key.

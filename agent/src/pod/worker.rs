@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::board::StatusBoard;
 use super::spec::{ContainerPlan, ModuleSource, PodPlan, VolumeKind};
 use super::state::{Backoff, ContainerState, ContainerView, RestartPolicy, Termination};
 use super::status::{self, PodFailure, PodView};
@@ -38,6 +39,8 @@ pub struct WorkerDeps {
     pub host_ip: Option<String>,
     /// The back-off between restarts (the kubelet's unless a test shortens it).
     pub backoff: Backoff,
+    /// Where every status change is also posted, for reporting beyond the store.
+    pub board: Arc<StatusBoard>,
 }
 
 /// A running pod worker.
@@ -77,6 +80,7 @@ pub fn pod_log_dir(logs_dir: &Path, key: &str, uid: &str) -> PathBuf {
 /// Starts a worker for `plan` on `tracker`. `restart_counts` carries counts across agent restarts.
 pub fn spawn(
     plan: PodPlan,
+    source: &str,
     restart_counts: BTreeMap<String, u32>,
     deps: Arc<WorkerDeps>,
     tracker: &TaskTracker,
@@ -110,6 +114,7 @@ pub fn spawn(
         status_tx,
         plan_key: plan.key.clone(),
         uid: plan.uid.clone(),
+        source: source.to_owned(),
         deps: deps.clone(),
         written: AtomicBool::new(false),
     });
@@ -131,6 +136,7 @@ struct Shared {
     view: Mutex<PodView>,
     status_tx: watch::Sender<PodStatus>,
     plan_key: String,
+    source: String,
     uid: String,
     deps: Arc<WorkerDeps>,
     written: AtomicBool,
@@ -183,6 +189,7 @@ impl Shared {
             }
             Err(e) => tracing::error!(error = %e, "cannot encode pod status"),
         }
+        self.deps.board.set(&self.plan_key, &self.uid, &self.source, status.clone());
         self.status_tx.send_replace(status);
     }
 }

@@ -1,0 +1,178 @@
+//! Pods bound to this node, from a watch on `spec.nodeName=<node>` in all namespaces. kube-runtime's
+//! watcher lists, watches, re-lists on `410 Gone` and backs off on errors; this module turns its
+//! events into the desired set, publishing only complete lists, so an outage never looks like "no
+//! pods" and never stops a running pod.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use futures::TryStreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use kube::api::{Api, DeleteParams, Preconditions};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::pod::manager::DesiredPod;
+
+/// The `source` of pods from the API server.
+pub const SOURCE: &str = "api:";
+
+/// A pod being deleted: stop it, then remove the object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Terminating {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// UID, the precondition of the final delete.
+    pub uid: String,
+}
+
+/// Pods with a deletion timestamp, waiting for their final delete.
+pub type TerminatingSet = Arc<Mutex<HashMap<String, Terminating>>>;
+
+/// Watches this node's pods and publishes the ones to run.
+pub struct ApiPodSource {
+    client: Client,
+    node_name: String,
+    terminating: TerminatingSet,
+}
+
+impl ApiPodSource {
+    /// A source for `node_name`'s pods. Pods being deleted are put in `terminating`.
+    pub fn new(client: Client, node_name: String, terminating: TerminatingSet) -> Self {
+        ApiPodSource { client, node_name, terminating }
+    }
+
+    /// Runs until `cancel`, sending the desired pods after every complete view.
+    pub async fn run(self, tx: watch::Sender<Vec<DesiredPod>>, cancel: CancellationToken) {
+        let api: Api<Pod> = Api::all(self.client.clone());
+        let config = watcher::Config::default().fields(&format!("spec.nodeName={}", self.node_name));
+        let mut stream = std::pin::pin!(watcher::watcher(api, config).default_backoff());
+        let mut pods: BTreeMap<String, Pod> = BTreeMap::new();
+        let mut listing: Option<BTreeMap<String, Pod>> = None;
+        loop {
+            let event = tokio::select! {
+                _ = cancel.cancelled() => return,
+                e = stream.try_next() => e,
+            };
+            let complete = match event {
+                Ok(Some(Event::Init)) => {
+                    listing = Some(BTreeMap::new());
+                    false
+                }
+                Ok(Some(Event::InitApply(p))) => {
+                    if let Some(l) = listing.as_mut() {
+                        l.insert(uid(&p), p);
+                    }
+                    false
+                }
+                Ok(Some(Event::InitDone)) => {
+                    pods = listing.take().unwrap_or_default();
+                    tracing::info!(pods = pods.len(), "listed pods bound to this node");
+                    true
+                }
+                Ok(Some(Event::Apply(p))) => {
+                    pods.insert(uid(&p), p);
+                    listing.is_none()
+                }
+                Ok(Some(Event::Delete(p))) => {
+                    pods.remove(&uid(&p));
+                    listing.is_none()
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    // The watcher backs off and re-lists by itself; running pods are untouched.
+                    tracing::warn!(error = %e, "pod watch interrupted; retrying");
+                    false
+                }
+            };
+            if complete {
+                let desired = self.desired(&pods);
+                // Pods awaiting their final delete need a sync even when the set to run is unchanged.
+                let deleting = self.terminating.lock().is_ok_and(|t| !t.is_empty());
+                tx.send_if_modified(|cur| {
+                    let changed = *cur != desired || deleting;
+                    if changed {
+                        *cur = desired;
+                    }
+                    changed
+                });
+            }
+        }
+    }
+
+    fn desired(&self, pods: &BTreeMap<String, Pod>) -> Vec<DesiredPod> {
+        let mut terminating = HashMap::new();
+        let mut out = Vec::new();
+        for p in pods.values() {
+            let key = format!(
+                "{}/{}",
+                p.metadata.namespace.as_deref().unwrap_or("default"),
+                p.metadata.name.as_deref().unwrap_or("")
+            );
+            if p.metadata.deletion_timestamp.is_some() {
+                terminating.insert(
+                    key,
+                    Terminating {
+                        namespace: p.metadata.namespace.clone().unwrap_or_default(),
+                        name: p.metadata.name.clone().unwrap_or_default(),
+                        uid: uid(p),
+                    },
+                );
+                continue;
+            }
+            // A pod that finished is not run again, as on a kubelet.
+            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+            if matches!(phase, Some("Succeeded" | "Failed")) {
+                continue;
+            }
+            out.push(DesiredPod { pod: p.clone(), source: SOURCE.to_owned(), image_base: None });
+        }
+        if let Ok(mut t) = self.terminating.lock() {
+            *t = terminating;
+        }
+        out
+    }
+}
+
+fn uid(p: &Pod) -> String {
+    p.metadata.uid.clone().unwrap_or_default()
+}
+
+/// Removes pods whose deletion was requested and whose modules have stopped: the last step of
+/// graceful deletion, with grace 0 and the UID as precondition so a recreated pod is never hit.
+pub async fn finish_deletions(
+    client: &Client,
+    terminating: &TerminatingSet,
+    still_running: impl Fn(&str, &str) -> bool,
+) {
+    let ready: Vec<(String, Terminating)> = match terminating.lock() {
+        Ok(t) => {
+            t.iter().filter(|(k, t)| !still_running(k, &t.uid)).map(|(k, t)| (k.clone(), t.clone())).collect()
+        }
+        Err(_) => return,
+    };
+    for (key, t) in ready {
+        let api: Api<Pod> = Api::namespaced(client.clone(), &t.namespace);
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions { uid: Some(t.uid.clone()), resource_version: None }),
+            ..Default::default()
+        };
+        match api.delete(&t.name, &dp).await {
+            Ok(_) => tracing::info!(pod = %key, "pod deleted"),
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            Err(e) => {
+                tracing::warn!(pod = %key, error = %e, "cannot delete pod; will retry");
+                continue;
+            }
+        }
+        if let Ok(mut set) = terminating.lock() {
+            set.remove(&key);
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! The latest status of every pod, for whoever reports it elsewhere (the API status writer today).
+//!
+//! Coalescing by design: each pod keeps only its newest status and a version number, so a writer that
+//! fell behind (or was offline) sends one patch per pod, never a backlog.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use k8s_openapi::api::core::v1::PodStatus;
+use tokio::sync::Notify;
+
+/// One pod's newest status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BoardEntry {
+    /// The pod's UID (the write must not land on a newer pod of the same name).
+    pub uid: String,
+    /// Where the pod came from (`api:…`, `file:…`).
+    pub source: String,
+    /// The status.
+    pub status: PodStatus,
+    /// Bumped on every change.
+    pub version: u64,
+}
+
+/// Shared by the pod workers (writers) and the reporters (readers).
+#[derive(Default)]
+pub struct StatusBoard {
+    entries: Mutex<HashMap<String, BoardEntry>>,
+    changed: Notify,
+    next_version: std::sync::atomic::AtomicU64,
+}
+
+impl StatusBoard {
+    /// Records `status` as the newest for `key`.
+    pub fn set(&self, key: &str, uid: &str, source: &str, status: PodStatus) {
+        let version = self.next_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if let Ok(mut e) = self.entries.lock() {
+            e.insert(
+                key.to_owned(),
+                BoardEntry { uid: uid.to_owned(), source: source.to_owned(), status, version },
+            );
+        }
+        self.changed.notify_one();
+    }
+
+    /// Forgets a pod (it was removed).
+    pub fn remove(&self, key: &str, uid: &str) {
+        if let Ok(mut e) = self.entries.lock()
+            && e.get(key).is_some_and(|x| x.uid == uid)
+        {
+            e.remove(key);
+        }
+    }
+
+    /// Entries newer than what `seen` records, for pods whose source starts with `prefix`.
+    pub fn changed_since(&self, seen: &HashMap<String, u64>, prefix: &str) -> Vec<(String, BoardEntry)> {
+        let Ok(e) = self.entries.lock() else { return Vec::new() };
+        e.iter()
+            .filter(|(k, v)| v.source.starts_with(prefix) && seen.get(*k).is_none_or(|s| *s < v.version))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Waits for the next change.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_newest_status_per_pod_is_pending() {
+        let b = StatusBoard::default();
+        let s = |phase: &str| PodStatus { phase: Some(phase.into()), ..Default::default() };
+        b.set("ns/a", "u1", "api:", s("Pending"));
+        b.set("ns/a", "u1", "api:", s("Running"));
+        b.set("ns/f", "u2", "file:/x", s("Running"));
+        let mut seen = HashMap::new();
+        let pending = b.changed_since(&seen, "api:");
+        assert_eq!(pending.len(), 1, "coalesced, and file pods are not for the API");
+        assert_eq!(pending[0].1.status.phase.as_deref(), Some("Running"));
+        seen.insert("ns/a".to_owned(), pending[0].1.version);
+        assert!(b.changed_since(&seen, "api:").is_empty());
+        b.remove("ns/a", "other-uid");
+        b.set("ns/a", "u1", "api:", s("Succeeded"));
+        assert_eq!(b.changed_since(&seen, "api:").len(), 1);
+    }
+}
