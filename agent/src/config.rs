@@ -85,6 +85,11 @@ pub struct AgentConfig {
     pub node_labels: BTreeMap<String, String>,
     /// Taints the Node registers with, as `key=value:Effect` or `key:Effect`.
     pub node_taints: Vec<String>,
+    /// Memory available below which the node reports MemoryPressure (the kubelet's `memory.available`).
+    pub memory_pressure_threshold: ByteSize,
+    /// Percent of the state directory's disk free below which the node reports DiskPressure
+    /// (the kubelet's `nodefs.available`).
+    pub disk_pressure_percent: u32,
 }
 
 /// The agent's own logging.
@@ -138,6 +143,8 @@ impl Default for AgentConfig {
             node_ip: String::new(),
             node_labels: BTreeMap::new(),
             node_taints: vec![DEFAULT_TAINT.to_owned()],
+            memory_pressure_threshold: ByteSize(100 << 20),
+            disk_pressure_percent: 10,
         }
     }
 }
@@ -218,6 +225,12 @@ pub struct ConfigArgs {
     /// [default: lichen.dev/runtime=wasm:NoSchedule].
     #[arg(long, env = "LICHEN_NODE_TAINTS", global = true, value_delimiter = ',')]
     pub node_taints: Option<Vec<String>>,
+    /// MemoryPressure below this much available memory [default: 100Mi].
+    #[arg(long, env = "LICHEN_MEMORY_PRESSURE_THRESHOLD", global = true)]
+    pub memory_pressure_threshold: Option<ByteSize>,
+    /// DiskPressure below this percent of free disk, 0 = never [default: 10].
+    #[arg(long, env = "LICHEN_DISK_PRESSURE_PERCENT", global = true)]
+    pub disk_pressure_percent: Option<u32>,
 }
 
 impl AgentConfig {
@@ -275,6 +288,8 @@ impl AgentConfig {
         set(&mut self.kubeconfig, &a.kubeconfig);
         set(&mut self.node_ip, &a.node_ip);
         set(&mut self.node_taints, &a.node_taints);
+        set(&mut self.memory_pressure_threshold, &a.memory_pressure_threshold);
+        set(&mut self.disk_pressure_percent, &a.disk_pressure_percent);
         if let Some(labels) = &a.node_labels {
             // A malformed entry keeps its text as the key so validation names it.
             self.node_labels = labels
@@ -362,6 +377,12 @@ impl AgentConfig {
         }
         for (k, v) in &self.node_labels {
             validate_label(k, v).map_err(|message| ConfigError::Invalid { field: "node_labels", message })?;
+        }
+        if self.disk_pressure_percent > 50 {
+            return Err(ConfigError::Invalid {
+                field: "disk_pressure_percent",
+                message: format!("{} is above 50; the kubelet's default is 10", self.disk_pressure_percent),
+            });
         }
         for t in &self.node_taints {
             parse_taint(t).map_err(|message| ConfigError::Invalid { field: "node_taints", message })?;

@@ -21,10 +21,11 @@ async fn start_node(cluster: &Cluster, name: &str, tables: &str) -> (Scratch, Ag
     cluster.delete_node(name).await;
     let s = Scratch::new("");
     let kc = cluster.node_kubeconfig(name, s.dir.path()).await;
-    // Top-level keys first: anything after a [table] header would land inside that table.
+    // Top-level keys first: anything after a [table] header would land inside that table. Disk
+    // pressure is off: these scenarios are about scheduling, and a build machine's disk is not a board's.
     let config = format!(
         "node_name = {name:?}\nstate_dir = {:?}\nstatic_pod_dir = \"\"\nnode_ip = \"127.0.0.1\"\n\
-         shutdown_timeout_secs = 5\nkubeconfig = {:?}\n{tables}",
+         shutdown_timeout_secs = 5\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n{tables}",
         s.state.display().to_string(),
         kc.display().to_string()
     );
@@ -130,13 +131,7 @@ async fn stopping_makes_the_node_not_ready_and_starting_makes_it_ready_again() {
 async fn the_scheduler_places_tolerating_pods_and_keeps_others_away() {
     let cluster = Cluster::from_env().await;
     let name = "lichen-e2e-sched";
-    let (_s, agent) = start_node(&cluster, name, "").await;
-    let nodes: Api<Node> = Api::all(cluster.client.clone());
-    wait_for_async(T, "the node to be Ready", || async {
-        let n = nodes.get(name).await.ok()?;
-        (condition(&n, "Ready")?.0 == "True").then_some(())
-    })
-    .await;
+    let (_s, agent) = ready_node(&cluster, name).await;
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
     let pod = |pod_name: &str, tolerate: bool| -> Pod {
         let tolerations = if tolerate {

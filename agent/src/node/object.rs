@@ -12,10 +12,21 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use super::facts::{HostFacts, kube_arch};
 use crate::config::TaintSpec;
 
-/// Memory below which the node reports MemoryPressure (the kubelet's default hard eviction threshold).
-pub const MEMORY_PRESSURE_BYTES: u64 = 100 << 20;
-/// Share of the disk below which the node reports DiskPressure (the kubelet's `nodefs.available<10%`).
-pub const DISK_PRESSURE_PERCENT: u64 = 10;
+/// When the node reports pressure, as the kubelet's hard eviction thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    /// MemoryPressure below this many bytes available.
+    pub memory_bytes: u64,
+    /// DiskPressure below this percent of the disk free; 0 turns it off.
+    pub disk_percent: u64,
+}
+
+impl Default for Thresholds {
+    /// The kubelet's defaults: `memory.available<100Mi`, `nodefs.available<10%`.
+    fn default() -> Self {
+        Thresholds { memory_bytes: 100 << 20, disk_percent: 10 }
+    }
+}
 
 /// What the Node says about the agent itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +92,7 @@ pub fn status(
     node_name: &str,
     facts: &HostFacts,
     max_pods: u32,
+    thresholds: Thresholds,
     readiness: Readiness,
     now: jiff::Timestamp,
     previous: &[NodeCondition],
@@ -93,8 +105,8 @@ pub fn status(
         ("pods".to_owned(), q(max_pods as u64)),
     ]);
     // Allocatable leaves out what the kubelet's default eviction thresholds hold back.
-    let alloc_mem = facts.memory_total.saturating_sub(MEMORY_PRESSURE_BYTES);
-    let alloc_disk = facts.disk_total / 100 * (100 - DISK_PRESSURE_PERCENT);
+    let alloc_mem = facts.memory_total.saturating_sub(thresholds.memory_bytes);
+    let alloc_disk = facts.disk_total / 100 * (100 - thresholds.disk_percent);
     let allocatable = BTreeMap::from([
         ("cpu".to_owned(), q(facts.cpus)),
         ("memory".to_owned(), Quantity(format!("{}Ki", alloc_mem / 1024))),
@@ -107,9 +119,9 @@ pub fn status(
     }
     addresses.push(NodeAddress { type_: "Hostname".into(), address: node_name.to_owned() });
 
-    let memory_pressure = facts.memory_total > 0 && facts.memory_available < MEMORY_PRESSURE_BYTES;
+    let memory_pressure = facts.memory_total > 0 && facts.memory_available < thresholds.memory_bytes;
     let disk_pressure =
-        facts.disk_total > 0 && facts.disk_available * 100 < facts.disk_total * DISK_PRESSURE_PERCENT;
+        facts.disk_total > 0 && facts.disk_available * 100 < facts.disk_total * thresholds.disk_percent;
     let ready = readiness == Readiness::Ready;
     let cond = |kind: &str, status: bool, reason: &str, message: &str| {
         let s = if status { "True" } else { "False" };
@@ -133,7 +145,7 @@ pub fn status(
                 "MemoryPressure",
                 true,
                 "KubeletHasInsufficientMemory",
-                "node has less than 100Mi of memory available",
+                "node's available memory is below the memory pressure threshold",
             )
         } else {
             cond(
@@ -148,7 +160,7 @@ pub fn status(
                 "DiskPressure",
                 true,
                 "KubeletHasDiskPressure",
-                "node has less than 10% of its disk available",
+                "node's free disk is below the disk pressure threshold",
             )
         } else {
             cond("DiskPressure", false, "KubeletHasNoDiskPressure", "node has no disk pressure")
@@ -220,7 +232,15 @@ mod tests {
 
     #[test]
     fn the_scheduler_gets_everything_it_needs() {
-        let s = status("pi", &facts(), 110, Readiness::Ready, jiff::Timestamp::UNIX_EPOCH, &[]);
+        let s = status(
+            "pi",
+            &facts(),
+            110,
+            Thresholds::default(),
+            Readiness::Ready,
+            jiff::Timestamp::UNIX_EPOCH,
+            &[],
+        );
         let alloc = s.allocatable.as_ref().expect("allocatable");
         assert_eq!(alloc["pods"].0, "110", "the scheduler ignores nodes without allocatable pods");
         assert_eq!(alloc["cpu"].0, "4");
@@ -238,26 +258,52 @@ mod tests {
         let mut f = facts();
         f.memory_available = 50 << 20;
         f.disk_available = 1 << 30;
-        let s = status("pi", &f, 110, Readiness::Stopping, jiff::Timestamp::UNIX_EPOCH, &[]);
+        let s = status(
+            "pi",
+            &f,
+            110,
+            Thresholds::default(),
+            Readiness::Stopping,
+            jiff::Timestamp::UNIX_EPOCH,
+            &[],
+        );
         assert_eq!(condition(&s, "MemoryPressure").status, "True");
         assert_eq!(condition(&s, "DiskPressure").status, "True");
         let ready = condition(&s, "Ready");
         assert_eq!((ready.status.as_str(), ready.reason.as_deref()), ("False", Some("KubeletNotReady")));
+        let relaxed = Thresholds { memory_bytes: 10 << 20, disk_percent: 0 };
+        let s = status("pi", &f, 110, relaxed, Readiness::Ready, jiff::Timestamp::UNIX_EPOCH, &[]);
+        assert_eq!(condition(&s, "MemoryPressure").status, "False", "thresholds are configurable");
+        assert_eq!(condition(&s, "DiskPressure").status, "False", "0 turns disk pressure off");
     }
 
     #[test]
     fn transition_times_hold_while_status_holds() {
         let t0 = jiff::Timestamp::UNIX_EPOCH;
         let t1 = t0 + jiff::SignedDuration::from_secs(60);
-        let first = status("pi", &facts(), 110, Readiness::Ready, t0, &[]);
-        let again =
-            status("pi", &facts(), 110, Readiness::Ready, t1, first.conditions.as_deref().unwrap_or(&[]));
+        let first = status("pi", &facts(), 110, Thresholds::default(), Readiness::Ready, t0, &[]);
+        let again = status(
+            "pi",
+            &facts(),
+            110,
+            Thresholds::default(),
+            Readiness::Ready,
+            t1,
+            first.conditions.as_deref().unwrap_or(&[]),
+        );
         let r = condition(&again, "Ready");
         assert_eq!(r.last_transition_time, Some(Time(t0)));
         assert_eq!(r.last_heartbeat_time, Some(Time(t1)));
         assert_eq!(significant(&first), significant(&again));
-        let stopping =
-            status("pi", &facts(), 110, Readiness::Stopping, t1, first.conditions.as_deref().unwrap_or(&[]));
+        let stopping = status(
+            "pi",
+            &facts(),
+            110,
+            Thresholds::default(),
+            Readiness::Stopping,
+            t1,
+            first.conditions.as_deref().unwrap_or(&[]),
+        );
         assert_eq!(condition(&stopping, "Ready").last_transition_time, Some(Time(t1)));
     }
 

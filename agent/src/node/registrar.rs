@@ -81,6 +81,7 @@ pub struct NodeRegistrar {
     labels: BTreeMap<String, String>,
     taints: Vec<TaintSpec>,
     max_pods: u32,
+    thresholds: object::Thresholds,
     state_dir: PathBuf,
     node_ip: Option<std::net::IpAddr>,
 }
@@ -94,6 +95,10 @@ impl NodeRegistrar {
             // Validated at config load; an invalid one cannot reach here.
             taints: config.node_taints.iter().filter_map(|t| parse_taint(t).ok()).collect(),
             max_pods: config.max_pods,
+            thresholds: object::Thresholds {
+                memory_bytes: config.memory_pressure_threshold.0,
+                disk_percent: config.disk_pressure_percent as u64,
+            },
             state_dir: config.state_dir.clone(),
             node_ip: config.node_ip.parse().ok(),
         }
@@ -102,7 +107,15 @@ impl NodeRegistrar {
     fn status(&self, readiness: Readiness, previous: Option<&NodeStatus>) -> NodeStatus {
         let facts = HostFacts::read(&self.state_dir, self.node_ip);
         let prev = previous.and_then(|p| p.conditions.as_deref()).unwrap_or(&[]);
-        object::status(&self.node_name, &facts, self.max_pods, readiness, jiff::Timestamp::now(), prev)
+        object::status(
+            &self.node_name,
+            &facts,
+            self.max_pods,
+            self.thresholds,
+            readiness,
+            jiff::Timestamp::now(),
+            prev,
+        )
     }
 
     /// Registers, then heartbeats until `cancel`; on the way out marks the node NotReady.
