@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::api::core::v1::Pod;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -47,7 +47,6 @@ enum Entry {
     /// Refused at admission; kept so the refusal is not repeated on every sync.
     Rejected {
         uid: String,
-        status: Box<PodStatus>,
     },
 }
 
@@ -204,8 +203,8 @@ impl PodManager {
                 if let Err(e) = self.put_record(&record).await {
                     tracing::error!(pod = %key, error = %e, "cannot record refused pod");
                 }
-                self.deps.board.set(&key, &uid, &d.source, status.clone());
-                self.pods.insert(key, Entry::Rejected { uid, status: Box::new(status) });
+                self.deps.board.set(&key, &uid, &d.source, status);
+                self.pods.insert(key, Entry::Rejected { uid });
             }
         }
     }
@@ -275,28 +274,6 @@ impl PodManager {
     /// Whether a worker for this pod is still running.
     pub fn is_running(&self, key: &str, uid: &str) -> bool {
         matches!(self.pods.get(key), Some(Entry::Running(h)) if h.uid == uid)
-    }
-
-    /// Every pod's latest status, by key.
-    pub fn statuses(&self) -> BTreeMap<String, PodStatus> {
-        self.pods
-            .iter()
-            .map(|(k, e)| {
-                let s = match e {
-                    Entry::Running(h) => h.status(),
-                    Entry::Rejected { status, .. } => (**status).clone(),
-                };
-                (k.clone(), s)
-            })
-            .collect()
-    }
-
-    /// A status watcher for a running pod.
-    pub fn watch(&self, key: &str) -> Option<tokio::sync::watch::Receiver<PodStatus>> {
-        match self.pods.get(key)? {
-            Entry::Running(h) => Some(h.watch()),
-            Entry::Rejected { .. } => None,
-        }
     }
 
     /// Stops every pod (their records stay, so they resume after a restart).

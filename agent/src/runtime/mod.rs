@@ -210,11 +210,6 @@ impl WasmRuntime {
         Ok(Arc::new(WasmRuntime { engine, linker, compiled: Mutex::new(HashMap::new()), ticker }))
     }
 
-    /// The engine, for callers that precompile.
-    pub fn engine(&self) -> &Engine {
-        &self.engine
-    }
-
     /// Compiles (or finds already compiled) the module with this digest. Compilation runs on a
     /// blocking thread so the reactor keeps serving other pods.
     pub async fn prepare(&self, digest: ModuleDigest, bytes: Arc<[u8]>) -> Result<PreparedModule, Outcome> {
