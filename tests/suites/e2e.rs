@@ -151,12 +151,7 @@ async fn the_scheduler_places_tolerating_pods_and_keeps_others_away() {
         .expect("pod")
     };
     for (p, tol) in [("lichen-e2e-wasm", true), ("lichen-e2e-plain", false)] {
-        let _ = pods.delete(p, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await;
-        wait_for_async(T, "the old pod to go", || async {
-            pods.get_opt(p).await.ok()?.is_none().then_some(())
-        })
-        .await;
-        pods.create(&PostParams::default(), &pod(p, tol)).await.expect("create pod");
+        create_fresh(&pods, &pod(p, tol)).await;
     }
     let bound = wait_for_async(T, "the tolerating pod to be bound", || async {
         pods.get("lichen-e2e-wasm").await.ok()?.spec?.node_name
@@ -182,6 +177,17 @@ async fn ready_node(cluster: &Cluster, name: &str) -> (Scratch, Agent) {
     })
     .await;
     (s, agent)
+}
+
+/// Creates `pod`, first removing one of the same name left by an earlier run.
+async fn create_fresh(pods: &Api<Pod>, pod: &Pod) {
+    let name = pod.metadata.name.clone().expect("pod name");
+    let _ = pods.delete(&name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await;
+    wait_for_async(T, "the old pod to go", || async {
+        pods.get_opt(&name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    pods.create(&PostParams::default(), pod).await.expect("create pod");
 }
 
 fn wasm_pod_template(node: &str, image: &str, extra_container: serde_json::Value) -> serde_json::Value {
@@ -263,19 +269,13 @@ async fn a_pod_lichen_cannot_run_fails_with_a_readable_reason() {
     let (_s, agent) = ready_node(&cluster, name).await;
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
     let pod_name = "lichen-e2e-ports";
-    let _ =
-        pods.delete(pod_name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await;
-    wait_for_async(T, "the old pod to go", || async {
-        pods.get_opt(pod_name).await.ok()?.is_none().then_some(())
-    })
-    .await;
     let image = format!("file://{}", lichen_tests::fixture("hello.wat").display());
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": pod_name},
         "spec": wasm_pod_template(name, &image, serde_json::json!({"ports": [{"containerPort": 8080}]}))
     }))
     .expect("pod");
-    pods.create(&PostParams::default(), &pod).await.expect("create");
+    create_fresh(&pods, &pod).await;
     let status = wait_for_async(T, "the pod to fail", || async {
         let st = pods.get(pod_name).await.ok()?.status?;
         (st.phase.as_deref() == Some("Failed")).then_some(st)
