@@ -181,5 +181,5 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
 
 /// The node's address: configured, or that of the default-route interface.
 fn node_ip(config: &AgentConfig) -> Option<std::net::IpAddr> {
-    crate::node::facts::HostFacts::read(&config.state_dir, config.node_ip.parse().ok()).ip
+    crate::node::facts::node_ip_or_detected(config.node_ip.parse().ok())
 }

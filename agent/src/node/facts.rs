@@ -22,24 +22,46 @@ pub struct HostFacts {
     pub os_image: String,
     /// The node's address.
     pub ip: Option<IpAddr>,
+    /// `/etc/machine-id`.
+    pub machine_id: String,
+    /// This boot's id.
+    pub boot_id: String,
 }
 
 impl HostFacts {
     /// Reads the host. `node_ip` (from config) wins over detection; `state_dir` picks the disk.
     pub fn read(state_dir: &Path, node_ip: Option<IpAddr>) -> HostFacts {
-        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let (disk_total, disk_available) = disk(state_dir);
-        HostFacts {
+        let text = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let mut facts = HostFacts {
             cpus: std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1),
-            memory_total: meminfo_field(&meminfo, "MemTotal:"),
-            memory_available: meminfo_field(&meminfo, "MemAvailable:"),
-            disk_total,
-            disk_available,
+            memory_total: 0,
+            memory_available: 0,
+            disk_total: 0,
+            disk_available: 0,
             kernel: rustix::system::uname().release().to_string_lossy().into_owned(),
-            os_image: os_image(&std::fs::read_to_string("/etc/os-release").unwrap_or_default()),
-            ip: node_ip.or_else(default_route_ip),
-        }
+            os_image: os_image(&text("/etc/os-release")),
+            ip: None,
+            machine_id: text("/etc/machine-id").trim().to_owned(),
+            boot_id: text("/proc/sys/kernel/random/boot_id").trim().to_owned(),
+        };
+        facts.refresh(state_dir, node_ip);
+        facts
     }
+
+    /// Re-reads what changes while the agent runs (memory, disk, a DHCP address); the kernel, OS
+    /// image and ids stay as they were read at start.
+    pub fn refresh(&mut self, state_dir: &Path, node_ip: Option<IpAddr>) {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        self.memory_total = meminfo_field(&meminfo, "MemTotal:");
+        self.memory_available = meminfo_field(&meminfo, "MemAvailable:");
+        (self.disk_total, self.disk_available) = disk(state_dir);
+        self.ip = node_ip_or_detected(node_ip);
+    }
+}
+
+/// The configured address, or the one of the default-route interface.
+pub fn node_ip_or_detected(configured: Option<IpAddr>) -> Option<IpAddr> {
+    configured.or_else(default_route_ip)
 }
 
 fn meminfo_field(meminfo: &str, name: &str) -> u64 {

@@ -186,13 +186,9 @@ pub fn status(
             kubelet_version: format!("v{}-lichen", env!("CARGO_PKG_VERSION")),
             kube_proxy_version: String::new(),
             container_runtime_version: format!("wasmtime://{}", crate::runtime::WASMTIME_VERSION),
-            machine_id: std::fs::read_to_string("/etc/machine-id")
-                .map(|s| s.trim().to_owned())
-                .unwrap_or_default(),
+            machine_id: facts.machine_id.clone(),
             system_uuid: String::new(),
-            boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-                .map(|s| s.trim().to_owned())
-                .unwrap_or_default(),
+            boot_id: facts.boot_id.clone(),
             ..Default::default()
         }),
         ..Default::default()
@@ -223,6 +219,8 @@ mod tests {
             kernel: "6.1.0".into(),
             os_image: "Raspbian".into(),
             ip: Some("10.0.0.7".parse().expect("ip")),
+            machine_id: "m".into(),
+            boot_id: "b".into(),
         }
     }
 

@@ -84,6 +84,8 @@ pub struct NodeRegistrar {
     thresholds: object::Thresholds,
     state_dir: PathBuf,
     node_ip: Option<std::net::IpAddr>,
+    /// Read once; memory, disk and address are refreshed before each status.
+    facts: HostFacts,
 }
 
 impl NodeRegistrar {
@@ -101,15 +103,16 @@ impl NodeRegistrar {
             },
             state_dir: config.state_dir.clone(),
             node_ip: config.node_ip.parse().ok(),
+            facts: HostFacts::read(&config.state_dir, config.node_ip.parse().ok()),
         }
     }
 
-    fn status(&self, readiness: Readiness, previous: Option<&NodeStatus>) -> NodeStatus {
-        let facts = HostFacts::read(&self.state_dir, self.node_ip);
+    fn status(&mut self, readiness: Readiness, previous: Option<&NodeStatus>) -> NodeStatus {
+        self.facts.refresh(&self.state_dir, self.node_ip);
         let prev = previous.and_then(|p| p.conditions.as_deref()).unwrap_or(&[]);
         object::status(
             &self.node_name,
-            &facts,
+            &self.facts,
             self.max_pods,
             self.thresholds,
             readiness,
@@ -119,7 +122,7 @@ impl NodeRegistrar {
     }
 
     /// Registers, then heartbeats until `cancel`; on the way out marks the node NotReady.
-    pub async fn run(self, client: Client, cancel: CancellationToken) {
+    pub async fn run(mut self, client: Client, cancel: CancellationToken) {
         let mut backoff = RetryBackoff::new(Duration::from_secs(1), Duration::from_secs(60));
         let nodes: Api<Node> = Api::all(client.clone());
         let leases: Api<Lease> = Api::namespaced(client, LEASE_NAMESPACE);
@@ -193,7 +196,7 @@ impl NodeRegistrar {
     }
 
     /// Creates the Node, or adopts an existing one (refreshing Lichen's labels); returns its UID.
-    async fn register(&self, nodes: &Api<Node>) -> Result<String, NodeError> {
+    async fn register(&mut self, nodes: &Api<Node>) -> Result<String, NodeError> {
         let status = self.status(Readiness::Ready, None);
         let node = object::registration(&self.node_name, &self.labels, &self.taints, status.clone());
         let uid = match nodes.create(&PostParams::default(), &node).await {
