@@ -177,33 +177,24 @@ impl StaticPodSource {
         };
         files.sort();
         for file in files {
-            let text = match read_manifest(&file) {
-                Ok(text) => text,
-                Err(message) => {
-                    let e = ManifestError { file: file.clone(), message };
-                    let content: [u8; 32] = Sha256::digest(e.message.as_bytes()).into();
-                    let state = self.known.remove(&file);
-                    if state.as_ref().is_none_or(|s| s.content != content) {
-                        newly.push(e.clone());
-                    }
-                    let last_good = state.and_then(|s| s.last_good);
-                    self.known.insert(file.clone(), FileState { content, last_good, error: Some(e) });
-                    seen.insert(file, ());
-                    continue;
-                }
+            // An unreadable file is keyed by its error, so each problem is reported once, like a bad parse.
+            let read = read_manifest(&file);
+            let content: [u8; 32] = match &read {
+                Ok(text) => Sha256::digest(text.as_bytes()).into(),
+                Err(message) => Sha256::digest(message.as_bytes()).into(),
             };
-            let content: [u8; 32] = Sha256::digest(text.as_bytes()).into();
-            if let Some(state) = self.known.get(&file)
-                && state.content == content
-            {
-                seen.insert(file.clone(), ());
+            seen.insert(file.clone(), ());
+            if self.known.get(&file).is_some_and(|s| s.content == content) {
                 continue;
             }
-            let parsed = parse_manifest(&text, &file, &self.node_name).map(|pod| DesiredPod {
-                pod,
-                source: format!("file:{}", file.display()),
-                image_base: Some(self.dir.clone()),
-            });
+            let parsed = read
+                .map_err(|message| ManifestError { file: file.clone(), message })
+                .and_then(|text| parse_manifest(&text, &file, &self.node_name))
+                .map(|pod| DesiredPod {
+                    pod,
+                    source: format!("file:{}", file.display()),
+                    image_base: Some(self.dir.clone()),
+                });
             let previous = self.known.remove(&file).and_then(|s| s.last_good);
             let state = match parsed {
                 Ok(pod) => FileState { content, last_good: Some(pod), error: None },
@@ -212,8 +203,7 @@ impl StaticPodSource {
                     FileState { content, last_good: previous, error: Some(e) }
                 }
             };
-            self.known.insert(file.clone(), state);
-            seen.insert(file, ());
+            self.known.insert(file, state);
         }
         self.known.retain(|f, _| seen.contains_key(f));
 
