@@ -90,6 +90,7 @@ pub fn check(config: &AgentConfig) -> CheckReport {
             pod_dir: layout.pods.join(&uid),
             image_base: d.image_base.as_deref(),
             runtime: &config.runtime,
+            inputs: None,
         };
         match spec::plan(&d.pod, &ctx) {
             Ok(plan) => {

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use kube::api::{Api, DeleteParams, PostParams};
 use lichen_tests::cluster::Cluster;
 use lichen_tests::{Agent, Scratch, wait_for_async};
@@ -305,6 +305,110 @@ async fn a_deleted_node_registers_again() {
     .await;
     assert!(new.is_some());
     agent.wait_log(&["registering again"], T);
+    assert!(agent.stop().0.success());
+    cluster.delete_node(name).await;
+}
+
+/// The output lines of run `run` of a cluster pod's container, from the agent's log files.
+fn pod_output(s: &Scratch, pod: &str, container: &str, run: u32) -> Vec<String> {
+    let prefix = format!("default_{pod}_");
+    std::fs::read_dir(s.state.join("logs"))
+        .ok()
+        .and_then(|dir| dir.flatten().find(|e| e.file_name().to_string_lossy().starts_with(&prefix)))
+        .and_then(|e| lichen::runtime::logs::read_run(&e.path().join(container), run).ok())
+        .map(|recs| recs.into_iter().map(|r| r.text).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_maps_secrets_and_the_service_account_token_reach_the_module() {
+    let cluster = Cluster::from_env().await;
+    let name = "lichen-e2e-config";
+    let (s, agent) = ready_node(&cluster, name).await;
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let cms: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), "default");
+    let secrets: Api<Secret> = Api::namespaced(cluster.client.clone(), "default");
+    let (cm_name, secret_name, pod_name) = ("lichen-e2e-cfg", "lichen-e2e-secret", "lichen-e2e-config");
+    let _ = cms.delete(cm_name, &DeleteParams::default()).await;
+    let _ = secrets.delete(secret_name, &DeleteParams::default()).await;
+    let hello = format!("file://{}", lichen_tests::fixture("hello.wat").display());
+    let probe = format!("file://{}", lichen_tests::fixture("fsprobe.wat").display());
+    let mut spec = wasm_pod_template(
+        name,
+        &hello,
+        serde_json::json!({
+            "name": "env",
+            "env": [
+                {"name": "GREETING_CM", "valueFrom": {"configMapKeyRef": {"name": cm_name, "key": "greeting"}}},
+                {"name": "GREETING_SECRET", "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "password"}}}
+            ],
+            "envFrom": [{"configMapRef": {"name": cm_name}, "prefix": "GREETING_FROM_"}]
+        }),
+    );
+    // The service account admission plugin mounts the token into every container after these
+    // mounts, so the config volume is preopen 3 and the token's volume preopen 4.
+    spec["automountServiceAccountToken"] = serde_json::json!(true);
+    spec["restartPolicy"] = serde_json::json!("Never");
+    spec["volumes"] = serde_json::json!([{"name": "cfg", "configMap": {"name": cm_name}}]);
+    let mount = serde_json::json!([{"name": "cfg", "mountPath": "/cfg"}]);
+    spec["containers"].as_array_mut().expect("containers").extend([
+        serde_json::json!({"name": "files", "image": probe, "args": ["read", "3", "app.toml"], "volumeMounts": mount}),
+        serde_json::json!({"name": "token", "image": probe, "args": ["read", "4", "token"], "volumeMounts": mount}),
+    ]);
+    let pod: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": pod_name}, "spec": spec}))
+        .expect("pod");
+    create_fresh(&pods, &pod).await;
+
+    // Before the ConfigMap exists the pod waits, saying why, as on a kubelet.
+    let waiting = wait_for_async(T, "the pod to wait for its ConfigMap", || async {
+        let st = pods.get(pod_name).await.ok()?.status?;
+        let c = st.container_statuses?.into_iter().find(|c| c.name == "env")?;
+        let w = c.state?.waiting?;
+        (w.reason.as_deref() == Some("CreateContainerConfigError")).then_some(w.message.unwrap_or_default())
+    })
+    .await;
+    assert!(waiting.contains(&format!("configmap \"{cm_name}\" not found")), "{waiting}");
+    assert_eq!(
+        pods.get(pod_name).await.expect("pod").status.and_then(|s| s.phase).as_deref(),
+        Some("Pending")
+    );
+
+    let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": cm_name},
+        "data": {"greeting": "hi from a configmap", "app.toml": "x = 1"}
+    }))
+    .expect("configmap");
+    cms.create(&PostParams::default(), &cm).await.expect("create configmap");
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": secret_name},
+        "stringData": {"password": "hunter2"}
+    }))
+    .expect("secret");
+    secrets.create(&PostParams::default(), &secret).await.expect("create secret");
+    let status = wait_for_async(T, "the pod to succeed", || async {
+        let st = pods.get(pod_name).await.ok()?.status?;
+        matches!(st.phase.as_deref(), Some("Succeeded" | "Failed")).then_some(st)
+    })
+    .await;
+    assert_eq!(status.phase.as_deref(), Some("Succeeded"), "{status:#?}\n{}", agent.log().join("\n"));
+
+    let env = pod_output(&s, pod_name, "env", 0);
+    for want in [
+        "GREETING_CM=hi from a configmap",
+        "GREETING_SECRET=hunter2",
+        "GREETING_FROM_greeting=hi from a configmap",
+    ] {
+        assert!(env.iter().any(|l| l == want), "{want} in {env:?}");
+    }
+    assert_eq!(pod_output(&s, pod_name, "files", 0), ["ok x = 1"]);
+    let token = pod_output(&s, pod_name, "token", 0);
+    assert!(token.first().is_some_and(|t| t.starts_with("ok ey")), "a JWT: {token:?}");
+    assert!(!agent.log().iter().any(|l| l.contains("hunter2")), "secret values never reach the agent's log");
+
+    let _ =
+        pods.delete(pod_name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await;
+    let _ = cms.delete(cm_name, &DeleteParams::default()).await;
+    let _ = secrets.delete(secret_name, &DeleteParams::default()).await;
     assert!(agent.stop().0.success());
     cluster.delete_node(name).await;
 }

@@ -50,6 +50,7 @@ impl Env {
             pod_dir: self.dir.path().join("pods/u1"),
             image_base: Some(&fixtures_dir()),
             runtime: &rt,
+            inputs: None,
         };
         let plan = plan(&pod, &ctx).expect("valid pod");
         self.store
@@ -60,6 +61,7 @@ impl Env {
                 pod: serde_json::to_value(&pod).expect("json"),
                 status: None,
                 restart_counts: BTreeMap::new(),
+                inputs: None,
             })
             .expect("record");
         worker::spawn(plan, "test", counts, self.deps.clone(), &self.tracker, &self.cancel)

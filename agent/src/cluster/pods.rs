@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -15,7 +16,12 @@ use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::inputs::InputResolver;
 use crate::pod::manager::DesiredPod;
+
+/// How often pods' ConfigMaps, Secrets and tokens are looked at again (each fetched only when
+/// missing, failed, due, or older than [`super::inputs::REFRESH`]).
+const INPUTS_PASS: Duration = Duration::from_secs(10);
 
 /// The `source` of pods from the API server.
 pub const SOURCE: &str = "api:";
@@ -39,25 +45,45 @@ pub struct ApiPodSource {
     client: Client,
     node_name: String,
     terminating: TerminatingSet,
+    inputs: InputResolver,
 }
 
 impl ApiPodSource {
     /// A source for `node_name`'s pods. Pods being deleted are put in `terminating`.
     pub fn new(client: Client, node_name: String, terminating: TerminatingSet) -> Self {
-        ApiPodSource { client, node_name, terminating }
+        let inputs = InputResolver::new(client.clone());
+        ApiPodSource { client, node_name, terminating, inputs }
     }
 
     /// Runs until `cancel`, sending the desired pods after every complete view.
-    pub async fn run(self, tx: watch::Sender<Vec<DesiredPod>>, cancel: CancellationToken) {
+    pub async fn run(mut self, tx: watch::Sender<Vec<DesiredPod>>, cancel: CancellationToken) {
         let api: Api<Pod> = Api::all(self.client.clone());
         let config = watcher::Config::default().fields(&format!("spec.nodeName={}", self.node_name));
         let mut stream = std::pin::pin!(watcher::watcher(api, config).default_backoff());
         let mut pods: BTreeMap<String, Pod> = BTreeMap::new();
         let mut listing: Option<BTreeMap<String, Pod>> = None;
+        let mut listed = false;
+        // Re-fetches ConfigMaps, Secrets and tokens: missing ones appear, changed ones propagate.
+        let mut refresh = tokio::time::interval(INPUTS_PASS);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let event = tokio::select! {
                 _ = cancel.cancelled() => return,
-                e = stream.try_next() => e,
+                e = stream.try_next() => Some(e),
+                _ = refresh.tick() => None,
+            };
+            let Some(event) = event else {
+                if listed && listing.is_none() {
+                    let desired = self.desired(&pods).await;
+                    tx.send_if_modified(|cur| {
+                        let changed = *cur != desired;
+                        if changed {
+                            *cur = desired;
+                        }
+                        changed
+                    });
+                }
+                continue;
             };
             let complete = match event {
                 Ok(Some(Event::Init)) => {
@@ -72,6 +98,7 @@ impl ApiPodSource {
                 }
                 Ok(Some(Event::InitDone)) => {
                     pods = listing.take().unwrap_or_default();
+                    listed = true;
                     tracing::info!(pods = pods.len(), "listed pods bound to this node");
                     true
                 }
@@ -91,7 +118,7 @@ impl ApiPodSource {
                 }
             };
             if complete {
-                let desired = self.desired(&pods);
+                let desired = self.desired(&pods).await;
                 // Pods awaiting their final delete need a sync even when the set to run is unchanged.
                 let deleting = self.terminating.lock().is_ok_and(|t| !t.is_empty());
                 tx.send_if_modified(|cur| {
@@ -105,7 +132,7 @@ impl ApiPodSource {
         }
     }
 
-    fn desired(&self, pods: &BTreeMap<String, Pod>) -> Vec<DesiredPod> {
+    async fn desired(&mut self, pods: &BTreeMap<String, Pod>) -> Vec<DesiredPod> {
         let mut terminating = HashMap::new();
         let mut out = Vec::new();
         for p in pods.values() {
@@ -125,13 +152,15 @@ impl ApiPodSource {
                 );
                 continue;
             }
-            // A pod that finished is not run again, as on a kubelet.
-            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-            if matches!(phase, Some("Succeeded" | "Failed")) {
-                continue;
-            }
-            out.push(DesiredPod { pod: p.clone(), source: SOURCE.to_owned(), image_base: None });
+            let inputs = self.inputs.inputs(p).await;
+            out.push(DesiredPod {
+                pod: p.clone(),
+                source: SOURCE.to_owned(),
+                image_base: None,
+                inputs: Some(inputs),
+            });
         }
+        self.inputs.retain(&pods.keys().cloned().collect());
         if let Ok(mut t) = self.terminating.lock() {
             *t = terminating;
         }

@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::Pod;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::inputs::PodInputs;
 use super::spec::{self, PlanContext};
 use super::state::RestartPolicy;
 use super::status::{self, PodFailure, PodView};
@@ -28,6 +29,8 @@ pub struct DesiredPod {
     pub source: String,
     /// Directory relative image paths resolve against.
     pub image_base: Option<PathBuf>,
+    /// What was fetched from the API server for it; `None` for pods without a cluster.
+    pub inputs: Option<PodInputs>,
 }
 
 impl DesiredPod {
@@ -40,21 +43,34 @@ impl DesiredPod {
     fn uid(&self) -> &str {
         self.pod.metadata.uid.as_deref().unwrap_or("")
     }
+
+    /// Whether the API server already shows the pod as finished: it is never run again (as on a
+    /// kubelet), but its logs stay until the pod is deleted.
+    fn finished(&self) -> bool {
+        let phase = self.pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        matches!(phase, Some("Succeeded" | "Failed"))
+    }
 }
 
 enum Entry {
-    Running(PodHandle),
-    /// Refused at admission; kept so the refusal is not repeated on every sync.
-    Rejected {
-        uid: String,
+    Running {
+        handle: PodHandle,
+        /// The inputs its volumes were written from.
+        inputs: Option<PodInputs>,
     },
+    /// Refused at admission; kept so the refusal is not repeated on every sync.
+    Rejected { uid: String },
+    /// Waiting for a ConfigMap, Secret or token; admitted again when its inputs change.
+    Waiting { uid: String, inputs: Option<PodInputs> },
+    /// Finished before this agent started; kept so its files are removed when it is deleted.
+    Finished { uid: String },
 }
 
 impl Entry {
     fn uid(&self) -> &str {
         match self {
-            Entry::Running(h) => &h.uid,
-            Entry::Rejected { uid, .. } => uid,
+            Entry::Running { handle, .. } => &handle.uid,
+            Entry::Rejected { uid } | Entry::Waiting { uid, .. } | Entry::Finished { uid } => uid,
         }
     }
 }
@@ -106,8 +122,19 @@ impl PodManager {
             self.remove(&key).await;
         }
         for (key, d) in wanted {
-            if !self.pods.contains_key(&key) {
-                self.admit(key, d).await;
+            match self.pods.get(&key) {
+                None if d.finished() => {
+                    self.pods.insert(key, Entry::Finished { uid: d.uid().to_owned() });
+                }
+                None => self.admit(key, d).await,
+                Some(Entry::Waiting { inputs, .. }) if *inputs != d.inputs => {
+                    self.pods.remove(&key);
+                    self.admit(key, d).await;
+                }
+                Some(Entry::Running { inputs, .. }) if *inputs != d.inputs => {
+                    self.refresh_files(&key, d).await
+                }
+                Some(_) => {}
             }
         }
         let keep = self.running_modules();
@@ -118,8 +145,8 @@ impl PodManager {
         self.pods
             .values()
             .filter_map(|e| match e {
-                Entry::Running(h) => Some(h.status()),
-                Entry::Rejected { .. } => None,
+                Entry::Running { handle, .. } => Some(handle.status()),
+                Entry::Rejected { .. } | Entry::Waiting { .. } | Entry::Finished { .. } => None,
             })
             .flat_map(|s| {
                 s.init_container_statuses
@@ -131,17 +158,53 @@ impl PodManager {
             .collect()
     }
 
-    async fn admit(&mut self, key: String, d: &DesiredPod) {
-        let uid = d.uid().to_owned();
-        let pod_dir = self.config.pods_dir.join(&uid);
+    fn plan(&self, d: &DesiredPod) -> Result<spec::PodPlan, Vec<spec::SpecError>> {
         let ctx = PlanContext {
             node_name: &self.config.node_name,
             host_ip: self.deps.host_ip.as_deref(),
-            pod_dir,
+            pod_dir: self.config.pods_dir.join(d.uid()),
             image_base: d.image_base.as_deref(),
             runtime: &self.config.runtime,
+            inputs: d.inputs.as_ref(),
         };
-        let running = self.pods.values().filter(|e| matches!(e, Entry::Running(_))).count();
+        spec::plan(&d.pod, &ctx)
+    }
+
+    /// Rewrites a running pod's configMap, secret and projected volumes from new inputs, as the
+    /// kubelet does; environment variables keep the values the containers started with.
+    async fn refresh_files(&mut self, key: &str, d: &DesiredPod) {
+        match self.plan(d) {
+            Ok(plan) => {
+                for v in &plan.volumes {
+                    if let spec::VolumeKind::Files(files) = &v.kind
+                        && let Err(e) = worker::write_files(&v.host, files)
+                    {
+                        tracing::warn!(pod = %key, volume = %v.name, error = %e, "cannot update volume");
+                    }
+                }
+                if let Ok(Some(mut record)) = self.deps.store.get_pod(key)
+                    && record.uid == d.uid()
+                {
+                    record.inputs = d.inputs.clone();
+                    if let Err(e) = self.put_record(&record).await {
+                        tracing::warn!(pod = %key, error = %e, "cannot record updated inputs");
+                    }
+                }
+            }
+            // A source deleted or emptied under a running pod: keep what it has, as the kubelet does.
+            Err(errs) => {
+                let why = errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+                tracing::warn!(pod = %key, "volumes not updated: {why}");
+            }
+        }
+        if let Some(Entry::Running { inputs, .. }) = self.pods.get_mut(key) {
+            *inputs = d.inputs.clone();
+        }
+    }
+
+    async fn admit(&mut self, key: String, d: &DesiredPod) {
+        let uid = d.uid().to_owned();
+        let running = self.pods.values().filter(|e| matches!(e, Entry::Running { .. })).count();
         let refusal = if running >= self.config.max_pods as usize {
             Some(PodFailure {
                 reason: "OutOfpods".into(),
@@ -153,11 +216,16 @@ impl PodManager {
         } else {
             None
         };
+        let mut waiting = false;
         let plan = match refusal {
             Some(f) => Err(f),
-            None => spec::plan(&d.pod, &ctx).map_err(|errs| PodFailure {
-                reason: "UnsupportedPodSpec".into(),
-                message: errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+            None => self.plan(d).map_err(|errs| {
+                // Only a pod whose every problem is a missing input can become runnable by itself.
+                waiting = errs.iter().all(|e| e.pending);
+                PodFailure {
+                    reason: if waiting { "CreateContainerConfigError" } else { "UnsupportedPodSpec" }.into(),
+                    message: errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+                }
             }),
         };
         let previous = self.deps.store.get_pod(&key).ok().flatten().filter(|r| r.uid == uid);
@@ -170,6 +238,7 @@ impl PodManager {
             pod: pod_json,
             status: previous.and_then(|r| r.status),
             restart_counts: restart_counts.clone(),
+            inputs: d.inputs.clone(),
         };
         match plan {
             Ok(plan) => {
@@ -186,7 +255,17 @@ impl PodManager {
                     &self.tracker,
                     &self.cancel,
                 );
-                self.pods.insert(key, Entry::Running(handle));
+                self.pods.insert(key, Entry::Running { handle, inputs: d.inputs.clone() });
+            }
+            Err(failure) if waiting => {
+                tracing::warn!(pod = %key, "pod waits for its configuration: {}", failure.message);
+                let status = waiting_status(&d.pod, &failure, self.deps.host_ip.clone());
+                record.status = serde_json::to_value(&status).ok();
+                if let Err(e) = self.put_record(&record).await {
+                    tracing::error!(pod = %key, error = %e, "cannot record waiting pod");
+                }
+                self.deps.board.set(&key, &uid, &d.source, status);
+                self.pods.insert(key, Entry::Waiting { uid, inputs: d.inputs.clone() });
             }
             Err(failure) => {
                 tracing::error!(pod = %key, source = %d.source, reason = %failure.reason, "pod refused: {}", failure.message);
@@ -223,7 +302,7 @@ impl PodManager {
             return;
         };
         let uid = entry.uid().to_owned();
-        if let Entry::Running(handle) = &entry {
+        if let Entry::Running { handle, .. } = &entry {
             tracing::info!(pod = %key, "stopping pod");
             if !handle.stop(self.config.stop_grace).await {
                 tracing::warn!(pod = %key, "pod did not stop within {:?}", self.config.stop_grace);
@@ -273,17 +352,45 @@ impl PodManager {
 
     /// Whether a worker for this pod is still running.
     pub fn is_running(&self, key: &str, uid: &str) -> bool {
-        matches!(self.pods.get(key), Some(Entry::Running(h)) if h.uid == uid)
+        matches!(self.pods.get(key), Some(Entry::Running { handle, .. }) if handle.uid == uid)
     }
 
     /// Stops every pod (their records stay, so they resume after a restart).
     pub async fn shutdown(&mut self) {
         for (key, entry) in self.pods.drain() {
-            if let Entry::Running(h) = entry
-                && !h.stop(self.config.stop_grace).await
+            if let Entry::Running { handle, .. } = entry
+                && !handle.stop(self.config.stop_grace).await
             {
                 tracing::warn!(pod = %key, "pod did not stop in time");
             }
         }
     }
+}
+
+/// A pod that waits for a ConfigMap, Secret or token: Pending, every container waiting with
+/// `CreateContainerConfigError` and the reason, as `kubectl describe pod` shows it on a kubelet.
+fn waiting_status(
+    pod: &Pod,
+    why: &PodFailure,
+    host_ip: Option<String>,
+) -> k8s_openapi::api::core::v1::PodStatus {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let view_of = |c: &k8s_openapi::api::core::v1::Container| {
+        let mut v =
+            super::state::ContainerView::new(&c.name, c.image.as_deref().unwrap_or(""), &why.reason, 0);
+        v.state = super::state::ContainerState::Waiting {
+            reason: why.reason.clone(),
+            message: Some(why.message.clone()),
+        };
+        v
+    };
+    let view = PodView {
+        restart_policy: RestartPolicy::parse(spec.restart_policy.as_deref()).unwrap_or(RestartPolicy::Always),
+        init: spec.init_containers.iter().flatten().map(view_of).collect(),
+        app: spec.containers.iter().map(view_of).collect(),
+        failure: None,
+        start_time: Some(Timestamp::now()),
+        host_ip,
+    };
+    status::build(&view, None, Timestamp::now())
 }

@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, Volume};
+use k8s_openapi::api::core::v1::{Container, EnvVar, KeyToPath, Pod, Volume};
 
+use super::inputs::{ObjectData, ObjectKind, PodInputs, TokenRef};
 use super::state::RestartPolicy;
 use crate::config::RuntimeConfig;
 use crate::quantity::ByteSize;
@@ -28,6 +29,9 @@ pub struct SpecError {
     pub field: String,
     /// The reason and, where there is one, what to do instead.
     pub message: String,
+    /// The pod is fine but waits for something from the API server (a ConfigMap, Secret or token
+    /// not found or not fetched yet): it stays Pending and is planned again when that arrives.
+    pub pending: bool,
 }
 
 /// Where a container's module comes from.
@@ -81,7 +85,7 @@ pub struct VolumePlan {
 }
 
 /// How a volume's directory is managed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VolumeKind {
     /// Created with the pod, removed with it.
     EmptyDir,
@@ -89,6 +93,27 @@ pub enum VolumeKind {
     HostPath,
     /// Created if missing, never removed.
     HostPathOrCreate,
+    /// Files the agent writes (configMap, secret, downwardAPI, projected), always mounted read-only
+    /// and rewritten when their sources change.
+    Files(Vec<VolumeFile>),
+}
+
+/// One file of a [`VolumeKind::Files`] volume.
+#[derive(Clone, PartialEq, Eq)]
+pub struct VolumeFile {
+    /// Path relative to the volume's directory (validated: no `..`, not absolute).
+    pub path: PathBuf,
+    /// Contents.
+    pub data: Vec<u8>,
+    /// Permission bits on the host.
+    pub mode: u32,
+}
+
+impl std::fmt::Debug for VolumeFile {
+    // Secret contents stay out of logs and test output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VolumeFile({}, {} bytes, {:o})", self.path.display(), self.data.len(), self.mode)
+    }
 }
 
 /// A pod ready to run.
@@ -135,6 +160,9 @@ pub struct PlanContext<'a> {
     pub image_base: Option<&'a Path>,
     /// Default limits.
     pub runtime: &'a RuntimeConfig,
+    /// What was fetched from the API server for this pod; `None` for pods without a cluster
+    /// (static pods), which then cannot refer to ConfigMaps, Secrets or tokens.
+    pub inputs: Option<&'a PodInputs>,
 }
 
 /// Builds the plan for `pod`, or every reason it cannot run.
@@ -223,22 +251,28 @@ pub fn plan(pod: &Pod, ctx: &PlanContext<'_>) -> Result<PodPlan, Vec<SpecError>>
         },
     };
 
+    let field_env = field_values(pod, ctx);
     let mut warnings = Vec::new();
     let mut volumes = Vec::new();
+    // Volumes that could not be planned: their errors are reported once, not again at every mount.
+    let mut unplanned = std::collections::HashSet::new();
     for (i, v) in spec.volumes.iter().flatten().enumerate() {
-        if let Some(plan) = volume(v, &format!("spec.volumes[{i}]"), &ctx.pod_dir, &mut errs, &mut warnings) {
-            volumes.push(plan);
+        let vctx = VolumeContext { ctx, pod, fields: &field_env };
+        match volume(v, &format!("spec.volumes[{i}]"), &vctx, &mut errs, &mut warnings) {
+            Some(plan) => volumes.push(plan),
+            None => {
+                unplanned.insert(v.name.clone());
+            }
         }
     }
-
-    let field_env = field_values(pod, ctx);
     let mut containers_of = |list: Option<&Vec<Container>>, kind: &str| -> Vec<ContainerPlan> {
         list.into_iter()
             .flatten()
             .enumerate()
             .filter_map(|(i, c)| {
                 let path = format!("spec.{kind}[{i}]");
-                container(c, &path, ctx, &volumes, &field_env, fuel, timeout, &mut errs, &mut warnings)
+                let vols = (&volumes[..], &unplanned);
+                container(c, pod, &path, ctx, vols, &field_env, fuel, timeout, &mut errs, &mut warnings)
             })
             .collect()
     };
@@ -285,7 +319,11 @@ struct Errors(Vec<SpecError>);
 
 impl Errors {
     fn add(&mut self, field: &str, message: impl Into<String>) {
-        self.0.push(SpecError { field: field.to_owned(), message: message.into() });
+        self.0.push(SpecError { field: field.to_owned(), message: message.into(), pending: false });
+    }
+
+    fn pending(&mut self, field: &str, message: impl Into<String>) {
+        self.0.push(SpecError { field: field.to_owned(), message: message.into(), pending: true });
     }
 }
 
@@ -293,13 +331,27 @@ fn nonzero(n: u64) -> Option<u64> {
     (n != 0).then_some(n)
 }
 
+struct VolumeContext<'a> {
+    ctx: &'a PlanContext<'a>,
+    pod: &'a Pod,
+    fields: &'a BTreeMap<&'static str, String>,
+}
+
 fn volume(
     v: &Volume,
     path: &str,
-    pod_dir: &Path,
+    vctx: &VolumeContext<'_>,
     errs: &mut Errors,
     warnings: &mut Vec<String>,
 ) -> Option<VolumePlan> {
+    let pod_dir = &vctx.ctx.pod_dir;
+    if let Some(files) = file_volume(v, path, vctx, errs) {
+        return files.map(|files| VolumePlan {
+            name: v.name.clone(),
+            host: pod_dir.join("volumes").join(&v.name),
+            kind: VolumeKind::Files(files),
+        });
+    }
     if let Some(e) = &v.empty_dir {
         if e.medium.as_deref().is_some_and(|m| !m.is_empty()) {
             errs.add(
@@ -342,17 +394,293 @@ fn volume(
         .unwrap_or_else(|| "(no type)".into());
     errs.add(
         path,
-        format!("volume {:?} of type {kind} is not supported here; use emptyDir or hostPath", v.name),
+        format!(
+            "volume {:?} of type {kind} is not supported here; use emptyDir, hostPath, configMap, \
+             secret, downwardAPI or projected",
+            v.name
+        ),
     );
     None
+}
+
+/// The kubelet's default mode for files it writes into volumes.
+const DEFAULT_FILE_MODE: i32 = 0o644;
+
+/// The files of a configMap, secret, downwardAPI or projected volume: `None` when `v` is another
+/// type, `Some(None)` when it is one of these but cannot be built (errors recorded).
+fn file_volume(
+    v: &Volume,
+    path: &str,
+    vctx: &VolumeContext<'_>,
+    errs: &mut Errors,
+) -> Option<Option<Vec<VolumeFile>>> {
+    let before = errs.0.len();
+    let mut files = Vec::new();
+    if let Some(c) = &v.config_map {
+        let mode = c.default_mode.unwrap_or(DEFAULT_FILE_MODE);
+        let src = ObjectSource { kind: ObjectKind::ConfigMap, name: &c.name, optional: c.optional };
+        object_files(&src, c.items.as_deref(), mode, &format!("{path}.configMap"), vctx, errs, &mut files);
+    } else if let Some(s) = &v.secret {
+        let mode = s.default_mode.unwrap_or(DEFAULT_FILE_MODE);
+        let name = s.secret_name.as_deref().unwrap_or("");
+        let src = ObjectSource { kind: ObjectKind::Secret, name, optional: s.optional };
+        object_files(&src, s.items.as_deref(), mode, &format!("{path}.secret"), vctx, errs, &mut files);
+    } else if let Some(d) = &v.downward_api {
+        let mode = d.default_mode.unwrap_or(DEFAULT_FILE_MODE);
+        for (i, item) in d.items.iter().flatten().enumerate() {
+            downward_file(item, mode, &format!("{path}.downwardAPI.items[{i}]"), vctx, errs, &mut files);
+        }
+    } else if let Some(p) = &v.projected {
+        let mode = p.default_mode.unwrap_or(DEFAULT_FILE_MODE);
+        for (i, src) in p.sources.iter().flatten().enumerate() {
+            let spath = format!("{path}.projected.sources[{i}]");
+            if let Some(c) = &src.config_map {
+                let o = ObjectSource { kind: ObjectKind::ConfigMap, name: &c.name, optional: c.optional };
+                object_files(
+                    &o,
+                    c.items.as_deref(),
+                    mode,
+                    &format!("{spath}.configMap"),
+                    vctx,
+                    errs,
+                    &mut files,
+                );
+            } else if let Some(s) = &src.secret {
+                let o = ObjectSource { kind: ObjectKind::Secret, name: &s.name, optional: s.optional };
+                object_files(
+                    &o,
+                    s.items.as_deref(),
+                    mode,
+                    &format!("{spath}.secret"),
+                    vctx,
+                    errs,
+                    &mut files,
+                );
+            } else if let Some(d) = &src.downward_api {
+                for (j, item) in d.items.iter().flatten().enumerate() {
+                    let ipath = format!("{spath}.downwardAPI.items[{j}]");
+                    downward_file(item, mode, &ipath, vctx, errs, &mut files);
+                }
+            } else if let Some(t) = &src.service_account_token {
+                let tpath = format!("{spath}.serviceAccountToken");
+                let r = TokenRef {
+                    audience: t.audience.clone().unwrap_or_default(),
+                    expiration_seconds: t.expiration_seconds.unwrap_or(super::inputs::DEFAULT_TOKEN_SECONDS),
+                };
+                if r.expiration_seconds < 600 {
+                    errs.add(&format!("{tpath}.expirationSeconds"), "must be at least 600");
+                    continue;
+                }
+                let Some(inputs) = vctx.ctx.inputs else {
+                    errs.add(
+                        &tpath,
+                        "service account tokens need a cluster connection; static pods cannot use them",
+                    );
+                    continue;
+                };
+                match inputs.tokens.get(&r.key()) {
+                    Some(tok) => {
+                        if let Some(p) = file_path(&t.path, &format!("{tpath}.path"), errs) {
+                            files.push(VolumeFile {
+                                path: p,
+                                data: tok.token.clone().into_bytes(),
+                                mode: mode as u32,
+                            });
+                        }
+                    }
+                    None => {
+                        let why = inputs.errors.get(&format!("token/{}", r.key()));
+                        errs.pending(
+                            &tpath,
+                            match why {
+                                Some(e) => format!("cannot get a service account token: {e}"),
+                                None => "the service account token has not been issued yet".into(),
+                            },
+                        );
+                    }
+                }
+            } else {
+                let kind = serde_json::to_value(src)
+                    .ok()
+                    .and_then(|j| j.as_object().and_then(|o| o.keys().next().cloned()))
+                    .unwrap_or_else(|| "(no type)".into());
+                errs.add(
+                    &spath,
+                    format!("projected source {kind} is not supported; use configMap, secret, downwardAPI or serviceAccountToken"),
+                );
+            }
+        }
+    } else {
+        return None;
+    }
+    let mut seen = std::collections::HashSet::new();
+    for f in &files {
+        if !seen.insert(f.path.clone()) {
+            errs.add(path, format!("two sources write the file {}", f.path.display()));
+        }
+    }
+    Some((errs.0.len() == before).then_some(files))
+}
+
+struct ObjectSource<'a> {
+    kind: ObjectKind,
+    name: &'a str,
+    optional: Option<bool>,
+}
+
+/// Adds the files of a ConfigMap or Secret source: every key, or the listed `items`.
+fn object_files(
+    src: &ObjectSource<'_>,
+    items: Option<&[KeyToPath]>,
+    mode: i32,
+    path: &str,
+    vctx: &VolumeContext<'_>,
+    errs: &mut Errors,
+    out: &mut Vec<VolumeFile>,
+) {
+    let Some(data) = lookup(vctx.ctx.inputs, src, path, errs) else { return };
+    let Some(data) = data else { return };
+    let kind = src.kind.as_str().to_lowercase();
+    match items {
+        None | Some([]) => {
+            for (key, value) in data {
+                if let Some(p) = file_path(key, &format!("{path}[{key}]"), errs) {
+                    out.push(VolumeFile { path: p, data: value.0.clone(), mode: mode as u32 });
+                }
+            }
+        }
+        Some(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let ipath = format!("{path}.items[{i}]");
+                match data.get(&item.key) {
+                    Some(value) => {
+                        if let Some(p) = file_path(&item.path, &format!("{ipath}.path"), errs) {
+                            let mode = item.mode.unwrap_or(mode) as u32;
+                            out.push(VolumeFile { path: p, data: value.0.clone(), mode });
+                        }
+                    }
+                    None if src.optional == Some(true) => {}
+                    None => errs.pending(
+                        &ipath,
+                        format!(
+                            "{kind} {:?} has no key {:?} (add it, or mark the source optional)",
+                            src.name, item.key
+                        ),
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// The data of a ConfigMap or Secret: `Some(Some)` found, `Some(None)` optional and absent,
+/// `None` an error was recorded.
+fn lookup<'a>(
+    inputs: Option<&'a PodInputs>,
+    src: &ObjectSource<'_>,
+    path: &str,
+    errs: &mut Errors,
+) -> Option<Option<&'a ObjectData>> {
+    let kind = src.kind.as_str();
+    if src.name.is_empty() {
+        errs.add(&format!("{path}.name"), "is required");
+        return None;
+    }
+    let Some(inputs) = inputs else {
+        errs.add(
+            path,
+            format!("{kind}s need a cluster connection; static pods must use literal values or hostPath"),
+        );
+        return None;
+    };
+    match inputs.object(src.kind, src.name) {
+        Ok(Some(d)) => Some(Some(d)),
+        Ok(None) if src.optional == Some(true) => Some(None),
+        Ok(None) => {
+            errs.pending(path, format!("{} {:?} not found", kind.to_lowercase(), src.name));
+            None
+        }
+        Err(why) => {
+            errs.pending(path, why);
+            None
+        }
+    }
+}
+
+fn downward_file(
+    item: &k8s_openapi::api::core::v1::DownwardAPIVolumeFile,
+    mode: i32,
+    path: &str,
+    vctx: &VolumeContext<'_>,
+    errs: &mut Errors,
+    out: &mut Vec<VolumeFile>,
+) {
+    let value = match (&item.field_ref, &item.resource_field_ref) {
+        (Some(f), _) => match pod_field(vctx.pod, &f.field_path, vctx.fields) {
+            Ok(v) => v,
+            Err(why) => return errs.add(&format!("{path}.fieldRef"), why),
+        },
+        (None, Some(_)) => {
+            return errs.add(&format!("{path}.resourceFieldRef"), "is not supported; use a fieldRef");
+        }
+        (None, None) => return errs.add(path, "needs a fieldRef"),
+    };
+    if let Some(p) = file_path(&item.path, &format!("{path}.path"), errs) {
+        out.push(VolumeFile { path: p, data: value.into_bytes(), mode: item.mode.unwrap_or(mode) as u32 });
+    }
+}
+
+/// A file path inside a volume, as the API server validates it: relative, without `..`.
+fn file_path(p: &str, field: &str, errs: &mut Errors) -> Option<PathBuf> {
+    let path = Path::new(p);
+    let ok = !p.is_empty()
+        && path.is_relative()
+        && path.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !ok {
+        errs.add(field, format!("{p:?} must be a relative path without '..'"));
+        return None;
+    }
+    Some(path.to_owned())
+}
+
+/// A `fieldRef` value: the plain fields, or one label or annotation, or all of them as the
+/// downward API formats them (`key="value"` lines, sorted).
+fn pod_field(pod: &Pod, field: &str, fields: &BTreeMap<&'static str, String>) -> Result<String, String> {
+    if let Some(v) = fields.get(field) {
+        return Ok(v.clone());
+    }
+    let m = &pod.metadata;
+    let one = |prefix: &str, map: &Option<BTreeMap<String, String>>| {
+        field
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_suffix("']"))
+            .map(|k| map.as_ref().and_then(|m| m.get(k)).cloned().unwrap_or_default())
+    };
+    if let Some(v) =
+        one("metadata.labels['", &m.labels).or_else(|| one("metadata.annotations['", &m.annotations))
+    {
+        return Ok(v);
+    }
+    let all = |map: &Option<BTreeMap<String, String>>| {
+        map.iter().flatten().map(|(k, v)| format!("{k}={v:?}\n")).collect::<String>()
+    };
+    match field {
+        "metadata.labels" => Ok(all(&m.labels)),
+        "metadata.annotations" => Ok(all(&m.annotations)),
+        _ => Err(format!(
+            "{field:?} is not available; use one of {}, metadata.labels, metadata.annotations",
+            fields.keys().copied().collect::<Vec<_>>().join(", ")
+        )),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
 fn container(
     c: &Container,
+    pod: &Pod,
     path: &str,
     ctx: &PlanContext<'_>,
-    volumes: &[VolumePlan],
+    (volumes, unplanned): (&[VolumePlan], &std::collections::HashSet<String>),
     field_env: &BTreeMap<&'static str, String>,
     fuel: Option<u64>,
     timeout: Option<Duration>,
@@ -389,12 +717,6 @@ fn container(
         c.volume_devices.as_ref().is_some_and(|v| !v.is_empty()),
         "volumeDevices",
         "modules cannot use block devices",
-    );
-    reject(
-        errs,
-        c.env_from.as_ref().is_some_and(|v| !v.is_empty()),
-        "envFrom",
-        "envFrom needs ConfigMaps or Secrets from a cluster; list env values instead",
     );
     reject(
         errs,
@@ -460,15 +782,41 @@ fn container(
         }
     };
 
+    // envFrom first, then env, which overrides it: the kubelet's order.
     let mut env: Vec<(String, String)> = Vec::new();
-    for (i, e) in c.env.iter().flatten().enumerate() {
-        match env_value(e, field_env) {
-            Ok(v) => {
-                let v = expand(&v, &env);
-                env.retain(|(k, _)| k != &e.name);
-                env.push((e.name.clone(), v));
+    for (i, f) in c.env_from.iter().flatten().enumerate() {
+        let fpath = format!("{path}.envFrom[{i}]");
+        let (src, spath) = match (&f.config_map_ref, &f.secret_ref) {
+            (Some(c), None) => (
+                ObjectSource { kind: ObjectKind::ConfigMap, name: &c.name, optional: c.optional },
+                "configMapRef",
+            ),
+            (None, Some(s)) => {
+                (ObjectSource { kind: ObjectKind::Secret, name: &s.name, optional: s.optional }, "secretRef")
             }
-            Err(why) => errs.add(&format!("{path}.env[{i}]"), format!("{}: {why}", e.name)),
+            _ => {
+                errs.add(&fpath, "needs exactly one of configMapRef or secretRef");
+                continue;
+            }
+        };
+        let Some(Some(data)) = lookup(ctx.inputs, &src, &format!("{fpath}.{spath}"), errs) else { continue };
+        let prefix = f.prefix.as_deref().unwrap_or("");
+        for (key, value) in data {
+            let name = format!("{prefix}{key}");
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                warnings.push(format!("{fpath}: skipped key {key:?}, which is not a valid variable name"));
+                continue;
+            }
+            env.retain(|(k, _)| k != &name);
+            env.push((name, String::from_utf8_lossy(&value.0).into_owned()));
+        }
+    }
+    for (i, e) in c.env.iter().flatten().enumerate() {
+        let epath = format!("{path}.env[{i}]");
+        if let Some(v) = env_value(e, pod, field_env, ctx.inputs, &epath, errs) {
+            let v = expand(&v, &env);
+            env.retain(|(k, _)| k != &e.name);
+            env.push((e.name.clone(), v));
         }
     }
 
@@ -493,8 +841,10 @@ fn container(
             Some(v) => preopens.push(Preopen {
                 host: v.host.clone(),
                 guest: m.mount_path.clone(),
-                read_only: m.read_only == Some(true),
+                // The agent's own files are never the module's to change, as on a kubelet.
+                read_only: m.read_only == Some(true) || matches!(v.kind, VolumeKind::Files(_)),
             }),
+            None if unplanned.contains(&m.name) => {}
             None => errs.add(&mpath, format!("no volume named {:?} in spec.volumes", m.name)),
         }
     }
@@ -574,30 +924,72 @@ fn field_values(pod: &Pod, ctx: &PlanContext<'_>) -> BTreeMap<&'static str, Stri
     out
 }
 
-fn env_value(e: &EnvVar, fields: &BTreeMap<&'static str, String>) -> Result<String, String> {
+/// The value of one `env` entry, or `None` with the reason recorded.
+fn env_value(
+    e: &EnvVar,
+    pod: &Pod,
+    fields: &BTreeMap<&'static str, String>,
+    inputs: Option<&PodInputs>,
+    path: &str,
+    errs: &mut Errors,
+) -> Option<String> {
     let Some(from) = &e.value_from else {
-        return Ok(e.value.clone().unwrap_or_default());
+        return Some(e.value.clone().unwrap_or_default());
     };
     if let Some(f) = &from.field_ref {
-        let path = f.field_path.as_str();
-        if let Some(v) = fields.get(path) {
-            return Ok(v.clone());
-        }
-        if let Some(rest) = path.strip_prefix("metadata.labels['").and_then(|r| r.strip_suffix("']")) {
-            return Err(format!("label field {rest:?} is not available (labels are not passed through yet)"));
-        }
-        return Err(format!(
-            "fieldRef {path:?} is not available; use one of {}",
-            fields.keys().copied().collect::<Vec<_>>().join(", ")
-        ));
+        // Whole label and annotation sets are for downwardAPI volumes only.
+        let whole = matches!(f.field_path.as_str(), "metadata.labels" | "metadata.annotations");
+        return match pod_field(pod, &f.field_path, fields) {
+            Ok(v) if !whole => Some(v),
+            Ok(_) => {
+                errs.add(
+                    &format!("{path}.valueFrom.fieldRef"),
+                    format!("{}: use metadata.labels['key']", e.name),
+                );
+                None
+            }
+            Err(why) => {
+                errs.add(&format!("{path}.valueFrom.fieldRef"), format!("{}: {why}", e.name));
+                None
+            }
+        };
     }
-    if from.config_map_key_ref.is_some() || from.secret_key_ref.is_some() {
-        return Err(
-            "ConfigMap and Secret references need a cluster connection; static pods must use literal values"
-                .into(),
-        );
+    let (src, key, field) = match (&from.config_map_key_ref, &from.secret_key_ref) {
+        (Some(k), None) => (
+            ObjectSource { kind: ObjectKind::ConfigMap, name: &k.name, optional: k.optional },
+            &k.key,
+            "configMapKeyRef",
+        ),
+        (None, Some(k)) => (
+            ObjectSource { kind: ObjectKind::Secret, name: &k.name, optional: k.optional },
+            &k.key,
+            "secretKeyRef",
+        ),
+        (None, None) => {
+            errs.add(
+                &format!("{path}.valueFrom"),
+                format!("{}: resourceFieldRef is not supported; use a literal value", e.name),
+            );
+            return None;
+        }
+        _ => {
+            errs.add(&format!("{path}.valueFrom"), format!("{}: set only one source", e.name));
+            return None;
+        }
+    };
+    let fpath = format!("{path}.valueFrom.{field}");
+    let data = lookup(inputs, &src, &fpath, errs)?;
+    match data.and_then(|d| d.get(key)) {
+        Some(v) => Some(String::from_utf8_lossy(&v.0).into_owned()),
+        // An optional reference that resolves to nothing leaves the variable unset, as on a kubelet.
+        None if src.optional == Some(true) => None,
+        None => {
+            let kind = src.kind.as_str();
+            let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+            errs.pending(&fpath, format!("couldn't find key {key} in {kind} {ns}/{}", src.name));
+            None
+        }
     }
-    Err("resourceFieldRef is not supported; use a literal value".into())
 }
 
 /// Kubernetes' `$(VAR)` expansion against variables defined earlier; `$$` escapes, unknown names stay.
@@ -637,7 +1029,8 @@ mod tests {
     use super::*;
 
     fn pod(yaml: &str) -> Pod {
-        serde_saphyr::from_str(yaml).expect("test pod parses")
+        serde_saphyr::from_str_with_options(yaml, crate::static_pods::yaml_options())
+            .expect("test pod parses")
     }
 
     fn ctx(runtime: &RuntimeConfig) -> PlanContext<'_> {
@@ -647,6 +1040,7 @@ mod tests {
             pod_dir: PathBuf::from("/var/lib/lichen/pods/u1"),
             image_base: Some(Path::new("/etc/lichen/pods")),
             runtime,
+            inputs: None,
         }
     }
 
@@ -693,7 +1087,7 @@ spec:
 metadata: {name: p, uid: u1, annotations: {lichen.dev/fuel: lots}}
 spec:
   hostNetwork: true
-  volumes: [{name: s, secret: {secretName: x}}, {name: f, hostPath: {path: /dev/x, type: File}}]
+  volumes: [{name: s, nfs: {server: x, path: /}}, {name: f, hostPath: {path: /dev/x, type: File}}]
   containers:
   - name: app
     image: ghcr.io/acme/app:1.0
@@ -719,8 +1113,8 @@ spec:
         ] {
             assert!(fields.contains(&want), "missing {want} in {errs:#?}");
         }
-        let secret = errs.iter().find(|e| e.field == "spec.volumes[0]").expect("volume error");
-        assert!(secret.message.contains("secret"), "names the type: {}", secret.message);
+        let nfs = errs.iter().find(|e| e.field == "spec.volumes[0]").expect("volume error");
+        assert!(nfs.message.contains("nfs"), "names the type: {}", nfs.message);
     }
 
     #[test]
@@ -731,6 +1125,131 @@ spec:
         assert!(image_source("a.wat", None).is_err());
         assert!(image_source("file://rel/a.wasm", base).is_err());
         assert!(image_source("registry.lan:5000/app:1", base).unwrap_err().contains("registry"));
+    }
+
+    fn inputs() -> PodInputs {
+        let data = |pairs: &[(&str, &str)]| -> Option<ObjectData> {
+            Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), k8s_openapi::ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            )
+        };
+        let mut i = PodInputs::default();
+        i.config_maps
+            .insert("app".into(), data(&[("mode", "fast"), ("conf.toml", "x = 1"), ("LEVEL", "debug")]));
+        i.config_maps.insert("kube-root-ca.crt".into(), data(&[("ca.crt", "CA")]));
+        i.config_maps.insert("gone".into(), None);
+        i.secrets.insert("creds".into(), data(&[("password", "hunter2")]));
+        let now = jiff::Timestamp::now();
+        i.tokens.insert(
+            TokenRef { audience: String::new(), expiration_seconds: 3607 }.key(),
+            super::super::inputs::IssuedToken { token: "tok".into(), issued: now, expires: now },
+        );
+        i
+    }
+
+    const WITH_INPUTS: &str = "
+metadata: {name: p, namespace: ns, uid: u1, labels: {app: web, tier: edge}}
+spec:
+  volumes:
+  - {name: cfg, configMap: {name: app, items: [{key: conf.toml, path: etc/app.toml}]}}
+  - {name: sec, secret: {secretName: creds, defaultMode: 0400}}
+  - {name: meta, downwardAPI: {items: [{path: labels, fieldRef: {fieldPath: metadata.labels}}]}}
+  - name: sa
+    projected:
+      sources:
+      - serviceAccountToken: {path: token}
+      - configMap: {name: kube-root-ca.crt, items: [{key: ca.crt, path: ca.crt}]}
+      - downwardAPI: {items: [{path: namespace, fieldRef: {fieldPath: metadata.namespace}}]}
+  - {name: opt, configMap: {name: gone, optional: true}}
+  containers:
+  - name: app
+    image: mods/app.wasm
+    envFrom: [{configMapRef: {name: app}, prefix: CFG_}]
+    env:
+    - {name: CFG_mode, value: overridden}
+    - {name: PASS, valueFrom: {secretKeyRef: {name: creds, key: password}}}
+    - {name: TIER, valueFrom: {fieldRef: {fieldPath: \"metadata.labels['tier']\"}}}
+    - {name: MISSING_OK, valueFrom: {configMapKeyRef: {name: gone, key: k, optional: true}}}
+    volumeMounts: [{name: cfg, mountPath: /cfg}, {name: sa, mountPath: /var/run/secrets/kubernetes.io/serviceaccount}]
+";
+
+    fn files(plan: &PodPlan, volume: &str) -> Vec<(String, String, u32)> {
+        let v = plan.volumes.iter().find(|v| v.name == volume).expect("volume");
+        let VolumeKind::Files(files) = &v.kind else { panic!("{volume} is not a files volume") };
+        files
+            .iter()
+            .map(|f| (f.path.display().to_string(), String::from_utf8_lossy(&f.data).into_owned(), f.mode))
+            .collect()
+    }
+
+    #[test]
+    fn config_maps_secrets_tokens_and_the_downward_api_become_files_and_env() {
+        let rt = RuntimeConfig::default();
+        let inputs = inputs();
+        let ctx = PlanContext { inputs: Some(&inputs), ..ctx(&rt) };
+        let plan = plan(&pod(WITH_INPUTS), &ctx).expect("valid");
+        assert_eq!(files(&plan, "cfg"), [("etc/app.toml".into(), "x = 1".into(), 0o644)]);
+        assert_eq!(files(&plan, "sec"), [("password".into(), "hunter2".into(), 0o400)]);
+        assert_eq!(files(&plan, "meta"), [("labels".into(), "app=\"web\"\ntier=\"edge\"\n".into(), 0o644)]);
+        assert_eq!(
+            files(&plan, "sa"),
+            [
+                ("token".into(), "tok".into(), 0o644),
+                ("ca.crt".into(), "CA".into(), 0o644),
+                ("namespace".into(), "ns".into(), 0o644)
+            ]
+        );
+        assert_eq!(files(&plan, "opt"), []);
+        let c = &plan.containers[0];
+        let env: Vec<(&str, &str)> = c.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            env,
+            [
+                ("CFG_LEVEL", "debug"),
+                ("CFG_conf.toml", "x = 1"),
+                ("CFG_mode", "overridden"),
+                ("PASS", "hunter2"),
+                ("TIER", "edge")
+            ]
+        );
+        assert!(c.preopens.iter().all(|p| p.read_only), "agent-written volumes are read-only");
+        assert!(!format!("{:?}", plan.volumes).contains("hunter2"), "secret files stay out of Debug output");
+    }
+
+    #[test]
+    fn a_missing_input_makes_the_pod_wait_and_a_static_pod_cannot_refer_to_one() {
+        let rt = RuntimeConfig::default();
+        let mut inputs = inputs();
+        inputs.secrets.insert("creds".into(), None);
+        inputs.config_maps.remove("app");
+        inputs.errors.insert("configmap/app".into(), "connection refused".into());
+        let with = PlanContext { inputs: Some(&inputs), ..ctx(&rt) };
+        let errs = plan(&pod(WITH_INPUTS), &with).expect_err("waits");
+        assert!(errs.iter().all(|e| e.pending), "{errs:#?}");
+        let text = errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+        assert!(text.contains("spec.volumes[1].secret: secret \"creds\" not found"), "{text}");
+        assert!(
+            text.contains("cannot fetch ConfigMap \"app\" from the API server: connection refused"),
+            "{text}"
+        );
+
+        let errs = plan(&pod(WITH_INPUTS), &ctx(&rt)).expect_err("static pods have no cluster");
+        assert!(errs.iter().all(|e| !e.pending), "{errs:#?}");
+        assert!(errs.iter().any(|e| e.message.contains("need a cluster connection")), "{errs:#?}");
+    }
+
+    #[test]
+    fn volume_file_paths_cannot_escape() {
+        let rt = RuntimeConfig::default();
+        let inputs = inputs();
+        let ctx = PlanContext { inputs: Some(&inputs), ..ctx(&rt) };
+        let bad = WITH_INPUTS.replace("path: etc/app.toml", "path: ../../etc/passwd");
+        let errs = plan(&pod(&bad), &ctx).expect_err("refused");
+        assert_eq!(errs[0].field, "spec.volumes[0].configMap.items[0].path");
+        assert!(!errs[0].pending);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::board::StatusBoard;
-use super::spec::{ContainerPlan, ModuleSource, PodPlan, VolumeKind};
+use super::spec::{ContainerPlan, ModuleSource, PodPlan, VolumeFile, VolumeKind};
 use super::state::{Backoff, ContainerState, ContainerView, RestartPolicy, Termination};
 use super::status::{self, PodFailure, PodView};
 use crate::config::ContainerLogConfig;
@@ -268,7 +268,9 @@ async fn futures_join_all<F: std::future::Future<Output = bool>>(futs: impl Iter
 
 fn prepare_volumes(plan: &PodPlan) -> Result<(), String> {
     for v in &plan.volumes {
-        match v.kind {
+        match &v.kind {
+            VolumeKind::Files(files) => write_files(&v.host, files)
+                .map_err(|e| format!("volume {:?}: cannot write {}: {e}", v.name, v.host.display()))?,
             VolumeKind::EmptyDir | VolumeKind::HostPathOrCreate => std::fs::create_dir_all(&v.host)
                 .map_err(|e| format!("volume {:?}: cannot create {}: {e}", v.name, v.host.display()))?,
             VolumeKind::HostPath => {
@@ -283,6 +285,56 @@ fn prepare_volumes(plan: &PodPlan) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Makes `dir` hold exactly `files`. Each file is replaced by a rename, so a module never reads a
+/// half-written one; files that are no longer listed are removed. The directory is private to the
+/// agent's user because it may hold secrets; modules reach it through their preopen.
+pub fn write_files(dir: &Path, files: &[VolumeFile]) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    let mut wanted = std::collections::HashSet::new();
+    for f in files {
+        let target = dir.join(&f.path);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let unchanged = std::fs::read(&target).is_ok_and(|old| old == f.data);
+        if !unchanged {
+            let tmp = target.with_file_name(format!(
+                ".{}.tmp",
+                target.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+            ));
+            std::fs::write(&tmp, &f.data)?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(f.mode & 0o777))?;
+            std::fs::rename(&tmp, &target)?;
+        }
+        wanted.insert(target);
+    }
+    remove_unlisted(dir, &wanted)?;
+    Ok(())
+}
+
+/// Removes files under `dir` that are not in `keep`, and directories left empty.
+fn remove_unlisted(dir: &Path, keep: &std::collections::HashSet<PathBuf>) -> std::io::Result<bool> {
+    let mut empty = true;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            if remove_unlisted(&path, keep)? {
+                std::fs::remove_dir(&path)?;
+            } else {
+                empty = false;
+            }
+        } else if keep.contains(&path) {
+            empty = false;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(empty)
 }
 
 /// Runs one container until it ends for good (returns whether it succeeded) or the pod is stopped.

@@ -142,6 +142,10 @@ pub struct PodRecord {
     pub status: Option<serde_json::Value>,
     /// Restarts per container name, carried across agent restarts.
     pub restart_counts: BTreeMap<String, u32>,
+    /// The ConfigMaps, Secrets and tokens fetched for it, so it can start again offline. Kept in the
+    /// store, which is private to the agent's user, as the kubelet keeps them on the node.
+    #[serde(default)]
+    pub inputs: Option<crate::pod::inputs::PodInputs>,
 }
 
 /// What the store keeps about a cached module besides its bytes.

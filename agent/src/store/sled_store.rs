@@ -273,6 +273,7 @@ mod tests {
             pod: serde_json::json!({"metadata": {"name": key}}),
             status: None,
             restart_counts: BTreeMap::new(),
+            inputs: None,
         }
     }
 
