@@ -13,6 +13,7 @@ use crate::cluster::{self, pods::TerminatingSet};
 use crate::config::AgentConfig;
 use crate::node::NodeRegistrar;
 use crate::pod::board::StatusBoard;
+use crate::pod::events::EventRecorder;
 use crate::pod::manager::{DesiredPod, ManagerConfig, PodManager};
 use crate::pod::state::Backoff;
 use crate::pod::worker::WorkerDeps;
@@ -68,6 +69,13 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     tracing::info!(store = %layout.store.display(), schema = store.schema_version(), "state store open");
     let runtime = WasmRuntime::new()?;
     let board = Arc::new(StatusBoard::default());
+    let (events, events_rx) = match config.cluster() {
+        Some(_) => {
+            let (recorder, rx) = EventRecorder::new();
+            (recorder, Some(rx))
+        }
+        None => (EventRecorder::disabled(), None),
+    };
     let deps = Arc::new(WorkerDeps {
         runtime,
         store: store.clone(),
@@ -76,6 +84,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         host_ip: node_ip(&config).map(|ip| ip.to_string()),
         backoff: Backoff::default(),
         board: board.clone(),
+        events,
     });
     let tracker = TaskTracker::new();
     let pods_cancel = cancel.child_token();
@@ -117,9 +126,17 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             tracker.spawn(async move {
                 let Some(client) = cluster::connect_with_retry(&kubeconfig, &cancel).await else { return };
                 tracker2.spawn(registrar.run(client.clone(), cancel.child_token()));
-                let source = cluster::pods::ApiPodSource::new(client.clone(), node, terminating);
+                let source = cluster::pods::ApiPodSource::new(client.clone(), node.clone(), terminating);
                 tracker2.spawn(source.run(api_tx, cancel.child_token()));
                 tracker2.spawn(cluster::status::run(client.clone(), board, cancel.child_token()));
+                if let Some(rx) = events_rx {
+                    tracker2.spawn(cluster::events::run(
+                        client.clone(),
+                        node.clone(),
+                        rx,
+                        cancel.child_token(),
+                    ));
+                }
                 let _ = client_tx.send(Some(client));
             });
         }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, Pod, Secret};
 use kube::api::{Api, DeleteParams, PostParams};
 use lichen_tests::cluster::Cluster;
 use lichen_tests::{Agent, Scratch, wait_for_async};
@@ -409,6 +409,80 @@ async fn config_maps_secrets_and_the_service_account_token_reach_the_module() {
         pods.delete(pod_name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await;
     let _ = cms.delete(cm_name, &DeleteParams::default()).await;
     let _ = secrets.delete(secret_name, &DeleteParams::default()).await;
+    assert!(agent.stop().0.success());
+    cluster.delete_node(name).await;
+}
+
+/// `reason: message` of every event about the pod `name` with `uid`, as `kubectl describe` lists them.
+async fn pod_events(cluster: &Cluster, name: &str, uid: &str) -> Vec<(String, String, i32)> {
+    let events: Api<Event> = Api::namespaced(cluster.client.clone(), "default");
+    let lp = kube::api::ListParams::default()
+        .fields(&format!("involvedObject.name={name},involvedObject.uid={uid}"));
+    events
+        .list(&lp)
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default(), e.count.unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_shows_the_events_of_a_pods_life() {
+    let cluster = Cluster::from_env().await;
+    let name = "lichen-e2e-events";
+    let (_s, agent) = ready_node(&cluster, name).await;
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let module = |f: &str| format!("file://{}", lichen_tests::fixture(f).display());
+    let mut spin = wasm_pod_template(name, &module("loop.wat"), serde_json::json!({}));
+    spin["restartPolicy"] = serde_json::json!("OnFailure");
+    let spin: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "lichen-e2e-spin", "annotations": {"lichen.dev/fuel": "100000"}},
+        "spec": spin
+    }))
+    .expect("pod");
+    let sleeper: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "lichen-e2e-sleeper"},
+        "spec": wasm_pod_template(name, &module("sleeper.wat"), serde_json::json!({}))
+    }))
+    .expect("pod");
+    create_fresh(&pods, &spin).await;
+    create_fresh(&pods, &sleeper).await;
+    let uid = |p: Pod| p.metadata.uid.unwrap_or_default();
+    let spin_uid = uid(pods.get("lichen-e2e-spin").await.expect("spin"));
+    let sleeper_uid = uid(pods.get("lichen-e2e-sleeper").await.expect("sleeper"));
+
+    let spin_events = wait_for_async(T, "OutOfFuel and BackOff events", || async {
+        let ev = pod_events(&cluster, "lichen-e2e-spin", &spin_uid).await;
+        let has = |r: &str| ev.iter().any(|(reason, _, _)| reason == r);
+        (has("OutOfFuel") && has("BackOff")).then_some(ev)
+    })
+    .await;
+    for reason in ["Pulled", "Created", "Started"] {
+        assert!(spin_events.iter().any(|(r, _, _)| r == reason), "{reason} in {spin_events:?}");
+    }
+    let fuel = spin_events.iter().find(|(r, _, _)| r == "OutOfFuel").expect("OutOfFuel");
+    assert!(fuel.1.contains("fuel budget of 100000"), "{fuel:?}");
+
+    wait_for_async(T, "the sleeper to run", || async {
+        let st = pods.get("lichen-e2e-sleeper").await.ok()?.status?;
+        (st.phase.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+    pods.delete("lichen-e2e-sleeper", &DeleteParams::default()).await.expect("delete");
+    let killing = wait_for_async(T, "a Killing event", || async {
+        let ev = pod_events(&cluster, "lichen-e2e-sleeper", &sleeper_uid).await;
+        ev.into_iter().find(|(r, _, _)| r == "Killing")
+    })
+    .await;
+    assert_eq!(killing.1, "Stopping container main");
+
+    let _ = pods
+        .delete("lichen-e2e-spin", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
+        .await;
     assert!(agent.stop().0.success());
     cluster.delete_node(name).await;
 }

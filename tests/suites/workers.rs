@@ -36,6 +36,7 @@ fn env(backoff: Backoff) -> Env {
         host_ip: Some("127.0.0.1".into()),
         backoff,
         board: Default::default(),
+        events: lichen::pod::events::EventRecorder::disabled(),
     });
     Env { dir, store, deps, tracker: TaskTracker::new(), cancel: CancellationToken::new() }
 }

@@ -1,6 +1,7 @@
 //! The Kubernetes side of pods: which pods are bound to this node ([`pods`]), and what they are
 //! doing, written back to the API server ([`status`]). The node itself is [`crate::node`].
 
+pub mod events;
 pub mod inputs;
 pub mod pods;
 pub mod status;

@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::Pod;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::events::{EventType, PodEvent};
 use super::inputs::PodInputs;
 use super::spec::{self, PlanContext};
 use super::state::RestartPolicy;
@@ -259,6 +260,7 @@ impl PodManager {
             }
             Err(failure) if waiting => {
                 tracing::warn!(pod = %key, "pod waits for its configuration: {}", failure.message);
+                self.event(d, EventType::Warning, "Failed", format!("Error: {}", failure.message));
                 let status = waiting_status(&d.pod, &failure, self.deps.host_ip.clone());
                 record.status = serde_json::to_value(&status).ok();
                 if let Err(e) = self.put_record(&record).await {
@@ -269,6 +271,8 @@ impl PodManager {
             }
             Err(failure) => {
                 tracing::error!(pod = %key, source = %d.source, reason = %failure.reason, "pod refused: {}", failure.message);
+                let reason = if failure.reason == "OutOfpods" { "OutOfpods" } else { "UnsupportedPodSpec" };
+                self.event(d, EventType::Warning, reason, failure.message.clone());
                 let view = PodView {
                     restart_policy: RestartPolicy::Never,
                     init: vec![],
@@ -286,6 +290,19 @@ impl PodManager {
                 self.pods.insert(key, Entry::Rejected { uid });
             }
         }
+    }
+
+    fn event(&self, d: &DesiredPod, kind: EventType, reason: &'static str, message: String) {
+        let e = PodEvent {
+            key: d.key(),
+            uid: d.uid().to_owned(),
+            field_path: None,
+            kind,
+            reason,
+            message,
+            at: Timestamp::now(),
+        };
+        self.deps.events.emit(&d.source, e);
     }
 
     async fn put_record(&self, record: &PodRecord) -> Result<(), String> {

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::board::StatusBoard;
+use super::events::{EventRecorder, EventType, PodEvent};
 use super::spec::{ContainerPlan, ModuleSource, PodPlan, VolumeFile, VolumeKind};
 use super::state::{Backoff, ContainerState, ContainerView, RestartPolicy, Termination};
 use super::status::{self, PodFailure, PodView};
@@ -41,6 +42,8 @@ pub struct WorkerDeps {
     pub backoff: Backoff,
     /// Where every status change is also posted, for reporting beyond the store.
     pub board: Arc<StatusBoard>,
+    /// Where pod events go.
+    pub events: EventRecorder,
 }
 
 /// A running pod worker.
@@ -162,6 +165,23 @@ impl Shared {
         self.publish();
     }
 
+    fn event(&self, slot: Option<(Slot, &str)>, kind: EventType, reason: &'static str, message: String) {
+        let field_path = slot.map(|(s, name)| match s {
+            Slot::Init(_) => format!("spec.initContainers{{{name}}}"),
+            Slot::App(_) => format!("spec.containers{{{name}}}"),
+        });
+        let e = PodEvent {
+            key: self.plan_key.clone(),
+            uid: self.uid.clone(),
+            field_path,
+            kind,
+            reason,
+            message,
+            at: Timestamp::now(),
+        };
+        self.deps.events.emit(&self.source, e);
+    }
+
     fn fail(&self, reason: &str, message: String) {
         if let Ok(mut view) = self.view.lock() {
             view.failure = Some(PodFailure { reason: reason.to_owned(), message });
@@ -209,7 +229,9 @@ async fn run_pod(plan: PodPlan, shared: Arc<Shared>, cancel: CancellationToken) 
             cancel.cancel();
             body.await;
             let d = plan.active_deadline.unwrap_or_default().as_secs();
-            shared.fail("DeadlineExceeded", format!("Pod was active on the node longer than the specified deadline ({d}s)"));
+            let message = format!("Pod was active on the node longer than the specified deadline ({d}s)");
+            shared.event(None, EventType::Warning, "DeadlineExceeded", message.clone());
+            shared.fail("DeadlineExceeded", message);
         }
     }
     let phase = shared.status_tx.borrow().phase.clone().unwrap_or_default();
@@ -234,6 +256,7 @@ async fn run_containers(plan: &PodPlan, shared: &Arc<Shared>, cancel: &Cancellat
                 };
             });
         }
+        shared.event(None, EventType::Warning, "FailedMount", message.clone());
         shared.fail("VolumeSetupFailed", message);
         return;
     }
@@ -393,6 +416,13 @@ impl ContainerRunner<'_> {
                 Ok(m) => m,
                 Err(LoadError::Unreadable(message)) => {
                     tracing::warn!(container = %self.plan.name, %message, "cannot read module");
+                    let image = &self.plan.image;
+                    self.event(
+                        EventType::Warning,
+                        "Failed",
+                        format!("Failed to pull image {image:?}: {message}"),
+                    );
+                    self.event(EventType::Normal, "BackOff", format!("Back-off pulling image {image:?}"));
                     let delay = self.backoff.next_delay(Duration::ZERO);
                     let message = format!("{message}; retrying in {}s", delay.as_secs());
                     self.set_waiting("ImagePullBackOff", message);
@@ -404,6 +434,8 @@ impl ContainerRunner<'_> {
                 }
                 Err(LoadError::Invalid(outcome, digest)) => {
                     let t = termination(&outcome, None, Timestamp::now());
+                    let why = t.message.clone().unwrap_or_else(|| t.reason.clone());
+                    self.event(EventType::Warning, "Failed", format!("Error: {why}"));
                     match self.finish(t, digest, Duration::ZERO).await {
                         Some(result) => return result,
                         None => continue,
@@ -411,6 +443,11 @@ impl ContainerRunner<'_> {
                 }
             };
             let digest = module.digest();
+            self.event(
+                EventType::Normal,
+                "Pulled",
+                format!("Container image {:?} already present on machine ({digest})", self.plan.image),
+            );
             let echo = deps.log_config.echo.then(|| format!("{}/{}", self.shared.plan_key, self.plan.name));
             let log = match ContainerLog::open(
                 &self.log_dir,
@@ -438,6 +475,8 @@ impl ContainerRunner<'_> {
                 c.image_id = Some(digest.to_string());
             });
             tracing::info!(container = %self.plan.name, restart_count, module = %digest, "container started");
+            self.event(EventType::Normal, "Created", format!("Created container {}", self.plan.name));
+            self.event(EventType::Normal, "Started", format!("Started container {}", self.plan.name));
             let spec = RunSpec {
                 args: self.plan.argv.clone(),
                 env: self.plan.env.clone(),
@@ -460,7 +499,15 @@ impl ContainerRunner<'_> {
                 peak_memory = report.peak_memory,
                 "container ended"
             );
+            if let Outcome::OutOfFuel { fuel } = report.outcome {
+                let message = format!(
+                    "Container {} used its fuel budget of {fuel} units; raise the lichen.dev/fuel annotation if it needs more",
+                    self.plan.name
+                );
+                self.event(EventType::Warning, "OutOfFuel", message);
+            }
             if report.outcome == Outcome::Killed {
+                self.event(EventType::Normal, "Killing", format!("Stopping container {}", self.plan.name));
                 self.shared.update(self.slot, |c| c.state = ContainerState::Terminated(t));
                 return false;
             }
@@ -469,6 +516,10 @@ impl ContainerRunner<'_> {
                 None => continue,
             }
         }
+    }
+
+    fn event(&self, kind: EventType, reason: &'static str, message: String) {
+        self.shared.event(Some((self.slot, &self.plan.name)), kind, reason, message);
     }
 
     fn set_waiting(&self, reason: &str, message: String) {
@@ -508,6 +559,11 @@ impl ContainerRunner<'_> {
             self.shared.plan_key
         );
         tracing::info!(container = %self.plan.name, delay_secs = delay.as_secs(), "back-off before restart");
+        let event = format!(
+            "Back-off restarting failed container {} in pod {}",
+            self.plan.name, self.shared.plan_key
+        );
+        self.event(EventType::Warning, "BackOff", event);
         self.shared.update(self.slot, |c| {
             c.state = ContainerState::Waiting { reason: "CrashLoopBackOff".into(), message: Some(message) };
             c.last_termination = Some(t);
