@@ -4,6 +4,7 @@
 //! Tests here use real parts only: Wasmtime itself, sled on a real disk, the compiled binary.
 
 pub mod cluster;
+pub mod fakeapi;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

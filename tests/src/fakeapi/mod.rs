@@ -1,0 +1,466 @@
+//! A fake kube-apiserver, in-process, for what a real one cannot easily be made to do: answer
+//! `410 Gone`, fail on purpose, go away and come back on the same port with its state, or answer
+//! slowly. It follows the real server's semantics (the agent is never shaped to the fake):
+//!
+//! - one global, etcd-like resourceVersion; UIDs, creation timestamps, `generateName`;
+//!   `AlreadyExists`, optimistic concurrency on `metadata.resourceVersion`, `metadata.uid` as a
+//!   precondition, no-op writes that change nothing (no new resourceVersion, no event);
+//! - `status` subresources for pods and nodes; merge patch (RFC 7386);
+//! - lists and watches with field and label selectors, a bounded watch history (`410 Gone` as
+//!   an `ERROR` event past it), bookmarks, objects entering or leaving a selector's view as
+//!   ADDED/DELETED;
+//! - graceful deletion of bound pods, delete preconditions, a Node's Lease collected with it;
+//! - the Node authorizer and NodeRestriction for `system:node:<name>` users, bearer tokens;
+//! - errors as `metav1.Status` with the real reasons and messages.
+//!
+//! Simplifications, each legal server behaviour or outside what Lichen uses:
+//! - `limit`/`continue` are ignored: a list returns everything, with no continue token; a list's
+//!   `resourceVersion` parameter is ignored (lists are always current);
+//! - `application/strategic-merge-patch+json` is applied as a JSON merge patch (lists are replaced,
+//!   not merged by key); JSON patch and server-side apply answer `415`;
+//! - `/status` writes change only `status` (the real server also takes labels and annotations);
+//! - no finalizers; the garbage collector acts at once and only on owners of the kinds served (a
+//!   Node's Lease goes with it, a pod owned by a ReplicaSet stays); admission is NodeRestriction,
+//!   pod defaulting, DefaultTolerationSeconds and the ServiceAccount plugin's `kube-api-access-*`
+//!   volume (a ServiceAccount need not exist, for pods or TokenRequests); every namespace exists
+//!   and has its `kube-root-ca.crt`; tokens are JWT-shaped but unsigned; `dryRun` is refused with `400`;
+//! - validation covers what a node writes (names, labels, pod status rules, events, leases), not
+//!   every field of every kind.
+//!
+//! The server is plain HTTP on `127.0.0.1`; kube's rustls connector takes `http://` servers.
+//!
+//! ```no_run
+//! # async fn demo() {
+//! use lichen_tests::fakeapi::FakeApi;
+//! let api = FakeApi::start().await;
+//! let kubeconfig = api.node_kubeconfig("pi-07", std::path::Path::new("/tmp")).await;
+//! // … start `lichen` with `kubeconfig`, then:
+//! api.faults().fail_next(3, 500, Some("/status"));
+//! api.faults().stop().await; // connection refused, watches dropped
+//! api.faults().start().await; // the same port, the same objects
+//! assert!(!api.requests().iter().any(|r| r.code == 403));
+//! # }
+//! ```
+
+mod authz;
+mod defaults;
+mod errors;
+mod handler;
+mod select;
+mod store;
+mod validate;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DeleteParams};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use authz::User;
+use errors::ApiError;
+use handler::Outcome;
+use store::Store;
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// One request the fake served.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    /// `GET`, `POST`, …
+    pub method: String,
+    /// Path and query, as sent (`/api/v1/pods?watch=true&…`).
+    pub path: String,
+    /// `system:node:<name>`, `kubernetes-admin`, or `system:anonymous`.
+    pub user: String,
+    /// The response status code (`200` for a watch, whatever it then streams).
+    pub code: u16,
+    /// The request body as text (empty for none).
+    pub body: String,
+    /// When the response was sent (for a watch: its headers and first events).
+    pub at: std::time::Instant,
+}
+
+impl RequestRecord {
+    /// The path without the query.
+    pub fn path_only(&self) -> &str {
+        self.path.split_once('?').map_or(self.path.as_str(), |(p, _)| p)
+    }
+
+    /// A decoded query parameter.
+    pub fn query(&self, key: &str) -> Option<String> {
+        let q = self.path.split_once('?')?.1;
+        handler::query_pairs(q).into_iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// The body as JSON, if it is JSON.
+    pub fn json(&self) -> Option<serde_json::Value> {
+        serde_json::from_str(&self.body).ok()
+    }
+
+    /// Whether it is a write (anything but `GET`).
+    pub fn is_write(&self) -> bool {
+        self.method != "GET"
+    }
+}
+
+#[derive(Default)]
+struct FaultState {
+    delay: Duration,
+    /// (remaining, code, path substring)
+    failures: Vec<(usize, u16, Option<String>)>,
+}
+
+struct Running {
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+struct Inner {
+    port: u16,
+    store: Arc<Mutex<Store>>,
+    tokens: Mutex<HashMap<String, User>>,
+    requests: Mutex<Vec<RequestRecord>>,
+    faults: Mutex<FaultState>,
+    bookmark_every: Mutex<Duration>,
+    running: tokio::sync::Mutex<Option<Running>>,
+    admin_token: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking test thread must not take the server down with it.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The fake API server. Clones share one server.
+#[derive(Clone)]
+pub struct FakeApi {
+    inner: Arc<Inner>,
+    /// An admin client (the same as [`FakeApi::client`]), as `Cluster::client` in the cluster tier.
+    pub client: kube::Client,
+}
+
+impl FakeApi {
+    /// Starts a server on `127.0.0.1` and a free port, with an empty store.
+    pub async fn start() -> FakeApi {
+        let listener = bind(0).expect("bind the fake API server to 127.0.0.1");
+        let port = listener.local_addr().expect("local address").port();
+        let inner = Arc::new(Inner {
+            port,
+            store: Arc::new(Mutex::new(Store::default())),
+            tokens: Mutex::new(HashMap::new()),
+            requests: Mutex::new(Vec::new()),
+            faults: Mutex::new(FaultState::default()),
+            bookmark_every: Mutex::new(Duration::from_secs(1)),
+            running: tokio::sync::Mutex::new(None),
+            admin_token: format!("admin-{}", store::uuid()),
+        });
+        lock(&inner.tokens).insert(inner.admin_token.clone(), User::Admin);
+        *inner.running.lock().await = Some(serve(inner.clone(), listener));
+        let client = client_for(&inner.kubeconfig_text("admin", &inner.admin_token)).await;
+        FakeApi { inner, client }
+    }
+
+    /// An admin client.
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        self.inner.url()
+    }
+
+    /// Writes `dir/node.kubeconfig` for user `system:node:<name>` (group `system:nodes`), with a
+    /// bearer token of its own.
+    pub async fn node_kubeconfig(&self, name: &str, dir: &Path) -> PathBuf {
+        let token = self.node_token(name);
+        let out = dir.join("node.kubeconfig");
+        std::fs::write(&out, self.inner.kubeconfig_text("node", &token)).expect("write kubeconfig");
+        out
+    }
+
+    /// Writes `dir/admin.kubeconfig` for the admin user.
+    pub fn admin_kubeconfig(&self, dir: &Path) -> PathBuf {
+        let out = dir.join("admin.kubeconfig");
+        std::fs::write(&out, self.inner.kubeconfig_text("admin", &self.inner.admin_token))
+            .expect("write kubeconfig");
+        out
+    }
+
+    /// A client acting as `system:node:<name>`.
+    pub async fn node_client(&self, name: &str) -> kube::Client {
+        let token = self.node_token(name);
+        client_for(&self.inner.kubeconfig_text("node", &token)).await
+    }
+
+    fn node_token(&self, name: &str) -> String {
+        let token = format!("node-{name}-{}", store::uuid());
+        lock(&self.inner.tokens).insert(token.clone(), User::Node(name.to_owned()));
+        token
+    }
+
+    /// Deletes a node (and, like the garbage collector, its Lease); a missing node is fine.
+    pub async fn delete_node(&self, name: &str) {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let _ = nodes.delete(name, &DeleteParams::default()).await;
+    }
+
+    /// Every request served so far, oldest first.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        lock(&self.inner.requests).clone()
+    }
+
+    /// The current resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        lock(&self.inner.store).rv()
+    }
+
+    /// How often a watch that allows bookmarks gets one (default 1 s; a real server: about a minute).
+    pub fn set_bookmark_interval(&self, every: Duration) {
+        *lock(&self.inner.bookmark_every) = every.max(Duration::from_millis(10));
+    }
+
+    /// How many changes the watch history keeps (default 1000); a watch from before the oldest
+    /// kept change gets `410 Gone`.
+    pub fn set_history_limit(&self, changes: usize) {
+        lock(&self.inner.store).history_limit = changes.max(1);
+    }
+
+    /// The fault-injection handle.
+    pub fn faults(&self) -> Faults {
+        Faults { inner: self.inner.clone() }
+    }
+}
+
+/// Fault injection. Clones share the server; every method may be called from any task.
+#[derive(Clone)]
+pub struct Faults {
+    inner: Arc<Inner>,
+}
+
+impl Faults {
+    /// Takes the server down: the listener is closed and every open connection (watches included)
+    /// is dropped, so clients see connection refused. The state is kept for [`Faults::start`].
+    pub async fn stop(&self) {
+        let running = self.inner.running.lock().await.take();
+        if let Some(r) = running {
+            r.cancel.cancel();
+            r.tracker.close();
+            r.tracker.wait().await;
+        }
+        lock(&self.inner.store).close_watches();
+    }
+
+    /// Brings a stopped server back on the same port, with the same objects and watch history
+    /// (call [`Faults::compact`] as well for a server that lost its history). Does nothing if it runs.
+    pub async fn start(&self) {
+        let mut running = self.inner.running.lock().await;
+        if running.is_none() {
+            let listener = bind(self.inner.port).expect("rebind the fake API server's port");
+            *running = Some(serve(self.inner.clone(), listener));
+        }
+    }
+
+    /// Whether the server is up.
+    pub async fn is_up(&self) -> bool {
+        self.inner.running.lock().await.is_some()
+    }
+
+    /// The next `n` requests whose path and query contain `path_contains` (any request if `None`)
+    /// fail with `code` and a `Status` of the matching reason.
+    pub fn fail_next(&self, n: usize, code: u16, path_contains: Option<&str>) {
+        lock(&self.inner.faults).failures.push((n, code, path_contains.map(str::to_owned)));
+    }
+
+    /// Delays every response by `delay` (zero turns it off).
+    pub fn set_delay(&self, delay: Duration) {
+        lock(&self.inner.faults).delay = delay;
+    }
+
+    /// Drops the watch history: a watch from any older resourceVersion gets `410 Gone`.
+    pub fn compact(&self) {
+        lock(&self.inner.store).compact();
+    }
+
+    /// Ends every open watch cleanly; clients must watch again.
+    pub fn close_watches(&self) {
+        lock(&self.inner.store).close_watches();
+    }
+}
+
+impl Inner {
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn kubeconfig_text(&self, user: &str, token: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
+             users:\n- name: {user}\n  user:\n    token: {token}\n\
+             contexts:\n- name: default\n  context: {{cluster: fake, user: {user}}}\ncurrent-context: default\n",
+            self.url()
+        )
+    }
+
+    fn take_fault(&self, path: &str) -> Option<u16> {
+        let mut f = lock(&self.faults);
+        let i = f
+            .failures
+            .iter()
+            .position(|(n, _, p)| *n > 0 && p.as_deref().is_none_or(|p| path.contains(p)))?;
+        f.failures[i].0 -= 1;
+        let code = f.failures[i].1;
+        f.failures.retain(|(n, _, _)| *n > 0);
+        Some(code)
+    }
+}
+
+async fn client_for(kubeconfig: &str) -> kube::Client {
+    let kc = kube::config::Kubeconfig::from_yaml(kubeconfig).expect("kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        .await
+        .expect("client config");
+    kube::Client::try_from(config).expect("client")
+}
+
+/// A listener with SO_REUSEADDR, so a stopped server can take its port back at once.
+fn bind(port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], port)))?;
+    socket.listen(1024)
+}
+
+fn serve(inner: Arc<Inner>, listener: tokio::net::TcpListener) -> Running {
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let (c, t) = (cancel.clone(), tracker.clone());
+    tracker.spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                _ = c.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+            };
+            let (inner, c2) = (inner.clone(), c.clone());
+            t.spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let inner = inner.clone();
+                    async move { Ok::<_, Infallible>(handle(inner, req).await) }
+                });
+                let conn =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = c2.cancelled() => {}
+                }
+            });
+        }
+    });
+    Running { cancel, tracker }
+}
+
+fn json_response(code: u16, body: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())).boxed_unsync());
+    *r.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    r
+}
+
+async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
+    let delay = lock(&inner.faults).delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let user = parts
+        .headers
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|t| lock(&inner.tokens).get(t.trim()).cloned());
+    let body = Limited::new(body, 3 * 1024 * 1024).collect().await.map(|b| b.to_bytes());
+    let fault = inner.take_fault(&path);
+    let outcome = match (&body, &user, fault) {
+        (Err(_), _, _) => Err(ApiError::too_large()),
+        (_, _, Some(code)) => Err(ApiError::injected(code)),
+        (_, None, _) => Err(ApiError::unauthorized()),
+        (Ok(bytes), Some(u), None) => {
+            let (p, q) = path.split_once('?').unwrap_or((&path, ""));
+            let content_type = parts
+                .headers
+                .get(hyper::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let server = format!("127.0.0.1:{}", inner.port);
+            let req = handler::Req {
+                method: parts.method.as_str(),
+                path: p,
+                query: q,
+                content_type,
+                body: bytes,
+                user: u,
+                server: &server,
+            };
+            handler::dispatch(&mut lock(&inner.store), &req)
+        }
+    };
+    let (code, response) = match outcome {
+        Ok(Outcome::Json(code, v)) => (code, json_response(code, &v)),
+        Ok(Outcome::Text(code, text)) => {
+            let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())).boxed_unsync());
+            *r.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::OK);
+            (code, r)
+        }
+        Ok(Outcome::Watch(plan)) => {
+            let every = *lock(&inner.bookmark_every);
+            let stream = plan.into_stream(inner.store.clone(), every);
+            let chunks = futures::stream::unfold(stream, |mut s| async move {
+                s.next().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), s))
+            });
+            let mut r = Response::new(StreamBody::new(chunks).boxed_unsync());
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            (200, r)
+        }
+        Err(e) => {
+            let mut r = json_response(e.code, &e.status());
+            if e.code == 429 {
+                r.headers_mut()
+                    .insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
+            }
+            (e.code, r)
+        }
+    };
+    let record = RequestRecord {
+        method: parts.method.to_string(),
+        path,
+        user: user.map_or_else(|| "system:anonymous".to_owned(), |u| u.name()),
+        code,
+        body: body.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default(),
+        at: std::time::Instant::now(),
+    };
+    lock(&inner.requests).push(record);
+    response
+}
