@@ -1283,8 +1283,6 @@ async fn a_deleted_node_registers_again_and_its_lease_follows() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "agent bug: after an API outage the pod watcher backs off the 410 of a restarted apiserver like \
-            a failure (kube-runtime's default_backoff, reset only after 120 s quiet), so it re-lists 6-30 s late"]
 async fn after_an_apiserver_restart_the_agent_relists_at_once() {
     let api = FakeApi::start().await;
     let name = "fake-restart";

@@ -20,6 +20,8 @@ use crate::pod::inputs::{self, IssuedToken, ObjectData, ObjectKind, PodInputs, T
 
 /// How often ConfigMaps and Secrets that were found are fetched again.
 pub const REFRESH: Duration = Duration::from_secs(60);
+/// How soon a missing object, a failed fetch or a due token is tried again.
+pub const RETRY: Duration = Duration::from_secs(5);
 
 struct Cached {
     inputs: PodInputs,
@@ -51,7 +53,10 @@ impl InputResolver {
                 && refs.config_maps.iter().all(|n| c.inputs.config_maps.get(n).is_some_and(Option::is_some))
                 && refs.secrets.iter().all(|n| c.inputs.secrets.get(n).is_some_and(Option::is_some))
                 && refs.tokens.iter().all(|t| c.inputs.tokens.get(&t.key()).is_some_and(|t| !t.due(now)));
-            if complete && c.fetched.elapsed() < REFRESH {
+            // Incomplete inputs are retried, but not on every watch event: the agent's own status
+            // patches produce one per pod change.
+            let fresh = if complete { REFRESH } else { RETRY };
+            if c.fetched.elapsed() < fresh {
                 return c.inputs.clone();
             }
         }

@@ -11,13 +11,13 @@ use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::{Api, DeleteParams, Preconditions};
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::inputs::InputResolver;
 use crate::pod::manager::DesiredPod;
+use crate::retry::RetryBackoff;
 
 /// How often pods' ConfigMaps, Secrets and tokens are looked at again (each fetched only when
 /// missing, failed, due, or older than [`super::inputs::REFRESH`]).
@@ -59,7 +59,11 @@ impl ApiPodSource {
     pub async fn run(mut self, tx: watch::Sender<Vec<DesiredPod>>, cancel: CancellationToken) {
         let api: Api<Pod> = Api::all(self.client.clone());
         let config = watcher::Config::default().fields(&format!("spec.nodeName={}", self.node_name));
-        let mut stream = std::pin::pin!(watcher::watcher(api, config).default_backoff());
+        // Back-off is ours rather than kube-runtime's: its default counts a `410 Gone` as one more
+        // failure on top of an outage's, so the re-list that must follow an API server restart
+        // would wait out the accumulated delay (up to 30 s) before pods bound meanwhile start.
+        let mut stream = std::pin::pin!(watcher::watcher(api, config));
+        let mut backoff = RetryBackoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let mut pods: BTreeMap<String, Pod> = BTreeMap::new();
         let mut listing: Option<BTreeMap<String, Pod>> = None;
         let mut listed = false;
@@ -85,6 +89,9 @@ impl ApiPodSource {
                 }
                 continue;
             };
+            if event.is_ok() {
+                backoff.reset();
+            }
             let complete = match event {
                 Ok(Some(Event::Init)) => {
                     listing = Some(BTreeMap::new());
@@ -111,9 +118,19 @@ impl ApiPodSource {
                     listing.is_none()
                 }
                 Ok(None) => return,
+                // The history the watch resumed from is gone (compaction, an API server restart):
+                // the watcher re-lists on its next poll, at once. Running pods are untouched.
+                Err(watcher::Error::WatchError(s)) if s.code == 410 => {
+                    tracing::info!("pod watch expired (410 Gone); re-listing");
+                    false
+                }
                 Err(e) => {
-                    // The watcher backs off and re-lists by itself; running pods are untouched.
-                    tracing::warn!(error = %e, "pod watch interrupted; retrying");
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "pod watch interrupted; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
                     false
                 }
             };
