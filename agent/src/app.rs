@@ -102,7 +102,14 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     );
 
     let (static_tx, mut static_rx) = watch::channel(Vec::<DesiredPod>::new());
-    let (api_tx, mut api_rx) = watch::channel(Vec::<DesiredPod>::new());
+    // Cluster pods the store remembers run again before any API contact, so a reboot while the
+    // link is down does not stop a board's workloads; the first complete list then reconciles.
+    let remembered =
+        if config.cluster().is_some() { remembered_api_pods(store.as_ref()) } else { Vec::new() };
+    if !remembered.is_empty() {
+        tracing::info!(pods = remembered.len(), "resuming cluster pods from the store");
+    }
+    let (api_tx, mut api_rx) = watch::channel(remembered);
     let (client_tx, client_rx) = watch::channel(None::<kube::Client>);
     let terminating = TerminatingSet::default();
     match config.static_pods() {
@@ -194,6 +201,42 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     tokio::task::spawn_blocking(move || s.flush()).await.map_err(|e| AppError::Task(e.to_string()))??;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The cluster pods in the store that should run: not being deleted, and with a readable spec.
+fn remembered_api_pods(store: &dyn StateStore) -> Vec<DesiredPod> {
+    let records = match store.list_pods() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read stored pods; cluster pods start when the API answers");
+            return Vec::new();
+        }
+    };
+    records
+        .into_iter()
+        .filter(|r| r.source.starts_with(cluster::pods::SOURCE))
+        .filter_map(|r| match serde_json::from_value::<k8s_openapi::api::core::v1::Pod>(r.pod) {
+            Ok(mut pod) if pod.metadata.deletion_timestamp.is_none() => {
+                // The stored object is as it was admitted; what Lichen saw last decides whether it
+                // had finished, so a pod that succeeded is not run again after a reboot.
+                let last = r.status.and_then(|s| serde_json::from_value::<k8s_openapi::api::core::v1::PodStatus>(s).ok());
+                if last.as_ref().is_some_and(|s| matches!(s.phase.as_deref(), Some("Succeeded" | "Failed"))) {
+                    pod.status = last;
+                }
+                Some(DesiredPod {
+                pod,
+                source: r.source,
+                image_base: None,
+                inputs: Some(r.inputs.unwrap_or_default()),
+            })
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(pod = %r.key, error = %e, "stored pod is unreadable; waiting for the API server");
+                None
+            }
+        })
+        .collect()
 }
 
 /// The node's address: configured, or that of the default-route interface.

@@ -1329,3 +1329,49 @@ async fn after_an_apiserver_restart_the_agent_relists_at_once() {
     assert_never_refused(&api);
     assert!(agent.stop().0.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_pod_runs_again_after_a_kill_while_the_api_server_is_away() {
+    let api = FakeApi::start().await;
+    let name = "fake-offline-restart";
+    let (s, agent) = start_node(&api, name).await;
+    wait_ready(&api, name).await;
+    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    pods.create(&PostParams::default(), &pod("keeper", Some(name), &wasm("sleeper.wat"), json!({})))
+        .await
+        .expect("pod");
+    let before = wait_pod(&pods, "keeper", "Running", is_running_ready).await;
+    let done = pod("done-once", Some(name), &wasm("hello.wat"), json!({"restartPolicy": "Never"}));
+    pods.create(&PostParams::default(), &done).await.expect("pod");
+    wait_pod(&pods, "done-once", "Succeeded", |p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded")
+    })
+    .await;
+    // startedAt has whole seconds: let the next run's differ.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    api.faults().stop().await;
+    drop(agent); // SIGKILL, as a power cut would
+    let agent = s.start();
+    // No API server at all: the pod comes back from the store alone.
+    agent.wait_log(&["resuming cluster pods from the store"], T);
+    agent.wait_log(&["container started"], T);
+    assert!(!api.faults().is_up().await);
+
+    api.faults().start().await;
+    agent.wait_log(&["listed pods bound to this node"], Duration::from_secs(40));
+    let after = wait_pod(&pods, "keeper", "Running again after the restart", |p| {
+        is_running_ready(p) && run_identity(p) != run_identity(&before)
+    })
+    .await;
+    assert_eq!(after.metadata.uid, before.metadata.uid, "the same pod, not a recreated one");
+    let log = agent.log();
+    let starts = log.iter().filter(|l| l.contains("container started")).count();
+    // One start: the keeper's. Reconnecting did not restart it, and the pod that had finished
+    // was not run again.
+    assert_eq!(starts, 1, "{}", log.join("\n"));
+    assert!(!log.iter().any(|l| l.contains("stopping pod")), "{}", log.join("\n"));
+    assert_never_refused(&api);
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{}", log.join("\n"));
+}
