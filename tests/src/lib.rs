@@ -208,7 +208,12 @@ impl Scratch {
 
     /// The directory holding a static pod's container logs, once it exists.
     pub fn log_dir(&self, pod: &str, container: &str) -> Option<PathBuf> {
-        let prefix = format!("default_{pod}-test-node_");
+        self.pod_log_dir(&format!("{pod}-test-node"), container)
+    }
+
+    /// The directory holding the container logs of the pod `default/<name>`, once it exists.
+    fn pod_log_dir(&self, name: &str, container: &str) -> Option<PathBuf> {
+        let prefix = format!("default_{name}_");
         std::fs::read_dir(self.state.join("logs"))
             .ok()?
             .flatten()
@@ -218,7 +223,13 @@ impl Scratch {
 
     /// The text lines of a static pod's container log for run `run`.
     pub fn output(&self, pod: &str, container: &str, run: u32) -> Vec<String> {
-        self.log_dir(pod, container)
+        self.pod_output(&format!("{pod}-test-node"), container, run)
+    }
+
+    /// The text lines of run `run` of a container of the pod `default/<name>` (a cluster pod's
+    /// name as is; a static pod's with its node suffix).
+    pub fn pod_output(&self, name: &str, container: &str, run: u32) -> Vec<String> {
+        self.pod_log_dir(name, container)
             .and_then(|d| lichen::runtime::logs::read_run(&d, run).ok())
             .map(|recs| recs.into_iter().map(|r| r.text).collect())
             .unwrap_or_default()

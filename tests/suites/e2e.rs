@@ -309,17 +309,6 @@ async fn a_deleted_node_registers_again() {
     cluster.delete_node(name).await;
 }
 
-/// The output lines of run `run` of a cluster pod's container, from the agent's log files.
-fn pod_output(s: &Scratch, pod: &str, container: &str, run: u32) -> Vec<String> {
-    let prefix = format!("default_{pod}_");
-    std::fs::read_dir(s.state.join("logs"))
-        .ok()
-        .and_then(|dir| dir.flatten().find(|e| e.file_name().to_string_lossy().starts_with(&prefix)))
-        .and_then(|e| lichen::runtime::logs::read_run(&e.path().join(container), run).ok())
-        .map(|recs| recs.into_iter().map(|r| r.text).collect())
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_maps_secrets_and_the_service_account_token_reach_the_module() {
     let cluster = Cluster::from_env().await;
@@ -392,7 +381,7 @@ async fn config_maps_secrets_and_the_service_account_token_reach_the_module() {
     .await;
     assert_eq!(status.phase.as_deref(), Some("Succeeded"), "{status:#?}\n{}", agent.log().join("\n"));
 
-    let env = pod_output(&s, pod_name, "env", 0);
+    let env = s.pod_output(pod_name, "env", 0);
     for want in [
         "GREETING_CM=hi from a configmap",
         "GREETING_SECRET=hunter2",
@@ -400,8 +389,8 @@ async fn config_maps_secrets_and_the_service_account_token_reach_the_module() {
     ] {
         assert!(env.iter().any(|l| l == want), "{want} in {env:?}");
     }
-    assert_eq!(pod_output(&s, pod_name, "files", 0), ["ok x = 1"]);
-    let token = pod_output(&s, pod_name, "token", 0);
+    assert_eq!(s.pod_output(pod_name, "files", 0), ["ok x = 1"]);
+    let token = s.pod_output(pod_name, "token", 0);
     assert!(token.first().is_some_and(|t| t.starts_with("ok ey")), "a JWT: {token:?}");
     assert!(!agent.log().iter().any(|l| l.contains("hunter2")), "secret values never reach the agent's log");
 

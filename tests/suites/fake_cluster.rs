@@ -1159,17 +1159,6 @@ async fn a_pod_recreated_under_the_same_name_never_gets_the_old_status() {
     assert!(agent.stop().0.success());
 }
 
-/// The output lines of run `run` of a cluster pod's container, from the agent's log files.
-fn pod_output(s: &Scratch, pod: &str, container: &str, run: u32) -> Vec<String> {
-    let prefix = format!("default_{pod}_");
-    std::fs::read_dir(s.state.join("logs"))
-        .ok()
-        .and_then(|dir| dir.flatten().find(|e| e.file_name().to_string_lossy().starts_with(&prefix)))
-        .and_then(|e| lichen::runtime::logs::read_run(&e.path().join(container), run).ok())
-        .map(|recs| recs.into_iter().map(|r| r.text).collect())
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_maps_secrets_and_the_service_account_token_reach_the_module_under_the_node_authorizer() {
     let api = FakeApi::start().await;
@@ -1222,7 +1211,7 @@ async fn config_maps_secrets_and_the_service_account_token_reach_the_module_unde
     })
     .await;
     assert_eq!(status.phase.as_deref(), Some("Succeeded"), "{status:#?}");
-    let out = pod_output(&s, "config", "env", 0);
+    let out = s.pod_output("config", "env", 0);
     for want in [
         "GREETING_CM=hi from a configmap",
         "GREETING_SECRET=hunter2",
@@ -1230,8 +1219,8 @@ async fn config_maps_secrets_and_the_service_account_token_reach_the_module_unde
     ] {
         assert!(out.iter().any(|l| l == want), "{want} in {out:?}");
     }
-    assert_eq!(pod_output(&s, "config", "files", 0), ["ok x = 1"]);
-    let token = pod_output(&s, "config", "token", 0);
+    assert_eq!(s.pod_output("config", "files", 0), ["ok x = 1"]);
+    let token = s.pod_output("config", "token", 0);
     assert!(token.first().is_some_and(|t| t.starts_with("ok ey")), "a JWT: {token:?}");
 
     // The token was asked for this pod, by UID, as the Node authorizer requires.
