@@ -826,6 +826,25 @@ async fn start_node(api: &FakeApi, name: &str) -> (Scratch, Agent) {
     (s, agent)
 }
 
+/// A fake API server with an agent joined to it as `name` and Ready, and an admin view of the
+/// `default` namespace's pods.
+async fn joined(name: &str) -> (FakeApi, Scratch, Agent, Api<Pod>) {
+    let api = FakeApi::start().await;
+    let (s, agent) = start_node(&api, name).await;
+    wait_ready(&api, name).await;
+    let pods = Api::namespaced(api.client(), "default");
+    (api, s, agent, pods)
+}
+
+/// Creates the pod `pod` bound to `node`, running the fixture `module`, and waits for it to be
+/// Running and Ready.
+async fn run_bound(pods: &Api<Pod>, pod_name: &str, node: &str, module: &str) -> Pod {
+    pods.create(&PostParams::default(), &pod(pod_name, Some(node), &wasm(module), json!({})))
+        .await
+        .expect("pod");
+    wait_pod(pods, pod_name, "Running", is_running_ready).await
+}
+
 fn condition(node: &Node, kind: &str) -> Option<String> {
     let c = node.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == kind)?;
     Some(c.status.clone())
@@ -922,11 +941,8 @@ async fn the_agent_registers_its_node_and_renews_its_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bound_pods_run_and_a_finished_one_succeeds() {
-    let api = FakeApi::start().await;
     let name = "fake-pods";
-    let (_s, agent) = start_node(&api, name).await;
-    wait_ready(&api, name).await;
-    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    let (api, _s, agent, pods) = joined(name).await;
     pods.create(&PostParams::default(), &pod("sleeper", Some(name), &wasm("sleeper.wat"), json!({})))
         .await
         .expect("pod");
@@ -967,10 +983,7 @@ async fn after_410_the_agent_relists_and_keeps_its_running_pods() {
     let seen = api.requests().len();
     api.faults().compact();
     api.faults().close_watches();
-    pods.create(&PostParams::default(), &pod("newcomer", Some(name), &wasm("idle.wat"), json!({})))
-        .await
-        .expect("pod");
-    wait_pod(&pods, "newcomer", "Running", is_running_ready).await;
+    run_bound(&pods, "newcomer", name, "idle.wat").await;
     let relists = api.requests()[seen..]
         .iter()
         .filter(|r| r.method == "GET" && r.path_only() == "/api/v1/pods" && r.query("watch").is_none())
@@ -992,11 +1005,8 @@ fn alive(pid: u32) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_outage_leaves_pods_running_and_heartbeats_resume() {
-    let api = FakeApi::start().await;
     let name = "fake-outage";
-    let (_s, agent) = start_node(&api, name).await;
-    wait_ready(&api, name).await;
-    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    let (api, _s, agent, pods) = joined(name).await;
     pods.create(&PostParams::default(), &pod("steady", Some(name), &wasm("sleeper.wat"), json!({})))
         .await
         .expect("pod");
@@ -1015,10 +1025,7 @@ async fn an_api_outage_leaves_pods_running_and_heartbeats_resume() {
         (t > renewed).then_some(())
     })
     .await;
-    pods.create(&PostParams::default(), &pod("after", Some(name), &wasm("idle.wat"), json!({})))
-        .await
-        .expect("pod");
-    wait_pod(&pods, "after", "Running", is_running_ready).await;
+    run_bound(&pods, "after", name, "idle.wat").await;
     assert_eq!(run_identity(&pods.get("steady").await.expect("pod")), before, "never restarted");
     assert_never_refused(&api);
     let (exit, log) = agent.stop();
@@ -1033,10 +1040,7 @@ async fn failed_status_writes_are_retried() {
     wait_ready(&api, name).await;
     api.faults().fail_next(3, 500, Some("/status"));
     let pods: Api<Pod> = Api::namespaced(api.client(), "default");
-    pods.create(&PostParams::default(), &pod("p", Some(name), &wasm("sleeper.wat"), json!({})))
-        .await
-        .expect("pod");
-    wait_pod(&pods, "p", "Running", is_running_ready).await;
+    run_bound(&pods, "p", name, "sleeper.wat").await;
     let injected: Vec<String> =
         api.requests().into_iter().filter(|r| r.code == 500).map(|r| r.path_only().to_owned()).collect();
     assert_eq!(injected.len(), 3, "{injected:?}");
@@ -1052,25 +1056,16 @@ async fn a_slow_api_server_still_gets_the_node_and_its_pods() {
     let (_s, agent) = start_node(&api, name).await;
     wait_ready(&api, name).await;
     let pods: Api<Pod> = Api::namespaced(api.client(), "default");
-    pods.create(&PostParams::default(), &pod("p", Some(name), &wasm("sleeper.wat"), json!({})))
-        .await
-        .expect("pod");
-    wait_pod(&pods, "p", "Running", is_running_ready).await;
+    run_bound(&pods, "p", name, "sleeper.wat").await;
     assert_never_refused(&api);
     assert!(agent.stop().0.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_pod_is_stopped_and_removed_with_grace_zero_and_its_uid() {
-    let api = FakeApi::start().await;
     let name = "fake-delete";
-    let (_s, agent) = start_node(&api, name).await;
-    wait_ready(&api, name).await;
-    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
-    pods.create(&PostParams::default(), &pod("p", Some(name), &wasm("sleeper.wat"), json!({})))
-        .await
-        .expect("pod");
-    let running = wait_pod(&pods, "p", "Running", is_running_ready).await;
+    let (api, _s, agent, pods) = joined(name).await;
+    let running = run_bound(&pods, "p", name, "sleeper.wat").await;
     let uid = running.metadata.uid.clone().expect("uid");
     pods.delete("p", &DeleteParams::default()).await.expect("delete");
     wait_for_async(T, "the pod object to disappear", || async {
@@ -1108,11 +1103,8 @@ async fn a_deleted_pod_is_stopped_and_removed_with_grace_zero_and_its_uid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_recreated_under_the_same_name_never_gets_the_old_status() {
-    let api = FakeApi::start().await;
     let name = "fake-recreate";
-    let (_s, agent) = start_node(&api, name).await;
-    wait_ready(&api, name).await;
-    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    let (api, _s, agent, pods) = joined(name).await;
     let old_image = wasm("sleeper.wat");
     let new_image = wasm("idle.wat");
     pods.create(&PostParams::default(), &pod("p", Some(name), &old_image, json!({}))).await.expect("pod");
@@ -1161,11 +1153,8 @@ async fn a_pod_recreated_under_the_same_name_never_gets_the_old_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_maps_secrets_and_the_service_account_token_reach_the_module_under_the_node_authorizer() {
-    let api = FakeApi::start().await;
     let name = "fake-config";
-    let (s, agent) = start_node(&api, name).await;
-    wait_ready(&api, name).await;
-    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    let (api, s, agent, pods) = joined(name).await;
     let cms: Api<ConfigMap> = Api::namespaced(api.client(), "default");
     let secrets: Api<Secret> = Api::namespaced(api.client(), "default");
     let env = json!({"name": "env", "image": wasm("hello.wat"),
@@ -1273,19 +1262,17 @@ async fn a_deleted_node_registers_again_and_its_lease_follows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_an_apiserver_restart_the_agent_relists_at_once() {
-    let api = FakeApi::start().await;
     let name = "fake-restart";
-    let (_s, agent) = start_node(&api, name).await;
-    wait_ready(&api, name).await;
-    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
-    pods.create(&PostParams::default(), &pod("steady", Some(name), &wasm("sleeper.wat"), json!({})))
-        .await
-        .expect("pod");
-    wait_pod(&pods, "steady", "Running", is_running_ready).await;
+    let (api, _s, agent, pods) = joined(name).await;
+    run_bound(&pods, "steady", name, "sleeper.wat").await;
 
     api.faults().stop().await;
     tokio::time::sleep(Duration::from_secs(8)).await; // the outage itself, not an assertion
-    // A restarted apiserver rebuilds its watch cache from etcd: older resourceVersions are gone.
+    // Other writers moved the cluster on meanwhile, and a restarted apiserver rebuilds its watch
+    // cache from etcd: the agent's resourceVersion is older than anything it still has. Without
+    // the write, a bookmark may already have given the agent the newest resourceVersion, and a
+    // watch from there is no 410.
+    api.faults().write_elsewhere();
     let compacted = api.resource_version();
     api.faults().compact();
     let restarted = api.requests().len();
@@ -1321,15 +1308,9 @@ async fn after_an_apiserver_restart_the_agent_relists_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_pod_runs_again_after_a_kill_while_the_api_server_is_away() {
-    let api = FakeApi::start().await;
     let name = "fake-offline-restart";
-    let (s, agent) = start_node(&api, name).await;
-    wait_ready(&api, name).await;
-    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
-    pods.create(&PostParams::default(), &pod("keeper", Some(name), &wasm("sleeper.wat"), json!({})))
-        .await
-        .expect("pod");
-    let before = wait_pod(&pods, "keeper", "Running", is_running_ready).await;
+    let (api, s, agent, pods) = joined(name).await;
+    let before = run_bound(&pods, "keeper", name, "sleeper.wat").await;
     let done = pod("done-once", Some(name), &wasm("hello.wat"), json!({"restartPolicy": "Never"}));
     pods.create(&PostParams::default(), &done).await.expect("pod");
     wait_pod(&pods, "done-once", "Succeeded", |p| {
