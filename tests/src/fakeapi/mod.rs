@@ -289,6 +289,23 @@ impl Faults {
         lock(&self.inner.faults).delay = delay;
     }
 
+    /// A write by some other client (a ConfigMap in `kube-system`), straight into the store, so it
+    /// works while the server is down: a cluster's resourceVersion keeps moving while one node is
+    /// cut off, and a watch resuming from before it is then older than a compacted history.
+    pub fn write_elsewhere(&self) {
+        let mut store = lock(&self.inner.store);
+        if let Some(res) = store::resource("", "configmaps") {
+            let cm = serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"generateName": "other-writer-", "namespace": "kube-system"},
+            });
+            if let Err(e) = store.create(res, "kube-system", cm) {
+                panic!("the fake's own write failed: {e:?}");
+            }
+        }
+    }
+
     /// Drops the watch history: a watch from any older resourceVersion gets `410 Gone`.
     pub fn compact(&self) {
         lock(&self.inner.store).compact();
