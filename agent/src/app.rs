@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::cluster::{self, pods::TerminatingSet};
 use crate::config::AgentConfig;
+use crate::modules::ModuleCache;
 use crate::node::NodeRegistrar;
 use crate::pod::board::StatusBoard;
 use crate::pod::events::EventRecorder;
@@ -30,6 +31,9 @@ pub enum AppError {
     /// The Wasm engine could not be created.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// The module settings cannot be used (an unreadable CA file).
+    #[error("modules: {0}")]
+    Modules(String),
     /// A task the agent depends on failed.
     #[error("internal task failed: {0}")]
     Task(String),
@@ -68,6 +72,8 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     let store = open_store(layout.store.clone()).await?;
     tracing::info!(store = %layout.store.display(), schema = store.schema_version(), "state store open");
     let runtime = WasmRuntime::new()?;
+    let modules =
+        ModuleCache::new(store.clone(), runtime.clone(), &config.modules).map_err(AppError::Modules)?;
     let board = Arc::new(StatusBoard::default());
     let (events, events_rx) = match config.cluster() {
         Some(_) => {
@@ -78,6 +84,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     };
     let deps = Arc::new(WorkerDeps {
         runtime,
+        modules: modules.clone(),
         store: store.clone(),
         logs_dir: layout.logs.clone(),
         log_config: config.container_logs.clone(),
@@ -94,12 +101,23 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             pods_dir: layout.pods.clone(),
             max_pods: config.max_pods,
             runtime: config.runtime.clone(),
+            modules: config.modules.clone(),
             stop_grace: Duration::from_secs(config.shutdown_timeout_secs),
         },
         deps,
         tracker.clone(),
         pods_cancel.clone(),
     );
+
+    tracker.spawn(modules.clone().collect_garbage_periodically(cancel.child_token()));
+    let socket = crate::control::socket_path(&config.state_dir);
+    let control_cancel = cancel.child_token();
+    tracker.spawn(async move {
+        // Without the socket the agent still runs pods; only `lichen modules` has to wait for a stop.
+        if let Err(e) = crate::control::serve(socket, modules, control_cancel).await {
+            tracing::warn!(error = %e, "control socket unavailable");
+        }
+    });
 
     let (static_tx, mut static_rx) = watch::channel(Vec::<DesiredPod>::new());
     // Cluster pods the store remembers run again before any API contact, so a reboot while the

@@ -88,7 +88,11 @@ pub fn check(config: &AgentConfig) -> CheckReport {
             node_name: &config.node_name,
             host_ip: None,
             pod_dir: layout.pods.join(&uid),
-            image_base: d.image_base.as_deref(),
+            origin: match d.image_base.as_deref() {
+                Some(dir) => crate::modules::ImageOrigin::Static(dir),
+                None => crate::modules::ImageOrigin::Cluster,
+            },
+            modules: &config.modules,
             runtime: &config.runtime,
             inputs: None,
         };
@@ -106,6 +110,8 @@ pub fn check(config: &AgentConfig) -> CheckReport {
                     let found = match &c.source {
                         spec::ModuleSource::File(p) if p.is_file() => "",
                         spec::ModuleSource::File(_) => "  (module file missing!)",
+                        // Pulled when the pod starts; `lichen modules pull` fetches it ahead.
+                        _ => "",
                     };
                     if !found.is_empty() {
                         problems += 1;

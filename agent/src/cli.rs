@@ -1,8 +1,12 @@
-//! The command line: `lichen run | check | version`, with every config field as a global flag.
+//! The command line: `lichen run | check | version | modules | compile | push`, with every config
+//! field as a global flag.
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
 use crate::config::ConfigArgs;
+use crate::runtime::CompileTarget;
 
 /// Lichen: run Kubernetes pods as WebAssembly modules on small edge boards.
 #[derive(Debug, Parser)]
@@ -25,4 +29,86 @@ pub enum Command {
     Check,
     /// Print the versions of Lichen and its WebAssembly runtime.
     Version,
+    /// Inspect and manage the module cache (through the running agent, or on the store when none runs).
+    Modules {
+        /// What to do with the cache.
+        #[command(subcommand)]
+        action: ModulesAction,
+    },
+    /// Precompile a module for a board, on a fast machine; add the result on the board with
+    /// `lichen modules import app.wasm --precompiled app.cwasm`.
+    Compile {
+        /// The board's architecture (armv7 compiles for Wasmtime's Pulley interpreter).
+        #[arg(long, value_enum, default_value = "host")]
+        target: CompileTarget,
+        /// The module (`.wasm` or `.wat`).
+        input: PathBuf,
+        /// Where to write the artifact [default: the input with extension .cwasm].
+        #[arg(long, short = 'o')]
+        output: Option<PathBuf>,
+    },
+    /// Publish a module to an OCI registry as a CNCF Wasm artifact (config
+    /// application/vnd.wasm.config.v0+json, one application/wasm layer).
+    Push {
+        /// The `.wasm` file.
+        file: PathBuf,
+        /// Where to push it, e.g. registry.example:5000/acme/app:1.0.
+        reference: String,
+        /// Registry credentials.
+        #[command(flatten)]
+        login: RegistryLogin,
+    },
+}
+
+/// `lichen modules` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ModulesAction {
+    /// List cached modules: digest, size, precompiled size, last use, images and the pods using them.
+    List,
+    /// Pull an image into the cache and precompile it, ahead of the pods that need it.
+    Pull {
+        /// The image as a pod names it (registry/repo:tag, https://…@sha256:…, or a file).
+        image: String,
+        /// Registry credentials.
+        #[command(flatten)]
+        login: RegistryLogin,
+    },
+    /// Remove a module by digest (a unique prefix will do) or by image reference.
+    Rm {
+        /// Digest, digest prefix or image reference.
+        target: String,
+        /// Remove it even if pods on this node use it (they pull it again when they next start).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove least recently used modules beyond `modules.cache_size`, or with --all every module
+    /// no pod on this node uses.
+    Prune {
+        /// Remove every unused module.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Add a local module to the cache, optionally with its artifact from `lichen compile` and an
+    /// image name pods can use (with imagePullPolicy Never or IfNotPresent).
+    Import {
+        /// The module file.
+        wasm: PathBuf,
+        /// Its precompiled artifact from `lichen compile --target <this board>`.
+        #[arg(long)]
+        precompiled: Option<PathBuf>,
+        /// The image reference to file it under, e.g. registry.example/acme/app:1.0.
+        #[arg(long = "as", value_name = "IMAGE")]
+        image: Option<String>,
+    },
+}
+
+/// Credentials for a registry, given on the command line.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RegistryLogin {
+    /// Registry user name.
+    #[arg(long, env = "LICHEN_REGISTRY_USERNAME")]
+    pub username: Option<String>,
+    /// Read the password (or access token) from standard input.
+    #[arg(long)]
+    pub password_stdin: bool,
 }

@@ -90,6 +90,47 @@ pub struct AgentConfig {
     /// Percent of the state directory's disk free below which the node reports DiskPressure
     /// (the kubelet's `nodefs.available`).
     pub disk_pressure_percent: u32,
+    /// Where modules come from and how many are kept.
+    pub modules: ModulesConfig,
+}
+
+/// Module pulls and the module cache.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModulesConfig {
+    /// Registries (`host` or `host:port`) that may be reached over plain HTTP; also the hosts that
+    /// `http://` module URLs may name. Everything else is HTTPS only.
+    pub insecure_registries: Vec<String>,
+    /// Directories whose files pods from the cluster may name as `file://` images. Empty: none
+    /// (static pods may always use local files).
+    pub file_dirs: Vec<PathBuf>,
+    /// PEM files of extra certificate authorities trusted for registries and module URLs, on top of
+    /// the system's.
+    pub registry_ca_files: Vec<PathBuf>,
+    /// Byte budget of the module cache (modules and their precompiled artifacts). Least recently used
+    /// modules beyond it are removed, never one a pod on this node uses.
+    pub cache_size: ByteSize,
+    /// The largest module Lichen downloads; a bigger layer or response is refused before or while
+    /// it is fetched.
+    pub max_module_size: ByteSize,
+    /// Pulls that may run at once.
+    pub concurrent_pulls: u32,
+    /// Seconds one pull may take before it is abandoned and retried with back-off.
+    pub pull_timeout_secs: u64,
+}
+
+impl Default for ModulesConfig {
+    fn default() -> Self {
+        Self {
+            insecure_registries: Vec::new(),
+            file_dirs: Vec::new(),
+            registry_ca_files: Vec::new(),
+            cache_size: ByteSize(1 << 30),
+            max_module_size: ByteSize(64 << 20),
+            concurrent_pulls: 2,
+            pull_timeout_secs: 300,
+        }
+    }
 }
 
 /// The agent's own logging.
@@ -145,6 +186,7 @@ impl Default for AgentConfig {
             node_taints: vec![DEFAULT_TAINT.to_owned()],
             memory_pressure_threshold: ByteSize(100 << 20),
             disk_pressure_percent: 10,
+            modules: ModulesConfig::default(),
         }
     }
 }
@@ -231,6 +273,28 @@ pub struct ConfigArgs {
     /// DiskPressure below this percent of free disk, 0 = never [default: 10].
     #[arg(long, env = "LICHEN_DISK_PRESSURE_PERCENT", global = true)]
     pub disk_pressure_percent: Option<u32>,
+    /// Registries reachable over plain HTTP, comma-separated host[:port]; replaces the file's list
+    /// [default: none].
+    #[arg(long, env = "LICHEN_INSECURE_REGISTRIES", global = true, value_delimiter = ',')]
+    pub insecure_registries: Option<Vec<String>>,
+    /// Directories cluster pods may load file:// modules from, comma-separated [default: none].
+    #[arg(long, env = "LICHEN_MODULE_FILE_DIRS", global = true, value_delimiter = ',')]
+    pub module_file_dirs: Option<Vec<PathBuf>>,
+    /// Extra CA certificate files (PEM) for registries, comma-separated [default: none].
+    #[arg(long, env = "LICHEN_REGISTRY_CA_FILES", global = true, value_delimiter = ',')]
+    pub registry_ca_files: Option<Vec<PathBuf>>,
+    /// Byte budget of the module cache [default: 1Gi].
+    #[arg(long, env = "LICHEN_MODULE_CACHE_SIZE", global = true)]
+    pub module_cache_size: Option<ByteSize>,
+    /// Largest module downloaded [default: 64Mi].
+    #[arg(long, env = "LICHEN_MAX_MODULE_SIZE", global = true)]
+    pub max_module_size: Option<ByteSize>,
+    /// Pulls running at once [default: 2].
+    #[arg(long, env = "LICHEN_CONCURRENT_PULLS", global = true)]
+    pub concurrent_pulls: Option<u32>,
+    /// Seconds a pull may take [default: 300].
+    #[arg(long, env = "LICHEN_PULL_TIMEOUT_SECS", global = true)]
+    pub pull_timeout_secs: Option<u64>,
 }
 
 impl AgentConfig {
@@ -258,7 +322,8 @@ impl AgentConfig {
             message: e.to_string().trim_end().to_owned(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut config.state_dir, &mut config.static_pod_dir, &mut config.kubeconfig] {
+        let paths = [&mut config.state_dir, &mut config.static_pod_dir, &mut config.kubeconfig];
+        for p in paths.into_iter().chain(config.modules.registry_ca_files.iter_mut()) {
             if !p.as_os_str().is_empty() && p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -290,6 +355,13 @@ impl AgentConfig {
         set(&mut self.node_taints, &a.node_taints);
         set(&mut self.memory_pressure_threshold, &a.memory_pressure_threshold);
         set(&mut self.disk_pressure_percent, &a.disk_pressure_percent);
+        set(&mut self.modules.insecure_registries, &a.insecure_registries);
+        set(&mut self.modules.file_dirs, &a.module_file_dirs);
+        set(&mut self.modules.registry_ca_files, &a.registry_ca_files);
+        set(&mut self.modules.cache_size, &a.module_cache_size);
+        set(&mut self.modules.max_module_size, &a.max_module_size);
+        set(&mut self.modules.concurrent_pulls, &a.concurrent_pulls);
+        set(&mut self.modules.pull_timeout_secs, &a.pull_timeout_secs);
         if let Some(labels) = &a.node_labels {
             // A malformed entry keeps its text as the key so validation names it.
             self.node_labels = labels
@@ -387,6 +459,7 @@ impl AgentConfig {
         for t in &self.node_taints {
             parse_taint(t).map_err(|message| ConfigError::Invalid { field: "node_taints", message })?;
         }
+        self.modules.validate()?;
         let kc = &mut self.kubeconfig;
         if !kc.as_os_str().is_empty() && kc.is_relative() {
             *kc = std::env::current_dir().map(|d| d.join(&*kc)).unwrap_or_else(|_| kc.clone());
@@ -407,6 +480,52 @@ impl AgentConfig {
     /// The config as TOML, for `lichen check`.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+impl ModulesConfig {
+    fn validate(&mut self) -> Result<(), ConfigError> {
+        let invalid = |field, message| ConfigError::Invalid { field, message };
+        self.insecure_registries.retain(|h| !h.is_empty());
+        for h in &self.insecure_registries {
+            if h.contains("://") || h.contains('/') {
+                return Err(invalid(
+                    "modules.insecure_registries",
+                    format!("{h:?}: give host or host:port, without a scheme or path"),
+                ));
+            }
+        }
+        self.file_dirs.retain(|d| !d.as_os_str().is_empty());
+        for d in &self.file_dirs {
+            if !d.is_absolute() || d.components().any(|c| c == std::path::Component::ParentDir) {
+                return Err(invalid(
+                    "modules.file_dirs",
+                    format!("{} must be an absolute path without `..`", d.display()),
+                ));
+            }
+        }
+        if self.max_module_size.0 < 1024 {
+            return Err(invalid("modules.max_module_size", format!("{} is below 1Ki", self.max_module_size)));
+        }
+        if self.cache_size.0 < self.max_module_size.0 {
+            return Err(invalid(
+                "modules.cache_size",
+                format!(
+                    "{} is smaller than modules.max_module_size ({}): the cache must hold at least one module",
+                    self.cache_size, self.max_module_size
+                ),
+            ));
+        }
+        if !(1..=16).contains(&self.concurrent_pulls) {
+            return Err(invalid(
+                "modules.concurrent_pulls",
+                format!("{} is outside 1..=16", self.concurrent_pulls),
+            ));
+        }
+        if self.pull_timeout_secs == 0 {
+            return Err(invalid("modules.pull_timeout_secs", "must be at least 1".into()));
+        }
+        Ok(())
     }
 }
 

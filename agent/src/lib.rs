@@ -5,10 +5,12 @@
 //! - [`static_pods`]: reads Pod manifests from a directory and reports the desired set.
 //! - [`pod`]: turns pods into plans ([`pod::spec`]), decides phases ([`pod::state`]), runs each pod
 //!   ([`pod::worker`]) and keeps the running set equal to the desired set ([`pod::manager`]).
+//! - [`modules`]: image references, registry pulls, the module cache with precompiled artifacts.
 //! - [`store`]: the durable record of pods and modules (sled).
 //! - [`runtime`]: Wasmtime: one engine, a store per container run, WASI preview 1, logs.
 //! - [`app`]: wires the parts together and shuts them down in order.
 //! - [`cli`], [`check`]: the command line and `lichen check`.
+//! - [`control`]: the agent's local control socket (`lichen modules` while it runs).
 //! - [`quantity`]: Kubernetes resource quantities.
 
 pub mod app;
@@ -16,6 +18,8 @@ pub mod check;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod control;
+pub mod modules;
 pub mod node;
 pub mod pod;
 pub mod quantity;

@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use lichen::cli::{Cli, Command};
+use lichen::cli::{Cli, Command, ModulesAction, RegistryLogin};
 use lichen::config::{AgentConfig, LogFormat};
+use lichen::modules::commands::{self, ModuleCommand};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -47,7 +48,98 @@ fn main() -> ExitCode {
             }
         }
         Command::Version => ExitCode::SUCCESS,
+        Command::Modules { action } => {
+            init_quiet_logging(&config);
+            let login = match &action {
+                ModulesAction::Pull { login, .. } => match read_login(login) {
+                    Ok(l) => l,
+                    Err(e) => return fail(&e),
+                },
+                _ => None,
+            };
+            let base = std::env::current_dir().unwrap_or_default();
+            let cmd = match action {
+                ModulesAction::List => ModuleCommand::List,
+                ModulesAction::Pull { image, .. } => {
+                    let (username, password) = login.map_or((None, None), |(u, p)| (Some(u), Some(p)));
+                    ModuleCommand::Pull { image, username, password, base }
+                }
+                ModulesAction::Rm { target, force } => ModuleCommand::Remove { target, force },
+                ModulesAction::Prune { all } => ModuleCommand::Prune { all },
+                ModulesAction::Import { wasm, precompiled, image } => ModuleCommand::Import {
+                    wasm: base.join(wasm),
+                    precompiled: precompiled.map(|p| base.join(p)),
+                    image,
+                },
+            };
+            report(block_on(commands::run_command(&config, cmd)))
+        }
+        Command::Compile { target, input, output } => {
+            report(commands::compile_file(target, &input, output.as_deref()))
+        }
+        Command::Push { file, reference, login } => {
+            init_quiet_logging(&config);
+            let login = match read_login(&login) {
+                Ok(l) => l,
+                Err(e) => return fail(&e),
+            };
+            report(block_on(commands::push_file(&config, &file, &reference, login)))
+        }
     }
+}
+
+fn report(result: Result<String, String>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("lichen: {}", message.trim_end());
+    ExitCode::FAILURE
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?
+        .block_on(f)
+}
+
+/// User name from the flag or LICHEN_REGISTRY_USERNAME; password from stdin (`--password-stdin`)
+/// or LICHEN_REGISTRY_PASSWORD, never from a flag, where `ps` would show it.
+fn read_login(login: &RegistryLogin) -> Result<Option<(String, String)>, String> {
+    let Some(user) = login.username.clone() else {
+        if login.password_stdin {
+            return Err("--password-stdin needs --username".into());
+        }
+        return Ok(None);
+    };
+    let password = if login.password_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| format!("cannot read the password from stdin: {e}"))?;
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    } else {
+        std::env::var("LICHEN_REGISTRY_PASSWORD")
+            .map_err(|_| "give the password with --password-stdin or LICHEN_REGISTRY_PASSWORD".to_string())?
+    };
+    Ok(Some((user, password)))
+}
+
+/// Commands other than `run` log only warnings, to stderr, so their output stays readable.
+fn init_quiet_logging(config: &AgentConfig) {
+    let level = if config.log.level == "info" { "warn" } else { config.log.level.as_str() };
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 fn init_logging(config: &AgentConfig) {

@@ -78,9 +78,10 @@ async fn main() {
     let config = format!(
         "node_name = {NODE:?}\nstate_dir = {:?}\nstatic_pod_dir = \"\"\nnode_ip = \"127.0.0.1\"\n\
          shutdown_timeout_secs = 10\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n\
-         [container_logs]\necho = false\n",
+         [container_logs]\necho = false\n{}",
         s.state.display().to_string(),
-        kubeconfig.display().to_string()
+        kubeconfig.display().to_string(),
+        s.modules_table()
     );
     std::fs::write(&s.config, config).expect("config");
     println!("agent: {}", lichen_tests::lichen_bin().display());

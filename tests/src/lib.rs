@@ -188,6 +188,16 @@ impl Scratch {
         Scratch { dir, state, pods, config }
     }
 
+    /// A `[modules]` table letting cluster pods load `file://` modules from the fixtures and this
+    /// scratch directory (what an operator lists in `modules.file_dirs`). Put it after top-level keys.
+    pub fn modules_table(&self) -> String {
+        format!(
+            "[modules]\nfile_dirs = [{:?}, {:?}]\n",
+            fixture("").display().to_string().trim_end_matches('/'),
+            self.dir.path().display().to_string()
+        )
+    }
+
     /// `["run", "--config", <config>]`.
     pub fn run_args(&self) -> Vec<String> {
         vec!["run".into(), "--config".into(), self.config.display().to_string()]

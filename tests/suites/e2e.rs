@@ -25,9 +25,10 @@ async fn start_node(cluster: &Cluster, name: &str, tables: &str) -> (Scratch, Ag
     // pressure is off: these scenarios are about scheduling, and a build machine's disk is not a board's.
     let config = format!(
         "node_name = {name:?}\nstate_dir = {:?}\nstatic_pod_dir = \"\"\nnode_ip = \"127.0.0.1\"\n\
-         shutdown_timeout_secs = 5\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n{tables}",
+         shutdown_timeout_secs = 5\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n{tables}\n{}",
         s.state.display().to_string(),
-        kc.display().to_string()
+        kc.display().to_string(),
+        s.modules_table()
     );
     std::fs::write(&s.config, config).expect("config");
     let agent = s.start();

@@ -817,9 +817,10 @@ async fn start_node(api: &FakeApi, name: &str) -> (Scratch, Agent) {
     let kc = api.node_kubeconfig(name, s.dir.path()).await;
     let config = format!(
         "node_name = {name:?}\nstate_dir = {:?}\nstatic_pod_dir = \"\"\nnode_ip = \"127.0.0.1\"\n\
-         shutdown_timeout_secs = 5\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n",
+         shutdown_timeout_secs = 5\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n{}",
         s.state.display().to_string(),
-        kc.display().to_string()
+        kc.display().to_string(),
+        s.modules_table()
     );
     std::fs::write(&s.config, config).expect("config");
     let agent = s.start();

@@ -31,7 +31,7 @@ async fn run_bytes(rt: &WasmRuntime, bytes: Vec<u8>, run: Run) -> (RunReport, Ve
     let digest = ModuleDigest::of(&bytes);
     let report = match rt.prepare(digest, Arc::from(bytes)).await {
         Err(outcome) => RunReport { outcome, fuel_consumed: 0, peak_memory: 0, elapsed: Duration::ZERO },
-        Ok(module) => {
+        Ok((module, _artifact)) => {
             let spec = RunSpec {
                 args: run.args,
                 env: vec![("GREETING_X".into(), "hi".into())],
@@ -91,7 +91,7 @@ async fn a_busy_module_does_not_starve_the_reactor() {
     // One worker thread: if wasm did not yield, the timer below could not fire until fuel ran out.
     let rt = WasmRuntime::new().expect("runtime");
     let bytes = std::fs::read(fixture("loop.wat")).expect("fixture");
-    let module = rt.prepare(ModuleDigest::of(&bytes), Arc::from(bytes)).await.expect("valid");
+    let (module, _) = rt.prepare(ModuleDigest::of(&bytes), Arc::from(bytes)).await.expect("valid");
     let logs = tempfile::tempdir().expect("tempdir");
     let log = ContainerLog::open(logs.path(), 0, 1 << 20, 2, None).expect("log");
     let cancel = CancellationToken::new();

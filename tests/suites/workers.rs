@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodStatus};
-use lichen::config::{ContainerLogConfig, RuntimeConfig};
+use lichen::config::{ContainerLogConfig, ModulesConfig, RuntimeConfig};
+use lichen::modules::{ImageOrigin, ModuleCache};
 use lichen::pod::spec::{PlanContext, plan};
 use lichen::pod::state::Backoff;
 use lichen::pod::worker::{self, PodHandle, WorkerDeps};
@@ -28,8 +29,11 @@ struct Env {
 fn env(backoff: Backoff) -> Env {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(SledStore::open(&dir.path().join("store")).expect("store"));
+    let runtime = WasmRuntime::new().expect("runtime");
+    let modules = ModuleCache::new(store.clone(), runtime.clone(), &ModulesConfig::default()).expect("cache");
     let deps = Arc::new(WorkerDeps {
-        runtime: WasmRuntime::new().expect("runtime"),
+        runtime,
+        modules,
         store: store.clone(),
         logs_dir: dir.path().join("logs"),
         log_config: ContainerLogConfig::default(),
@@ -45,11 +49,13 @@ impl Env {
     fn start(&self, yaml: &str, counts: BTreeMap<String, u32>) -> PodHandle {
         let pod: Pod = pod_from_json(yaml);
         let rt = RuntimeConfig::default();
+        let fixtures = fixtures_dir();
         let ctx = PlanContext {
             node_name: "n",
             host_ip: Some("127.0.0.1"),
             pod_dir: self.dir.path().join("pods/u1"),
-            image_base: Some(&fixtures_dir()),
+            origin: ImageOrigin::Static(&fixtures),
+            modules: &ModulesConfig::default(),
             runtime: &rt,
             inputs: None,
         };

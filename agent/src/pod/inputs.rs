@@ -134,12 +134,14 @@ impl References {
 /// token is never mistaken for a legacy one).
 pub const DEFAULT_TOKEN_SECONDS: i64 = 3607;
 
-/// Lists every ConfigMap, Secret and token `pod` refers to (image pull secrets excluded: they are
-/// the puller's business).
+/// Lists every ConfigMap, Secret (image pull secrets included) and token `pod` refers to.
 pub fn references(pod: &Pod) -> References {
     let mut r = References::default();
     let Some(spec) = &pod.spec else { return r };
     collect_volumes(spec, &mut r);
+    for s in spec.image_pull_secrets.iter().flatten() {
+        r.secrets.insert(s.name.clone());
+    }
     for c in spec.init_containers.iter().flatten().chain(&spec.containers) {
         for e in c.env.iter().flatten() {
             if let Some(from) = &e.value_from {
@@ -211,6 +213,7 @@ spec:
       - serviceAccountToken: {path: t2, audience: vault, expirationSeconds: 600}
       - configMap: {name: kube-root-ca.crt}
       - secret: {name: s-proj}
+  imagePullSecrets: [{name: s-pull}]
   initContainers:
   - {name: i, image: x.wasm, env: [{name: A, valueFrom: {secretKeyRef: {name: s-env, key: k}}}]}
   containers:
@@ -224,7 +227,7 @@ spec:
         let r = references(&pod);
         let names = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>();
         assert_eq!(names(&r.config_maps), ["cm-env", "cm-from", "cm-vol", "kube-root-ca.crt"]);
-        assert_eq!(names(&r.secrets), ["s-env", "s-from", "s-proj", "s-vol"]);
+        assert_eq!(names(&r.secrets), ["s-env", "s-from", "s-proj", "s-pull", "s-vol"]);
         let tokens: Vec<String> = r.tokens.iter().map(TokenRef::key).collect();
         assert_eq!(tokens, ["#3607", "vault#600"]);
     }

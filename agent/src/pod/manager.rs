@@ -18,7 +18,8 @@ use super::spec::{self, PlanContext};
 use super::state::RestartPolicy;
 use super::status::{self, PodFailure, PodView};
 use super::worker::{self, PodHandle, WorkerDeps};
-use crate::config::RuntimeConfig;
+use crate::config::{ModulesConfig, RuntimeConfig};
+use crate::modules::ImageOrigin;
 use crate::store::PodRecord;
 
 /// A pod some source wants running.
@@ -86,6 +87,8 @@ pub struct ManagerConfig {
     pub max_pods: u32,
     /// Default limits.
     pub runtime: RuntimeConfig,
+    /// Module settings (which images pods may name).
+    pub modules: ModulesConfig,
     /// How long a stopping pod gets before its worker is abandoned.
     pub stop_grace: Duration,
 }
@@ -164,7 +167,11 @@ impl PodManager {
             node_name: &self.config.node_name,
             host_ip: self.deps.host_ip.as_deref(),
             pod_dir: self.config.pods_dir.join(d.uid()),
-            image_base: d.image_base.as_deref(),
+            origin: match d.image_base.as_deref() {
+                Some(dir) => ImageOrigin::Static(dir),
+                None => ImageOrigin::Cluster,
+            },
+            modules: &self.config.modules,
             runtime: &self.config.runtime,
             inputs: d.inputs.as_ref(),
         };

@@ -8,11 +8,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Container, EnvVar, KeyToPath, Pod, Volume};
+use k8s_openapi::api::core::v1::{Container, EnvVar, KeyToPath, Pod, PodSpec, Volume};
 
 use super::inputs::{ObjectData, ObjectKind, PodInputs, TokenRef};
 use super::state::RestartPolicy;
-use crate::config::RuntimeConfig;
+use crate::config::{ModulesConfig, RuntimeConfig};
+use crate::modules::{ImageOrigin, PullCredentials, PullPolicy, parse_image};
 use crate::quantity::ByteSize;
 use crate::runtime::Preopen;
 
@@ -34,21 +35,7 @@ pub struct SpecError {
     pub pending: bool,
 }
 
-/// Where a container's module comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ModuleSource {
-    /// A `.wasm` or `.wat` file on this machine.
-    File(PathBuf),
-}
-
-impl ModuleSource {
-    /// A stable description for logs and the module cache.
-    pub fn describe(&self) -> String {
-        match self {
-            ModuleSource::File(p) => format!("file://{}", p.display()),
-        }
-    }
-}
+pub use crate::modules::ModuleSource;
 
 /// What the agent needs to run one container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +46,8 @@ pub struct ContainerPlan {
     pub image: String,
     /// Where the module is.
     pub source: ModuleSource,
+    /// `imagePullPolicy`, defaulted as Kubernetes does.
+    pub pull_policy: PullPolicy,
     /// `argv`: `command` (or the container name) followed by `args`.
     pub argv: Vec<String>,
     /// Environment, in order.
@@ -137,6 +126,8 @@ pub struct PodPlan {
     pub volumes: Vec<VolumePlan>,
     /// `spec.activeDeadlineSeconds`.
     pub active_deadline: Option<Duration>,
+    /// Registry credentials from `imagePullSecrets`.
+    pub pull_credentials: PullCredentials,
     /// Accepted but not enforced.
     pub warnings: Vec<String>,
 }
@@ -156,8 +147,11 @@ pub struct PlanContext<'a> {
     pub host_ip: Option<&'a str>,
     /// Where the pod's own directories (emptyDir volumes) live.
     pub pod_dir: PathBuf,
-    /// Directory that relative image paths are resolved against (the static pod directory).
-    pub image_base: Option<&'a Path>,
+    /// Static pods may name any local module file (relative to their directory); cluster pods only
+    /// registries, URLs and files under `modules.file_dirs`.
+    pub origin: ImageOrigin<'a>,
+    /// Module settings (allowed file directories, insecure registries).
+    pub modules: &'a ModulesConfig,
     /// Default limits.
     pub runtime: &'a RuntimeConfig,
     /// What was fetched from the API server for this pod; `None` for pods without a cluster
@@ -297,6 +291,8 @@ pub fn plan(pod: &Pod, ctx: &PlanContext<'_>) -> Result<PodPlan, Vec<SpecError>>
         None => None,
     };
 
+    let pull_credentials = pull_credentials(spec, ctx.inputs, &mut warnings);
+
     if !errs.0.is_empty() {
         return Err(errs.0);
     }
@@ -310,8 +306,36 @@ pub fn plan(pod: &Pod, ctx: &PlanContext<'_>) -> Result<PodPlan, Vec<SpecError>>
         containers,
         volumes,
         active_deadline,
+        pull_credentials,
         warnings,
     })
+}
+
+/// Credentials from `imagePullSecrets`. As with the kubelet, a missing or malformed pull secret
+/// does not hold the pod: the pull goes ahead without it (and fails if the registry insists).
+fn pull_credentials(
+    spec: &PodSpec,
+    inputs: Option<&PodInputs>,
+    warnings: &mut Vec<String>,
+) -> PullCredentials {
+    let mut creds = PullCredentials::default();
+    for (i, r) in spec.image_pull_secrets.iter().flatten().enumerate() {
+        let field = format!("spec.imagePullSecrets[{i}]");
+        let Some(inputs) = inputs else {
+            warnings.push(format!("{field}: pods without a cluster have no Secrets; pulls are anonymous"));
+            continue;
+        };
+        match inputs.object(ObjectKind::Secret, &r.name) {
+            Ok(Some(data)) => {
+                if let Err(e) = creds.add_secret(data) {
+                    warnings.push(format!("{field}: Secret {:?} {e}", r.name));
+                }
+            }
+            Ok(None) => warnings.push(format!("{field}: Secret {:?} not found; pulling without it", r.name)),
+            Err(e) => warnings.push(format!("{field}: {e}; pulling without it")),
+        }
+    }
+    creds
 }
 
 #[derive(Default)]
@@ -774,10 +798,18 @@ fn container(
         }
     }
 
-    let source = match image_source(c.image.as_deref().unwrap_or(""), ctx.image_base) {
+    let image = c.image.as_deref().unwrap_or("");
+    let source = match parse_image(image, ctx.origin, ctx.modules) {
         Ok(s) => Some(s),
         Err(e) => {
             errs.add(&format!("{path}.image"), e);
+            None
+        }
+    };
+    let pull_policy = match PullPolicy::from_spec(c.image_pull_policy.as_deref(), image) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            errs.add(&format!("{path}.imagePullPolicy"), e);
             None
         }
     };
@@ -862,6 +894,7 @@ fn container(
         name: c.name.clone(),
         image: c.image.clone().unwrap_or_default(),
         source: source?,
+        pull_policy: pull_policy?,
         argv,
         env,
         preopens,
@@ -869,43 +902,6 @@ fn container(
         memory_limit,
         timeout,
     })
-}
-
-/// Resolves `image` to a module location. `file://` URLs and paths ending in `.wasm` or `.wat` are
-/// files; relative ones are taken relative to `base` (the static pod directory).
-pub fn image_source(image: &str, base: Option<&Path>) -> Result<ModuleSource, String> {
-    if image.is_empty() {
-        return Err("is required".into());
-    }
-    if let Some(p) = image.strip_prefix("file://") {
-        let p = Path::new(p);
-        if !p.is_absolute() {
-            return Err(format!(
-                "{image:?}: a file:// image needs an absolute path (file:///opt/modules/app.wasm)"
-            ));
-        }
-        return Ok(ModuleSource::File(p.to_owned()));
-    }
-    let looks_like_file = image.starts_with('/')
-        || image.starts_with("./")
-        || image.starts_with("../")
-        || [".wasm", ".wat", ".cwasm"].iter().any(|ext| image.ends_with(ext));
-    if looks_like_file && !image.contains("://") {
-        let p = Path::new(image);
-        if p.is_absolute() {
-            return Ok(ModuleSource::File(p.to_owned()));
-        }
-        return match base {
-            Some(base) => Ok(ModuleSource::File(base.join(p))),
-            None => Err(format!(
-                "{image:?} is a relative path, which only static pods can use; use file:///absolute/path"
-            )),
-        };
-    }
-    Err(format!(
-        "{image:?} looks like a registry reference; this Lichen runs modules from files (file:///path/app.wasm, \
-         or a path relative to the static pod directory)"
-    ))
 }
 
 fn field_values(pod: &Pod, ctx: &PlanContext<'_>) -> BTreeMap<&'static str, String> {
@@ -1038,11 +1034,15 @@ mod tests {
             node_name: "pi-07",
             host_ip: Some("10.0.0.7"),
             pod_dir: PathBuf::from("/var/lib/lichen/pods/u1"),
-            image_base: Some(Path::new("/etc/lichen/pods")),
+            origin: ImageOrigin::Static(Path::new("/etc/lichen/pods")),
+            modules: &NO_MODULE_SETTINGS,
             runtime,
             inputs: None,
         }
     }
+
+    static NO_MODULE_SETTINGS: std::sync::LazyLock<ModulesConfig> =
+        std::sync::LazyLock::new(ModulesConfig::default);
 
     const BASE: &str = "
 metadata: {name: p, namespace: ns, uid: u1, annotations: {lichen.dev/fuel: '500'}}
@@ -1090,7 +1090,7 @@ spec:
   volumes: [{name: s, nfs: {server: x, path: /}}, {name: f, hostPath: {path: /dev/x, type: File}}]
   containers:
   - name: app
-    image: ghcr.io/acme/app:1.0
+    image: ftp://acme/app.wasm
     ports: [{containerPort: 80}]
     securityContext: {privileged: true}
     readinessProbe: {exec: {command: [x]}}
@@ -1118,13 +1118,39 @@ spec:
     }
 
     #[test]
-    fn image_sources() {
-        let base = Some(Path::new("/pods"));
-        assert_eq!(image_source("file:///m/a.wasm", None), Ok(ModuleSource::File("/m/a.wasm".into())));
-        assert_eq!(image_source("a.wat", base), Ok(ModuleSource::File("/pods/a.wat".into())));
-        assert!(image_source("a.wat", None).is_err());
-        assert!(image_source("file://rel/a.wasm", base).is_err());
-        assert!(image_source("registry.lan:5000/app:1", base).unwrap_err().contains("registry"));
+    fn images_pull_policies_and_pull_secrets() {
+        let rt = RuntimeConfig::default();
+        let p = pod("
+metadata: {name: p, uid: u1}
+spec:
+  imagePullSecrets: [{name: regcred}, {name: absent}]
+  containers:
+  - {name: a, image: registry.lan:5000/acme/app:1.0}
+  - {name: b, image: registry.lan:5000/acme/app}
+  - {name: c, image: mods/c.wasm, imagePullPolicy: Never}
+");
+        let mut inputs = PodInputs::default();
+        let config = r#"{"auths":{"registry.lan:5000":{"username":"u","password":"p"}}}"#;
+        let data = [(".dockerconfigjson".to_owned(), k8s_openapi::ByteString(config.as_bytes().to_vec()))];
+        inputs.secrets.insert("regcred".into(), Some(data.into_iter().collect()));
+        inputs.secrets.insert("absent".into(), None);
+        let ctx = PlanContext { inputs: Some(&inputs), ..ctx(&rt) };
+        let plan = plan(&p, &ctx).expect("plans");
+        let policies: Vec<PullPolicy> = plan.containers.iter().map(|c| c.pull_policy).collect();
+        assert_eq!(policies, [PullPolicy::IfNotPresent, PullPolicy::Always, PullPolicy::Never]);
+        assert!(matches!(plan.containers[0].source, ModuleSource::Oci(_)));
+        assert_eq!(plan.containers[2].source, ModuleSource::File("/etc/lichen/pods/mods/c.wasm".into()));
+        assert!(plan.pull_credentials.for_registry("registry.lan:5000").is_some());
+        // A missing pull secret does not hold the pod; it is only a warning.
+        assert!(plan.warnings.iter().any(|w| w.contains("\"absent\" not found")), "{:?}", plan.warnings);
+
+        let bad = pod("
+metadata: {name: p, uid: u1}
+spec:
+  containers: [{name: a, image: r/app:1, imagePullPolicy: Sometimes}]
+");
+        let errs = super::plan(&bad, &ctx).expect_err("refused");
+        assert_eq!(errs[0].field, "spec.containers[0].imagePullPolicy");
     }
 
     fn inputs() -> PodInputs {

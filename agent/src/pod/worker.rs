@@ -18,10 +18,11 @@ use tokio_util::task::TaskTracker;
 
 use super::board::StatusBoard;
 use super::events::{EventRecorder, EventType, PodEvent};
-use super::spec::{ContainerPlan, ModuleSource, PodPlan, VolumeFile, VolumeKind};
+use super::spec::{ContainerPlan, PodPlan, VolumeFile, VolumeKind};
 use super::state::{Backoff, ContainerState, ContainerView, RestartPolicy, Termination};
 use super::status::{self, PodFailure, PodView};
 use crate::config::ContainerLogConfig;
+use crate::modules::{LoadFailure, ModuleCache, PullCredentials, PullError, Resolution};
 use crate::runtime::logs::{ContainerLog, Stream};
 use crate::runtime::{Outcome, PreparedModule, RunSpec, WasmRuntime};
 use crate::store::{ModuleDigest, StateStore};
@@ -30,6 +31,8 @@ use crate::store::{ModuleDigest, StateStore};
 pub struct WorkerDeps {
     /// The Wasm engine.
     pub runtime: Arc<WasmRuntime>,
+    /// Where modules are pulled, cached and compiled.
+    pub modules: Arc<ModuleCache>,
     /// The durable store.
     pub store: Arc<dyn StateStore>,
     /// `<state_dir>/logs`.
@@ -118,6 +121,7 @@ pub fn spawn(
         plan_key: plan.key.clone(),
         uid: plan.uid.clone(),
         source: source.to_owned(),
+        pull_credentials: plan.pull_credentials.clone(),
         deps: deps.clone(),
         written: AtomicBool::new(false),
     });
@@ -141,6 +145,7 @@ struct Shared {
     plan_key: String,
     source: String,
     uid: String,
+    pull_credentials: PullCredentials,
     deps: Arc<WorkerDeps>,
     written: AtomicBool,
 }
@@ -405,29 +410,17 @@ struct ContainerRunner<'a> {
 impl ContainerRunner<'_> {
     async fn run(mut self) -> bool {
         let deps = self.shared.deps.clone();
-        let mut first = true;
+        // Whether the previous iteration ended a run; only then is the next run a restart. A pull
+        // that failed or a log that could not be opened is not a run, as with the kubelet.
+        let mut ran = false;
         loop {
-            // A run that never started (the module could not be read) is not a restart.
-            if !first {
+            if std::mem::take(&mut ran) {
                 self.restart_count += 1;
             }
-            first = false;
-            let module = match load_module(self.plan, &deps).await {
+            let module = match self.load_module(&deps).await {
                 Ok(m) => m,
-                Err(LoadError::Unreadable(message)) => {
-                    tracing::warn!(container = %self.plan.name, %message, "cannot read module");
-                    let image = &self.plan.image;
-                    self.event(
-                        EventType::Warning,
-                        "Failed",
-                        format!("Failed to pull image {image:?}: {message}"),
-                    );
-                    self.event(EventType::Normal, "BackOff", format!("Back-off pulling image {image:?}"));
-                    let delay = self.backoff.next_delay(Duration::ZERO);
-                    let message = format!("{message}; retrying in {}s", delay.as_secs());
-                    self.set_waiting("ImagePullBackOff", message);
-                    self.restart_count = self.restart_count.saturating_sub(1);
-                    if sleep_or_cancel(delay, self.cancel).await {
+                Err(LoadError::Pull(error)) => {
+                    if self.pull_back_off(error).await {
                         return false;
                     }
                     continue;
@@ -438,16 +431,14 @@ impl ContainerRunner<'_> {
                     self.event(EventType::Warning, "Failed", format!("Error: {why}"));
                     match self.finish(t, digest, Duration::ZERO).await {
                         Some(result) => return result,
-                        None => continue,
+                        None => {
+                            ran = true;
+                            continue;
+                        }
                     }
                 }
             };
             let digest = module.digest();
-            self.event(
-                EventType::Normal,
-                "Pulled",
-                format!("Container image {:?} already present on machine ({digest})", self.plan.image),
-            );
             let echo = deps.log_config.echo.then(|| format!("{}/{}", self.shared.plan_key, self.plan.name));
             let log = match ContainerLog::open(
                 &self.log_dir,
@@ -513,13 +504,85 @@ impl ContainerRunner<'_> {
             }
             match self.finish(t, Some(digest), run_started.elapsed()).await {
                 Some(result) => return result,
-                None => continue,
+                None => ran = true,
             }
         }
     }
 
     fn event(&self, kind: EventType, reason: &'static str, message: String) {
         self.shared.event(Some((self.slot, &self.plan.name)), kind, reason, message);
+    }
+
+    /// Resolves the image (pulling if the policy says so), reports how, and loads the module.
+    async fn load_module(&mut self, deps: &WorkerDeps) -> Result<PreparedModule, LoadError> {
+        let image = &self.plan.image;
+        let resolution = deps
+            .modules
+            .resolve(&self.plan.source, self.plan.pull_policy, &self.shared.pull_credentials)
+            .await
+            .map_err(LoadError::Pull)?;
+        match &resolution {
+            Resolution::Present(d) | Resolution::File(d) => self.event(
+                EventType::Normal,
+                "Pulled",
+                format!("Container image {image:?} already present on machine ({d})"),
+            ),
+            Resolution::Pulled { digest, took, size } => self.event(
+                EventType::Normal,
+                "Pulled",
+                format!(
+                    "Successfully pulled image {image:?} in {:.3}s. Image size: {size} bytes. Digest: {digest}",
+                    took.as_secs_f64()
+                ),
+            ),
+            Resolution::Stale { digest, error } => {
+                tracing::warn!(container = %self.plan.name, %image, %error, "registry unreachable; running the cached module");
+                self.event(
+                    EventType::Warning,
+                    "PullSkipped",
+                    format!("Cannot check image {image:?} ({error}); running the cached copy {digest}"),
+                );
+            }
+        }
+        let digest = resolution.digest();
+        match deps.modules.load(digest).await {
+            Ok(m) => Ok(m),
+            Err(LoadFailure::Invalid(outcome)) => Err(LoadError::Invalid(outcome, Some(digest))),
+            Err(LoadFailure::Unavailable(e)) => Err(LoadError::Pull(PullError::Store(e))),
+        }
+    }
+
+    /// Shows `ErrImagePull` (or `ErrImageNeverPull`), then `ImagePullBackOff` until the next try, as
+    /// the kubelet does. Returns true if cancelled.
+    async fn pull_back_off(&mut self, error: PullError) -> bool {
+        let image = self.plan.image.clone();
+        tracing::warn!(container = %self.plan.name, %image, %error, "cannot pull module");
+        let reason = error.reason();
+        let message = match &error {
+            PullError::NeverPull => {
+                format!("Container image {image:?} is not present with pull policy of Never")
+            }
+            e => format!("Failed to pull image {image:?}: {e}"),
+        };
+        self.event(
+            EventType::Warning,
+            if reason == "ErrImagePull" { "Failed" } else { reason },
+            message.clone(),
+        );
+        self.set_waiting(reason, message);
+        let delay = self.backoff.next_delay(Duration::ZERO);
+        // The failure itself stays visible for a moment (a status write, a `kubectl get`), then the
+        // container waits in back-off.
+        let shown = delay.min(ERR_IMAGE_PULL_SHOWN);
+        if sleep_or_cancel(shown, self.cancel).await {
+            return true;
+        }
+        self.event(EventType::Normal, "BackOff", format!("Back-off pulling image {image:?}"));
+        self.set_waiting(
+            "ImagePullBackOff",
+            format!("Back-off pulling image {image:?}: {error}; retrying in {}s", (delay - shown).as_secs()),
+        );
+        sleep_or_cancel(delay - shown, self.cancel).await
     }
 
     fn set_waiting(&self, reason: &str, message: String) {
@@ -595,28 +658,11 @@ fn termination(outcome: &Outcome, started_at: Option<Timestamp>, finished_at: Ti
 }
 
 enum LoadError {
-    /// The module could not be read; retried with back-off like an image pull.
-    Unreadable(String),
+    /// The module could not be fetched; retried with back-off like an image pull.
+    Pull(PullError),
     /// The bytes cannot run; handled like a failed run.
     Invalid(Outcome, Option<ModuleDigest>),
 }
 
-async fn load_module(plan: &ContainerPlan, deps: &WorkerDeps) -> Result<PreparedModule, LoadError> {
-    let ModuleSource::File(path) = &plan.source;
-    let bytes = tokio::fs::read(path)
-        .await
-        .map_err(|e| LoadError::Unreadable(format!("cannot read module {}: {e}", path.display())))?;
-    let digest = ModuleDigest::of(&bytes);
-    let bytes: Arc<[u8]> = bytes.into();
-    let store = deps.store.clone();
-    let source = plan.source.describe();
-    let to_store = bytes.clone();
-    // The store fsyncs; keep that off the reactor.
-    let stored = tokio::task::spawn_blocking(move || store.put_module(&to_store, &source)).await;
-    match stored {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "cannot cache module in the store"),
-        Err(e) => tracing::warn!(error = %e, "module cache task failed"),
-    }
-    deps.runtime.prepare(digest, bytes).await.map_err(|o| LoadError::Invalid(o, Some(digest)))
-}
+/// How long `ErrImagePull` shows before `ImagePullBackOff`.
+const ERR_IMAGE_PULL_SHOWN: Duration = Duration::from_secs(2);

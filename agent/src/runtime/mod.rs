@@ -185,6 +185,69 @@ pub fn engine_config() -> Config {
     config
 }
 
+/// A key naming everything a precompiled artifact depends on: the Wasmtime version, the target and
+/// every setting that changes generated code. An artifact is only ever loaded by an engine with the
+/// same key, so upgrading Lichen (or changing its engine settings) recompiles instead of loading
+/// stale machine code.
+pub fn engine_key(engine: &Engine) -> String {
+    use sha2::Digest as _;
+    use std::hash::{Hash, Hasher};
+    struct Sha(sha2::Sha256);
+    impl Hasher for Sha {
+        fn finish(&self) -> u64 {
+            0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            self.0.update(bytes);
+        }
+    }
+    let mut h = Sha(sha2::Sha256::new());
+    WASMTIME_VERSION.hash(&mut h);
+    engine.precompile_compatibility_hash().hash(&mut h);
+    let digest: [u8; 32] = h.0.finalize().into();
+    format!("wasmtime-{WASMTIME_VERSION}-{}", ModuleDigest(digest).hex().get(..16).unwrap_or_default())
+}
+
+/// What [`precompile`] builds for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompileTarget {
+    /// This machine.
+    Host,
+    /// 64-bit ARM boards (Raspberry Pi 3/4/5 with a 64-bit OS): native code.
+    Aarch64,
+    /// 32-bit ARM boards: bytecode for Wasmtime's Pulley interpreter, as Cranelift has no 32-bit
+    /// ARM backend.
+    Armv7,
+    /// x86-64 machines.
+    X86_64,
+}
+
+impl CompileTarget {
+    /// The triple Wasmtime compiles for.
+    pub fn triple(self) -> Option<&'static str> {
+        match self {
+            CompileTarget::Host => None,
+            CompileTarget::Aarch64 => Some("aarch64-unknown-linux-gnu"),
+            CompileTarget::Armv7 => Some("pulley32"),
+            CompileTarget::X86_64 => Some("x86_64-unknown-linux-gnu"),
+        }
+    }
+}
+
+/// A precompiled module for `target` and the engine key the board will need to load it, compiled
+/// with exactly the settings containers run under.
+pub fn precompile(target: CompileTarget, wasm: &[u8]) -> Result<(Vec<u8>, String), String> {
+    let mut config = engine_config();
+    if let Some(triple) = target.triple() {
+        config.target(triple).map_err(|e| format!("this lichen cannot compile for {triple}: {e:#}"))?;
+    }
+    let engine =
+        Engine::new(&config).map_err(|e| format!("cannot create an engine for {target:?}: {e:#}"))?;
+    let module =
+        engine.precompile_module(wasm).map_err(|e| format!("not a valid WebAssembly module: {e:#}"))?;
+    Ok((module, engine_key(&engine)))
+}
+
 /// The per-run store data.
 pub struct ContainerCtx {
     wasi: WasiP1Ctx,
@@ -194,6 +257,7 @@ pub struct ContainerCtx {
 /// The process's one WebAssembly engine, its WASI linker and its compiled-module cache.
 pub struct WasmRuntime {
     engine: Engine,
+    key: String,
     linker: Linker<ContainerCtx>,
     compiled: Mutex<HashMap<ModuleDigest, PreparedModule>>,
     ticker: EpochTicker,
@@ -207,20 +271,72 @@ impl WasmRuntime {
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |cx: &mut ContainerCtx| &mut cx.wasi)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let ticker = EpochTicker::start(engine.clone());
-        Ok(Arc::new(WasmRuntime { engine, linker, compiled: Mutex::new(HashMap::new()), ticker }))
+        let key = engine_key(&engine);
+        Ok(Arc::new(WasmRuntime { engine, key, linker, compiled: Mutex::new(HashMap::new()), ticker }))
     }
 
-    /// Compiles (or finds already compiled) the module with this digest. Compilation runs on a
-    /// blocking thread so the reactor keeps serving other pods.
-    pub async fn prepare(&self, digest: ModuleDigest, bytes: Arc<[u8]>) -> Result<PreparedModule, Outcome> {
+    /// The key precompiled artifacts for this engine are stored under.
+    pub fn engine_key(&self) -> &str {
+        &self.key
+    }
+
+    /// Compiles the module with this digest, returning it with its serialized artifact for the
+    /// cache (`None` if it was already compiled in memory). Compilation runs on a blocking thread so
+    /// the reactor keeps serving other pods.
+    pub async fn prepare(
+        &self,
+        digest: ModuleDigest,
+        bytes: Arc<[u8]>,
+    ) -> Result<(PreparedModule, Option<Vec<u8>>), Outcome> {
+        if let Some(m) = self.cached(&digest) {
+            return Ok((m, None));
+        }
+        let engine = self.engine.clone();
+        let (module, artifact) = tokio::task::spawn_blocking(move || {
+            let module = Module::new(&engine, &bytes)?;
+            let artifact = module.serialize().ok();
+            Ok::<_, wasmtime::Error>((module, artifact))
+        })
+        .await
+        .map_err(|e| Outcome::InvalidModule(format!("compiler task failed: {e}")))?
+        .map_err(|e| Outcome::InvalidModule(format!("not a valid WebAssembly module: {e:#}")))?;
+        Ok((self.link(digest, module)?, artifact))
+    }
+
+    /// Loads a precompiled artifact that this agent's own engine produced and its cache verified
+    /// against the checksum it was stored with. Never call it with bytes from anywhere else.
+    pub async fn prepare_precompiled(
+        &self,
+        digest: ModuleDigest,
+        artifact: Vec<u8>,
+    ) -> Result<PreparedModule, Outcome> {
         if let Some(m) = self.cached(&digest) {
             return Ok(m);
         }
         let engine = self.engine.clone();
-        let module = tokio::task::spawn_blocking(move || Module::new(&engine, &bytes))
+        let module = tokio::task::spawn_blocking(move || deserialize_trusted(&engine, &artifact))
             .await
-            .map_err(|e| Outcome::InvalidModule(format!("compiler task failed: {e}")))?
-            .map_err(|e| Outcome::InvalidModule(format!("not a valid WebAssembly module: {e:#}")))?;
+            .map_err(|e| Outcome::InvalidModule(format!("loader task failed: {e}")))?
+            .map_err(|e| Outcome::InvalidModule(format!("cannot load the precompiled module: {e:#}")))?;
+        self.link(digest, module)
+    }
+
+    /// Checks that `bytes` are a WebAssembly module this engine accepts, without compiling it.
+    pub fn validate(&self, bytes: &[u8]) -> Result<(), String> {
+        Module::validate(&self.engine, bytes).map_err(|e| format!("{e:#}"))
+    }
+
+    /// The digests of every module compiled in memory.
+    pub fn compiled_digests(&self) -> Vec<ModuleDigest> {
+        self.compiled.lock().map(|c| c.keys().copied().collect()).unwrap_or_default()
+    }
+
+    /// Whether the module is compiled in memory already.
+    pub fn cached(&self, digest: &ModuleDigest) -> Option<PreparedModule> {
+        self.compiled.lock().ok()?.get(digest).cloned()
+    }
+
+    fn link(&self, digest: ModuleDigest, module: Module) -> Result<PreparedModule, Outcome> {
         if module.get_export("_start").is_none() {
             return Err(Outcome::InvalidModule(
                 "the module exports no `_start` function; Lichen runs WASI command modules".into(),
@@ -235,10 +351,6 @@ impl WasmRuntime {
             cache.insert(digest, prepared.clone());
         }
         Ok(prepared)
-    }
-
-    fn cached(&self, digest: &ModuleDigest) -> Option<PreparedModule> {
-        self.compiled.lock().ok()?.get(digest).cloned()
     }
 
     /// Drops compiled modules whose digests are not in `keep`, so memory follows the running pods.
@@ -320,6 +432,20 @@ impl WasmRuntime {
         store.set_epoch_deadline(NO_DEADLINE);
         Ok(store)
     }
+}
+
+/// The one place Lichen deserializes machine code.
+///
+/// `Module::deserialize` is unsafe because Wasmtime cannot tell whether the bytes are machine code
+/// it produced itself: loading anything else runs arbitrary native code. The callers uphold that:
+/// artifacts come only from the agent's own cache, where this engine (same key: Wasmtime version,
+/// target, settings) wrote them with a sha256 that the store checks before handing them out, or from
+/// `lichen modules import`, which the board's administrator runs on a file they produced with
+/// `lichen compile`. Wasmtime additionally checks the artifact's header against the engine.
+#[allow(unsafe_code)]
+fn deserialize_trusted(engine: &Engine, artifact: &[u8]) -> wasmtime::Result<Module> {
+    // SAFETY: see above: the bytes are Wasmtime's own output for this engine, integrity-checked.
+    unsafe { Module::deserialize(engine, artifact) }
 }
 
 fn ticks_for(t: Duration) -> u64 {

@@ -157,6 +157,19 @@ pub struct ModuleInfo {
     pub size: u64,
     /// Where it was last loaded from.
     pub source: String,
+    /// When a container last started from it (Unix seconds): the cache evicts the least recent.
+    #[serde(default)]
+    pub last_used: i64,
+    /// Sizes of its precompiled artifacts, by engine key.
+    #[serde(default)]
+    pub artifacts: BTreeMap<String, u64>,
+}
+
+impl ModuleInfo {
+    /// Bytes the module and its artifacts take in the cache.
+    pub fn total_size(&self) -> u64 {
+        self.size + self.artifacts.values().sum::<u64>()
+    }
 }
 
 /// The durable store's operations. Implementations must make `put_pod`, `delete_pod` and
@@ -185,6 +198,23 @@ pub trait StateStore: Send + Sync + 'static {
     fn get_module(&self, digest: &ModuleDigest) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every cached module.
     fn list_modules(&self) -> Result<Vec<ModuleInfo>, StoreError>;
+    /// Records that a container started from the module now (not flushed synchronously).
+    fn touch_module(&self, digest: &ModuleDigest, now: i64) -> Result<(), StoreError>;
+    /// Removes a module, its artifacts and every image reference resolved to it, and flushes.
+    /// Returns whether it was cached.
+    fn remove_module(&self, digest: &ModuleDigest) -> Result<bool, StoreError>;
+    /// Stores the precompiled artifact of a cached module for one engine, with a checksum, and
+    /// flushes. Ignored if the module is not cached (it was removed meanwhile).
+    fn put_artifact(&self, digest: &ModuleDigest, engine: &str, bytes: &[u8]) -> Result<(), StoreError>;
+    /// The precompiled artifact for `engine`, verified against its checksum; a damaged one is
+    /// dropped and reported as absent.
+    fn get_artifact(&self, digest: &ModuleDigest, engine: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Remembers that the image reference `image` resolved to `digest`, and flushes.
+    fn put_image_ref(&self, image: &str, digest: &ModuleDigest) -> Result<(), StoreError>;
+    /// What `image` last resolved to, if that module is still cached.
+    fn get_image_ref(&self, image: &str) -> Result<Option<ModuleDigest>, StoreError>;
+    /// Every remembered image reference and its digest.
+    fn list_image_refs(&self) -> Result<Vec<(String, ModuleDigest)>, StoreError>;
     /// Writes everything buffered to disk.
     fn flush(&self) -> Result<(), StoreError>;
     /// The schema version on disk.

@@ -9,6 +9,10 @@ use super::{ModuleDigest, ModuleInfo, PodRecord, SCHEMA_VERSION, StateStore, Sto
 const PODS: &str = "pods";
 const MODULES: &str = "modules";
 const MODULE_INFO: &str = "module_info";
+/// Precompiled artifacts: key = module digest ++ engine key, value = sha256 of the artifact ++ artifact.
+const ARTIFACTS: &str = "artifacts";
+/// Image references: key = the reference as written, value = the module digest it resolved to.
+const IMAGE_REFS: &str = "image_refs";
 const META: &str = "meta";
 const SCHEMA_KEY: &str = "schema_version";
 /// File beside sled's own, present once the store has been initialised.
@@ -25,6 +29,8 @@ pub struct SledStore {
     pods: sled::Tree,
     modules: sled::Tree,
     module_info: sled::Tree,
+    artifacts: sled::Tree,
+    image_refs: sled::Tree,
     path: PathBuf,
     schema: u32,
 }
@@ -45,6 +51,7 @@ impl SledStore {
         let tree = |name: &str| db.open_tree(name).map_err(|e| sled_error(&path, e));
         let (pods, modules, module_info, meta) =
             (tree(PODS)?, tree(MODULES)?, tree(MODULE_INFO)?, tree(META)?);
+        let (artifacts, image_refs) = (tree(ARTIFACTS)?, tree(IMAGE_REFS)?);
         // sled recovers a damaged log to its last consistent prefix without complaint, which can leave
         // an empty database. The marker, written once the store is initialised, tells that apart
         // from a new store.
@@ -95,7 +102,7 @@ impl SledStore {
             db.flush().map_err(|e| sled_error(&path, e))?;
             tracing::info!(store = %path.display(), from, to = from + 1, "migrated state store");
         }
-        Ok(SledStore { db, pods, modules, module_info, path, schema: SCHEMA_VERSION })
+        Ok(SledStore { db, pods, modules, module_info, artifacts, image_refs, path, schema: SCHEMA_VERSION })
     }
 
     /// The directory the store lives in.
@@ -118,6 +125,30 @@ impl SledStore {
 
     fn sync(&self) -> Result<(), StoreError> {
         self.db.flush().map(|_| ()).map_err(|e| self.err(e))
+    }
+
+    /// Read-modify-write of a module's info; `f` is not called if the module is not cached.
+    fn update_info(&self, digest: &ModuleDigest, f: impl Fn(&mut ModuleInfo)) -> Result<(), StoreError> {
+        loop {
+            let Some(old) = self.module_info.get(digest.0).map_err(|e| self.err(e))? else { return Ok(()) };
+            let mut info: ModuleInfo = self.decode("module info", &old)?;
+            f(&mut info);
+            let new = self.encode(&info)?;
+            if self
+                .module_info
+                .compare_and_swap(digest.0, Some(old), Some(new))
+                .map_err(|e| self.err(e))?
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    fn artifact_key(digest: &ModuleDigest, engine: &str) -> Vec<u8> {
+        let mut key = digest.0.to_vec();
+        key.extend_from_slice(engine.as_bytes());
+        key
     }
 }
 
@@ -189,7 +220,13 @@ impl StateStore for SledStore {
             return Ok(digest);
         }
         self.modules.insert(key, bytes).map_err(|e| self.err(e))?;
-        let info = ModuleInfo { digest, size: bytes.len() as u64, source: source.to_owned() };
+        let info = ModuleInfo {
+            digest,
+            size: bytes.len() as u64,
+            source: source.to_owned(),
+            last_used: jiff::Timestamp::now().as_second(),
+            artifacts: BTreeMap::new(),
+        };
         self.module_info.insert(key, self.encode(&info)?).map_err(|e| self.err(e))?;
         self.sync()?;
         Ok(digest)
@@ -202,11 +239,90 @@ impl StateStore for SledStore {
         if ModuleDigest::of(&bytes) != *digest {
             // A damaged entry is dropped rather than served: the caller fetches the module again.
             tracing::warn!(store = %self.path.display(), %digest, "cached module failed its digest check; dropped");
-            self.modules.remove(digest.0).map_err(|e| self.err(e))?;
-            self.module_info.remove(digest.0).map_err(|e| self.err(e))?;
+            self.remove_module(digest)?;
             return Ok(None);
         }
         Ok(Some(bytes.to_vec()))
+    }
+
+    fn touch_module(&self, digest: &ModuleDigest, now: i64) -> Result<(), StoreError> {
+        self.update_info(digest, |i| i.last_used = now)
+    }
+
+    fn remove_module(&self, digest: &ModuleDigest) -> Result<bool, StoreError> {
+        // Info first: a crash part-way leaves bytes without info, which list_modules does not show
+        // and the next put_module of the same digest repairs; never info pointing at nothing.
+        let existed = self.module_info.remove(digest.0).map_err(|e| self.err(e))?.is_some();
+        let existed = self.modules.remove(digest.0).map_err(|e| self.err(e))?.is_some() || existed;
+        for kv in self.artifacts.scan_prefix(digest.0) {
+            let (k, _) = kv.map_err(|e| self.err(e))?;
+            self.artifacts.remove(k).map_err(|e| self.err(e))?;
+        }
+        for kv in self.image_refs.iter() {
+            let (k, v) = kv.map_err(|e| self.err(e))?;
+            if v.as_ref() == digest.0 {
+                self.image_refs.remove(k).map_err(|e| self.err(e))?;
+            }
+        }
+        self.sync()?;
+        Ok(existed)
+    }
+
+    fn put_artifact(&self, digest: &ModuleDigest, engine: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        if !self.module_info.contains_key(digest.0).map_err(|e| self.err(e))? {
+            return Ok(());
+        }
+        let mut value = ModuleDigest::of(bytes).0.to_vec();
+        value.extend_from_slice(bytes);
+        self.artifacts.insert(Self::artifact_key(digest, engine), value).map_err(|e| self.err(e))?;
+        self.update_info(digest, |i| {
+            i.artifacts.insert(engine.to_owned(), bytes.len() as u64);
+        })?;
+        self.sync()
+    }
+
+    fn get_artifact(&self, digest: &ModuleDigest, engine: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = Self::artifact_key(digest, engine);
+        let Some(value) = self.artifacts.get(&key).map_err(|e| self.err(e))? else { return Ok(None) };
+        let intact = value.len() >= 32 && ModuleDigest::of(&value[32..]).0[..] == value[..32];
+        if !intact {
+            // Deserializing damaged machine code would be unsound; recompiling costs only time.
+            tracing::warn!(store = %self.path.display(), %digest, "precompiled artifact failed its checksum; dropped");
+            self.artifacts.remove(&key).map_err(|e| self.err(e))?;
+            self.update_info(digest, |i| {
+                i.artifacts.remove(engine);
+            })?;
+            return Ok(None);
+        }
+        Ok(Some(value[32..].to_vec()))
+    }
+
+    fn put_image_ref(&self, image: &str, digest: &ModuleDigest) -> Result<(), StoreError> {
+        let old = self.image_refs.insert(image.as_bytes(), &digest.0).map_err(|e| self.err(e))?;
+        if old.as_deref() != Some(&digest.0[..]) {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn get_image_ref(&self, image: &str) -> Result<Option<ModuleDigest>, StoreError> {
+        let Some(v) = self.image_refs.get(image.as_bytes()).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        let Ok(bytes) = <[u8; 32]>::try_from(v.as_ref()) else { return Ok(None) };
+        let digest = ModuleDigest(bytes);
+        Ok(self.module_info.contains_key(digest.0).map_err(|e| self.err(e))?.then_some(digest))
+    }
+
+    fn list_image_refs(&self) -> Result<Vec<(String, ModuleDigest)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.image_refs.iter() {
+            let (k, v) = kv.map_err(|e| self.err(e))?;
+            if let Ok(bytes) = <[u8; 32]>::try_from(v.as_ref()) {
+                out.push((String::from_utf8_lossy(&k).into_owned(), ModuleDigest(bytes)));
+            }
+        }
+        Ok(out)
     }
 
     fn list_modules(&self) -> Result<Vec<ModuleInfo>, StoreError> {

@@ -1,0 +1,171 @@
+//! The agent's control socket, `<state_dir>/lichen.sock`: how `lichen modules …` reaches a running
+//! agent, whose store (sled) no second process may open.
+//!
+//! One JSON request per line, one JSON response per line, then the connection closes. The socket is
+//! created mode 0600 inside the state directory: only the agent's user (and root) may use it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::modules::ModuleCache;
+use crate::modules::commands::ModuleCommand;
+
+/// The socket's file name under `state_dir`.
+pub const SOCKET_NAME: &str = "lichen.sock";
+/// The largest request accepted (a module command is a few hundred bytes).
+const MAX_REQUEST: u64 = 64 << 10;
+/// How long a command may take (a pull is bounded by its own timeout well below this).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// The socket path for a state directory.
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(SOCKET_NAME)
+}
+
+/// A request to the agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ControlRequest {
+    /// A `lichen modules` command.
+    Modules(ModuleCommand),
+}
+
+/// The agent's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlResponse {
+    /// Whether the command succeeded.
+    pub ok: bool,
+    /// What to show the operator (the error if not `ok`).
+    pub output: String,
+}
+
+/// Errors of the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The socket could not be created.
+    #[error("cannot listen on the control socket {path}: {source}")]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Talking to the agent failed half-way.
+    #[error("the agent at {path} did not answer properly: {message}")]
+    Exchange {
+        /// The socket path.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Serves requests until `cancel`; removes the socket file when it stops.
+pub async fn serve(
+    path: PathBuf,
+    modules: Arc<ModuleCache>,
+    cancel: CancellationToken,
+) -> Result<(), ControlError> {
+    let listen_err = |source| ControlError::Listen { path: path.clone(), source };
+    // A socket file left by a killed agent refuses connections; only then is it ours to replace.
+    if path.exists() && UnixStream::connect(&path).await.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    let listener = UnixListener::bind(&path).map_err(listen_err)?;
+    set_private(&path).map_err(listen_err)?;
+    tracing::debug!(socket = %path.display(), "control socket listening");
+    let tasks = tokio_util::task::TaskTracker::new();
+    loop {
+        let conn = tokio::select! {
+            _ = cancel.cancelled() => break,
+            c = listener.accept() => c,
+        };
+        match conn {
+            Ok((stream, _)) => {
+                let modules = modules.clone();
+                let cancel = cancel.clone();
+                tasks.spawn(async move {
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        _ = handle(stream, modules) => {}
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    tasks.close();
+    tasks.wait().await;
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+async fn handle(stream: UnixStream, modules: Arc<ModuleCache>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST));
+    let response = match reader.read_line(&mut line).await {
+        Err(e) => ControlResponse { ok: false, output: format!("cannot read the request: {e}") },
+        Ok(_) => match serde_json::from_str::<ControlRequest>(&line) {
+            Err(e) => ControlResponse { ok: false, output: format!("malformed request: {e}") },
+            Ok(ControlRequest::Modules(cmd)) => {
+                tracing::info!(command = ?redacted(&cmd), "control request");
+                match tokio::time::timeout(COMMAND_TIMEOUT, modules.command(cmd)).await {
+                    Ok(Ok(output)) => ControlResponse { ok: true, output },
+                    Ok(Err(output)) => ControlResponse { ok: false, output },
+                    Err(_) => ControlResponse { ok: false, output: "the command timed out".into() },
+                }
+            }
+        },
+    };
+    let mut out = serde_json::to_vec(&response).unwrap_or_default();
+    out.push(b'\n');
+    let _ = write.write_all(&out).await;
+    let _ = write.shutdown().await;
+}
+
+/// The command without its password, for the log.
+fn redacted(cmd: &ModuleCommand) -> ModuleCommand {
+    let mut cmd = cmd.clone();
+    if let ModuleCommand::Pull { password, .. } = &mut cmd
+        && password.is_some()
+    {
+        *password = Some("<hidden>".into());
+    }
+    cmd
+}
+
+/// Sends `request` to the agent listening at `path`; `Ok(None)` if no agent is listening.
+pub async fn request(path: &Path, request: &ControlRequest) -> Result<Option<ControlResponse>, ControlError> {
+    let exchange = |message: String| ControlError::Exchange { path: path.to_owned(), message };
+    let mut stream = match UnixStream::connect(path).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(exchange(e.to_string())),
+    };
+    let mut line = serde_json::to_vec(request).map_err(|e| exchange(e.to_string()))?;
+    line.push(b'\n');
+    stream.write_all(&line).await.map_err(|e| exchange(e.to_string()))?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).await.map_err(|e| exchange(e.to_string()))?;
+    serde_json::from_str(&answer).map(Some).map_err(|e| exchange(format!("{e} in {answer:?}")))
+}
+
+fn set_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
