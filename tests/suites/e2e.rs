@@ -8,7 +8,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, Pod, Secret};
 use kube::api::{Api, DeleteParams, PostParams};
 use lichen_tests::cluster::Cluster;
-use lichen_tests::{Agent, Scratch, wait_for_async};
+use lichen_tests::{Agent, Scratch, wait_for, wait_for_async};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -18,6 +18,11 @@ fn condition(node: &Node, kind: &str) -> Option<(String, Option<String>)> {
 }
 
 async fn start_node(cluster: &Cluster, name: &str, tables: &str) -> (Scratch, Agent) {
+    start_node_modules(cluster, name, tables, "").await
+}
+
+/// [`start_node`] with extra `[modules]` settings.
+async fn start_node_modules(cluster: &Cluster, name: &str, tables: &str, modules: &str) -> (Scratch, Agent) {
     cluster.delete_node(name).await;
     let s = Scratch::new("");
     let kc = cluster.node_kubeconfig(name, s.dir.path()).await;
@@ -25,7 +30,7 @@ async fn start_node(cluster: &Cluster, name: &str, tables: &str) -> (Scratch, Ag
     // pressure is off: these scenarios are about scheduling, and a build machine's disk is not a board's.
     let config = format!(
         "node_name = {name:?}\nstate_dir = {:?}\nstatic_pod_dir = \"\"\nnode_ip = \"127.0.0.1\"\n\
-         shutdown_timeout_secs = 5\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n{tables}\n{}",
+         shutdown_timeout_secs = 5\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n{tables}\n{}{modules}",
         s.state.display().to_string(),
         kc.display().to_string(),
         s.modules_table()
@@ -473,6 +478,88 @@ async fn describe_shows_the_events_of_a_pods_life() {
     let _ = pods
         .delete("lichen-e2e-spin", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
         .await;
+    assert!(agent.stop().0.success());
+    cluster.delete_node(name).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_pulls_its_module_from_a_private_registry_with_a_pull_secret() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use lichen_tests::registry::{Registry, WASM_CONFIG_V0, WASM_LAYER, sha256_digest};
+    let cluster = Cluster::from_env().await;
+    let name = "lichen-e2e-pull";
+    let reg = Registry::start_with_auth("edge", "s3cret-pw");
+    let module = wat::parse_file(lichen_tests::fixture("sleeper.wat")).expect("fixture");
+    reg.push_artifact("acme/sleeper", "1.0", WASM_CONFIG_V0, b"{}", &[(WASM_LAYER, &module)]);
+    let modules = format!("insecure_registries = [{:?}]\n", reg.host());
+    let (s, agent) = start_node_modules(&cluster, name, "", &modules).await;
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    wait_for_async(T, "the node to be Ready", || async {
+        let n = nodes.get(name).await.ok()?;
+        (condition(&n, "Ready")?.0 == "True").then_some(())
+    })
+    .await;
+
+    let secrets: Api<Secret> = Api::namespaced(cluster.client.clone(), "default");
+    let secret_name = "lichen-e2e-regcred";
+    let _ = secrets.delete(secret_name, &DeleteParams::default()).await;
+    let auth = serde_json::json!({"auths": {reg.host(): {"username": "edge", "password": "s3cret-pw"}}});
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": secret_name},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": auth.to_string()},
+    }))
+    .expect("secret");
+    secrets.create(&PostParams::default(), &secret).await.expect("secret");
+
+    let image = format!("{}/acme/sleeper:1.0", reg.host());
+    let mut spec = wasm_pod_template(name, &image, serde_json::json!({}));
+    spec["imagePullSecrets"] = serde_json::json!([{"name": secret_name}]);
+    let deploy: Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "lichen-e2e-private"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "lichen-e2e-private"}},
+            "template": {"metadata": {"labels": {"app": "lichen-e2e-private"}}, "spec": spec}
+        }
+    }))
+    .expect("deployment");
+    let deploys: Api<Deployment> = Api::namespaced(cluster.client.clone(), "default");
+    let _ = deploys.delete("lichen-e2e-private", &DeleteParams::default()).await;
+    wait_for_async(T, "an old deployment to go", || async {
+        deploys.get_opt("lichen-e2e-private").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    deploys.create(&PostParams::default(), &deploy).await.expect("deployment");
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let lp = kube::api::ListParams::default().labels("app=lichen-e2e-private");
+    let running = wait_for_async(Duration::from_secs(60), "the private pod Running", || async {
+        let list = pods.list(&lp).await.ok()?;
+        list.items.into_iter().find(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|c| c.first())
+                .is_some_and(|c| c.ready && c.state.as_ref().is_some_and(|s| s.running.is_some()))
+        })
+    })
+    .await;
+    let c = &running.status.as_ref().and_then(|s| s.container_statuses.clone()).expect("statuses")[0];
+    assert_eq!(c.image_id, sha256_digest(&module), "imageID is the module digest");
+    let pod_name = running.metadata.name.clone().expect("name");
+    wait_for(T, "ticks from the pulled module", || {
+        s.pod_output(&pod_name, "main", 0).iter().any(|l| l.starts_with("tick")).then_some(())
+    });
+    let uid = running.metadata.uid.clone().expect("uid");
+    let events = pod_events(&cluster, &pod_name, &uid).await;
+    assert!(
+        events
+            .iter()
+            .any(|(reason, message, _)| reason == "Pulled" && message.contains("Successfully pulled")),
+        "{events:?}"
+    );
+    let _ = deploys.delete("lichen-e2e-private", &DeleteParams::default()).await;
+    let _ = secrets.delete(secret_name, &DeleteParams::default()).await;
     assert!(agent.stop().0.success());
     cluster.delete_node(name).await;
 }

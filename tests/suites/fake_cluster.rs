@@ -812,12 +812,17 @@ async fn injected_failures_delays_and_an_outage_on_the_same_port() {
 
 /// Starts `lichen` as node `name` against the fake, as the cluster tier does against a real server.
 async fn start_node(api: &FakeApi, name: &str) -> (Scratch, Agent) {
+    start_node_with(api, name, "").await
+}
+
+/// [`start_node`] with extra `[modules]` settings.
+async fn start_node_with(api: &FakeApi, name: &str, modules: &str) -> (Scratch, Agent) {
     api.delete_node(name).await;
     let s = Scratch::new("");
     let kc = api.node_kubeconfig(name, s.dir.path()).await;
     let config = format!(
         "node_name = {name:?}\nstate_dir = {:?}\nstatic_pod_dir = \"\"\nnode_ip = \"127.0.0.1\"\n\
-         shutdown_timeout_secs = 5\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n{}",
+         shutdown_timeout_secs = 5\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n{}{modules}",
         s.state.display().to_string(),
         kc.display().to_string(),
         s.modules_table()
@@ -1345,4 +1350,99 @@ async fn a_cluster_pod_runs_again_after_a_kill_while_the_api_server_is_away() {
     assert_never_refused(&api);
     let (exit, log) = agent.stop();
     assert!(exit.success(), "{}", log.join("\n"));
+}
+
+fn waiting_reason(p: &Pod) -> Option<(String, String)> {
+    let c = p.status.as_ref()?.container_statuses.as_ref()?.first()?;
+    let w = c.state.as_ref()?.waiting.as_ref()?;
+    Some((w.reason.clone()?, w.message.clone().unwrap_or_default()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_pull_secrets_open_a_private_registry_and_pull_failures_show_as_the_kubelet_shows_them() {
+    use lichen_tests::registry::{Registry, WASM_CONFIG_V0, WASM_LAYER};
+    let name = "fake-pull";
+    let api = FakeApi::start().await;
+    let reg = Registry::start_with_auth("edge", "s3cret-pw");
+    let module = wat::parse_file(fixture("hello.wat")).expect("fixture");
+    reg.push_artifact("private/hello", "1", WASM_CONFIG_V0, b"{}", &[(WASM_LAYER, &module)]);
+    let (_s, agent) =
+        start_node_with(&api, name, &format!("insecure_registries = [{:?}]\n", reg.host())).await;
+    wait_ready(&api, name).await;
+    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    let image = format!("{}/private/hello:1", reg.host());
+    let never = json!({"restartPolicy": "Never"});
+
+    // Without credentials the registry refuses: ErrImagePull, then ImagePullBackOff, naming why.
+    pods.create(&PostParams::default(), &pod("anonymous", Some(name), &image, never.clone()))
+        .await
+        .expect("pod");
+    let p = wait_pod(&pods, "anonymous", "a pull failure", |p| {
+        waiting_reason(p).is_some_and(|(r, _)| r == "ErrImagePull" || r == "ImagePullBackOff")
+    })
+    .await;
+    let (_, message) = waiting_reason(&p).expect("waiting");
+    assert!(message.contains("unauthorized"), "names the cause: {message}");
+    assert_eq!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Pending"));
+    wait_pod(&pods, "anonymous", "ImagePullBackOff", |p| {
+        waiting_reason(p).is_some_and(|(r, _)| r == "ImagePullBackOff")
+    })
+    .await;
+
+    // A dockerconfigjson pull secret, read under the node authorizer, opens it.
+    let auth = json!({"auths": {reg.host(): {"username": "edge", "password": "s3cret-pw"}}});
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "regcred"},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": auth.to_string()},
+    }))
+    .expect("secret");
+    Api::<Secret>::namespaced(api.client(), "default")
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("secret");
+    let mut with_secret = never.clone();
+    with_secret["imagePullSecrets"] = json!([{"name": "regcred"}]);
+    pods.create(&PostParams::default(), &pod("private", Some(name), &image, with_secret)).await.expect("pod");
+    let done = wait_pod(&pods, "private", "Succeeded", |p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded")
+    })
+    .await;
+    let c = &done.status.expect("status").container_statuses.expect("statuses")[0];
+    assert_eq!(c.image_id, sha256_hex(&module), "imageID is the module digest");
+
+    // A missing image and `Never` each say so.
+    let missing = format!("{}/private/absent:1", reg.host());
+    let mut never_pull = with_secret_spec(&never);
+    never_pull["containers"] = json!([{"name": "main", "image": missing, "imagePullPolicy": "Never"}]);
+    pods.create(&PostParams::default(), &pod("never", Some(name), &missing, never_pull)).await.expect("pod");
+    let p = wait_pod(&pods, "never", "ErrImageNeverPull", |p| {
+        waiting_reason(p).is_some_and(|(r, _)| r == "ErrImageNeverPull")
+    })
+    .await;
+    assert!(waiting_reason(&p).expect("waiting").1.contains("pull policy of Never"));
+    let events = Api::<Event>::namespaced(api.client(), "default");
+    wait_for_async(T, "the Pulled event", || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("Pulled")
+                    && e.message.as_deref().is_some_and(|m| m.contains("Successfully pulled"))
+            })
+            .then_some(())
+    })
+    .await;
+    assert_never_refused(&api);
+    assert!(agent.stop().0.success());
+}
+
+fn with_secret_spec(base: &Value) -> Value {
+    let mut v = base.clone();
+    v["imagePullSecrets"] = json!([{"name": "regcred"}]);
+    v
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    lichen_tests::registry::sha256_digest(bytes)
 }

@@ -394,6 +394,32 @@ mod tests {
     }
 
     #[test]
+    fn damaged_modules_and_artifacts_are_dropped_not_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let m = store.put_module(b"\0asm\x01\0\0\0", "m").expect("module");
+        store.put_artifact(&m, "engine-a", b"machine code").expect("artifact");
+        store.put_image_ref("reg/app:1", &m).expect("ref");
+        assert_eq!(store.get_artifact(&m, "engine-a").expect("get").as_deref(), Some(&b"machine code"[..]));
+        assert_eq!(store.get_artifact(&m, "engine-b").expect("get"), None, "artifacts are per engine");
+
+        // A flipped byte in the artifact: dropped, and the module's info forgets it.
+        let key = SledStore::artifact_key(&m, "engine-a");
+        let mut value = store.artifacts.get(&key).expect("raw").expect("present").to_vec();
+        let last = value.len() - 1;
+        value[last] ^= 1;
+        store.artifacts.insert(&key, value).expect("corrupt");
+        assert_eq!(store.get_artifact(&m, "engine-a").expect("get"), None);
+        assert!(store.list_modules().expect("list")[0].artifacts.is_empty());
+
+        // A damaged module: dropped with its references, so the next start pulls it again.
+        store.modules.insert(m.0, &b"\0asm\x01\0\0\x01"[..]).expect("corrupt");
+        assert_eq!(store.get_module(&m).expect("get"), None);
+        assert_eq!(store.get_image_ref("reg/app:1").expect("ref"), None);
+        assert!(store.list_modules().expect("list").is_empty());
+    }
+
+    #[test]
     fn pods_survive_reopen_and_status_respects_uid() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
