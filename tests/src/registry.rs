@@ -84,6 +84,7 @@ pub struct Registry {
     port: u16,
     id: String,
     auth: Option<(String, String)>,
+    tls: bool,
     child: Option<Child>,
     log: Arc<Mutex<Vec<String>>>,
 }
@@ -100,7 +101,83 @@ impl Registry {
         Registry::launch(Some((user.to_owned(), password.to_owned())))
     }
 
+    /// Starts an anonymous registry serving HTTPS only, with a certificate for `127.0.0.1` signed by
+    /// a CA made for it (with the `openssl` command). [`Registry::ca_file`] names the CA; the raw
+    /// helpers ([`Registry::request`], the push helpers) speak plain HTTP and do not work on it.
+    pub fn start_tls() -> Registry {
+        let mut reg = Registry::prepare(None);
+        reg.tls = true;
+        let d = reg.dir.path().to_owned();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).current_dir(&d).output().unwrap_or_else(|e| {
+                panic!(
+                    "running `openssl` failed: {e}; the TLS registry test needs it (apt-get install openssl)"
+                )
+            });
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=lichen test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "tls.key",
+            "-out",
+            "tls.csr",
+        ]);
+        std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+            .expect("san.ext");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "tls.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "tls.pem",
+        ]);
+        reg.bind();
+        reg
+    }
+
+    /// The CA certificate (PEM) of a [`Registry::start_tls`] registry.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
     fn launch(auth: Option<(String, String)>) -> Registry {
+        let mut reg = Registry::prepare(auth);
+        reg.bind();
+        reg
+    }
+
+    fn prepare(auth: Option<(String, String)>) -> Registry {
         let dir = tempfile::Builder::new().prefix("lichen-registry-").tempdir().expect("registry tempdir");
         if let Some((user, password)) = &auth {
             let out = Command::new("htpasswd").args(["-Bbn", user, password]).output().unwrap_or_else(|e| {
@@ -118,13 +195,17 @@ impl Registry {
             std::fs::write(dir.path().join("htpasswd"), &out.stdout).expect("write htpasswd");
         }
         let id = format!("{:016x}", fastrand::u64(..));
-        let mut reg = Registry { dir, port: 0, id, auth, child: None, log: Arc::default() };
+        Registry { dir, port: 0, id, auth, tls: false, child: None, log: Arc::default() }
+    }
+
+    fn bind(&mut self) {
+        let reg = self;
         let mut last = String::new();
         for _ in 0..5 {
             reg.port = free_port();
             reg.write_config();
             match reg.spawn() {
-                Ok(()) => return reg,
+                Ok(()) => return,
                 // Someone took the port between our probe and the registry's bind: try another.
                 Err(e) if e.contains("address already in use") => last = e,
                 Err(e) => panic!("{e}"),
@@ -185,6 +266,13 @@ impl Registry {
             self.host(),
             self.id
         );
+        if self.tls {
+            text.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                q(self.dir.path().join("tls.pem")),
+                q(self.dir.path().join("tls.key"))
+            ));
+        }
         if self.auth.is_some() {
             text.push_str(&format!(
                 "auth:\n  htpasswd:\n    realm: {REALM}\n    path: {}\n",
@@ -227,7 +315,14 @@ impl Registry {
                 let why = format!("docker-registry exited with {status} before answering on {}", self.host());
                 return fail(&mut child, &self.log, why);
             }
-            if let Ok(resp) = http(&self.host(), "GET", "/v2/", &[], &[]) {
+            // A TLS registry cannot be asked over plain HTTP: it is up once it accepts connections
+            // (a port taken by another process makes ours fail to bind and exit, seen above).
+            if self.tls {
+                if std::net::TcpStream::connect(self.host()).is_ok() {
+                    self.child = Some(child);
+                    return Ok(());
+                }
+            } else if let Ok(resp) = http(&self.host(), "GET", "/v2/", &[], &[]) {
                 let ours = resp.header(ID_HEADER) == Some(self.id.as_str());
                 let up = resp.status == 200 || (resp.status == 401 && self.auth.is_some());
                 if ours && up {

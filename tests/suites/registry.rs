@@ -362,3 +362,31 @@ fn precompiled_artifacts_from_lichen_compile_are_imported_and_checked() {
     let pruned = ok(lichen(&s, &["modules", "prune", "--all"], ""));
     assert!(pruned.contains("removed 1 module(s)"), "{pruned}");
 }
+
+#[test]
+fn https_registries_are_verified_against_the_system_roots_and_the_configured_ca() {
+    let reg = Registry::start_tls();
+    let file = |s: &Scratch| write_wasm(s.dir.path(), "hello.wat");
+    let image = format!("{}/secure/hello:1", reg.host());
+
+    // Without the CA the certificate is unknown: refused, never downgraded to plain HTTP.
+    let plain = scratch(&[], "");
+    let path = file(&plain);
+    let e = err(lichen(&plain, &["push", path.to_str().expect("utf-8"), &image], ""));
+    assert!(e.to_lowercase().contains("certificate"), "names the TLS failure: {e}");
+
+    let ca = reg.ca_file();
+    let s = scratch(&[], &format!("registry_ca_files = [{:?}]\n", ca.display().to_string()));
+    let path = file(&s);
+    ok(lichen(&s, &["push", path.to_str().expect("utf-8"), &image], ""));
+    let agent = s.start();
+    static_pod(&s, "secure", &image, "");
+    wait_for(T, "the module pulled over HTTPS", || hello_ran(&s, "secure"));
+    drop(agent);
+
+    // The same registry named in a pinned URL over https.
+    let digest = sha256_digest(&wasm("hello.wat"));
+    let url = format!("https://{}/v2/secure/hello/blobs/{digest}@{digest}", reg.host());
+    let out = ok(lichen(&s, &["modules", "pull", &url], ""));
+    assert!(out.contains(&digest), "{out}");
+}
