@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cluster::{self, pods::TerminatingSet};
+use crate::cluster::{self, ApiContact, pods::TerminatingSet};
 use crate::config::AgentConfig;
 use crate::modules::ModuleCache;
 use crate::node::NodeRegistrar;
@@ -110,11 +110,20 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     );
 
     tracker.spawn(modules.clone().collect_garbage_periodically(cancel.child_token()));
+    let contact = Arc::new(ApiContact::new(config.cluster().is_some()));
     let socket = crate::control::socket_path(&config.state_dir);
+    let control = Arc::new(crate::control::Control {
+        modules,
+        store: store.clone(),
+        board: board.clone(),
+        contact: contact.clone(),
+        node_name: config.node_name.clone(),
+    });
     let control_cancel = cancel.child_token();
     tracker.spawn(async move {
-        // Without the socket the agent still runs pods; only `lichen modules` has to wait for a stop.
-        if let Err(e) = crate::control::serve(socket, modules, control_cancel).await {
+        // Without the socket the agent still runs pods; only `lichen status` and `lichen modules`
+        // lose their way in.
+        if let Err(e) = crate::control::serve(socket, control, control_cancel).await {
             tracing::warn!(error = %e, "control socket unavailable");
         }
     });
@@ -124,6 +133,12 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     // link is down does not stop a board's workloads; the first complete list then reconciles.
     let remembered =
         if config.cluster().is_some() { remembered_api_pods(store.as_ref()) } else { Vec::new() };
+    // The store is the status outbox: every recorded status of a cluster pod is offered to the API
+    // server again after a restart (pods that run publish newer ones at once; finished ones would
+    // otherwise never be reported if the agent stopped before it could).
+    if config.cluster().is_some() {
+        seed_board(store.as_ref(), &board);
+    }
     if !remembered.is_empty() {
         tracing::info!(pods = remembered.len(), "resuming cluster pods from the store");
     }
@@ -146,14 +161,14 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             tracing::info!(kubeconfig = %kubeconfig.display(), "joining the cluster");
             let (kubeconfig, registrar, node) =
                 (kubeconfig.to_owned(), NodeRegistrar::new(&config), config.node_name.clone());
-            let (cancel, tracker2, terminating, board) =
-                (cancel.clone(), tracker.clone(), terminating.clone(), board.clone());
+            let (cancel, tracker2, terminating, board, contact) =
+                (cancel.clone(), tracker.clone(), terminating.clone(), board.clone(), contact.clone());
             tracker.spawn(async move {
                 let Some(client) = cluster::connect_with_retry(&kubeconfig, &cancel).await else { return };
-                tracker2.spawn(registrar.run(client.clone(), cancel.child_token()));
+                tracker2.spawn(registrar.run(client.clone(), contact.clone(), cancel.child_token()));
                 let source = cluster::pods::ApiPodSource::new(client.clone(), node.clone(), terminating);
                 tracker2.spawn(source.run(api_tx, cancel.child_token()));
-                tracker2.spawn(cluster::status::run(client.clone(), board, cancel.child_token()));
+                tracker2.spawn(cluster::status::run(client.clone(), board, contact, cancel.child_token()));
                 if let Some(rx) = events_rx {
                     tracker2.spawn(cluster::events::run(
                         client.clone(),
@@ -219,6 +234,16 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     tokio::task::spawn_blocking(move || s.flush()).await.map_err(|e| AppError::Task(e.to_string()))??;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Offers every cluster pod's recorded status to the status writer.
+fn seed_board(store: &dyn StateStore, board: &StatusBoard) {
+    let Ok(records) = store.list_pods() else { return };
+    for r in records.into_iter().filter(|r| r.source.starts_with(cluster::pods::SOURCE)) {
+        if let Some(status) = r.status.and_then(|s| serde_json::from_value(s).ok()) {
+            board.set(&r.key, &r.uid, &r.source, status);
+        }
+    }
 }
 
 /// The cluster pods in the store that should run: not being deleted, and with a readable spec.

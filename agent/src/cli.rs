@@ -29,6 +29,13 @@ pub enum Command {
     Check,
     /// Print the versions of Lichen and its WebAssembly runtime.
     Version,
+    /// Show the node as the agent sees it: pods and their states, the status outbox, the link to
+    /// the API server. Works offline, and reads the store when no agent runs.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect and manage the module cache (through the running agent, or on the store when none runs).
     Modules {
         /// What to do with the cache.

@@ -1,5 +1,5 @@
-//! The agent's control socket, `<state_dir>/lichen.sock`: how `lichen modules …` reaches a running
-//! agent, whose store (sled) no second process may open.
+//! The agent's control socket, `<state_dir>/lichen.sock`: how `lichen status` and `lichen modules …`
+//! reach a running agent, whose store (sled) no second process may open.
 //!
 //! One JSON request per line, one JSON response per line, then the connection closes. The socket is
 //! created mode 0600 inside the state directory: only the agent's user (and root) may use it.
@@ -13,8 +13,12 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::ApiContact;
 use crate::modules::ModuleCache;
 use crate::modules::commands::ModuleCommand;
+use crate::pod::board::StatusBoard;
+use crate::report::NodeReport;
+use crate::store::StateStore;
 
 /// The socket's file name under `state_dir`.
 pub const SOCKET_NAME: &str = "lichen.sock";
@@ -34,6 +38,45 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 pub enum ControlRequest {
     /// A `lichen modules` command.
     Modules(ModuleCommand),
+    /// `lichen status`: the answer's output is the [`NodeReport`] as JSON.
+    Status,
+}
+
+/// What the socket serves from.
+pub struct Control {
+    /// The module cache.
+    pub modules: Arc<ModuleCache>,
+    /// The store (pods and their last status).
+    pub store: Arc<dyn StateStore>,
+    /// Newest statuses and what the API server has acknowledged.
+    pub board: Arc<StatusBoard>,
+    /// The link to the API server.
+    pub contact: Arc<ApiContact>,
+    /// This node's name.
+    pub node_name: String,
+}
+
+impl Control {
+    /// The node report of the running agent.
+    pub async fn report(&self) -> Result<NodeReport, String> {
+        let store = self.store.clone();
+        let board = self.board.clone();
+        let pods = tokio::task::spawn_blocking(move || {
+            let pending: std::collections::HashSet<String> =
+                board.pending(crate::cluster::pods::SOURCE).into_iter().map(|(k, _)| k).collect();
+            crate::report::pod_lines(store.as_ref(), |k| pending.contains(k))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        Ok(NodeReport {
+            node: self.node_name.clone(),
+            agent_running: true,
+            contact: Some(self.contact.snapshot()),
+            outbox: Some(self.board.pending_count(crate::cluster::pods::SOURCE)),
+            pods,
+        })
+    }
 }
 
 /// The agent's answer.
@@ -70,7 +113,7 @@ pub enum ControlError {
 /// Serves requests until `cancel`; removes the socket file when it stops.
 pub async fn serve(
     path: PathBuf,
-    modules: Arc<ModuleCache>,
+    control: Arc<Control>,
     cancel: CancellationToken,
 ) -> Result<(), ControlError> {
     let listen_err = |source| ControlError::Listen { path: path.clone(), source };
@@ -89,12 +132,12 @@ pub async fn serve(
         };
         match conn {
             Ok((stream, _)) => {
-                let modules = modules.clone();
+                let control = control.clone();
                 let cancel = cancel.clone();
                 tasks.spawn(async move {
                     tokio::select! {
                         _ = cancel.cancelled() => {}
-                        _ = handle(stream, modules) => {}
+                        _ = handle(stream, control) => {}
                     }
                 });
             }
@@ -110,7 +153,7 @@ pub async fn serve(
     Ok(())
 }
 
-async fn handle(stream: UnixStream, modules: Arc<ModuleCache>) {
+async fn handle(stream: UnixStream, control: Arc<Control>) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST));
@@ -118,9 +161,13 @@ async fn handle(stream: UnixStream, modules: Arc<ModuleCache>) {
         Err(e) => ControlResponse { ok: false, output: format!("cannot read the request: {e}") },
         Ok(_) => match serde_json::from_str::<ControlRequest>(&line) {
             Err(e) => ControlResponse { ok: false, output: format!("malformed request: {e}") },
+            Ok(ControlRequest::Status) => match control.report().await {
+                Ok(r) => ControlResponse { ok: true, output: serde_json::to_string(&r).unwrap_or_default() },
+                Err(e) => ControlResponse { ok: false, output: e },
+            },
             Ok(ControlRequest::Modules(cmd)) => {
                 tracing::info!(command = ?redacted(&cmd), "control request");
-                match tokio::time::timeout(COMMAND_TIMEOUT, modules.command(cmd)).await {
+                match tokio::time::timeout(COMMAND_TIMEOUT, control.modules.command(cmd)).await {
                     Ok(Ok(output)) => ControlResponse { ok: true, output },
                     Ok(Err(output)) => ControlResponse { ok: false, output },
                     Err(_) => ControlResponse { ok: false, output: "the command timed out".into() },

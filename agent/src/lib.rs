@@ -10,7 +10,8 @@
 //! - [`runtime`]: Wasmtime: one engine, a store per container run, WASI preview 1, logs.
 //! - [`app`]: wires the parts together and shuts them down in order.
 //! - [`cli`], [`check`]: the command line and `lichen check`.
-//! - [`control`]: the agent's local control socket (`lichen modules` while it runs).
+//! - [`control`]: the agent's local control socket (`lichen status`, `lichen modules` while it runs).
+//! - [`report`]: what `lichen status` shows.
 //! - [`quantity`]: Kubernetes resource quantities.
 
 pub mod app;
@@ -23,6 +24,7 @@ pub mod modules;
 pub mod node;
 pub mod pod;
 pub mod quantity;
+pub mod report;
 pub mod retry;
 pub mod runtime;
 pub mod static_pods;

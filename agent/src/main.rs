@@ -74,6 +74,16 @@ fn main() -> ExitCode {
             };
             report(block_on(commands::run_command(&config, cmd)))
         }
+        Command::Status { json } => {
+            init_quiet_logging(&config);
+            match block_on(lichen::report::node_report(&config)) {
+                Ok(r) if json => {
+                    report(Ok(format!("{}\n", serde_json::to_string_pretty(&r).unwrap_or_default())))
+                }
+                Ok(r) => report(Ok(r.text())),
+                Err(e) => fail(&e),
+            }
+        }
         Command::Compile { target, input, output } => {
             report(commands::compile_file(target, &input, output.as_deref()))
         }

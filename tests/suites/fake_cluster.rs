@@ -1446,3 +1446,81 @@ fn with_secret_spec(base: &Value) -> Value {
 fn sha256_hex(bytes: &[u8]) -> String {
     lichen_tests::registry::sha256_digest(bytes)
 }
+
+/// `lichen status --json` for the agent of `s`.
+fn lichen_status(s: &Scratch) -> Value {
+    let out = std::process::Command::new(lichen_tests::lichen_bin())
+        .args(["status", "--json", "--config"])
+        .arg(&s.config)
+        .env_remove("LICHEN_CONFIG")
+        .output()
+        .expect("lichen status");
+    assert!(out.status.success(), "lichen status failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("status json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_recorded_while_away_survives_a_kill_and_never_goes_backwards() {
+    let name = "fake-outbox";
+    let (api, s, agent, pods) = joined(name).await;
+    let before = run_bound(&pods, "keeper", name, "sleeper.wat").await;
+    let mut timed = pod("timed", Some(name), &wasm("sleeper.wat"), json!({"restartPolicy": "Never"}));
+    timed.metadata.annotations = Some([("lichen.dev/run-timeout-seconds".to_owned(), "2".to_owned())].into());
+    pods.create(&PostParams::default(), &timed).await.expect("pod");
+    wait_pod(&pods, "timed", "Running", is_running_ready).await;
+
+    // Every phase the API server shows for the keeper from here on, in order.
+    let phases = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = phases.clone();
+    let watch_pods = pods.clone();
+    let watcher = tokio::spawn(async move {
+        let cfg = watcher::Config::default().fields("metadata.name=keeper");
+        let mut stream = watcher::watcher(watch_pods, cfg).boxed();
+        while let Some(ev) = stream.next().await {
+            if let Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) = ev
+                && let Some(phase) = p.status.and_then(|s| s.phase)
+            {
+                seen.lock().expect("phases").push(phase);
+            }
+        }
+    });
+
+    api.faults().stop().await;
+    // The timed pod ends while the API server is away; its Failed status can only go to the store.
+    agent.wait_log(&["container ended", "DeadlineExceeded"], T);
+    let report = lichen_status(&s);
+    assert_eq!(report["outbox"], 1, "the finished pod's status waits: {report}");
+    assert!(report["contact"]["down_since"].is_string(), "offline is shown: {report}");
+    drop(agent); // SIGKILL before it could report
+    let agent = s.start();
+    agent.wait_log(&["container started"], T);
+    let report = lichen_status(&s);
+    let keeper =
+        report["pods"].as_array().expect("pods").iter().find(|p| p["key"] == "default/keeper").cloned();
+    assert_eq!(keeper.as_ref().map(|k| k["phase"].clone()), Some(json!("Running")), "{report}");
+
+    api.faults().start().await;
+    let failed = wait_pod(&pods, "timed", "the status recorded before the kill", |p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")
+    })
+    .await;
+    let c = &failed.status.expect("status").container_statuses.expect("statuses")[0];
+    let t = c.state.as_ref().and_then(|s| s.terminated.as_ref()).expect("terminated");
+    assert_eq!(t.reason.as_deref(), Some("DeadlineExceeded"));
+    let after = wait_pod(&pods, "keeper", "running again", |p| {
+        is_running_ready(p) && run_identity(p) != run_identity(&before)
+    })
+    .await;
+    let c = &after.status.expect("status").container_statuses.expect("statuses")[0];
+    assert_eq!(c.restart_count, 1, "the run the kill ended counts as a restart");
+    let last = c.last_state.as_ref().and_then(|s| s.terminated.as_ref()).expect("lastState");
+    assert_eq!(last.reason.as_deref(), Some("AgentRestarted"));
+    wait_for_async(T, "the outbox to drain", || async { (lichen_status(&s)["outbox"] == 0).then_some(()) })
+        .await;
+    watcher.abort();
+    let phases = phases.lock().expect("phases").clone();
+    assert!(phases.len() >= 2, "the watch saw the keeper's updates: {phases:?}");
+    assert!(phases.iter().all(|p| p == "Running"), "the keeper never went back to Pending: {phases:?}");
+    assert_never_refused(&api);
+    assert!(agent.stop().0.success());
+}

@@ -71,7 +71,8 @@ impl Env {
                 inputs: None,
             })
             .expect("record");
-        worker::spawn(plan, "test", counts, self.deps.clone(), &self.tracker, &self.cancel)
+        let resume = worker::Resume { restart_counts: counts, previous: None };
+        worker::spawn(plan, "test", resume, self.deps.clone(), &self.tracker, &self.cancel)
     }
 }
 

@@ -2,7 +2,6 @@
 //! [`StatusBoard`], as a PATCH to `pods/status` carrying the UID as a precondition (a pod recreated
 //! under the same name is a different pod and must never receive this one's status).
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -15,11 +14,15 @@ use crate::pod::board::StatusBoard;
 use crate::retry::RetryBackoff;
 
 /// Drains the board until `cancel`.
-pub async fn run(client: Client, board: std::sync::Arc<StatusBoard>, cancel: CancellationToken) {
-    let mut written: HashMap<String, u64> = HashMap::new();
+pub async fn run(
+    client: Client,
+    board: std::sync::Arc<StatusBoard>,
+    contact: std::sync::Arc<super::ApiContact>,
+    cancel: CancellationToken,
+) {
     let mut backoff = RetryBackoff::new(Duration::from_millis(500), Duration::from_secs(60));
     loop {
-        let pending = board.changed_since(&written, SOURCE);
+        let pending = board.pending(SOURCE);
         let mut failed = false;
         for (key, entry) in pending {
             let Some((ns, name)) = key.split_once('/') else { continue };
@@ -27,13 +30,16 @@ pub async fn run(client: Client, board: std::sync::Arc<StatusBoard>, cancel: Can
             let patch = serde_json::json!({ "metadata": { "uid": entry.uid }, "status": entry.status });
             match api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
                 Ok(_) => {
-                    written.insert(key, entry.version);
+                    contact.ok();
+                    board.ack(&key, entry.version);
                 }
                 // Gone, or a different pod now: this status has nowhere to go.
                 Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {
-                    written.insert(key, entry.version);
+                    contact.ok();
+                    board.ack(&key, entry.version);
                 }
                 Err(e) => {
+                    contact.failed(&e.to_string());
                     tracing::warn!(pod = %key, error = %e, "cannot write pod status; will retry");
                     failed = true;
                 }

@@ -122,7 +122,12 @@ impl NodeRegistrar {
     }
 
     /// Registers, then heartbeats until `cancel`; on the way out marks the node NotReady.
-    pub async fn run(mut self, client: Client, cancel: CancellationToken) {
+    pub async fn run(
+        mut self,
+        client: Client,
+        contact: std::sync::Arc<crate::cluster::ApiContact>,
+        cancel: CancellationToken,
+    ) {
         let mut backoff = RetryBackoff::new(Duration::from_secs(1), Duration::from_secs(60));
         let nodes: Api<Node> = Api::all(client.clone());
         let leases: Api<Lease> = Api::namespaced(client, LEASE_NAMESPACE);
@@ -130,6 +135,7 @@ impl NodeRegistrar {
             match self.register(&nodes).await {
                 Ok(uid) => break uid,
                 Err(e) => {
+                    contact.failed(&e.to_string());
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in_secs = delay.as_secs(), "node registration failed");
                     if sleep_or_cancel(delay, &cancel).await {
@@ -171,6 +177,7 @@ impl NodeRegistrar {
             }
             match (lease, patched) {
                 (Ok(()), Ok(wrote)) => {
+                    contact.ok();
                     if wrote {
                         written = Some((status, Instant::now()));
                     }
@@ -180,6 +187,7 @@ impl NodeRegistrar {
                 (l, p) => {
                     let delay = backoff.next_delay().min(LEASE_RENEW);
                     for e in [l.err(), p.err()].into_iter().flatten() {
+                        contact.failed(&e.to_string());
                         tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "heartbeat failed");
                     }
                     next = Instant::now() + delay;

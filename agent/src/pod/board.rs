@@ -26,6 +26,8 @@ pub struct BoardEntry {
 #[derive(Default)]
 pub struct StatusBoard {
     entries: Mutex<HashMap<String, BoardEntry>>,
+    /// The version of each pod's status the API server has acknowledged.
+    acked: Mutex<HashMap<String, u64>>,
     changed: Notify,
     next_version: std::sync::atomic::AtomicU64,
 }
@@ -49,16 +51,41 @@ impl StatusBoard {
             && e.get(key).is_some_and(|x| x.uid == uid)
         {
             e.remove(key);
+            if let Ok(mut a) = self.acked.lock() {
+                a.remove(key);
+            }
         }
     }
 
-    /// Entries newer than what `seen` records, for pods whose source starts with `prefix`.
-    pub fn changed_since(&self, seen: &HashMap<String, u64>, prefix: &str) -> Vec<(String, BoardEntry)> {
+    /// Entries not acknowledged yet, for pods whose source starts with `prefix`: the outbox.
+    pub fn pending(&self, prefix: &str) -> Vec<(String, BoardEntry)> {
         let Ok(e) = self.entries.lock() else { return Vec::new() };
+        let acked = self.acked.lock().map(|a| a.clone()).unwrap_or_default();
         e.iter()
-            .filter(|(k, v)| v.source.starts_with(prefix) && seen.get(*k).is_none_or(|s| *s < v.version))
+            .filter(|(k, v)| v.source.starts_with(prefix) && acked.get(*k).is_none_or(|s| *s < v.version))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+
+    /// How many pods (of `prefix`) have a status the API server has not acknowledged.
+    pub fn pending_count(&self, prefix: &str) -> usize {
+        self.pending(prefix).len()
+    }
+
+    /// Records that `version` of `key`'s status was delivered (or has nowhere to go).
+    pub fn ack(&self, key: &str, version: u64) {
+        if let Ok(mut a) = self.acked.lock() {
+            let v = a.entry(key.to_owned()).or_default();
+            *v = (*v).max(version);
+        }
+    }
+
+    /// The newest status of every pod, for `lichen status`.
+    pub fn all(&self) -> Vec<(String, BoardEntry)> {
+        let Ok(e) = self.entries.lock() else { return Vec::new() };
+        let mut out: Vec<_> = e.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// Waits for the next change.
@@ -78,14 +105,13 @@ mod tests {
         b.set("ns/a", "u1", "api:", s("Pending"));
         b.set("ns/a", "u1", "api:", s("Running"));
         b.set("ns/f", "u2", "file:/x", s("Running"));
-        let mut seen = HashMap::new();
-        let pending = b.changed_since(&seen, "api:");
+        let pending = b.pending("api:");
         assert_eq!(pending.len(), 1, "coalesced, and file pods are not for the API");
         assert_eq!(pending[0].1.status.phase.as_deref(), Some("Running"));
-        seen.insert("ns/a".to_owned(), pending[0].1.version);
-        assert!(b.changed_since(&seen, "api:").is_empty());
+        b.ack("ns/a", pending[0].1.version);
+        assert_eq!(b.pending_count("api:"), 0);
         b.remove("ns/a", "other-uid");
         b.set("ns/a", "u1", "api:", s("Succeeded"));
-        assert_eq!(b.changed_since(&seen, "api:").len(), 1);
+        assert_eq!(b.pending_count("api:"), 1);
     }
 }

@@ -238,13 +238,14 @@ impl PodManager {
         };
         let previous = self.deps.store.get_pod(&key).ok().flatten().filter(|r| r.uid == uid);
         let restart_counts = previous.as_ref().map(|r| r.restart_counts.clone()).unwrap_or_default();
+        let previous_status = previous.and_then(|r| r.status);
         let pod_json = serde_json::to_value(&d.pod).unwrap_or_default();
         let mut record = PodRecord {
             key: key.clone(),
             uid: uid.clone(),
             source: d.source.clone(),
             pod: pod_json,
-            status: previous.and_then(|r| r.status),
+            status: previous_status.clone(),
             restart_counts: restart_counts.clone(),
             inputs: d.inputs.clone(),
         };
@@ -255,14 +256,12 @@ impl PodManager {
                     tracing::error!(pod = %key, error = %e, "cannot record pod; not starting it");
                     return;
                 }
-                let handle = worker::spawn(
-                    plan,
-                    &d.source,
+                let resume = worker::Resume {
                     restart_counts,
-                    self.deps.clone(),
-                    &self.tracker,
-                    &self.cancel,
-                );
+                    previous: previous_status.and_then(|s| serde_json::from_value(s).ok()),
+                };
+                let handle =
+                    worker::spawn(plan, &d.source, resume, self.deps.clone(), &self.tracker, &self.cancel);
                 self.pods.insert(key, Entry::Running { handle, inputs: d.inputs.clone() });
             }
             Err(failure) if waiting => {

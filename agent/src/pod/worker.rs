@@ -83,33 +83,117 @@ pub fn pod_log_dir(logs_dir: &Path, key: &str, uid: &str) -> PathBuf {
     logs_dir.join(format!("{}_{uid}", key.replace('/', "_")))
 }
 
-/// Starts a worker for `plan` on `tracker`. `restart_counts` carries counts across agent restarts.
+/// What an earlier life of the agent left of a pod: restart counts and the last status recorded.
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    /// Restarts per container.
+    pub restart_counts: BTreeMap<String, u32>,
+    /// The last status recorded for this pod (same UID), if it ran before.
+    pub previous: Option<PodStatus>,
+}
+
+/// How a container picks up after an agent restart.
+#[derive(Debug, Clone, PartialEq)]
+enum Resumed {
+    /// It never ran: start it as new.
+    Fresh,
+    /// It ran and is due to run again: the next run is a restart, and this was how the last ended.
+    Again(Termination),
+    /// It ended for good: it is not run again.
+    Done(Termination),
+}
+
+/// Reason shown in `lastState` for a run that the agent's own stop, crash or power loss ended.
+pub const AGENT_RESTARTED: &str = "AgentRestarted";
+
+impl Resume {
+    /// How container `name` resumes: a run that was going when the agent stopped (or that the
+    /// agent's shutdown killed) ran and runs again; one that ended for good under `policy` stays
+    /// ended. An agent restart is not a new pod sandbox (volumes persist on disk), so completed init
+    /// containers are not run again.
+    fn container(&self, name: &str, init: bool, policy: RestartPolicy, now: Timestamp) -> Resumed {
+        let Some(st) = &self.previous else { return Resumed::Fresh };
+        let list = if init { &st.init_container_statuses } else { &st.container_statuses };
+        let Some(c) = list.iter().flatten().find(|c| c.name == name) else { return Resumed::Fresh };
+        let state = c.state.clone().unwrap_or_default();
+        let ts = |t: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| t.as_ref().map(|t| t.0);
+        if let Some(r) = state.running {
+            return Resumed::Again(Termination {
+                exit_code: 137,
+                reason: AGENT_RESTARTED.into(),
+                message: Some("the run ended when lichen stopped (restart, kill or power loss)".into()),
+                started_at: ts(&r.started_at),
+                finished_at: now,
+            });
+        }
+        let terminated = |t: &k8s_openapi::api::core::v1::ContainerStateTerminated| Termination {
+            exit_code: t.exit_code,
+            reason: t.reason.clone().unwrap_or_default(),
+            message: t.message.clone(),
+            started_at: ts(&t.started_at),
+            finished_at: ts(&t.finished_at).unwrap_or(now),
+        };
+        if let Some(t) = &state.terminated {
+            let t = terminated(t);
+            let killed_by_agent = t.reason == "Killed";
+            let again = if init {
+                t.exit_code != 0 && policy != RestartPolicy::Never
+            } else {
+                policy.restarts(t.exit_code)
+            };
+            return if again || (killed_by_agent && !(init && t.exit_code == 0)) {
+                Resumed::Again(t)
+            } else {
+                Resumed::Done(t)
+            };
+        }
+        match c.last_state.as_ref().and_then(|s| s.terminated.as_ref()) {
+            // Waiting in back-off between runs.
+            Some(t) => Resumed::Again(terminated(t)),
+            None => Resumed::Fresh,
+        }
+    }
+}
+
+/// Starts a worker for `plan` on `tracker`, picking up what `resume` says an earlier agent left.
 pub fn spawn(
     plan: PodPlan,
     source: &str,
-    restart_counts: BTreeMap<String, u32>,
+    resume: Resume,
     deps: Arc<WorkerDeps>,
     tracker: &TaskTracker,
     parent: &CancellationToken,
 ) -> PodHandle {
     let cancel = parent.child_token();
     let now = Timestamp::now();
-    let count = |name: &str| restart_counts.get(name).copied().unwrap_or(0);
+    let count = |name: &str| resume.restart_counts.get(name).copied().unwrap_or(0);
     let init_reason = if plan.init_containers.is_empty() { "ContainerCreating" } else { "PodInitializing" };
+    let init_policy = match plan.restart_policy {
+        RestartPolicy::Never => RestartPolicy::Never,
+        _ => RestartPolicy::OnFailure,
+    };
+    let view_of = |c: &ContainerPlan, init: bool, reason: &str| {
+        let policy = if init { init_policy } else { plan.restart_policy };
+        let mut v = ContainerView::new(&c.name, &c.image, reason, count(&c.name));
+        let resumed = resume.container(&c.name, init, policy, now);
+        match &resumed {
+            Resumed::Fresh => {}
+            Resumed::Again(t) => v.last_termination = Some(t.clone()),
+            Resumed::Done(t) => v.state = ContainerState::Terminated(t.clone()),
+        }
+        (v, resumed)
+    };
+    let (init, init_resumed): (Vec<_>, Vec<_>) =
+        plan.init_containers.iter().map(|c| view_of(c, true, "PodInitializing")).unzip();
+    let (app, app_resumed): (Vec<_>, Vec<_>) =
+        plan.containers.iter().map(|c| view_of(c, false, init_reason)).unzip();
+    let start_time = resume.previous.as_ref().and_then(|s| s.start_time.as_ref()).map(|t| t.0).unwrap_or(now);
     let view = PodView {
         restart_policy: plan.restart_policy,
-        init: plan
-            .init_containers
-            .iter()
-            .map(|c| ContainerView::new(&c.name, &c.image, "PodInitializing", count(&c.name)))
-            .collect(),
-        app: plan
-            .containers
-            .iter()
-            .map(|c| ContainerView::new(&c.name, &c.image, init_reason, count(&c.name)))
-            .collect(),
+        init,
+        app,
         failure: None,
-        start_time: Some(now),
+        start_time: Some(start_time),
         host_ip: deps.host_ip.clone(),
     };
     let initial = status::build(&view, None, now);
@@ -122,6 +206,11 @@ pub fn spawn(
         uid: plan.uid.clone(),
         source: source.to_owned(),
         pull_credentials: plan.pull_credentials.clone(),
+        resumed: init_resumed
+            .into_iter()
+            .map(|r| (true, r))
+            .chain(app_resumed.into_iter().map(|r| (false, r)))
+            .collect(),
         deps: deps.clone(),
         written: AtomicBool::new(false),
     });
@@ -146,6 +235,8 @@ struct Shared {
     source: String,
     uid: String,
     pull_credentials: PullCredentials,
+    /// Per container, init containers first: how it resumes after an agent restart.
+    resumed: Vec<(bool, Resumed)>,
     deps: Arc<WorkerDeps>,
     written: AtomicBool,
 }
@@ -382,7 +473,17 @@ async fn run_container(
             Slot::App(i) => v.app.get(i).map(|c| c.restart_count),
         })
         .unwrap_or(0);
+    let index = match slot {
+        Slot::Init(i) => Some(i),
+        Slot::App(i) => shared.resumed.iter().position(|(init, _)| !init).map(|first| first + i),
+    };
+    let resumed = index.and_then(|i| shared.resumed.get(i)).map(|(_, r)| r.clone()).unwrap_or(Resumed::Fresh);
+    if let Resumed::Done(t) = &resumed {
+        tracing::info!(container = %plan.name, reason = %t.reason, "container ended before the agent restarted; not run again");
+        return t.exit_code == 0;
+    }
     let runner = ContainerRunner {
+        ran_before: matches!(resumed, Resumed::Again(_)),
         plan,
         slot,
         policy,
@@ -397,6 +498,8 @@ async fn run_container(
 
 /// One container's restart loop and the state it carries between runs.
 struct ContainerRunner<'a> {
+    /// The container ran in an earlier life of the agent: its first run here is a restart.
+    ran_before: bool,
     plan: &'a ContainerPlan,
     slot: Slot,
     policy: RestartPolicy,
@@ -412,7 +515,7 @@ impl ContainerRunner<'_> {
         let deps = self.shared.deps.clone();
         // Whether the previous iteration ended a run; only then is the next run a restart. A pull
         // that failed or a log that could not be opened is not a run, as with the kubelet.
-        let mut ran = false;
+        let mut ran = self.ran_before;
         loop {
             if std::mem::take(&mut ran) {
                 self.restart_count += 1;
@@ -666,3 +769,57 @@ enum LoadError {
 
 /// How long `ErrImagePull` shows before `ImagePullBackOff`.
 const ERR_IMAGE_PULL_SHOWN: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ContainerStatus;
+
+    fn previous(states: serde_json::Value) -> Resume {
+        let statuses: Vec<ContainerStatus> = serde_json::from_value(states).expect("statuses");
+        Resume {
+            restart_counts: BTreeMap::new(),
+            previous: Some(PodStatus { container_statuses: Some(statuses), ..Default::default() }),
+        }
+    }
+
+    #[test]
+    fn an_agent_restart_resumes_each_container_honestly() {
+        let now = Timestamp::now();
+        let r = previous(serde_json::json!([
+            {"name": "running", "image": "x", "imageID": "", "ready": true, "restartCount": 2,
+             "state": {"running": {"startedAt": "2026-11-25T01:00:00Z"}}},
+            {"name": "done", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+             "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}},
+            {"name": "killed", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+             "state": {"terminated": {"exitCode": 137, "reason": "Killed"}}},
+            {"name": "looping", "image": "x", "imageID": "", "ready": false, "restartCount": 3,
+             "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+             "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}}},
+            {"name": "pulling", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+             "state": {"waiting": {"reason": "ImagePullBackOff"}}}
+        ]));
+        let never = RestartPolicy::Never;
+        match r.container("running", false, never, now) {
+            Resumed::Again(t) => {
+                assert_eq!(t.reason, AGENT_RESTARTED);
+                assert_eq!(t.started_at.map(|t| t.as_second()), Some(1_795_568_400), "the run's own start");
+            }
+            other => panic!("a running container runs again: {other:?}"),
+        }
+        assert!(
+            matches!(r.container("done", false, never, now), Resumed::Done(t) if t.reason == "Completed")
+        );
+        assert!(matches!(r.container("done", false, RestartPolicy::Always, now), Resumed::Again(_)));
+        assert!(
+            matches!(r.container("killed", false, never, now), Resumed::Again(_)),
+            "the agent's own stop"
+        );
+        assert!(
+            matches!(r.container("looping", false, RestartPolicy::Always, now), Resumed::Again(t) if t.reason == "Error")
+        );
+        assert_eq!(r.container("pulling", false, never, now), Resumed::Fresh);
+        assert_eq!(r.container("absent", false, never, now), Resumed::Fresh);
+        assert_eq!(Resume::default().container("running", false, never, now), Resumed::Fresh);
+    }
+}
