@@ -75,6 +75,8 @@ impl Control {
             contact: Some(self.contact.snapshot()),
             outbox: Some(self.board.pending_count(crate::cluster::pods::SOURCE)),
             pods,
+            status_changes: self.board.changes(),
+            store_pod_writes: self.store.pod_writes(),
         })
     }
 }

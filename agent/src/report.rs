@@ -41,6 +41,13 @@ pub struct NodeReport {
     pub outbox: Option<usize>,
     /// Every pod the store knows.
     pub pods: Vec<PodLine>,
+    /// Pod status changes since the agent started (0 when it is not running).
+    #[serde(default)]
+    pub status_changes: u64,
+    /// Pod record writes to the store since the agent started: with `status_changes`, what a status
+    /// change costs the disk.
+    #[serde(default)]
+    pub store_pod_writes: u64,
 }
 
 /// Builds the pod lines from the store; `unreported(key, uid)` tells whether a pod's status is still
@@ -165,5 +172,13 @@ pub async fn node_report(config: &crate::config::AgentConfig) -> Result<NodeRepo
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    Ok(NodeReport { node: config.node_name.clone(), agent_running: false, contact: None, outbox: None, pods })
+    Ok(NodeReport {
+        node: config.node_name.clone(),
+        agent_running: false,
+        contact: None,
+        outbox: None,
+        pods,
+        status_changes: 0,
+        store_pod_writes: 0,
+    })
 }

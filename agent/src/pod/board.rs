@@ -80,6 +80,11 @@ impl StatusBoard {
         }
     }
 
+    /// Status changes recorded since start (every pod, static ones included).
+    pub fn changes(&self) -> u64 {
+        self.next_version.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The newest status of every pod, for `lichen status`.
     pub fn all(&self) -> Vec<(String, BoardEntry)> {
         let Ok(e) = self.entries.lock() else { return Vec::new() };

@@ -219,4 +219,9 @@ pub trait StateStore: Send + Sync + 'static {
     fn flush(&self) -> Result<(), StoreError>;
     /// The schema version on disk.
     fn schema_version(&self) -> u32;
+    /// Pod record writes (puts, status updates, deletes) since the store was opened: what a status
+    /// change costs the disk.
+    fn pod_writes(&self) -> u64 {
+        0
+    }
 }

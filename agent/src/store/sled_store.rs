@@ -33,6 +33,7 @@ pub struct SledStore {
     image_refs: sled::Tree,
     path: PathBuf,
     schema: u32,
+    pod_writes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl SledStore {
@@ -102,7 +103,17 @@ impl SledStore {
             db.flush().map_err(|e| sled_error(&path, e))?;
             tracing::info!(store = %path.display(), from, to = from + 1, "migrated state store");
         }
-        Ok(SledStore { db, pods, modules, module_info, artifacts, image_refs, path, schema: SCHEMA_VERSION })
+        Ok(SledStore {
+            db,
+            pods,
+            modules,
+            module_info,
+            artifacts,
+            image_refs,
+            path,
+            schema: SCHEMA_VERSION,
+            pod_writes: Default::default(),
+        })
     }
 
     /// The directory the store lives in.
@@ -121,6 +132,10 @@ impl SledStore {
 
     fn encode<T: serde::Serialize>(&self, value: &T) -> Result<Vec<u8>, StoreError> {
         serde_json::to_vec(value).map_err(|e| io_error(&self.path, io::Error::other(e)))
+    }
+
+    fn count_pod_write(&self) {
+        self.pod_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn sync(&self) -> Result<(), StoreError> {
@@ -154,6 +169,7 @@ impl SledStore {
 
 impl StateStore for SledStore {
     fn put_pod(&self, record: &PodRecord) -> Result<(), StoreError> {
+        self.count_pod_write();
         let bytes = self.encode(record)?;
         self.pods.insert(record.key.as_bytes(), bytes).map_err(|e| self.err(e))?;
         self.sync()
@@ -178,6 +194,7 @@ impl StateStore for SledStore {
             record.status = Some(status.clone());
             record.restart_counts = restart_counts.clone();
             let new = self.encode(&record)?;
+            self.count_pod_write();
             match self.pods.compare_and_swap(key.as_bytes(), Some(old), Some(new)).map_err(|e| self.err(e))? {
                 Ok(()) => return Ok(()),
                 Err(_) => continue,
@@ -206,6 +223,7 @@ impl StateStore for SledStore {
         if let Some(record) = self.get_pod(key)?
             && record.uid == uid
         {
+            self.count_pod_write();
             self.pods.remove(key.as_bytes()).map_err(|e| self.err(e))?;
             self.sync()?;
         }
@@ -341,6 +359,10 @@ impl StateStore for SledStore {
 
     fn schema_version(&self) -> u32 {
         self.schema
+    }
+
+    fn pod_writes(&self) -> u64 {
+        self.pod_writes.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
