@@ -110,7 +110,8 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     );
 
     tracker.spawn(modules.clone().collect_garbage_periodically(cancel.child_token()));
-    let contact = Arc::new(ApiContact::new(config.cluster().is_some()));
+    let contact =
+        Arc::new(ApiContact::new(config.cluster().is_some(), Some(config.state_dir.join("offline-seconds"))));
     let socket = crate::control::socket_path(&config.state_dir);
     let control = Arc::new(crate::control::Control {
         modules,
@@ -161,12 +162,14 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             tracing::info!(kubeconfig = %kubeconfig.display(), "joining the cluster");
             let (kubeconfig, registrar, node) =
                 (kubeconfig.to_owned(), NodeRegistrar::new(&config), config.node_name.clone());
+            let evicted_grace = Duration::from_secs(config.autonomy.evicted_grace_secs);
             let (cancel, tracker2, terminating, board, contact) =
                 (cancel.clone(), tracker.clone(), terminating.clone(), board.clone(), contact.clone());
             tracker.spawn(async move {
                 let Some(client) = cluster::connect_with_retry(&kubeconfig, &cancel).await else { return };
                 tracker2.spawn(registrar.run(client.clone(), contact.clone(), cancel.child_token()));
-                let source = cluster::pods::ApiPodSource::new(client.clone(), node.clone(), terminating);
+                let source = cluster::pods::ApiPodSource::new(client.clone(), node.clone(), terminating)
+                    .with_evicted_grace(evicted_grace);
                 tracker2.spawn(source.run(api_tx, cancel.child_token()));
                 tracker2.spawn(cluster::status::run(client.clone(), board, contact, cancel.child_token()));
                 if let Some(rx) = events_rx {
@@ -194,9 +197,28 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     tracing::info!(node = %config.node_name, version = env!("CARGO_PKG_VERSION"), "lichen running");
     let mut first = true;
     let (mut static_open, mut api_open) = (config.static_pods().is_some(), config.cluster().is_some());
+    let max_offline = (config.cluster().is_some() && config.autonomy.max_offline_secs > 0)
+        .then(|| Duration::from_secs(config.autonomy.max_offline_secs));
+    let mut offline_expired = false;
     loop {
+        if let Some(limit) = max_offline {
+            let expired = contact.offline_for().is_some_and(|d| d >= limit);
+            if expired != offline_expired {
+                if expired {
+                    tracing::warn!(
+                        limit_secs = limit.as_secs(),
+                        "no contact with the API server for longer than autonomy.max_offline_secs; stopping cluster pods (static pods keep running)"
+                    );
+                } else {
+                    tracing::info!("the API server is reachable again; cluster pods may run");
+                }
+                offline_expired = expired;
+            }
+        }
+        let api_pods = api_rx.borrow_and_update().clone();
+        let api_pods = if offline_expired { Vec::new() } else { api_pods };
         let desired: Vec<DesiredPod> =
-            static_rx.borrow_and_update().iter().chain(api_rx.borrow_and_update().iter()).cloned().collect();
+            static_rx.borrow_and_update().iter().cloned().chain(api_pods).collect();
         manager.sync(&desired).await;
         if first && !cancel.is_cancelled() {
             first = false;
@@ -217,6 +239,8 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             _ = cancel.cancelled() => break,
             changed = static_rx.changed(), if static_open => static_open = changed.is_ok(),
             changed = api_rx.changed(), if api_open => api_open = changed.is_ok(),
+            // Offline time is kept across restarts, and checked against the limit.
+            _ = tokio::time::sleep(OFFLINE_CHECK), if config.cluster().is_some() => contact.persist(),
         }
     }
 
@@ -235,6 +259,9 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How often the offline time is recorded and checked against `autonomy.max_offline_secs`.
+const OFFLINE_CHECK: Duration = Duration::from_secs(5);
 
 /// Offers every cluster pod's recorded status to the status writer.
 fn seed_board(store: &dyn StateStore, board: &StatusBoard) {

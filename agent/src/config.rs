@@ -92,6 +92,23 @@ pub struct AgentConfig {
     pub disk_pressure_percent: u32,
     /// Where modules come from and how many are kept.
     pub modules: ModulesConfig,
+    /// What the node does while it cannot reach the API server, and when it is back.
+    pub autonomy: AutonomyConfig,
+}
+
+/// Edge autonomy: running without the control plane.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutonomyConfig {
+    /// How long cluster pods keep running without contact with the API server, in seconds (counted
+    /// on the monotonic clock, across agent restarts); 0 means indefinitely. When it passes, the
+    /// node's cluster pods are stopped (static pods keep running); they start again once the API
+    /// server lists them.
+    pub max_offline_secs: u64,
+    /// For pods the control plane deleted (evicted) while the node was away: how long they keep
+    /// running after the node is back before they are stopped and their deletion confirmed, in
+    /// seconds. 0 stops them at once, as the kubelet does.
+    pub evicted_grace_secs: u64,
 }
 
 /// Module pulls and the module cache.
@@ -187,6 +204,7 @@ impl Default for AgentConfig {
             memory_pressure_threshold: ByteSize(100 << 20),
             disk_pressure_percent: 10,
             modules: ModulesConfig::default(),
+            autonomy: AutonomyConfig::default(),
         }
     }
 }
@@ -295,6 +313,12 @@ pub struct ConfigArgs {
     /// Seconds a pull may take [default: 300].
     #[arg(long, env = "LICHEN_PULL_TIMEOUT_SECS", global = true)]
     pub pull_timeout_secs: Option<u64>,
+    /// Seconds cluster pods run without API contact, 0 = indefinitely [default: 0].
+    #[arg(long, env = "LICHEN_MAX_OFFLINE_SECS", global = true)]
+    pub max_offline_secs: Option<u64>,
+    /// Seconds pods evicted while away keep running once back, 0 = stop at once [default: 0].
+    #[arg(long, env = "LICHEN_EVICTED_GRACE_SECS", global = true)]
+    pub evicted_grace_secs: Option<u64>,
 }
 
 impl AgentConfig {
@@ -362,6 +386,8 @@ impl AgentConfig {
         set(&mut self.modules.max_module_size, &a.max_module_size);
         set(&mut self.modules.concurrent_pulls, &a.concurrent_pulls);
         set(&mut self.modules.pull_timeout_secs, &a.pull_timeout_secs);
+        set(&mut self.autonomy.max_offline_secs, &a.max_offline_secs);
+        set(&mut self.autonomy.evicted_grace_secs, &a.evicted_grace_secs);
         if let Some(labels) = &a.node_labels {
             // A malformed entry keeps its text as the key so validation names it.
             self.node_labels = labels

@@ -1524,3 +1524,57 @@ async fn status_recorded_while_away_survives_a_kill_and_never_goes_backwards() {
     assert_never_refused(&api);
     assert!(agent.stop().0.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_offline_secs_cluster_pods_stop_and_they_come_back_with_the_api_server() {
+    let name = "fake-max-offline";
+    let api = FakeApi::start().await;
+    let (s, agent) = start_node_with(&api, name, "\n[autonomy]\nmax_offline_secs = 3\n").await;
+    wait_ready(&api, name).await;
+    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    run_bound(&pods, "bounded", name, "sleeper.wat").await;
+
+    api.faults().stop().await;
+    let warned = Instant::now();
+    agent
+        .wait_log(&["longer than autonomy.max_offline_secs; stopping cluster pods"], Duration::from_secs(40));
+    agent.wait_log(&["pod removed", "default/bounded"], T);
+    // Not before the limit: the heartbeat notices the outage within 10 s, then 3 s more.
+    assert!(warned.elapsed() >= Duration::from_secs(3));
+    let report = lichen_status(&s);
+    assert!(report["contact"]["offline_secs"].as_u64().is_some_and(|n| n >= 3), "{report}");
+    assert_eq!(report["pods"].as_array().map(Vec::len), Some(0), "{report}");
+
+    api.faults().start().await;
+    agent.wait_log(&["the API server is reachable again"], Duration::from_secs(40));
+    wait_pod(&pods, "bounded", "Running again", is_running_ready).await;
+    assert_never_refused(&api);
+    assert!(agent.stop().0.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_evicted_while_away_keeps_running_for_the_grace_then_its_deletion_is_confirmed() {
+    let name = "fake-evicted";
+    let api = FakeApi::start().await;
+    let (_s, agent) = start_node_with(&api, name, "\n[autonomy]\nevicted_grace_secs = 4\n").await;
+    wait_ready(&api, name).await;
+    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    run_bound(&pods, "evictee", name, "sleeper.wat").await;
+
+    api.faults().stop().await;
+    // The node-lifecycle controller gives up on the node and evicts the pod meanwhile.
+    api.faults().evict("default", "evictee");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    api.faults().start().await;
+    agent.wait_log(&["deleted while the node was away", "default/evictee"], Duration::from_secs(40));
+    let noticed = Instant::now();
+    agent.wait_log(&["stopping pod", "default/evictee"], Duration::from_secs(30));
+    let kept = noticed.elapsed();
+    assert!(kept >= Duration::from_secs(3), "kept running for the grace, not {kept:?}");
+    wait_for_async(T, "the final delete", || async {
+        pods.get_opt("evictee").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert_never_refused(&api);
+    assert!(agent.stop().0.success());
+}

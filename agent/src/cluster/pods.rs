@@ -26,6 +26,10 @@ const INPUTS_PASS: Duration = Duration::from_secs(10);
 /// The `source` of pods from the API server.
 pub const SOURCE: &str = "api:";
 
+/// How long after a watch resumes from an interruption its events count as catching up on what
+/// happened while the node was away.
+const CATCH_UP: Duration = Duration::from_secs(10);
+
 /// A pod being deleted: stop it, then remove the object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Terminating {
@@ -46,13 +50,32 @@ pub struct ApiPodSource {
     node_name: String,
     terminating: TerminatingSet,
     inputs: InputResolver,
+    /// `autonomy.evicted_grace_secs`.
+    evicted_grace: Duration,
+    /// Pods found already deleted when (re-)listing, by UID, with when that was noticed.
+    evicted: HashMap<String, tokio::time::Instant>,
 }
 
 impl ApiPodSource {
     /// A source for `node_name`'s pods. Pods being deleted are put in `terminating`.
     pub fn new(client: Client, node_name: String, terminating: TerminatingSet) -> Self {
         let inputs = InputResolver::new(client.clone());
-        ApiPodSource { client, node_name, terminating, inputs }
+        ApiPodSource {
+            client,
+            node_name,
+            terminating,
+            inputs,
+            evicted_grace: Duration::ZERO,
+            evicted: HashMap::new(),
+        }
+    }
+
+    /// Keeps pods that were deleted while the node was not watching (found terminating by a list,
+    /// as the node-lifecycle controller's evictions are after an outage) running for `grace` before
+    /// they are stopped.
+    pub fn with_evicted_grace(mut self, grace: Duration) -> Self {
+        self.evicted_grace = grace;
+        self
     }
 
     /// Runs until `cancel`, sending the desired pods after every complete view.
@@ -67,6 +90,7 @@ impl ApiPodSource {
         let mut pods: BTreeMap<String, Pod> = BTreeMap::new();
         let mut listing: Option<BTreeMap<String, Pod>> = None;
         let mut listed = false;
+        let (mut interrupted, mut resumed_at) = (false, None::<tokio::time::Instant>);
         // Re-fetches ConfigMaps, Secrets and tokens: missing ones appear, changed ones propagate.
         let mut refresh = tokio::time::interval(INPUTS_PASS);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -89,9 +113,17 @@ impl ApiPodSource {
                 }
                 continue;
             };
-            if event.is_ok() {
-                backoff.reset();
+            match &event {
+                Ok(_) => {
+                    backoff.reset();
+                    if std::mem::take(&mut interrupted) {
+                        resumed_at = Some(tokio::time::Instant::now());
+                    }
+                }
+                Err(_) => interrupted = true,
             }
+            // What a resumed watch delivers first is what happened while the node was not watching.
+            let catching_up = resumed_at.is_some_and(|t| t.elapsed() < CATCH_UP);
             let complete = match event {
                 Ok(Some(Event::Init)) => {
                     listing = Some(BTreeMap::new());
@@ -104,16 +136,22 @@ impl ApiPodSource {
                     false
                 }
                 Ok(Some(Event::InitDone)) => {
-                    pods = listing.take().unwrap_or_default();
+                    let fresh = listing.take().unwrap_or_default();
+                    self.note_evictions(&pods, &fresh);
+                    pods = fresh;
                     listed = true;
                     tracing::info!(pods = pods.len(), "listed pods bound to this node");
                     true
                 }
                 Ok(Some(Event::Apply(p))) => {
+                    if catching_up {
+                        self.note_eviction(pods.get(&uid(&p)), &p);
+                    }
                     pods.insert(uid(&p), p);
                     listing.is_none()
                 }
                 Ok(Some(Event::Delete(p))) => {
+                    self.evicted.remove(&uid(&p));
                     pods.remove(&uid(&p));
                     listing.is_none()
                 }
@@ -149,6 +187,35 @@ impl ApiPodSource {
         }
     }
 
+    /// Pods that a list shows terminating although the node last saw them alive (or never saw
+    /// them): deleted while it was not watching.
+    fn note_evictions(&mut self, before: &BTreeMap<String, Pod>, now: &BTreeMap<String, Pod>) {
+        self.evicted.retain(|uid, _| now.contains_key(uid));
+        for (uid, p) in now {
+            self.note_eviction(before.get(uid), p);
+        }
+    }
+
+    /// Notes `p` if it turned out deleted (it was alive, or unknown, before).
+    fn note_eviction(&mut self, before: Option<&Pod>, p: &Pod) {
+        let was_alive = before.is_none_or(|b| b.metadata.deletion_timestamp.is_none());
+        let id = uid(p);
+        if self.evicted_grace.is_zero()
+            || p.metadata.deletion_timestamp.is_none()
+            || !was_alive
+            || self.evicted.contains_key(&id)
+        {
+            return;
+        }
+        let m = &p.metadata;
+        tracing::warn!(
+            pod = %format!("{}/{}", m.namespace.as_deref().unwrap_or(""), m.name.as_deref().unwrap_or("")),
+            grace_secs = self.evicted_grace.as_secs(),
+            "pod was deleted while the node was away; it keeps running for autonomy.evicted_grace_secs"
+        );
+        self.evicted.insert(id, tokio::time::Instant::now());
+    }
+
     async fn desired(&mut self, pods: &BTreeMap<String, Pod>) -> Vec<DesiredPod> {
         let mut terminating = HashMap::new();
         let mut out = Vec::new();
@@ -158,7 +225,8 @@ impl ApiPodSource {
                 p.metadata.namespace.as_deref().unwrap_or("default"),
                 p.metadata.name.as_deref().unwrap_or("")
             );
-            if p.metadata.deletion_timestamp.is_some() {
+            let in_grace = self.evicted.get(&uid(p)).is_some_and(|at| at.elapsed() < self.evicted_grace);
+            if p.metadata.deletion_timestamp.is_some() && !in_grace {
                 terminating.insert(
                     key,
                     Terminating {

@@ -306,6 +306,20 @@ impl Faults {
         }
     }
 
+    /// What the node-lifecycle controller does to the pods of a node that stays unreachable past
+    /// their tolerations: a graceful delete (the pod gets a `deletionTimestamp` and waits for the
+    /// node's final delete), straight into the store, so it works while the server is down for the
+    /// node.
+    pub fn evict(&self, namespace: &str, name: &str) {
+        let mut store = lock(&self.inner.store);
+        if let Some(res) = store::resource("", "pods") {
+            let opts = store::DeleteOpts { grace: Some(30), uid: None, resource_version: None };
+            if let Err(e) = store.delete(res, namespace, name, &opts) {
+                panic!("evicting {namespace}/{name}: {e:?}");
+            }
+        }
+    }
+
     /// Drops the watch history: a watch from any older resourceVersion gets `410 Gone`.
     pub fn compact(&self) {
         lock(&self.inner.store).compact();
