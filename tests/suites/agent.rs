@@ -277,3 +277,63 @@ fn an_unreachable_api_server_never_stops_static_pods() {
     assert!(status.success(), "{}", log.join("\n"));
     assert!(!log.iter().any(|l| l.contains("panicked")), "{}", log.join("\n"));
 }
+
+/// `lichen status --json` (through the agent's socket, or from the store when it is not running).
+fn status_json(s: &Scratch) -> serde_json::Value {
+    let out = std::process::Command::new(lichen_bin())
+        .args(["status", "--json", "--config"])
+        .arg(&s.config)
+        .env_remove("LICHEN_CONFIG")
+        .output()
+        .expect("lichen status");
+    assert!(out.status.success(), "lichen status failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("status json")
+}
+
+#[test]
+fn sigkill_at_random_points_never_corrupts_the_store_or_loses_what_it_recorded() {
+    let s = Scratch::new("");
+    let pods = ["idle", "sleeper", "hello", "crash"];
+    s.put_pod("idle.yaml", &pod_yaml("idle", &fixture("idle.wat"), "  volumes: [{name: v, emptyDir: {}}]\n"));
+    s.put_pod("sleeper.yaml", &pod_yaml("sleeper", &fixture("sleeper.wat"), ""));
+    s.put_pod("hello.yaml", &pod_yaml("hello", &fixture("hello.wat"), "  restartPolicy: Never\n"));
+    s.put_pod("crash.yaml", &pod_yaml("crash", &fixture("trap.wat"), ""));
+    let mut restarts: std::collections::BTreeMap<String, u64> = Default::default();
+    for round in 0..20 {
+        let agent = s.start();
+        if round == 0 {
+            agent.wait_log(&["container started"], T);
+        }
+        std::thread::sleep(Duration::from_millis(fastrand::u64(20..400)));
+        drop(agent); // SIGKILL, wherever it was
+        // The store opens (read by a second process: no agent runs now) and holds only real pods,
+        // and what it recorded never goes backwards.
+        let report = status_json(&s);
+        assert_eq!(report["agent_running"], false);
+        for p in report["pods"].as_array().expect("pods") {
+            let key = p["key"].as_str().expect("key");
+            assert!(pods.iter().any(|n| key == format!("default/{n}-test-node")), "unknown pod {key}");
+            let r = p["restarts"].as_u64().expect("restarts");
+            let before = restarts.insert(key.to_owned(), r).unwrap_or(0);
+            assert!(r >= before, "round {round}: {key} restarts went from {before} to {r}");
+        }
+    }
+    // A last, clean start: every pod runs (or ran) again, and the finished one is not run twice.
+    let agent = s.start();
+    agent.wait_log(&["lichen running"], T);
+    wait_for(T, "all four pods in the report, idle running and hello done", || {
+        let report = status_json(&s);
+        let pods = report["pods"].as_array()?;
+        let phase = |n: &str| {
+            pods.iter().find(|p| p["key"] == format!("default/{n}-test-node")).map(|p| p["phase"].clone())
+        };
+        (pods.len() == 4
+            && report["agent_running"] == true
+            && phase("idle")? == "Running"
+            && phase("hello")? == "Succeeded")
+            .then_some(())
+    });
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{}", log.join("\n"));
+    assert!(!log.iter().any(|l| l.contains("corrupt")), "{}", log.join("\n"));
+}
