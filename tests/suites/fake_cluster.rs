@@ -835,8 +835,14 @@ async fn start_node_with(api: &FakeApi, name: &str, modules: &str) -> (Scratch, 
 /// A fake API server with an agent joined to it as `name` and Ready, and an admin view of the
 /// `default` namespace's pods.
 async fn joined(name: &str) -> (FakeApi, Scratch, Agent, Api<Pod>) {
+    joined_with(name, "").await
+}
+
+/// [`joined`], with `extra` appended to the agent's config after its `[modules]` table (more
+/// `modules` keys, or further tables).
+async fn joined_with(name: &str, extra: &str) -> (FakeApi, Scratch, Agent, Api<Pod>) {
     let api = FakeApi::start().await;
-    let (s, agent) = start_node(&api, name).await;
+    let (s, agent) = start_node_with(&api, name, extra).await;
     wait_ready(&api, name).await;
     let pods = Api::namespaced(api.client(), "default");
     (api, s, agent, pods)
@@ -1528,10 +1534,7 @@ async fn status_recorded_while_away_survives_a_kill_and_never_goes_backwards() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_max_offline_secs_cluster_pods_stop_and_they_come_back_with_the_api_server() {
     let name = "fake-max-offline";
-    let api = FakeApi::start().await;
-    let (s, agent) = start_node_with(&api, name, "\n[autonomy]\nmax_offline_secs = 3\n").await;
-    wait_ready(&api, name).await;
-    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    let (api, s, agent, pods) = joined_with(name, "\n[autonomy]\nmax_offline_secs = 3\n").await;
     run_bound(&pods, "bounded", name, "sleeper.wat").await;
 
     api.faults().stop().await;
@@ -1555,10 +1558,7 @@ async fn past_max_offline_secs_cluster_pods_stop_and_they_come_back_with_the_api
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_evicted_while_away_keeps_running_for_the_grace_then_its_deletion_is_confirmed() {
     let name = "fake-evicted";
-    let api = FakeApi::start().await;
-    let (_s, agent) = start_node_with(&api, name, "\n[autonomy]\nevicted_grace_secs = 4\n").await;
-    wait_ready(&api, name).await;
-    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    let (api, _s, agent, pods) = joined_with(name, "\n[autonomy]\nevicted_grace_secs = 4\n").await;
     run_bound(&pods, "evictee", name, "sleeper.wat").await;
 
     api.faults().stop().await;
