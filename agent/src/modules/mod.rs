@@ -274,17 +274,29 @@ impl ModuleCache {
         let future = {
             let mut inflight =
                 self.inflight.lock().map_err(|_| PullError::Store("pull table poisoned".into()))?;
+            // A finished pull nobody collected (its pods went away) must not answer a new one.
+            inflight.retain(|_, f| f.peek().is_none());
             match inflight.get(&key) {
                 Some(f) => f.clone(),
                 None => {
-                    let f = self.pull_task(source.clone(), credential).boxed().shared();
+                    // The pull runs as its own task: if every pod waiting for it goes away, it still
+                    // finishes (bounded by the pull timeout) and frees its slot, rather than holding
+                    // a slot while nobody polls it.
+                    let task = tokio::spawn(self.pull_task(source.clone(), credential));
+                    let f = async move {
+                        task.await.unwrap_or_else(|e| Err(PullError::Store(format!("pull task: {e}"))))
+                    }
+                    .boxed()
+                    .shared();
                     inflight.insert(key.clone(), f.clone());
                     f
                 }
             }
         };
-        let result = future.await;
-        if let Ok(mut inflight) = self.inflight.lock() {
+        let result = future.clone().await;
+        if let Ok(mut inflight) = self.inflight.lock()
+            && inflight.get(&key).is_some_and(|f| f.ptr_eq(&future))
+        {
             inflight.remove(&key);
         }
         result
