@@ -19,19 +19,49 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 /// The `lichen` binary that `cargo test --workspace` built beside this test.
+///
+/// Tests of a cross build run under an emulator (`cross/build.sh test`, with cargo's
+/// `CARGO_TARGET_<TRIPLE>_RUNNER`), where the binary is a foreign-architecture executable that
+/// cannot be spawned directly unless binfmt_misc is set up. There `LICHEN_BIN_RUNNER` names the
+/// command that runs it (`qemu-aarch64-static -L /usr/aarch64-linux-gnu`), and this returns a
+/// `sh` script beside the binary that `exec`s it through that command: callers keep spawning one
+/// path, and the pid they signal is the emulated agent's.
 pub fn lichen_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("LICHEN_BIN") {
-        return PathBuf::from(p);
+    let bin = match std::env::var_os("LICHEN_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let exe = std::env::current_exe().expect("test executable path");
+            // target/<profile>/deps/<test> -> target/<profile>/lichen
+            let bin = exe.parent().and_then(Path::parent).map(|d| d.join("lichen")).expect("target dir");
+            assert!(
+                bin.is_file(),
+                "{} not found: run the tests with `cargo test --workspace` (which builds it) or set LICHEN_BIN",
+                bin.display()
+            );
+            bin
+        }
+    };
+    match std::env::var("LICHEN_BIN_RUNNER") {
+        Ok(runner) if !runner.trim().is_empty() => {
+            static WRAPPER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+            WRAPPER.get_or_init(|| runner_script(&bin, &runner)).clone()
+        }
+        _ => bin,
     }
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/lichen
-    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("lichen")).expect("target dir");
-    assert!(
-        bin.is_file(),
-        "{} not found: run the tests with `cargo test --workspace` (which builds it) or set LICHEN_BIN",
-        bin.display()
-    );
-    bin
+}
+
+/// Writes `<bin>-via-runner`, a script running `bin` through `runner` (written to a temporary
+/// name and renamed, so a concurrent test process never sees half a script).
+fn runner_script(bin: &Path, runner: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let quoted = format!("'{}'", bin.display().to_string().replace('\'', r#"'\''"#));
+    let script = format!("#!/bin/sh\nexec {runner} {quoted} \"$@\"\n");
+    let path = PathBuf::from(format!("{}-via-runner", bin.display()));
+    let tmp = PathBuf::from(format!("{}.{}", path.display(), std::process::id()));
+    std::fs::write(&tmp, script).expect("write the runner script");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod the runner script");
+    std::fs::rename(&tmp, &path).expect("rename the runner script");
+    path
 }
 
 /// Polls `f` every 10 ms until it returns `Some` or `timeout` passes; panics with `what` on timeout.

@@ -182,6 +182,25 @@ pub struct RunReport {
 pub fn engine_config() -> Config {
     let mut config = Config::new();
     config.consume_fuel(true).epoch_interruption(true);
+    // On 64-bit ARM, name the host target explicitly. Left implicit, Wasmtime probes the CPU (LSE
+    // atomics, FP16, dot product, pointer authentication) and the engine key differs between a
+    // Pi 4, a Pi 5 and QEMU, so no board would accept what `lichen compile --target aarch64` made
+    // on a build machine. Named, it compiles for baseline ARMv8.0 everywhere; WASI modules without
+    // threads or relaxed SIMD use none of those instructions. The name must be this build's own
+    // triple (Wasmtime runs code only for the host), so a static musl build has a key of its own.
+    // armv7 needs nothing here: Wasmtime defaults to Pulley (`pulley32`) where Cranelift has no
+    // backend, which is what `CompileTarget::Armv7` compiles for.
+    #[cfg(all(target_arch = "aarch64", target_os = "linux"))]
+    {
+        let host = if cfg!(target_env = "musl") {
+            "aarch64-unknown-linux-musl"
+        } else {
+            "aarch64-unknown-linux-gnu"
+        };
+        // Cannot fail (the triple parses and the aarch64 backend is built in); if it did, the
+        // engine would simply keep probing the CPU.
+        let _ = config.target(host);
+    }
     config
 }
 

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Cross builds of the `lichen` agent for the boards, on an x86-64 Debian/Ubuntu machine, without
+# Docker (cross/README.md has the figures and the reasons):
+#
+#   cross/build.sh [build] [TARGET...]   stripped release binaries, with their sizes, each started
+#                                        once under QEMU (`lichen version`)
+#   cross/build.sh test [TARGET...]      the test suites that matter on a board, run under QEMU
+#   cross/build.sh env TARGET            the variables to export to run cargo yourself
+#
+# TARGET is aarch64, armv7 or aarch64-musl (or the full Rust triple). `build` defaults to all three,
+# `test` to aarch64 and armv7. Needs: rustup, and Debian's gcc-aarch64-linux-gnu,
+# gcc-arm-linux-gnueabihf and qemu-user-static. binfmt_misc is not needed: test binaries run
+# through cargo's runner, and the `lichen` they start through LICHEN_BIN_RUNNER (tests/src/lib.rs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+
+# The suites run under QEMU: the library's unit tests, the runtime (fuel, memory and time limits on
+# this architecture's compiler or interpreter), the pod workers with the real store, the real
+# binary with static pods, and artifacts precompiled on x86-64 loaded here.
+TEST_ARGS=(-p lichen --lib -p lichen-tests --test runtime --test workers --test agent --test cross)
+
+triple() {
+  case $1 in
+    aarch64 | aarch64-unknown-linux-gnu) echo aarch64-unknown-linux-gnu ;;
+    armv7 | armv7-unknown-linux-gnueabihf) echo armv7-unknown-linux-gnueabihf ;;
+    aarch64-musl | aarch64-unknown-linux-musl) echo aarch64-unknown-linux-musl ;;
+    *) echo "unknown target $1 (aarch64, armv7, aarch64-musl)" >&2; return 1 ;;
+  esac
+}
+
+# Prints `export` lines for one triple: the C compiler (ring, Wasmtime's helpers and psm have C or
+# assembly), the linker and the QEMU runner.
+target_env() {
+  local t=$1 gcc qemu sysroot
+  case $t in
+    aarch64-unknown-linux-gnu) gcc=aarch64-linux-gnu qemu=qemu-aarch64-static sysroot=/usr/aarch64-linux-gnu ;;
+    armv7-unknown-linux-gnueabihf) gcc=arm-linux-gnueabihf qemu=qemu-arm-static sysroot=/usr/arm-linux-gnueabihf ;;
+    # Debian has no aarch64 musl C toolchain (musl-tools is x86-64 only). None is needed: rustup's
+    # musl targets ship musl's libc.a and crt objects ("self-contained"), which rustc links with the
+    # glibc cross gcc, and the C in the tree needs only freestanding headers. The result is static.
+    aarch64-unknown-linux-musl) gcc=aarch64-linux-gnu qemu=qemu-aarch64-static sysroot= ;;
+  esac
+  local up=${t^^} low=${t//-/_}
+  up=${up//-/_}
+  local runner=$qemu
+  [[ -n $sysroot ]] && runner="$qemu -L $sysroot"
+  echo "export CARGO_TARGET_${up}_LINKER=$gcc-gcc"
+  echo "export CARGO_TARGET_${up}_RUNNER='$runner'"
+  echo "export CC_${low}=$gcc-gcc AR_${low}=$gcc-ar"
+  echo "export LICHEN_BIN_RUNNER='$runner'"
+}
+
+check_tools() {
+  local missing=()
+  for t in "$@"; do
+    case $t in
+      aarch64-*) command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu)
+        command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static) ;;
+      armv7-*) command -v arm-linux-gnueabihf-gcc >/dev/null || missing+=(gcc-arm-linux-gnueabihf)
+        command -v qemu-arm-static >/dev/null || missing+=(qemu-user-static) ;;
+    esac
+  done
+  if ((${#missing[@]})); then
+    echo "missing: apt-get install $(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')" >&2
+    exit 1
+  fi
+  local have; have=$(rustup target list --installed)
+  for t in "$@"; do
+    grep -qx "$t" <<<"$have" || rustup target add "$t"
+  done
+}
+
+secs() { echo $(( $(date +%s) - $1 ))s; }
+
+build() {
+  local targets=("$@") t0 t out
+  check_tools "${targets[@]}"
+  local report=()
+  for t in "${targets[@]}"; do
+    t0=$(date +%s)
+    (eval "$(target_env "$t")"; cargo build --release --locked -p lichen --target "$t")
+    out=$TARGET_DIR/$t/release/lichen
+    # `strip = true` in the release profile: what cargo leaves is what ships.
+    local version
+    version=$(eval "$(target_env "$t")"; $LICHEN_BIN_RUNNER "$out" version | head -1)
+    report+=("$(awk -v t="$t" -v b="$(stat -c %s "$out")" -v s="$(secs "$t0")" -v v="$version" \
+      'BEGIN { printf "%-32s %6.2f MiB  built in %-6s %s", t, b / 1048576, s, v }')")
+  done
+  echo
+  printf '%s\n' "${report[@]}"
+}
+
+test_targets() {
+  local targets=("$@") t0 t
+  check_tools "${targets[@]}"
+  # The build machine's lichen, for `lichen compile --target` in the cross suite: QEMU hands an
+  # x86-64 executable straight to the kernel, so the emulated test starts it natively.
+  cargo build --locked -p lichen
+  for t in "${targets[@]}"; do
+    t0=$(date +%s)
+    (
+      eval "$(target_env "$t")"
+      export LICHEN_COMPILE_BIN=$TARGET_DIR/debug/lichen
+      cargo build --locked -p lichen --target "$t"
+      cargo test --locked --no-fail-fast --target "$t" "${TEST_ARGS[@]}"
+    )
+    echo "::: $t: built and tested under QEMU in $(secs "$t0")"
+  done
+}
+
+cmd=build
+case ${1:-} in build | test | env) cmd=$1; shift ;; esac
+targets=()
+for a in "$@"; do targets+=("$(triple "$a")"); done
+case $cmd in
+  build)
+    ((${#targets[@]})) || targets=(aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf aarch64-unknown-linux-musl)
+    build "${targets[@]}" ;;
+  test)
+    ((${#targets[@]})) || targets=(aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
+    test_targets "${targets[@]}" ;;
+  env)
+    ((${#targets[@]} == 1)) || { echo "usage: cross/build.sh env TARGET" >&2; exit 2; }
+    target_env "${targets[0]}" ;;
+esac
