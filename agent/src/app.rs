@@ -169,7 +169,8 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
                 let Some(client) = cluster::connect_with_retry(&kubeconfig, &cancel).await else { return };
                 tracker2.spawn(registrar.run(client.clone(), contact.clone(), cancel.child_token()));
                 let source = cluster::pods::ApiPodSource::new(client.clone(), node.clone(), terminating)
-                    .with_evicted_grace(evicted_grace);
+                    .with_evicted_grace(evicted_grace)
+                    .with_contact(contact.clone());
                 tracker2.spawn(source.run(api_tx, cancel.child_token()));
                 tracker2.spawn(cluster::status::run(client.clone(), board, contact, cancel.child_token()));
                 if let Some(rx) = events_rx {

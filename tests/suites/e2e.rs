@@ -354,15 +354,19 @@ async fn config_maps_secrets_and_the_service_account_token_reach_the_module() {
         .expect("pod");
     create_fresh(&pods, &pod).await;
 
-    // Before the ConfigMap exists the pod waits, saying why, as on a kubelet.
-    let waiting = wait_for_async(T, "the pod to wait for its ConfigMap", || async {
+    // Before the ConfigMap exists the pod waits, saying why, as on a kubelet. (The Node authorizer
+    // learns of a pod's references from its own informer, a moment after the bind: a first fetch
+    // may be refused with "no relationship found", and the retry then finds the object missing.)
+    let not_found = format!("configmap \"{cm_name}\" not found");
+    wait_for_async(T, "the pod to wait for its ConfigMap", || async {
         let st = pods.get(pod_name).await.ok()?.status?;
         let c = st.container_statuses?.into_iter().find(|c| c.name == "env")?;
         let w = c.state?.waiting?;
-        (w.reason.as_deref() == Some("CreateContainerConfigError")).then_some(w.message.unwrap_or_default())
+        (w.reason.as_deref() == Some("CreateContainerConfigError")
+            && w.message.as_deref().is_some_and(|m| m.contains(&not_found)))
+        .then_some(())
     })
     .await;
-    assert!(waiting.contains(&format!("configmap \"{cm_name}\" not found")), "{waiting}");
     assert_eq!(
         pods.get(pod_name).await.expect("pod").status.and_then(|s| s.phase).as_deref(),
         Some("Pending")
@@ -515,12 +519,15 @@ async fn a_deployment_pulls_its_module_from_a_private_registry_with_a_pull_secre
     let image = format!("{}/acme/sleeper:1.0", reg.host());
     let mut spec = wasm_pod_template(name, &image, serde_json::json!({}));
     spec["imagePullSecrets"] = serde_json::json!([{"name": secret_name}]);
+    // A label of this run's own, so a pod left by an earlier run (on a node of the same name) is
+    // never mistaken for this one's.
+    let run = format!("r{:08x}", fastrand::u32(..));
     let deploy: Deployment = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "lichen-e2e-private"},
         "spec": {
             "replicas": 1,
-            "selector": {"matchLabels": {"app": "lichen-e2e-private"}},
-            "template": {"metadata": {"labels": {"app": "lichen-e2e-private"}}, "spec": spec}
+            "selector": {"matchLabels": {"app": "lichen-e2e-private", "run": run}},
+            "template": {"metadata": {"labels": {"app": "lichen-e2e-private", "run": run}}, "spec": spec}
         }
     }))
     .expect("deployment");
@@ -532,7 +539,7 @@ async fn a_deployment_pulls_its_module_from_a_private_registry_with_a_pull_secre
     .await;
     deploys.create(&PostParams::default(), &deploy).await.expect("deployment");
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
-    let lp = kube::api::ListParams::default().labels("app=lichen-e2e-private");
+    let lp = kube::api::ListParams::default().labels(&format!("app=lichen-e2e-private,run={run}"));
     let running = wait_for_async(Duration::from_secs(60), "the private pod Running", || async {
         let list = pods.list(&lp).await.ok()?;
         list.items.into_iter().find(|p| {

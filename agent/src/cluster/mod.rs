@@ -45,6 +45,9 @@ pub async fn connect_with_retry(kubeconfig: &Path, cancel: &CancellationToken) -
 pub struct ApiContact {
     state: std::sync::Mutex<ContactState>,
     clock: std::sync::Mutex<OfflineClock>,
+    /// Woken when contact comes back, so every part retries at once rather than at the end of
+    /// its own back-off.
+    restored: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
@@ -96,7 +99,14 @@ impl ApiContact {
                 carried,
                 file,
             }),
+            restored: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Waits until contact is restored after a failure (returns at the next `ok()` that ends an
+    /// offline stretch).
+    pub async fn restored(&self) {
+        self.restored.notified().await;
     }
 
     /// Records a successful exchange.
@@ -106,12 +116,16 @@ impl ApiContact {
             s.last_error = None;
             s.down_since = None;
         }
+        let mut was_offline = false;
         if let Ok(mut c) = self.clock.lock() {
-            let was_offline = c.since.take().is_some() || !c.carried.is_zero();
+            was_offline = c.since.take().is_some() || !c.carried.is_zero();
             c.carried = std::time::Duration::ZERO;
             if was_offline && let Some(f) = &c.file {
                 let _ = std::fs::remove_file(f);
             }
+        }
+        if was_offline {
+            self.restored.notify_waiters();
         }
     }
 

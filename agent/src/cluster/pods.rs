@@ -26,6 +26,9 @@ const INPUTS_PASS: Duration = Duration::from_secs(10);
 /// The `source` of pods from the API server.
 pub const SOURCE: &str = "api:";
 
+/// The longest wait between attempts to reach the API server, here and in the heartbeat.
+pub const RECONNECT_MAX: Duration = Duration::from_secs(4);
+
 /// How long after a watch resumes from an interruption its events count as catching up on what
 /// happened while the node was away.
 const CATCH_UP: Duration = Duration::from_secs(10);
@@ -54,6 +57,8 @@ pub struct ApiPodSource {
     evicted_grace: Duration,
     /// Pods found already deleted when (re-)listing, by UID, with when that was noticed.
     evicted: HashMap<String, tokio::time::Instant>,
+    /// The link to the API server, told when a list or watch gets through.
+    contact: Option<Arc<super::ApiContact>>,
 }
 
 impl ApiPodSource {
@@ -67,7 +72,15 @@ impl ApiPodSource {
             inputs,
             evicted_grace: Duration::ZERO,
             evicted: HashMap::new(),
+            contact: None,
         }
+    }
+
+    /// Reports successful lists and watch events to `contact` (which wakes the heartbeat after an
+    /// outage).
+    pub fn with_contact(mut self, contact: Arc<super::ApiContact>) -> Self {
+        self.contact = Some(contact);
+        self
     }
 
     /// Keeps pods that were deleted while the node was not watching (found terminating by a list,
@@ -86,7 +99,10 @@ impl ApiPodSource {
         // failure on top of an outage's, so the re-list that must follow an API server restart
         // would wait out the accumulated delay (up to 30 s) before pods bound meanwhile start.
         let mut stream = std::pin::pin!(watcher::watcher(api, config));
-        let mut backoff = RetryBackoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        // Capped low: an edge node must notice the API server's return within seconds (a refused
+        // connection costs next to nothing), and the heartbeat wakes this watch when it gets
+        // through first.
+        let mut backoff = RetryBackoff::new(Duration::from_millis(500), RECONNECT_MAX);
         let mut pods: BTreeMap<String, Pod> = BTreeMap::new();
         let mut listing: Option<BTreeMap<String, Pod>> = None;
         let mut listed = false;
@@ -114,8 +130,13 @@ impl ApiPodSource {
                 continue;
             };
             match &event {
+                // `Init` comes before every list attempt, failed ones too: it proves nothing.
+                Ok(Some(Event::Init)) | Ok(None) => {}
                 Ok(_) => {
                     backoff.reset();
+                    if let Some(c) = &self.contact {
+                        c.ok();
+                    }
                     if std::mem::take(&mut interrupted) {
                         resumed_at = Some(tokio::time::Instant::now());
                     }
@@ -165,8 +186,15 @@ impl ApiPodSource {
                 Err(e) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "pod watch interrupted; retrying");
+                    let restored = async {
+                        match &self.contact {
+                            Some(c) => c.restored().await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         _ = cancel.cancelled() => return,
+                        _ = restored => {}
                         _ = tokio::time::sleep(delay) => {}
                     }
                     false

@@ -138,8 +138,11 @@ impl NodeRegistrar {
                     contact.failed(&e.to_string());
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in_secs = delay.as_secs(), "node registration failed");
-                    if sleep_or_cancel(delay, &cancel).await {
-                        return;
+                    // Another part (the pod watch) reaching the API server cuts the wait short.
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = contact.restored() => {}
                     }
                 }
             }
@@ -149,10 +152,14 @@ impl NodeRegistrar {
 
         let mut written: Option<(NodeStatus, Instant)> = None;
         let mut next = Instant::now();
+        let mut failing = false;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep_until(next) => {}
+                // After an outage, renew as soon as any part gets through, not at the end of the
+                // back-off: the Lease is what makes the node Ready again.
+                _ = contact.restored(), if failing => {}
             }
             let lease = self.renew_lease(&leases, &uid).await;
             // A Lease that had to be created again went with its Node: check the Node now.
@@ -177,6 +184,7 @@ impl NodeRegistrar {
             }
             match (lease, patched) {
                 (Ok(()), Ok(wrote)) => {
+                    failing = false;
                     contact.ok();
                     if wrote {
                         written = Some((status, Instant::now()));
@@ -185,7 +193,8 @@ impl NodeRegistrar {
                     next = Instant::now() + LEASE_RENEW;
                 }
                 (l, p) => {
-                    let delay = backoff.next_delay().min(LEASE_RENEW);
+                    failing = true;
+                    let delay = backoff.next_delay().min(crate::cluster::pods::RECONNECT_MAX);
                     for e in [l.err(), p.err()].into_iter().flatten() {
                         contact.failed(&e.to_string());
                         tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "heartbeat failed");
@@ -277,12 +286,5 @@ impl NodeRegistrar {
             }
             Err(e) => Err(api("renewing the node lease")(e)),
         }
-    }
-}
-
-async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(d) => false,
-        _ = cancel.cancelled() => true,
     }
 }
