@@ -103,8 +103,14 @@ pub struct Agent {
 impl Agent {
     /// Starts `lichen <args>` (normally `run --config …`) with `state_dir` for later inspection.
     pub fn start(args: &[&str], state_dir: &Path) -> Agent {
+        Agent::start_with_env(args, state_dir, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables (libfaketime's, say, to move its clock).
+    pub fn start_with_env(args: &[&str], state_dir: &Path, env: &[(&str, &str)]) -> Agent {
         let mut child = Command::new(lichen_bin())
             .args(args)
+            .envs(env.iter().copied())
             .env_remove("LICHEN_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -226,6 +232,19 @@ impl Scratch {
             fixture("").display().to_string().trim_end_matches('/'),
             self.dir.path().display().to_string()
         )
+    }
+
+    /// `lichen status --json` for this agent: through its socket while it runs, from the store
+    /// when it does not.
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = Command::new(lichen_bin())
+            .args(["status", "--json", "--config"])
+            .arg(&self.config)
+            .env_remove("LICHEN_CONFIG")
+            .output()
+            .expect("lichen status");
+        assert!(out.status.success(), "lichen status failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status json")
     }
 
     /// `["run", "--config", <config>]`.

@@ -278,18 +278,6 @@ fn an_unreachable_api_server_never_stops_static_pods() {
     assert!(!log.iter().any(|l| l.contains("panicked")), "{}", log.join("\n"));
 }
 
-/// `lichen status --json` (through the agent's socket, or from the store when it is not running).
-fn status_json(s: &Scratch) -> serde_json::Value {
-    let out = std::process::Command::new(lichen_bin())
-        .args(["status", "--json", "--config"])
-        .arg(&s.config)
-        .env_remove("LICHEN_CONFIG")
-        .output()
-        .expect("lichen status");
-    assert!(out.status.success(), "lichen status failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("status json")
-}
-
 #[test]
 fn sigkill_at_random_points_never_corrupts_the_store_or_loses_what_it_recorded() {
     let s = Scratch::new("");
@@ -308,7 +296,7 @@ fn sigkill_at_random_points_never_corrupts_the_store_or_loses_what_it_recorded()
         drop(agent); // SIGKILL, wherever it was
         // The store opens (read by a second process: no agent runs now) and holds only real pods,
         // and what it recorded never goes backwards.
-        let report = status_json(&s);
+        let report = s.status_json();
         assert_eq!(report["agent_running"], false);
         for p in report["pods"].as_array().expect("pods") {
             let key = p["key"].as_str().expect("key");
@@ -322,7 +310,7 @@ fn sigkill_at_random_points_never_corrupts_the_store_or_loses_what_it_recorded()
     let agent = s.start();
     agent.wait_log(&["lichen running"], T);
     wait_for(T, "all four pods in the report, idle running and hello done", || {
-        let report = status_json(&s);
+        let report = s.status_json();
         let pods = report["pods"].as_array()?;
         let phase = |n: &str| {
             pods.iter().find(|p| p["key"] == format!("default/{n}-test-node")).map(|p| p["phase"].clone())

@@ -1453,18 +1453,6 @@ fn sha256_hex(bytes: &[u8]) -> String {
     lichen_tests::registry::sha256_digest(bytes)
 }
 
-/// `lichen status --json` for the agent of `s`.
-fn lichen_status(s: &Scratch) -> Value {
-    let out = std::process::Command::new(lichen_tests::lichen_bin())
-        .args(["status", "--json", "--config"])
-        .arg(&s.config)
-        .env_remove("LICHEN_CONFIG")
-        .output()
-        .expect("lichen status");
-    assert!(out.status.success(), "lichen status failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("status json")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_recorded_while_away_survives_a_kill_and_never_goes_backwards() {
     let name = "fake-outbox";
@@ -1494,13 +1482,13 @@ async fn status_recorded_while_away_survives_a_kill_and_never_goes_backwards() {
     api.faults().stop().await;
     // The timed pod ends while the API server is away; its Failed status can only go to the store.
     agent.wait_log(&["container ended", "DeadlineExceeded"], T);
-    let report = lichen_status(&s);
+    let report = s.status_json();
     assert_eq!(report["outbox"], 1, "the finished pod's status waits: {report}");
     assert!(report["contact"]["down_since"].is_string(), "offline is shown: {report}");
     drop(agent); // SIGKILL before it could report
     let agent = s.start();
     agent.wait_log(&["container started"], T);
-    let report = lichen_status(&s);
+    let report = s.status_json();
     let keeper =
         report["pods"].as_array().expect("pods").iter().find(|p| p["key"] == "default/keeper").cloned();
     assert_eq!(keeper.as_ref().map(|k| k["phase"].clone()), Some(json!("Running")), "{report}");
@@ -1521,7 +1509,7 @@ async fn status_recorded_while_away_survives_a_kill_and_never_goes_backwards() {
     assert_eq!(c.restart_count, 1, "the run the kill ended counts as a restart");
     let last = c.last_state.as_ref().and_then(|s| s.terminated.as_ref()).expect("lastState");
     assert_eq!(last.reason.as_deref(), Some("AgentRestarted"));
-    wait_for_async(T, "the outbox to drain", || async { (lichen_status(&s)["outbox"] == 0).then_some(()) })
+    wait_for_async(T, "the outbox to drain", || async { (s.status_json()["outbox"] == 0).then_some(()) })
         .await;
     watcher.abort();
     let phases = phases.lock().expect("phases").clone();
@@ -1544,7 +1532,7 @@ async fn past_max_offline_secs_cluster_pods_stop_and_they_come_back_with_the_api
     agent.wait_log(&["pod removed", "default/bounded"], T);
     // Not before the limit: the heartbeat notices the outage within 10 s, then 3 s more.
     assert!(warned.elapsed() >= Duration::from_secs(3));
-    let report = lichen_status(&s);
+    let report = s.status_json();
     assert!(report["contact"]["offline_secs"].as_u64().is_some_and(|n| n >= 3), "{report}");
     assert_eq!(report["pods"].as_array().map(Vec::len), Some(0), "{report}");
 
@@ -1577,4 +1565,68 @@ async fn a_pod_evicted_while_away_keeps_running_for_the_grace_then_its_deletion_
     .await;
     assert_never_refused(&api);
     assert!(agent.stop().0.success());
+}
+
+/// libfaketime, which moves the wall clock of the process it is preloaded into.
+const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wall_clock_jump_of_days_is_not_time_offline() {
+    assert!(
+        std::path::Path::new(FAKETIME_LIB).exists(),
+        "{FAKETIME_LIB} is missing: the clock-jump test needs libfaketime (CI installs it: apt-get install libfaketime)"
+    );
+    let name = "fake-clock-jump";
+    let api = FakeApi::start().await;
+    api.delete_node(name).await;
+    let s = Scratch::new("");
+    let kc = api.node_kubeconfig(name, s.dir.path()).await;
+    let config = format!(
+        "node_name = {name:?}\nstate_dir = {:?}\nstatic_pod_dir = \"\"\nnode_ip = \"127.0.0.1\"\n\
+         shutdown_timeout_secs = 5\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n{}\n[autonomy]\nmax_offline_secs = 15\n",
+        s.state.display().to_string(),
+        kc.display().to_string(),
+        s.modules_table()
+    );
+    std::fs::write(&s.config, config).expect("config");
+    // The agent's wall clock reads this file on every call; its monotonic clock is left alone, as a
+    // real jump (an RTC-less board syncing NTP) leaves it.
+    let clock = s.dir.path().join("faketime");
+    std::fs::write(&clock, "+0").expect("clock");
+    let config_path = s.config.display().to_string();
+    let clock_path = clock.display().to_string();
+    let agent = Agent::start_with_env(
+        &["run", "--config", &config_path],
+        &s.state,
+        &[
+            ("LD_PRELOAD", FAKETIME_LIB),
+            ("FAKETIME_TIMESTAMP_FILE", &clock_path),
+            ("FAKETIME_NO_CACHE", "1"),
+            ("DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    wait_ready(&api, name).await;
+    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    run_bound(&pods, "steady", name, "sleeper.wat").await;
+
+    api.faults().stop().await;
+    agent.wait_log(&["heartbeat failed"], T);
+    // Three days pass on the wall clock in an instant.
+    std::fs::write(&clock, "+3d").expect("jump");
+    // The agent's log timestamps are wall-clock: they show the jump really happened in there.
+    let day = |l: &str| l.get(..10).and_then(|d| d.parse::<jiff::civil::Date>().ok());
+    let first = day(&agent.log()[0]).expect("a dated log line");
+    wait_for_async(T, "the agent to see the jump", || async {
+        agent.log().iter().rev().find_map(|l| day(l)).filter(|d| *d >= first.saturating_add(jiff::Span::new().days(2)))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let report = s.status_json();
+    let offline = report["contact"]["offline_secs"].as_u64().expect("offline_secs");
+    assert!(offline < 15, "a clock jump is not time offline: {offline}s ({report})");
+    assert!(!agent.log().iter().any(|l| l.contains("stopping cluster pods")), "{}", agent.log().join("\n"));
+    // The limit itself still holds, on the monotonic clock.
+    agent
+        .wait_log(&["longer than autonomy.max_offline_secs; stopping cluster pods"], Duration::from_secs(30));
+    drop(agent);
 }
