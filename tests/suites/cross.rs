@@ -6,6 +6,8 @@
 //! Natively the build machine is this machine. `cross/build.sh test` runs this suite for aarch64
 //! and armv7 under QEMU with `LICHEN_COMPILE_BIN` naming the x86-64 `lichen`, so the artifacts are
 //! the ones a user would make on a laptop: native aarch64 code, or `pulley32` bytecode for armv7.
+//! There the looping pod runs that bytecode on Wasmtime's Pulley interpreter, so its `OutOfFuel`
+//! shows fuel metering works without Cranelift's native code too.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -219,6 +219,14 @@ pub fn engine_key(engine: &Engine) -> String {
         fn write(&mut self, bytes: &[u8]) {
             self.0.update(bytes);
         }
+        // Lengths and enum discriminants are hashed as `usize`/`isize`: widened, so a 64-bit build
+        // machine computes the key a 32-bit board (armv7) has. Same bytes as before on 64-bit.
+        fn write_usize(&mut self, i: usize) {
+            self.write(&(i as u64).to_le_bytes());
+        }
+        fn write_isize(&mut self, i: isize) {
+            self.write(&(i as i64).to_le_bytes());
+        }
     }
     let mut h = Sha(sha2::Sha256::new());
     WASMTIME_VERSION.hash(&mut h);
