@@ -46,7 +46,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use lichen_tests::fakeapi::{FakeApi, RequestRecord};
-use lichen_tests::{Agent, Scratch, fixture};
+use lichen_tests::{Agent, Scratch, fixture, is_running_ready, percentile, rss_kib};
 use serde_json::{Value, json};
 
 const NODE: &str = "lichen-autonomy";
@@ -89,34 +89,6 @@ fn pod(name: &str, image: &str, restart_policy: &str) -> Pod {
 
 fn restart_count(p: &Pod) -> Option<i32> {
     Some(p.status.as_ref()?.container_statuses.as_ref()?.first()?.restart_count)
-}
-
-fn is_running_ready(p: &Pod) -> bool {
-    let st = p.status.as_ref();
-    st.and_then(|s| s.phase.as_deref()) == Some("Running")
-        && st
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        && st
-            .and_then(|s| s.container_statuses.as_ref())
-            .and_then(|c| c.first())
-            .is_some_and(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 fn ms(d: Duration) -> String {

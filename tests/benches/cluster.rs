@@ -28,28 +28,12 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::watcher;
 use lichen_tests::cluster::Cluster;
-use lichen_tests::{Scratch, wait_for_async};
+use lichen_tests::{Scratch, percentile, rss_kib, wait_for_async};
 
 const NODE: &str = "lichen-bench";
 const PODS: usize = 100;
 const LABEL: &str = "lichen.dev/bench=cluster";
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)

@@ -14,7 +14,7 @@ use kube::api::{
 };
 use kube::runtime::watcher;
 use lichen_tests::fakeapi::FakeApi;
-use lichen_tests::{Agent, Scratch, fixture, wait_for_async};
+use lichen_tests::{Agent, Scratch, fixture, is_running_ready, wait_for_async};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(20);
@@ -871,18 +871,6 @@ async fn wait_ready(api: &FakeApi, name: &str) -> Node {
     .await
 }
 
-fn is_running_ready(p: &Pod) -> bool {
-    let st = p.status.as_ref();
-    st.and_then(|s| s.phase.as_deref()) == Some("Running")
-        && st
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        && st
-            .and_then(|s| s.container_statuses.as_ref())
-            .and_then(|c| c.first())
-            .is_some_and(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
-}
-
 async fn wait_pod(pods: &Api<Pod>, name: &str, what: &str, ok: impl Fn(&Pod) -> bool) -> Pod {
     wait_for_async(T, &format!("pod {name} {what}"), || async {
         let p = pods.get(name).await.ok()?;
@@ -1617,7 +1605,12 @@ async fn a_wall_clock_jump_of_days_is_not_time_offline() {
     let day = |l: &str| l.get(..10).and_then(|d| d.parse::<jiff::civil::Date>().ok());
     let first = day(&agent.log()[0]).expect("a dated log line");
     wait_for_async(T, "the agent to see the jump", || async {
-        agent.log().iter().rev().find_map(|l| day(l)).filter(|d| *d >= first.saturating_add(jiff::Span::new().days(2)))
+        agent
+            .log()
+            .iter()
+            .rev()
+            .find_map(|l| day(l))
+            .filter(|d| *d >= first.saturating_add(jiff::Span::new().days(2)))
     })
     .await;
     tokio::time::sleep(Duration::from_secs(5)).await;
