@@ -15,6 +15,8 @@ const ARTIFACTS: &str = "artifacts";
 const IMAGE_REFS: &str = "image_refs";
 const META: &str = "meta";
 const SCHEMA_KEY: &str = "schema_version";
+/// Module use is recorded at most this often (seconds) per module.
+const TOUCH_RESOLUTION_SECS: i64 = 60;
 /// File beside sled's own, present once the store has been initialised.
 const MARKER: &str = "lichen-store";
 
@@ -264,6 +266,14 @@ impl StateStore for SledStore {
     }
 
     fn touch_module(&self, digest: &ModuleDigest, now: i64) -> Result<(), StoreError> {
+        // Recency only orders garbage collection: a crash-looping container must not rewrite the
+        // module's info (an SD card write) on every restart.
+        if let Some(v) = self.module_info.get(digest.0).map_err(|e| self.err(e))? {
+            let info: ModuleInfo = self.decode("module info", &v)?;
+            if (now - info.last_used).abs() < TOUCH_RESOLUTION_SECS {
+                return Ok(());
+            }
+        }
         self.update_info(digest, |i| i.last_used = now)
     }
 
@@ -316,11 +326,12 @@ impl StateStore for SledStore {
     }
 
     fn put_image_ref(&self, image: &str, digest: &ModuleDigest) -> Result<(), StoreError> {
-        let old = self.image_refs.insert(image.as_bytes(), &digest.0).map_err(|e| self.err(e))?;
-        if old.as_deref() != Some(&digest.0[..]) {
-            self.sync()?;
+        // Unchanged (a file image read at every start): no write at all.
+        if self.image_refs.get(image.as_bytes()).map_err(|e| self.err(e))?.as_deref() == Some(&digest.0[..]) {
+            return Ok(());
         }
-        Ok(())
+        self.image_refs.insert(image.as_bytes(), &digest.0).map_err(|e| self.err(e))?;
+        self.sync()
     }
 
     fn get_image_ref(&self, image: &str) -> Result<Option<ModuleDigest>, StoreError> {
