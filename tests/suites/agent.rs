@@ -101,11 +101,14 @@ fn a_manifest_deleted_while_stopped_is_forgotten_with_its_files() {
     agent.wait_log(&["forgetting pod", "default/gone-test-node"], T);
     // Its run ended with the agent: the next one is its first restart, logged as run 1.
     wait_for(T, "the kept pod to run again", || (!s.output("keep", "main", 1).is_empty()).then_some(()));
-    let logs: Vec<String> = std::fs::read_dir(s.state.join("logs"))
-        .expect("logs")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(logs.len(), 1, "{logs:?}");
+    // "forgetting pod" is logged before its files go: wait for them to be gone.
+    let logs = wait_for(T, "the forgotten pod's logs to be removed", || {
+        let logs: Vec<String> = std::fs::read_dir(s.state.join("logs"))
+            .expect("logs")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        (logs.len() == 1).then_some(logs)
+    });
     assert!(logs[0].starts_with("default_keep-test-node_"), "{logs:?}");
     assert_eq!(
         std::fs::read_dir(s.state.join("pods")).map(|d| d.count()).unwrap_or(0),
