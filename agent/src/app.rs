@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -13,6 +13,7 @@ use crate::cluster::{self, ApiContact, pods::TerminatingSet};
 use crate::config::AgentConfig;
 use crate::modules::ModuleCache;
 use crate::node::NodeRegistrar;
+use crate::notify::Notifier;
 use crate::pod::board::StatusBoard;
 use crate::pod::events::EventRecorder;
 use crate::pod::manager::{DesiredPod, ManagerConfig, PodManager};
@@ -196,12 +197,28 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         }
     }
     tracing::info!(node = %config.node_name, version = env!("CARGO_PKG_VERSION"), "lichen running");
+    let notifier = Notifier::from_env();
+    let watchdog = notifier.watchdog_interval();
+    if let Some(every) = watchdog {
+        tracing::info!(
+            every_ms = every.as_millis() as u64,
+            "feeding the systemd watchdog from the main loop"
+        );
+    }
+    let ready_by = Instant::now() + READY_WAIT;
+    let mut ready = false;
+    let mut shown_status = String::new();
     let mut first = true;
     let (mut static_open, mut api_open) = (config.static_pods().is_some(), config.cluster().is_some());
     let max_offline = (config.cluster().is_some() && config.autonomy.max_offline_secs > 0)
         .then(|| Duration::from_secs(config.autonomy.max_offline_secs));
     let mut offline_expired = false;
     loop {
+        // Fed here, where the loop proves it still turns: a wedged loop stops the feeding and
+        // systemd restarts the agent. (systemd arms the watchdog at READY=1.)
+        if ready {
+            notifier.watchdog();
+        }
         if let Some(limit) = max_offline {
             let expired = contact.offline_for().is_some_and(|d| d >= limit);
             if expired != offline_expired {
@@ -232,19 +249,33 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             cluster::pods::finish_deletions(&client, &terminating, |key, uid| manager.is_running(key, uid))
                 .await;
         }
-        if !static_open && !api_open {
-            cancel.cancelled().await;
-            break;
+        let (running, preparing) = manager.started();
+        let status = status_line(running, preparing, &contact);
+        if !ready && (preparing == 0 || Instant::now() >= ready_by) {
+            if preparing > 0 {
+                tracing::warn!(
+                    preparing,
+                    "telling systemd the agent is ready while pods still prepare their first run"
+                );
+            }
+            notifier.ready(&status);
+            ready = true;
+        } else if ready && status != shown_status {
+            notifier.status(&status);
         }
+        shown_status = status;
         tokio::select! {
             _ = cancel.cancelled() => break,
             changed = static_rx.changed(), if static_open => static_open = changed.is_ok(),
             changed = api_rx.changed(), if api_open => api_open = changed.is_ok(),
             // Offline time is kept across restarts, and checked against the limit.
             _ = tokio::time::sleep(OFFLINE_CHECK), if config.cluster().is_some() => contact.persist(),
+            _ = tokio::time::sleep(READY_POLL), if !ready => {}
+            _ = tokio::time::sleep(watchdog.unwrap_or(Duration::MAX)), if watchdog.is_some() => {}
         }
     }
 
+    notifier.stopping("stopping pods");
     tracing::info!("shutting down: stopping pods");
     pods_cancel.cancel();
     let bound = Duration::from_secs(config.shutdown_timeout_secs);
@@ -263,6 +294,26 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
 
 /// How often the offline time is recorded and checked against `autonomy.max_offline_secs`.
 const OFFLINE_CHECK: Duration = Duration::from_secs(5);
+
+/// The longest startup waits for pods to begin their first run before telling systemd it is
+/// ready: a module stuck behind an unreachable registry must not hold the whole service in
+/// "activating" until systemd gives up and restarts it.
+const READY_WAIT: Duration = Duration::from_secs(60);
+
+/// How often startup checks whether every pod has begun its first run.
+const READY_POLL: Duration = Duration::from_millis(200);
+
+/// What `systemctl status lichen` shows.
+fn status_line(running: usize, preparing: usize, contact: &ApiContact) -> String {
+    let mut s = format!("{running} pod(s)");
+    if preparing > 0 {
+        s.push_str(&format!(", {preparing} preparing"));
+    }
+    if let Some(away) = contact.offline_for() {
+        s.push_str(&format!("; API server unreachable for {}s", away.as_secs()));
+    }
+    s
+}
 
 /// Offers every cluster pod's recorded status to the status writer.
 fn seed_board(store: &dyn StateStore, board: &StatusBoard) {

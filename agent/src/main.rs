@@ -1,12 +1,11 @@
 //! The `lichen` binary: parses the command line, loads the config, sets up logging and runs.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
 use lichen::cli::{Cli, Command, ModulesAction, RegistryLogin};
-use lichen::config::{AgentConfig, LogFormat};
+use lichen::config::AgentConfig;
 use lichen::modules::commands::{self, ModuleCommand};
 use tokio_util::sync::CancellationToken;
 
@@ -37,7 +36,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => {
-            init_logging(&config);
+            lichen::logging::init(&config);
             match run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -49,7 +48,7 @@ fn main() -> ExitCode {
         }
         Command::Version => ExitCode::SUCCESS,
         Command::Modules { action } => {
-            init_quiet_logging(&config);
+            lichen::logging::init_quiet(&config);
             let login = match &action {
                 ModulesAction::Pull { login, .. } => match read_login(login) {
                     Ok(l) => l,
@@ -75,7 +74,7 @@ fn main() -> ExitCode {
             report(block_on(commands::run_command(&config, cmd)))
         }
         Command::Status { json } => {
-            init_quiet_logging(&config);
+            lichen::logging::init_quiet(&config);
             match block_on(lichen::report::node_report(&config)) {
                 Ok(r) if json => {
                     report(Ok(format!("{}\n", serde_json::to_string_pretty(&r).unwrap_or_default())))
@@ -88,7 +87,7 @@ fn main() -> ExitCode {
             report(commands::compile_file(target, &input, output.as_deref()))
         }
         Command::Push { file, reference, login } => {
-            init_quiet_logging(&config);
+            lichen::logging::init_quiet(&config);
             let login = match read_login(&login) {
                 Ok(l) => l,
                 Err(e) => return fail(&e),
@@ -142,25 +141,6 @@ fn read_login(login: &RegistryLogin) -> Result<Option<(String, String)>, String>
             .map_err(|_| "give the password with --password-stdin or LICHEN_REGISTRY_PASSWORD".to_string())?
     };
     Ok(Some((user, password)))
-}
-
-/// Commands other than `run` log only warnings, to stderr, so their output stays readable.
-fn init_quiet_logging(config: &AgentConfig) {
-    let level = if config.log.level == "info" { "warn" } else { config.log.level.as_str() };
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-}
-
-fn init_logging(config: &AgentConfig) {
-    // The level was validated with the config; fall back to info rather than run blind.
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-    }
 }
 
 fn run(config: AgentConfig) -> anyhow::Result<()> {

@@ -378,6 +378,34 @@ impl PodManager {
         matches!(self.pods.get(key), Some(Entry::Running { handle, .. }) if handle.uid == uid)
     }
 
+    /// (running, preparing): pods with a worker, and those of them still preparing their first
+    /// run (every container waiting as `ContainerCreating` or `PodInitializing` while its module
+    /// is pulled or compiled).
+    pub fn started(&self) -> (usize, usize) {
+        let mut running = 0;
+        let mut preparing = 0;
+        for e in self.pods.values() {
+            if let Entry::Running { handle, .. } = e {
+                running += 1;
+                let s = handle.status();
+                let all =
+                    s.init_container_statuses.iter().flatten().chain(s.container_statuses.iter().flatten());
+                let first_run = all.clone().next().is_some()
+                    && all.into_iter().all(|c| {
+                        c.state
+                            .as_ref()
+                            .and_then(|st| st.waiting.as_ref())
+                            .and_then(|w| w.reason.as_deref())
+                            .is_some_and(|r| matches!(r, "ContainerCreating" | "PodInitializing"))
+                    });
+                if first_run {
+                    preparing += 1;
+                }
+            }
+        }
+        (running, preparing)
+    }
+
     /// Stops every pod (their records stay, so they resume after a restart).
     pub async fn shutdown(&mut self) {
         for (key, entry) in self.pods.drain() {

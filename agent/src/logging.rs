@@ -1,0 +1,129 @@
+//! The agent's own log: text for people (on a terminal, or in the journal under systemd) or JSON
+//! for collectors, always on stderr.
+
+use std::fmt;
+
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+use crate::config::{AgentConfig, LogFormat};
+
+/// Sets the global subscriber for `lichen run`.
+pub fn init(config: &AgentConfig) {
+    // The level was validated with the config; fall back to info rather than run blind.
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        // The journal stamps every line itself and reads `<N>` prefixes as the priority, so
+        // `journalctl -p warning -u lichen` and its colours work.
+        LogFormat::Text if stderr_is_journal() => builder
+            .with_ansi(false)
+            .event_format(Journald(tracing_subscriber::fmt::format().without_time()))
+            .init(),
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            builder.with_ansi(std::io::stderr().is_terminal()).init()
+        }
+    }
+}
+
+/// Commands other than `run` log only warnings, to stderr, so their output stays readable.
+pub fn init_quiet(config: &AgentConfig) {
+    let level = if config.log.level == "info" { "warn" } else { config.log.level.as_str() };
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Whether stderr is the journal's stream, as `systemd.exec(5)` says to check: `JOURNAL_STREAM`
+/// names its device and inode, which a redirected stderr no longer matches.
+fn stderr_is_journal() -> bool {
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else { return false };
+    let Ok(st) = rustix::fs::fstat(std::io::stderr()) else { return false };
+    stream.to_str().and_then(parse_journal_stream) == Some((st.st_dev, st.st_ino))
+}
+
+fn parse_journal_stream(s: &str) -> Option<(u64, u64)> {
+    let (dev, ino) = s.split_once(':')?;
+    Some((dev.parse().ok()?, ino.parse().ok()?))
+}
+
+/// The syslog priority prefix (`sd-daemon(3)`) in front of the usual text line.
+struct Journald<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for Journald<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        write!(writer, "<{}>", priority(*event.metadata().level()))?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
+fn priority(level: Level) -> u8 {
+    match level {
+        Level::ERROR => 3,
+        Level::WARN => 4,
+        Level::INFO => 6,
+        _ => 7,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn journal_lines_carry_their_priority_and_no_timestamp() {
+        let buf = Buf::default();
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .event_format(Journald(tracing_subscriber::fmt::format().without_time()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(pod = "default/a", "pod did not stop");
+            tracing::info!("lichen running");
+        });
+        let text = String::from_utf8(buf.0.lock().expect("buffer").clone()).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].starts_with("<4> WARN"), "{}", lines[0]);
+        assert!(lines[0].ends_with("pod did not stop pod=\"default/a\""), "{}", lines[0]);
+        assert!(lines[1].starts_with("<6> INFO"), "{}", lines[1]);
+    }
+
+    #[test]
+    fn journal_stream_is_device_and_inode() {
+        assert_eq!(parse_journal_stream("8:12345"), Some((8, 12345)));
+        assert_eq!(parse_journal_stream("8"), None);
+        assert_eq!(parse_journal_stream("x:1"), None);
+    }
+}
