@@ -463,6 +463,77 @@ fn units_pass_systemd_analyze_verify() {
     assert!(out.status.success() && ours.is_empty(), "systemd-analyze verify ({}):\n{stderr}", out.status);
 }
 
+/// `dpkg` on a fake root: `--force-script-chrootless` runs the maintainer scripts here with
+/// DPKG_ROOT set, which every path in them goes through, so the whole life of the package is seen.
+fn dpkg_in(root: &Path, args: &[&str]) -> String {
+    let out = run(Command::new("dpkg")
+        .arg(format!("--root={}", root.display()))
+        .args(["--force-script-chrootless", "--force-depends", "--force-not-root"])
+        .args(args));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "dpkg {args:?} on {} failed:\n{text}", root.display());
+    text
+}
+
+#[test]
+fn dpkg_installs_upgrades_removes_and_purges() {
+    need("systemd-sysusers", "systemd");
+    need("deb-systemd-helper", "init-system-helpers");
+    assert!(
+        is_root(),
+        "the maintainer scripts chown files to the lichen user: run the tests as root (CI does)"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = dir.path();
+    for d in ["etc", "var/lib/dpkg/info", "var/lib/dpkg/updates", "var/lib/dpkg/triggers"] {
+        std::fs::create_dir_all(r.join(d)).expect("fake root");
+    }
+    std::fs::write(r.join("var/lib/dpkg/status"), "").expect("status");
+    let deb = deb().display().to_string();
+    let hint = "lichen: edit /etc/lichen/config.toml, then run: systemctl start lichen";
+    let wants = r.join("etc/systemd/system/multi-user.target.wants");
+
+    let said = dpkg_in(r, &["--install", &deb]);
+    assert_eq!(said.matches(hint).count(), 1, "a first installation tells the operator what to do:\n{said}");
+    let (uid, gid) = (id_in(r, "passwd", "lichen"), id_in(r, "group", "lichen"));
+    assert_eq!(mode_owner(&r.join("var/lib/lichen")), (0o700, uid, gid), "/var/lib/lichen");
+    assert_eq!(mode_owner(&r.join("etc/lichen")), (0o750, 0, gid), "/etc/lichen, read by the agent's group");
+    assert_eq!(mode_owner(&r.join("etc/lichen/config.toml")), (0o644, 0, 0), "the conffile");
+    for unit in ["lichen.service", "lichen-firstboot.service"] {
+        let target =
+            std::fs::read_link(wants.join(unit)).unwrap_or_else(|e| panic!("{unit} not enabled: {e}"));
+        assert_eq!(target, Path::new("/usr/lib/systemd/system").join(unit));
+    }
+
+    // An upgrade (the same version again) repeats every step quietly and keeps the user.
+    let said = dpkg_in(r, &["--install", &deb]);
+    assert!(!said.contains(hint), "only a first installation prints the hint:\n{said}");
+    assert_eq!((id_in(r, "passwd", "lichen"), id_in(r, "group", "lichen")), (uid, gid));
+    // An administrator's `disable` survives upgrades.
+    ok(Command::new("systemctl").arg(format!("--root={}", r.display())).args(["disable", "lichen.service"]));
+    let present = |p: PathBuf| p.symlink_metadata().is_ok();
+    assert!(!present(wants.join("lichen.service")));
+    dpkg_in(r, &["--install", &deb]);
+    assert!(!present(wants.join("lichen.service")), "the upgrade enabled a unit the administrator disabled");
+    assert!(present(wants.join("lichen-firstboot.service")));
+
+    // Removal keeps the config and the state; purge deletes them, but never the user.
+    std::fs::write(r.join("var/lib/lichen/store"), "state").expect("state");
+    std::fs::write(r.join("etc/lichen/kubeconfig"), KUBECONFIG).expect("kubeconfig");
+    dpkg_in(r, &["--remove", "lichen"]);
+    assert!(!r.join("usr/bin/lichen").exists());
+    assert!(r.join("var/lib/lichen/store").exists() && r.join("etc/lichen/config.toml").exists());
+    dpkg_in(r, &["--purge", "lichen"]);
+    for gone in [
+        "var/lib/lichen",
+        "etc/lichen",
+        "etc/systemd/system/multi-user.target.wants/lichen-firstboot.service",
+    ] {
+        assert!(!present(r.join(gone)), "purge left /{gone}");
+    }
+    assert_eq!(id_in(r, "passwd", "lichen"), uid, "Debian policy: purge keeps the system user");
+}
+
 // ---- images/bake.sh --------------------------------------------------------------------------------
 
 /// What a synthetic board image holds.
