@@ -755,7 +755,8 @@ impl Baked {
     }
 }
 
-const BOARD_CONFIG: &str = "node_name = \"board-1\"\nkubeconfig = \"/etc/lichen/kubeconfig\"\n";
+/// The example in the README's "Installing on a board".
+const BOARD_CONFIG: &str = "node_name = \"barn-3\"\nkubeconfig = \"/etc/lichen/kubeconfig\"\nnode_labels = { \"example.com/site\" = \"barn\" }\n";
 const KUBECONFIG: &str = "apiVersion: v1\nkind: Config\nclusters: []\n";
 
 #[test]
