@@ -98,7 +98,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         backoff: Backoff::default(),
         board: board.clone(),
         events,
-        mqtt,
+        mqtt: mqtt.clone(),
     });
     let pods_cancel = cancel.child_token();
     let mut manager = PodManager::new(
@@ -125,6 +125,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         board: board.clone(),
         contact: contact.clone(),
         node_name: config.node_name.clone(),
+        mqtt: mqtt.clone(),
     });
     let control_cancel = cancel.child_token();
     tracker.spawn(async move {

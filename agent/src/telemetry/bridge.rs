@@ -14,7 +14,8 @@
 //!   `base64:` carries a binary payload as standard base64 (padded). Empty lines are not published.
 //! - stdin: one line per message, `<topic> <payload>\n`. In the topic `%`, space, CR and LF are
 //!   written as `%25`, `%20`, `%0D`, `%0A`. The payload is written as is when it is UTF-8 without
-//!   CR or LF and does not start with `base64:`; otherwise as `base64:` and its standard base64.
+//!   control characters (TAB aside) and does not start with `base64:`; otherwise as `base64:` and
+//!   its standard base64.
 //!
 //! # Back-pressure
 //! A container's stdout reaches the bridge through a channel of [`STDOUT_CHUNKS`] chunks of at most
@@ -234,9 +235,9 @@ pub fn encode_incoming(topic: &str, payload: &[u8]) -> Vec<u8> {
         }
     }
     out.push(b' ');
+    // Control characters (NUL, ESC, ...) would reach a module's line reader as text; only TAB passes.
     let text = std::str::from_utf8(payload).is_ok()
-        && !payload.contains(&b'\n')
-        && !payload.contains(&b'\r')
+        && !payload.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f)
         && !payload.starts_with(BASE64_PREFIX);
     if text {
         out.extend_from_slice(payload);
@@ -347,7 +348,7 @@ struct BridgeStats {
 }
 
 /// A snapshot of the bridge's counters.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct BridgeSnapshot {
     /// Whether the broker connection is up.
     pub connected: bool,
@@ -721,6 +722,8 @@ mod tests {
         assert_eq!(encode_incoming("t", b"two\nlines"), b"t base64:dHdvCmxpbmVz\n".to_vec());
         assert_eq!(encode_incoming("t", b"base64:x"), b"t base64:YmFzZTY0Ong=\n".to_vec());
         assert_eq!(encode_incoming("t", b""), b"t \n".to_vec());
+        assert_eq!(encode_incoming("t", &[1, 2]), b"t base64:AQI=\n".to_vec(), "control characters");
+        assert_eq!(encode_incoming("t", "a\tb é".as_bytes()), "t a\tb é\n".as_bytes().to_vec());
     }
 
     #[test]

@@ -149,7 +149,7 @@ pub struct SpoolStats {
 }
 
 /// A snapshot of the spool's state and counters.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct SpoolSnapshot {
     /// Messages waiting for an acknowledgement.
     pub entries: u64,
