@@ -1005,6 +1005,38 @@ mod tests {
     }
 
     #[test]
+    fn mqtt_is_off_by_default_and_checked_when_on() {
+        let c = parse("node_name = \"pi-07\"").expect("valid");
+        assert!(!c.mqtt.enabled());
+        assert_eq!((c.mqtt.spool_flush_ms, c.mqtt.inflight, c.mqtt.pod_rate_limit), (5, 100, 100));
+        assert_eq!(c.mqtt.spool_max_bytes, ByteSize(64 << 20));
+        let c = parse("node_name = \"pi-07\"\n[mqtt]\nbroker = \"mqtt://b\"\nca_file = \"ca.pem\"")
+            .expect("valid");
+        assert_eq!(c.mqtt.client_id, "pi-07", "the client id defaults to the node name");
+        assert_eq!(c.mqtt.ca_file, Path::new("/etc/lichen/ca.pem"), "relative to the file");
+        for (bad, field) in [
+            ("broker = \"http://b\"", "mqtt.broker"),
+            ("broker = \"mqtt://b\"\nclient_cert_file = \"/c.pem\"", "mqtt.client_cert_file"),
+            ("broker = \"mqtt://b\"\nspool_flush_ms = 0", "mqtt.spool_flush_ms"),
+            ("broker = \"mqtt://b\"\ntelemetry_qos = 2", "mqtt.telemetry_qos"),
+            ("broker = \"mqtt://b\"\nmax_payload = \"32Mi\"", "mqtt.max_payload"),
+        ] {
+            let err = parse(&format!("node_name = \"a\"\n[mqtt]\n{bad}")).unwrap_err().to_string();
+            assert!(err.contains(field), "{bad}: {err}");
+        }
+        let mut c =
+            AgentConfig::from_toml("node_name = \"a\"", Path::new("/etc/lichen/config.toml")).expect("valid");
+        let args = ConfigArgs {
+            mqtt_broker: Some("mqtts://b:8884".into()),
+            mqtt_inflight: Some(7),
+            ..Default::default()
+        };
+        c.apply(&args);
+        c.finish().expect("valid");
+        assert_eq!((c.mqtt.broker.as_str(), c.mqtt.inflight), ("mqtts://b:8884", 7));
+    }
+
+    #[test]
     fn relative_paths_follow_the_file_and_flags_win() {
         let mut c = AgentConfig::from_toml("static_pod_dir = \"pods\"", Path::new("/opt/demo/lichen.toml"))
             .expect("valid");
