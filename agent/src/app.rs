@@ -35,6 +35,9 @@ pub enum AppError {
     /// The module settings cannot be used (an unreadable CA file).
     #[error("modules: {0}")]
     Modules(String),
+    /// The MQTT spool could not be opened.
+    #[error("mqtt: {0}")]
+    Mqtt(String),
     /// A task the agent depends on failed.
     #[error("internal task failed: {0}")]
     Task(String),
@@ -76,6 +79,9 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     let modules =
         ModuleCache::new(store.clone(), runtime.clone(), &config.modules).map_err(AppError::Modules)?;
     let board = Arc::new(StatusBoard::default());
+    let tracker = TaskTracker::new();
+    let mqtt = crate::telemetry::start(&config, store.clone(), board.clone(), &tracker, &cancel)
+        .map_err(|e| AppError::Mqtt(e.to_string()))?;
     let (events, events_rx) = match config.cluster() {
         Some(_) => {
             let (recorder, rx) = EventRecorder::new();
@@ -93,8 +99,8 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         backoff: Backoff::default(),
         board: board.clone(),
         events,
+        mqtt: mqtt.clone(),
     });
-    let tracker = TaskTracker::new();
     let pods_cancel = cancel.child_token();
     let mut manager = PodManager::new(
         ManagerConfig {
@@ -120,6 +126,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         board: board.clone(),
         contact: contact.clone(),
         node_name: config.node_name.clone(),
+        mqtt: mqtt.clone(),
     });
     let control_cancel = cancel.child_token();
     tracker.spawn(async move {

@@ -94,6 +94,166 @@ pub struct AgentConfig {
     pub modules: ModulesConfig,
     /// What the node does while it cannot reach the API server, and when it is back.
     pub autonomy: AutonomyConfig,
+    /// The MQTT telemetry bridge; off unless `mqtt.broker` is set.
+    pub mqtt: MqttConfig,
+}
+
+/// The MQTT telemetry bridge: the broker connection, node telemetry, the durable spool and the
+/// limits that keep a flooding module from hurting the node. Everything is off (no task, no tree
+/// touched) while `broker` is empty.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]` (8883); empty turns MQTT off.
+    pub broker: String,
+    /// The MQTT client id; empty means the node name.
+    pub client_id: String,
+    /// User name sent in CONNECT; empty sends none.
+    pub username: String,
+    /// A file holding the password (trailing newline ignored), so it never appears in `ps` or the
+    /// config file; empty sends none.
+    pub password_file: PathBuf,
+    /// PEM CA certificates trusted for `mqtts://`; empty uses the system's.
+    pub ca_file: PathBuf,
+    /// PEM client certificate (chain) for mutual TLS; needs `client_key_file`.
+    pub client_cert_file: PathBuf,
+    /// PEM private key of the client certificate.
+    pub client_key_file: PathBuf,
+    /// MQTT keep-alive, seconds (5–3600).
+    pub keep_alive_secs: u64,
+    /// Ask the broker to keep the session (subscriptions, queued QoS 1 messages) while the node is
+    /// away (`clean_session = false`).
+    pub persistent_session: bool,
+    /// First reconnect delay in milliseconds; it doubles up to `reconnect_max_ms`, each ±20%.
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay in milliseconds.
+    pub reconnect_max_ms: u64,
+    /// Seconds between node telemetry messages on `lichen/<node>/telemetry`; 0 turns them off.
+    pub telemetry_interval_secs: u64,
+    /// QoS of node telemetry (0 or 1); QoS 1 goes through the spool.
+    pub telemetry_qos: u8,
+    /// Byte budget of the spool; beyond it the oldest messages are dropped (and counted).
+    pub spool_max_bytes: ByteSize,
+    /// Group commit: the spool is flushed to disk at most this many milliseconds after a message
+    /// is accepted (1–1000).
+    pub spool_flush_ms: u64,
+    /// Group commit: ... or as soon as this many messages wait to be flushed, whichever is first.
+    pub spool_flush_messages: u32,
+    /// QoS 1 messages sent and not yet acknowledged at once (1–1000).
+    pub inflight: u16,
+    /// The largest payload published from a module's line, in bytes; longer lines are dropped.
+    pub max_payload: ByteSize,
+    /// Messages per second one pod may publish (token bucket); 0 means unlimited.
+    pub pod_rate_limit: u32,
+    /// Messages a pod may publish at once above its rate before lines are dropped.
+    pub pod_burst: u32,
+    /// Incoming messages queued for one container's stdin before newer ones are dropped.
+    pub stdin_queue: u32,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            broker: String::new(),
+            client_id: String::new(),
+            username: String::new(),
+            password_file: PathBuf::new(),
+            ca_file: PathBuf::new(),
+            client_cert_file: PathBuf::new(),
+            client_key_file: PathBuf::new(),
+            keep_alive_secs: 30,
+            persistent_session: true,
+            reconnect_min_ms: 500,
+            reconnect_max_ms: 60_000,
+            telemetry_interval_secs: 30,
+            telemetry_qos: 1,
+            spool_max_bytes: ByteSize(64 << 20),
+            spool_flush_ms: 5,
+            spool_flush_messages: 256,
+            inflight: 100,
+            max_payload: ByteSize(64 << 10),
+            pod_rate_limit: 100,
+            pod_burst: 1000,
+            stdin_queue: 64,
+        }
+    }
+}
+
+impl MqttConfig {
+    /// Whether MQTT is on (a broker is configured).
+    pub fn enabled(&self) -> bool {
+        !self.broker.is_empty()
+    }
+
+    fn validate(&mut self) -> Result<(), ConfigError> {
+        let invalid = |field, message: String| ConfigError::Invalid { field, message };
+        if !self.enabled() {
+            return Ok(());
+        }
+        crate::telemetry::mqtt::BrokerUrl::parse(&self.broker).map_err(|e| invalid("mqtt.broker", e))?;
+        if !self.client_id.is_empty() && self.client_id.len() > 65_535 {
+            return Err(invalid("mqtt.client_id", "is longer than MQTT allows (65535 bytes)".into()));
+        }
+        if self.client_cert_file.as_os_str().is_empty() != self.client_key_file.as_os_str().is_empty() {
+            return Err(invalid(
+                "mqtt.client_cert_file",
+                "client_cert_file and client_key_file go together: set both for mutual TLS, or neither"
+                    .into(),
+            ));
+        }
+        if !(5..=3600).contains(&self.keep_alive_secs) {
+            return Err(invalid(
+                "mqtt.keep_alive_secs",
+                format!("{} is outside 5..=3600", self.keep_alive_secs),
+            ));
+        }
+        if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
+            return Err(invalid(
+                "mqtt.reconnect_max_ms",
+                format!(
+                    "need 0 < reconnect_min_ms ({}) <= reconnect_max_ms ({})",
+                    self.reconnect_min_ms, self.reconnect_max_ms
+                ),
+            ));
+        }
+        if self.telemetry_qos > 1 {
+            return Err(invalid("mqtt.telemetry_qos", format!("{} is not 0 or 1", self.telemetry_qos)));
+        }
+        if self.spool_max_bytes.0 < 64 << 10 {
+            return Err(invalid("mqtt.spool_max_bytes", format!("{} is below 64Ki", self.spool_max_bytes)));
+        }
+        if !(1..=1000).contains(&self.spool_flush_ms) {
+            return Err(invalid(
+                "mqtt.spool_flush_ms",
+                format!("{} is outside 1..=1000", self.spool_flush_ms),
+            ));
+        }
+        if self.spool_flush_messages == 0 {
+            return Err(invalid("mqtt.spool_flush_messages", "must be at least 1".into()));
+        }
+        if !(1..=1000).contains(&self.inflight) {
+            return Err(invalid("mqtt.inflight", format!("{} is outside 1..=1000", self.inflight)));
+        }
+        if !(16..=(1 << 20)).contains(&self.max_payload.0) {
+            return Err(invalid("mqtt.max_payload", format!("{} is outside 16..=1Mi", self.max_payload)));
+        }
+        if self.max_payload.0 * 4 > self.spool_max_bytes.0 {
+            return Err(invalid(
+                "mqtt.max_payload",
+                format!(
+                    "{} is more than a quarter of mqtt.spool_max_bytes ({})",
+                    self.max_payload, self.spool_max_bytes
+                ),
+            ));
+        }
+        if self.pod_rate_limit > 0 && self.pod_burst == 0 {
+            return Err(invalid("mqtt.pod_burst", "must be at least 1 when pod_rate_limit is set".into()));
+        }
+        if !(1..=100_000).contains(&self.stdin_queue) {
+            return Err(invalid("mqtt.stdin_queue", format!("{} is outside 1..=100000", self.stdin_queue)));
+        }
+        Ok(())
+    }
 }
 
 /// Edge autonomy: running without the control plane.
@@ -205,6 +365,7 @@ impl Default for AgentConfig {
             disk_pressure_percent: 10,
             modules: ModulesConfig::default(),
             autonomy: AutonomyConfig::default(),
+            mqtt: MqttConfig::default(),
         }
     }
 }
@@ -319,6 +480,69 @@ pub struct ConfigArgs {
     /// Seconds pods evicted while away keep running once back, 0 = stop at once [default: 0].
     #[arg(long, env = "LICHEN_EVICTED_GRACE_SECS", global = true)]
     pub evicted_grace_secs: Option<u64>,
+    /// MQTT broker URL, mqtt:// or mqtts://; empty turns MQTT off [default: none].
+    #[arg(long, env = "LICHEN_MQTT_BROKER", global = true)]
+    pub mqtt_broker: Option<String>,
+    /// MQTT client id [default: the node name].
+    #[arg(long, env = "LICHEN_MQTT_CLIENT_ID", global = true)]
+    pub mqtt_client_id: Option<String>,
+    /// MQTT user name [default: none].
+    #[arg(long, env = "LICHEN_MQTT_USERNAME", global = true)]
+    pub mqtt_username: Option<String>,
+    /// File holding the MQTT password [default: none].
+    #[arg(long, env = "LICHEN_MQTT_PASSWORD_FILE", global = true, value_parser = path_allow_empty)]
+    pub mqtt_password_file: Option<PathBuf>,
+    /// CA certificates (PEM) for mqtts:// [default: the system's].
+    #[arg(long, env = "LICHEN_MQTT_CA_FILE", global = true, value_parser = path_allow_empty)]
+    pub mqtt_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS [default: none].
+    #[arg(long, env = "LICHEN_MQTT_CLIENT_CERT_FILE", global = true, value_parser = path_allow_empty)]
+    pub mqtt_client_cert_file: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS [default: none].
+    #[arg(long, env = "LICHEN_MQTT_CLIENT_KEY_FILE", global = true, value_parser = path_allow_empty)]
+    pub mqtt_client_key_file: Option<PathBuf>,
+    /// MQTT keep-alive seconds [default: 30].
+    #[arg(long, env = "LICHEN_MQTT_KEEP_ALIVE_SECS", global = true)]
+    pub mqtt_keep_alive_secs: Option<u64>,
+    /// Keep the MQTT session while away [default: true].
+    #[arg(long, env = "LICHEN_MQTT_PERSISTENT_SESSION", global = true)]
+    pub mqtt_persistent_session: Option<bool>,
+    /// First MQTT reconnect delay, ms [default: 500].
+    #[arg(long, env = "LICHEN_MQTT_RECONNECT_MIN_MS", global = true)]
+    pub mqtt_reconnect_min_ms: Option<u64>,
+    /// Longest MQTT reconnect delay, ms [default: 60000].
+    #[arg(long, env = "LICHEN_MQTT_RECONNECT_MAX_MS", global = true)]
+    pub mqtt_reconnect_max_ms: Option<u64>,
+    /// Seconds between node telemetry messages, 0 = off [default: 30].
+    #[arg(long, env = "LICHEN_MQTT_TELEMETRY_INTERVAL_SECS", global = true)]
+    pub mqtt_telemetry_interval_secs: Option<u64>,
+    /// QoS of node telemetry, 0 or 1 [default: 1].
+    #[arg(long, env = "LICHEN_MQTT_TELEMETRY_QOS", global = true)]
+    pub mqtt_telemetry_qos: Option<u8>,
+    /// Byte budget of the MQTT spool [default: 64Mi].
+    #[arg(long, env = "LICHEN_MQTT_SPOOL_MAX_BYTES", global = true)]
+    pub mqtt_spool_max_bytes: Option<ByteSize>,
+    /// Group commit window of the spool, ms [default: 5].
+    #[arg(long, env = "LICHEN_MQTT_SPOOL_FLUSH_MS", global = true)]
+    pub mqtt_spool_flush_ms: Option<u64>,
+    /// Group commit size of the spool, messages [default: 256].
+    #[arg(long, env = "LICHEN_MQTT_SPOOL_FLUSH_MESSAGES", global = true)]
+    pub mqtt_spool_flush_messages: Option<u32>,
+    /// Unacknowledged QoS 1 messages in flight [default: 100].
+    #[arg(long, env = "LICHEN_MQTT_INFLIGHT", global = true)]
+    pub mqtt_inflight: Option<u16>,
+    /// Largest payload published from a module line [default: 64Ki].
+    #[arg(long, env = "LICHEN_MQTT_MAX_PAYLOAD", global = true)]
+    pub mqtt_max_payload: Option<ByteSize>,
+    /// Messages per second per pod, 0 = unlimited [default: 100].
+    #[arg(long, env = "LICHEN_MQTT_POD_RATE_LIMIT", global = true)]
+    pub mqtt_pod_rate_limit: Option<u32>,
+    /// Burst above the pod rate [default: 1000].
+    #[arg(long, env = "LICHEN_MQTT_POD_BURST", global = true)]
+    pub mqtt_pod_burst: Option<u32>,
+    /// Incoming messages queued per container stdin [default: 64].
+    #[arg(long, env = "LICHEN_MQTT_STDIN_QUEUE", global = true)]
+    pub mqtt_stdin_queue: Option<u32>,
 }
 
 impl AgentConfig {
@@ -346,7 +570,16 @@ impl AgentConfig {
             message: e.to_string().trim_end().to_owned(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let paths = [&mut config.state_dir, &mut config.static_pod_dir, &mut config.kubeconfig];
+        let m = &mut config.mqtt;
+        let paths = [
+            &mut config.state_dir,
+            &mut config.static_pod_dir,
+            &mut config.kubeconfig,
+            &mut m.password_file,
+            &mut m.ca_file,
+            &mut m.client_cert_file,
+            &mut m.client_key_file,
+        ];
         for p in paths.into_iter().chain(config.modules.registry_ca_files.iter_mut()) {
             if !p.as_os_str().is_empty() && p.is_relative() {
                 *p = base.join(&*p);
@@ -388,6 +621,28 @@ impl AgentConfig {
         set(&mut self.modules.pull_timeout_secs, &a.pull_timeout_secs);
         set(&mut self.autonomy.max_offline_secs, &a.max_offline_secs);
         set(&mut self.autonomy.evicted_grace_secs, &a.evicted_grace_secs);
+        let m = &mut self.mqtt;
+        set(&mut m.broker, &a.mqtt_broker);
+        set(&mut m.client_id, &a.mqtt_client_id);
+        set(&mut m.username, &a.mqtt_username);
+        set(&mut m.password_file, &a.mqtt_password_file);
+        set(&mut m.ca_file, &a.mqtt_ca_file);
+        set(&mut m.client_cert_file, &a.mqtt_client_cert_file);
+        set(&mut m.client_key_file, &a.mqtt_client_key_file);
+        set(&mut m.keep_alive_secs, &a.mqtt_keep_alive_secs);
+        set(&mut m.persistent_session, &a.mqtt_persistent_session);
+        set(&mut m.reconnect_min_ms, &a.mqtt_reconnect_min_ms);
+        set(&mut m.reconnect_max_ms, &a.mqtt_reconnect_max_ms);
+        set(&mut m.telemetry_interval_secs, &a.mqtt_telemetry_interval_secs);
+        set(&mut m.telemetry_qos, &a.mqtt_telemetry_qos);
+        set(&mut m.spool_max_bytes, &a.mqtt_spool_max_bytes);
+        set(&mut m.spool_flush_ms, &a.mqtt_spool_flush_ms);
+        set(&mut m.spool_flush_messages, &a.mqtt_spool_flush_messages);
+        set(&mut m.inflight, &a.mqtt_inflight);
+        set(&mut m.max_payload, &a.mqtt_max_payload);
+        set(&mut m.pod_rate_limit, &a.mqtt_pod_rate_limit);
+        set(&mut m.pod_burst, &a.mqtt_pod_burst);
+        set(&mut m.stdin_queue, &a.mqtt_stdin_queue);
         if let Some(labels) = &a.node_labels {
             // A malformed entry keeps its text as the key so validation names it.
             self.node_labels = labels
@@ -486,6 +741,10 @@ impl AgentConfig {
             parse_taint(t).map_err(|message| ConfigError::Invalid { field: "node_taints", message })?;
         }
         self.modules.validate()?;
+        self.mqtt.validate()?;
+        if self.mqtt.enabled() && self.mqtt.client_id.is_empty() {
+            self.mqtt.client_id = self.node_name.clone();
+        }
         let kc = &mut self.kubeconfig;
         if !kc.as_os_str().is_empty() && kc.is_relative() {
             *kc = std::env::current_dir().map(|d| d.join(&*kc)).unwrap_or_else(|_| kc.clone());
@@ -743,6 +1002,38 @@ mod tests {
             })
         );
         assert!(parse("node_name = \"a\"\nnode_ip = \"pi.local\"").is_err());
+    }
+
+    #[test]
+    fn mqtt_is_off_by_default_and_checked_when_on() {
+        let c = parse("node_name = \"pi-07\"").expect("valid");
+        assert!(!c.mqtt.enabled());
+        assert_eq!((c.mqtt.spool_flush_ms, c.mqtt.inflight, c.mqtt.pod_rate_limit), (5, 100, 100));
+        assert_eq!(c.mqtt.spool_max_bytes, ByteSize(64 << 20));
+        let c = parse("node_name = \"pi-07\"\n[mqtt]\nbroker = \"mqtt://b\"\nca_file = \"ca.pem\"")
+            .expect("valid");
+        assert_eq!(c.mqtt.client_id, "pi-07", "the client id defaults to the node name");
+        assert_eq!(c.mqtt.ca_file, Path::new("/etc/lichen/ca.pem"), "relative to the file");
+        for (bad, field) in [
+            ("broker = \"http://b\"", "mqtt.broker"),
+            ("broker = \"mqtt://b\"\nclient_cert_file = \"/c.pem\"", "mqtt.client_cert_file"),
+            ("broker = \"mqtt://b\"\nspool_flush_ms = 0", "mqtt.spool_flush_ms"),
+            ("broker = \"mqtt://b\"\ntelemetry_qos = 2", "mqtt.telemetry_qos"),
+            ("broker = \"mqtt://b\"\nmax_payload = \"32Mi\"", "mqtt.max_payload"),
+        ] {
+            let err = parse(&format!("node_name = \"a\"\n[mqtt]\n{bad}")).unwrap_err().to_string();
+            assert!(err.contains(field), "{bad}: {err}");
+        }
+        let mut c =
+            AgentConfig::from_toml("node_name = \"a\"", Path::new("/etc/lichen/config.toml")).expect("valid");
+        let args = ConfigArgs {
+            mqtt_broker: Some("mqtts://b:8884".into()),
+            mqtt_inflight: Some(7),
+            ..Default::default()
+        };
+        c.apply(&args);
+        c.finish().expect("valid");
+        assert_eq!((c.mqtt.broker.as_str(), c.mqtt.inflight), ("mqtts://b:8884", 7));
     }
 
     #[test]

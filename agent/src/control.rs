@@ -54,6 +54,8 @@ pub struct Control {
     pub contact: Arc<ApiContact>,
     /// This node's name.
     pub node_name: String,
+    /// The MQTT bridge, when MQTT is on.
+    pub mqtt: Option<Arc<crate::telemetry::bridge::MqttBridge>>,
 }
 
 impl Control {
@@ -77,6 +79,10 @@ impl Control {
             pods,
             status_changes: self.board.changes(),
             store_pod_writes: self.store.pod_writes(),
+            mqtt: self
+                .mqtt
+                .as_ref()
+                .map(|b| crate::report::MqttReport { bridge: b.snapshot(), spool: b.spool().snapshot() }),
         })
     }
 }

@@ -13,6 +13,7 @@
 //! - [`control`]: the agent's local control socket (`lichen status`, `lichen modules` while it runs).
 //! - [`report`]: what `lichen status` shows.
 //! - [`quantity`]: Kubernetes resource quantities.
+//! - [`telemetry`]: MQTT: module stdio on topics, node telemetry, the durable spool.
 
 pub mod app;
 pub mod check;
@@ -31,3 +32,4 @@ pub mod retry;
 pub mod runtime;
 pub mod static_pods;
 pub mod store;
+pub mod telemetry;

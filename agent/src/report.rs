@@ -48,6 +48,18 @@ pub struct NodeReport {
     /// change costs the disk.
     #[serde(default)]
     pub store_pod_writes: u64,
+    /// The MQTT bridge and spool (`None`: MQTT off or the agent not running).
+    #[serde(default)]
+    pub mqtt: Option<MqttReport>,
+}
+
+/// What `lichen status` shows of MQTT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MqttReport {
+    /// Connection and bridge counters.
+    pub bridge: crate::telemetry::bridge::BridgeSnapshot,
+    /// Spool size and counters.
+    pub spool: crate::telemetry::spool::SpoolSnapshot,
 }
 
 /// Builds the pod lines from the store; `unreported(key, uid)` tells whether a pod's status is still
@@ -123,6 +135,23 @@ impl NodeReport {
             None => "unknown (agent not running)".into(),
         };
         let _ = writeln!(out, "outbox:     {outbox}");
+        if let Some(m) = &self.mqtt {
+            let (b, s) = (&m.bridge, &m.spool);
+            let _ = writeln!(
+                out,
+                "mqtt:       {}; spool {} message(s), {} bytes; acked {}; dropped: {} spool full, {} rate, {} oversized, {} malformed, {} offline (QoS 0), {} stdin full",
+                if b.connected { "connected" } else { "not connected" },
+                s.entries,
+                s.bytes,
+                s.acked,
+                s.dropped_full,
+                b.dropped_rate,
+                b.dropped_oversized,
+                b.dropped_malformed,
+                b.dropped_offline,
+                b.dropped_stdin
+            );
+        }
         let _ = writeln!(out, "pods:       {}", self.pods.len());
         if !self.pods.is_empty() {
             let _ = writeln!(out);
@@ -180,5 +209,6 @@ pub async fn node_report(config: &crate::config::AgentConfig) -> Result<NodeRepo
         pods,
         status_changes: 0,
         store_pod_writes: 0,
+        mqtt: None,
     })
 }

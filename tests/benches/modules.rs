@@ -267,6 +267,7 @@ impl Node {
             timeout: Some(Duration::from_secs(60)),
             stdout: log.sink(Stream::Stdout),
             stderr: log.sink(Stream::Stderr),
+            stdin: None,
         };
         let cancel = CancellationToken::new();
 

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod fakeapi;
+pub mod mosquitto;
 pub mod registry;
 
 use std::io::{BufRead, BufReader};

@@ -41,6 +41,7 @@ async fn run_bytes(rt: &WasmRuntime, bytes: Vec<u8>, run: Run) -> (RunReport, Ve
                 timeout: run.timeout,
                 stdout: log.sink(Stream::Stdout),
                 stderr: log.sink(Stream::Stderr),
+                stdin: None,
             };
             rt.run(&module, spec, &CancellationToken::new()).await
         }
@@ -104,6 +105,7 @@ async fn a_busy_module_does_not_starve_the_reactor() {
         timeout: None,
         stdout: log.sink(Stream::Stdout),
         stderr: log.sink(Stream::Stderr),
+        stdin: None,
     };
     let stopper = cancel.clone();
     tokio::spawn(async move {

@@ -41,6 +41,7 @@ fn env(backoff: Backoff) -> Env {
         backoff,
         board: Default::default(),
         events: lichen::pod::events::EventRecorder::disabled(),
+        mqtt: None,
     });
     Env { dir, store, deps, tracker: TaskTracker::new(), cancel: CancellationToken::new() }
 }

@@ -64,7 +64,8 @@ pub fn node_ip_or_detected(configured: Option<IpAddr>) -> Option<IpAddr> {
     configured.or_else(default_route_ip)
 }
 
-fn meminfo_field(meminfo: &str, name: &str) -> u64 {
+/// A `/proc/meminfo` field in bytes (0 if absent).
+pub fn meminfo_field(meminfo: &str, name: &str) -> u64 {
     meminfo
         .lines()
         .find_map(|l| l.strip_prefix(name))
@@ -73,7 +74,8 @@ fn meminfo_field(meminfo: &str, name: &str) -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-fn disk(path: &Path) -> (u64, u64) {
+/// Total and available bytes of the filesystem holding `path`.
+pub fn disk(path: &Path) -> (u64, u64) {
     // The state dir may not exist yet at first start; its nearest existing ancestor is on the same disk.
     let mut p = path;
     while !p.exists() {

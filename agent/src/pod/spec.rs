@@ -130,6 +130,8 @@ pub struct PodPlan {
     pub pull_credentials: PullCredentials,
     /// Accepted but not enforced.
     pub warnings: Vec<String>,
+    /// What the pod's annotations ask of MQTT (stdout to a topic, subscriptions to stdin).
+    pub mqtt: Option<crate::telemetry::bridge::PodMqtt>,
 }
 
 impl PodPlan {
@@ -245,6 +247,16 @@ pub fn plan(pod: &Pod, ctx: &PlanContext<'_>) -> Result<PodPlan, Vec<SpecError>>
         },
     };
 
+    let mqtt = match crate::telemetry::bridge::parse_annotations(&annotations) {
+        Ok(m) => m,
+        Err(bad) => {
+            for (field, message) in bad {
+                errs.add(&field, message);
+            }
+            None
+        }
+    };
+
     let field_env = field_values(pod, ctx);
     let mut warnings = Vec::new();
     let mut volumes = Vec::new();
@@ -308,6 +320,7 @@ pub fn plan(pod: &Pod, ctx: &PlanContext<'_>) -> Result<PodPlan, Vec<SpecError>>
         active_deadline,
         pull_credentials,
         warnings,
+        mqtt,
     })
 }
 

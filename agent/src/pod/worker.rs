@@ -47,6 +47,8 @@ pub struct WorkerDeps {
     pub board: Arc<StatusBoard>,
     /// Where pod events go.
     pub events: EventRecorder,
+    /// The MQTT bridge, when `mqtt.broker` is set.
+    pub mqtt: Option<Arc<crate::telemetry::bridge::MqttBridge>>,
 }
 
 /// A running pod worker.
@@ -199,7 +201,16 @@ pub fn spawn(
     let initial = status::build(&view, None, now);
     let (status_tx, status_rx) = watch::channel(initial);
     let (done_tx, done_rx) = watch::channel(false);
+    let mqtt = match (&plan.mqtt, &deps.mqtt) {
+        (Some(binding), Some(bridge)) => Some(bridge.pod(binding.clone(), &plan.namespace, &plan.name)),
+        (Some(_), None) => {
+            tracing::warn!(pod = %plan.key, "the pod's lichen.dev/mqtt-* annotations are ignored: MQTT is off (set mqtt.broker)");
+            None
+        }
+        _ => None,
+    };
     let shared = Arc::new(Shared {
+        mqtt,
         view: Mutex::new(view),
         status_tx,
         plan_key: plan.key.clone(),
@@ -229,6 +240,8 @@ pub fn spawn(
 }
 
 struct Shared {
+    /// The pod's MQTT bridge (its rate limit lives here, shared by its containers).
+    mqtt: Option<Arc<crate::telemetry::bridge::PodBridge>>,
     view: Mutex<PodView>,
     status_tx: watch::Sender<PodStatus>,
     plan_key: String,
@@ -561,6 +574,11 @@ impl ContainerRunner<'_> {
                     continue;
                 }
             };
+            // Init containers run to completion before anything else; MQTT is for the app's own.
+            let mqtt = match (self.slot, &self.shared.mqtt) {
+                (Slot::App(_), Some(pod)) => pod.attach(&self.plan.name),
+                _ => Default::default(),
+            };
             let started_at = Timestamp::now();
             let restart_count = self.restart_count;
             self.shared.update(self.slot, |c| {
@@ -578,8 +596,9 @@ impl ContainerRunner<'_> {
                 fuel: self.plan.fuel,
                 memory_limit: self.plan.memory_limit,
                 timeout: self.plan.timeout,
-                stdout: log.sink(Stream::Stdout),
+                stdout: log.sink_with_tap(Stream::Stdout, mqtt.stdout),
                 stderr: log.sink(Stream::Stderr),
+                stdin: mqtt.stdin,
             };
             let run_started = Instant::now();
             let report = deps.runtime.run(&module, spec, self.cancel).await;

@@ -15,6 +15,9 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 
 /// Longest line kept whole; longer output is split into partial (`P`) records, as CRI does.
 const MAX_LINE: usize = 16 * 1024;
+/// The most bytes one write hands to a tap (a longer write is taken in parts), which bounds the
+/// memory a tap's channel can hold.
+pub const MAX_TAP_CHUNK: usize = 64 * 1024;
 
 /// Which output stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +91,18 @@ impl ContainerLog {
 
     /// A stream handle to give to WASI.
     pub fn sink(self: &Arc<Self>, stream: Stream) -> OutputSink {
-        OutputSink { log: self.clone(), stream }
+        OutputSink { log: self.clone(), stream, tap: None }
+    }
+
+    /// A stream handle that also sends a copy of every write to `tap` (the MQTT bridge). While the
+    /// tap's channel is full the module's writes wait: a tap slows a module down, it never drops
+    /// output or grows without bound. A tap whose receiver is gone is ignored.
+    pub fn sink_with_tap(
+        self: &Arc<Self>,
+        stream: Stream,
+        tap: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    ) -> OutputSink {
+        OutputSink { log: self.clone(), stream, tap: tap.map(tokio_util::sync::PollSender::new) }
     }
 
     fn write(&self, stream: Stream, mut bytes: &[u8]) {
@@ -178,6 +192,7 @@ impl LogFile {
 pub struct OutputSink {
     log: Arc<ContainerLog>,
     stream: Stream,
+    tap: Option<tokio_util::sync::PollSender<Vec<u8>>>,
 }
 
 impl OutputSink {
@@ -202,9 +217,23 @@ impl StdoutStream for OutputSink {
 // Appends go to the page cache and take microseconds; routing them through a blocking pool would cost
 // more than it saves.
 impl tokio::io::AsyncWrite for OutputSink {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.log.write(self.stream, buf);
-        Poll::Ready(Ok(buf.len()))
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let Some(tap) = this.tap.as_mut() else {
+            this.log.write(this.stream, buf);
+            return Poll::Ready(Ok(buf.len()));
+        };
+        let n = buf.len().min(MAX_TAP_CHUNK);
+        match tap.poll_reserve(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(())) => {
+                let _ = tap.send_item(buf[..n].to_vec());
+            }
+            // The bridge is gone (the agent is stopping): keep logging.
+            Poll::Ready(Err(_)) => this.tap = None,
+        }
+        this.log.write(this.stream, &buf[..n]);
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -90,6 +90,70 @@ pub struct RunSpec {
     pub stdout: OutputSink,
     /// Where stderr goes.
     pub stderr: OutputSink,
+    /// What the module reads on stdin; `None` is an empty stdin.
+    pub stdin: Option<StdinFeed>,
+}
+
+/// A stdin fed by a channel of byte chunks (the MQTT bridge's framed messages). The module reads
+/// them in order and waits while none is queued; the stream ends when every sender is gone.
+/// `guard` is dropped with the run (the bridge uses it to unsubscribe).
+#[derive(Clone)]
+pub struct StdinFeed(Arc<Mutex<FeedState>>);
+
+struct FeedState {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    pos: usize,
+    _guard: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl StdinFeed {
+    /// A stdin reading from `rx`, holding `guard` until the run ends.
+    pub fn new(
+        rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        guard: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Self {
+        StdinFeed(Arc::new(Mutex::new(FeedState { rx, chunk: Vec::new(), pos: 0, _guard: guard })))
+    }
+}
+
+impl wasmtime_wasi::cli::IsTerminal for StdinFeed {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdinStream for StdinFeed {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncRead + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl tokio::io::AsyncRead for StdinFeed {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let Ok(mut st) = self.0.lock() else { return Poll::Ready(Ok(())) };
+        if st.pos >= st.chunk.len() {
+            match st.rx.poll_recv(cx) {
+                Poll::Ready(Some(chunk)) => {
+                    st.chunk = chunk;
+                    st.pos = 0;
+                }
+                // Every sender is gone: end of input.
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let n = buf.remaining().min(st.chunk.len() - st.pos);
+        let pos = st.pos;
+        buf.put_slice(&st.chunk[pos..pos + n]);
+        st.pos += n;
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// How a run ended. Each maps to a distinct container status reason.
@@ -438,6 +502,9 @@ impl WasmRuntime {
     fn new_store(&self, spec: RunSpec) -> Result<Store<ContainerCtx>, Outcome> {
         let mut wasi = WasiCtxBuilder::new();
         wasi.args(&spec.args).envs(&spec.env).stdout(spec.stdout).stderr(spec.stderr);
+        if let Some(stdin) = spec.stdin {
+            wasi.stdin(stdin);
+        }
         for p in &spec.preopens {
             let perms = if p.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
             wasi.preopened_dir(&p.host, &p.guest, perms).map_err(|e| {

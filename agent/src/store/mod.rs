@@ -224,4 +224,25 @@ pub trait StateStore: Send + Sync + 'static {
     fn pod_writes(&self) -> u64 {
         0
     }
+    /// Adds an entry to the MQTT spool under `seq`, without flushing: the spool's group commit calls
+    /// [`StateStore::flush`]. The spool's tree is only created by the first spool call, so a node
+    /// without MQTT never has one.
+    fn spool_put(&self, seq: u64, entry: &[u8]) -> Result<(), StoreError>;
+    /// Removes a spool entry (not flushed); returns its size if it was there.
+    fn spool_remove(&self, seq: u64) -> Result<Option<usize>, StoreError>;
+    /// Up to `limit` spool entries with a sequence number above `after` (all if `None`), in order.
+    fn spool_range(&self, after: Option<u64>, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// What the spool holds: entries, their bytes, and the highest sequence number.
+    fn spool_summary(&self) -> Result<SpoolSummary, StoreError>;
+}
+
+/// The MQTT spool's contents at a glance, read once when the spool opens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpoolSummary {
+    /// Entries.
+    pub entries: u64,
+    /// Their encoded bytes.
+    pub bytes: u64,
+    /// The highest sequence number present.
+    pub last_seq: Option<u64>,
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::{ModuleDigest, ModuleInfo, PodRecord, SCHEMA_VERSION, StateStore, StoreError};
+use super::{ModuleDigest, ModuleInfo, PodRecord, SCHEMA_VERSION, SpoolSummary, StateStore, StoreError};
 
 const PODS: &str = "pods";
 const MODULES: &str = "modules";
@@ -13,6 +13,9 @@ const MODULE_INFO: &str = "module_info";
 const ARTIFACTS: &str = "artifacts";
 /// Image references: key = the reference as written, value = the module digest it resolved to.
 const IMAGE_REFS: &str = "image_refs";
+/// The MQTT spool: key = sequence number (big-endian u64, so keys sort in order), value = the
+/// encoded message (`telemetry::spool` owns the format).
+const MQTT_SPOOL: &str = "mqtt_spool";
 const META: &str = "meta";
 const SCHEMA_KEY: &str = "schema_version";
 /// Module use is recorded at most this often (seconds) per module.
@@ -36,6 +39,7 @@ pub struct SledStore {
     path: PathBuf,
     schema: u32,
     pod_writes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    spool: std::sync::Arc<std::sync::OnceLock<sled::Tree>>,
 }
 
 impl SledStore {
@@ -115,6 +119,7 @@ impl SledStore {
             path,
             schema: SCHEMA_VERSION,
             pod_writes: Default::default(),
+            spool: Default::default(),
         })
     }
 
@@ -160,6 +165,16 @@ impl SledStore {
                 return Ok(());
             }
         }
+    }
+
+    /// The spool's tree, opened on first use (opening a tree writes to sled, and a node without
+    /// MQTT must not pay for it).
+    fn spool_tree(&self) -> Result<&sled::Tree, StoreError> {
+        if let Some(t) = self.spool.get() {
+            return Ok(t);
+        }
+        let tree = self.db.open_tree(MQTT_SPOOL).map_err(|e| self.err(e))?;
+        Ok(self.spool.get_or_init(|| tree))
     }
 
     fn artifact_key(digest: &ModuleDigest, engine: &str) -> Vec<u8> {
@@ -374,6 +389,49 @@ impl StateStore for SledStore {
 
     fn pod_writes(&self) -> u64 {
         self.pod_writes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn spool_put(&self, seq: u64, entry: &[u8]) -> Result<(), StoreError> {
+        self.spool_tree()?.insert(seq.to_be_bytes(), entry).map(|_| ()).map_err(|e| self.err(e))
+    }
+
+    fn spool_remove(&self, seq: u64) -> Result<Option<usize>, StoreError> {
+        Ok(self.spool_tree()?.remove(seq.to_be_bytes()).map_err(|e| self.err(e))?.map(|v| v.len()))
+    }
+
+    fn spool_range(&self, after: Option<u64>, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let tree = self.spool_tree()?;
+        let iter = match after {
+            Some(seq) => match seq.checked_add(1) {
+                Some(next) => tree.range(next.to_be_bytes()..),
+                None => return Ok(Vec::new()),
+            },
+            None => tree.iter(),
+        };
+        iter.take(limit)
+            .map(|kv| {
+                let (k, v) = kv.map_err(|e| self.err(e))?;
+                let key: [u8; 8] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    detail: "an MQTT spool key is not 8 bytes".into(),
+                })?;
+                Ok((u64::from_be_bytes(key), v.to_vec()))
+            })
+            .collect()
+    }
+
+    fn spool_summary(&self) -> Result<SpoolSummary, StoreError> {
+        let tree = self.spool_tree()?;
+        let mut summary = SpoolSummary::default();
+        for kv in tree.iter() {
+            let (k, v) = kv.map_err(|e| self.err(e))?;
+            summary.entries += 1;
+            summary.bytes += v.len() as u64;
+            if let Ok(key) = <[u8; 8]>::try_from(k.as_ref()) {
+                summary.last_seq = Some(u64::from_be_bytes(key));
+            }
+        }
+        Ok(summary)
     }
 }
 

@@ -1,0 +1,62 @@
+//! MQTT telemetry: modules publish by printing lines and receive by reading stdin
+//! ([`bridge`]), the node reports itself ([`node`]), QoS 1 messages wait in a durable outbox
+//! ([`spool`]) until the broker acknowledges them, and one task owns the connection ([`mqtt`]).
+//!
+//! Nothing here runs, and the spool's tree is never created, unless `mqtt.broker` is set.
+//!
+//! Gateway mode (a later slice) fits as a second connection to a local broker whose messages are
+//! appended to the same spool with [`spool::Origin::LocalBroker`] and a topic prefix; the origin
+//! is what keeps it from forwarding a message back where it came from.
+
+pub mod bridge;
+pub mod mqtt;
+pub mod node;
+pub mod spool;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::AgentConfig;
+use crate::pod::board::StatusBoard;
+use crate::store::StateStore;
+use bridge::MqttBridge;
+
+/// Opens the spool and starts the connection, the group committer and node telemetry on `tracker`.
+/// Returns the bridge pods use, or `None` with MQTT off.
+pub fn start(
+    config: &AgentConfig,
+    store: Arc<dyn StateStore>,
+    board: Arc<StatusBoard>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> Result<Option<Arc<MqttBridge>>, spool::SpoolError> {
+    let m = &config.mqtt;
+    if !m.enabled() {
+        return Ok(None);
+    }
+    let spool = spool::TelemetrySpool::open(
+        store,
+        m.spool_max_bytes.0,
+        Duration::from_millis(m.spool_flush_ms),
+        m.spool_flush_messages,
+    )?;
+    let (bridge, direct) = MqttBridge::new(m, &config.node_name, spool.clone());
+    tracker.spawn(spool.clone().run_committer(cancel.child_token()));
+    let client = mqtt::MqttClient::new(m.clone(), config.node_name.clone(), spool, bridge.clone(), direct);
+    tracker.spawn(client.run(cancel.child_token()));
+    if m.telemetry_interval_secs > 0 {
+        let node = node::NodeTelemetry {
+            bridge: bridge.clone(),
+            board,
+            state_dir: config.state_dir.clone(),
+            interval: Duration::from_secs(m.telemetry_interval_secs),
+            qos: m.telemetry_qos,
+        };
+        tracker.spawn(node.run(cancel.child_token()));
+    }
+    tracing::info!(broker = %m.broker, client_id = %m.client_id, "MQTT telemetry on");
+    Ok(Some(bridge))
+}

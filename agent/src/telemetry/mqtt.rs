@@ -1,0 +1,529 @@
+//! The broker connection ([`MqttClient`]): owns rumqttc's `EventLoop`, sends the spool's messages in
+//! order with at most `inflight` unacknowledged, removes each from the spool when its PUBACK
+//! arrives, subscribes the filters pods asked for and hands incoming messages to the bridge.
+//!
+//! rumqttc reconnects as fast as it is polled; this module adds capped exponential back-off with
+//! jitter ([`RetryBackoff`]). Each connection gets a fresh `EventLoop`, so nothing rumqttc kept in
+//! memory is resent behind the spool's back: after a reconnect the spool is read again from its
+//! oldest unacknowledged message, which keeps order per topic (first arrivals are in order;
+//! resent messages may repeat ones the broker had already taken).
+//!
+//! The node announces itself on `lichen/<node>/status`: a retained `online` after each connect, a
+//! retained `offline` on clean shutdown, and the same `offline` as the last will when the
+//! connection dies without one.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, Transport};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::bridge::MqttBridge;
+use super::spool::{SpoolMessage, TelemetrySpool};
+use crate::config::MqttConfig;
+use crate::retry::RetryBackoff;
+
+/// How long a connection attempt (TCP, TLS and CONNACK) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection that lasted this long resets the back-off; a broker that accepts and drops at once
+/// (a client id taken over, say) is retried with growing delays.
+const STABLE_CONNECTION: Duration = Duration::from_secs(5);
+/// How long a clean shutdown waits to announce `offline` and disconnect.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
+/// Largest packet accepted from the broker; a bigger one ends the connection (MQTT 3.1.1 has no way
+/// to tell the broker), so it is generous.
+const MAX_INCOMING_PACKET: usize = 1 << 20;
+
+/// Errors setting up the connection; each names the setting to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    /// A file named in `[mqtt]` could not be read.
+    #[error("cannot read {field} {path}: {source}")]
+    ReadFile {
+        /// The setting.
+        field: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A certificate or key file has no usable PEM content.
+    #[error("{field} {path}: {message}")]
+    Pem {
+        /// The setting.
+        field: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// rustls refused the TLS settings.
+    #[error("TLS settings for the MQTT broker: {0}")]
+    Tls(String),
+}
+
+/// A parsed `mqtt.broker`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// Whether to use TLS (`mqtts://`).
+    pub tls: bool,
+    /// Host name or address (IPv6 without brackets).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl BrokerUrl {
+    /// Parses `mqtt://host[:port]` or `mqtts://host[:port]` (IPv6 as `[::1]`).
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("mqtt://") {
+            (false, r)
+        } else {
+            return Err(format!("{url:?}: use mqtt://host[:port] or mqtts://host[:port]"));
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains('/') || rest.contains('@') || rest.contains('?') {
+            return Err(format!(
+                "{url:?}: give only host and port (credentials go in mqtt.username and mqtt.password_file)"
+            ));
+        }
+        let default_port = if tls { 8883 } else { 1883 };
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (host, after) = v6.split_once(']').ok_or_else(|| format!("{url:?}: unclosed '['"))?;
+            match after.strip_prefix(':') {
+                Some(p) => (host, Some(p)),
+                None if after.is_empty() => (host, None),
+                None => return Err(format!("{url:?}: unexpected {after:?} after the address")),
+            }
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (rest, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("{url:?} names no host"));
+        }
+        let port = match port {
+            None => default_port,
+            Some(p) => match p.parse::<u16>() {
+                Ok(n) if n > 0 => n,
+                _ => return Err(format!("{url:?}: {p:?} is not a port number")),
+            },
+        };
+        Ok(BrokerUrl { tls, host: host.to_owned(), port })
+    }
+}
+
+/// The topic the node's `online`/`offline` status is retained on.
+pub fn status_topic(node: &str) -> String {
+    format!("lichen/{node}/status")
+}
+
+/// Whether `topic` may be published to: not empty, no wildcards, no NUL, at most 65535 bytes.
+pub fn valid_publish_topic(topic: &str) -> bool {
+    !topic.is_empty() && topic.len() <= 65_535 && !topic.contains(['+', '#', '\0'])
+}
+
+/// Builds rumqttc's options from `[mqtt]`: TLS on ring, credentials, keep-alive, session, will.
+pub fn options(config: &MqttConfig, node: &str) -> Result<MqttOptions, MqttError> {
+    let url = BrokerUrl::parse(&config.broker).map_err(MqttError::Tls)?;
+    let id = if config.client_id.is_empty() { node } else { &config.client_id };
+    let mut o = MqttOptions::new(id, url.host.clone(), url.port);
+    o.set_keep_alive(Duration::from_secs(config.keep_alive_secs.max(5)))
+        .set_clean_session(!config.persistent_session)
+        .set_inflight(config.inflight.max(1))
+        .set_max_packet_size(
+            MAX_INCOMING_PACKET.max(config.max_payload.0 as usize + (64 << 10)),
+            config.max_payload.0 as usize + (64 << 10) + 16,
+        )
+        .set_last_will(LastWill::new(status_topic(node), "offline", QoS::AtLeastOnce, true));
+    if !config.username.is_empty() || !config.password_file.as_os_str().is_empty() {
+        let password = if config.password_file.as_os_str().is_empty() {
+            String::new()
+        } else {
+            read("mqtt.password_file", &config.password_file)
+                .map(|b| String::from_utf8_lossy(&b).trim_end_matches(['\n', '\r']).to_owned())?
+        };
+        o.set_credentials(config.username.clone(), password);
+    }
+    if url.tls {
+        o.set_transport(Transport::Tls(rumqttc::TlsConfiguration::Rustls(Arc::new(tls_config(config)?))));
+    }
+    Ok(o)
+}
+
+fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, MqttError> {
+    std::fs::read(path).map_err(|source| MqttError::ReadFile { field, path: path.to_owned(), source })
+}
+
+/// A rustls client config on the ring provider (never the process default, never aws-lc).
+fn tls_config(config: &MqttConfig) -> Result<rustls::ClientConfig, MqttError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let pem_err =
+        |field, path: &Path, message: String| MqttError::Pem { field, path: path.to_owned(), message };
+    let mut roots = rustls::RootCertStore::empty();
+    if config.ca_file.as_os_str().is_empty() {
+        let native = rustls_native_certs::load_native_certs();
+        let (added, _) = roots.add_parsable_certificates(native.certs);
+        if added == 0 {
+            return Err(MqttError::Tls(
+                "no system CA certificates found; set mqtt.ca_file to the broker's CA".into(),
+            ));
+        }
+    } else {
+        let pem = read("mqtt.ca_file", &config.ca_file)?;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| pem_err("mqtt.ca_file", &config.ca_file, e.to_string()))?;
+            roots.add(cert).map_err(|e| pem_err("mqtt.ca_file", &config.ca_file, e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(pem_err("mqtt.ca_file", &config.ca_file, "holds no PEM certificate".into()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| MqttError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    if config.client_cert_file.as_os_str().is_empty() {
+        return Ok(builder.with_no_client_auth());
+    }
+    let (cert_path, key_path) = (&config.client_cert_file, &config.client_key_file);
+    let pem = read("mqtt.client_cert_file", cert_path)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem_err("mqtt.client_cert_file", cert_path, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(pem_err("mqtt.client_cert_file", cert_path, "holds no PEM certificate".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&read("mqtt.client_key_file", key_path)?)
+        .map_err(|e| pem_err("mqtt.client_key_file", key_path, e.to_string()))?;
+    builder.with_client_auth_cert(chain, key).map_err(|e| MqttError::Tls(format!("client certificate: {e}")))
+}
+
+fn qos(n: u8) -> QoS {
+    match n {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// How a session ended.
+enum SessionEnd {
+    Cancelled,
+    Lost { connected_for: Option<Duration>, error: String },
+}
+
+/// The broker connection task; see the module docs.
+pub struct MqttClient {
+    config: MqttConfig,
+    node: String,
+    spool: Arc<TelemetrySpool>,
+    bridge: Arc<MqttBridge>,
+    direct: mpsc::Receiver<SpoolMessage>,
+}
+
+impl MqttClient {
+    /// A client for `node` sending `spool`'s messages and `direct` (QoS 0, not spooled) ones.
+    pub fn new(
+        config: MqttConfig,
+        node: String,
+        spool: Arc<TelemetrySpool>,
+        bridge: Arc<MqttBridge>,
+        direct: mpsc::Receiver<SpoolMessage>,
+    ) -> Self {
+        MqttClient { config, node, spool, bridge, direct }
+    }
+
+    /// Connects, sends and reconnects until `cancel` fires, then announces `offline` and disconnects.
+    /// Never returns early: a broker that is away or refuses is retried with back-off.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut backoff = RetryBackoff::new(
+            Duration::from_millis(self.config.reconnect_min_ms),
+            Duration::from_millis(self.config.reconnect_max_ms),
+        );
+        let broker = self.config.broker.clone();
+        loop {
+            let end = match options(&self.config, &self.node) {
+                Ok(o) => {
+                    let cap = usize::from(self.config.inflight) + 64;
+                    let (client, eventloop) = AsyncClient::new(o, cap);
+                    self.session(client, eventloop, &cancel).await
+                }
+                // Certificates may be put in place later: keep trying, loudly.
+                Err(e) => SessionEnd::Lost { connected_for: None, error: e.to_string() },
+            };
+            let delay = match end {
+                SessionEnd::Cancelled => return,
+                SessionEnd::Lost { connected_for, error } => {
+                    if connected_for.is_some_and(|d| d >= STABLE_CONNECTION) {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_delay();
+                    match connected_for {
+                        Some(_) => {
+                            tracing::warn!(%broker, %error, retry_in_ms = delay.as_millis() as u64, "MQTT connection lost; messages are spooled until it is back")
+                        }
+                        None => {
+                            tracing::warn!(%broker, %error, retry_in_ms = delay.as_millis() as u64, "cannot connect to the MQTT broker; messages are spooled until it answers")
+                        }
+                    }
+                    self.bridge.set_connected(false);
+                    delay
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn session(
+        &mut self,
+        client: AsyncClient,
+        mut ev: EventLoop,
+        cancel: &CancellationToken,
+    ) -> SessionEnd {
+        let connack = tokio::select! {
+            _ = cancel.cancelled() => return SessionEnd::Cancelled,
+            r = tokio::time::timeout(CONNECT_TIMEOUT, ev.poll()) => r,
+        };
+        match connack {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(ack))))
+                if ack.code == rumqttc::ConnectReturnCode::Success =>
+            {
+                tracing::info!(broker = %self.config.broker, session_present = ack.session_present, spooled = self.spool.snapshot().entries, "connected to the MQTT broker");
+            }
+            Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                let error = format!(
+                    "the broker refused the connection: {:?} (check mqtt.username, mqtt.password_file, mqtt.client_id)",
+                    ack.code
+                );
+                return SessionEnd::Lost { connected_for: None, error };
+            }
+            Ok(Ok(other)) => {
+                return SessionEnd::Lost {
+                    connected_for: None,
+                    error: format!("unexpected first packet {other:?}"),
+                };
+            }
+            Ok(Err(e)) => return SessionEnd::Lost { connected_for: None, error: e.to_string() },
+            Err(_) => {
+                return SessionEnd::Lost {
+                    connected_for: None,
+                    error: format!("no CONNACK within {}s", CONNECT_TIMEOUT.as_secs()),
+                };
+            }
+        }
+        let since = Instant::now();
+        self.bridge.set_connected(true);
+        // The event loop runs in a task of its own and is never dropped mid-poll: a poll cancelled
+        // after taking a request from the channel would lose that publish and put every later
+        // PUBACK on the wrong spool entry.
+        let (events_tx, mut events) = mpsc::channel(1024);
+        let poller = tokio::spawn(async move {
+            loop {
+                let event = ev.poll().await;
+                let failed = event.is_err();
+                if events_tx.send(event).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let end = self.connected(&client, &mut events, cancel).await;
+        poller.abort();
+        match end {
+            Ok(()) => SessionEnd::Cancelled,
+            Err(error) => SessionEnd::Lost { connected_for: Some(since.elapsed()), error },
+        }
+    }
+
+    /// Runs a connected session until it fails (`Err`) or `cancel` fires (`Ok`).
+    async fn connected(
+        &mut self,
+        client: &AsyncClient,
+        events: &mut mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>,
+        cancel: &CancellationToken,
+    ) -> Result<(), String> {
+        let window = usize::from(self.config.inflight.max(1));
+        // Every publish handed to rumqttc, in order: rumqttc reports each as `Outgoing::Publish`
+        // with the packet id it chose, in the same order, which is how a PUBACK finds its spool entry.
+        let mut sent: VecDeque<Option<u64>> = VecDeque::new();
+        let mut inflight: HashMap<u16, u64> = HashMap::new();
+        let mut in_window = 0usize;
+        let mut cursor: Option<u64> = None;
+        let mut subscribed: BTreeSet<String> = BTreeSet::new();
+
+        if client.try_publish(status_topic(&self.node), QoS::AtLeastOnce, true, "online").is_ok() {
+            sent.push_back(None);
+        }
+        loop {
+            self.sync_subscriptions(client, &mut subscribed)?;
+            while in_window < window {
+                let batch = match self.spool.next_batch(cursor, window - in_window) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the MQTT spool");
+                        break;
+                    }
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                let mut full = false;
+                for (seq, m) in batch {
+                    if !valid_publish_topic(&m.topic) {
+                        tracing::warn!(seq, topic = %m.topic, "dropping a spooled message with an invalid topic");
+                        self.spool.ack(seq);
+                        cursor = Some(seq);
+                        continue;
+                    }
+                    match client.try_publish(m.topic, qos(m.qos.max(1)), m.retain, m.payload) {
+                        Ok(()) => {
+                            sent.push_back(Some(seq));
+                            cursor = Some(seq);
+                            in_window += 1;
+                        }
+                        Err(_) => {
+                            full = true;
+                            break;
+                        }
+                    }
+                }
+                if full {
+                    break;
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    self.disconnect(client, events).await;
+                    return Ok(());
+                }
+                event = events.recv() => match event {
+                    Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                        if let Some(Some(seq)) = sent.pop_front() {
+                            inflight.insert(pkid, seq);
+                        }
+                    }
+                    Some(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
+                        if let Some(seq) = inflight.remove(&ack.pkid) {
+                            self.spool.ack(seq);
+                            in_window = in_window.saturating_sub(1);
+                        }
+                    }
+                    Some(Ok(Event::Incoming(Packet::Publish(p)))) => self.bridge.deliver(&p.topic, &p.payload),
+                    Some(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
+                        if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                            tracing::warn!(pkid = ack.pkid, "the broker refused a subscription (check its ACL)");
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e.to_string()),
+                    None => return Err("the MQTT event loop stopped".into()),
+                },
+                _ = self.spool.appended(), if in_window < window => {}
+                Some(m) = self.direct.recv() => {
+                    if valid_publish_topic(&m.topic)
+                        && client.try_publish(m.topic, QoS::AtMostOnce, m.retain, m.payload).is_ok()
+                    {
+                        sent.push_back(None);
+                    }
+                }
+                _ = self.bridge.subscriptions_changed() => {}
+            }
+        }
+    }
+
+    /// Subscribes filters pods added and unsubscribes ones no pod uses any more.
+    fn sync_subscriptions(
+        &self,
+        client: &AsyncClient,
+        subscribed: &mut BTreeSet<String>,
+    ) -> Result<(), String> {
+        let wanted = self.bridge.filters();
+        for f in wanted.difference(subscribed) {
+            client.try_subscribe(f.clone(), QoS::AtLeastOnce).map_err(|e| format!("subscribe {f}: {e}"))?;
+            tracing::info!(filter = %f, "subscribed");
+        }
+        for f in subscribed.difference(&wanted) {
+            client.try_unsubscribe(f.clone()).map_err(|e| format!("unsubscribe {f}: {e}"))?;
+        }
+        *subscribed = wanted;
+        Ok(())
+    }
+
+    /// A clean goodbye: the retained `offline` (a clean DISCONNECT suppresses the will), then
+    /// DISCONNECT, driven for at most [`DISCONNECT_GRACE`].
+    async fn disconnect(
+        &self,
+        client: &AsyncClient,
+        events: &mut mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>,
+    ) {
+        let _ = client.try_publish(status_topic(&self.node), QoS::AtLeastOnce, true, "offline");
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(DISCONNECT_GRACE, async {
+            loop {
+                match events.recv().await {
+                    Some(Ok(Event::Outgoing(Outgoing::Disconnect))) | Some(Err(_)) | None => return,
+                    Some(Ok(_)) => {}
+                }
+            }
+        })
+        .await;
+        tracing::info!("disconnected from the MQTT broker");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        let u = |s| BrokerUrl::parse(s);
+        assert_eq!(
+            u("mqtt://broker.lan"),
+            Ok(BrokerUrl { tls: false, host: "broker.lan".into(), port: 1883 })
+        );
+        assert_eq!(u("mqtts://b:9000/"), Ok(BrokerUrl { tls: true, host: "b".into(), port: 9000 }));
+        assert_eq!(u("mqtts://b"), Ok(BrokerUrl { tls: true, host: "b".into(), port: 8883 }));
+        assert_eq!(u("mqtt://[::1]:1884"), Ok(BrokerUrl { tls: false, host: "::1".into(), port: 1884 }));
+        for bad in ["tcp://b", "mqtt://", "mqtt://b:0", "mqtt://b:x", "mqtt://u:p@b", "mqtt://b/t", "b:1883"]
+        {
+            assert!(u(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn publish_topics() {
+        assert!(valid_publish_topic("sensors/pi-07/temp"));
+        for bad in ["", "a/+/b", "a/#", "a\0b"] {
+            assert!(!valid_publish_topic(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn options_name_the_unreadable_file() {
+        let config = MqttConfig {
+            broker: "mqtts://127.0.0.1".into(),
+            ca_file: "/nonexistent/ca.pem".into(),
+            ..Default::default()
+        };
+        let e = options(&config, "n").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("mqtt.ca_file") && e.contains("/nonexistent/ca.pem"), "{e}");
+        let o = options(&MqttConfig { broker: "mqtt://h:1".into(), ..Default::default() }, "pi-07")
+            .expect("options");
+        assert_eq!((o.client_id(), o.clean_session()), ("pi-07".to_owned(), false));
+    }
+}

@@ -1,0 +1,245 @@
+//! MQTT telemetry against a real broker (Debian's mosquitto) and the real `lichen` binary with
+//! static pods: a broker restart and agent SIGKILLs in the middle of a stream of 10,000 QoS 1
+//! messages lose nothing and keep order, TLS with a test CA and a client certificate, the line
+//! framing both ways, and a module flooding its stdout.
+
+use std::time::{Duration, Instant};
+
+use lichen_tests::mosquitto::{Mosquitto, Subscriber, check_in_order};
+use lichen_tests::{Agent, Scratch, fixture, pod_yaml, rss_kib, wait_for};
+
+const T: Duration = Duration::from_secs(60);
+const COUNT: u64 = 10_000;
+
+/// The `[mqtt]` table for a test: quick reconnects, no node telemetry unless asked.
+fn mqtt_table(broker: &str, extra: &str) -> String {
+    let telemetry =
+        if extra.contains("telemetry_interval_secs") { "" } else { "telemetry_interval_secs = 0\n" };
+    format!(
+        "[mqtt]\nbroker = {broker:?}\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n{telemetry}{extra}"
+    )
+}
+
+/// A static pod running `module` whose stdout lines are published on `topic` with QoS 1.
+fn publishing_pod(name: &str, module: &str, topic: &str, extra_annotations: &str) -> String {
+    let yaml = pod_yaml(name, &fixture(module), "  restartPolicy: Never\n");
+    yaml.replace(
+        "metadata:\n  name:",
+        &format!(
+            "metadata:\n  annotations:\n    lichen.dev/mqtt-publish: {topic:?}\n{extra_annotations}  name:"
+        ),
+    )
+}
+
+fn counter_pod() -> String {
+    publishing_pod("counter", "counter.wat", "sensors/{node}/{pod}", "")
+}
+
+const COUNTER_TOPIC: &str = "sensors/test-node/counter-test-node";
+
+fn spool_entries(s: &Scratch) -> u64 {
+    s.status_json()["mqtt"]["spool"]["entries"].as_u64().unwrap_or(u64::MAX)
+}
+
+#[test]
+fn a_broker_restart_mid_stream_loses_nothing_and_keeps_order() {
+    let mut broker = Mosquitto::start();
+    let sub = Subscriber::connect(broker.port, "restart-sub", "sensors/#");
+    // A small window keeps the stream going long enough to be cut in the middle.
+    let s = Scratch::new(&mqtt_table(&broker.url(), "pod_rate_limit = 0\ninflight = 10\n"));
+    let agent = s.start();
+    agent.wait_log(&["connected to the MQTT broker"], T);
+    let start = Instant::now();
+    s.put_pod("counter.yaml", &counter_pod());
+    wait_for(T, "the first 1000 messages", || (sub.texts(COUNTER_TOPIC).len() >= 1000).then_some(()));
+    broker.restart();
+    let at_restart = sub.texts(COUNTER_TOPIC).len();
+    wait_for(Duration::from_secs(120), "all 10,000 messages after the restart", || {
+        check_in_order(&sub.texts(COUNTER_TOPIC), COUNT).ok()
+    });
+    let took = start.elapsed();
+    let texts = sub.texts(COUNTER_TOPIC);
+    let dups = check_in_order(&texts, COUNT).expect("in order");
+    assert!(
+        (at_restart as u64) < COUNT,
+        "the restart came in the middle of the stream ({at_restart} had arrived)"
+    );
+    let reconnects = agent.log().iter().filter(|l| l.contains("connected to the MQTT broker")).count();
+    assert!(reconnects >= 2, "the agent reconnected:\n{}", agent.log().join("\n"));
+    wait_for(T, "the spool to drain", || (spool_entries(&s) == 0).then_some(()));
+    eprintln!(
+        "figures: 10,000 QoS 1 messages through a broker restart in {:.2}s ({at_restart} before the restart, {dups} duplicates, inflight 10)",
+        took.as_secs_f64()
+    );
+    assert!(agent.stop().0.success());
+}
+
+#[test]
+fn the_spool_survives_sigkill_while_the_broker_is_away_and_mid_drain() {
+    let mut broker = Mosquitto::stopped();
+    let s = Scratch::new(&mqtt_table(&broker.url(), "pod_rate_limit = 0\ninflight = 10\n"));
+    let agent = s.start();
+    s.put_pod("counter.yaml", &counter_pod());
+    // Every line spooled (the pod has finished and the spool holds them all) while the broker is away.
+    let spooled = Instant::now();
+    wait_for(T, "10,000 messages in the spool", || (spool_entries(&s) == COUNT).then_some(()));
+    let spool_secs = spooled.elapsed().as_secs_f64();
+    // A group commit is at most spool_flush_ms (5 ms) away; give it ample time, then kill -9.
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = std::process::Command::new("kill").args(["-KILL", &agent.pid().to_string()]).status();
+    let _ = agent.wait(Duration::from_secs(10));
+    // The pod ran to completion; without its manifest it does not run (and print) again.
+    std::fs::remove_file(s.pods.join("counter.yaml")).expect("rm manifest");
+
+    broker.restart();
+    let sub = Subscriber::connect(broker.port, "kill-sub", "sensors/#");
+    let agent = s.start();
+    agent.wait_log(&["MQTT spool holds messages from before the restart"], T);
+    wait_for(T, "the first 2000 messages", || (sub.texts(COUNTER_TOPIC).len() >= 2000).then_some(()));
+    let _ = std::process::Command::new("kill").args(["-KILL", &agent.pid().to_string()]).status();
+    let _ = agent.wait(Duration::from_secs(10));
+    let at_kill = sub.texts(COUNTER_TOPIC).len();
+
+    let agent = s.start();
+    wait_for(Duration::from_secs(120), "all 10,000 messages after two SIGKILLs", || {
+        check_in_order(&sub.texts(COUNTER_TOPIC), COUNT).ok()
+    });
+    let dups = check_in_order(&sub.texts(COUNTER_TOPIC), COUNT).expect("in order");
+    assert!((at_kill as u64) < COUNT, "the second kill came mid-drain ({at_kill} had arrived)");
+    wait_for(T, "the spool to drain", || (spool_entries(&s) == 0).then_some(()));
+    eprintln!(
+        "figures: 10,000 lines spooled offline in {spool_secs:.2}s; {dups} duplicates after a kill -9 mid-drain"
+    );
+    assert!(agent.stop().0.success());
+}
+
+#[test]
+fn tls_with_a_test_ca_and_a_client_certificate() {
+    let broker = Mosquitto::start_tls();
+    let sub = Subscriber::connect(broker.port, "tls-sub", "lichen/#");
+    let (cert, key) = broker.client_cert();
+    let table = mqtt_table(
+        &broker.tls_url(),
+        &format!(
+            "telemetry_interval_secs = 1\nca_file = {:?}\nclient_cert_file = {:?}\nclient_key_file = {:?}\n",
+            broker.ca_file().display().to_string(),
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    );
+    let s = Scratch::new(&table);
+    let agent = s.start();
+    agent.wait_log(&["connected to the MQTT broker"], T);
+    let telemetry =
+        wait_for(T, "node telemetry over TLS", || sub.texts("lichen/test-node/telemetry").first().cloned());
+    let v: serde_json::Value = serde_json::from_str(&telemetry).expect("telemetry is JSON");
+    assert_eq!(v["node"], "test-node");
+    for field in ["uptime_secs", "load", "memory", "disk", "pods", "mqtt"] {
+        assert!(!v[field].is_null(), "telemetry has {field}: {v}");
+    }
+    assert!(v["memory"]["total_bytes"].as_u64().unwrap_or(0) > 0, "{v}");
+    wait_for(T, "the retained online status", || {
+        sub.received()
+            .iter()
+            .any(|r| r.topic == "lichen/test-node/status" && r.payload == b"online")
+            .then_some(())
+    });
+    let (status, _) = agent.stop();
+    assert!(status.success());
+    wait_for(T, "the offline status on shutdown", || {
+        sub.texts("lichen/test-node/status").last().is_some_and(|t| t == "offline").then_some(())
+    });
+
+    // Without the client certificate the broker refuses the handshake; the agent says so and keeps
+    // running its pods.
+    let table =
+        mqtt_table(&broker.tls_url(), &format!("ca_file = {:?}\n", broker.ca_file().display().to_string()));
+    let s = Scratch::new(&table);
+    s.put_pod("idle.yaml", &pod_yaml("idle", &fixture("sleeper.wat"), ""));
+    let agent = s.start();
+    agent.wait_log(&["cannot connect to the MQTT broker"], T);
+    wait_for(T, "the pod to run without the broker", || {
+        s.output("idle", "main", 0).iter().any(|l| l.starts_with("tick")).then_some(())
+    });
+    assert!(agent.stop().0.success());
+}
+
+#[test]
+fn lines_are_framed_both_ways_and_bad_ones_are_dropped_and_counted() {
+    let broker = Mosquitto::start();
+    let sub = Subscriber::connect(broker.port, "framing-sub", "out/#");
+    let s = Scratch::new(&mqtt_table(&broker.url(), "max_payload = \"1Ki\"\n"));
+    let pod =
+        publishing_pod("io", "mqttio.wat", "out/{pod}", "    lichen.dev/mqtt-subscribe: \"in/{node}/#\"\n");
+    s.put_pod("io.yaml", &pod);
+    let agent: Agent = s.start();
+    agent.wait_log(&["subscribed", "in/test-node/#"], T);
+    let topic = "out/io-test-node";
+    wait_for(T, "the module's own lines", || (sub.received().len() >= 3).then_some(()));
+    sub.publish("in/test-node/cmd", b"hello");
+    sub.publish("in/test-node/bin", &[0, 1, 2]);
+    sub.publish("in/test-node/big", &[b'y'; 2000]);
+    sub.publish("in/test-node/with space", b"two\nlines");
+    sub.publish("in/other-node/cmd", b"not for us");
+    wait_for(T, "the echoed messages", || (sub.received().len() >= 6).then_some(()));
+    std::thread::sleep(Duration::from_millis(300));
+    let got: Vec<Vec<u8>> =
+        sub.received().into_iter().filter(|r| r.topic == topic).map(|r| r.payload).collect();
+    let want: Vec<Vec<u8>> = vec![
+        b"text line".to_vec(),
+        vec![0, 255],
+        b"after".to_vec(),
+        b"in/test-node/cmd hello".to_vec(),
+        b"in/test-node/bin base64:AAEC".to_vec(),
+        b"in/test-node/with%20space base64:dHdvCmxpbmVz".to_vec(),
+    ];
+    assert_eq!(
+        got,
+        want,
+        "as text: {:?}",
+        got.iter().map(|p| String::from_utf8_lossy(p)).collect::<Vec<_>>()
+    );
+    let mqtt = &s.status_json()["mqtt"];
+    assert_eq!(mqtt["bridge"]["dropped_malformed"], 1, "{mqtt}");
+    assert_eq!(mqtt["bridge"]["dropped_oversized"], 2, "the 2000-byte line and message: {mqtt}");
+    assert_eq!(mqtt["bridge"]["delivered_stdin"], 3, "{mqtt}");
+    agent.wait_log(&["MQTT lines dropped", "malformed"], T);
+    assert!(agent.stop().0.success());
+}
+
+#[test]
+fn a_flooding_module_is_rate_limited_and_cannot_exhaust_memory() {
+    let broker = Mosquitto::start();
+    let sub = Subscriber::connect(broker.port, "flood-sub", "flood/#");
+    let s = Scratch::new(&mqtt_table(&broker.url(), "pod_rate_limit = 200\npod_burst = 100\n"));
+    s.put_pod("flood.yaml", &publishing_pod("flood", "flood.wat", "flood/{pod}", ""));
+    s.put_pod(
+        "tick.yaml",
+        &publishing_pod("tick", "sleeper.wat", "flood/{pod}", "").replace("  restartPolicy: Never\n", ""),
+    );
+    let agent = s.start();
+    agent.wait_log(&["connected to the MQTT broker"], T);
+    let start = Instant::now();
+    wait_for(T, "the flood to be rate limited", || {
+        (s.status_json()["mqtt"]["bridge"]["dropped_rate"].as_u64().unwrap_or(0) > 10_000).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let secs = start.elapsed().as_secs_f64();
+    let rss_mib = rss_kib(agent.pid()) as f64 / 1024.0;
+    let bridge = s.status_json()["mqtt"]["bridge"].clone();
+    let flood = sub.texts("flood/flood-test-node");
+    let ticks = sub.texts("flood/tick-test-node");
+    let allowed = 100.0 + 200.0 * (secs + 1.0);
+    assert!((flood.len() as f64) <= allowed, "{} flood messages in {secs:.1}s exceed the rate", flood.len());
+    assert!(flood.len() >= 100, "the burst got through: {}", flood.len());
+    let numbers: Vec<u64> = flood.iter().filter_map(|t| t.strip_prefix("flood ")?.parse().ok()).collect();
+    assert!(numbers.windows(2).all(|w| w[0] < w[1]), "what got through is in order");
+    assert!(ticks.len() >= 20, "the other pod's lines still flow ({} in {secs:.1}s)", ticks.len());
+    assert!(rss_mib < 200.0, "agent RSS {rss_mib:.1} MiB");
+    agent.wait_log(&["MQTT lines dropped", "rate_limited"], T);
+    eprintln!(
+        "figures: flood for {secs:.1}s: {} published, {} dropped by the rate limit, agent RSS {rss_mib:.1} MiB",
+        bridge["published"], bridge["dropped_rate"]
+    );
+    assert!(agent.stop().0.success());
+}
