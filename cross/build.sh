@@ -18,8 +18,9 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 
 # The suites run under QEMU: the library's unit tests, the runtime (fuel, memory and time limits on
 # this architecture's compiler or interpreter), the pod workers with the real store, the real
-# binary with static pods, and artifacts precompiled on x86-64 loaded here.
-TEST_ARGS=(-p lichen --lib -p lichen-tests --test runtime --test workers --test agent --test cross)
+# binary with static pods, artifacts precompiled on x86-64 loaded here, and the MQTT bridge and its
+# spool against a real (native) mosquitto.
+TEST_ARGS=(-p lichen --lib -p lichen-tests --test runtime --test workers --test agent --test cross --test mqtt)
 
 triple() {
   case $1 in
@@ -80,11 +81,12 @@ build() {
   local report=()
   for t in "${targets[@]}"; do
     t0=$(date +%s)
+    # The workspace's release profile (Cargo.toml) is what ships, for cross-rs users too.
     (eval "$(target_env "$t")"; cargo build --release --locked -p lichen --target "$t")
     out=$TARGET_DIR/$t/release/lichen
     # `strip = true` in the release profile: what cargo leaves is what ships.
     local version
-    version=$(eval "$(target_env "$t")"; $LICHEN_BIN_RUNNER "$out" version | head -1)
+    version=$(eval "$(target_env "$t")"; $LICHEN_BIN_RUNNER "$out" version | tr '\n' ' ')
     report+=("$(awk -v t="$t" -v b="$(stat -c %s "$out")" -v s="$(secs "$t0")" -v v="$version" \
       'BEGIN { printf "%-32s %6.2f MiB  built in %-6s %s", t, b / 1048576, s, v }')")
   done

@@ -344,7 +344,9 @@ fn remembered_api_pods(store: &dyn StateStore) -> Vec<DesiredPod> {
     records
         .into_iter()
         .filter(|r| r.source.starts_with(cluster::pods::SOURCE))
-        .filter_map(|r| match serde_json::from_value::<k8s_openapi::api::core::v1::Pod>(r.pod) {
+        // Through the same deserializer as static pod manifests: one copy of the Pod decoder in the
+        // binary instead of two (it is hundreds of KiB on a board), and the error names the field.
+        .filter_map(|r| match serde_path_to_error::deserialize::<_, k8s_openapi::api::core::v1::Pod>(&r.pod) {
             Ok(mut pod) if pod.metadata.deletion_timestamp.is_none() => {
                 // The stored object is as it was admitted; what Lichen saw last decides whether it
                 // had finished, so a pod that succeeded is not run again after a reboot.
