@@ -79,6 +79,8 @@ fn the_spool_survives_sigkill_while_the_broker_is_away_and_mid_drain() {
     let mut broker = Mosquitto::stopped();
     let s = Scratch::new(&mqtt_table(&broker.url(), "pod_rate_limit = 0\ninflight = 10\n"));
     let agent = s.start();
+    // `lichen status` before the agent has a store says so; ask once it runs.
+    agent.wait_log(&["lichen running"], T);
     s.put_pod("counter.yaml", &counter_pod());
     // Every line spooled (the pod has finished and the spool holds them all) while the broker is away.
     let spooled = Instant::now();
