@@ -70,10 +70,35 @@ pub async fn open_store(path: PathBuf) -> Result<Arc<SledStore>, StoreError> {
         .map(Arc::new)
 }
 
+/// How long the agent waits for a store another process holds: a `lichen status` or `lichen
+/// modules` run while the agent was stopped holds it for a moment, and must not make the agent's
+/// start fail.
+const STORE_LOCK_WAIT: Duration = Duration::from_secs(15);
+
+async fn open_store_waiting(
+    path: &std::path::Path,
+    cancel: &CancellationToken,
+) -> Result<Arc<SledStore>, StoreError> {
+    let deadline = Instant::now() + STORE_LOCK_WAIT;
+    let mut said = false;
+    loop {
+        match open_store(path.to_owned()).await {
+            Err(StoreError::Locked { .. }) if Instant::now() < deadline && !cancel.is_cancelled() => {
+                if !said {
+                    tracing::info!(store = %path.display(), "the store is held by another process (a lichen command?); waiting for it");
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Runs the agent until `cancel` fires, then stops pods and flushes the store.
 pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), AppError> {
     let layout = StateLayout::of(&config);
-    let store = open_store(layout.store.clone()).await?;
+    let store = open_store_waiting(&layout.store, &cancel).await?;
     tracing::info!(store = %layout.store.display(), schema = store.schema_version(), "state store open");
     let runtime = WasmRuntime::new()?;
     let modules =

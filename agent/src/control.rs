@@ -220,6 +220,47 @@ pub async fn request(path: &Path, request: &ControlRequest) -> Result<Option<Con
     serde_json::from_str(&answer).map(Some).map_err(|e| exchange(format!("{e} in {answer:?}")))
 }
 
+/// What a command reached: the running agent (its answer), or the store of a stopped one.
+pub enum Reached {
+    /// The agent answered on its socket.
+    Agent(ControlResponse),
+    /// No agent runs; the store is open for this process.
+    Store(Arc<crate::store::SledStore>),
+}
+
+/// How long a command waits for a starting agent's socket when the store is already locked.
+const STARTING_AGENT_WAIT: Duration = Duration::from_secs(10);
+
+/// Asks the running agent, or opens the store when none runs. An agent that has opened the store
+/// but is not listening yet (it is starting) is waited for, rather than reported as "another
+/// process holds the store".
+pub async fn ask_agent_or_open_store(
+    socket: &Path,
+    request: &ControlRequest,
+    store: &Path,
+) -> Result<Reached, String> {
+    let deadline = tokio::time::Instant::now() + STARTING_AGENT_WAIT;
+    loop {
+        if let Some(answer) = self::request(socket, request).await.map_err(|e| e.to_string())? {
+            return Ok(Reached::Agent(answer));
+        }
+        match crate::app::open_store(store.to_owned()).await {
+            Ok(s) => return Ok(Reached::Store(s)),
+            Err(crate::store::StoreError::Locked { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e @ crate::store::StoreError::Locked { .. }) => {
+                return Err(format!(
+                    "{e}; and nothing answers on its control socket {} after {}s",
+                    socket.display(),
+                    STARTING_AGENT_WAIT.as_secs()
+                ));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
 fn set_private(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))

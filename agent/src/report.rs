@@ -182,21 +182,19 @@ impl NodeReport {
 /// agent runs.
 pub async fn node_report(config: &crate::config::AgentConfig) -> Result<NodeReport, String> {
     let socket = crate::control::socket_path(&config.state_dir);
-    if let Some(answer) = crate::control::request(&socket, &crate::control::ControlRequest::Status)
-        .await
-        .map_err(|e| e.to_string())?
-    {
-        if !answer.ok {
-            return Err(answer.output);
-        }
-        return serde_json::from_str(&answer.output)
-            .map_err(|e| format!("unreadable answer from the agent: {e}"));
-    }
     let layout = crate::app::StateLayout::of(config);
+    let request = crate::control::ControlRequest::Status;
     if !layout.store.exists() {
-        return Err(format!("no agent is running and there is no store at {}", layout.store.display()));
+        // Opening would create a store; only a running agent (which has one) can answer.
+        return match crate::control::request(&socket, &request).await.map_err(|e| e.to_string())? {
+            Some(answer) => status_answer(answer),
+            None => Err(format!("no agent is running and there is no store at {}", layout.store.display())),
+        };
     }
-    let store = crate::app::open_store(layout.store).await.map_err(|e| e.to_string())?;
+    let store = match crate::control::ask_agent_or_open_store(&socket, &request, &layout.store).await? {
+        crate::control::Reached::Agent(answer) => return status_answer(answer),
+        crate::control::Reached::Store(store) => store,
+    };
     let pods = tokio::task::spawn_blocking(move || pod_lines(store.as_ref(), |_| false))
         .await
         .map_err(|e| e.to_string())?
@@ -211,4 +209,11 @@ pub async fn node_report(config: &crate::config::AgentConfig) -> Result<NodeRepo
         store_pod_writes: 0,
         mqtt: None,
     })
+}
+
+fn status_answer(answer: crate::control::ControlResponse) -> Result<NodeReport, String> {
+    if !answer.ok {
+        return Err(answer.output);
+    }
+    serde_json::from_str(&answer.output).map_err(|e| format!("unreadable answer from the agent: {e}"))
 }

@@ -328,3 +328,43 @@ fn sigkill_at_random_points_never_corrupts_the_store_or_loses_what_it_recorded()
     assert!(status.success(), "{}", log.join("\n"));
     assert!(!log.iter().any(|l| l.contains("corrupt")), "{}", log.join("\n"));
 }
+
+/// `lichen status` run while the agent starts (systemd starting it, an operator typing) neither
+/// fails with "in use by another process" nor makes the agent's start fail: each waits for the
+/// other. A second agent on the same state directory still gets the clear error.
+#[test]
+fn commands_and_a_starting_agent_wait_for_each_other() {
+    let s = Scratch::new("");
+    s.put_pod("idle.yaml", &pod_yaml("idle", &fixture("idle.wat"), ""));
+    // A store to read before the agent has one of its own.
+    let first = s.start();
+    first.wait_log(&["lichen running"], T);
+    drop(first.stop());
+    let status = || {
+        std::process::Command::new(lichen_bin())
+            .args(["status", "--json", "--config"])
+            .arg(&s.config)
+            .env_remove("LICHEN_CONFIG")
+            .output()
+            .expect("lichen status")
+    };
+    let agent = s.start();
+    let mut answered_by_agent = 0;
+    for _ in 0..30 {
+        let out = status();
+        assert!(out.status.success(), "lichen status during start: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        answered_by_agent += usize::from(v["agent_running"] == true);
+    }
+    assert!(answered_by_agent > 0, "the agent answered at least once");
+    agent.wait_log(&["lichen running"], T);
+
+    let second =
+        lichen_tests::Agent::start(&s.run_args().iter().map(String::as_str).collect::<Vec<_>>(), &s.state);
+    let (exit, log) = second.wait(Duration::from_secs(40));
+    assert!(!exit.success());
+    let text = log.join("\n");
+    assert!(text.contains("is in use by another process; is another lichen running?"), "{text}");
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{}", log.join("\n"));
+}

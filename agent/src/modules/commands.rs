@@ -342,11 +342,13 @@ impl ModuleCache {
 pub async fn run_command(config: &AgentConfig, cmd: ModuleCommand) -> Result<String, String> {
     let socket = crate::control::socket_path(&config.state_dir);
     let request = crate::control::ControlRequest::Modules(cmd.clone());
-    if let Some(answer) = crate::control::request(&socket, &request).await.map_err(|e| e.to_string())? {
-        return if answer.ok { Ok(answer.output) } else { Err(answer.output) };
-    }
     let layout = crate::app::StateLayout::of(config);
-    let store = crate::app::open_store(layout.store).await.map_err(|e| e.to_string())?;
+    let store = match crate::control::ask_agent_or_open_store(&socket, &request, &layout.store).await? {
+        crate::control::Reached::Agent(answer) => {
+            return if answer.ok { Ok(answer.output) } else { Err(answer.output) };
+        }
+        crate::control::Reached::Store(store) => store,
+    };
     let runtime = crate::runtime::WasmRuntime::new().map_err(|e| e.to_string())?;
     let cache = ModuleCache::new(store.clone(), runtime, &config.modules)?;
     let result = cache.command(cmd).await;
