@@ -177,7 +177,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         tracing::info!(pods = remembered.len(), "resuming cluster pods from the store");
     }
     let (api_tx, mut api_rx) = watch::channel(remembered);
-    let (client_tx, client_rx) = watch::channel(None::<kube::Client>);
+    let (client_tx, client_rx) = watch::channel(None::<cluster::ClusterClient>);
     let terminating = TerminatingSet::default();
     match config.static_pods() {
         Some(dir) => {
@@ -191,15 +191,23 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         }
     }
     match config.cluster() {
-        Some(kubeconfig) => {
-            tracing::info!(kubeconfig = %kubeconfig.display(), "joining the cluster");
-            let (kubeconfig, registrar, node) =
-                (kubeconfig.to_owned(), NodeRegistrar::new(&config), config.node_name.clone());
+        Some(_) => {
+            let (registrar, node) = (NodeRegistrar::new(&config), config.node_name.clone());
             let evicted_grace = Duration::from_secs(config.autonomy.evicted_grace_secs);
             let (cancel, tracker2, terminating, board, contact) =
                 (cancel.clone(), tracker.clone(), terminating.clone(), board.clone(), contact.clone());
+            let config = config.clone();
             tracker.spawn(async move {
+                // With `[join]`, this joins first if the node has no usable credentials yet.
+                let Some(credentials) = crate::bootstrap::credentials(&config, &cancel).await else { return };
+                let kubeconfig = credentials.path().to_owned();
+                tracing::info!(kubeconfig = %kubeconfig.display(), "joining the cluster");
                 let Some(client) = cluster::connect_with_retry(&kubeconfig, &cancel).await else { return };
+                let (client, rotate) = cluster::ClusterClient::new(client);
+                if let crate::bootstrap::Credentials::Managed(_) = credentials {
+                    let rotation = crate::bootstrap::rotation::CertificateRotation::new(&config);
+                    tracker2.spawn(rotation.run(rotate, cancel.child_token()));
+                }
                 tracker2.spawn(registrar.run(client.clone(), contact.clone(), cancel.child_token()));
                 let source = cluster::pods::ApiPodSource::new(client.clone(), node.clone(), terminating)
                     .with_evicted_grace(evicted_grace)
@@ -278,8 +286,10 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         }
         let client = client_rx.borrow().clone();
         if let Some(client) = client {
-            cluster::pods::finish_deletions(&client, &terminating, |key, uid| manager.is_running(key, uid))
-                .await;
+            cluster::pods::finish_deletions(&client.current(), &terminating, |key, uid| {
+                manager.is_running(key, uid)
+            })
+            .await;
         }
         let (running, preparing) = manager.started();
         let status = status_line(running, preparing, &contact);

@@ -1,4 +1,4 @@
-//! The command line: `lichen run | check | version | modules | compile | push`, with every config
+//! The command line: `lichen run | join | check | version | modules | compile | push`, with every config
 //! field as a global flag.
 
 use std::path::PathBuf;
@@ -25,6 +25,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent: static pods from `static_pod_dir`, until SIGTERM or Ctrl-C.
     Run,
+    /// Join a cluster with a bootstrap token: request a node client certificate (CSR), wait for
+    /// approval, install it in the state directory, then run the agent (unless --only).
+    Join(JoinArgs),
     /// Validate the config and environment and print what would run; exits 1 on any problem.
     Check,
     /// Print the versions of Lichen and its WebAssembly runtime.
@@ -65,6 +68,27 @@ pub enum Command {
         #[command(flatten)]
         login: RegistryLogin,
     },
+}
+
+/// `lichen join`: each flag overrides the config's `[join]` table.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct JoinArgs {
+    /// The API server, https://host:port [default: join.server].
+    #[arg(long)]
+    pub server: Option<String>,
+    /// The cluster CA certificate, PEM [default: join.ca_cert].
+    #[arg(long)]
+    pub ca_cert: Option<PathBuf>,
+    /// The bootstrap token <id>.<secret>. Visible in `ps` while the join runs: prefer --token-file
+    /// or LICHEN_JOIN_TOKEN.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// A file holding the bootstrap token [default: join.token_file].
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Exit once the node has its certificate instead of running the agent.
+    #[arg(long)]
+    pub only: bool,
 }
 
 /// `lichen modules` subcommands.

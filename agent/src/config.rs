@@ -96,6 +96,93 @@ pub struct AgentConfig {
     pub autonomy: AutonomyConfig,
     /// The MQTT telemetry bridge; off unless `mqtt.broker` is set.
     pub mqtt: MqttConfig,
+    /// Zero-touch join with a bootstrap token; off unless `join.server` is set.
+    pub join: JoinConfig,
+}
+
+/// Joining a cluster with a bootstrap token: the agent asks for a node client certificate with a
+/// CertificateSigningRequest, keeps it in `<state_dir>/pki/` and renews it before it expires. Off
+/// while `server` is empty. `Debug` never shows the token.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JoinConfig {
+    /// The API server, `https://host[:port]`; empty turns joining off.
+    pub server: String,
+    /// PEM file of the cluster's certificate authority (the API server's certificate must chain to it).
+    pub ca_cert: PathBuf,
+    /// The bootstrap token `<id>.<secret>`. Prefer `token_file` or `LICHEN_JOIN_TOKEN`: this file
+    /// is readable by the lichen group and outlives the join.
+    pub token: String,
+    /// A file holding the bootstrap token; empty means `<state_dir>/bootstrap-token`. Lichen deletes
+    /// it once the node has its certificate, when the file is under `state_dir`.
+    pub token_file: PathBuf,
+    /// How long to wait for the CSR to be approved and signed before giving up (and, under
+    /// `lichen run`, trying again later).
+    pub approval_timeout_secs: u64,
+}
+
+impl Default for JoinConfig {
+    fn default() -> Self {
+        Self {
+            server: String::new(),
+            ca_cert: PathBuf::new(),
+            token: String::new(),
+            token_file: PathBuf::new(),
+            approval_timeout_secs: 900,
+        }
+    }
+}
+
+impl std::fmt::Debug for JoinConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinConfig")
+            .field("server", &self.server)
+            .field("ca_cert", &self.ca_cert)
+            .field("token", &if self.token.is_empty() { "" } else { "<redacted>" })
+            .field("token_file", &self.token_file)
+            .field("approval_timeout_secs", &self.approval_timeout_secs)
+            .finish()
+    }
+}
+
+impl JoinConfig {
+    /// Whether joining with a bootstrap token is configured.
+    pub fn enabled(&self) -> bool {
+        !self.server.is_empty()
+    }
+
+    fn validate(&mut self, state_dir: &Path) -> Result<(), ConfigError> {
+        let invalid = |field, message: String| ConfigError::Invalid { field, message };
+        if !self.enabled() {
+            return Ok(());
+        }
+        if !self.server.starts_with("https://") {
+            return Err(invalid(
+                "join.server",
+                format!(
+                    "{:?} must be an https:// URL: a bootstrap token must never cross the network in clear",
+                    self.server
+                ),
+            ));
+        }
+        if self.ca_cert.as_os_str().is_empty() {
+            return Err(invalid(
+                "join.ca_cert",
+                "is required with join.server: the cluster CA certificate (/etc/kubernetes/pki/ca.crt on a kubeadm control plane)"
+                    .into(),
+            ));
+        }
+        if !self.token.is_empty() {
+            crate::bootstrap::BootstrapToken::parse(&self.token).map_err(|e| invalid("join.token", e))?;
+        }
+        if self.token_file.as_os_str().is_empty() {
+            self.token_file = state_dir.join("bootstrap-token");
+        }
+        if self.approval_timeout_secs == 0 {
+            return Err(invalid("join.approval_timeout_secs", "must be at least 1".into()));
+        }
+        Ok(())
+    }
 }
 
 /// The MQTT telemetry bridge: the broker connection, node telemetry, the durable spool and the
@@ -366,6 +453,7 @@ impl Default for AgentConfig {
             modules: ModulesConfig::default(),
             autonomy: AutonomyConfig::default(),
             mqtt: MqttConfig::default(),
+            join: JoinConfig::default(),
         }
     }
 }
@@ -543,6 +631,21 @@ pub struct ConfigArgs {
     /// Incoming messages queued per container stdin [default: 64].
     #[arg(long, env = "LICHEN_MQTT_STDIN_QUEUE", global = true)]
     pub mqtt_stdin_queue: Option<u32>,
+    /// API server to join with a bootstrap token, https://host:port; empty = off [default: none].
+    #[arg(long, env = "LICHEN_JOIN_SERVER", global = true)]
+    pub join_server: Option<String>,
+    /// Cluster CA certificate (PEM) for joining [default: none].
+    #[arg(long, env = "LICHEN_JOIN_CA_CERT", global = true, value_parser = path_allow_empty)]
+    pub join_ca_cert: Option<PathBuf>,
+    /// File holding the bootstrap token [default: <state_dir>/bootstrap-token].
+    #[arg(long, env = "LICHEN_JOIN_TOKEN_FILE", global = true, value_parser = path_allow_empty)]
+    pub join_token_file: Option<PathBuf>,
+    /// Seconds to wait for the node's CSR to be approved and signed [default: 900].
+    #[arg(long, env = "LICHEN_JOIN_APPROVAL_TIMEOUT_SECS", global = true)]
+    pub join_approval_timeout_secs: Option<u64>,
+    /// The bootstrap token, from the environment only: a flag's value is visible in `ps`.
+    #[arg(skip = std::env::var("LICHEN_JOIN_TOKEN").ok())]
+    pub join_token: Option<String>,
 }
 
 impl AgentConfig {
@@ -579,6 +682,8 @@ impl AgentConfig {
             &mut m.ca_file,
             &mut m.client_cert_file,
             &mut m.client_key_file,
+            &mut config.join.ca_cert,
+            &mut config.join.token_file,
         ];
         for p in paths.into_iter().chain(config.modules.registry_ca_files.iter_mut()) {
             if !p.as_os_str().is_empty() && p.is_relative() {
@@ -643,6 +748,12 @@ impl AgentConfig {
         set(&mut m.pod_rate_limit, &a.mqtt_pod_rate_limit);
         set(&mut m.pod_burst, &a.mqtt_pod_burst);
         set(&mut m.stdin_queue, &a.mqtt_stdin_queue);
+        let j = &mut self.join;
+        set(&mut j.server, &a.join_server);
+        set(&mut j.ca_cert, &a.join_ca_cert);
+        set(&mut j.token_file, &a.join_token_file);
+        set(&mut j.approval_timeout_secs, &a.join_approval_timeout_secs);
+        set(&mut j.token, &a.join_token);
         if let Some(labels) = &a.node_labels {
             // A malformed entry keeps its text as the key so validation names it.
             self.node_labels = labels
@@ -742,6 +853,7 @@ impl AgentConfig {
         }
         self.modules.validate()?;
         self.mqtt.validate()?;
+        self.join.validate(&self.state_dir)?;
         if self.mqtt.enabled() && self.mqtt.client_id.is_empty() {
             self.mqtt.client_id = self.node_name.clone();
         }
@@ -752,9 +864,25 @@ impl AgentConfig {
         Ok(())
     }
 
-    /// The kubeconfig, unless running standalone.
-    pub fn cluster(&self) -> Option<&Path> {
-        (!self.kubeconfig.as_os_str().is_empty()).then_some(self.kubeconfig.as_path())
+    /// The kubeconfig the agent uses, unless running standalone: `kubeconfig` if set, else the one
+    /// joining writes (`<state_dir>/node.kubeconfig`) when `[join]` is configured.
+    pub fn cluster(&self) -> Option<PathBuf> {
+        if !self.kubeconfig.as_os_str().is_empty() {
+            Some(self.kubeconfig.clone())
+        } else {
+            // A node that joined (`lichen join`, or `[join]` before) stays joined.
+            let managed = crate::bootstrap::NodePki::new(&self.state_dir).kubeconfig;
+            (self.join.enabled() || managed.exists()).then_some(managed)
+        }
+    }
+
+    /// The config as `lichen check` shows it: the bootstrap token is never printed.
+    fn redacted(&self) -> Self {
+        let mut c = self.clone();
+        if !c.join.token.is_empty() {
+            c.join.token = "<redacted>".into();
+        }
+        c
     }
 
     /// The static pod directory, unless static pods are turned off.
@@ -764,7 +892,7 @@ impl AgentConfig {
 
     /// The config as TOML, for `lichen check`.
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        toml::to_string(&self.redacted()).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
 
@@ -1034,6 +1162,30 @@ mod tests {
         c.apply(&args);
         c.finish().expect("valid");
         assert_eq!((c.mqtt.broker.as_str(), c.mqtt.inflight), ("mqtts://b:8884", 7));
+    }
+
+    #[test]
+    fn join_is_off_by_default_checked_when_on_and_never_shows_the_token() {
+        let c = parse("node_name = \"pi-07\"").expect("valid");
+        assert!(!c.join.enabled() && c.cluster().is_none(), "standalone");
+        let c = parse(
+            "node_name = \"pi-07\"\n[join]\nserver = \"https://10.0.0.1:6443\"\nca_cert = \"ca.crt\"\n\
+             token = \"abcdef.0123456789abcdef\"",
+        )
+        .expect("valid");
+        assert_eq!(c.join.ca_cert, Path::new("/etc/lichen/ca.crt"), "relative to the file");
+        assert_eq!(c.join.token_file, Path::new("/var/lib/lichen/bootstrap-token"), "under state_dir");
+        assert_eq!(c.cluster(), Some(PathBuf::from("/var/lib/lichen/node.kubeconfig")));
+        assert!(!c.to_toml().contains("0123456789abcdef") && !format!("{c:?}").contains("0123456789abcdef"));
+        for (bad, field) in [
+            ("server = \"http://10.0.0.1:6443\"\nca_cert = \"/c\"", "join.server"),
+            ("server = \"https://10.0.0.1:6443\"", "join.ca_cert"),
+            ("server = \"https://a\"\nca_cert = \"/c\"\ntoken = \"nope\"", "join.token"),
+        ] {
+            let err = parse(&format!("node_name = \"a\"\n[join]\n{bad}")).unwrap_err().to_string();
+            assert!(err.contains(field), "{bad}: {err}");
+            assert!(!err.contains("nope"), "the token is not repeated: {err}");
+        }
     }
 
     #[test]

@@ -13,9 +13,11 @@
 //! - [`control`]: the agent's local control socket (`lichen status`, `lichen modules` while it runs).
 //! - [`report`]: what `lichen status` shows.
 //! - [`quantity`]: Kubernetes resource quantities.
+//! - [`bootstrap`]: bootstrap-token join and node certificate rotation.
 //! - [`telemetry`]: MQTT: module stdio on topics, node telemetry, the durable spool.
 
 pub mod app;
+pub mod bootstrap;
 pub mod check;
 pub mod cli;
 pub mod cluster;

@@ -17,13 +17,39 @@ fn main() -> ExitCode {
         println!("arch {}", std::env::consts::ARCH);
         return ExitCode::SUCCESS;
     }
-    let config = match AgentConfig::load(&cli.config) {
+    let mut config = match AgentConfig::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("lichen: {e}");
             return ExitCode::from(2);
         }
     };
+    if let Command::Join(args) = &cli.command {
+        // The flags override `[join]`; checked by the same rules as the file.
+        let base = std::env::current_dir().unwrap_or_default();
+        let j = &mut config.join;
+        if let Some(s) = &args.server {
+            j.server = s.clone();
+        }
+        if let Some(f) = &args.ca_cert {
+            j.ca_cert = base.join(f);
+        }
+        if let Some(t) = &args.token {
+            j.token = t.clone();
+        }
+        if let Some(f) = &args.token_file {
+            j.token_file = base.join(f);
+            j.token.clear();
+        }
+        if !j.enabled() {
+            eprintln!("lichen: join: give --server (or join.server in the config) and --ca-cert");
+            return ExitCode::from(2);
+        }
+        if let Err(e) = config.finish() {
+            eprintln!("lichen: {e}");
+            return ExitCode::from(2);
+        }
+    }
     match cli.command {
         Command::Check => {
             let report = lichen::check::check(&config);
@@ -47,6 +73,17 @@ fn main() -> ExitCode {
             }
         }
         Command::Version => ExitCode::SUCCESS,
+        Command::Join(args) => {
+            lichen::logging::init(&config);
+            match join(config, args.only) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("lichen: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Modules { action } => {
             lichen::logging::init_quiet(&config);
             let login = match &action {
@@ -153,6 +190,45 @@ fn run(config: AgentConfig) -> anyhow::Result<()> {
         let cancel = CancellationToken::new();
         tokio::spawn(handle_signals(cancel.clone()));
         lichen::app::run(config, cancel).await?;
+        Ok(())
+    })
+}
+
+/// `lichen join`: joins (unless the node already has usable credentials of its own), then runs
+/// the agent, or with `only` exits.
+fn join(config: AgentConfig, only: bool) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("lichen")
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async {
+        let cancel = CancellationToken::new();
+        tokio::spawn(handle_signals(cancel.clone()));
+        let pki = lichen::bootstrap::NodePki::new(&config.state_dir);
+        match lichen::bootstrap::usable(&pki.kubeconfig, jiff::Timestamp::now()) {
+            Ok(()) => {
+                tracing::info!(kubeconfig = %pki.kubeconfig.display(), "already joined; the node's certificate is valid")
+            }
+            Err(_) => {
+                let (token, token_source) =
+                    lichen::bootstrap::find_token(&config.join.token, &config.join.token_file)?;
+                let req = lichen::bootstrap::JoinRequest {
+                    node_name: config.node_name.clone(),
+                    server: config.join.server.clone(),
+                    ca_cert: config.join.ca_cert.clone(),
+                    token,
+                    token_source,
+                    approval_timeout: std::time::Duration::from_secs(config.join.approval_timeout_secs),
+                    state_dir: config.state_dir.clone(),
+                };
+                let kubeconfig = lichen::bootstrap::join(&req, &cancel).await?;
+                println!("joined as system:node:{}; credentials in {}", config.node_name, kubeconfig.display());
+            }
+        }
+        if !only && !cancel.is_cancelled() {
+            lichen::app::run(config, cancel).await?;
+        }
         Ok(())
     })
 }

@@ -104,6 +104,26 @@ impl Cluster {
         out
     }
 
+    /// The API server's URL and its CA (PEM), as a board is given them to join.
+    pub fn server_and_ca(&self) -> (String, Vec<u8>) {
+        use base64::Engine;
+        let (server, ca) = self.cluster_entry();
+        (server, base64::engine::general_purpose::STANDARD.decode(ca.trim()).expect("CA data is base64"))
+    }
+
+    /// The cluster's bootstrap token: `LICHEN_E2E_BOOTSTRAP_TOKEN`, else the `bootstrap-token` file
+    /// next to the admin kubeconfig (where realk8s keeps it).
+    pub fn bootstrap_token(&self) -> String {
+        if let Ok(t) = std::env::var("LICHEN_E2E_BOOTSTRAP_TOKEN") {
+            return t;
+        }
+        let file = self.kubeconfig.with_file_name("bootstrap-token");
+        std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("{}: {e}; set LICHEN_E2E_BOOTSTRAP_TOKEN", file.display()))
+            .trim()
+            .to_owned()
+    }
+
     /// Deletes a node left by an earlier run of the same test.
     pub async fn delete_node(&self, name: &str) {
         let nodes: Api<Node> = Api::all(self.client.clone());

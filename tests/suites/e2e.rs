@@ -570,3 +570,79 @@ async fn a_deployment_pulls_its_module_from_a_private_registry_with_a_pull_secre
     assert!(agent.stop().0.success());
     cluster.delete_node(name).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_board_joins_with_the_bootstrap_token_and_its_csr_is_auto_approved() {
+    use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+    use kube::api::{ListParams, Patch, PatchParams};
+    let cluster = Cluster::from_env().await;
+    let name = "lichen-e2e-join";
+    cluster.delete_node(name).await;
+    let s = Scratch::new("");
+    let (server, ca) = cluster.server_and_ca();
+    std::fs::write(s.dir.path().join("ca.crt"), ca).expect("ca");
+    std::fs::create_dir_all(&s.state).expect("state");
+    std::fs::write(s.state.join("bootstrap-token"), cluster.bootstrap_token()).expect("token");
+    let config = format!(
+        "node_name = {name:?}\nstate_dir = {:?}\nstatic_pod_dir = \"\"\nnode_ip = \"127.0.0.1\"\n\
+         shutdown_timeout_secs = 5\ndisk_pressure_percent = 0\n[join]\nserver = {server:?}\nca_cert = \"ca.crt\"\n",
+        s.state.display().to_string(),
+    );
+    std::fs::write(&s.config, config).expect("config");
+    let agent = s.start();
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    wait_for_async(T, "the joined node to be Ready", || async {
+        let n = nodes.get(name).await.ok()?;
+        (condition(&n, "Ready")?.0 == "True").then_some(n)
+    })
+    .await;
+
+    // The controller-manager approved the CSR by itself: 1.20's approver took the usages.
+    let csrs: Api<CertificateSigningRequest> = Api::all(cluster.client.clone());
+    let prefix = format!("node-csr-{name}-");
+    let ours: Vec<CertificateSigningRequest> = csrs
+        .list(&ListParams::default())
+        .await
+        .expect("csrs")
+        .items
+        .into_iter()
+        .filter(|c| c.metadata.name.as_deref().is_some_and(|n| n.starts_with(&prefix)))
+        .collect();
+    let newest = ours.iter().max_by_key(|c| c.metadata.creation_timestamp.clone()).expect("the node's CSR");
+    let status = newest.status.clone().expect("status");
+    let approved = status.conditions.unwrap_or_default().into_iter().find(|c| c.type_ == "Approved");
+    assert_eq!(approved.and_then(|c| c.reason).as_deref(), Some("AutoApproved"), "{newest:?}");
+    assert!(status.certificate.is_some());
+    assert!(newest.spec.username.as_deref().is_some_and(|u| u.starts_with("system:bootstrap:")));
+
+    // Its kubeconfig works as the node, and only as the node.
+    let node_client = lichen::node::connect(&s.state.join("node.kubeconfig")).await.expect("node kubeconfig");
+    let as_node: Api<Node> = Api::all(node_client);
+    as_node.get(name).await.expect("a node reads its own Node");
+    let other = "lichen-e2e-join-other";
+    let _ = nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": other}})).expect("node"),
+        )
+        .await;
+    let refused = as_node
+        .patch(
+            other,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"labels": {"x": "y"}}})),
+        )
+        .await
+        .expect_err("patching another node");
+    assert!(matches!(&refused, kube::Error::Api(s) if s.code == 403), "{refused:?}");
+    assert!(!s.state.join("bootstrap-token").exists(), "the token is deleted after the join");
+
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{}", log.join("\n"));
+    assert!(
+        !log.iter().any(|l| l.contains(cluster.bootstrap_token().split('.').nth(1).unwrap_or("-"))),
+        "token logged"
+    );
+    let _ = nodes.delete(other, &DeleteParams::default()).await;
+    cluster.delete_node(name).await;
+}

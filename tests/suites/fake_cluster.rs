@@ -1632,3 +1632,164 @@ async fn a_wall_clock_jump_of_days_is_not_time_offline() {
 fn seen_phases(phases: &std::sync::Mutex<Vec<String>>) -> Vec<String> {
     phases.lock().expect("phases").clone()
 }
+
+// ---------------------------------------------------------------------------------------------
+// Bootstrap-token join and certificate rotation (the fake in TLS mode, with a real CA)
+// ---------------------------------------------------------------------------------------------
+
+/// A board as flashed: a config with `[join]`, the cluster CA next to it, and the bootstrap token
+/// in `<state_dir>/bootstrap-token` (where first boot puts it). Returns the token.
+fn flash_board(api: &FakeApi, s: &Scratch, name: &str) -> String {
+    let token = api.bootstrap_token();
+    std::fs::write(s.dir.path().join("ca.crt"), api.ca_pem()).expect("ca");
+    std::fs::create_dir_all(&s.state).expect("state dir");
+    std::fs::write(s.state.join("bootstrap-token"), format!("{token}\n")).expect("token");
+    let config = format!(
+        "node_name = {name:?}\nstate_dir = {:?}\nstatic_pod_dir = \"\"\nnode_ip = \"127.0.0.1\"\n\
+         shutdown_timeout_secs = 5\ndisk_pressure_percent = 0\n{}\n[join]\nserver = {:?}\nca_cert = \"ca.crt\"\n",
+        s.state.display().to_string(),
+        s.modules_table(),
+        api.url(),
+    );
+    std::fs::write(&s.config, config).expect("config");
+    token
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
+}
+
+fn csrs(api: &FakeApi) -> Api<k8s_openapi::api::certificates::v1::CertificateSigningRequest> {
+    Api::all(api.client())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_board_joins_with_only_a_bootstrap_token_and_runs_as_its_node() {
+    let api = FakeApi::start_tls().await;
+    let name = "fake-join";
+    let s = Scratch::new("");
+    let token = flash_board(&api, &s, name);
+    let agent = s.start();
+    wait_ready(&api, name).await;
+
+    // One CSR, asked by the bootstrap token's user, for exactly the node's identity and usages.
+    let list = csrs(&api).list(&ListParams::default()).await.expect("csrs");
+    assert_eq!(list.items.len(), 1);
+    let csr = &list.items[0];
+    let spec = &csr.spec;
+    assert_eq!(spec.signer_name, "kubernetes.io/kube-apiserver-client-kubelet");
+    assert_eq!(
+        spec.usages.clone().unwrap_or_default(),
+        ["digital signature", "key encipherment", "client auth"],
+        "the usages Kubernetes 1.20's approver requires"
+    );
+    let token_id = token.split('.').next().expect("id");
+    assert_eq!(spec.username.as_deref(), Some(format!("system:bootstrap:{token_id}").as_str()));
+    assert!(csr.status.as_ref().and_then(|s| s.certificate.as_ref()).is_some(), "signed");
+
+    // The token did nothing else; afterwards the node speaks as itself, by its certificate.
+    let requests = api.requests();
+    let by_token: Vec<_> = requests.iter().filter(|r| r.user.starts_with("system:bootstrap:")).collect();
+    assert!(
+        by_token
+            .iter()
+            .all(|r| r.path_only().starts_with("/apis/certificates.k8s.io/v1/certificatesigningrequests")),
+        "{by_token:#?}"
+    );
+    assert!(requests.iter().any(|r| r.user == format!("system:node:{name}") && r.path.contains("/leases/")));
+    assert_never_refused(&api);
+
+    // What is left on the board: a private key that never left it, a kubeconfig without the
+    // token, and no token at all.
+    let kubeconfig = s.state.join("node.kubeconfig");
+    assert_eq!(mode(&kubeconfig), 0o600);
+    assert_eq!(mode(&s.state.join("pki")), 0o700);
+    let text = std::fs::read_to_string(&kubeconfig).expect("kubeconfig");
+    assert!(!text.contains(&token) && !text.contains("token:"), "{text}");
+    let keys: Vec<_> = std::fs::read_dir(s.state.join("pki"))
+        .expect("pki")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "key"))
+        .collect();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(mode(&keys[0]), 0o600);
+    assert!(!s.state.join("bootstrap-token").exists(), "the token is deleted after the join");
+    let secret = token.split('.').nth(1).expect("secret");
+    assert!(!agent.log().iter().any(|l| l.contains(secret)), "the token secret is never logged");
+
+    // It runs pods bound to it like any node.
+    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    run_bound(&pods, "joined-pod", name, "sleeper.wat").await;
+
+    // A restart uses the credentials it has: no second CSR.
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{}", log.join("\n"));
+    let agent = s.start();
+    agent.wait_log(&["node registered"], T);
+    assert_eq!(csrs(&api).list(&ListParams::default()).await.expect("csrs").items.len(), 1);
+    assert_never_refused(&api);
+    agent.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_nobody_approves_times_out_and_says_what_to_do() {
+    let api = FakeApi::start_tls().await;
+    api.set_auto_approve(false);
+    let s = Scratch::new("");
+    flash_board(&api, &s, "fake-unapproved");
+    let args = ["join", "--only", "--join-approval-timeout-secs", "2", "--config"];
+    let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    args.push(s.config.display().to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (exit, log) = Agent::start(&args, &s.state).wait(T);
+    let log = log.join("\n");
+    assert!(!exit.success(), "{log}");
+    assert!(log.contains("was not approved and signed within 2s"), "{log}");
+    assert!(log.contains("kubectl certificate approve node-csr-fake-unapproved-"), "{log}");
+    assert!(!s.state.join("node.kubeconfig").exists());
+    assert!(s.state.join("bootstrap-token").exists(), "the token is kept until a join succeeds");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_certificate_is_renewed_before_it_expires_and_pods_keep_running() {
+    let api = FakeApi::start_tls().await;
+    let lifetime = Duration::from_secs(24);
+    api.set_cert_lifetime(lifetime);
+    let name = "fake-rotate";
+    let s = Scratch::new("");
+    flash_board(&api, &s, name);
+    let agent = s.start();
+    wait_ready(&api, name).await;
+    let joined_at = Instant::now();
+    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    let before = run_identity(&run_bound(&pods, "steady", name, "sleeper.wat").await);
+
+    // A second CSR, this time from the node itself (a renewal), between 70% and 90% of the life.
+    let renewal = wait_for_async(Duration::from_secs(40), "a renewal CSR", || async {
+        let list = csrs(&api).list(&ListParams::default()).await.ok()?;
+        list.items.into_iter().find(|c| c.spec.username.as_deref() == Some(&format!("system:node:{name}")))
+    })
+    .await;
+    let at = joined_at.elapsed();
+    assert!(at >= lifetime * 6 / 10 && at <= lifetime, "renewed after {at:?} of {lifetime:?}");
+    assert!(renewal.metadata.name.as_deref().is_some_and(|n| n.starts_with("node-csr-")));
+    agent.wait_log(&["switched to the renewed node certificate"], T);
+
+    // Past the first certificate's expiry, the node still heartbeats: it uses the new one.
+    tokio::time::sleep(lifetime.saturating_sub(joined_at.elapsed()) + Duration::from_secs(2)).await;
+    let leases: Api<Lease> = Api::namespaced(api.client(), "kube-node-lease");
+    let first = leases.get(name).await.expect("lease").spec.and_then(|s| s.renew_time).expect("renewTime").0;
+    wait_for_async(T, "a lease renewal after the first certificate expired", || async {
+        let t = leases.get(name).await.ok()?.spec?.renew_time?.0;
+        (t > first).then_some(())
+    })
+    .await;
+    let unauthorized: Vec<_> = api.requests().into_iter().filter(|r| r.code == 401).collect();
+    assert!(unauthorized.is_empty(), "no request went out with an expired certificate: {unauthorized:#?}");
+    let after = run_identity(&pods.get("steady").await.expect("pod"));
+    assert_eq!(before, after, "the pod was not restarted by the rotation");
+    assert_never_refused(&api);
+    agent.stop();
+}

@@ -153,7 +153,12 @@ impl Correlator {
 
 /// Writes events from `rx` until `cancel`. While the API server is away the event being written
 /// is retried with back-off and the rest wait in the bounded queue.
-pub async fn run(client: Client, node: String, mut rx: mpsc::Receiver<PodEvent>, cancel: CancellationToken) {
+pub async fn run(
+    client: super::ClusterClient,
+    node: String,
+    mut rx: mpsc::Receiver<PodEvent>,
+    cancel: CancellationToken,
+) {
     let mut correlator = Correlator::default();
     let mut backoff = RetryBackoff::new(Duration::from_secs(1), Duration::from_secs(60));
     loop {
@@ -163,7 +168,7 @@ pub async fn run(client: Client, node: String, mut rx: mpsc::Receiver<PodEvent>,
         };
         let action = correlator.observe(&e, &node);
         loop {
-            match write(&client, &action).await {
+            match write(&client.current(), &action).await {
                 Ok(()) => {
                     backoff.reset();
                     break;

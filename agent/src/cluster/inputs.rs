@@ -13,7 +13,6 @@ use jiff::Timestamp;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
-use kube::Client;
 use kube::api::{Api, PostParams};
 
 use crate::pod::inputs::{self, IssuedToken, ObjectData, ObjectKind, PodInputs, TokenRef};
@@ -30,13 +29,13 @@ struct Cached {
 
 /// Per-pod cache of fetched inputs.
 pub struct InputResolver {
-    client: Client,
+    client: super::ClusterClient,
     cache: HashMap<String, Cached>,
 }
 
 impl InputResolver {
     /// A resolver with an empty cache.
-    pub fn new(client: Client) -> Self {
+    pub fn new(client: super::ClusterClient) -> Self {
         InputResolver { client, cache: HashMap::new() }
     }
 
@@ -74,12 +73,12 @@ impl InputResolver {
     async fn fetch(&self, pod: &Pod, refs: &inputs::References, previous: &PodInputs) -> PodInputs {
         let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
         let mut out = PodInputs::default();
-        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.current(), ns);
         for name in &refs.config_maps {
             let got = cms.get_opt(name).await.map(|o| o.map(config_map_data));
             record(&mut out, previous, ObjectKind::ConfigMap, name, got);
         }
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let secrets: Api<Secret> = Api::namespaced(self.client.current(), ns);
         for name in &refs.secrets {
             let got = secrets.get_opt(name).await.map(|o| o.map(|s| s.data.unwrap_or_default()));
             record(&mut out, previous, ObjectKind::Secret, name, got);
@@ -116,7 +115,7 @@ impl InputResolver {
     async fn request_token(&self, pod: &Pod, t: &TokenRef) -> Result<IssuedToken, String> {
         let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
         let sa = pod.spec.as_ref().and_then(|s| s.service_account_name.as_deref()).unwrap_or("default");
-        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.current(), ns);
         let request = TokenRequest {
             spec: TokenRequestSpec {
                 audiences: if t.audience.is_empty() { vec![] } else { vec![t.audience.clone()] },

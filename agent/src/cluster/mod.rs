@@ -14,6 +14,33 @@ use tokio_util::sync::CancellationToken;
 
 use crate::retry::RetryBackoff;
 
+/// The kube client every cluster task uses. It is swapped in place when the node's certificate is
+/// renewed: tasks take [`ClusterClient::current`] for each request, and long-running watches start
+/// again on [`ClusterClient::changed`], so new connections carry the new certificate and the old
+/// client's connections close once nothing uses it. Pods are never restarted for it.
+#[derive(Clone)]
+pub struct ClusterClient(tokio::sync::watch::Receiver<Client>);
+
+impl ClusterClient {
+    /// A client handle and the sender that replaces the client (kept by the certificate rotation).
+    pub fn new(client: Client) -> (Self, tokio::sync::watch::Sender<Client>) {
+        let (tx, rx) = tokio::sync::watch::channel(client);
+        (ClusterClient(rx), tx)
+    }
+
+    /// The client to use now.
+    pub fn current(&self) -> Client {
+        self.0.borrow().clone()
+    }
+
+    /// Waits until the client is replaced (forever if it never will be).
+    pub async fn changed(&mut self) {
+        if self.0.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// Connects with `kubeconfig`, retrying with back-off until it works or `cancel` fires. A broken
 /// kubeconfig is logged, never fatal: static pods keep running meanwhile.
 pub async fn connect_with_retry(kubeconfig: &Path, cancel: &CancellationToken) -> Option<Client> {

@@ -10,6 +10,8 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
+
+use super::ClusterClient;
 use kube::api::{Api, DeleteParams, Preconditions};
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
@@ -49,7 +51,7 @@ pub type TerminatingSet = Arc<Mutex<HashMap<String, Terminating>>>;
 
 /// Watches this node's pods and publishes the ones to run.
 pub struct ApiPodSource {
-    client: Client,
+    client: ClusterClient,
     node_name: String,
     terminating: TerminatingSet,
     inputs: InputResolver,
@@ -63,7 +65,7 @@ pub struct ApiPodSource {
 
 impl ApiPodSource {
     /// A source for `node_name`'s pods. Pods being deleted are put in `terminating`.
-    pub fn new(client: Client, node_name: String, terminating: TerminatingSet) -> Self {
+    pub fn new(client: ClusterClient, node_name: String, terminating: TerminatingSet) -> Self {
         let inputs = InputResolver::new(client.clone());
         ApiPodSource {
             client,
@@ -93,12 +95,13 @@ impl ApiPodSource {
 
     /// Runs until `cancel`, sending the desired pods after every complete view.
     pub async fn run(mut self, tx: watch::Sender<Vec<DesiredPod>>, cancel: CancellationToken) {
-        let api: Api<Pod> = Api::all(self.client.clone());
+        let api: Api<Pod> = Api::all(self.client.current());
         let config = watcher::Config::default().fields(&format!("spec.nodeName={}", self.node_name));
+        let mut client = self.client.clone();
         // Back-off is ours rather than kube-runtime's: its default counts a `410 Gone` as one more
         // failure on top of an outage's, so the re-list that must follow an API server restart
         // would wait out the accumulated delay (up to 30 s) before pods bound meanwhile start.
-        let mut stream = std::pin::pin!(watcher::watcher(api, config));
+        let mut stream = std::pin::pin!(watcher::watcher(api, config.clone()));
         // Capped low: an edge node must notice the API server's return within seconds (a refused
         // connection costs next to nothing), and the heartbeat wakes this watch when it gets
         // through first.
@@ -115,6 +118,13 @@ impl ApiPodSource {
                 _ = cancel.cancelled() => return,
                 e = stream.try_next() => Some(e),
                 _ = refresh.tick() => None,
+                () = client.changed() => {
+                    // A renewed certificate: watch again with the new client, whose connections
+                    // carry it. The re-list is a complete list like any other, so pods that stay
+                    // bound keep running untouched.
+                    stream.set(watcher::watcher(Api::all(client.current()), config.clone()));
+                    None
+                }
             };
             let Some(event) = event else {
                 if listed && listing.is_none() {

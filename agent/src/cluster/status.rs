@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use tokio_util::sync::CancellationToken;
 
@@ -15,7 +14,7 @@ use crate::retry::RetryBackoff;
 
 /// Drains the board until `cancel`.
 pub async fn run(
-    client: Client,
+    client: super::ClusterClient,
     board: std::sync::Arc<StatusBoard>,
     contact: std::sync::Arc<super::ApiContact>,
     cancel: CancellationToken,
@@ -26,7 +25,7 @@ pub async fn run(
         let mut failed = false;
         for (key, entry) in pending {
             let Some((ns, name)) = key.split_once('/') else { continue };
-            let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+            let api: Api<Pod> = Api::namespaced(client.current(), ns);
             let patch = serde_json::json!({ "metadata": { "uid": entry.uid }, "status": entry.status });
             match api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
                 Ok(_) => {

@@ -124,15 +124,16 @@ impl NodeRegistrar {
     /// Registers, then heartbeats until `cancel`; on the way out marks the node NotReady.
     pub async fn run(
         mut self,
-        client: Client,
+        client: crate::cluster::ClusterClient,
         contact: std::sync::Arc<crate::cluster::ApiContact>,
         cancel: CancellationToken,
     ) {
         let mut backoff = RetryBackoff::new(Duration::from_secs(1), Duration::from_secs(60));
-        let nodes: Api<Node> = Api::all(client.clone());
-        let leases: Api<Lease> = Api::namespaced(client, LEASE_NAMESPACE);
+        // Taken afresh for every round: a renewed certificate replaces the client.
+        let nodes = || -> Api<Node> { Api::all(client.current()) };
+        let leases = || -> Api<Lease> { Api::namespaced(client.current(), LEASE_NAMESPACE) };
         let mut uid = loop {
-            match self.register(&nodes).await {
+            match self.register(&nodes()).await {
                 Ok(uid) => break uid,
                 Err(e) => {
                     contact.failed(&e.to_string());
@@ -161,6 +162,7 @@ impl NodeRegistrar {
                 // back-off: the Lease is what makes the node Ready again.
                 _ = contact.restored(), if failing => {}
             }
+            let (nodes, leases) = (nodes(), leases());
             let lease = self.renew_lease(&leases, &uid).await;
             // A Lease that had to be created again went with its Node: check the Node now.
             if matches!(lease, Ok(true)) {
@@ -205,7 +207,7 @@ impl NodeRegistrar {
         }
         // Tell the scheduler and the controllers before going quiet, but do not hold up shutdown for it.
         let status = self.status(Readiness::Stopping, written.as_ref().map(|(s, _)| s));
-        match tokio::time::timeout(Duration::from_secs(5), self.patch_status(&nodes, &status)).await {
+        match tokio::time::timeout(Duration::from_secs(5), self.patch_status(&nodes(), &status)).await {
             Ok(Ok(())) => tracing::info!("node marked NotReady for shutdown"),
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot mark the node NotReady"),
             Err(_) => tracing::warn!("timed out marking the node NotReady"),

@@ -16,6 +16,8 @@ use super::store::{Res, Store};
 pub(crate) enum User {
     Admin,
     Node(String),
+    /// A bootstrap token's user, `system:bootstrap:<token id>`, in `system:bootstrappers`.
+    Bootstrap(String),
 }
 
 impl User {
@@ -24,6 +26,16 @@ impl User {
         match self {
             User::Admin => "kubernetes-admin".into(),
             User::Node(n) => format!("system:node:{n}"),
+            User::Bootstrap(id) => format!("system:bootstrap:{id}"),
+        }
+    }
+
+    /// The groups the authenticator adds.
+    pub fn groups(&self) -> Vec<&'static str> {
+        match self {
+            User::Admin => vec!["system:masters", "system:authenticated"],
+            User::Node(_) => vec!["system:nodes", "system:authenticated"],
+            User::Bootstrap(_) => vec!["system:bootstrappers", "system:authenticated"],
         }
     }
 }
@@ -64,7 +76,14 @@ fn deny(user: &User, a: &Attrs, reason: &str) -> ApiError {
 
 /// Authorizes a request. Checks that need the object itself come later, in the `admit_*` functions.
 pub(crate) fn authorize(user: &User, a: &Attrs, store: &Store) -> Result<(), ApiError> {
-    let User::Node(node) = user else { return Ok(()) };
+    let csr = a.res.plural == "certificatesigningrequests" && a.sub.is_none();
+    let node = match user {
+        User::Admin => return Ok(()),
+        // system:node-bootstrapper: CSRs, nothing else.
+        User::Bootstrap(_) if csr && matches!(a.verb, "create" | "get" | "list" | "watch") => return Ok(()),
+        User::Bootstrap(_) => return Err(deny(user, a, "")),
+        User::Node(node) => node,
+    };
     let verb = a.verb;
     let no_relationship = format!("no relationship found between node '{node}' and this object");
     match (a.res.plural, a.sub) {
@@ -133,6 +152,8 @@ pub(crate) fn authorize(user: &User, a: &Attrs, store: &Store) -> Result<(), Api
             if uses { Ok(()) } else { Err(deny(user, a, &no_relationship)) }
         }
         ("events", None) if matches!(verb, "create" | "update" | "patch") => Ok(()),
+        // The Node authorizer's rules for a node's own certificate renewals.
+        ("certificatesigningrequests", None) if matches!(verb, "create" | "get" | "list" | "watch") => Ok(()),
         _ => Err(deny(user, a, "")),
     }
 }

@@ -243,7 +243,17 @@ pub(crate) fn dispatch(store: &mut Store, req: &Req) -> Result<Outcome, ApiError
         "watch" => watch(store, res, &ns, fields, labels, &q).map(|p| Outcome::Watch(Box::new(p))),
         "create" if sub.as_deref() == Some("token") => token(store, user, &ns, &name, req.body),
         "create" => {
-            let body = parse_body(req.body)?;
+            let mut body = parse_body(req.body)?;
+            if res.plural == "certificatesigningrequests" {
+                // The API server records who asked; the approver decides on it.
+                body["spec"]["username"] = json!(user.name());
+                body["spec"]["groups"] = json!(user.groups());
+                if body.pointer("/spec/request").and_then(Value::as_str).is_none_or(str::is_empty) {
+                    let e =
+                        super::errors::field_error("spec.request", "FieldValueRequired", "Required value");
+                    return Err(ApiError::invalid(res, "", &[e]));
+                }
+            }
             let body_name = body.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
             match res.plural {
                 "nodes" => authz::admit_node(user, res, body_name, None, Some(&body))?,
@@ -513,7 +523,7 @@ fn token(store: &Store, user: &User, ns: &str, sa: &str, body: &[u8]) -> Result<
                  The object might have been deleted and then recreated"
             );
             return Err(match user {
-                User::Node(_) => ApiError::forbidden(sa_res, sa, &why),
+                User::Node(_) | User::Bootstrap(_) => ApiError::forbidden(sa_res, sa, &why),
                 User::Admin => ApiError::conflict(pods, pod_name, &why),
             });
         }

@@ -28,6 +28,10 @@
 //!   every field of every kind.
 //!
 //! The server is plain HTTP on `127.0.0.1`; kube's rustls connector takes `http://` servers.
+//! [`FakeApi::start_tls`] serves HTTPS instead, from a real CA that also signs node client CSRs
+//! (approved by a stand-in for the controller-manager's approver, with 1.20's rules), and then
+//! authenticates client certificates (`CN=system:node:<name>`, `O=system:nodes`) and bootstrap
+//! tokens (`system:bootstrap:<id>`, group `system:bootstrappers`) as the real server does.
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -43,6 +47,7 @@
 //! ```
 
 mod authz;
+mod certs;
 mod defaults;
 mod errors;
 mod handler;
@@ -136,6 +141,15 @@ struct Inner {
     bookmark_every: Mutex<Duration>,
     running: tokio::sync::Mutex<Option<Running>>,
     admin_token: String,
+    /// TLS mode: the CA, the server's certificate, the CSR signer.
+    ca: Option<certs::FakeCa>,
+    approver: Mutex<Approver>,
+}
+
+/// The stand-in for the controller-manager's CSR approver and signer (TLS mode only).
+struct Approver {
+    auto: bool,
+    lifetime: Duration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -154,6 +168,25 @@ pub struct FakeApi {
 impl FakeApi {
     /// Starts a server on `127.0.0.1` and a free port, with an empty store.
     pub async fn start() -> FakeApi {
+        Self::start_with(None).await
+    }
+
+    /// Starts a server in TLS mode (see the module docs): node client CSRs are approved and signed
+    /// (valid one year unless [`FakeApi::set_cert_lifetime`] says otherwise).
+    pub async fn start_tls() -> FakeApi {
+        let api = Self::start_with(Some(certs::FakeCa::new())).await;
+        let weak = Arc::downgrade(&api.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let Some(inner) = weak.upgrade() else { return };
+                inner.approve_and_sign();
+            }
+        });
+        api
+    }
+
+    async fn start_with(ca: Option<certs::FakeCa>) -> FakeApi {
         let listener = bind(0).expect("bind the fake API server to 127.0.0.1");
         let port = listener.local_addr().expect("local address").port();
         let inner = Arc::new(Inner {
@@ -165,6 +198,8 @@ impl FakeApi {
             bookmark_every: Mutex::new(Duration::from_secs(1)),
             running: tokio::sync::Mutex::new(None),
             admin_token: format!("admin-{}", store::uuid()),
+            ca,
+            approver: Mutex::new(Approver { auto: true, lifetime: Duration::from_secs(365 * 86400) }),
         });
         lock(&inner.tokens).insert(inner.admin_token.clone(), User::Admin);
         *inner.running.lock().await = Some(serve(inner.clone(), listener));
@@ -197,6 +232,29 @@ impl FakeApi {
         std::fs::write(&out, self.inner.kubeconfig_text("admin", &self.inner.admin_token))
             .expect("write kubeconfig");
         out
+    }
+
+    /// The CA certificate (PEM) of a TLS-mode server.
+    pub fn ca_pem(&self) -> String {
+        self.inner.ca.as_ref().map(|c| c.ca_pem.clone()).expect("ca_pem needs FakeApi::start_tls")
+    }
+
+    /// A new bootstrap token `<id>.<secret>`, for user `system:bootstrap:<id>` in `system:bootstrappers`.
+    pub fn bootstrap_token(&self) -> String {
+        let hex = store::uuid().replace('-', "");
+        let (id, secret) = (&hex[..6], &hex[6..22]);
+        lock(&self.inner.tokens).insert(format!("{id}.{secret}"), User::Bootstrap(id.to_owned()));
+        format!("{id}.{secret}")
+    }
+
+    /// Whether node client CSRs are approved and signed automatically (default true).
+    pub fn set_auto_approve(&self, on: bool) {
+        lock(&self.inner.approver).auto = on;
+    }
+
+    /// How long the certificates the signer issues are valid.
+    pub fn set_cert_lifetime(&self, lifetime: Duration) {
+        lock(&self.inner.approver).lifetime = lifetime;
     }
 
     /// A client acting as `system:node:<name>`.
@@ -333,12 +391,68 @@ impl Faults {
 
 impl Inner {
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The controller-manager's approver and signer, one pass: every pending CSR it recognises is
+    /// approved, then signed.
+    fn approve_and_sign(&self) {
+        use base64::Engine;
+        let Some(ca) = &self.ca else { return };
+        let (auto, lifetime) = {
+            let a = lock(&self.approver);
+            (a.auto, a.lifetime)
+        };
+        let Some(res) = store::resource("certificates.k8s.io", "certificatesigningrequests") else { return };
+        let mut store = lock(&self.store);
+        let unsigned: Vec<serde_json::Value> =
+            store.all(res, None).filter(|c| c.pointer("/status/certificate").is_none()).cloned().collect();
+        for mut csr in unsigned {
+            let name = csr.pointer("/metadata/name").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+            let has = |csr: &serde_json::Value, t: &str| {
+                csr.pointer("/status/conditions")
+                    .and_then(|v| v.as_array())
+                    .is_some_and(|cs| cs.iter().any(|c| c["type"] == t))
+            };
+            if has(&csr, "Denied") || has(&csr, "Failed") {
+                continue;
+            }
+            if !has(&csr, "Approved") {
+                // Unrecognised requests stay pending, as with the real approver.
+                if !auto || certs::recognise(&csr).is_err() {
+                    continue;
+                }
+                csr["status"]["conditions"] = serde_json::json!([certs::approved_condition()]);
+            }
+            let pem = csr
+                .pointer("/spec/request")
+                .and_then(|v| v.as_str())
+                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                .and_then(|b| String::from_utf8(b).ok())
+                .unwrap_or_default();
+            if let Ok(cert) = ca.sign(&pem, lifetime) {
+                csr["status"]["certificate"] = base64::engine::general_purpose::STANDARD.encode(cert).into();
+            }
+            if let Err(e) = store.update(res, "", &name, csr, store::Part::Status) {
+                panic!("the fake signer's own write failed: {e:?}");
+            }
+        }
     }
 
     fn kubeconfig_text(&self, user: &str, token: &str) -> String {
+        let ca = match &self.ca {
+            Some(ca) => {
+                use base64::Engine;
+                format!(
+                    "    certificate-authority-data: {}\n",
+                    base64::engine::general_purpose::STANDARD.encode(&ca.ca_pem)
+                )
+            }
+            None => String::new(),
+        };
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n{ca}\
              users:\n- name: {user}\n  user:\n    token: {token}\n\
              contexts:\n- name: default\n  context: {{cluster: fake, user: {user}}}\ncurrent-context: default\n",
             self.url()
@@ -392,20 +506,45 @@ fn serve(inner: Arc<Inner>, listener: tokio::net::TcpListener) -> Running {
             };
             let (inner, c2) = (inner.clone(), c.clone());
             t.spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let inner = inner.clone();
-                    async move { Ok::<_, Infallible>(handle(inner, req).await) }
-                });
-                let conn =
-                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-                tokio::select! {
-                    _ = conn => {}
-                    _ = c2.cancelled() => {}
+                match inner.ca.as_ref().map(|ca| tokio_rustls::TlsAcceptor::from(ca.server_config.clone())) {
+                    Some(acceptor) => {
+                        // A handshake that fails (an expired or foreign client certificate) is
+                        // what a real server does too: the client sees a TLS error.
+                        let Ok(tls) = acceptor.accept(stream).await else { return };
+                        let cert_user = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|c| certs::user_of_cert(c.as_ref()));
+                        serve_connection(inner, tls, cert_user, c2).await;
+                    }
+                    None => serve_connection(inner, stream, None, c2).await,
                 }
             });
         }
     });
     Running { cancel, tracker }
+}
+
+/// Serves HTTP/1.1 on one connection; `cert_user` is who its client certificate says it is.
+async fn serve_connection<S>(
+    inner: Arc<Inner>,
+    io: S,
+    cert_user: Option<(User, i64)>,
+    cancel: CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let (inner, cert_user) = (inner.clone(), cert_user.clone());
+        async move { Ok::<_, Infallible>(handle(inner, req, cert_user).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc);
+    tokio::select! {
+        _ = conn => {}
+        _ = cancel.cancelled() => {}
+    }
 }
 
 fn json_response(code: u16, body: &serde_json::Value) -> Response<Body> {
@@ -416,7 +555,7 @@ fn json_response(code: u16, body: &serde_json::Value) -> Response<Body> {
     r
 }
 
-async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(inner: Arc<Inner>, req: Request<Incoming>, cert_user: Option<(User, i64)>) -> Response<Body> {
     let delay = lock(&inner.faults).delay;
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -429,6 +568,10 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .and_then(|t| lock(&inner.tokens).get(t.trim()).cloned());
+    // As the real authenticator chain: a verified client certificate first, then bearer tokens.
+    // An expired certificate authenticates nobody, even on a connection opened while it was valid.
+    let now = jiff::Timestamp::now().as_second();
+    let user = cert_user.filter(|(_, not_after)| now < *not_after).map(|(u, _)| u).or(user);
     let body = Limited::new(body, 3 * 1024 * 1024).collect().await.map(|b| b.to_bytes());
     let fault = inner.take_fault(&path);
     let outcome = match (&body, &user, fault) {

@@ -106,6 +106,14 @@ pub(crate) static RESOURCES: &[Res] = &[
     res("", "serviceaccounts", "ServiceAccount", true, false, &[]),
     res("", "namespaces", "Namespace", false, false, &["status.phase"]),
     res("coordination.k8s.io", "leases", "Lease", true, false, &[]),
+    res(
+        "certificates.k8s.io",
+        "certificatesigningrequests",
+        "CertificateSigningRequest",
+        false,
+        true,
+        &["spec.signerName"],
+    ),
 ];
 
 /// Looks a resource up by API group and plural.

@@ -1,0 +1,456 @@
+//! Zero-touch join and certificate rotation: a bootstrap token buys the node a client certificate
+//! through a CertificateSigningRequest, and the node renews that certificate itself before it
+//! expires, as the kubelet's TLS bootstrapping does.
+//!
+//! It owns `<state_dir>/pki/` and `<state_dir>/node.kubeconfig` ([`NodePki`]). It creates only
+//! CertificateSigningRequests and reads only those it created; it never touches pods or the Node.
+//! The bootstrap token is held in memory only for the join, never logged, and its file is deleted
+//! after success when Lichen owns it.
+
+pub mod pki;
+pub mod rotation;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::certificates::v1::{CertificateSigningRequest, CertificateSigningRequestSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Client;
+use kube::api::{Api, PostParams};
+use tokio_util::sync::CancellationToken;
+
+pub use pki::NodePki;
+
+use crate::config::AgentConfig;
+
+/// Why joining or renewing failed. Each message says what the operator can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    /// A file could not be read or written.
+    #[error("{path}: {message}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// Key or CSR generation failed (a bug or a broken random source).
+    #[error("cannot generate the node key or CSR: {0}")]
+    Crypto(String),
+    /// No bootstrap token is available.
+    #[error(
+        "no bootstrap token: set LICHEN_JOIN_TOKEN, put it in {token_file} (mode 0600), or run \
+         `lichen join --token-file FILE`; create one on the control plane with `kubeadm token create`"
+    )]
+    NoToken {
+        /// Where Lichen looked for it.
+        token_file: PathBuf,
+    },
+    /// The bootstrap token is malformed.
+    #[error("bootstrap token: {0}")]
+    BadToken(String),
+    /// The API server could not be reached or refused a request.
+    #[error("{what}: {source}")]
+    Api {
+        /// The request.
+        what: String,
+        /// The error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The client configuration could not be built.
+    #[error("cannot build a client for {server}: {message}")]
+    Client {
+        /// The API server.
+        server: String,
+        /// Why.
+        message: String,
+    },
+    /// Nobody approved (or the signer did not sign) in time.
+    #[error(
+        "certificate signing request {name} was not approved and signed within {waited_secs}s; approve it with \
+         `kubectl certificate approve {name}`, or make the controller-manager auto-approve node client CSRs \
+         (bind the ClusterRole system:certificates.k8s.io:certificatesigningrequests:nodeclient to the group \
+         system:bootstrappers, and selfnodeclient to system:nodes for renewals)"
+    )]
+    NotApproved {
+        /// The CSR's name.
+        name: String,
+        /// How long Lichen waited.
+        waited_secs: u64,
+    },
+    /// The CSR was denied or failed.
+    #[error("certificate signing request {name} was {verdict}: {reason} {message}")]
+    Denied {
+        /// The CSR's name.
+        name: String,
+        /// `Denied` or `Failed`.
+        verdict: String,
+        /// The condition's reason.
+        reason: String,
+        /// The condition's message.
+        message: String,
+    },
+    /// The signer returned something that is not a usable certificate.
+    #[error("certificate signing request {name} returned an unusable certificate: {message}")]
+    BadCertificate {
+        /// The CSR's name.
+        name: String,
+        /// Why.
+        message: String,
+    },
+    /// The shutdown token fired.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+fn api(what: impl Into<String>) -> impl FnOnce(kube::Error) -> BootstrapError {
+    let what = what.into();
+    move |source| BootstrapError::Api { what, source }
+}
+
+/// A bootstrap token, `<id>.<secret>` (6 and 16 characters of `[a-z0-9]`). `Debug` shows the id only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BootstrapToken {
+    id: String,
+    secret: String,
+}
+
+impl std::fmt::Debug for BootstrapToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BootstrapToken({}.<redacted>)", self.id)
+    }
+}
+
+impl BootstrapToken {
+    /// Parses `<id>.<secret>`; the error never repeats the secret.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let ok = |s: &str, n: usize| {
+            s.len() == n && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        };
+        match text.split_once('.') {
+            Some((id, secret)) if ok(id, 6) && ok(secret, 16) => {
+                Ok(BootstrapToken { id: id.to_owned(), secret: secret.to_owned() })
+            }
+            _ => Err("is not of the form <id>.<secret> (6 and 16 characters of a-z and 0-9), as \
+                      `kubeadm token create` prints"
+                .into()),
+        }
+    }
+
+    /// The token id (public: it names the token's Secret, `bootstrap-token-<id>`).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn bearer(&self) -> String {
+        format!("{}.{}", self.id, self.secret)
+    }
+}
+
+/// Where a bootstrap token came from, so success can clean it up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `join.token`, `LICHEN_JOIN_TOKEN` or `lichen join --token`.
+    Value,
+    /// A file.
+    File(PathBuf),
+}
+
+/// Finds the bootstrap token: the value if given, else the token file.
+pub fn find_token(value: &str, file: &Path) -> Result<(BootstrapToken, TokenSource), BootstrapError> {
+    if !value.trim().is_empty() {
+        return Ok((BootstrapToken::parse(value).map_err(BootstrapError::BadToken)?, TokenSource::Value));
+    }
+    match std::fs::read_to_string(file) {
+        Ok(text) => {
+            let t = BootstrapToken::parse(&text)
+                .map_err(|e| BootstrapError::BadToken(format!("{}: {e}", file.display())))?;
+            Ok((t, TokenSource::File(file.to_owned())))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(BootstrapError::NoToken { token_file: file.to_owned() })
+        }
+        Err(e) => Err(BootstrapError::File { path: file.to_owned(), message: e.to_string() }),
+    }
+}
+
+/// What joining needs.
+#[derive(Debug, Clone)]
+pub struct JoinRequest {
+    /// The node's name.
+    pub node_name: String,
+    /// `https://…` of the API server.
+    pub server: String,
+    /// The cluster CA file.
+    pub ca_cert: PathBuf,
+    /// The token.
+    pub token: BootstrapToken,
+    /// Where it came from.
+    pub token_source: TokenSource,
+    /// How long to wait for approval and signing.
+    pub approval_timeout: Duration,
+    /// The state directory.
+    pub state_dir: PathBuf,
+}
+
+/// Builds a client from kubeconfig text held in memory (the bootstrap token never touches disk).
+async fn client_from_text(server: &str, text: &str) -> Result<Client, BootstrapError> {
+    let err = |message: String| BootstrapError::Client { server: server.to_owned(), message };
+    let kc = kube::config::Kubeconfig::from_yaml(text).map_err(|e| err(e.to_string()))?;
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    config.connect_timeout = Some(Duration::from_secs(10));
+    config.read_timeout = Some(Duration::from_secs(30));
+    config.write_timeout = Some(Duration::from_secs(30));
+    Client::try_from(config).map_err(|e| err(e.to_string()))
+}
+
+/// Joins: asks for a node client certificate with the bootstrap token, waits for it, installs it
+/// in `<state_dir>/pki/` with `<state_dir>/node.kubeconfig`, and deletes a token file under
+/// `state_dir`. Returns the node kubeconfig's path.
+pub async fn join(req: &JoinRequest, cancel: &CancellationToken) -> Result<PathBuf, BootstrapError> {
+    let ca_pem = std::fs::read(&req.ca_cert)
+        .map_err(|e| BootstrapError::File { path: req.ca_cert.clone(), message: e.to_string() })?;
+    pki::check_ca_pem(&req.ca_cert, &ca_pem)?;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&ca_pem);
+    let q = |s: &str| serde_json::Value::from(s).to_string();
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority-data: {b64}\n\
+         users:\n- name: bootstrap\n  user:\n    token: {}\n\
+         contexts:\n- name: c\n  context: {{cluster: c, user: bootstrap}}\ncurrent-context: c\n",
+        q(&req.server),
+        q(&req.token.bearer()),
+    );
+    let client = client_from_text(&req.server, &text).await?;
+    tracing::info!(
+        node = %req.node_name,
+        server = %req.server,
+        token_id = req.token.id(),
+        "joining with a bootstrap token: requesting a node client certificate"
+    );
+    let (key_pem, cert_pem) =
+        request_certificate(&client, &req.node_name, req.approval_timeout, cancel).await?;
+    let pki = NodePki::new(&req.state_dir);
+    let kubeconfig = pki.install(&req.node_name, &req.server, &ca_pem, &key_pem, &cert_pem)?;
+    tracing::info!(kubeconfig = %kubeconfig.display(), "joined: node client certificate installed");
+    forget_token(&req.token_source, &req.state_dir);
+    Ok(kubeconfig)
+}
+
+/// After a successful join the token has no further use on this board: delete its file when
+/// Lichen owns it, and otherwise say where it still is.
+fn forget_token(source: &TokenSource, state_dir: &Path) {
+    match source {
+        TokenSource::File(f) if f.starts_with(state_dir) => match std::fs::remove_file(f) {
+            Ok(()) => {
+                tracing::info!(file = %f.display(), "deleted the bootstrap token: it is no longer needed")
+            }
+            Err(e) => {
+                tracing::warn!(file = %f.display(), error = %e, "cannot delete the bootstrap token file; delete it by hand")
+            }
+        },
+        TokenSource::File(f) => tracing::warn!(
+            file = %f.display(),
+            "the bootstrap token is no longer needed; delete this file (Lichen only deletes token files under its state_dir)"
+        ),
+        TokenSource::Value => tracing::warn!(
+            "the bootstrap token is no longer needed; remove join.token from the config file or LICHEN_JOIN_TOKEN from the environment"
+        ),
+    }
+}
+
+/// Creates a CSR for a new key as `system:node:<node>` and waits until it is signed. Returns the
+/// key (PEM) and the certificate (PEM).
+pub async fn request_certificate(
+    client: &Client,
+    node: &str,
+    timeout: Duration,
+    cancel: &CancellationToken,
+) -> Result<(String, Vec<u8>), BootstrapError> {
+    let request = pki::new_node_request(node)?;
+    let csrs: Api<CertificateSigningRequest> = Api::all(client.clone());
+    let csr = CertificateSigningRequest {
+        metadata: ObjectMeta { generate_name: Some(format!("node-csr-{node}-")), ..Default::default() },
+        spec: CertificateSigningRequestSpec {
+            request: ByteString(request.csr_pem.clone().into_bytes()),
+            signer_name: pki::KUBELET_CLIENT_SIGNER.into(),
+            usages: Some(pki::KUBELET_CLIENT_USAGES.iter().map(|u| (*u).to_owned()).collect()),
+            ..Default::default()
+        },
+        status: None,
+    };
+    let created = csrs
+        .create(&PostParams::default(), &csr)
+        .await
+        .map_err(api("creating the certificate signing request"))?;
+    let name = created.metadata.name.unwrap_or_default();
+    tracing::info!(csr = %name, "certificate signing request created; waiting for approval and signing");
+    let started = tokio::time::Instant::now();
+    let mut logged_wait = false;
+    loop {
+        match csrs.get(&name).await {
+            Ok(csr) => {
+                let status = csr.status.unwrap_or_default();
+                for c in status.conditions.iter().flatten() {
+                    if matches!(c.type_.as_str(), "Denied" | "Failed") && c.status == "True" {
+                        return Err(BootstrapError::Denied {
+                            name,
+                            verdict: c.type_.to_lowercase(),
+                            reason: c.reason.clone().unwrap_or_default(),
+                            message: c.message.clone().unwrap_or_default(),
+                        });
+                    }
+                }
+                if let Some(cert) = status.certificate.filter(|c| !c.0.is_empty()) {
+                    let validity = pki::validity_of_pem(&cert.0)
+                        .map_err(|message| BootstrapError::BadCertificate { name: name.clone(), message })?;
+                    tracing::info!(csr = %name, not_after = %validity.not_after, "certificate issued");
+                    return Ok((request.key_pem, cert.0));
+                }
+            }
+            Err(e) => tracing::debug!(csr = %name, error = %e, "cannot read the CSR yet; retrying"),
+        }
+        if started.elapsed() >= timeout {
+            return Err(BootstrapError::NotApproved { name, waited_secs: timeout.as_secs() });
+        }
+        if !logged_wait && started.elapsed() >= Duration::from_secs(30) {
+            logged_wait = true;
+            tracing::warn!(
+                csr = %name,
+                "the CSR is still not approved; if the cluster does not auto-approve node CSRs, run `kubectl certificate approve {name}`"
+            );
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(BootstrapError::Cancelled),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// The credentials to start with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// A kubeconfig the operator gave and Lichen does not manage.
+    Given(PathBuf),
+    /// Lichen's own `node.kubeconfig`, which it renews.
+    Managed(PathBuf),
+}
+
+impl Credentials {
+    /// The kubeconfig file.
+    pub fn path(&self) -> &Path {
+        match self {
+            Credentials::Given(p) | Credentials::Managed(p) => p,
+        }
+    }
+}
+
+/// Whether a kubeconfig exists and its client certificate (if it has one) is still valid.
+pub fn usable(kubeconfig: &Path, now: jiff::Timestamp) -> Result<(), String> {
+    if !kubeconfig.exists() {
+        return Err(format!("{} does not exist", kubeconfig.display()));
+    }
+    match pki::kubeconfig_client_cert(kubeconfig) {
+        Ok(Some(pem)) => match pki::validity_of_pem(&pem) {
+            Ok(v) if v.expired(now) => {
+                Err(format!("the client certificate in {} expired at {}", kubeconfig.display(), v.not_after))
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("the client certificate in {}: {e}", kubeconfig.display())),
+        },
+        Ok(None) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Decides which credentials to run with, joining first when needed: `kubeconfig` if it is set
+/// and usable; else, with `[join]`, Lichen's own node kubeconfig if it is usable, or a fresh join
+/// with the bootstrap token. Failures are logged with what to do, and retried with back-off until
+/// `cancel` (static pods keep running meanwhile). Returns `None` on cancellation.
+pub async fn credentials(config: &AgentConfig, cancel: &CancellationToken) -> Option<Credentials> {
+    let managed = NodePki::new(&config.state_dir).kubeconfig;
+    let given = (!config.kubeconfig.as_os_str().is_empty()).then(|| config.kubeconfig.clone());
+    if !config.join.enabled() {
+        // Without `[join]`, a node that joined earlier (`lichen join`) keeps its own credentials.
+        return given
+            .map(Credentials::Given)
+            .or_else(|| managed.exists().then_some(Credentials::Managed(managed)));
+    }
+    let mut backoff = crate::retry::RetryBackoff::new(Duration::from_secs(5), Duration::from_secs(300));
+    loop {
+        let now = jiff::Timestamp::now();
+        if let Some(g) = &given {
+            match usable(g, now) {
+                Ok(()) => return Some(Credentials::Given(g.clone())),
+                Err(why) => {
+                    tracing::warn!(reason = %why, "kubeconfig is not usable; joining with [join] instead")
+                }
+            }
+        }
+        match usable(&managed, now) {
+            Ok(()) => return Some(Credentials::Managed(managed)),
+            Err(why) if managed.exists() => {
+                tracing::warn!(reason = %why, "the node's credentials are not usable; joining again with the bootstrap token")
+            }
+            Err(_) => {}
+        }
+        let result = match find_token(&config.join.token, &config.join.token_file) {
+            Ok((token, token_source)) => {
+                let req = JoinRequest {
+                    node_name: config.node_name.clone(),
+                    server: config.join.server.clone(),
+                    ca_cert: config.join.ca_cert.clone(),
+                    token,
+                    token_source,
+                    approval_timeout: Duration::from_secs(config.join.approval_timeout_secs),
+                    state_dir: config.state_dir.clone(),
+                };
+                join(&req, cancel).await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(path) => return Some(Credentials::Managed(path)),
+            Err(BootstrapError::Cancelled) => return None,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::error!(error = %e, retry_in_secs = delay.as_secs(), "cannot join the cluster; static pods keep running");
+                tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_checked_and_never_shown() {
+        let t = BootstrapToken::parse("abcdef.0123456789abcdef\n").expect("valid");
+        assert_eq!(t.id(), "abcdef");
+        assert!(!format!("{t:?}").contains("0123456789abcdef"));
+        for bad in ["abcdef", "abcde.0123456789abcdef", "ABCDEF.0123456789abcdef", "abcdef.0123456789abcdeg!"]
+        {
+            let e = BootstrapToken::parse(bad).expect_err(bad);
+            assert!(!e.contains("0123456789"), "{e}");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("bootstrap-token");
+        let e = find_token("", &file).expect_err("no token").to_string();
+        assert!(e.contains("LICHEN_JOIN_TOKEN") && e.contains("kubeadm token create"), "{e}");
+        std::fs::write(&file, "abcdef.0123456789abcdef\n").expect("write");
+        assert_eq!(find_token("", &file).expect("file").1, TokenSource::File(file.clone()));
+        assert_eq!(find_token("abcdef.0123456789abcdef", &file).expect("value").1, TokenSource::Value);
+        forget_token(&TokenSource::File(file.clone()), dir.path());
+        assert!(!file.exists(), "a token file under state_dir is deleted after the join");
+    }
+}
