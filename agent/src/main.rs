@@ -180,13 +180,16 @@ fn read_login(login: &RegistryLogin) -> Result<Option<(String, String)>, String>
     Ok(Some((user, password)))
 }
 
-fn run(config: AgentConfig) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+fn agent_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("lichen")
         .build()
-        .context("cannot start the async runtime")?;
-    rt.block_on(async {
+        .context("cannot start the async runtime")
+}
+
+fn run(config: AgentConfig) -> anyhow::Result<()> {
+    agent_runtime()?.block_on(async {
         let cancel = CancellationToken::new();
         tokio::spawn(handle_signals(cancel.clone()));
         lichen::app::run(config, cancel).await?;
@@ -197,12 +200,7 @@ fn run(config: AgentConfig) -> anyhow::Result<()> {
 /// `lichen join`: joins (unless the node already has usable credentials of its own), then runs
 /// the agent, or with `only` exits.
 fn join(config: AgentConfig, only: bool) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("lichen")
-        .build()
-        .context("cannot start the async runtime")?;
-    rt.block_on(async {
+    agent_runtime()?.block_on(async {
         let cancel = CancellationToken::new();
         tokio::spawn(handle_signals(cancel.clone()));
         let pki = lichen::bootstrap::NodePki::new(&config.state_dir);

@@ -335,3 +335,36 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
 }
+
+/// Copies a child process's output into `log` line by line (echoed as `<label>| line` with
+/// `LICHEN_TEST_ECHO` set), for the harnesses of the real daemons tests start.
+pub fn capture_lines(
+    pipe: Option<impl std::io::Read + Send + 'static>,
+    log: Arc<Mutex<Vec<String>>>,
+    label: &'static str,
+) {
+    let Some(pipe) = pipe else { return };
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if std::env::var_os("LICHEN_TEST_ECHO").is_some() {
+                eprintln!("{label}| {line}");
+            }
+            log.lock().expect("captured log lock").push(line);
+        }
+    });
+}
+
+/// A loopback port that was free a moment ago and that this process has not handed out before
+/// (two daemons started in one test never get the same one).
+pub fn free_port() -> u16 {
+    static GIVEN: Mutex<std::collections::BTreeSet<u16>> = Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind a loopback port")
+            .port();
+        if GIVEN.lock().expect("port set lock").insert(port) {
+            return port;
+        }
+    }
+}

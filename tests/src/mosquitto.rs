@@ -11,8 +11,7 @@
 //! `max_queued_messages 0`, so a subscriber that falls behind a burst of 10,000 messages is not
 //! cut off at mosquitto's default of 1000 queued.
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,7 +50,7 @@ impl Mosquitto {
     /// [`Mosquitto::restart`] starts it on its port.
     pub fn stopped() -> Mosquitto {
         let mut m = Mosquitto::prepare(false);
-        m.port = free_port();
+        m.port = crate::free_port();
         m.write_config();
         m
     }
@@ -68,9 +67,9 @@ impl Mosquitto {
         let mut m = Mosquitto::prepare(tls);
         let mut last = String::new();
         for _ in 0..5 {
-            m.port = free_port();
+            m.port = crate::free_port();
             if m.tls_port.is_some() {
-                m.tls_port = Some(free_port());
+                m.tls_port = Some(crate::free_port());
             }
             m.write_config();
             match m.spawn() {
@@ -174,8 +173,8 @@ impl Mosquitto {
             }
             Err(e) => panic!("spawning mosquitto: {e}"),
         };
-        capture(child.stdout.take(), self.log.clone());
-        capture(child.stderr.take(), self.log.clone());
+        crate::capture_lines(child.stdout.take(), self.log.clone(), "mosquitto");
+        crate::capture_lines(child.stderr.take(), self.log.clone(), "mosquitto");
         let start = Instant::now();
         let ports: Vec<u16> = std::iter::once(self.port).chain(self.tls_port).collect();
         loop {
@@ -269,22 +268,6 @@ fn make_certificates(d: &PathBuf) {
             &format!("{name}.pem"),
         ]);
     }
-}
-
-fn capture(pipe: Option<impl Read + Send + 'static>, log: Arc<Mutex<Vec<String>>>) {
-    let Some(pipe) = pipe else { return };
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            if std::env::var_os("LICHEN_TEST_ECHO").is_some() {
-                eprintln!("mosquitto| {line}");
-            }
-            log.lock().expect("mosquitto log lock").push(line);
-        }
-    });
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind a loopback port").port()
 }
 
 /// One received message.

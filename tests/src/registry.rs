@@ -44,7 +44,7 @@
 //! - The upload `Location` is an absolute URL built from the request's `Host`, so uploads through
 //!   the [`FaultProxy`] come back to the proxy.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
@@ -202,7 +202,7 @@ impl Registry {
         let reg = self;
         let mut last = String::new();
         for _ in 0..5 {
-            reg.port = free_port();
+            reg.port = crate::free_port();
             reg.write_config();
             match reg.spawn() {
                 Ok(()) => return,
@@ -301,8 +301,8 @@ impl Registry {
             ),
             Err(e) => panic!("spawning {REGISTRY_BIN}: {e}"),
         };
-        capture(child.stdout.take(), self.log.clone());
-        capture(child.stderr.take(), self.log.clone());
+        crate::capture_lines(child.stdout.take(), self.log.clone(), "registry");
+        crate::capture_lines(child.stderr.take(), self.log.clone(), "registry");
         let start = Instant::now();
         let fail = |child: &mut Child, log: &Arc<Mutex<Vec<String>>>, why: String| {
             let _ = child.kill();
@@ -426,33 +426,6 @@ impl Registry {
 impl Drop for Registry {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// Copies a child's output into `log` line by line.
-fn capture(pipe: Option<impl Read + Send + 'static>, log: Arc<Mutex<Vec<String>>>) {
-    let Some(pipe) = pipe else { return };
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            if std::env::var_os("LICHEN_TEST_ECHO").is_some() {
-                eprintln!("registry| {line}");
-            }
-            log.lock().expect("registry log lock").push(line);
-        }
-    });
-}
-
-/// A loopback port that was free a moment ago and that this process has not handed out before.
-fn free_port() -> u16 {
-    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("bind a loopback port")
-            .port();
-        if GIVEN.lock().expect("port set lock").insert(port) {
-            return port;
-        }
     }
 }
 

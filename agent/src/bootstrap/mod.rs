@@ -201,13 +201,7 @@ pub struct JoinRequest {
 async fn client_from_text(server: &str, text: &str) -> Result<Client, BootstrapError> {
     let err = |message: String| BootstrapError::Client { server: server.to_owned(), message };
     let kc = kube::config::Kubeconfig::from_yaml(text).map_err(|e| err(e.to_string()))?;
-    let mut config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-        .await
-        .map_err(|e| err(e.to_string()))?;
-    config.connect_timeout = Some(Duration::from_secs(10));
-    config.read_timeout = Some(Duration::from_secs(30));
-    config.write_timeout = Some(Duration::from_secs(30));
-    Client::try_from(config).map_err(|e| err(e.to_string()))
+    crate::node::client_for(kc).await.map_err(err)
 }
 
 /// Joins: asks for a node client certificate with the bootstrap token, waits for it, installs it

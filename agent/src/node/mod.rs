@@ -8,4 +8,4 @@ pub mod facts;
 pub mod object;
 mod registrar;
 
-pub use registrar::{NodeError, NodeRegistrar, connect};
+pub use registrar::{NodeError, NodeRegistrar, client_for, connect};

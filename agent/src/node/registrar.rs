@@ -65,14 +65,19 @@ fn api(what: impl Into<String>) -> impl FnOnce(kube::Error) -> NodeError {
 pub async fn connect(kubeconfig: &Path) -> Result<Client, NodeError> {
     let err = |message: String| NodeError::Kubeconfig { path: kubeconfig.to_owned(), message };
     let kc = kube::config::Kubeconfig::read_from(kubeconfig).map_err(|e| err(e.to_string()))?;
+    client_for(kc).await.map_err(err)
+}
+
+/// A client for a parsed kubeconfig, with the agent's network timeouts.
+pub async fn client_for(kc: kube::config::Kubeconfig) -> Result<Client, String> {
     let mut config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
         .await
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     // An edge link that silently drops packets must not hang a heartbeat for minutes.
     config.connect_timeout = Some(Duration::from_secs(10));
     config.read_timeout = Some(Duration::from_secs(30));
     config.write_timeout = Some(Duration::from_secs(30));
-    Client::try_from(config).map_err(|e| err(e.to_string()))
+    Client::try_from(config).map_err(|e| e.to_string())
 }
 
 /// Owns the Node object and its Lease.
