@@ -4,17 +4,20 @@
 # root loop devices: the ext4 root is written with debugfs, the FAT boot partition with mtools.
 #
 #   images/bake.sh --image IN.img --deb lichen_X_arm64.deb --config lichen.toml
-#                  [--kubeconfig FILE] [--out OUT.img | --in-place] [--lichen-host PATH]
+#                  [--ca-cert ca.crt --bootstrap-token-file FILE] [--kubeconfig FILE]
+#                  [--out OUT.img | --in-place] [--lichen-host PATH]
 #
 # What it does (images/README.md has the reasons):
 # - installs the package's files into the root file system, owned by root with the package's
 #   modes, registers the package with the image's dpkg, and enables lichen.service and
 #   lichen-firstboot.service;
-# - puts lichen.toml (and lichen-kubeconfig.yaml) on the boot partition, where the first boot
-#   validates them, moves them into /etc/lichen and deletes them from the card's FAT partition.
+# - puts lichen.toml (and lichen-kubeconfig.yaml, lichen-ca.crt, lichen-bootstrap-token) on the
+#   boot partition, where the first boot validates them, moves them into /etc/lichen (the token
+#   into /var/lib/lichen) and deletes them from the card's FAT partition.
 #
 # It refuses an image without a partition table, a FAT or an ext4 root with systemd, a package for
-# another architecture or a newer glibc than the image has, and a config `lichen check` rejects.
+# another architecture or a newer glibc than the image has, a config `lichen check` rejects, a CA
+# file without a PEM certificate and a token file without a bootstrap token (never shown).
 # The check runs with --lichen-host PATH, else the package's own binary if this machine can run
 # it, else a `lichen` on PATH; with none of them it says the check was skipped.
 # Needs: sfdisk (fdisk), jq, mtools, debugfs and e2fsck (e2fsprogs), dpkg-deb, readelf (binutils).
@@ -23,15 +26,69 @@ export LC_ALL=C MTOOLS_SKIP_CHECK=1
 
 die() { echo "images/bake.sh: $*" >&2; exit 1; }
 say() { echo "bake: $*"; }
-usage() { sed -n '6,7p' "$0" | sed 's/^# *//' >&2; exit 2; }
+usage() { sed -n '6,8p' "$0" | sed 's/^# *//' >&2; exit 2; }
 
-image='' deb='' config='' kubeconfig='' out='' in_place='' lichen_host=''
+# toml_value TABLE KEY FILE: the string value of KEY in [TABLE] of FILE ('' for the top level), or
+# nothing. A line-by-line reading, enough for warnings: [TABLE] sections and TABLE.KEY lines at the
+# top level, not inline tables.
+toml_value() {
+  awk -v t="$1" -v k="$2" '
+    /^[[:space:]]*\[/ { s = $0; sub(/^[[:space:]]*\[[[:space:]]*/, "", s); sub(/[[:space:]]*\].*$/, "", s); table = s; next }
+    !/=/ { next }
+    { key = $0; sub(/[[:space:]]*=.*$/, "", key); sub(/^[[:space:]]*/, "", key) }
+    (table == t && key == k) || (table == "" && t != "" && key == t "." k) {
+      v = $0; sub(/^[^=]*=[[:space:]]*/, "", v); sub(/[[:space:]]*(#.*)?$/, "", v)
+      gsub(/^["\x27]|["\x27]$/, "", v); print v; exit
+    }' "$3"
+}
+
+# ca_problem FILE: why FILE is not a cluster CA certificate as `lichen join` takes it (at least one
+# PEM certificate; and no private key, which must never travel on a card); nothing if it is. The
+# first boot (systemd/lichen-firstboot) checks the same way.
+ca_problem() {
+  awk '
+    { sub(/\r$/, "") }
+    /^-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----$/ { key = 1 }
+    $0 == "-----BEGIN CERTIFICATE-----" { if (!inside) { inside = 1; body = 0; bad = 0 }; next }
+    $0 == "-----END CERTIFICATE-----" { if (inside && body && !bad) certs++; inside = 0; next }
+    inside && $0 == "" { next }
+    inside { if ($0 ~ /^[A-Za-z0-9+\/=]+$/) body++; else bad = 1 }
+    END {
+      if (key) print "it holds a private key: give only the cluster CA certificate, and never put a CA key on a board"
+      else if (!certs) print "it holds no PEM certificate (no -----BEGIN CERTIFICATE----- block with base64 inside): give the cluster CA, /etc/kubernetes/pki/ca.crt on a kubeadm control plane"
+    }' "$1"
+}
+
+# read_token FILE: sets token to FILE's bootstrap token (one line; surrounding blanks and a Windows
+# line end are ignored), or why to the reason it is not one. Never prints the token.
+token='' why=''
+read_token() {
+  local size t
+  token='' why=''
+  size=$(wc -c <"$1")
+  if ((size > 256)); then
+    why="it is $size bytes long, too long for a bootstrap token"
+    return
+  fi
+  t=$(tr -d '\r' <"$1" | sed -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' -e '/^$/d')
+  if [[ $t == *$'\n'* ]]; then
+    why="it has more than one line; it must hold one bootstrap token"
+  elif [[ $t =~ ^[a-z0-9]{6}\.[a-z0-9]{16}$ ]]; then
+    token=$t
+  else
+    why="it is not of the form <id>.<secret> (6 and 16 characters of a-z and 0-9) that \`kubeadm token create\` prints"
+  fi
+}
+
+image='' deb='' config='' kubeconfig='' out='' in_place='' lichen_host='' ca_cert='' token_file=''
 while (($#)); do
   case $1 in
     --image) image=${2:-}; shift 2 || usage ;;
     --deb) deb=${2:-}; shift 2 || usage ;;
     --config) config=${2:-}; shift 2 || usage ;;
     --kubeconfig) kubeconfig=${2:-}; shift 2 || usage ;;
+    --ca-cert) ca_cert=${2:-}; shift 2 || usage ;;
+    --bootstrap-token-file) token_file=${2:-}; shift 2 || usage ;;
     --out) out=${2:-}; shift 2 || usage ;;
     --in-place) in_place=yes; shift ;;
     --lichen-host) lichen_host=${2:-}; shift 2 || usage ;;
@@ -52,6 +109,8 @@ done
 [[ -f $deb ]] || die "$deb: no such package (build one with cross/deb.sh)"
 [[ -f $config ]] || die "$config: no such config file"
 [[ -z $kubeconfig || -f $kubeconfig ]] || die "$kubeconfig: no such kubeconfig file"
+[[ -z $ca_cert || -f $ca_cert ]] || die "$ca_cert: no such CA certificate file"
+[[ -z $token_file || -f $token_file ]] || die "$token_file: no such bootstrap token file"
 case $(od -An -tx1 -N6 "$image" | tr -d ' \n') in
   fd377a585a00) die "$image is xz-compressed: run \`unxz -k $image\` and bake the .img" ;;
   1f8b*) die "$image is gzip-compressed: run \`gunzip -k $image\` and bake the .img" ;;
@@ -98,13 +157,43 @@ if [[ -n $validator ]]; then
 else
   say "config validation skipped: no lichen runs here (pass --lichen-host PATH); the board checks it at first boot"
 fi
+# The warnings below read the config line by line; relative paths in it are relative to /etc/lichen.
 if [[ -n $kubeconfig ]]; then
-  # Top-level keys come before the first [table]; relative paths are relative to /etc/lichen.
-  named=$(awk '/^[[:space:]]*\[/ { exit } /^[[:space:]]*kubeconfig[[:space:]]*=/ {
-    sub(/^[^=]*=[[:space:]]*/, ""); sub(/[[:space:]]*(#.*)?$/, ""); gsub(/^["\x27]|["\x27]$/, ""); print }' "$config")
+  named=$(toml_value '' kubeconfig "$config")
   if [[ $named != /etc/lichen/kubeconfig && $named != kubeconfig ]]; then
     say "WARNING: --kubeconfig is installed as /etc/lichen/kubeconfig, but $config says kubeconfig = \"$named\";" \
       "add kubeconfig = \"/etc/lichen/kubeconfig\" or the node stays standalone"
+  fi
+fi
+if [[ -n $ca_cert ]]; then
+  why=$(ca_problem "$ca_cert")
+  [[ -z $why ]] || die "$ca_cert is not a cluster CA certificate: $why"
+  named=$(toml_value join ca_cert "$config")
+  if [[ $named != /etc/lichen/ca.crt && $named != ca.crt ]]; then
+    say "WARNING: --ca-cert is installed as /etc/lichen/ca.crt, but $config's [join] says ca_cert = \"$named\";" \
+      "add ca_cert = \"/etc/lichen/ca.crt\" to [join] or the join does not use it"
+  fi
+fi
+if [[ -n $(toml_value join token "$config") ]]; then
+  # Not the value: only that there is one.
+  say "WARNING: $config sets [join] token inline: the token would stay in /etc/lichen/config.toml," \
+    "readable by the lichen group, long after the join, and Lichen cannot delete it there;" \
+    "remove it and bake with --bootstrap-token-file FILE instead"
+fi
+if [[ -n $token_file ]]; then
+  read_token "$token_file"
+  [[ -n $token ]] || die "$token_file does not hold a bootstrap token: $why (its content is not shown)"
+  (umask 077 && printf '%s\n' "$token" >"$stage/bootstrap-token")
+  token=''
+  if [[ -z $(toml_value join server "$config") ]]; then
+    say "WARNING: --bootstrap-token-file is installed as /var/lib/lichen/bootstrap-token, but $config has no" \
+      "[join] server, so the node never joins with it; add [join] server = \"https://<apiserver>:6443\""
+  fi
+  named=$(toml_value join token_file "$config") state=$(toml_value '' state_dir "$config")
+  if [[ -n $named && $named != /var/lib/lichen/bootstrap-token ]] || [[ -z $named && -n $state && $state != /var/lib/lichen ]]; then
+    say "WARNING: --bootstrap-token-file is installed as /var/lib/lichen/bootstrap-token, but $config makes" \
+      "Lichen read the token from ${named:-$state/bootstrap-token}; remove [join] token_file and state_dir" \
+      "or the join does not find the token"
   fi
 fi
 
@@ -298,9 +387,15 @@ cmp -s "$stage/lichen.back" "$stage/root/usr/bin/lichen" || die "/usr/bin/lichen
 # --- the boot partition ------------------------------------------------------------------------
 mcopy -o -i "$img@@$fat_off" "$config" ::/lichen.toml
 if [[ -n $kubeconfig ]]; then mcopy -o -i "$img@@$fat_off" "$kubeconfig" ::/lichen-kubeconfig.yaml; fi
+if [[ -n $ca_cert ]]; then mcopy -o -i "$img@@$fat_off" "$ca_cert" ::/lichen-ca.crt; fi
+if [[ -n $token_file ]]; then mcopy -o -i "$img@@$fat_off" "$stage/bootstrap-token" ::/lichen-bootstrap-token; fi
 
 created_out=''
 say "installed lichen $deb_version ($deb_arch) into $root_node and enabled lichen.service and lichen-firstboot.service"
 for k in "${kept[@]}"; do say "kept the image's own $k"; done
-say "$boot_dir/lichen.toml${kubeconfig:+ and $boot_dir/lichen-kubeconfig.yaml} are on the boot partition; the first boot moves them to /etc/lichen"
+boot_files=$boot_dir/lichen.toml
+for f in ${kubeconfig:+lichen-kubeconfig.yaml} ${ca_cert:+lichen-ca.crt} ${token_file:+lichen-bootstrap-token}; do
+  boot_files+=", $boot_dir/$f"
+done
+say "$boot_files on the boot partition; the first boot moves them to /etc/lichen${token_file:+ and /var/lib/lichen}"
 say "wrote $img"

@@ -945,6 +945,159 @@ fn bake_refuses_what_it_cannot_bake() {
     refuse(&good, &d.join("nope.toml"), "nope.toml: no such config file");
 }
 
+/// The zero-touch config of the README's "Installing on a board": no kubeconfig, a `[join]` table.
+const JOIN_CONFIG: &str = "node_name = \"barn-3\"\nnode_labels = { \"example.com/site\" = \"barn\" }\n\n\
+                           [join]\nserver = \"https://10.0.0.1:6443\"\nca_cert = \"/etc/lichen/ca.crt\"\n";
+
+/// A cluster CA certificate (PEM) as `kubeadm init` makes one, and its private key (PEM).
+fn cluster_ca() -> (String, String) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("CA key");
+    let mut params = rcgen::CertificateParams::new(vec![]).expect("CA params");
+    params.distinguished_name.push(rcgen::DnType::CommonName, "kubernetes");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    (params.self_signed(&key).expect("CA certificate").pem(), key.serialize_pem())
+}
+
+/// A fresh bootstrap token `<6>.<16>` of a-z0-9, so that finding it anywhere means it leaked.
+fn a_token() -> String {
+    let mut rng = fastrand::Rng::new();
+    let mut part = |n: usize| -> String {
+        (0..n)
+            .map(|_| {
+                let c = rng.u8(0..36);
+                char::from(if c < 10 { b'0' + c } else { b'a' + c - 10 })
+            })
+            .collect()
+    };
+    let id = part(6);
+    format!("{id}.{}", part(16))
+}
+
+#[test]
+fn bake_puts_the_join_credentials_on_the_boot_partition() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let image = make_image(d, "zero-touch", &Board::default());
+    let (config, ca, token_file) = (d.join("lichen.toml"), d.join("ca.crt"), d.join("token"));
+    let (ca_pem, _) = cluster_ca();
+    let token = a_token();
+    std::fs::write(&config, JOIN_CONFIG).expect("config");
+    std::fs::write(&ca, &ca_pem).expect("ca");
+    // As an editor on Windows saves it: surrounding blanks and a CRLF are not part of the token.
+    std::fs::write(&token_file, format!(" {token} \r\n")).expect("token");
+    let out_img = d.join("baked.img");
+    let said = ok(bake(&image, &config)
+        .arg("--ca-cert")
+        .arg(&ca)
+        .arg("--bootstrap-token-file")
+        .arg(&token_file)
+        .arg("--out")
+        .arg(&out_img));
+    assert!(said.contains("passed `lichen check`"), "{said}");
+    assert!(!said.contains("WARNING"), "the README's zero-touch config draws no warning:\n{said}");
+    assert!(!said.contains(&token), "bake printed the token:\n{said}");
+    assert!(
+        said.contains(
+            "/boot/firmware/lichen.toml, /boot/firmware/lichen-ca.crt, /boot/firmware/lichen-bootstrap-token \
+             on the boot partition; the first boot moves them to /etc/lichen and /var/lib/lichen"
+        ),
+        "{said}"
+    );
+    let baked = Baked { img: out_img };
+    baked.fsck();
+    let boot = baked.boot_files();
+    let want: BTreeSet<String> =
+        ["lichen.toml", "lichen-ca.crt", "lichen-bootstrap-token"].into_iter().map(String::from).collect();
+    assert_eq!(boot, want, "the boot partition");
+    assert_eq!(baked.boot_text("lichen.toml"), JOIN_CONFIG);
+    assert_eq!(baked.boot_text("lichen-ca.crt"), ca_pem, "the CA as given");
+    assert_eq!(baked.boot_text("lichen-bootstrap-token"), format!("{token}\n"), "the token, one clean line");
+}
+
+#[test]
+fn bake_checks_the_join_credentials_and_warns_about_the_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let image = make_image(d, "checks", &Board::default());
+    let (config, ca, token_file) = (d.join("lichen.toml"), d.join("ca.crt"), d.join("token"));
+    let (ca_pem, key_pem) = cluster_ca();
+    std::fs::write(&config, JOIN_CONFIG).expect("config");
+    std::fs::write(&ca, &ca_pem).expect("ca");
+    let token = a_token();
+    std::fs::write(&token_file, format!("{token}\n")).expect("token");
+    let out = d.join("out.img");
+    let with = |config: &Path, ca: &Path, token: &Path| {
+        let mut cmd = bake(&image, config);
+        cmd.arg("--ca-cert").arg(ca).arg("--bootstrap-token-file").arg(token).arg("--out").arg(&out);
+        cmd
+    };
+
+    // Refused before the image is touched.
+    let not_pem = d.join("not-pem.crt");
+    std::fs::write(&not_pem, "certificate-authority-data: LS0tLS1CRUdJTi\n").expect("not pem");
+    refused(
+        &mut with(&config, &not_pem, &token_file),
+        "is not a cluster CA certificate: it holds no PEM certificate",
+    );
+    let with_key = d.join("ca-and-key.pem");
+    std::fs::write(&with_key, format!("{ca_pem}{key_pem}")).expect("ca and key");
+    refused(&mut with(&config, &with_key, &token_file), "it holds a private key");
+    let secret = a_token();
+    for (name, text) in [
+        ("uppercase", secret.to_uppercase()),
+        ("colon", secret.replace('.', ":")),
+        ("two-lines", format!("{secret}\n{secret}\n")),
+        ("short", secret[..22].to_owned()),
+    ] {
+        let bad = d.join(format!("token-{name}"));
+        std::fs::write(&bad, &text).expect("bad token");
+        let said = refused(&mut with(&config, &ca, &bad), "does not hold a bootstrap token");
+        for shown in [text.as_str(), &secret[7..], &secret.to_uppercase()[7..], &secret[7..22]] {
+            assert!(!said.contains(shown.trim()), "{name}: bake showed the token's content:\n{said}");
+        }
+    }
+    assert!(!out.exists(), "a refused bake left {}", out.display());
+
+    // Warnings come before the image is written: an existing --out stops the bake right after them.
+    std::fs::write(&out, "").expect("existing out");
+    let quiet = refused(&mut with(&config, &ca, &token_file), "exists: delete it");
+    assert!(!quiet.contains("WARNING"), "{quiet}");
+    let inline = a_token();
+    let warned = d.join("warned.toml");
+    std::fs::write(
+        &warned,
+        format!(
+            "node_name = \"barn-3\"\nstate_dir = \"/srv/lichen\"\n[join]\nserver = \"https://10.0.0.1:6443\"\n\
+             ca_cert = \"/etc/ssl/cluster.pem\"\ntoken = \"{inline}\"\n"
+        ),
+    )
+    .expect("config");
+    let said = refused(&mut with(&warned, &ca, &token_file), "exists: delete it");
+    for warning in [
+        "WARNING: --ca-cert is installed as /etc/lichen/ca.crt, but",
+        "[join] says ca_cert = \"/etc/ssl/cluster.pem\"; add ca_cert = \"/etc/lichen/ca.crt\" to [join]",
+        "sets [join] token inline: the token would stay in /etc/lichen/config.toml",
+        "bake with --bootstrap-token-file FILE instead",
+        "makes Lichen read the token from /srv/lichen/bootstrap-token",
+    ] {
+        assert!(said.contains(warning), "missing {warning:?}:\n{said}");
+    }
+    assert!(!said.contains(&inline) && !said.contains(&token), "bake showed a token:\n{said}");
+    let elsewhere = d.join("elsewhere.toml");
+    std::fs::write(&elsewhere, format!("{JOIN_CONFIG}token_file = \"/etc/lichen/token\"\n")).expect("config");
+    let said = refused(&mut with(&elsewhere, &ca, &token_file), "exists: delete it");
+    assert!(said.contains("makes Lichen read the token from /etc/lichen/token;"), "{said}");
+    assert_eq!(said.matches("WARNING").count(), 1, "{said}");
+    let standalone = d.join("standalone.toml");
+    std::fs::write(&standalone, "node_name = \"barn-3\"\n").expect("config");
+    let said = refused(&mut with(&standalone, &ca, &token_file), "exists: delete it");
+    assert!(
+        said.contains("--bootstrap-token-file is installed as /var/lib/lichen/bootstrap-token, but")
+            && said.contains("has no [join] server, so the node never joins with it"),
+        "{said}"
+    );
+}
+
 // ---- the first boot ---------------------------------------------------------------------------------
 
 fn is_root() -> bool {
@@ -1081,4 +1234,132 @@ fn firstboot_finds_the_boot_partition() {
         "node_name = \"efi-board\"\n"
     );
     assert!(r.join("boot/firmware/lichen.toml").exists(), "LICHEN_BOOT_DIR is the only place looked at");
+}
+
+/// Every file under `dir` (following no links), for looking for a leaked secret.
+fn all_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let t = e.file_type().expect("file type");
+        if t.is_dir() {
+            all_files(&e.path(), out);
+        } else if t.is_file() {
+            out.push(e.path());
+        }
+    }
+}
+
+#[test]
+fn firstboot_installs_the_join_credentials_and_refuses_bad_ones() {
+    let root = fake_root();
+    let r = root.path();
+    let boot = r.join("boot/firmware");
+    let (ca_pem, key_pem) = cluster_ca();
+    let token = a_token();
+    std::fs::write(boot.join("lichen.toml"), JOIN_CONFIG).expect("config");
+    std::fs::write(boot.join("lichen-ca.crt"), &ca_pem).expect("ca");
+    std::fs::write(boot.join("lichen-bootstrap-token"), format!("{token}\r\n")).expect("token");
+    let out = firstboot(r, None);
+    let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "firstboot failed:\n{log}");
+    assert!(!log.contains(&token), "the journal got the token:\n{log}");
+    let (uid, gid) = (id_in(r, "passwd", "lichen"), id_in(r, "group", "lichen"));
+    let ca = r.join("etc/lichen/ca.crt");
+    assert_eq!(std::fs::read_to_string(&ca).expect("ca.crt"), ca_pem);
+    assert_eq!(mode_owner(&ca), (0o640, 0, gid), "ca.crt is 0640 root:lichen");
+    lichen::bootstrap::pki::check_ca_pem(&ca, &std::fs::read(&ca).expect("ca.crt"))
+        .unwrap_or_else(|e| panic!("the agent refuses the installed CA: {e}"));
+    let installed = r.join("var/lib/lichen/bootstrap-token");
+    assert_eq!(std::fs::read_to_string(&installed).expect("token"), format!("{token}\n"), "one clean line");
+    assert_eq!(mode_owner(&installed), (0o600, uid, gid), "the token is 0600 lichen:lichen");
+    lichen::bootstrap::BootstrapToken::parse(&std::fs::read_to_string(&installed).expect("token"))
+        .unwrap_or_else(|e| panic!("the agent refuses the installed token: {e}"));
+    assert_eq!(mode_owner(&r.join("etc/lichen/config.toml")), (0o640, 0, gid));
+    for name in ["lichen-ca.crt", "lichen-bootstrap-token", "lichen.toml"] {
+        assert!(log.contains(&format!("installed {}", boot.join(name).display())), "{name}:\n{log}");
+    }
+    let left: Vec<_> = std::fs::read_dir(&boot).expect("boot").flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "the boot partition still holds {left:?}");
+
+    // Bad ones: refused, the unit fails, the installed files stay, and the token shows nowhere.
+    let secret = a_token();
+    for (what, token_text, ca_text, ca_reason) in [
+        (
+            "uppercase",
+            secret.to_uppercase(),
+            "certificate-authority-data: LS0tLS1\n".to_owned(),
+            "no PEM certificate",
+        ),
+        ("two lines", format!("{secret}\n{secret}\n"), format!("{ca_pem}{key_pem}"), "holds a private key"),
+        (
+            "no dot",
+            secret.replace('.', ""),
+            "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n".into(),
+            "no PEM",
+        ),
+    ] {
+        std::fs::write(boot.join("lichen-bootstrap-token"), &token_text).expect("bad token");
+        std::fs::write(boot.join("lichen-ca.crt"), &ca_text).expect("bad ca");
+        let out = firstboot(r, None);
+        let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: a refused file must fail the unit:\n{log}");
+        assert!(
+            log.contains(&format!(
+                "rejected {} and deleted it",
+                boot.join("lichen-bootstrap-token").display()
+            )),
+            "{what}:\n{log}"
+        );
+        assert!(log.contains("rejected") && log.contains(ca_reason), "{what}:\n{log}");
+        // A mistyped token is nearly a secret: deleted from the card, only the reason stays.
+        assert!(!boot.join("lichen-bootstrap-token").exists(), "{what}");
+        assert!(!boot.join("lichen-bootstrap-token.invalid").exists(), "{what}");
+        let error = std::fs::read_to_string(boot.join("lichen-bootstrap-token.error")).expect("token .error");
+        assert!(
+            error.contains("is not of the form <id>.<secret>") || error.contains("more than one line"),
+            "{error}"
+        );
+        let mut files = Vec::new();
+        all_files(r, &mut files);
+        let texts: Vec<(PathBuf, String)> = files
+            .into_iter()
+            .filter(|f| !f.ends_with("usr/bin/lichen"))
+            .map(|f| {
+                let text = String::from_utf8_lossy(&std::fs::read(&f).expect("read")).into_owned();
+                (f, text)
+            })
+            .collect();
+        let upper = secret.to_uppercase();
+        for shown in [&secret[7..], &upper[7..], &secret[..6]] {
+            assert!(
+                !log.contains(shown),
+                "{what}: the journal got the token's content:
+{log}"
+            );
+            for (f, text) in &texts {
+                assert!(!text.contains(shown), "{what}: {} holds the token's content", f.display());
+            }
+        }
+        // A bad CA stays, as a bad lichen.toml does, with the reason beside it.
+        assert!(!boot.join("lichen-ca.crt").exists(), "{what}");
+        assert_eq!(std::fs::read_to_string(boot.join("lichen-ca.crt.invalid")).expect(".invalid"), ca_text);
+        let error = std::fs::read_to_string(boot.join("lichen-ca.crt.error")).expect("ca .error");
+        assert!(
+            error.contains(ca_reason) && error.contains("/etc/lichen/ca.crt was left as it was"),
+            "{error}"
+        );
+        assert_eq!(std::fs::read_to_string(&ca).expect("ca.crt"), ca_pem, "{what}: the installed CA stays");
+        assert_eq!(std::fs::read_to_string(&installed).expect("token"), format!("{token}\n"), "{what}");
+        std::fs::remove_file(boot.join("lichen-ca.crt.invalid")).expect("rm");
+    }
+
+    // A new token at a later boot (a certificate that expired while the board was off) replaces
+    // the old one, and clears the reason the last attempt left.
+    let again = a_token();
+    std::fs::write(boot.join("lichen-bootstrap-token"), format!("{again}\n")).expect("token");
+    let out = firstboot(r, None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(std::fs::read_to_string(&installed).expect("token"), format!("{again}\n"));
+    assert_eq!(mode_owner(&installed), (0o600, uid, gid));
+    let left: Vec<_> = std::fs::read_dir(&boot).expect("boot").flatten().map(|e| e.file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("lichen-ca.crt.error")], "only the CA's reason stays");
 }
