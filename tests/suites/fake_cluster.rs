@@ -1082,8 +1082,11 @@ async fn a_deleted_pod_is_stopped_and_removed_with_grace_zero_and_its_uid() {
                 && r.path_only() == "/api/v1/namespaces/default/pods/p"
         })
         .collect();
-    let last = deletes.last().expect("the agent deleted the pod");
-    assert_eq!(last.code, 200);
+    // The one that removed it. A watch event still in flight can put the pod back on the agent's
+    // list of deletions to finish, and a second DELETE then gets 404, which the agent takes as
+    // done: an extra request, nothing a user sees.
+    let last = deletes.iter().find(|r| r.code == 200).expect("the agent's DELETE removed the pod");
+    assert!(deletes.iter().all(|r| r.code == 200 || r.code == 404), "{deletes:#?}");
     let body = last.json().expect("DeleteOptions body");
     let grace = body
         .get("gracePeriodSeconds")
