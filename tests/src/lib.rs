@@ -368,3 +368,43 @@ pub fn free_port() -> u16 {
         }
     }
 }
+
+/// Makes a test PKI in `dir` with the `openssl` command: `ca.key`/`ca.pem` for a CA named
+/// `ca_subject`, and for each `(name, subject, extensions)` a key `<name>.key` and a certificate
+/// `<name>.pem` signed by it (`extensions` in openssl's extfile syntax, e.g. the SAN and
+/// extended key usage). Valid for two days.
+pub fn openssl_pki(dir: &Path, ca_subject: &str, certs: &[(&str, &str, &str)]) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap_or_else(|e| {
+            panic!("running `openssl` failed: {e}; the TLS tests need it (apt-get install openssl)")
+        });
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    openssl(&[
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", ca_subject, "-keyout",
+        "ca.key", "-out", "ca.pem",
+    ]);
+    for (name, subject, extensions) in certs {
+        let (key, csr, ext, pem) =
+            (format!("{name}.key"), format!("{name}.csr"), format!("{name}.ext"), format!("{name}.pem"));
+        openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", &key, "-out", &csr]);
+        std::fs::write(dir.join(&ext), format!("{extensions}\n")).expect("extensions file");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &pem,
+        ]);
+    }
+}

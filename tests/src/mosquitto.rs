@@ -58,7 +58,7 @@ impl Mosquitto {
     fn prepare(tls: bool) -> Mosquitto {
         let dir = tempfile::Builder::new().prefix("lichen-mosquitto-").tempdir().expect("mosquitto tempdir");
         if tls {
-            make_certificates(&dir.path().to_owned());
+            make_certificates(dir.path());
         }
         Mosquitto { dir, port: 0, tls_port: tls.then_some(0), child: None, log: Arc::default() }
     }
@@ -208,66 +208,15 @@ impl Drop for Mosquitto {
 }
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, made with `openssl`.
-fn make_certificates(d: &PathBuf) {
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl").args(args).current_dir(d).output().unwrap_or_else(|e| {
-            panic!("running `openssl` failed: {e}; the TLS MQTT test needs it (apt-get install openssl)")
-        });
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    let key = |name: &str, cn: &str| {
-        openssl(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            cn,
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-        ])
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
+fn make_certificates(d: &std::path::Path) {
+    crate::openssl_pki(
+        d,
         "/CN=lichen test MQTT CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]);
-    key("server", "/CN=127.0.0.1");
-    key("client", "/CN=test-node");
-    std::fs::write(d.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-        .expect("server.ext");
-    std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("client.ext");
-    for name in ["server", "client"] {
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            &format!("{name}.ext"),
-            "-out",
-            &format!("{name}.pem"),
-        ]);
-    }
+        &[
+            ("server", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+            ("client", "/CN=test-node", "extendedKeyUsage=clientAuth"),
+        ],
+    );
 }
 
 /// One received message.

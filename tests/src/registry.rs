@@ -107,61 +107,11 @@ impl Registry {
     pub fn start_tls() -> Registry {
         let mut reg = Registry::prepare(None);
         reg.tls = true;
-        let d = reg.dir.path().to_owned();
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl").args(args).current_dir(&d).output().unwrap_or_else(|e| {
-                panic!(
-                    "running `openssl` failed: {e}; the TLS registry test needs it (apt-get install openssl)"
-                )
-            });
-            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
+        crate::openssl_pki(
+            reg.dir.path(),
             "/CN=lichen test CA",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ]);
-        openssl(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            "tls.key",
-            "-out",
-            "tls.csr",
-        ]);
-        std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-            .expect("san.ext");
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "tls.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-            "-out",
-            "tls.pem",
-        ]);
+            &[("tls", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth")],
+        );
         reg.bind();
         reg
     }
