@@ -99,8 +99,10 @@ put() { # put MODE SOURCE DEST
 }
 put 0755 "$binary" /usr/bin/lichen
 # Release builds are stripped by cargo (`strip = true`); debug builds are stripped here, as dh_strip
-# would.
-if readelf -SW "$root/usr/bin/lichen" | grep -q '\.symtab'; then
+# would. (The section table is read into a variable first: `readelf | grep -q` under pipefail fails
+# whenever grep exits before readelf has written its last block, and the binary went unstripped.)
+sections=$(readelf -SW "$root/usr/bin/lichen") || die "readelf could not read $binary"
+if [[ $sections == *' .symtab '* || $sections == *' .debug_'* ]]; then
   tool=$strip_tool
   command -v "$tool" >/dev/null || tool=llvm-strip
   command -v "$tool" >/dev/null \

@@ -256,7 +256,7 @@ if [[ -z $img_arch ]]; then
     debugfs -R "dump $p $stage/elf" "$img?offset=$root_off" >/dev/null 2>&1 || continue
     case $(readelf -hW "$stage/elf" 2>/dev/null | sed -n 's/^ *Machine: *//p') in
       AArch64) img_arch=arm64 ;;
-      ARM) img_arch=armhf; readelf -hW "$stage/elf" | grep -q hard-float || img_arch=armel ;;
+      ARM) img_arch=armhf; [[ $(readelf -hW "$stage/elf") == *hard-float* ]] || img_arch=armel ;;
       "Advanced Micro Devices X86-64") img_arch=amd64 ;;
       "Intel 80386") img_arch=i386 ;;
       *) img_arch=unknown ;;
@@ -372,7 +372,8 @@ if [[ -s $stage/status ]]; then
 fi
 
 debugfs -w -f "$cmds" "$img?offset=$root_off" >"$stage/debugfs.out" 2>"$stage/debugfs.err" || true
-if grep -v '^debugfs [0-9.]* (' "$stage/debugfs.err" | grep -q .; then
+# (grep -c, not `grep -v | grep -q`: under pipefail an early-exiting grep -q can fail the pipe.)
+if [[ $(grep -cv '^debugfs [0-9.]* (' "$stage/debugfs.err") != 0 ]]; then
   cat "$stage/debugfs.err" >&2
   die "debugfs could not write the root file system of $img (is it full?)"
 fi
