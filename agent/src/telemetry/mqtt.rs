@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::bridge::MqttBridge;
-use super::spool::{SpoolMessage, TelemetrySpool};
+use super::spool::{Origin, SpoolMessage, TelemetrySpool};
 use crate::config::MqttConfig;
 use crate::retry::RetryBackoff;
 
@@ -388,6 +388,9 @@ impl MqttClient {
                         cursor = Some(seq);
                         continue;
                     }
+                    if m.origin == Origin::LocalBroker {
+                        self.bridge.gateway_sent(&m.topic, &m.payload);
+                    }
                     match client.try_publish(m.topic, qos(m.qos.max(1)), m.retain, m.payload) {
                         Ok(()) => {
                             sent.push_back(Some(seq));
@@ -422,7 +425,7 @@ impl MqttClient {
                             in_window = in_window.saturating_sub(1);
                         }
                     }
-                    Some(Ok(Event::Incoming(Packet::Publish(p)))) => self.bridge.deliver(&p.topic, &p.payload),
+                    Some(Ok(Event::Incoming(Packet::Publish(p)))) => self.bridge.deliver(&p.topic, &p.payload, p.retain, p.dup),
                     Some(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
                         if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
                             tracing::warn!(pkid = ack.pkid, "the broker refused a subscription (check its ACL)");
@@ -434,6 +437,9 @@ impl MqttClient {
                 },
                 _ = self.spool.appended(), if in_window < window => {}
                 Some(m) = self.direct.recv() => {
+                    if m.origin == Origin::LocalBroker {
+                        self.bridge.gateway_sent(&m.topic, &m.payload);
+                    }
                     if valid_publish_topic(&m.topic)
                         && client.try_publish(m.topic, QoS::AtMostOnce, m.retain, m.payload).is_ok()
                     {
