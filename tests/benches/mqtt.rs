@@ -26,7 +26,8 @@
 //! subscriber, same machine clock; the first second is warm-up and not counted.
 //!
 //! `mqtt.pod_rate_limit` defaults to 100 msg/s per pod; the bench sets it to 0 (unlimited), or
-//! the module would be held to 100 msg/s. Everything else is the default configuration.
+//! the module would be held to 100 msg/s. Everything else is the default configuration
+//! (`inflight` 100), plus one QoS 1 run of each Lichen path with `inflight = 1000`.
 //!
 //! It prints figures and a Markdown table, and exits non-zero only if a path never delivers.
 
@@ -147,6 +148,8 @@ async fn load(port: u16, id: &str, topic: &str, q: u8, count: u64, interval: Dur
                 | Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_))) => {
                     acks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
+                // Disconnected on purpose: the run is over.
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                 Ok(_) => {}
                 Err(e) => {
                     eprintln!("bench publisher: {e}");
@@ -204,14 +207,17 @@ fn fail(what: &str, agent: Option<&Agent>) -> ! {
     eprintln!("mqtt bench FAILED: {what}");
     if let Some(a) = agent {
         eprintln!("the agent logged:\n{}", a.log().join("\n"));
+        // `exit` runs no destructors: stop the agent here.
+        let _ = std::process::Command::new("kill").args(["-KILL", &a.pid().to_string()]).status();
     }
     std::process::exit(1);
 }
 
-/// A Lichen config for the bench: no node telemetry, the pod rate limit off.
-fn lichen_config(broker: &str, extra: &str) -> String {
+/// A Lichen config for the bench: no node telemetry, the pod rate limit off, `inflight` QoS 1
+/// messages in flight (the default is 100).
+fn lichen_config(broker: &str, inflight: u16, extra: &str) -> String {
     format!(
-        "[mqtt]\nbroker = {broker:?}\ntelemetry_interval_secs = 0\npod_rate_limit = 0\nreconnect_min_ms = 100\n{extra}"
+        "[mqtt]\nbroker = {broker:?}\ntelemetry_interval_secs = 0\npod_rate_limit = 0\nreconnect_min_ms = 100\ninflight = {inflight}\n{extra}"
     )
 }
 
@@ -285,10 +291,10 @@ async fn mosquitto_bridge(q: u8, rate: Option<u64>) -> (Run, Vec<Sample>) {
     )
 }
 
-async fn lichen_stdout(q: u8, rate: Option<u64>) -> (Run, Vec<Sample>, String) {
+async fn lichen_stdout(q: u8, rate: Option<u64>, inflight: u16) -> (Run, Vec<Sample>, String) {
     let broker = Mosquitto::start();
     let sub = Collector::connect(broker.port, "bench-sub", "bench/#", q).await;
-    let s = Scratch::new(&lichen_config(&broker.url(), ""));
+    let s = Scratch::new(&lichen_config(&broker.url(), inflight, ""));
     let agent = s.start();
     agent.wait_log(&["connected to the MQTT broker"], T);
     let (count, interval_us) = match rate {
@@ -305,7 +311,11 @@ async fn lichen_stdout(q: u8, rate: Option<u64>) -> (Run, Vec<Sample>, String) {
     let _ = agent.stop();
     (
         Run {
-            path: "Lichen, module stdout (spool on) -> broker -> subscriber",
+            path: if inflight == 100 {
+                "Lichen, module stdout (spool on) -> broker -> subscriber"
+            } else {
+                "Lichen, module stdout (spool on), inflight 1000"
+            },
             q,
             sent: count,
             received,
@@ -316,7 +326,7 @@ async fn lichen_stdout(q: u8, rate: Option<u64>) -> (Run, Vec<Sample>, String) {
     )
 }
 
-async fn lichen_gateway(q: u8, rate: Option<u64>) -> (Run, Vec<Sample>, String) {
+async fn lichen_gateway(q: u8, rate: Option<u64>, inflight: u16) -> (Run, Vec<Sample>, String) {
     let upstream = Mosquitto::start();
     let local = Mosquitto::start();
     let sub = Collector::connect(upstream.port, "bench-sub", "up/bench/#", q).await;
@@ -324,7 +334,7 @@ async fn lichen_gateway(q: u8, rate: Option<u64>) -> (Run, Vec<Sample>, String) 
         "[mqtt.gateway]\nlocal_broker = {:?}\nmappings = [{{ local = \"bench/#\", upstream_prefix = \"up/\", direction = \"up\" }}]\n",
         local.url()
     );
-    let s = Scratch::new(&lichen_config(&upstream.url(), &gw));
+    let s = Scratch::new(&lichen_config(&upstream.url(), inflight, &gw));
     let agent = s.start();
     agent.wait_log(&["gateway: connected to the local MQTT broker"], T);
     agent.wait_log(&["connected to the MQTT broker"], T);
@@ -343,7 +353,11 @@ async fn lichen_gateway(q: u8, rate: Option<u64>) -> (Run, Vec<Sample>, String) 
     let _ = agent.stop();
     (
         Run {
-            path: "Lichen gateway (publisher -> local -> Lichen, spool on -> upstream -> subscriber)",
+            path: if inflight == 100 {
+                "Lichen gateway (publisher -> local -> Lichen, spool on -> upstream -> subscriber)"
+            } else {
+                "Lichen gateway (spool on), inflight 1000"
+            },
             q,
             sent: count,
             received,
@@ -358,21 +372,25 @@ fn main() {
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio");
     rt.block_on(async {
-        let mut runs = Vec::new();
-        for q in [0u8, 1] {
-            runs.push(ceiling(q).await);
-            runs.push(mosquitto_bridge(q, None).await.0);
-            let (run, _, status) = lichen_stdout(q, None).await;
-            eprintln!("lichen stdout QoS {q}: {status}");
-            runs.push(run);
-            let (run, _, status) = lichen_gateway(q, None).await;
-            eprintln!("lichen gateway QoS {q}: {status}");
-            runs.push(run);
-        }
+        // (path, QoS 0, QoS 1) in the order of the table.
+        let mut runs: Vec<(Option<Run>, Run)> = Vec::new();
+        let both = |a: Run, b: Run| (Some(a), b);
+        runs.push(both(ceiling(0).await, ceiling(1).await));
+        runs.push(both(mosquitto_bridge(0, None).await.0, mosquitto_bridge(1, None).await.0));
+        let (a, _, s0) = lichen_stdout(0, None, 100).await;
+        let (b, _, s1) = lichen_stdout(1, None, 100).await;
+        eprintln!("lichen stdout: QoS 0 {s0}\nQoS 1 {s1}");
+        runs.push(both(a, b));
+        runs.push((None, lichen_stdout(1, None, 1000).await.0));
+        let (a, _, s0) = lichen_gateway(0, None, 100).await;
+        let (b, _, s1) = lichen_gateway(1, None, 100).await;
+        eprintln!("lichen gateway: QoS 0 {s0}\nQoS 1 {s1}");
+        runs.push(both(a, b));
+        runs.push((None, lichen_gateway(1, None, 1000).await.0));
         println!(
             "\nthroughput, {COUNT} messages per run (distinct messages received / time from first to last):"
         );
-        for r in &runs {
+        for r in runs.iter().flat_map(|(a, b)| a.iter().chain(std::iter::once(b))) {
             println!(
                 "  QoS {} {:<86} {:>9.0} msg/s  ({} of {} received)",
                 r.q, r.path, r.rate, r.received, r.sent
@@ -381,18 +399,18 @@ fn main() {
         let mut lat = Vec::new();
         let (_, s) = mosquitto_bridge(1, Some(RATE)).await;
         lat.push(("Mosquitto bridge", latency(&s)));
-        let (_, s, _) = lichen_stdout(1, Some(RATE)).await;
+        let (_, s, _) = lichen_stdout(1, Some(RATE), 100).await;
         lat.push(("Lichen, module stdout", latency(&s)));
-        let (_, s, _) = lichen_gateway(1, Some(RATE)).await;
+        let (_, s, _) = lichen_gateway(1, Some(RATE), 100).await;
         lat.push(("Lichen gateway", latency(&s)));
         println!("\nlatency at {RATE} msg/s, QoS 1, {LATENCY_SECS} s (first second not counted):");
         for (path, (p50, p99, n)) in &lat {
             println!("  {path:<24} p50 {p50:.2} ms  p99 {p99:.2} ms  ({n} messages)");
         }
         println!("\n| path | QoS 0 msg/s | QoS 1 msg/s |\n|---|---|---|");
-        for chunk in 0..4 {
-            let (a, b) = (&runs[chunk], &runs[chunk + 4]);
-            println!("| {} | {:.0} | {:.0} |", a.path, a.rate, b.rate);
+        for (a, b) in &runs {
+            let q0 = a.as_ref().map_or_else(|| "".to_string(), |a| format!("{:.0}", a.rate));
+            println!("| {} | {q0} | {:.0} |", b.path, b.rate);
         }
         println!("\n| at {RATE} msg/s, QoS 1 | p50 | p99 |\n|---|---|---|");
         for (path, (p50, p99, _)) in &lat {

@@ -366,11 +366,14 @@ fn a_full_spool_drops_the_oldest_counts_and_logs_it_and_sends_the_newest() {
 }
 
 /// The gateway's `[mqtt.gateway]` table: `sensors/#` both ways under `site1/`, `cmd/#` down only.
+/// After the upstream restart the broker hands over its backlog for the gateway at once, faster
+/// than a window of 10 drains it to the local broker; the down queue holds the whole stream
+/// (down is not flow-controlled: with the default 1000, the excess would be dropped and counted).
 fn gateway_table(upstream: &Mosquitto, local: &Mosquitto) -> String {
     mqtt_table(
         &upstream.url(),
         &format!(
-            "inflight = 10\n[mqtt.gateway]\nlocal_broker = {:?}\nmappings = [\
+            "inflight = 10\n[mqtt.gateway]\nlocal_broker = {:?}\ndown_queue = 10000\nmappings = [\
              {{ local = \"sensors/#\", upstream_prefix = \"site1/\", direction = \"both\" }}, \
              {{ local = \"cmd/#\", upstream_prefix = \"site1/\", direction = \"down\" }}]\n",
             local.url()
@@ -415,12 +418,23 @@ fn the_gateway_bridges_both_ways_through_an_upstream_restart_without_loops() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    wait_for(Duration::from_secs(120), "every sensor message upstream, in order", || {
-        check_in_order(&up_sub.texts("site1/sensors/barn/temp"), N).ok()
-    });
-    wait_for(Duration::from_secs(120), "every upstream command on the local broker, in order", || {
-        check_in_order(&local_sub.texts("cmd/led"), N).ok()
-    });
+    // On a timeout, say what did arrive and what the gateway counted.
+    let stream_done = |what: &str, texts: &dyn Fn() -> Vec<String>| {
+        let start = Instant::now();
+        loop {
+            match check_in_order(&texts(), N) {
+                Ok(_) => return,
+                Err(e) if start.elapsed() > Duration::from_secs(120) => panic!(
+                    "{what}: {e}\ngateway: {}\nthe agent's last lines:\n{}",
+                    s.status_json()["mqtt"],
+                    agent.log().iter().rev().take(40).rev().cloned().collect::<Vec<_>>().join("\n")
+                ),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    };
+    stream_done("every sensor message upstream, in order", &|| up_sub.texts("site1/sensors/barn/temp"));
+    stream_done("every upstream command on the local broker, in order", &|| local_sub.texts("cmd/led"));
     let up_dups = check_in_order(&up_sub.texts("site1/sensors/barn/temp"), N).expect("in order");
     let down_dups = check_in_order(&local_sub.texts("cmd/led"), N).expect("in order");
     let _ = down_stream.join();

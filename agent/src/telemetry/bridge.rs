@@ -50,6 +50,8 @@ pub const RETAIN_ANNOTATION: &str = "lichen.dev/mqtt-retain";
 pub const SUBSCRIBE_ANNOTATION: &str = "lichen.dev/mqtt-subscribe";
 /// Chunks of stdout waiting for the bridge per container before the module's writes wait.
 pub const STDOUT_CHUNKS: usize = 16;
+/// How long a module's QoS 0 line waits for room in the connection's queue before it is dropped.
+pub const QOS0_WAIT: Duration = Duration::from_millis(500);
 /// Drops are logged at most this often per pod (with the counts since the last log).
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 const BASE64_PREFIX: &[u8] = b"base64:";
@@ -361,7 +363,7 @@ pub struct BridgeSnapshot {
     pub dropped_oversized: u64,
     /// `base64:` lines that were not base64.
     pub dropped_malformed: u64,
-    /// QoS 0 messages dropped because the broker was away.
+    /// QoS 0 messages dropped because the broker was away or the connection could not take them.
     pub dropped_offline: u64,
     /// Messages the spool could not store (disk errors).
     pub dropped_spool_error: u64,
@@ -464,6 +466,31 @@ impl MqttBridge {
             self.stats.dropped_offline.fetch_add(1, Ordering::Relaxed);
             false
         }
+    }
+
+    /// Publishes a module's QoS 0 line: while the connection is up and its queue is full, waits
+    /// (up to [`QOS0_WAIT`]) for room, so a fast module is slowed as its QoS 1 lines are, instead
+    /// of losing lines the connection could have sent a moment later.
+    pub async fn publish_waiting(&self, message: SpoolMessage) -> bool {
+        if !self.connected.load(Ordering::Relaxed) {
+            self.stats.dropped_offline.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        match tokio::time::timeout(QOS0_WAIT, self.direct.send(message)).await {
+            Ok(Ok(())) => {
+                self.stats.published.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            _ => {
+                self.stats.dropped_offline.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Counts a QoS 0 message the connection could not take.
+    pub fn dropped_offline(&self) {
+        self.stats.dropped_offline.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Called by the connection.
@@ -776,15 +803,30 @@ impl PodBridge {
         let max = self.bridge.max_payload;
         // A base64 line may be a third longer than the payload it carries.
         let mut splitter = LineSplitter::new(max / 3 * 4 + 4 + BASE64_PREFIX.len() + 1);
-        let mut handle =
-            |line: Result<&[u8], LineFault>| self.line(&topic, line.and_then(|l| decode_line(l, max)));
-        while let Some(chunk) = rx.recv().await {
-            splitter.push(&chunk, &mut handle);
+        // The lines of one chunk (at most 64 KiB of them), handled after splitting so a QoS 0
+        // line can wait for the connection's queue.
+        let mut lines: Vec<Result<Option<Vec<u8>>, LineFault>> = Vec::new();
+        loop {
+            let more = match rx.recv().await {
+                Some(chunk) => {
+                    splitter.push(&chunk, &mut |l| lines.push(l.and_then(|l| decode_line(l, max))));
+                    true
+                }
+                None => {
+                    splitter.finish(&mut |l| lines.push(l.and_then(|l| decode_line(l, max))));
+                    false
+                }
+            };
+            for line in lines.drain(..) {
+                self.line(&topic, line).await;
+            }
+            if !more {
+                return;
+            }
         }
-        splitter.finish(&mut handle);
     }
 
-    fn line(&self, topic: &str, line: Result<Option<Vec<u8>>, LineFault>) {
+    async fn line(&self, topic: &str, line: Result<Option<Vec<u8>>, LineFault>) {
         let stats = &self.bridge.stats;
         let payload = match line {
             Ok(None) => return,
@@ -809,13 +851,18 @@ impl PodBridge {
             self.dropped(|d| d.rate += 1);
             return;
         }
-        self.bridge.publish(SpoolMessage {
+        let message = SpoolMessage {
             topic: topic.to_owned(),
             qos: self.binding.qos,
             retain: self.binding.retain,
             origin: Origin::Node,
             payload,
-        });
+        };
+        if message.qos == 0 {
+            self.bridge.publish_waiting(message).await;
+        } else {
+            self.bridge.publish(message);
+        }
     }
 
     /// Counts a dropped line and logs the counts at most every [`DROP_LOG_INTERVAL`].

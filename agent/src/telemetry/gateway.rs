@@ -327,6 +327,8 @@ impl Gateway {
         let mut held: Option<Down> = None;
         // Acknowledgements the request queue had no room for, sent before anything else.
         let mut acks: std::collections::VecDeque<rumqttc::Publish> = Default::default();
+        // Without down mappings nothing ever sends on `down` (its sender is dropped at once).
+        let mut down_open = true;
         loop {
             while let Some(p) = acks.pop_front() {
                 if client.try_ack(&p).is_err() {
@@ -350,7 +352,7 @@ impl Gateway {
                     held = Some(m);
                 }
             }
-            let room = connected && in_window < window && held.is_none();
+            let room = down_open && connected && in_window < window && held.is_none();
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
@@ -365,7 +367,7 @@ impl Gateway {
                         }
                     }
                     Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                        path.up(&p);
+                        path.up(&p).await;
                         // Acknowledged once spooled: the local broker keeps it until then.
                         if !acks.is_empty() || client.try_ack(&p).is_err() {
                             acks.push_back(p);
@@ -379,10 +381,10 @@ impl Gateway {
                     Some(Err(_)) => path.stats.0.connected.store(false, Ordering::Relaxed),
                     None => break,
                 },
-                m = down.recv(), if room => {
-                    let Some(m) = m else { break };
-                    held = Some(m);
-                }
+                m = down.recv(), if room => match m {
+                    Some(m) => held = Some(m),
+                    None => down_open = false,
+                },
                 // A held message or acknowledgement waits for the request queue to drain.
                 _ = tokio::time::sleep(Duration::from_millis(1)), if held.is_some() || !acks.is_empty() => {}
             }
@@ -404,7 +406,7 @@ impl Gateway {
 impl UpPath {
     /// A message from the local broker: its echo is dropped, anything else goes upstream (QoS 1
     /// through the spool). The caller acknowledges it afterwards.
-    fn up(&mut self, p: &rumqttc::Publish) {
+    async fn up(&mut self, p: &rumqttc::Publish) {
         let now = Instant::now();
         if self.local_echo.take(&p.topic, &p.payload, p.dup, now) {
             self.stats.0.loops_suppressed.fetch_add(1, Ordering::Relaxed);
@@ -417,7 +419,13 @@ impl UpPath {
                 origin: Origin::LocalBroker,
                 payload: p.payload.to_vec(),
             };
-            if self.bridge.publish(message) {
+            // QoS 0 waits briefly for the upstream connection's queue, as a module's lines do.
+            let taken = if qos == 0 {
+                self.bridge.publish_waiting(message).await
+            } else {
+                self.bridge.publish(message)
+            };
+            if taken {
                 self.stats.0.forwarded_up.fetch_add(1, Ordering::Relaxed);
             }
         }
