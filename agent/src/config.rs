@@ -236,6 +236,101 @@ pub struct MqttConfig {
     pub pod_burst: u32,
     /// Incoming messages queued for one container's stdin before newer ones are dropped.
     pub stdin_queue: u32,
+    /// Gateway mode: bridge a LAN broker to `broker` through the spool. Off unless
+    /// `gateway.local_broker` is set.
+    pub gateway: GatewayConfig,
+}
+
+/// Gateway mode: Lichen connects to a local (LAN) broker as well, and forwards messages between it
+/// and the upstream broker (`mqtt.broker`) by topic mapping; upward through the durable spool.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// The local broker, `mqtt://host[:port]` or `mqtts://host[:port]` (system CAs); empty turns
+    /// gateway mode off.
+    pub local_broker: String,
+    /// The client id on the local broker; empty means `<mqtt.client_id>-gateway`.
+    pub client_id: String,
+    /// Messages from upstream waiting for the local broker before newer ones are dropped.
+    pub down_queue: u32,
+    /// What is forwarded, and which way.
+    pub mappings: Vec<GatewayMapping>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            local_broker: String::new(),
+            client_id: String::new(),
+            down_queue: 1000,
+            mappings: Vec::new(),
+        }
+    }
+}
+
+/// One gateway mapping: local topics matching `local` appear upstream under `upstream_prefix`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayMapping {
+    /// A filter on the local broker, e.g. `sensors/#`.
+    pub local: String,
+    /// Put before a local topic to make the upstream one (`site1/` makes `sensors/t` into
+    /// `site1/sensors/t`), and taken off on the way down. May be empty.
+    #[serde(default)]
+    pub upstream_prefix: String,
+    /// `up` (local to upstream), `down` (upstream to local) or `both`.
+    #[serde(default)]
+    pub direction: GatewayDirection,
+}
+
+impl GatewayMapping {
+    /// The filter on the upstream broker that `down`/`both` subscribe.
+    pub fn upstream_filter(&self) -> String {
+        format!("{}{}", self.upstream_prefix, self.local)
+    }
+
+    /// Whether messages go from the local broker upstream.
+    pub fn up(&self) -> bool {
+        matches!(self.direction, GatewayDirection::Up | GatewayDirection::Both)
+    }
+
+    /// Whether messages go from upstream to the local broker.
+    pub fn down(&self) -> bool {
+        matches!(self.direction, GatewayDirection::Down | GatewayDirection::Both)
+    }
+}
+
+/// Which way a gateway mapping forwards.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum GatewayDirection {
+    /// Local broker to upstream.
+    #[default]
+    Up,
+    /// Upstream to the local broker.
+    Down,
+    /// Both ways.
+    Both,
+}
+
+/// Gateway mappings as a flag or environment variable: a TOML inline array, e.g.
+/// `[{ local = "sensors/#", upstream_prefix = "site1/", direction = "both" }]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayMappings(pub Vec<GatewayMapping>);
+
+fn parse_mappings(s: &str) -> Result<GatewayMappings, String> {
+    #[derive(Deserialize)]
+    struct Wrap {
+        m: Vec<GatewayMapping>,
+    }
+    let text = if s.trim().is_empty() { "[]" } else { s };
+    toml::from_str::<Wrap>(&format!("m = {text}"))
+        .map(|w| GatewayMappings(w.m))
+        .map_err(|e| {
+            format!(
+                "{e}; write a TOML inline array, e.g. [{{ local = \"sensors/#\", upstream_prefix = \"site1/\", direction = \"up\" }}]"
+            )
+        })
 }
 
 impl Default for MqttConfig {
@@ -262,6 +357,7 @@ impl Default for MqttConfig {
             pod_rate_limit: 100,
             pod_burst: 1000,
             stdin_queue: 64,
+            gateway: GatewayConfig::default(),
         }
     }
 }
@@ -338,6 +434,67 @@ impl MqttConfig {
         }
         if !(1..=100_000).contains(&self.stdin_queue) {
             return Err(invalid("mqtt.stdin_queue", format!("{} is outside 1..=100000", self.stdin_queue)));
+        }
+        self.gateway.validate()
+    }
+}
+
+impl GatewayConfig {
+    /// Whether gateway mode is on.
+    pub fn enabled(&self) -> bool {
+        !self.local_broker.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        use crate::telemetry::bridge::valid_filter;
+        let invalid = |field, message: String| ConfigError::Invalid { field, message };
+        if !self.enabled() {
+            return Ok(());
+        }
+        crate::telemetry::mqtt::BrokerUrl::parse(&self.local_broker)
+            .map_err(|e| invalid("mqtt.gateway.local_broker", e))?;
+        if self.mappings.is_empty() {
+            return Err(invalid(
+                "mqtt.gateway.mappings",
+                "gateway mode needs at least one mapping, e.g. { local = \"sensors/#\", upstream_prefix = \"site1/\", direction = \"up\" }".into(),
+            ));
+        }
+        for m in &self.mappings {
+            if !valid_filter(&m.local) {
+                return Err(invalid(
+                    "mqtt.gateway.mappings",
+                    format!(
+                        "local = {:?} is not a valid filter (+ and # stand for whole levels, # only last)",
+                        m.local
+                    ),
+                ));
+            }
+            if m.upstream_prefix.contains(['+', '#', '\0']) || m.upstream_prefix.starts_with('$') {
+                return Err(invalid(
+                    "mqtt.gateway.mappings",
+                    format!(
+                        "upstream_prefix = {:?} must not hold wildcards or start with $",
+                        m.upstream_prefix
+                    ),
+                ));
+            }
+            if !valid_filter(&m.upstream_filter()) {
+                return Err(invalid(
+                    "mqtt.gateway.mappings",
+                    format!(
+                        "upstream_prefix = {:?} before local = {:?} makes the filter {:?}; end the prefix with '/'",
+                        m.upstream_prefix,
+                        m.local,
+                        m.upstream_filter()
+                    ),
+                ));
+            }
+        }
+        if !(1..=100_000).contains(&self.down_queue) {
+            return Err(invalid(
+                "mqtt.gateway.down_queue",
+                format!("{} is outside 1..=100000", self.down_queue),
+            ));
         }
         Ok(())
     }
@@ -646,6 +803,18 @@ pub struct ConfigArgs {
     /// The bootstrap token, from the environment only: a flag's value is visible in `ps`.
     #[arg(skip = std::env::var("LICHEN_JOIN_TOKEN").ok())]
     pub join_token: Option<String>,
+    /// Gateway mode: the local broker, mqtt://host[:port]; empty turns it off [default: none].
+    #[arg(long, env = "LICHEN_MQTT_GATEWAY_LOCAL_BROKER", global = true)]
+    pub mqtt_gateway_local_broker: Option<String>,
+    /// Gateway client id on the local broker [default: <mqtt client id>-gateway].
+    #[arg(long, env = "LICHEN_MQTT_GATEWAY_CLIENT_ID", global = true)]
+    pub mqtt_gateway_client_id: Option<String>,
+    /// Messages from upstream queued for the local broker [default: 1000].
+    #[arg(long, env = "LICHEN_MQTT_GATEWAY_DOWN_QUEUE", global = true)]
+    pub mqtt_gateway_down_queue: Option<u32>,
+    /// Gateway mappings as a TOML inline array [default: none].
+    #[arg(long, env = "LICHEN_MQTT_GATEWAY_MAPPINGS", global = true, value_parser = parse_mappings)]
+    pub mqtt_gateway_mappings: Option<GatewayMappings>,
 }
 
 impl AgentConfig {
@@ -754,6 +923,12 @@ impl AgentConfig {
         set(&mut j.token_file, &a.join_token_file);
         set(&mut j.approval_timeout_secs, &a.join_approval_timeout_secs);
         set(&mut j.token, &a.join_token);
+        set(&mut m.gateway.local_broker, &a.mqtt_gateway_local_broker);
+        set(&mut m.gateway.client_id, &a.mqtt_gateway_client_id);
+        set(&mut m.gateway.down_queue, &a.mqtt_gateway_down_queue);
+        if let Some(GatewayMappings(v)) = &a.mqtt_gateway_mappings {
+            m.gateway.mappings = v.clone();
+        }
         if let Some(labels) = &a.node_labels {
             // A malformed entry keeps its text as the key so validation names it.
             self.node_labels = labels
@@ -856,6 +1031,23 @@ impl AgentConfig {
         self.join.validate(&self.state_dir)?;
         if self.mqtt.enabled() && self.mqtt.client_id.is_empty() {
             self.mqtt.client_id = self.node_name.clone();
+        }
+        if self.mqtt.gateway.enabled() {
+            if !self.mqtt.enabled() {
+                return Err(ConfigError::Invalid {
+                    field: "mqtt.gateway.local_broker",
+                    message: "gateway mode forwards to the upstream broker mqtt.broker; set it".into(),
+                });
+            }
+            if self.mqtt.gateway.client_id.is_empty() {
+                self.mqtt.gateway.client_id = format!("{}-gateway", self.mqtt.client_id);
+            }
+            if self.mqtt.gateway.client_id == self.mqtt.client_id {
+                return Err(ConfigError::Invalid {
+                    field: "mqtt.gateway.client_id",
+                    message: "must differ from mqtt.client_id".into(),
+                });
+            }
         }
         let kc = &mut self.kubeconfig;
         if !kc.as_os_str().is_empty() && kc.is_relative() {
@@ -1185,6 +1377,48 @@ mod tests {
             let err = parse(&format!("node_name = \"a\"\n[join]\n{bad}")).unwrap_err().to_string();
             assert!(err.contains(field), "{bad}: {err}");
             assert!(!err.contains("nope"), "the token is not repeated: {err}");
+        }
+    }
+
+    #[test]
+    fn gateway_mappings_parse_from_the_file_and_a_flag_and_bad_ones_are_named() {
+        let c = parse(
+            "node_name = \"pi-07\"\n[mqtt]\nbroker = \"mqtt://up\"\n[mqtt.gateway]\nlocal_broker = \"mqtt://127.0.0.1\"\n\
+             mappings = [{ local = \"sensors/#\", upstream_prefix = \"site1/\", direction = \"both\" }, { local = \"cmd/#\" }]",
+        )
+        .expect("valid");
+        let g = &c.mqtt.gateway;
+        assert_eq!(g.client_id, "pi-07-gateway");
+        assert_eq!(g.mappings[0].upstream_filter(), "site1/sensors/#");
+        assert!(g.mappings[0].up() && g.mappings[0].down());
+        assert_eq!(
+            (g.mappings[1].direction, g.mappings[1].upstream_prefix.as_str()),
+            (GatewayDirection::Up, "")
+        );
+        let flag = parse_mappings("[{ local = \"a/#\", upstream_prefix = \"x/\", direction = \"down\" }]")
+            .expect("flag");
+        assert_eq!(flag.0[0].direction, GatewayDirection::Down);
+        assert!(parse_mappings("[{ local = \"a\", direction = \"sideways\" }]").is_err());
+        for (bad, field) in [
+            (
+                "[mqtt.gateway]\nlocal_broker = \"mqtt://l\"\nmappings = [{ local = \"a\" }]",
+                "mqtt.gateway.local_broker",
+            ),
+            (
+                "[mqtt]\nbroker = \"mqtt://u\"\n[mqtt.gateway]\nlocal_broker = \"mqtt://l\"",
+                "mqtt.gateway.mappings",
+            ),
+            (
+                "[mqtt]\nbroker = \"mqtt://u\"\n[mqtt.gateway]\nlocal_broker = \"mqtt://l\"\nmappings = [{ local = \"#\", upstream_prefix = \"site1\" }]",
+                "end the prefix with '/'",
+            ),
+            (
+                "[mqtt]\nbroker = \"mqtt://u\"\n[mqtt.gateway]\nlocal_broker = \"mqtt://l\"\nmappings = [{ local = \"a/#/b\" }]",
+                "not a valid filter",
+            ),
+        ] {
+            let err = parse(&format!("node_name = \"a\"\n{bad}")).unwrap_err().to_string();
+            assert!(err.contains(field), "{bad}: {err}");
         }
     }
 

@@ -79,10 +79,11 @@ impl Control {
             pods,
             status_changes: self.board.changes(),
             store_pod_writes: self.store.pod_writes(),
-            mqtt: self
-                .mqtt
-                .as_ref()
-                .map(|b| crate::report::MqttReport { bridge: b.snapshot(), spool: b.spool().snapshot() }),
+            mqtt: self.mqtt.as_ref().map(|b| crate::report::MqttReport {
+                bridge: b.snapshot(),
+                spool: b.spool().snapshot(),
+                gateway: b.gateway_snapshot(),
+            }),
         })
     }
 }

@@ -60,6 +60,9 @@ pub struct MqttReport {
     pub bridge: crate::telemetry::bridge::BridgeSnapshot,
     /// Spool size and counters.
     pub spool: crate::telemetry::spool::SpoolSnapshot,
+    /// Gateway mode's counters (`None`: gateway mode off).
+    #[serde(default)]
+    pub gateway: Option<crate::telemetry::gateway::GatewaySnapshot>,
 }
 
 /// Builds the pod lines from the store; `unreported(key, uid)` tells whether a pod's status is still
@@ -151,6 +154,17 @@ impl NodeReport {
                 b.dropped_offline,
                 b.dropped_stdin
             );
+            if let Some(g) = &m.gateway {
+                let _ = writeln!(
+                    out,
+                    "gateway:    local broker {}; forwarded {} up, {} down; dropped {} down (queue full); {} loops suppressed",
+                    if g.connected { "connected" } else { "not connected" },
+                    g.forwarded_up,
+                    g.forwarded_down,
+                    g.dropped_down,
+                    g.loops_suppressed
+                );
+            }
         }
         let _ = writeln!(out, "pods:       {}", self.pods.len());
         if !self.pods.is_empty() {

@@ -268,6 +268,7 @@ impl Node {
             stdout: log.sink(Stream::Stdout),
             stderr: log.sink(Stream::Stderr),
             stdin: None,
+            mqtt: None,
         };
         let cancel = CancellationToken::new();
 

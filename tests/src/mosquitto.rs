@@ -32,6 +32,7 @@ pub struct Mosquitto {
     pub tls_port: Option<u16>,
     child: Option<Child>,
     log: Arc<Mutex<Vec<String>>>,
+    extra: String,
 }
 
 impl Mosquitto {
@@ -60,11 +61,29 @@ impl Mosquitto {
         if tls {
             make_certificates(dir.path());
         }
-        Mosquitto { dir, port: 0, tls_port: tls.then_some(0), child: None, log: Arc::default() }
+        Mosquitto {
+            dir,
+            port: 0,
+            tls_port: tls.then_some(0),
+            child: None,
+            log: Arc::default(),
+            extra: String::new(),
+        }
+    }
+
+    /// Starts a broker with a plain listener and `extra` appended to its configuration (a bridge
+    /// `connection` section, say).
+    pub fn start_with(extra: &str) -> Mosquitto {
+        Mosquitto::launch_with(false, extra)
     }
 
     fn launch(tls: bool) -> Mosquitto {
+        Mosquitto::launch_with(tls, "")
+    }
+
+    fn launch_with(tls: bool, extra: &str) -> Mosquitto {
         let mut m = Mosquitto::prepare(tls);
+        m.extra = extra.to_owned();
         let mut last = String::new();
         for _ in 0..5 {
             m.port = crate::free_port();
@@ -155,6 +174,7 @@ impl Mosquitto {
                 d.display()
             ));
         }
+        text.push_str(&self.extra);
         std::fs::write(d.join("mosquitto.conf"), text).expect("write mosquitto.conf");
     }
 

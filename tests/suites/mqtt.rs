@@ -245,3 +245,228 @@ fn a_flooding_module_is_rate_limited_and_cannot_exhaust_memory() {
     );
     assert!(agent.stop().0.success());
 }
+
+/// The `lichen:mqtt` fixture's pod: it may publish on `api/out` and below, and subscribe within
+/// `api/in/#`.
+fn api_pod() -> String {
+    publishing_pod("api", "mqttapi.wat", "api/out", "    lichen.dev/mqtt-subscribe: \"api/in/#\"\n")
+        .replace("  restartPolicy: Never\n", "")
+}
+
+#[test]
+fn the_host_api_publishes_subscribes_receives_and_refuses_hostile_calls() {
+    let broker = Mosquitto::start();
+    let sub = Subscriber::connect(broker.port, "api-sub", "api/out/#");
+    let s = Scratch::new(&mqtt_table(&broker.url(), "max_payload = \"1Ki\"\n"));
+    s.put_pod("api.yaml", &api_pod());
+    let agent = s.start();
+    // The module's own checks, each an errno it expected: "ok <check>" or "FAIL <check>".
+    wait_for(T, "the module's checks", || {
+        s.output("api", "main", 0).iter().any(|l| l == "ready").then_some(())
+    });
+    let out = s.output("api", "main", 0);
+    let checks: Vec<&String> =
+        out.iter().filter(|l| l.starts_with("ok ") || l.starts_with("FAIL ")).collect();
+    assert_eq!(checks.len(), 18, "every check ran: {out:?}");
+    assert!(checks.iter().all(|l| l.starts_with("ok ")), "a check failed: {out:?}");
+    agent.wait_log(&["subscribed", "api/in/#"], T);
+    sub.publish("api/in/cmd", b"ping");
+    sub.publish("api/in/big", &[b'z'; 100]);
+    sub.publish("api/elsewhere", b"not granted");
+    wait_for(T, "both messages echoed", || (sub.texts("api/out/echo").len() >= 3).then_some(()));
+    std::thread::sleep(Duration::from_millis(300));
+    let echo = sub.texts("api/out/echo");
+    assert_eq!(
+        echo,
+        vec!["hello".to_string(), "ping".into(), "z".repeat(100)],
+        "the published hello, then the echoes"
+    );
+    assert_eq!(sub.texts("api/out/topic"), vec!["api/in/cmd", "api/in/big"]);
+    assert!(
+        s.output("api", "main", 0).iter().any(|l| l == "nobufs"),
+        "the 100-byte payload did not fit 16 bytes first"
+    );
+    // Nothing the module did hurt the agent; it is still running it.
+    assert!(
+        s.status_json()["pods"][0]["containers"][0].as_str().unwrap_or("").contains("running"),
+        "{}",
+        s.status_json()
+    );
+    assert!(agent.stop().0.success());
+}
+
+#[test]
+fn a_module_importing_the_host_api_on_a_node_without_mqtt_fails_saying_why() {
+    let s = Scratch::new("");
+    s.put_pod(
+        "api.yaml",
+        &publishing_pod("api", "mqttapi.wat", "api/out", "    lichen.dev/mqtt-subscribe: \"api/in/#\"\n"),
+    );
+    let agent = s.start();
+    let line = agent.wait_log(&["container ended"], T);
+    assert!(line.contains("imports lichen:mqtt, but MQTT is off on this node (set mqtt.broker)"), "{line}");
+    wait_for(T, "the pod to show the reason", || {
+        let st = s.status_json();
+        st["pods"][0]["containers"][0].as_str().is_some_and(|c| c.contains("InvalidModule")).then_some(())
+    });
+    assert!(agent.stop().0.success());
+}
+
+#[test]
+fn a_full_spool_drops_the_oldest_counts_and_logs_it_and_sends_the_newest() {
+    // The subscriber's persistent session exists before the broker goes away, so it receives what
+    // the agent sends when the broker is back.
+    let mut broker = Mosquitto::start();
+    let sub = Subscriber::connect(broker.port, "full-sub", "sensors/#");
+    broker.stop();
+    let s = Scratch::new(&mqtt_table(
+        &broker.url(),
+        "pod_rate_limit = 0\nspool_max_bytes = \"64Ki\"\nmax_payload = \"1Ki\"\n",
+    ));
+    let agent = s.start();
+    agent.wait_log(&["lichen running"], T);
+    s.put_pod("counter.yaml", &counter_pod());
+    wait_for(T, "all 10,000 lines accepted", || {
+        (s.status_json()["mqtt"]["spool"]["accepted"].as_u64() == Some(COUNT)).then_some(())
+    });
+    let st = s.status_json();
+    let spool = &st["mqtt"]["spool"];
+    let (entries, bytes, dropped) = (
+        spool["entries"].as_u64().unwrap_or(0),
+        spool["bytes"].as_u64().unwrap_or(0),
+        spool["dropped_full"].as_u64().unwrap_or(0),
+    );
+    assert!(bytes <= 64 << 10, "the spool keeps to its budget: {spool}");
+    assert_eq!(entries + dropped, COUNT, "every line is either kept or counted as dropped: {spool}");
+    assert!(dropped > COUNT / 2, "most were dropped: {spool}");
+    agent.wait_log(&["MQTT spool is full", "dropping the oldest messages"], T);
+    let text = std::process::Command::new(lichen_tests::lichen_bin())
+        .args(["status", "--config"])
+        .arg(&s.config)
+        .output()
+        .expect("lichen status");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!("dropped: {dropped} spool full")),
+        "lichen status shows the drops:\n{text}"
+    );
+
+    broker.restart();
+    wait_for(T, "the kept messages", || (sub.texts(COUNTER_TOPIC).len() as u64 >= entries).then_some(()));
+    wait_for(T, "the spool to drain", || (spool_entries(&s) == 0).then_some(()));
+    std::thread::sleep(Duration::from_millis(300));
+    let got: Vec<u64> = sub.texts(COUNTER_TOPIC).iter().filter_map(|t| t.parse().ok()).collect();
+    let want: Vec<u64> = (dropped..COUNT).collect();
+    assert_eq!(got.first(), Some(&dropped), "the oldest {dropped} were the ones dropped");
+    assert_eq!(got, want, "the newest {entries}, in order, once each");
+    eprintln!(
+        "figures: a 64Ki spool kept the newest {entries} of 10,000 lines ({bytes} bytes) and dropped {dropped}"
+    );
+    assert!(agent.stop().0.success());
+}
+
+/// The gateway's `[mqtt.gateway]` table: `sensors/#` both ways under `site1/`, `cmd/#` down only.
+/// After the upstream restart the broker hands over its backlog for the gateway at once, faster
+/// than a window of 10 drains it to the local broker; the down queue holds the whole stream
+/// (down is not flow-controlled: with the default 1000, the excess would be dropped and counted).
+fn gateway_table(upstream: &Mosquitto, local: &Mosquitto) -> String {
+    mqtt_table(
+        &upstream.url(),
+        &format!(
+            "inflight = 10\n[mqtt.gateway]\nlocal_broker = {:?}\ndown_queue = 10000\nmappings = [\
+             {{ local = \"sensors/#\", upstream_prefix = \"site1/\", direction = \"both\" }}, \
+             {{ local = \"cmd/#\", upstream_prefix = \"site1/\", direction = \"down\" }}]\n",
+            local.url()
+        ),
+    )
+}
+
+#[test]
+fn the_gateway_bridges_both_ways_through_an_upstream_restart_without_loops() {
+    const N: u64 = 3000;
+    let mut upstream = Mosquitto::start();
+    let local = Mosquitto::start();
+    let up_sub = Subscriber::connect(upstream.port, "gw-up-sub", "site1/#");
+    let local_sub = Subscriber::connect(local.port, "gw-local-sub", "#");
+    let s = Scratch::new(&gateway_table(&upstream, &local));
+    let agent = s.start();
+    agent.wait_log(&["gateway: connected to the local MQTT broker"], T);
+    agent.wait_log(&["subscribed", "site1/sensors/#"], T);
+    agent.wait_log(&["subscribed", "site1/cmd/#"], T);
+
+    // A LAN sensor publishes N numbered messages on the local broker; an upstream client publishes
+    // N on a mapped upstream topic. The upstream broker restarts in the middle of both streams.
+    let sensor = Subscriber::connect(local.port, "gw-sensor", "nothing/here");
+    let up_pub_port = upstream.port;
+    let down_stream = std::thread::spawn(move || {
+        let cloud = Subscriber::connect(up_pub_port, "gw-cloud", "nothing/here");
+        for i in 0..N {
+            cloud.publish("site1/cmd/led", i.to_string().as_bytes());
+            if i % 100 == 0 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // Keep the client (and its unacknowledged messages) until they are through.
+        std::thread::sleep(Duration::from_secs(15));
+    });
+    for i in 0..N {
+        sensor.publish("sensors/barn/temp", i.to_string().as_bytes());
+        if i == N / 3 {
+            upstream.restart();
+        }
+        if i % 100 == 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // On a timeout, say what did arrive and what the gateway counted.
+    let stream_done = |what: &str, texts: &dyn Fn() -> Vec<String>| {
+        let start = Instant::now();
+        loop {
+            match check_in_order(&texts(), N) {
+                Ok(_) => return,
+                Err(e) if start.elapsed() > Duration::from_secs(120) => panic!(
+                    "{what}: {e}\ngateway: {}\nthe agent's last lines:\n{}",
+                    s.status_json()["mqtt"],
+                    agent.log().iter().rev().take(40).rev().cloned().collect::<Vec<_>>().join("\n")
+                ),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    };
+    stream_done("every sensor message upstream, in order", &|| up_sub.texts("site1/sensors/barn/temp"));
+    stream_done("every upstream command on the local broker, in order", &|| local_sub.texts("cmd/led"));
+    let up_dups = check_in_order(&up_sub.texts("site1/sensors/barn/temp"), N).expect("in order");
+    let down_dups = check_in_order(&local_sub.texts("cmd/led"), N).expect("in order");
+    let _ = down_stream.join();
+
+    // No loops: the sensor's messages reached the local broker once (the originals; nothing came
+    // back down from upstream), and the commands went down only (cmd/# is not mapped up).
+    let local_temps = local_sub.texts("sensors/barn/temp").len() as u64;
+    assert_eq!(local_temps, N, "sensor messages on the local broker: the originals only");
+    assert!(up_sub.texts("site1/cmd/led").len() as u64 <= N + 200, "commands did not come back up");
+
+    // A message published upstream under a mapped both-ways prefix goes down once and does not
+    // come back up.
+    up_sub.publish("site1/sensors/barn/fan", b"on");
+    wait_for(T, "the upstream message on the local broker", || {
+        (!local_sub.texts("sensors/barn/fan").is_empty()).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(local_sub.texts("sensors/barn/fan"), vec!["on"], "once on the local broker");
+    assert_eq!(up_sub.texts("site1/sensors/barn/fan"), vec!["on"], "it did not come back up");
+
+    let gw = s.status_json()["mqtt"]["gateway"].clone();
+    assert_eq!(gw["connected"], true, "{gw}");
+    assert!(gw["forwarded_up"].as_u64().unwrap_or(0) >= N, "{gw}");
+    assert!(gw["forwarded_down"].as_u64().unwrap_or(0) >= N, "{gw}");
+    assert!(
+        gw["loops_suppressed"].as_u64().unwrap_or(0) > N,
+        "each sensor message and the fan command came back once: {gw}"
+    );
+    let restarts = agent.log().iter().filter(|l| l.contains("connected to the MQTT broker")).count();
+    assert!(restarts >= 2, "the agent reconnected upstream");
+    eprintln!(
+        "figures: gateway, {N} messages each way through an upstream restart: {up_dups} duplicates up, {down_dups} down; {gw}"
+    );
+    assert!(agent.stop().0.success());
+}

@@ -42,6 +42,7 @@ async fn run_bytes(rt: &WasmRuntime, bytes: Vec<u8>, run: Run) -> (RunReport, Ve
                 stdout: log.sink(Stream::Stdout),
                 stderr: log.sink(Stream::Stderr),
                 stdin: None,
+                mqtt: None,
             };
             rt.run(&module, spec, &CancellationToken::new()).await
         }
@@ -106,6 +107,7 @@ async fn a_busy_module_does_not_starve_the_reactor() {
         stdout: log.sink(Stream::Stdout),
         stderr: log.sink(Stream::Stderr),
         stdin: None,
+        mqtt: None,
     };
     let stopper = cancel.clone();
     tokio::spawn(async move {

@@ -575,10 +575,21 @@ impl ContainerRunner<'_> {
                 }
             };
             // Init containers run to completion before anything else; MQTT is for the app's own.
-            let mqtt = match (self.slot, &self.shared.mqtt) {
-                (Slot::App(_), Some(pod)) => pod.attach(&self.plan.name),
+            let wants_api = module.imports_mqtt();
+            let mut mqtt = match (self.slot, &self.shared.mqtt) {
+                (Slot::App(_), Some(pod)) => pod.attach(&self.plan.name, wants_api),
                 _ => Default::default(),
             };
+            if wants_api && mqtt.guest.is_none() {
+                let why = if deps.mqtt.is_none() {
+                    "MQTT is off on this node (set mqtt.broker)"
+                } else if matches!(self.slot, Slot::Init(_)) {
+                    "init containers get no MQTT"
+                } else {
+                    "the pod grants it no topics (annotate it with lichen.dev/mqtt-publish and/or lichen.dev/mqtt-subscribe)"
+                };
+                mqtt.guest = Some(crate::runtime::mqtt_api::GuestMqtt::denied(why));
+            }
             let started_at = Timestamp::now();
             let restart_count = self.restart_count;
             self.shared.update(self.slot, |c| {
@@ -599,6 +610,7 @@ impl ContainerRunner<'_> {
                 stdout: log.sink_with_tap(Stream::Stdout, mqtt.stdout),
                 stderr: log.sink(Stream::Stderr),
                 stdin: mqtt.stdin,
+                mqtt: mqtt.guest,
             };
             let run_started = Instant::now();
             let report = deps.runtime.run(&module, spec, self.cancel).await;

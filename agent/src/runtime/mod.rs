@@ -13,6 +13,7 @@
 
 mod limits;
 pub mod logs;
+pub mod mqtt_api;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -51,12 +52,19 @@ pub enum RuntimeError {
 pub struct PreparedModule {
     digest: ModuleDigest,
     pre: InstancePre<ContainerCtx>,
+    imports_mqtt: bool,
 }
 
 impl PreparedModule {
     /// The module's content address.
     pub fn digest(&self) -> ModuleDigest {
         self.digest
+    }
+
+    /// Whether the module imports the `lichen:mqtt` host functions (and so needs a
+    /// [`mqtt_api::GuestMqtt`] to run).
+    pub fn imports_mqtt(&self) -> bool {
+        self.imports_mqtt
     }
 }
 
@@ -72,7 +80,6 @@ pub struct Preopen {
 }
 
 /// Everything one run of a container needs.
-#[derive(Clone)]
 pub struct RunSpec {
     /// `argv`, including `argv[0]`.
     pub args: Vec<String>,
@@ -92,6 +99,9 @@ pub struct RunSpec {
     pub stderr: OutputSink,
     /// What the module reads on stdin; `None` is an empty stdin.
     pub stdin: Option<StdinFeed>,
+    /// The `lichen:mqtt` connection for a module that imports it. `None` (or a denied one) makes
+    /// such a module fail before it starts, saying why; modules that do not import it ignore it.
+    pub mqtt: Option<mqtt_api::GuestMqtt>,
 }
 
 /// A stdin fed by a channel of byte chunks (the MQTT bridge's framed messages). The module reads
@@ -343,6 +353,7 @@ pub fn precompile(target: CompileTarget, wasm: &[u8]) -> Result<(Vec<u8>, String
 pub struct ContainerCtx {
     wasi: WasiP1Ctx,
     limits: ContainerLimits,
+    mqtt: Option<mqtt_api::GuestMqtt>,
 }
 
 /// The process's one WebAssembly engine, its WASI linker and its compiled-module cache.
@@ -361,6 +372,7 @@ impl WasmRuntime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |cx: &mut ContainerCtx| &mut cx.wasi)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        mqtt_api::add_to_linker(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let ticker = EpochTicker::start(engine.clone());
         let key = engine_key(&engine);
         Ok(Arc::new(WasmRuntime { engine, key, linker, compiled: Mutex::new(HashMap::new()), ticker }))
@@ -437,7 +449,8 @@ impl WasmRuntime {
             .linker
             .instantiate_pre(&module)
             .map_err(|e| Outcome::InvalidModule(format!("cannot link the module: {e:#}")))?;
-        let prepared = PreparedModule { digest, pre };
+        let imports_mqtt = module.imports().any(|i| i.module() == mqtt_api::MODULE);
+        let prepared = PreparedModule { digest, pre, imports_mqtt };
         if let Ok(mut cache) = self.compiled.lock() {
             cache.insert(digest, prepared.clone());
         }
@@ -452,11 +465,36 @@ impl WasmRuntime {
     }
 
     /// Runs the module's `_start` to completion, a limit, or `cancel`.
-    pub async fn run(&self, module: &PreparedModule, spec: RunSpec, cancel: &CancellationToken) -> RunReport {
+    pub async fn run(
+        &self,
+        module: &PreparedModule,
+        mut spec: RunSpec,
+        cancel: &CancellationToken,
+    ) -> RunReport {
         let started = Instant::now();
         let fuel_budget = spec.fuel.unwrap_or(u64::MAX);
         let memory_limit = spec.memory_limit;
-        let mut store = match self.new_store(spec.clone()) {
+        let mqtt = spec.mqtt.take();
+        if module.imports_mqtt {
+            let refusal = match &mqtt {
+                None => Some("MQTT is off on this node (set mqtt.broker)"),
+                Some(m) => m.refusal(),
+            };
+            if let Some(why) = refusal {
+                spec.stdout.finish();
+                spec.stderr.finish();
+                return RunReport {
+                    outcome: Outcome::InvalidModule(format!(
+                        "the module imports {}, but {why}",
+                        mqtt_api::MODULE
+                    )),
+                    fuel_consumed: 0,
+                    peak_memory: 0,
+                    elapsed: started.elapsed(),
+                };
+            }
+        }
+        let mut store = match self.new_store(&spec, mqtt) {
             Ok(store) => store,
             Err(outcome) => {
                 return RunReport { outcome, fuel_consumed: 0, peak_memory: 0, elapsed: started.elapsed() };
@@ -499,10 +537,14 @@ impl WasmRuntime {
         }
     }
 
-    fn new_store(&self, spec: RunSpec) -> Result<Store<ContainerCtx>, Outcome> {
+    fn new_store(
+        &self,
+        spec: &RunSpec,
+        mqtt: Option<mqtt_api::GuestMqtt>,
+    ) -> Result<Store<ContainerCtx>, Outcome> {
         let mut wasi = WasiCtxBuilder::new();
-        wasi.args(&spec.args).envs(&spec.env).stdout(spec.stdout).stderr(spec.stderr);
-        if let Some(stdin) = spec.stdin {
+        wasi.args(&spec.args).envs(&spec.env).stdout(spec.stdout.clone()).stderr(spec.stderr.clone());
+        if let Some(stdin) = spec.stdin.clone() {
             wasi.stdin(stdin);
         }
         for p in &spec.preopens {
@@ -515,7 +557,8 @@ impl WasmRuntime {
                 ))
             })?;
         }
-        let ctx = ContainerCtx { wasi: wasi.build_p1(), limits: ContainerLimits::new(spec.memory_limit) };
+        let ctx =
+            ContainerCtx { wasi: wasi.build_p1(), limits: ContainerLimits::new(spec.memory_limit), mqtt };
         let mut store = Store::new(&self.engine, ctx);
         store.limiter(|cx| &mut cx.limits);
         let internal = |e: wasmtime::Error| Outcome::InvalidModule(format!("store setup: {e:#}"));

@@ -38,6 +38,7 @@ use super::mqtt::valid_publish_topic;
 use super::spool::{Origin, SpoolMessage, TelemetrySpool};
 use crate::config::MqttConfig;
 use crate::runtime::StdinFeed;
+use crate::runtime::mqtt_api::{Errno, GuestMessage, GuestMqtt, GuestMqttPort};
 
 /// Topic a pod's stdout lines are published on.
 pub const PUBLISH_ANNOTATION: &str = "lichen.dev/mqtt-publish";
@@ -49,6 +50,8 @@ pub const RETAIN_ANNOTATION: &str = "lichen.dev/mqtt-retain";
 pub const SUBSCRIBE_ANNOTATION: &str = "lichen.dev/mqtt-subscribe";
 /// Chunks of stdout waiting for the bridge per container before the module's writes wait.
 pub const STDOUT_CHUNKS: usize = 16;
+/// How long a module's QoS 0 line waits for room in the connection's queue before it is dropped.
+pub const QOS0_WAIT: Duration = Duration::from_millis(500);
 /// Drops are logged at most this often per pod (with the counts since the last log).
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 const BASE64_PREFIX: &[u8] = b"base64:";
@@ -360,7 +363,7 @@ pub struct BridgeSnapshot {
     pub dropped_oversized: u64,
     /// `base64:` lines that were not base64.
     pub dropped_malformed: u64,
-    /// QoS 0 messages dropped because the broker was away.
+    /// QoS 0 messages dropped because the broker was away or the connection could not take them.
     pub dropped_offline: u64,
     /// Messages the spool could not store (disk errors).
     pub dropped_spool_error: u64,
@@ -373,8 +376,23 @@ pub struct BridgeSnapshot {
 struct Subscriber {
     id: u64,
     filters: Vec<String>,
-    tx: mpsc::Sender<Vec<u8>>,
+    sink: Sink,
 }
+
+/// Where a subscriber's messages go.
+enum Sink {
+    /// A container's stdin, as framed lines.
+    Stdin(mpsc::Sender<Vec<u8>>),
+    /// A module's `lichen:mqtt` inbox.
+    Guest(mpsc::Sender<GuestMessage>),
+    /// Gateway mode's downstream direction; it queues and counts itself.
+    Gateway(GatewaySink),
+}
+
+/// The gateway's hook for messages from the upstream broker: topic, payload, retain, dup.
+pub type GatewaySink = Arc<dyn Fn(&str, &[u8], bool, bool) + Send + Sync>;
+/// The gateway's hook for its own messages as the upstream connection sends them.
+pub type GatewaySent = Arc<dyn Fn(&str, &[u8]) + Send + Sync>;
 
 /// The node's side of MQTT that pods and node telemetry use; the connection itself is
 /// [`super::mqtt::MqttClient`].
@@ -391,6 +409,7 @@ pub struct MqttBridge {
     subscriptions_changed: Notify,
     connected: AtomicBool,
     stats: BridgeStats,
+    gateway: std::sync::OnceLock<(super::gateway::GatewayCounters, GatewaySent)>,
 }
 
 impl MqttBridge {
@@ -415,6 +434,7 @@ impl MqttBridge {
             subscriptions_changed: Notify::new(),
             connected: AtomicBool::new(false),
             stats: BridgeStats::default(),
+            gateway: std::sync::OnceLock::new(),
         };
         (Arc::new(bridge), rx)
     }
@@ -448,6 +468,31 @@ impl MqttBridge {
         }
     }
 
+    /// Publishes a module's QoS 0 line: while the connection is up and its queue is full, waits
+    /// (up to [`QOS0_WAIT`]) for room, so a fast module is slowed as its QoS 1 lines are, instead
+    /// of losing lines the connection could have sent a moment later.
+    pub async fn publish_waiting(&self, message: SpoolMessage) -> bool {
+        if !self.connected.load(Ordering::Relaxed) {
+            self.stats.dropped_offline.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        match tokio::time::timeout(QOS0_WAIT, self.direct.send(message)).await {
+            Ok(Ok(())) => {
+                self.stats.published.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            _ => {
+                self.stats.dropped_offline.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Counts a QoS 0 message the connection could not take.
+    pub fn dropped_offline(&self) {
+        self.stats.dropped_offline.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Called by the connection.
     pub fn set_connected(&self, up: bool) {
         self.connected.store(up, Ordering::Relaxed);
@@ -464,23 +509,66 @@ impl MqttBridge {
         self.subscriptions_changed.notified().await;
     }
 
-    /// Hands an incoming message to every container whose filters match it.
-    pub fn deliver(&self, topic: &str, payload: &[u8]) {
-        if payload.len() > self.max_payload {
-            self.stats.dropped_oversized.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%topic, bytes = payload.len(), max = self.max_payload, "incoming message larger than mqtt.max_payload dropped");
-            return;
-        }
+    /// Hands an incoming message to every container (and the gateway) whose filters match it;
+    /// `dup` is the broker's flag on a resend.
+    pub fn deliver(&self, topic: &str, payload: &[u8], retain: bool, dup: bool) {
         let subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
         let mut line = None;
         for s in subs.iter().filter(|s| s.filters.iter().any(|f| topic_matches(f, topic))) {
-            let bytes = line.get_or_insert_with(|| encode_incoming(topic, payload)).clone();
-            if s.tx.try_send(bytes).is_ok() {
-                self.stats.delivered_stdin.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.stats.dropped_stdin.fetch_add(1, Ordering::Relaxed);
-            }
+            let sent = match &s.sink {
+                // The gateway forwards whole messages; the broker's packet limit bounds them.
+                Sink::Gateway(hook) => {
+                    hook(topic, payload, retain, dup);
+                    continue;
+                }
+                _ if payload.len() > self.max_payload => {
+                    self.stats.dropped_oversized.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%topic, bytes = payload.len(), max = self.max_payload, "incoming message larger than mqtt.max_payload dropped");
+                    continue;
+                }
+                Sink::Stdin(tx) => {
+                    tx.try_send(line.get_or_insert_with(|| encode_incoming(topic, payload)).clone()).is_ok()
+                }
+                Sink::Guest(tx) => {
+                    tx.try_send(GuestMessage { topic: topic.to_owned(), payload: payload.to_vec() }).is_ok()
+                }
+            };
+            let counter = if sent { &self.stats.delivered_stdin } else { &self.stats.dropped_stdin };
+            counter.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Attaches gateway mode: its counters (for status) and the hook told of each of its messages
+    /// sent upstream (for loop prevention).
+    pub fn set_gateway(&self, counters: super::gateway::GatewayCounters, sent: GatewaySent) {
+        let _ = self.gateway.set((counters, sent));
+    }
+
+    /// Called by the upstream connection for every message it sends that came from the local
+    /// broker ([`Origin::LocalBroker`]).
+    pub fn gateway_sent(&self, topic: &str, payload: &[u8]) {
+        if let Some((_, sent)) = self.gateway.get() {
+            sent(topic, payload);
+        }
+    }
+
+    /// Gateway mode's counters, when it is on.
+    pub fn gateway_snapshot(&self) -> Option<super::gateway::GatewaySnapshot> {
+        self.gateway.get().map(|(c, _)| c.snapshot())
+    }
+
+    /// Registers the gateway's upstream filters; their messages go to `sink`.
+    pub fn subscribe_gateway(&self, filters: Vec<String>, sink: GatewaySink) {
+        if filters.is_empty() {
+            return;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.subscribers.lock().unwrap_or_else(|p| p.into_inner()).push(Subscriber {
+            id,
+            filters,
+            sink: Sink::Gateway(sink),
+        });
+        self.subscriptions_changed.notify_one();
     }
 
     /// The bridge of one pod, holding its rate limit; `namespace`/`pod` fill the templates.
@@ -548,6 +636,113 @@ pub struct ContainerMqtt {
     pub stdout: Option<mpsc::Sender<Vec<u8>>>,
     /// Its stdin.
     pub stdin: Option<StdinFeed>,
+    /// Its `lichen:mqtt` connection, for a module that imports it.
+    pub guest: Option<GuestMqtt>,
+}
+
+/// Subscriptions one container may hold through `lichen:mqtt`; each costs the broker and the
+/// bridge's matching, so a module cannot add them without end.
+pub const MAX_GUEST_SUBSCRIPTIONS: usize = 16;
+
+/// Whether every topic `requested` can match is one `allowed` matches too, so a module granted
+/// `allowed` by its annotations may subscribe `requested`.
+pub fn filter_covers(allowed: &str, requested: &str) -> bool {
+    if requested.starts_with('$') && (allowed.starts_with('+') || allowed.starts_with('#')) {
+        return false;
+    }
+    let mut a = allowed.split('/');
+    let mut r = requested.split('/');
+    loop {
+        match (a.next(), r.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(level)) if level != "#" => {}
+            (Some(x), Some(y)) if x == y && y != "+" && y != "#" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// A container's side of `lichen:mqtt`: the pod's rules applied to each call.
+struct GuestPort {
+    pod: Arc<PodBridge>,
+    /// The expanded publish annotation: the module may publish there and below.
+    publish_root: Option<String>,
+    /// The expanded subscribe annotation: what the module may subscribe within.
+    allowed: Vec<String>,
+    id: u64,
+    inbox: mpsc::Sender<GuestMessage>,
+    subscribed: Mutex<Vec<String>>,
+}
+
+impl GuestMqttPort for GuestPort {
+    fn publish(&self, topic: &str, payload: &[u8], qos: u8, retain: bool) -> Result<(), Errno> {
+        if !valid_publish_topic(topic) {
+            return Err(Errno::Inval);
+        }
+        let allowed = self.publish_root.as_deref().is_some_and(|root| {
+            topic == root || topic.strip_prefix(root).is_some_and(|rest| rest.starts_with('/'))
+        });
+        if !allowed {
+            return Err(Errno::Acces);
+        }
+        let b = &self.pod.bridge;
+        if payload.len() > b.max_payload {
+            return Err(Errno::Msgsize);
+        }
+        if b.rate != 0 && !self.pod.bucket.lock().unwrap_or_else(|p| p.into_inner()).take(Instant::now()) {
+            return Err(Errno::Again);
+        }
+        let message = SpoolMessage {
+            topic: topic.to_owned(),
+            qos,
+            retain,
+            origin: Origin::Node,
+            payload: payload.to_vec(),
+        };
+        match (b.publish(message), qos) {
+            (true, _) => Ok(()),
+            (false, 0) => Err(Errno::Notconn),
+            (false, _) => Err(Errno::Io),
+        }
+    }
+
+    fn subscribe(&self, filter: &str) -> Result<(), Errno> {
+        if !valid_filter(filter) {
+            return Err(Errno::Inval);
+        }
+        if !self.allowed.iter().any(|a| filter_covers(a, filter)) {
+            return Err(Errno::Acces);
+        }
+        let mut mine = self.subscribed.lock().unwrap_or_else(|p| p.into_inner());
+        if mine.iter().any(|f| f == filter) {
+            return Ok(());
+        }
+        if mine.len() >= MAX_GUEST_SUBSCRIPTIONS {
+            return Err(Errno::TooBig);
+        }
+        mine.push(filter.to_owned());
+        let b = &self.pod.bridge;
+        let mut subs = b.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+        match subs.iter_mut().find(|s| s.id == self.id) {
+            Some(s) => s.filters = mine.clone(),
+            None => subs.push(Subscriber {
+                id: self.id,
+                filters: mine.clone(),
+                sink: Sink::Guest(self.inbox.clone()),
+            }),
+        }
+        drop(subs);
+        b.subscriptions_changed.notify_one();
+        tracing::info!(pod = %format!("{}/{}", self.pod.namespace, self.pod.pod), %filter, "module subscribed through lichen:mqtt");
+        Ok(())
+    }
+}
+
+impl Drop for GuestPort {
+    fn drop(&mut self) {
+        self.pod.bridge.unsubscribe(self.id);
+    }
 }
 
 /// Removes a container's subscriptions when its run ends (its stdin is dropped).
@@ -563,23 +758,41 @@ impl Drop for SubscriptionGuard {
 }
 
 impl PodBridge {
-    /// Wires one run of `container`: a stdout pump task publishing its lines, and a stdin fed by
-    /// its subscriptions. Call inside the tokio runtime.
-    pub fn attach(self: &Arc<Self>, container: &str) -> ContainerMqtt {
+    /// Wires one run of `container`: a stdout pump task publishing its lines, and either a stdin
+    /// fed by its subscriptions or, for a module importing `lichen:mqtt` (`guest`), a
+    /// [`GuestMqtt`] whose subscriptions the module makes itself within the annotation's filters.
+    /// Call inside the tokio runtime.
+    pub fn attach(self: &Arc<Self>, container: &str, guest: bool) -> ContainerMqtt {
         let b = &self.bridge;
         let vars = TopicVars { node: &b.node, namespace: &self.namespace, pod: &self.pod, container };
         let mut io = ContainerMqtt::default();
-        if let Some(Ok(topic)) = self.binding.publish.as_deref().map(|t| expand(t, &vars)) {
+        let publish_root = self.binding.publish.as_deref().and_then(|t| expand(t, &vars).ok());
+        if let Some(topic) = publish_root.clone() {
             let (tx, rx) = mpsc::channel(STDOUT_CHUNKS);
             tokio::spawn(self.clone().pump(rx, topic));
             io.stdout = Some(tx);
         }
         let filters: Vec<String> =
             self.binding.subscribe.iter().filter_map(|f| expand(f, &vars).ok()).collect();
-        if !filters.is_empty() {
+        if guest {
+            let (inbox, rx) = mpsc::channel(b.stdin_queue.max(1));
+            let port = GuestPort {
+                pod: self.clone(),
+                publish_root,
+                allowed: filters,
+                id: b.next_id.fetch_add(1, Ordering::Relaxed),
+                inbox,
+                subscribed: Mutex::new(Vec::new()),
+            };
+            io.guest = Some(GuestMqtt::new(Arc::new(port), rx));
+        } else if !filters.is_empty() {
             let (tx, rx) = mpsc::channel(b.stdin_queue.max(1));
             let id = b.next_id.fetch_add(1, Ordering::Relaxed);
-            b.subscribers.lock().unwrap_or_else(|p| p.into_inner()).push(Subscriber { id, filters, tx });
+            b.subscribers.lock().unwrap_or_else(|p| p.into_inner()).push(Subscriber {
+                id,
+                filters,
+                sink: Sink::Stdin(tx),
+            });
             b.subscriptions_changed.notify_one();
             io.stdin = Some(StdinFeed::new(rx, Box::new(SubscriptionGuard { bridge: b.clone(), id })));
         }
@@ -590,15 +803,30 @@ impl PodBridge {
         let max = self.bridge.max_payload;
         // A base64 line may be a third longer than the payload it carries.
         let mut splitter = LineSplitter::new(max / 3 * 4 + 4 + BASE64_PREFIX.len() + 1);
-        let mut handle =
-            |line: Result<&[u8], LineFault>| self.line(&topic, line.and_then(|l| decode_line(l, max)));
-        while let Some(chunk) = rx.recv().await {
-            splitter.push(&chunk, &mut handle);
+        // The lines of one chunk (at most 64 KiB of them), handled after splitting so a QoS 0
+        // line can wait for the connection's queue.
+        let mut lines: Vec<Result<Option<Vec<u8>>, LineFault>> = Vec::new();
+        loop {
+            let more = match rx.recv().await {
+                Some(chunk) => {
+                    splitter.push(&chunk, &mut |l| lines.push(l.and_then(|l| decode_line(l, max))));
+                    true
+                }
+                None => {
+                    splitter.finish(&mut |l| lines.push(l.and_then(|l| decode_line(l, max))));
+                    false
+                }
+            };
+            for line in lines.drain(..) {
+                self.line(&topic, line).await;
+            }
+            if !more {
+                return;
+            }
         }
-        splitter.finish(&mut handle);
     }
 
-    fn line(&self, topic: &str, line: Result<Option<Vec<u8>>, LineFault>) {
+    async fn line(&self, topic: &str, line: Result<Option<Vec<u8>>, LineFault>) {
         let stats = &self.bridge.stats;
         let payload = match line {
             Ok(None) => return,
@@ -623,13 +851,18 @@ impl PodBridge {
             self.dropped(|d| d.rate += 1);
             return;
         }
-        self.bridge.publish(SpoolMessage {
+        let message = SpoolMessage {
             topic: topic.to_owned(),
             qos: self.binding.qos,
             retain: self.binding.retain,
             origin: Origin::Node,
             payload,
-        });
+        };
+        if message.qos == 0 {
+            self.bridge.publish_waiting(message).await;
+        } else {
+            self.bridge.publish(message);
+        }
     }
 
     /// Counts a dropped line and logs the counts at most every [`DROP_LOG_INTERVAL`].
@@ -703,6 +936,20 @@ mod tests {
         assert!(!topic_matches("#", "$SYS/x"));
         assert!(!topic_matches("a/b", "a/b/c"));
         assert!(valid_filter("a/+/#") && !valid_filter("a/b#") && !valid_filter("#/a") && !valid_filter(""));
+    }
+
+    #[test]
+    fn a_filter_is_covered_only_by_one_granting_everything_it_matches() {
+        assert!(filter_covers("in/pi/#", "in/pi/#"));
+        assert!(filter_covers("in/pi/#", "in/pi/led"));
+        assert!(filter_covers("in/pi/#", "in/pi/+/x"));
+        assert!(filter_covers("in/+/led", "in/pi/led"));
+        assert!(filter_covers("in/+/led", "in/+/led"));
+        assert!(!filter_covers("in/pi/#", "in/#"), "wider than granted");
+        assert!(!filter_covers("in/pi/led", "in/pi/+"));
+        assert!(!filter_covers("in/+/led", "in/#"));
+        assert!(!filter_covers("in/pi", "in/pi/x"));
+        assert!(!filter_covers("#", "$SYS/#"), "wildcards do not reach $ topics");
     }
 
     #[test]

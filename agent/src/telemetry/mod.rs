@@ -4,11 +4,13 @@
 //!
 //! Nothing here runs, and the spool's tree is never created, unless `mqtt.broker` is set.
 //!
-//! Gateway mode (a later slice) fits as a second connection to a local broker whose messages are
+//! Gateway mode ([`gateway`]) is a second connection, to a local broker, whose messages are
 //! appended to the same spool with [`spool::Origin::LocalBroker`] and a topic prefix; the origin
-//! is what keeps it from forwarding a message back where it came from.
+//! tells the upstream connection to report them to the gateway as they are sent, which is how the
+//! gateway recognises them when they come back (loop prevention).
 
 pub mod bridge;
+pub mod gateway;
 pub mod mqtt;
 pub mod node;
 pub mod spool;
@@ -45,6 +47,12 @@ pub fn start(
     )?;
     let (bridge, direct) = MqttBridge::new(m, &config.node_name, spool.clone());
     tracker.spawn(spool.clone().run_committer(cancel.child_token()));
+    // The gateway registers its upstream filters before the connection first subscribes.
+    if m.gateway.enabled() {
+        let (gw, _) = gateway::Gateway::new(m, bridge.clone());
+        tracker.spawn(gw.run(cancel.child_token()));
+        tracing::info!(local_broker = %m.gateway.local_broker, mappings = m.gateway.mappings.len(), "MQTT gateway mode on");
+    }
     let client = mqtt::MqttClient::new(m.clone(), config.node_name.clone(), spool, bridge.clone(), direct);
     tracker.spawn(client.run(cancel.child_token()));
     if m.telemetry_interval_secs > 0 {

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::bridge::MqttBridge;
-use super::spool::{SpoolMessage, TelemetrySpool};
+use super::spool::{Origin, SpoolMessage, TelemetrySpool};
 use crate::config::MqttConfig;
 use crate::retry::RetryBackoff;
 
@@ -33,6 +33,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const STABLE_CONNECTION: Duration = Duration::from_secs(5);
 /// How long a clean shutdown waits to announce `offline` and disconnect.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
+/// Events handled in one go before the session looks at the spool again.
+const EVENT_BURST: usize = 256;
+/// How long a QoS 0 message waits for room in rumqttc's request queue before it is dropped.
+const QOS0_QUEUE_WAIT: Duration = Duration::from_millis(50);
 /// Largest packet accepted from the broker; a bigger one ends the connection (MQTT 3.1.1 has no way
 /// to tell the broker), so it is generous.
 const MAX_INCOMING_PACKET: usize = 1 << 20;
@@ -369,6 +373,8 @@ impl MqttClient {
         }
         loop {
             self.sync_subscriptions(client, &mut subscribed)?;
+            // Events are handled in bursts (below), so a busy stream refills the window with one
+            // spool read per burst of acknowledgements rather than one per acknowledgement.
             while in_window < window {
                 let batch = match self.spool.next_batch(cursor, window - in_window) {
                     Ok(b) => b,
@@ -387,6 +393,9 @@ impl MqttClient {
                         self.spool.ack(seq);
                         cursor = Some(seq);
                         continue;
+                    }
+                    if m.origin == Origin::LocalBroker {
+                        self.bridge.gateway_sent(&m.topic, &m.payload);
                     }
                     match client.try_publish(m.topic, qos(m.qos.max(1)), m.retain, m.payload) {
                         Ok(()) => {
@@ -410,38 +419,73 @@ impl MqttClient {
                     self.disconnect(client, events).await;
                     return Ok(());
                 }
-                event = events.recv() => match event {
-                    Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                        if let Some(Some(seq)) = sent.pop_front() {
-                            inflight.insert(pkid, seq);
+                event = events.recv() => {
+                    let mut event = event;
+                    // Handle what else is already waiting too (a burst of acknowledgements)
+                    // before going round the loop again.
+                    for _ in 0..EVENT_BURST {
+                        match event {
+                            None => return Err("the MQTT event loop stopped".into()),
+                            Some(Err(e)) => return Err(e.to_string()),
+                            Some(Ok(e)) => self.event(e, &mut sent, &mut inflight, &mut in_window),
+                        }
+                        match events.try_recv() {
+                            Ok(e) => event = Some(e),
+                            Err(_) => break,
                         }
                     }
-                    Some(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                        if let Some(seq) = inflight.remove(&ack.pkid) {
-                            self.spool.ack(seq);
-                            in_window = in_window.saturating_sub(1);
-                        }
-                    }
-                    Some(Ok(Event::Incoming(Packet::Publish(p)))) => self.bridge.deliver(&p.topic, &p.payload),
-                    Some(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
-                        if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
-                            tracing::warn!(pkid = ack.pkid, "the broker refused a subscription (check its ACL)");
-                        }
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(e.to_string()),
-                    None => return Err("the MQTT event loop stopped".into()),
-                },
+                }
                 _ = self.spool.appended(), if in_window < window => {}
                 Some(m) = self.direct.recv() => {
-                    if valid_publish_topic(&m.topic)
-                        && client.try_publish(m.topic, QoS::AtMostOnce, m.retain, m.payload).is_ok()
-                    {
+                    if m.origin == Origin::LocalBroker {
+                        self.bridge.gateway_sent(&m.topic, &m.payload);
+                    }
+                    // rumqttc's request queue may be full for a moment: wait a little (the poller
+                    // keeps draining it), then drop and count rather than stall the session.
+                    let taken = valid_publish_topic(&m.topic)
+                        && matches!(
+                            tokio::time::timeout(QOS0_QUEUE_WAIT, client.publish(m.topic, QoS::AtMostOnce, m.retain, m.payload)).await,
+                            Ok(Ok(()))
+                        );
+                    if taken {
                         sent.push_back(None);
+                    } else {
+                        self.bridge.dropped_offline();
                     }
                 }
                 _ = self.bridge.subscriptions_changed() => {}
             }
+        }
+    }
+
+    /// One event of a connected session: publishes get their packet ids, acknowledgements remove
+    /// messages from the spool, incoming messages go to the bridge.
+    fn event(
+        &self,
+        event: Event,
+        sent: &mut VecDeque<Option<u64>>,
+        inflight: &mut HashMap<u16, u64>,
+        in_window: &mut usize,
+    ) {
+        match event {
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                if let Some(Some(seq)) = sent.pop_front() {
+                    inflight.insert(pkid, seq);
+                }
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                if let Some(seq) = inflight.remove(&ack.pkid) {
+                    self.spool.ack(seq);
+                    *in_window = in_window.saturating_sub(1);
+                }
+            }
+            Event::Incoming(Packet::Publish(p)) => self.bridge.deliver(&p.topic, &p.payload, p.retain, p.dup),
+            Event::Incoming(Packet::SubAck(ack))
+                if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
+            {
+                tracing::warn!(pkid = ack.pkid, "the broker refused a subscription (check its ACL)");
+            }
+            _ => {}
         }
     }
 

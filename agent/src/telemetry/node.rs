@@ -94,6 +94,7 @@ impl NodeTelemetry {
             "mqtt": {
                 "bridge": self.bridge.snapshot(),
                 "spool": self.bridge.spool().snapshot(),
+                "gateway": self.bridge.gateway_snapshot(),
             },
         });
         let temps = temperatures(Path::new("/sys/class/thermal"));

@@ -1,0 +1,488 @@
+//! Gateway mode ([`Gateway`]): a board serving LAN sensors bridges its local broker (Mosquitto, as
+//! its own service) to the upstream broker (`mqtt.broker`).
+//!
+//! - **Up**: the gateway subscribes each `up`/`both` mapping's `local` filter on the local broker,
+//!   as a client of its own (`gateway.client_id`, persistent session, manual acknowledgements).
+//!   A message is appended to the durable spool (origin [`Origin::LocalBroker`]) under
+//!   `upstream_prefix` + its topic, and only then acknowledged to the local broker, so it is as
+//!   safe as a module's own QoS 1 line: at least once, in order per topic, through upstream
+//!   outages and agent restarts (within the spool's budget). QoS 0 stays QoS 0 (never spooled).
+//! - **Down**: the upstream connection subscribes `upstream_prefix` + `local` for each
+//!   `down`/`both` mapping; a message has its prefix taken off and is published on the local broker
+//!   at its own QoS. It waits in a bounded queue (`down_queue`) while the local broker is away, and
+//!   the local connection keeps unacknowledged messages across reconnects; a full queue drops the
+//!   newest and counts them. Down is not spooled: an agent restart loses what was queued.
+//!
+//! # Loop prevention
+//! MQTT 3.1.1 has no "no local" option: a broker sends a client its own publications back when
+//! one of its subscriptions matches. With `both`, `sensors/t` going up as `site1/sensors/t`
+//! matches the upstream subscription `site1/sensors/#` and would come straight back down, then up
+//! again, forever. Payloads cannot carry a marker (they belong to the sensors), and MQTT 3.1.1 has
+//! no user properties, so every message the gateway publishes is remembered on the side it was
+//! published to ([`EchoTable`]: topic and payload hash, per copy, for [`ECHO_TTL`]), and the first
+//! matching message to arrive back from that broker is recognised as the echo and dropped
+//! (counted as `loops_suppressed`). Every hop checks, so even a duplicate that slips through (an
+//! upstream resend after a reconnect) crosses once and is stopped at the next broker.
+//! The cost: a message another client publishes with the same topic and payload within
+//! [`ECHO_TTL`] of one the gateway forwarded, on the broker the gateway forwarded to, may be
+//! taken for the echo (it is still delivered to that broker's other subscribers; only its
+//! forwarding is skipped).
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::bridge::{MqttBridge, topic_matches};
+use super::mqtt::{options, valid_publish_topic};
+use super::spool::{Origin, SpoolMessage};
+use crate::config::{GatewayConfig, GatewayMapping, MqttConfig};
+use crate::retry::RetryBackoff;
+
+/// How long a forwarded message is remembered to recognise its echo.
+pub const ECHO_TTL: Duration = Duration::from_secs(30);
+/// Most forwarded messages remembered per broker; beyond it the oldest are forgotten.
+const ECHO_CAPACITY: usize = 65_536;
+/// Warnings about drops are logged at most this often.
+const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The messages the gateway published to one broker and has not seen come back yet.
+#[derive(Debug, Default)]
+pub struct EchoTable {
+    entries: HashMap<(String, u64), (u32, Instant)>,
+}
+
+fn payload_hash(payload: &[u8]) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    payload.hash(&mut h);
+    h.finish()
+}
+
+impl EchoTable {
+    /// Remembers one copy of a message published at `now`.
+    pub fn record(&mut self, topic: &str, payload: &[u8], now: Instant) {
+        if self.entries.len() >= ECHO_CAPACITY {
+            self.entries.retain(|_, (_, at)| now.saturating_duration_since(*at) < ECHO_TTL);
+            if self.entries.len() >= ECHO_CAPACITY {
+                // Still full of live entries: forget the oldest.
+                if let Some(oldest) =
+                    self.entries.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| k.clone())
+                {
+                    self.entries.remove(&oldest);
+                }
+            }
+        }
+        let e = self.entries.entry((topic.to_owned(), payload_hash(payload))).or_insert((0, now));
+        e.0 += 1;
+        e.1 = now;
+    }
+
+    /// Takes back a [`EchoTable::record`] for a message that was not sent after all.
+    pub fn forget(&mut self, topic: &str, payload: &[u8]) {
+        if let Some((n, _)) = self.entries.get_mut(&(topic.to_owned(), payload_hash(payload))) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// Whether an arriving message is the echo of one the gateway published (and forgets one copy).
+    /// A broker sends an unacknowledged message again after a reconnect, flagged `dup`; such a
+    /// repeat of an echo already taken is an echo too, so a taken entry is kept (at zero copies)
+    /// until it expires.
+    pub fn take(&mut self, topic: &str, payload: &[u8], dup: bool, now: Instant) -> bool {
+        let key = (topic.to_owned(), payload_hash(payload));
+        match self.entries.get_mut(&key) {
+            Some((n, at)) if now.saturating_duration_since(*at) < ECHO_TTL => {
+                if *n > 0 {
+                    *n -= 1;
+                    true
+                } else {
+                    dup
+                }
+            }
+            Some(_) => {
+                self.entries.remove(&key);
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+/// The upstream topic for a local one, by the first `up`/`both` mapping whose filter matches.
+pub fn map_up(mappings: &[GatewayMapping], local_topic: &str) -> Option<String> {
+    mappings
+        .iter()
+        .find(|m| m.up() && topic_matches(&m.local, local_topic))
+        .map(|m| format!("{}{}", m.upstream_prefix, local_topic))
+}
+
+/// The local topic for an upstream one, by the first `down`/`both` mapping whose upstream filter
+/// matches and whose prefix it carries (the prefix is taken off; nothing may be left empty).
+pub fn map_down(mappings: &[GatewayMapping], upstream_topic: &str) -> Option<String> {
+    mappings.iter().filter(|m| m.down()).find_map(|m| {
+        let local = upstream_topic.strip_prefix(m.upstream_prefix.as_str())?;
+        (valid_publish_topic(local) && topic_matches(&m.local, local)).then(|| local.to_owned())
+    })
+}
+
+#[derive(Debug, Default)]
+struct GatewayStats {
+    connected: AtomicBool,
+    forwarded_up: AtomicU64,
+    forwarded_down: AtomicU64,
+    dropped_down: AtomicU64,
+    loops_suppressed: AtomicU64,
+}
+
+/// What `lichen status` shows of gateway mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewaySnapshot {
+    /// Whether the local broker connection is up.
+    pub connected: bool,
+    /// Local messages handed upstream (spooled, or sent for QoS 0).
+    pub forwarded_up: u64,
+    /// Upstream messages the local broker accepted (published; QoS 1 acknowledged).
+    pub forwarded_down: u64,
+    /// Upstream messages dropped because the queue to the local broker was full.
+    pub dropped_down: u64,
+    /// Messages recognised as the gateway's own coming back, and not forwarded again.
+    pub loops_suppressed: u64,
+}
+
+/// A handle on the gateway's counters, for status reports.
+#[derive(Clone, Default)]
+pub struct GatewayCounters(Arc<GatewayStats>);
+
+impl GatewayCounters {
+    /// The counters now.
+    pub fn snapshot(&self) -> GatewaySnapshot {
+        let s = &self.0;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        GatewaySnapshot {
+            connected: s.connected.load(Ordering::Relaxed),
+            forwarded_up: l(&s.forwarded_up),
+            forwarded_down: l(&s.forwarded_down),
+            dropped_down: l(&s.dropped_down),
+            loops_suppressed: l(&s.loops_suppressed),
+        }
+    }
+}
+
+struct Down {
+    topic: String,
+    payload: Vec<u8>,
+    qos: QoS,
+    retain: bool,
+}
+
+/// The gateway task; see the module docs.
+pub struct Gateway {
+    mqtt: MqttConfig,
+    path: UpPath,
+    down: mpsc::Receiver<Down>,
+}
+
+/// What handles messages from the local broker (and remembers what went to it).
+struct UpPath {
+    gateway: GatewayConfig,
+    bridge: Arc<MqttBridge>,
+    stats: GatewayCounters,
+    local_echo: EchoTable,
+}
+
+impl Gateway {
+    /// Registers the downstream filters with the upstream connection and returns the gateway, to
+    /// be run with [`Gateway::run`].
+    pub fn new(mqtt: &MqttConfig, bridge: Arc<MqttBridge>) -> (Gateway, GatewayCounters) {
+        let gateway = mqtt.gateway.clone();
+        let stats = GatewayCounters::default();
+        let up_echo = Arc::new(Mutex::new(EchoTable::default()));
+        let (tx, down) = mpsc::channel(gateway.down_queue.max(1) as usize);
+        let filters: Vec<String> =
+            gateway.mappings.iter().filter(|m| m.down()).map(GatewayMapping::upstream_filter).collect();
+        let (hook_stats, hook_echo, mappings) = (stats.clone(), up_echo.clone(), gateway.mappings.clone());
+
+        let last_drop_log: Mutex<Option<Instant>> = Mutex::new(None);
+        bridge.subscribe_gateway(
+            filters,
+            Arc::new(move |topic: &str, payload: &[u8], retain: bool, dup: bool| {
+                let s = &hook_stats.0;
+                let now = Instant::now();
+                if hook_echo.lock().unwrap_or_else(|p| p.into_inner()).take(topic, payload, dup, now) {
+                    s.loops_suppressed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                let Some(local) = map_down(&mappings, topic) else { return };
+                // The upstream connection subscribes at QoS 1, so what arrives is QoS 0 or 1 as
+                // published; it is forwarded at QoS 1 either way (the local hop is cheap).
+                let m = Down { topic: local, payload: payload.to_vec(), qos: QoS::AtLeastOnce, retain };
+                if tx.try_send(m).is_err() {
+                    let total = s.dropped_down.fetch_add(1, Ordering::Relaxed) + 1;
+                    let mut last = last_drop_log.lock().unwrap_or_else(|p| p.into_inner());
+                    if last.is_none_or(|t| t.elapsed() >= DROP_LOG_INTERVAL) {
+                        tracing::warn!(dropped_total = total, "gateway: the local broker is not keeping up (or away); messages from upstream dropped (see mqtt.gateway.down_queue)");
+                        *last = Some(now);
+                    }
+                }
+            }),
+        );
+        // The upstream connection reports every message of the gateway's it sends (each resend
+        // too: each can come back once); only one a down mapping would bring back can echo.
+        let (sent_echo, sent_mappings) = (up_echo, gateway.mappings.clone());
+        bridge.set_gateway(
+            stats.clone(),
+            Arc::new(move |topic: &str, payload: &[u8]| {
+                if map_down(&sent_mappings, topic).is_some() {
+                    sent_echo.lock().unwrap_or_else(|p| p.into_inner()).record(
+                        topic,
+                        payload,
+                        Instant::now(),
+                    );
+                }
+            }),
+        );
+        let g = Gateway {
+            mqtt: mqtt.clone(),
+            path: UpPath { gateway, bridge, stats: stats.clone(), local_echo: EchoTable::default() },
+            down,
+        };
+        (g, stats)
+    }
+
+    /// Connects to the local broker and forwards until `cancel` fires. One rumqttc event loop
+    /// serves the whole run, so QoS 1 messages not yet acknowledged by the local broker are sent
+    /// again after a reconnect; reconnects back off like the upstream connection's.
+    pub async fn run(self, cancel: CancellationToken) {
+        let Gateway { mqtt, mut path, mut down } = self;
+        let gw = path.gateway.clone();
+        let local = MqttConfig {
+            broker: gw.local_broker.clone(),
+            client_id: gw.client_id.clone(),
+            // The local broker is the LAN's: no credentials or client certificate of upstream's.
+            username: String::new(),
+            password_file: Default::default(),
+            ca_file: Default::default(),
+            client_cert_file: Default::default(),
+            client_key_file: Default::default(),
+            ..mqtt.clone()
+        };
+        let mut o = match options(&local, &gw.client_id) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, "gateway mode cannot start; check mqtt.gateway.local_broker");
+                return;
+            }
+        };
+        // The gateway announces nothing on the local broker: no will, no status topic.
+        o.set_last_will(rumqttc::LastWill::new(
+            format!("lichen/{}/gateway", gw.client_id),
+            "offline",
+            QoS::AtMostOnce,
+            false,
+        ));
+        o.set_manual_acks(true);
+        let window = usize::from(mqtt.inflight.max(1));
+        // rumqttc stops reading requests (acknowledgements included) while its in-flight window
+        // is full; the gateway keeps its own publishes one below it, so acknowledgements of
+        // incoming messages always get through.
+        o.set_inflight(mqtt.inflight.max(1).saturating_add(1));
+        let (client, mut ev) = AsyncClient::new(o, window + 64);
+        let (events_tx, mut events) = mpsc::channel::<Result<Event, String>>(1024);
+        let (min, max) =
+            (Duration::from_millis(mqtt.reconnect_min_ms), Duration::from_millis(mqtt.reconnect_max_ms));
+        let broker = gw.local_broker.clone();
+        // The event loop lives in its own task and is never dropped mid-poll (see mqtt.rs).
+        let poller = tokio::spawn(async move {
+            let mut backoff = RetryBackoff::new(min, max);
+            loop {
+                match ev.poll().await {
+                    Ok(e) => {
+                        if matches!(e, Event::Incoming(Packet::ConnAck(_))) {
+                            backoff.reset();
+                        }
+                        if events_tx.send(Ok(e)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let delay = backoff.next_delay();
+                        tracing::warn!(%broker, error = %e, retry_in_ms = delay.as_millis() as u64, "gateway: cannot reach the local MQTT broker");
+                        if events_tx.send(Err(e.to_string())).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        });
+        let filters: Vec<String> = gw.mappings.iter().filter(|m| m.up()).map(|m| m.local.clone()).collect();
+        // Down messages handed to rumqttc and not yet acknowledged (or sent, for QoS 0).
+        let mut in_window = 0usize;
+        let mut held: Option<Down> = None;
+        // Acknowledgements the request queue had no room for, sent before anything else.
+        let mut acks: std::collections::VecDeque<rumqttc::Publish> = Default::default();
+        // Without down mappings nothing ever sends on `down` (its sender is dropped at once).
+        let mut down_open = true;
+        loop {
+            while let Some(p) = acks.pop_front() {
+                if client.try_ack(&p).is_err() {
+                    acks.push_front(p);
+                    break;
+                }
+            }
+            let connected = path.stats.0.connected.load(Ordering::Relaxed);
+            // A message the request queue had no room for goes first, keeping the order.
+            if let Some(m) = held.take() {
+                if connected && in_window < window {
+                    path.local_echo.record(&m.topic, &m.payload, Instant::now());
+                    match client.try_publish(m.topic.clone(), m.qos, m.retain, m.payload.clone()) {
+                        Ok(()) => in_window += 1,
+                        Err(_) => {
+                            path.local_echo.forget(&m.topic, &m.payload);
+                            held = Some(m);
+                        }
+                    }
+                } else {
+                    held = Some(m);
+                }
+            }
+            let room = down_open && connected && in_window < window && held.is_none();
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                event = events.recv() => match event {
+                    Some(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                        tracing::info!(broker = %gw.local_broker, session_present = ack.session_present, "gateway: connected to the local MQTT broker");
+                        path.stats.0.connected.store(true, Ordering::Relaxed);
+                        for f in &filters {
+                            if let Err(e) = client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
+                                tracing::warn!(filter = %f, error = %e, "gateway: cannot subscribe on the local broker");
+                            }
+                        }
+                    }
+                    Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                        path.up(&p).await;
+                        // Acknowledged once spooled: the local broker keeps it until then.
+                        if !acks.is_empty() || client.try_ack(&p).is_err() {
+                            acks.push_back(p);
+                        }
+                    }
+                    Some(Ok(Event::Incoming(Packet::PubAck(_)))) => {
+                        in_window = in_window.saturating_sub(1);
+                        path.stats.0.forwarded_down.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) => path.stats.0.connected.store(false, Ordering::Relaxed),
+                    None => break,
+                },
+                m = down.recv(), if room => match m {
+                    Some(m) => held = Some(m),
+                    None => down_open = false,
+                },
+                // A held message or acknowledgement waits for the request queue to drain.
+                _ = tokio::time::sleep(Duration::from_millis(1)), if held.is_some() || !acks.is_empty() => {}
+            }
+        }
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Some(e) = events.recv().await {
+                if matches!(e, Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_)) {
+                    return;
+                }
+            }
+        })
+        .await;
+        poller.abort();
+        path.stats.0.connected.store(false, Ordering::Relaxed);
+    }
+}
+
+impl UpPath {
+    /// A message from the local broker: its echo is dropped, anything else goes upstream (QoS 1
+    /// through the spool). The caller acknowledges it afterwards.
+    async fn up(&mut self, p: &rumqttc::Publish) {
+        let now = Instant::now();
+        if self.local_echo.take(&p.topic, &p.payload, p.dup, now) {
+            self.stats.0.loops_suppressed.fetch_add(1, Ordering::Relaxed);
+        } else if let Some(topic) = map_up(&self.gateway.mappings, &p.topic) {
+            let qos = if p.qos == QoS::AtMostOnce { 0 } else { 1 };
+            let message = SpoolMessage {
+                topic,
+                qos,
+                retain: p.retain,
+                origin: Origin::LocalBroker,
+                payload: p.payload.to_vec(),
+            };
+            // QoS 0 waits briefly for the upstream connection's queue, as a module's lines do.
+            let taken = if qos == 0 {
+                self.bridge.publish_waiting(message).await
+            } else {
+                self.bridge.publish(message)
+            };
+            if taken {
+                self.stats.0.forwarded_up.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::GatewayDirection;
+
+    fn mapping(local: &str, prefix: &str, direction: GatewayDirection) -> GatewayMapping {
+        GatewayMapping { local: local.into(), upstream_prefix: prefix.into(), direction }
+    }
+
+    #[test]
+    fn topics_map_with_prefixes_both_ways() {
+        let m = vec![
+            mapping("sensors/#", "site1/", GatewayDirection::Both),
+            mapping("cmd/#", "site1/", GatewayDirection::Down),
+            mapping("raw/+", "", GatewayDirection::Up),
+        ];
+        assert_eq!(map_up(&m, "sensors/t").as_deref(), Some("site1/sensors/t"));
+        assert_eq!(map_up(&m, "raw/x").as_deref(), Some("raw/x"));
+        assert_eq!(map_up(&m, "cmd/led"), None, "down only");
+        assert_eq!(map_down(&m, "site1/cmd/led").as_deref(), Some("cmd/led"));
+        assert_eq!(map_down(&m, "site1/sensors/t").as_deref(), Some("sensors/t"));
+        assert_eq!(map_down(&m, "raw/x"), None, "up only");
+        assert_eq!(map_down(&m, "site1/other"), None);
+        assert_eq!(map_down(&m, "site1"), None, "the parent the filter matches has no local topic");
+    }
+
+    #[test]
+    fn an_echo_is_taken_once_per_copy_and_forgotten_after_its_time() {
+        let t0 = Instant::now();
+        let mut e = EchoTable::default();
+        e.record("a", b"1", t0);
+        e.record("a", b"1", t0);
+        assert!(!e.take("a", b"2", false, t0), "another payload");
+        assert!(!e.take("b", b"1", false, t0), "another topic");
+        assert!(e.take("a", b"1", false, t0));
+        assert!(e.take("a", b"1", false, t0));
+        assert!(!e.take("a", b"1", false, t0), "two copies, two echoes");
+        assert!(e.take("a", b"1", true, t0), "a broker's resend of an echo is an echo");
+        e.record("a", b"1", t0);
+        assert!(!e.take("a", b"1", true, t0 + ECHO_TTL), "expired");
+    }
+
+    #[test]
+    fn the_echo_table_is_bounded() {
+        let t0 = Instant::now();
+        let mut e = EchoTable::default();
+        for i in 0..ECHO_CAPACITY + 10 {
+            e.record(&i.to_string(), b"x", t0 + Duration::from_nanos(i as u64));
+        }
+        assert_eq!(e.entries.len(), ECHO_CAPACITY);
+        assert!(!e.take("0", b"x", false, t0), "the oldest went first");
+        assert!(e.take(&(ECHO_CAPACITY + 9).to_string(), b"x", false, t0 + Duration::from_secs(1)));
+    }
+}
