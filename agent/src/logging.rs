@@ -13,8 +13,8 @@ use crate::config::{AgentConfig, LogFormat};
 /// Sets the global subscriber for `lichen run`.
 pub fn init(config: &AgentConfig) {
     // The level was validated with the config; fall back to info rather than run blind.
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_new(guest_proof(&config.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(guest_proof("info")));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
@@ -31,11 +31,35 @@ pub fn init(config: &AgentConfig) {
     }
 }
 
+/// Targets whose volume a module decides, with the level each is held to unless the filter names
+/// it. Wasmtime's WASI layer warns each time a module calls something it does not implement (every
+/// preview 1 socket call, for one): a module knocking 400,000 times wrote 400,000 lines into the
+/// journal (tests/suites/hostile.rs). At `debug`, Cranelift logs every pass over every function a
+/// module has, so a module's size set the log's.
+const GUEST_DRIVEN: [(&str, &str); 4] = [
+    ("wasmtime_wasi", "error"),
+    ("cranelift_codegen", "warn"),
+    ("wasmtime_cranelift", "warn"),
+    ("regalloc2", "warn"),
+];
+
+/// The filter with [`GUEST_DRIVEN`] targets held down, except those the operator names
+/// (`level = "info,wasmtime_wasi=debug"` brings WASI's messages back).
+pub fn guest_proof(level: &str) -> String {
+    let mut filter = level.to_owned();
+    for (target, cap) in GUEST_DRIVEN {
+        if !level.contains(target) {
+            filter.push_str(&format!(",{target}={cap}"));
+        }
+    }
+    filter
+}
+
 /// Commands other than `run` log only warnings, to stderr, so their output stays readable.
 pub fn init_quiet(config: &AgentConfig) {
     let level = if config.log.level == "info" { "warn" } else { config.log.level.as_str() };
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let filter = tracing_subscriber::EnvFilter::try_new(guest_proof(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(guest_proof("warn")));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
@@ -85,6 +109,16 @@ fn priority(level: Level) -> u8 {
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn guest_driven_logs_stay_off_unless_named() {
+        assert!(guest_proof("debug").starts_with("debug,wasmtime_wasi=error,cranelift_codegen=warn"));
+        let named = guest_proof("info,wasmtime_wasi=warn");
+        assert!(named.starts_with("info,wasmtime_wasi=warn,") && named.matches("wasmtime_wasi").count() == 1);
+        for level in ["trace", "lichen=debug,warn"] {
+            assert!(tracing_subscriber::EnvFilter::try_new(guest_proof(level)).is_ok(), "{level}");
+        }
+    }
 
     #[derive(Clone, Default)]
     struct Buf(Arc<Mutex<Vec<u8>>>);

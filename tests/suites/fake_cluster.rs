@@ -1157,7 +1157,9 @@ async fn a_pod_recreated_under_the_same_name_never_gets_the_old_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_maps_secrets_and_the_service_account_token_reach_the_module_under_the_node_authorizer() {
     let name = "fake-config";
-    let (api, s, agent, pods) = joined(name).await;
+    // At `trace`, the most any operator turns on, so that no library's debugging output can carry
+    // a credential into the log either.
+    let (api, s, agent, pods) = joined_with(name, "[log]\nlevel = \"trace\"\n").await;
     let cms: Api<ConfigMap> = Api::namespaced(api.client(), "default");
     let secrets: Api<Secret> = Api::namespaced(api.client(), "default");
     let env = json!({"name": "env", "image": wasm("hello.wat"),
@@ -1229,7 +1231,26 @@ async fn config_maps_secrets_and_the_service_account_token_reach_the_module_unde
         (bound["kind"].as_str(), bound["uid"].as_str()),
         (Some("Pod"), created.metadata.uid.as_deref())
     );
-    assert!(!agent.log().iter().any(|l| l.contains("hunter2")), "secret values never reach the agent's log");
+    // Neither the secret's value, nor the node's bearer token, nor the pod's service account token
+    // reaches the agent's log or any event it posted.
+    let jwt = token[0].trim_start_matches("ok ").to_owned();
+    let events: Api<Event> = Api::namespaced(api.client(), "default");
+    let events = serde_json::to_string(&events.list(&ListParams::default()).await.expect("events").items)
+        .expect("json");
+    let kubeconfig = std::fs::read_to_string(s.dir.path().join("node.kubeconfig")).expect("kubeconfig");
+    let node_token = kubeconfig
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token:"))
+        .map(|t| t.trim().trim_matches('"').to_owned())
+        .expect("the node's bearer token");
+    let log = agent.log().join("\n");
+    assert!(log.lines().count() > 100, "trace logging was on");
+    for (what, value) in
+        [("the secret", "hunter2".to_owned()), ("the node token", node_token), ("the pod token", jwt)]
+    {
+        assert!(!log.contains(&value), "{what} reached the agent's log");
+        assert!(!events.contains(&value), "{what} reached an event");
+    }
     assert_never_refused(&api);
     assert!(agent.stop().0.success());
 }

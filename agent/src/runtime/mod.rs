@@ -252,10 +252,17 @@ pub struct RunReport {
     pub elapsed: Duration,
 }
 
+/// The wasm stack one container may use.
+pub const WASM_STACK_BYTES: usize = 512 << 10;
+
 /// The engine configuration every container runs under (also checked by `lichen check`).
 pub fn engine_config() -> Config {
     let mut config = Config::new();
     config.consume_fuel(true).epoch_interruption(true);
+    // Named rather than inherited, because it is part of what Lichen promises a board: a module
+    // recursing without end traps with "call stack exhausted" at 512 KiB of wasm stack (inside
+    // the 2 MiB fiber each run has), whatever a later Wasmtime's default becomes.
+    config.max_wasm_stack(WASM_STACK_BYTES);
     // On 64-bit ARM, name the host target explicitly. Left implicit, Wasmtime probes the CPU (LSE
     // atomics, FP16, dot product, pointer authentication) and the engine key differs between a
     // Pi 4, a Pi 5 and QEMU, so no board would accept what `lichen compile --target aarch64` made
@@ -505,7 +512,7 @@ impl WasmRuntime {
             self.ticker.acquire()
         });
         let call = async {
-            let instance = module.pre.instantiate_async(&mut store).await?;
+            let instance = module.pre.instantiate_async(&mut store).await.map_err(not_instantiable)?;
             let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
             start.call_async(&mut store, ()).await
         };
@@ -589,9 +596,28 @@ fn ticks_for(t: Duration) -> u64 {
     (t.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64
 }
 
+/// Instantiation refused by the container's limits (more tables or memories than allowed, a table
+/// bigger than allowed) or by the linker: the module cannot run here however often it restarts.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot instantiate the module: {0}")]
+struct NotInstantiable(String);
+
+/// Marks an instantiation failure as [`NotInstantiable`], unless it is a trap or exit of a start
+/// function, or the memory limit, which keep their own outcomes.
+fn not_instantiable(e: wasmtime::Error) -> wasmtime::Error {
+    if e.is::<Trap>() || e.is::<I32Exit>() || e.is::<MemoryLimitExceeded>() {
+        e
+    } else {
+        wasmtime::Error::new(NotInstantiable(format!("{e:#}")))
+    }
+}
+
 fn classify(e: wasmtime::Error, fuel: Option<u64>, timeout: Option<Duration>, memory_limit: u64) -> Outcome {
     if let Some(exit) = e.downcast_ref::<I32Exit>() {
         return Outcome::Exited(exit.0);
+    }
+    if let Some(n) = e.downcast_ref::<NotInstantiable>() {
+        return Outcome::InvalidModule(n.to_string());
     }
     if let Some(m) = e.downcast_ref::<MemoryLimitExceeded>() {
         return Outcome::MemoryLimitExceeded { limit: memory_limit, requested: m.requested };

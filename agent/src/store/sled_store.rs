@@ -46,7 +46,17 @@ impl SledStore {
     /// Opens (or creates) the store in `dir`, migrating an older schema and refusing a newer one.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.to_owned();
-        std::fs::create_dir_all(&path).map_err(|e| io_error(&path, e))?;
+        // Created private (with the state dir above it, when missing): the store holds pod specs,
+        // secret-backed volumes' sources and the spool. Under systemd, StateDirectoryMode=0700 and
+        // UMask=0077 say the same; this covers `lichen run` started by hand.
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&path)
+                .map_err(|e| io_error(&path, e))?;
+        }
         // sled's own flusher bounds how much unflushed status a crash can lose; durable writes flush
         // explicitly.
         let db = sled::Config::new()
@@ -471,6 +481,18 @@ fn sled_error(path: &Path, e: sled::Error) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_state_dir_and_store_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let _store = SledStore::open(&state.join("store")).expect("open");
+        for d in [&state, &state.join("store")] {
+            let mode = std::fs::metadata(d).expect("stat").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", d.display());
+        }
+    }
 
     fn record(key: &str, uid: &str) -> PodRecord {
         PodRecord {
