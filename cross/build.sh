@@ -20,7 +20,7 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 # this architecture's compiler or interpreter), the pod workers with the real store, the real
 # binary with static pods, artifacts precompiled on x86-64 loaded here, and the MQTT bridge and its
 # spool against a real (native) mosquitto.
-TEST_ARGS=(-p lichen --lib -p lichen-tests --test runtime --test workers --test agent --test cross --test mqtt)
+TEST_ARGS=(-p lichen --lib -p lichen-tests --test runtime --test workers --test agent --test operate --test cross --test mqtt)
 
 triple() {
   case $1 in

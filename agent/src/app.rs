@@ -100,6 +100,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     let layout = StateLayout::of(&config);
     let store = open_store_waiting(&layout.store, &cancel).await?;
     tracing::info!(store = %layout.store.display(), schema = store.schema_version(), "state store open");
+    let started = Instant::now();
     let runtime = WasmRuntime::new()?;
     let modules =
         ModuleCache::new(store.clone(), runtime.clone(), &config.modules).map_err(AppError::Modules)?;
@@ -114,6 +115,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         }
         None => (EventRecorder::disabled(), None),
     };
+    let deps_runtime = runtime.clone();
     let deps = Arc::new(WorkerDeps {
         runtime,
         modules: modules.clone(),
@@ -131,6 +133,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         ManagerConfig {
             node_name: config.node_name.clone(),
             pods_dir: layout.pods.clone(),
+            state_dir: config.state_dir.clone(),
             max_pods: config.max_pods,
             runtime: config.runtime.clone(),
             modules: config.modules.clone(),
@@ -153,6 +156,24 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         node_name: config.node_name.clone(),
         mqtt: mqtt.clone(),
     });
+    if let Some(address) = config.metrics.socket_addr() {
+        let sources = crate::metrics::Sources {
+            board: board.clone(),
+            store: store.clone(),
+            runtime: deps_runtime.clone(),
+            contact: contact.clone(),
+            mqtt: mqtt.clone(),
+            started,
+        };
+        match crate::metrics::bind(address).await {
+            Ok(listener) => {
+                tracing::info!(%address, "serving /healthz and /metrics");
+                tracker.spawn(crate::metrics::serve(listener, sources, cancel.child_token()));
+            }
+            // Pods matter more than their metrics: the agent runs on without the endpoint.
+            Err(e) => tracing::error!(error = %e, "metrics endpoint unavailable"),
+        }
+    }
     let control_cancel = cancel.child_token();
     tracker.spawn(async move {
         // Without the socket the agent still runs pods; only `lichen status` and `lichen modules`
@@ -179,6 +200,16 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     let (api_tx, mut api_rx) = watch::channel(remembered);
     let (client_tx, client_rx) = watch::channel(None::<cluster::ClusterClient>);
     let terminating = TerminatingSet::default();
+    if config.cluster().is_some() && config.kubelet_api.port != 0 {
+        let api = crate::kubelet::KubeletApi {
+            node_name: config.node_name.clone(),
+            store: store.clone(),
+            logs_dir: layout.logs.clone(),
+            board: board.clone(),
+            client: client_rx.clone(),
+        };
+        tracker.spawn(crate::kubelet::run(config.clone(), api, cancel.child_token()));
+    }
     match config.static_pods() {
         Some(dir) => {
             tracing::info!(dir = %dir.display(), "watching static pod manifests");

@@ -83,11 +83,11 @@ pub fn check(config: &AgentConfig) -> CheckReport {
         let _ = writeln!(out, "FAIL  {e}");
     }
     for d in &scan.pods {
-        let uid = d.pod.metadata.uid.clone().unwrap_or_default();
         let ctx = PlanContext {
             node_name: &config.node_name,
             host_ip: None,
-            pod_dir: layout.pods.join(&uid),
+            pods_dir: &layout.pods,
+            state_dir: &config.state_dir,
             origin: match d.image_base.as_deref() {
                 Some(dir) => crate::modules::ImageOrigin::Static(dir),
                 None => crate::modules::ImageOrigin::Cluster,

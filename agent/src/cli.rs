@@ -1,5 +1,5 @@
-//! The command line: `lichen run | join | check | version | modules | compile | push`, with every config
-//! field as a global flag.
+//! The command line: `lichen run | join | check | version | status | pods | logs | modules | compile |
+//! push`, with every config field as a global flag.
 
 use std::path::PathBuf;
 
@@ -39,6 +39,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the pods on this node as `kubectl get pods -A` does: namespace, name, ready containers,
+    /// status, restarts and age. Works offline, and reads the store when no agent runs.
+    Pods {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a container's log (stdout and stderr), as `kubectl logs` does. The files are read
+    /// directly, so it works offline, with or without a running agent.
+    Logs(LogsArgs),
     /// Inspect and manage the module cache (through the running agent, or on the store when none runs).
     Modules {
         /// What to do with the cache.
@@ -68,6 +78,60 @@ pub enum Command {
         #[command(flatten)]
         login: RegistryLogin,
     },
+}
+
+/// `lichen logs`, with kubectl's flags.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LogsArgs {
+    /// The pod. A static pod may be named without its `-<node_name>` suffix.
+    pub pod: String,
+    /// The container; may be left out when the pod has only one.
+    pub container: Option<String>,
+    /// The pod's namespace [default: `default`, or the namespace of the only pod of that name].
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+    /// Keep printing new lines as they are written, until the container's run ends (or Ctrl-C).
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Print the log of the container's previous run (before its last restart).
+    #[arg(long, short = 'p')]
+    pub previous: bool,
+    /// Print only the last N lines.
+    #[arg(long, value_name = "N")]
+    pub tail: Option<u64>,
+    /// Print only lines newer than this, e.g. 10s, 5m, 1h or 1h30m.
+    #[arg(long, value_name = "DURATION", value_parser = parse_since)]
+    pub since: Option<std::time::Duration>,
+    /// Put each line's RFC 3339 timestamp before it.
+    #[arg(long)]
+    pub timestamps: bool,
+}
+
+/// A duration as kubectl's `--since` takes it: numbers with units `s`, `m` or `h`, e.g. `1h30m`.
+pub fn parse_since(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("invalid duration {s:?}: want e.g. 10s, 5m, 1h or 1h30m");
+    let mut total = 0u64;
+    let mut digits = String::new();
+    for ch in s.trim().chars() {
+        match ch {
+            '0'..='9' => digits.push(ch),
+            's' | 'm' | 'h' if !digits.is_empty() => {
+                let n: u64 = digits.parse().map_err(|_| bad())?;
+                let unit = match ch {
+                    's' => 1,
+                    'm' => 60,
+                    _ => 3600,
+                };
+                total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(bad)?;
+                digits.clear();
+            }
+            _ => return Err(bad()),
+        }
+    }
+    if !digits.is_empty() || total == 0 {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::from_secs(total))
 }
 
 /// `lichen join`: each flag overrides the config's `[join]` table.
@@ -142,4 +206,47 @@ pub struct RegistryLogin {
     /// Read the password (or access token) from standard input.
     #[arg(long)]
     pub password_stdin: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_kubectl_durations() {
+        let secs = |s: &str| parse_since(s).map(|d| d.as_secs());
+        assert_eq!(secs("10s"), Ok(10));
+        assert_eq!(secs("5m"), Ok(300));
+        assert_eq!(secs("1h30m"), Ok(5400));
+        for bad in ["", "10", "0s", "5x", "m", "-5s", "1.5h"] {
+            assert!(parse_since(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn logs_takes_kubectls_flags() {
+        let cli = Cli::try_parse_from([
+            "lichen",
+            "logs",
+            "-n",
+            "edge",
+            "web",
+            "app",
+            "-f",
+            "-p",
+            "--tail",
+            "3",
+            "--since",
+            "5m",
+            "--timestamps",
+        ])
+        .expect("parse");
+        let Command::Logs(a) = cli.command else { panic!("not logs") };
+        assert_eq!(
+            (a.pod.as_str(), a.container.as_deref(), a.namespace.as_deref()),
+            ("web", Some("app"), Some("edge"))
+        );
+        assert!(a.follow && a.previous && a.timestamps);
+        assert_eq!((a.tail, a.since), (Some(3), Some(std::time::Duration::from_secs(300))));
+    }
 }

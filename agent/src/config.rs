@@ -98,6 +98,91 @@ pub struct AgentConfig {
     pub mqtt: MqttConfig,
     /// Zero-touch join with a bootstrap token; off unless `join.server` is set.
     pub join: JoinConfig,
+    /// The Hostname address reported on the Node (the API server dials it first for `kubectl
+    /// logs`); empty means the machine's host name.
+    pub node_hostname: String,
+    /// The local health and Prometheus metrics endpoint.
+    pub metrics: MetricsConfig,
+    /// The kubelet API the API server calls for `kubectl logs` (cluster nodes only).
+    pub kubelet_api: KubeletApiConfig,
+}
+
+/// `/healthz` and `/metrics`, plain HTTP on a local address.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` to serve on; empty turns the endpoint off. Loopback by default: metrics name
+    /// pods, and a scraper on the board (or an SSH tunnel) needs no more.
+    pub address: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { address: "127.0.0.1:10248".into() }
+    }
+}
+
+impl MetricsConfig {
+    /// The parsed address, unless the endpoint is off.
+    pub fn socket_addr(&self) -> Option<std::net::SocketAddr> {
+        self.address.parse().ok()
+    }
+}
+
+/// The kubelet API: TLS, authenticated and authorized through the API server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubeletApiConfig {
+    /// TCP port, reported to the cluster as `status.daemonEndpoints.kubeletEndpoint.Port`; 0 turns
+    /// the kubelet API off.
+    pub port: u16,
+    /// The address to listen on.
+    pub address: String,
+    /// PEM serving certificate; empty means one from a `kubernetes.io/kubelet-serving` CSR (see
+    /// `serving_csr`), self-signed until it is issued.
+    pub tls_cert_file: PathBuf,
+    /// PEM key of `tls_cert_file`.
+    pub tls_private_key_file: PathBuf,
+    /// PEM CA that client certificates must chain to; empty means the cluster CA of the kubeconfig.
+    pub client_ca_file: PathBuf,
+    /// Ask the cluster for a serving certificate (signer `kubernetes.io/kubelet-serving`, SANs the
+    /// node's addresses). Clusters approve these by hand or with an approver; until then, and if
+    /// this is off, the API is served with a self-signed certificate as the kubelet does by default.
+    pub serving_csr: bool,
+}
+
+impl Default for KubeletApiConfig {
+    fn default() -> Self {
+        Self {
+            port: 10250,
+            address: "0.0.0.0".into(),
+            tls_cert_file: PathBuf::new(),
+            tls_private_key_file: PathBuf::new(),
+            client_ca_file: PathBuf::new(),
+            serving_csr: true,
+        }
+    }
+}
+
+impl KubeletApiConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, message| ConfigError::Invalid { field, message };
+        if self.port != 0 && self.address.parse::<std::net::IpAddr>().is_err() {
+            return Err(invalid(
+                "kubelet_api.address",
+                format!("{:?} is not an IP address (0.0.0.0 listens on all)", self.address),
+            ));
+        }
+        let (cert, key) =
+            (self.tls_cert_file.as_os_str().is_empty(), self.tls_private_key_file.as_os_str().is_empty());
+        if cert != key {
+            return Err(invalid(
+                "kubelet_api.tls_cert_file",
+                "tls_cert_file and tls_private_key_file go together: set both or neither".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Joining a cluster with a bootstrap token: the agent asks for a node client certificate with a
@@ -576,6 +661,11 @@ pub struct RuntimeConfig {
     /// Wall-clock limit of one run of a container, in seconds; 0 means none.
     /// A pod overrides it with the annotation `lichen.dev/run-timeout-seconds`.
     pub run_timeout_secs: u64,
+    /// Host directories (prefixes) that pods from the cluster may mount as `hostPath` volumes;
+    /// empty (the default) refuses hostPath for cluster pods. Static pods, which only the board's
+    /// administrator can write, may mount any path. Anyone who may create pods must not be able to
+    /// read the node's key, its store or other pods' secrets under `state_dir`.
+    pub allowed_host_paths: Vec<PathBuf>,
 }
 
 /// Container log files.
@@ -611,6 +701,9 @@ impl Default for AgentConfig {
             autonomy: AutonomyConfig::default(),
             mqtt: MqttConfig::default(),
             join: JoinConfig::default(),
+            node_hostname: String::new(),
+            metrics: MetricsConfig::default(),
+            kubelet_api: KubeletApiConfig::default(),
         }
     }
 }
@@ -623,7 +716,12 @@ impl Default for LogConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        Self { default_fuel: 0, default_memory_limit: ByteSize(128 << 20), run_timeout_secs: 0 }
+        Self {
+            default_fuel: 0,
+            default_memory_limit: ByteSize(128 << 20),
+            run_timeout_secs: 0,
+            allowed_host_paths: Vec::new(),
+        }
     }
 }
 
@@ -669,6 +767,9 @@ pub struct ConfigArgs {
     /// Wall-clock seconds per container run, 0 = none [default: 0].
     #[arg(long, env = "LICHEN_RUN_TIMEOUT_SECS", global = true)]
     pub run_timeout_secs: Option<u64>,
+    /// Host directories cluster pods may mount as hostPath, comma-separated [default: none].
+    #[arg(long, env = "LICHEN_ALLOWED_HOST_PATHS", global = true, value_delimiter = ',')]
+    pub allowed_host_paths: Option<Vec<PathBuf>>,
     /// Container log rotation size [default: 10Mi].
     #[arg(long, env = "LICHEN_CONTAINER_LOG_MAX_SIZE", global = true)]
     pub container_log_max_size: Option<ByteSize>,
@@ -800,6 +901,30 @@ pub struct ConfigArgs {
     /// Seconds to wait for the node's CSR to be approved and signed [default: 900].
     #[arg(long, env = "LICHEN_JOIN_APPROVAL_TIMEOUT_SECS", global = true)]
     pub join_approval_timeout_secs: Option<u64>,
+    /// The node's Hostname address [default: the machine's host name].
+    #[arg(long, env = "LICHEN_NODE_HOSTNAME", global = true)]
+    pub node_hostname: Option<String>,
+    /// host:port of /healthz and /metrics, empty = off [default: 127.0.0.1:10248].
+    #[arg(long, env = "LICHEN_METRICS_ADDRESS", global = true)]
+    pub metrics_address: Option<String>,
+    /// Kubelet API port (kubectl logs), 0 = off [default: 10250].
+    #[arg(long, env = "LICHEN_KUBELET_PORT", global = true)]
+    pub kubelet_port: Option<u16>,
+    /// Kubelet API listen address [default: 0.0.0.0].
+    #[arg(long, env = "LICHEN_KUBELET_ADDRESS", global = true)]
+    pub kubelet_address: Option<String>,
+    /// Kubelet API serving certificate, PEM [default: from a kubelet-serving CSR, self-signed until issued].
+    #[arg(long, env = "LICHEN_KUBELET_TLS_CERT_FILE", global = true)]
+    pub kubelet_tls_cert_file: Option<PathBuf>,
+    /// Key of --kubelet-tls-cert-file, PEM.
+    #[arg(long, env = "LICHEN_KUBELET_TLS_PRIVATE_KEY_FILE", global = true)]
+    pub kubelet_tls_private_key_file: Option<PathBuf>,
+    /// CA for kubelet API client certificates [default: the kubeconfig's cluster CA].
+    #[arg(long, env = "LICHEN_KUBELET_CLIENT_CA_FILE", global = true)]
+    pub kubelet_client_ca_file: Option<PathBuf>,
+    /// Request a kubelet-serving certificate from the cluster [default: true].
+    #[arg(long, env = "LICHEN_KUBELET_SERVING_CSR", global = true)]
+    pub kubelet_serving_csr: Option<bool>,
     /// The bootstrap token, from the environment only: a flag's value is visible in `ps`.
     #[arg(skip = std::env::var("LICHEN_JOIN_TOKEN").ok())]
     pub join_token: Option<String>,
@@ -853,8 +978,13 @@ impl AgentConfig {
             &mut m.client_key_file,
             &mut config.join.ca_cert,
             &mut config.join.token_file,
+            &mut config.kubelet_api.tls_cert_file,
+            &mut config.kubelet_api.tls_private_key_file,
+            &mut config.kubelet_api.client_ca_file,
         ];
-        for p in paths.into_iter().chain(config.modules.registry_ca_files.iter_mut()) {
+        let lists =
+            config.modules.registry_ca_files.iter_mut().chain(config.runtime.allowed_host_paths.iter_mut());
+        for p in paths.into_iter().chain(lists) {
             if !p.as_os_str().is_empty() && p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -878,6 +1008,7 @@ impl AgentConfig {
         set(&mut self.runtime.default_fuel, &a.default_fuel);
         set(&mut self.runtime.default_memory_limit, &a.default_memory_limit);
         set(&mut self.runtime.run_timeout_secs, &a.run_timeout_secs);
+        set(&mut self.runtime.allowed_host_paths, &a.allowed_host_paths);
         set(&mut self.container_logs.max_size, &a.container_log_max_size);
         set(&mut self.container_logs.max_files, &a.container_log_max_files);
         set(&mut self.container_logs.echo, &a.container_log_echo);
@@ -922,6 +1053,15 @@ impl AgentConfig {
         set(&mut j.ca_cert, &a.join_ca_cert);
         set(&mut j.token_file, &a.join_token_file);
         set(&mut j.approval_timeout_secs, &a.join_approval_timeout_secs);
+        set(&mut self.node_hostname, &a.node_hostname);
+        set(&mut self.metrics.address, &a.metrics_address);
+        let k = &mut self.kubelet_api;
+        set(&mut k.port, &a.kubelet_port);
+        set(&mut k.address, &a.kubelet_address);
+        set(&mut k.tls_cert_file, &a.kubelet_tls_cert_file);
+        set(&mut k.tls_private_key_file, &a.kubelet_tls_private_key_file);
+        set(&mut k.client_ca_file, &a.kubelet_client_ca_file);
+        set(&mut k.serving_csr, &a.kubelet_serving_csr);
         set(&mut j.token, &a.join_token);
         set(&mut m.gateway.local_broker, &a.mqtt_gateway_local_broker);
         set(&mut m.gateway.client_id, &a.mqtt_gateway_client_id);
@@ -1027,8 +1167,22 @@ impl AgentConfig {
             parse_taint(t).map_err(|message| ConfigError::Invalid { field: "node_taints", message })?;
         }
         self.modules.validate()?;
+        self.runtime.validate_host_paths(&self.state_dir)?;
         self.mqtt.validate()?;
         self.join.validate(&self.state_dir)?;
+        self.kubelet_api.validate()?;
+        if !self.metrics.address.is_empty() && self.metrics.socket_addr().is_none() {
+            return Err(ConfigError::Invalid {
+                field: "metrics.address",
+                message: format!(
+                    "{:?} is not host:port, e.g. 127.0.0.1:10248 (\"\" turns it off)",
+                    self.metrics.address
+                ),
+            });
+        }
+        if self.node_hostname.is_empty() {
+            self.node_hostname = host_name().unwrap_or_else(|| self.node_name.clone());
+        }
         if self.mqtt.enabled() && self.mqtt.client_id.is_empty() {
             self.mqtt.client_id = self.node_name.clone();
         }
@@ -1085,6 +1239,29 @@ impl AgentConfig {
     /// The config as TOML, for `lichen check`.
     pub fn to_toml(&self) -> String {
         toml::to_string(&self.redacted()).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+impl RuntimeConfig {
+    /// `allowed_host_paths`: absolute, without `..`, and never the state directory or under it
+    /// (pods may never mount that, so such an entry would only mislead).
+    fn validate_host_paths(&mut self, state_dir: &Path) -> Result<(), ConfigError> {
+        let invalid = |message| ConfigError::Invalid { field: "runtime.allowed_host_paths", message };
+        self.allowed_host_paths.retain(|d| !d.as_os_str().is_empty());
+        for d in &self.allowed_host_paths {
+            if !d.is_absolute() || d.components().any(|c| c == std::path::Component::ParentDir) {
+                return Err(invalid(format!("{} must be an absolute path without `..`", d.display())));
+            }
+            if d.starts_with(state_dir) {
+                return Err(invalid(format!(
+                    "{} is under state_dir ({}), which holds the node's key and every pod's \
+                     secrets; no pod may mount it, so list another directory",
+                    d.display(),
+                    state_dir.display()
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1436,5 +1613,29 @@ mod tests {
         c.apply(&args);
         c.finish().expect("valid");
         assert_eq!((c.node_name.as_str(), c.max_pods, c.runtime.default_fuel), ("edge-1", 7, 99));
+    }
+
+    #[test]
+    fn allowed_host_paths_follow_the_file_and_are_never_the_state_dir() {
+        let text = "node_name = \"a\"\n[runtime]\nallowed_host_paths = [\"data\", \"/srv/shared\"]";
+        let mut c = AgentConfig::from_toml(text, Path::new("/opt/demo/lichen.toml")).expect("valid");
+        c.finish().expect("valid");
+        assert_eq!(c.runtime.allowed_host_paths, [Path::new("/opt/demo/data"), Path::new("/srv/shared")]);
+        let default = parse("node_name = \"a\"").expect("valid");
+        assert!(default.runtime.allowed_host_paths.is_empty(), "none by default");
+
+        for (bad, why) in [
+            ("allowed_host_paths = [\"/srv/../var/lib/lichen\"]", "without `..`"),
+            ("allowed_host_paths = [\"/var/lib/lichen\"]", "under state_dir"),
+            ("allowed_host_paths = [\"/var/lib/lichen/pods\"]", "under state_dir"),
+        ] {
+            let err = parse(&format!("node_name = \"a\"\n[runtime]\n{bad}")).unwrap_err().to_string();
+            assert!(err.contains("runtime.allowed_host_paths") && err.contains(why), "{bad}: {err}");
+        }
+        // Flags are taken as given: a relative one is refused rather than guessed at.
+        let mut c = parse("node_name = \"a\"").expect("valid");
+        c.apply(&ConfigArgs { allowed_host_paths: Some(vec!["data".into()]), ..Default::default() });
+        let err = c.finish().unwrap_err().to_string();
+        assert!(err.contains("runtime.allowed_host_paths") && err.contains("absolute"), "{err}");
     }
 }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use lichen::cli::{Cli, Command, ModulesAction, RegistryLogin};
+use lichen::cli::{Cli, Command, LogsArgs, ModulesAction, RegistryLogin};
 use lichen::config::AgentConfig;
 use lichen::modules::commands::{self, ModuleCommand};
 use tokio_util::sync::CancellationToken;
@@ -120,6 +120,20 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        Command::Pods { json } => {
+            lichen::logging::init_quiet(&config);
+            match block_on(lichen::report::node_report(&config)) {
+                Ok(r) if json => {
+                    report(Ok(format!("{}\n", serde_json::to_string_pretty(&r.pods).unwrap_or_default())))
+                }
+                Ok(r) => report(Ok(lichen::report::pods_table(&r.pods, jiff::Timestamp::now()))),
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Logs(args) => {
+            lichen::logging::init_quiet(&config);
+            report(block_on(logs(config, args)).map(|()| String::new()))
+        }
         Command::Compile { target, input, output } => {
             report(commands::compile_file(target, &input, output.as_deref()))
         }
@@ -178,6 +192,47 @@ fn read_login(login: &RegistryLogin) -> Result<Option<(String, String)>, String>
             .map_err(|_| "give the password with --password-stdin or LICHEN_REGISTRY_PASSWORD".to_string())?
     };
     Ok(Some((user, password)))
+}
+
+/// `lichen logs`: prints the log until it ends, or until Ctrl-C (or SIGTERM), which ends it cleanly.
+async fn logs(config: AgentConfig, args: LogsArgs) -> Result<(), String> {
+    use lichen::pod::logs::{LogOptions, LogsCommand};
+    let since = args.since.map(|d| {
+        let now = jiff::Timestamp::now();
+        jiff::SignedDuration::try_from(d)
+            .ok()
+            .and_then(|d| now.checked_sub(d).ok())
+            .unwrap_or(jiff::Timestamp::MIN)
+    });
+    let cmd = LogsCommand {
+        namespace: args.namespace,
+        pod: args.pod,
+        container: args.container,
+        options: LogOptions {
+            follow: args.follow,
+            previous: args.previous,
+            timestamps: args.timestamps,
+            tail_lines: args.tail,
+            since,
+            limit_bytes: None,
+        },
+    };
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        stop.cancel();
+    });
+    let mut out = tokio::io::stdout();
+    lichen::pod::logs::run_command(&config, cmd, &mut out, cancel).await
 }
 
 fn agent_runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -269,6 +269,7 @@ impl Node {
             stderr: log.sink(Stream::Stderr),
             stdin: None,
             mqtt: None,
+            memory_gauge: None,
         };
         let cancel = CancellationToken::new();
 

@@ -111,6 +111,10 @@ impl Agent {
     pub fn start_with_env(args: &[&str], state_dir: &Path, env: &[(&str, &str)]) -> Agent {
         let mut child = Command::new(lichen_bin())
             .args(args)
+            // Tests run side by side: the metrics endpoint on a port of its own, and the kubelet
+            // API (0.0.0.0:10250 by default) off unless a test asks for it with a flag or `env`.
+            .env("LICHEN_METRICS_ADDRESS", "127.0.0.1:0")
+            .env("LICHEN_KUBELET_PORT", "0")
             .envs(env.iter().copied())
             .env_remove("LICHEN_CONFIG")
             .stdin(Stdio::null())

@@ -368,3 +368,203 @@ fn commands_and_a_starting_agent_wait_for_each_other() {
     let (exit, log) = agent.stop();
     assert!(exit.success(), "{}", log.join("\n"));
 }
+
+/// `lichen <args> --config <scratch config>`, run to its end.
+fn lichen_cmd(s: &Scratch, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(lichen_bin())
+        .args(args)
+        .arg("--config")
+        .arg(&s.config)
+        .env_remove("LICHEN_CONFIG")
+        .output()
+        .expect("run lichen")
+}
+
+/// The command's stdout, after checking that it succeeded.
+fn lichen_ok(s: &Scratch, args: &[&str]) -> String {
+    let out = lichen_cmd(s, args);
+    assert!(out.status.success(), "lichen {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// The command's one-line error, after checking that it failed with status 1.
+fn lichen_err(s: &Scratch, args: &[&str]) -> String {
+    let out = lichen_cmd(s, args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "lichen {args:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one clear line: {err}");
+    err
+}
+
+/// A `lichen logs -f` child with its stdout collected line by line.
+struct Follow {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Follow {
+    fn start(s: &Scratch, args: &[&str]) -> Follow {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(lichen_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&s.config)
+            .env_remove("LICHEN_CONFIG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn lichen logs -f");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let stdout = child.stdout.take().expect("piped");
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().expect("lines").push(line);
+            }
+        });
+        Follow { child, lines }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lines").clone()
+    }
+
+    /// Waits for it to exit on its own.
+    fn wait(mut self, timeout: Duration) -> (std::process::ExitStatus, Vec<String>) {
+        let status = wait_for(timeout, "lichen logs -f to end", || self.child.try_wait().expect("try_wait"));
+        std::thread::sleep(Duration::from_millis(50));
+        (status, self.lines())
+    }
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The number of a sleeper's `tick N` line.
+fn tick(line: &str) -> Option<u64> {
+    line.strip_prefix("tick ")?.parse().ok()
+}
+
+/// `lichen logs` and `lichen pods` on a running agent and on a stopped one: the container's lines
+/// (both streams, in order), `--tail`, `--timestamps`, `-f` getting new lines and ending cleanly on
+/// Ctrl-C or when the run ends, `--previous` after a restart, and clear errors.
+#[test]
+fn logs_and_pods_show_what_static_pods_wrote() {
+    let s = Scratch::new("");
+    s.put_pod("sleeper.yaml", &pod_yaml("sleeper", &fixture("sleeper.wat"), ""));
+    // Exits at once and restarts after the 10 s back-off: its first run becomes the previous one.
+    s.put_pod(
+        "hello.yaml",
+        &format!(
+            "{}    args: [from, lichen]\n",
+            pod_yaml("hello", &fixture("hello.wat"), "  restartPolicy: Always\n")
+        ),
+    );
+    let agent = s.start();
+    wait_for(T, "the sleeper to tick", || (s.output("sleeper", "main", 0).len() > 3).then_some(()));
+    wait_for(T, "hello's first run", || (s.output("hello", "main", 0).len() == 2).then_some(()));
+
+    // Everything so far, as the files hold it; the static pod's name with or without the node.
+    let full = lichen_ok(&s, &["logs", "sleeper-test-node"]);
+    let lines: Vec<&str> = full.lines().collect();
+    assert_eq!(lines[..2], ["started", "tick 1"], "{full}");
+    assert!(lines[1..].iter().zip(1..).all(|(l, n)| tick(l) == Some(n)), "ticks in order: {full}");
+    let short = lichen_ok(&s, &["logs", "sleeper", "main"]);
+    assert!(short.starts_with(&full), "the same log by its short name");
+    assert_eq!(
+        lichen_ok(&s, &["logs", "hello", "-n", "default"]),
+        "hello from lichen\nbye\n",
+        "stdout and stderr, in order"
+    );
+
+    // --tail and --timestamps.
+    let last = lichen_ok(&s, &["logs", "sleeper", "--tail", "1"]);
+    assert_eq!(last.lines().count(), 1, "{last}");
+    assert!(tick(last.trim_end()).is_some_and(|n| n >= 3), "{last}");
+    let stamped = lichen_ok(&s, &["logs", "sleeper", "--tail", "2", "--timestamps"]);
+    let stamped: Vec<&str> = stamped.lines().collect();
+    assert_eq!(stamped.len(), 2, "{stamped:?}");
+    let mut times = Vec::new();
+    for line in &stamped {
+        let (time, text) = line.split_once(' ').expect("time and text");
+        times.push(time.parse::<jiff::Timestamp>().unwrap_or_else(|e| panic!("{time}: {e}")));
+        assert!(tick(text).is_some(), "{line}");
+    }
+    assert!(times[0] <= times[1]);
+    let age = jiff::Timestamp::now().as_second() - times[1].as_second();
+    assert!((0..60).contains(&age), "recent: {stamped:?}");
+    assert_eq!(lichen_ok(&s, &["logs", "sleeper", "--since", "1h", "--tail", "1"]).lines().count(), 1);
+
+    // -f: the tail, then lines written after; Ctrl-C ends it cleanly.
+    let follow = Follow::start(&s, &["logs", "-f", "--tail", "1", "sleeper"]);
+    let first = wait_for(T, "the followed tail", || follow.lines().first().and_then(|l| tick(l)));
+    wait_for(T, "new lines while following", || {
+        let got: Vec<u64> = follow.lines().iter().filter_map(|l| tick(l)).collect();
+        (got.len() >= 5).then_some(()).inspect(|()| {
+            assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "each line once, in order: {got:?}");
+        })
+    });
+    assert!(first > 0);
+    let _ = std::process::Command::new("kill").args(["-INT", &follow.child.id().to_string()]).status();
+    let (status, _) = follow.wait(T);
+    assert!(status.success(), "Ctrl-C ends lichen logs -f cleanly: {status:?}");
+
+    // `lichen pods`, from the running agent.
+    let pods = lichen_ok(&s, &["pods"]);
+    let header = pods.lines().next().expect("header");
+    assert!(
+        ["NAMESPACE", "NAME", "READY", "STATUS", "RESTARTS", "AGE"].iter().all(|c| header.contains(c)),
+        "{pods}"
+    );
+    let row = pods.lines().find(|l| l.contains("sleeper-test-node")).expect("the sleeper's row");
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[..5], ["default", "sleeper-test-node", "1/1", "Running", "0"], "{pods}");
+    assert!(cells[5].ends_with('s'), "an age in seconds: {row}");
+    assert!(pods.contains("hello-test-node"), "{pods}");
+    let json: serde_json::Value = serde_json::from_str(&lichen_ok(&s, &["pods", "--json"])).expect("json");
+    let keys: Vec<&str> = json.as_array().expect("array").iter().filter_map(|p| p["key"].as_str()).collect();
+    assert_eq!(keys, ["default/hello-test-node", "default/sleeper-test-node"]);
+
+    // Clear errors.
+    let err = lichen_err(&s, &["logs", "nope"]);
+    assert!(err.contains("\"nope\"") && err.contains("not found"), "{err}");
+    let err = lichen_err(&s, &["logs", "sleeper", "other"]);
+    assert!(err.contains("\"other\"") && err.contains("[main]"), "{err}");
+    let err = lichen_err(&s, &["logs", "sleeper", "--previous"]);
+    assert!(err.contains("previous terminated container \"main\""), "{err}");
+    let bad = lichen_cmd(&s, &["logs", "sleeper", "--since", "soon"]);
+    assert_eq!(bad.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid duration \"soon\""));
+
+    // --previous once hello has restarted; -f on it ends by itself when its run is over.
+    wait_for(Duration::from_secs(40), "hello's second run", || {
+        (s.output("hello", "main", 1).len() == 2).then_some(())
+    });
+    let previous = lichen_ok(&s, &["logs", "hello", "--previous", "--timestamps"]);
+    let current = lichen_ok(&s, &["logs", "hello", "--timestamps"]);
+    let time = |out: &str| -> jiff::Timestamp {
+        out.split_once(' ').and_then(|(t, _)| t.parse().ok()).unwrap_or_else(|| panic!("no timestamp: {out}"))
+    };
+    assert!(previous.lines().next().is_some_and(|l| l.ends_with(" hello from lichen")), "{previous}");
+    assert_eq!(previous.lines().count(), 2, "{previous}");
+    assert!(time(&previous) < time(&current), "the previous run is the earlier one:\n{previous}\n{current}");
+    let hello_follow = Follow::start(&s, &["logs", "-f", "hello"]);
+    let (status, lines) = hello_follow.wait(T);
+    assert!(status.success(), "{status:?}");
+    assert_eq!(lines[..2], ["hello from lichen", "bye"]);
+
+    // With the agent stopped, the store and the files still answer.
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{}", log.join("\n"));
+    let offline = lichen_ok(&s, &["logs", "sleeper"]);
+    assert!(offline.starts_with(&full), "offline, the same log");
+    let pods = lichen_ok(&s, &["pods"]);
+    assert!(pods.contains("sleeper-test-node"), "{pods}");
+    // Nothing runs: -f prints what there is and ends.
+    let (status, lines) = Follow::start(&s, &["logs", "-f", "--tail", "1", "sleeper"]).wait(T);
+    assert!(status.success() && lines.len() == 1, "{status:?} {lines:?}");
+}

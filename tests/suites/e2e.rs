@@ -646,3 +646,136 @@ async fn a_board_joins_with_the_bootstrap_token_and_its_csr_is_auto_approved() {
     let _ = nodes.delete(other, &DeleteParams::default()).await;
     cluster.delete_node(name).await;
 }
+
+/// `kubectl logs` through the real API server: it dials the node's Hostname address and kubelet
+/// port with its kubelet client certificate; Lichen authenticates it against the cluster CA and has
+/// the API server authorize it (SubjectAccessReview) before streaming the log. `exec` is refused
+/// with a message, and a kubelet-serving CSR approved by the operator replaces the self-signed
+/// certificate without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_logs_reaches_the_node_through_the_api_server() {
+    use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+    use kube::api::{ListParams, LogParams};
+    let cluster = Cluster::from_env().await;
+    let name = "lichen-e2e-logs";
+    cluster.delete_node(name).await;
+    let s = Scratch::new("");
+    let kc = cluster.node_kubeconfig(name, s.dir.path()).await;
+    let port = lichen_tests::free_port();
+    let config = format!(
+        "node_name = {name:?}\nstate_dir = {:?}\nstatic_pod_dir = \"\"\nnode_ip = \"127.0.0.1\"\n\
+         node_hostname = \"localhost\"\nshutdown_timeout_secs = 5\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n\
+         [kubelet_api]\naddress = \"127.0.0.1\"\n{}",
+        s.state.display().to_string(),
+        kc.display().to_string(),
+        s.modules_table()
+    );
+    std::fs::write(&s.config, config).expect("config");
+    let args = s.run_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let port_text = port.to_string();
+    let agent = Agent::start_with_env(&args, &s.state, &[("LICHEN_KUBELET_PORT", &port_text)]);
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    let node = wait_for_async(T, "the node to be Ready", || async {
+        let n = nodes.get(name).await.ok()?;
+        (condition(&n, "Ready")?.0 == "True").then_some(n)
+    })
+    .await;
+    let endpoint = node
+        .status
+        .as_ref()
+        .and_then(|s| s.daemon_endpoints.as_ref())
+        .and_then(|d| d.kubelet_endpoint.as_ref());
+    assert_eq!(endpoint.map(|e| e.port), Some(i32::from(port)), "the kubelet port is reported");
+
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let image = format!("file://{}", lichen_tests::fixture("sleeper.wat").display());
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": wasm_pod_template(name, &image, serde_json::json!({}))
+    }))
+    .expect("pod");
+    create_fresh(&pods, &pod).await;
+    wait_for_async(T, "the pod to run", || async {
+        lichen_tests::is_running_ready(&pods.get(name).await.ok()?).then_some(())
+    })
+    .await;
+    let text = wait_for_async(T, "kubectl logs to show ticks", || async {
+        let t = pods.logs(name, &LogParams::default()).await.ok()?;
+        t.contains("tick 2").then_some(t)
+    })
+    .await;
+    assert!(text.starts_with("started\n"), "{text}");
+    let tail = pods
+        .logs(name, &LogParams { tail_lines: Some(1), timestamps: true, ..Default::default() })
+        .await
+        .expect("tail");
+    assert_eq!(tail.lines().count(), 1, "{tail}");
+    assert!(
+        tail.split_once(' ').is_some_and(|(ts, rest)| ts.contains('T') && rest.starts_with("tick")),
+        "{tail}"
+    );
+
+    // Follow: new lines arrive on the open stream.
+    {
+        use futures::AsyncBufReadExt;
+        let stream = pods
+            .log_stream(name, &LogParams { follow: true, tail_lines: Some(1), ..Default::default() })
+            .await
+            .expect("follow");
+        let mut lines = stream.lines();
+        let mut seen = Vec::new();
+        let got = tokio::time::timeout(T, async {
+            while let Some(Ok(line)) = futures::StreamExt::next(&mut lines).await {
+                seen.push(line);
+                if seen.len() >= 3 {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(got.is_ok() && seen.len() >= 3, "streamed lines: {seen:?}");
+    }
+
+    // The node asked for a serving certificate; an operator approves it (1.20 does not on its own).
+    let csrs: Api<CertificateSigningRequest> = Api::all(cluster.client.clone());
+    let prefix = format!("kubelet-serving-{name}-");
+    let csr = wait_for_async(T, "the node's kubelet-serving CSR", || async {
+        csrs.list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|c| c.metadata.name.as_deref().is_some_and(|n| n.starts_with(&prefix)))
+    })
+    .await;
+    assert_eq!(csr.spec.signer_name, "kubernetes.io/kubelet-serving");
+    let csr_name = csr.metadata.name.clone().expect("name");
+    let mut approved = csr.clone();
+    approved.status = Some(k8s_openapi::api::certificates::v1::CertificateSigningRequestStatus {
+        conditions: Some(vec![k8s_openapi::api::certificates::v1::CertificateSigningRequestCondition {
+            type_: "Approved".into(),
+            status: "True".into(),
+            reason: Some("E2EApproved".into()),
+            message: Some("approved by the e2e test".into()),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    });
+    csrs.replace_subresource("approval", &csr_name, &PostParams::default(), &approved)
+        .await
+        .expect("approve");
+    agent.wait_log(&["kubelet API now serves the certificate the cluster signed"], T);
+    assert!(s.state.join("pki/kubelet-serving.crt").exists());
+    let again = pods
+        .logs(name, &LogParams { tail_lines: Some(1), ..Default::default() })
+        .await
+        .expect("logs after the swap");
+    assert!(again.starts_with("tick"), "{again}");
+
+    let _ = pods.delete(name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await;
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{}", log.join("\n"));
+    let _ = csrs.delete(&csr_name, &DeleteParams::default()).await;
+    cluster.delete_node(name).await;
+}

@@ -1256,6 +1256,58 @@ async fn config_maps_secrets_and_the_service_account_token_reach_the_module_unde
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_pods_mount_only_allowed_host_paths_and_never_the_state_dir() {
+    let name = "fake-hostpath";
+    // Relative to the config file, which lives in the scratch directory.
+    let (api, s, agent, pods) = joined_with(name, "\n[runtime]\nallowed_host_paths = [\"shared\"]\n").await;
+    let host_pod = |pod_name: &str, path: &std::path::Path| {
+        let spec = json!({
+            "restartPolicy": "Never",
+            "volumes": [{"name": "host", "hostPath": {"path": path, "type": "DirectoryOrCreate"}}],
+            "containers": [{"name": "main", "image": wasm("fsprobe.wat"),
+                "args": ["write", "3", "out.txt", "from-the-pod"],
+                "volumeMounts": [{"name": "host", "mountPath": "/host"}]}],
+        });
+        pod(pod_name, Some(name), "", spec)
+    };
+    let allowed = s.dir.path().join("shared/data");
+    let refused = [
+        ("state", s.state.clone(), "state directory"),
+        ("store", s.state.join("store"), "state directory"),
+        ("holds-state", s.dir.path().to_owned(), "state directory"),
+        ("elsewhere", s.dir.path().join("elsewhere"), "runtime.allowed_host_paths"),
+    ];
+    pods.create(&PostParams::default(), &host_pod("allowed", &allowed)).await.expect("pod");
+    for (pod_name, path, _) in &refused {
+        pods.create(&PostParams::default(), &host_pod(pod_name, path)).await.expect("pod");
+    }
+
+    let done = wait_pod(&pods, "allowed", "Succeeded", |p| {
+        matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+    })
+    .await;
+    assert_eq!(done.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded"), "{done:#?}");
+    let written = std::fs::read_to_string(allowed.join("out.txt")).expect("the module wrote its hostPath");
+    assert_eq!(written, "from-the-pod\n");
+
+    for (pod_name, path, why) in &refused {
+        let failed = wait_pod(&pods, pod_name, "Failed", |p| {
+            p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")
+        })
+        .await;
+        let st = failed.status.expect("status");
+        assert_eq!(st.reason.as_deref(), Some("UnsupportedPodSpec"), "{pod_name}: {st:#?}");
+        let msg = st.message.unwrap_or_default();
+        assert!(msg.contains("spec.volumes[0].hostPath.path") && msg.contains(why), "{pod_name}: {msg}");
+        assert!(!path.join("out.txt").exists(), "{pod_name}: nothing ran");
+    }
+    assert!(!s.dir.path().join("elsewhere").exists(), "a refused hostPath is not created");
+    assert_never_refused(&api);
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{}", log.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_node_registers_again_and_its_lease_follows() {
     let api = FakeApi::start().await;
     let name = "fake-reregister";
@@ -1816,4 +1868,140 @@ async fn the_node_certificate_is_renewed_before_it_expires_and_pods_keep_running
     assert_eq!(before, after, "the pod was not restarted by the rotation");
     assert_never_refused(&api);
     agent.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kubelet API: kubectl logs through the API server, and callers refused directly
+// ---------------------------------------------------------------------------------------------
+
+/// `curl -k` to the node's kubelet API: (status code, body). The test does not verify the serving
+/// certificate, as an API server without `--kubelet-certificate-authority` does not.
+fn kubelet_call(port: u16, method: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
+    let mut c = std::process::Command::new("curl");
+    c.args(["-sk", "-X", method, "-w", "\n%{http_code}", "--max-time", "10"]);
+    if let Some(t) = bearer {
+        c.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    let out = c.arg(format!("https://127.0.0.1:{port}{path}")).output().expect("curl (CI installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_logs_go_through_the_api_server_to_the_kubelet_api_and_strangers_are_refused() {
+    use kube::api::LogParams;
+    let name = "fake-logs";
+    let api = FakeApi::start_tls().await;
+    api.delete_node(name).await;
+    let s = Scratch::new("");
+    let kc = api.node_kubeconfig(name, s.dir.path()).await;
+    let port = lichen_tests::free_port();
+    let config = format!(
+        "node_name = {name:?}\nstate_dir = {:?}\nstatic_pod_dir = \"\"\nnode_ip = \"127.0.0.1\"\n\
+         node_hostname = \"localhost\"\nshutdown_timeout_secs = 5\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n\
+         [kubelet_api]\naddress = \"127.0.0.1\"\n{}",
+        s.state.display().to_string(),
+        kc.display().to_string(),
+        s.modules_table()
+    );
+    std::fs::write(&s.config, config).expect("config");
+    let args = s.run_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let port_text = port.to_string();
+    let agent = Agent::start_with_env(&args, &s.state, &[("LICHEN_KUBELET_PORT", &port_text)]);
+    let node = wait_ready(&api, name).await;
+    let endpoint = node
+        .status
+        .as_ref()
+        .and_then(|s| s.daemon_endpoints.as_ref())
+        .and_then(|d| d.kubelet_endpoint.as_ref());
+    assert_eq!(endpoint.map(|e| e.port), Some(i32::from(port)));
+    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    run_bound(&pods, "talker", name, "sleeper.wat").await;
+    pods.create(
+        &PostParams::default(),
+        &pod("exiter", Some(name), &wasm("exit.wat"), json!({"restartPolicy": "Always"})),
+    )
+    .await
+    .expect("pod");
+
+    // Through the API server, as kubectl logs asks.
+    let text = wait_for_async(T, "the log through the API server", || async {
+        let t = pods.logs("talker", &LogParams::default()).await.ok()?;
+        t.contains("tick 2").then_some(t)
+    })
+    .await;
+    assert!(text.starts_with("started\n"), "{text}");
+    let tail = pods
+        .logs("talker", &LogParams { tail_lines: Some(1), timestamps: true, ..Default::default() })
+        .await
+        .expect("tail");
+    assert_eq!(tail.lines().count(), 1, "{tail}");
+    assert!(
+        tail.split_once(' ').is_some_and(|(ts, rest)| ts.contains('T') && rest.starts_with("tick")),
+        "{tail}"
+    );
+    {
+        use futures::AsyncBufReadExt;
+        let stream = pods
+            .log_stream("talker", &LogParams { follow: true, tail_lines: Some(1), ..Default::default() })
+            .await
+            .expect("follow");
+        let mut lines = stream.lines();
+        let mut seen = Vec::new();
+        let _ = tokio::time::timeout(T, async {
+            while let Some(Ok(line)) = lines.next().await {
+                seen.push(line);
+                if seen.len() >= 3 {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(seen.len() >= 3 && seen.iter().all(|l| l.starts_with("tick")), "followed lines: {seen:?}");
+    }
+    // --previous: the run before the restart.
+    wait_pod(&pods, "exiter", "restarted", |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|c| c.first())
+            .is_some_and(|c| c.restart_count >= 1)
+    })
+    .await;
+    let previous =
+        pods.logs("exiter", &LogParams { previous: true, ..Default::default() }).await.expect("previous");
+    assert!(!previous.is_empty(), "the previous run's output");
+    let missing = pods
+        .logs("talker", &LogParams { previous: true, ..Default::default() })
+        .await
+        .expect_err("no previous run");
+    assert!(matches!(&missing, kube::Error::Api(s) if s.code == 404 || s.code == 400), "{missing:?}");
+
+    // Directly: nobody anonymous, nobody the API server does not vouch for or allow.
+    let path = "/containerLogs/default/talker/main";
+    let (code, body) = kubelet_call(port, "GET", path, None);
+    assert_eq!(code, 401, "anonymous: {body}");
+    let (code, _) = kubelet_call(port, "GET", path, Some("not-a-token"));
+    assert_eq!(code, 401, "an unknown token");
+    api.add_user_token("t-viewer", "viewer", &["viewers"]);
+    let (code, body) = kubelet_call(port, "GET", path, Some("t-viewer"));
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("user=viewer") && body.contains("subresource=proxy"), "{body}");
+    api.add_user_token("t-ops", "ops", &["operators"]);
+    api.grant("ops", "get", "nodes", Some("proxy"));
+    api.grant("ops", "create", "nodes", Some("proxy"));
+    let (code, body) = kubelet_call(port, "GET", &format!("{path}?tailLines=2"), Some("t-ops"));
+    assert_eq!((code, body.lines().count()), (200, 2), "{body}");
+    let (code, body) = kubelet_call(port, "POST", "/exec/default/talker/main?command=sh", Some("t-ops"));
+    assert_eq!(code, 501, "{body}");
+    assert!(body.contains("not supported for WebAssembly pods"), "{body}");
+    let (code, _) = kubelet_call(port, "GET", "/containerLogs/default/nobody/main", Some("t-ops"));
+    assert_eq!(code, 404);
+
+    assert_never_refused(&api);
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{}", log.join("\n"));
+    assert!(!log.iter().any(|l| l.contains("t-ops") || l.contains("t-viewer")), "tokens never logged");
 }

@@ -43,6 +43,7 @@ async fn run_bytes(rt: &WasmRuntime, bytes: Vec<u8>, run: Run) -> (RunReport, Ve
                 stderr: log.sink(Stream::Stderr),
                 stdin: None,
                 mqtt: None,
+                memory_gauge: None,
             };
             rt.run(&module, spec, &CancellationToken::new()).await
         }
@@ -108,6 +109,7 @@ async fn a_busy_module_does_not_starve_the_reactor() {
         stderr: log.sink(Stream::Stderr),
         stdin: None,
         mqtt: None,
+        memory_gauge: None,
     };
     let stopper = cancel.clone();
     tokio::spawn(async move {

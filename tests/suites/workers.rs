@@ -51,10 +51,12 @@ impl Env {
         let pod: Pod = pod_from_json(yaml);
         let rt = RuntimeConfig::default();
         let fixtures = fixtures_dir();
+        let pods_dir = self.dir.path().join("pods");
         let ctx = PlanContext {
             node_name: "n",
             host_ip: Some("127.0.0.1"),
-            pod_dir: self.dir.path().join("pods/u1"),
+            pods_dir: &pods_dir,
+            state_dir: self.dir.path(),
             origin: ImageOrigin::Static(&fixtures),
             modules: &ModulesConfig::default(),
             runtime: &rt,

@@ -267,13 +267,45 @@ pub async fn request_certificate(
     cancel: &CancellationToken,
 ) -> Result<(String, Vec<u8>), BootstrapError> {
     let request = pki::new_node_request(node)?;
+    let kind = CsrKind {
+        prefix: format!("node-csr-{node}-"),
+        signer: pki::KUBELET_CLIENT_SIGNER,
+        usages: &pki::KUBELET_CLIENT_USAGES,
+        poll_every: Duration::from_millis(500),
+    };
+    request_signed(client, request, kind, timeout, cancel).await
+}
+
+/// What kind of certificate a CSR asks for.
+pub struct CsrKind {
+    /// `metadata.generateName`.
+    pub prefix: String,
+    /// `spec.signerName`.
+    pub signer: &'static str,
+    /// `spec.usages`.
+    pub usages: &'static [&'static str],
+    /// How often to look for the verdict: briefly for a join, which approvers answer in seconds;
+    /// seldom for requests a person approves, so hundreds of waiting boards stay cheap.
+    pub poll_every: Duration,
+}
+
+/// Creates a CSR for `request` and waits until it is signed (or denied, or `timeout`). Returns the
+/// key (PEM) and the certificate (PEM).
+pub async fn request_signed(
+    client: &Client,
+    request: pki::KeyAndRequest,
+    kind: CsrKind,
+    timeout: Duration,
+    cancel: &CancellationToken,
+) -> Result<(String, Vec<u8>), BootstrapError> {
+    let poll_every = kind.poll_every;
     let csrs: Api<CertificateSigningRequest> = Api::all(client.clone());
     let csr = CertificateSigningRequest {
-        metadata: ObjectMeta { generate_name: Some(format!("node-csr-{node}-")), ..Default::default() },
+        metadata: ObjectMeta { generate_name: Some(kind.prefix), ..Default::default() },
         spec: CertificateSigningRequestSpec {
             request: ByteString(request.csr_pem.clone().into_bytes()),
-            signer_name: pki::KUBELET_CLIENT_SIGNER.into(),
-            usages: Some(pki::KUBELET_CLIENT_USAGES.iter().map(|u| (*u).to_owned()).collect()),
+            signer_name: kind.signer.into(),
+            usages: Some(kind.usages.iter().map(|u| (*u).to_owned()).collect()),
             ..Default::default()
         },
         status: None,
@@ -321,7 +353,7 @@ pub async fn request_certificate(
         }
         tokio::select! {
             _ = cancel.cancelled() => return Err(BootstrapError::Cancelled),
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::time::sleep(poll_every) => {}
         }
     }
 }

@@ -61,6 +61,89 @@ pub fn new_node_request(node: &str) -> Result<KeyAndRequest, BootstrapError> {
     Ok(KeyAndRequest { key_pem: key.serialize_pem(), csr_pem: csr.pem().map_err(err)? })
 }
 
+/// The signer of kubelet serving certificates (the kubelet API's TLS certificate).
+pub const KUBELET_SERVING_SIGNER: &str = "kubernetes.io/kubelet-serving";
+/// The usages a kubelet serving CSR asks for (what Kubernetes' serving approvers expect).
+pub const KUBELET_SERVING_USAGES: [&str; 3] = ["digital signature", "key encipherment", "server auth"];
+
+/// Generates a P-256 key and a serving CSR for `system:node:<node>` with the node's addresses as
+/// subject alternative names (IP addresses as IP SANs, the rest as DNS names).
+pub fn new_serving_request(node: &str, addresses: &[String]) -> Result<KeyAndRequest, BootstrapError> {
+    let err = |e: rcgen::Error| BootstrapError::Crypto(e.to_string());
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
+    let mut params = serving_params(node, addresses).map_err(err)?;
+    params.distinguished_name.push(rcgen::DnType::OrganizationName, "system:nodes");
+    let csr = params.serialize_request(&key).map_err(err)?;
+    Ok(KeyAndRequest { key_pem: key.serialize_pem(), csr_pem: csr.pem().map_err(err)? })
+}
+
+/// A self-signed serving certificate and key (PEM), what the kubelet serves until a CSR is signed.
+pub fn self_signed_serving(node: &str, addresses: &[String]) -> Result<(String, String), BootstrapError> {
+    let err = |e: rcgen::Error| BootstrapError::Crypto(e.to_string());
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
+    let mut params = serving_params(node, addresses).map_err(err)?;
+    // rcgen's default validity (1975 to 4096) on purpose: a board without a real-time clock boots
+    // in 1970 or in the past, and nobody verifies this certificate's dates anyway.
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = params.self_signed(&key).map_err(err)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn serving_params(node: &str, addresses: &[String]) -> Result<rcgen::CertificateParams, rcgen::Error> {
+    let mut params = rcgen::CertificateParams::default();
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, format!("system:node:{node}"));
+    params.distinguished_name = dn;
+    let mut seen = std::collections::BTreeSet::new();
+    for a in addresses.iter().filter(|a| !a.is_empty() && seen.insert(a.as_str())) {
+        params.subject_alt_names.push(match a.parse::<std::net::IpAddr>() {
+            Ok(ip) => rcgen::SanType::IpAddress(ip),
+            Err(_) => rcgen::SanType::DnsName(a.as_str().try_into()?),
+        });
+    }
+    Ok(params)
+}
+
+/// The subject's common name and organizations of a DER certificate: the user name and groups
+/// Kubernetes reads from a client certificate.
+pub fn subject_of_der(der: &[u8]) -> Result<(String, Vec<String>), String> {
+    const SEQUENCE: u8 = 0x30;
+    const SET: u8 = 0x31;
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    const O: &[u8] = &[0x55, 0x04, 0x0a];
+    let bad = || "not an X.509 certificate".to_owned();
+    let (_, cert, _) = tlv(der).filter(|t| t.0 == SEQUENCE).ok_or_else(bad)?;
+    let (_, tbs, _) = tlv(cert).filter(|t| t.0 == SEQUENCE).ok_or_else(bad)?;
+    let mut rest = tbs;
+    let (tag, _, r) = tlv(rest).ok_or_else(bad)?;
+    if tag == 0xa0 {
+        rest = r;
+    }
+    // serialNumber, signature, issuer, validity, then subject.
+    for _ in 0..4 {
+        rest = tlv(rest).ok_or_else(bad)?.2;
+    }
+    let (_, mut name, _) = tlv(rest).filter(|t| t.0 == SEQUENCE).ok_or_else(bad)?;
+    let (mut cn, mut orgs) = (String::new(), Vec::new());
+    while !name.is_empty() {
+        let (_, mut set, r) = tlv(name).filter(|t| t.0 == SET).ok_or_else(bad)?;
+        name = r;
+        while !set.is_empty() {
+            let (_, atv, r) = tlv(set).filter(|t| t.0 == SEQUENCE).ok_or_else(bad)?;
+            set = r;
+            let (_, oid, r) = tlv(atv).filter(|t| t.0 == 0x06).ok_or_else(bad)?;
+            let (_, value, _) = tlv(r).ok_or_else(bad)?;
+            let value = String::from_utf8_lossy(value).into_owned();
+            if oid == CN {
+                cn = value;
+            } else if oid == O {
+                orgs.push(value);
+            }
+        }
+    }
+    Ok((cn, orgs))
+}
+
 /// The validity window of a certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Validity {

@@ -315,6 +315,26 @@ impl ModuleCache {
         let runtime = self.runtime.clone();
         async move {
             let _slot = slots.acquire_owned().await.map_err(|_| PullError::Store("puller closed".into()))?;
+            let started = std::time::Instant::now();
+            let result = Self::pull_into_cache(source, credential, fetcher, store, timeout, runtime).await;
+            crate::metrics::global().pull_finished(started.elapsed(), result.is_ok());
+            if result.is_ok() {
+                gc_wake.notify_one();
+            }
+            result
+        }
+    }
+
+    /// Fetches, validates and stores one module (the body of a pull task, timed by its caller).
+    async fn pull_into_cache(
+        source: ModuleSource,
+        credential: Option<Credential>,
+        fetcher: Fetcher,
+        store: Arc<dyn StateStore>,
+        timeout: Duration,
+        runtime: Arc<WasmRuntime>,
+    ) -> Result<(ModuleDigest, u64), PullError> {
+        {
             let description = source.describe();
             let fetch = async {
                 match &source {
@@ -347,7 +367,6 @@ impl ModuleCache {
             .await
             .map_err(|e| PullError::Store(e.to_string()))??;
             tracing::info!(image = %source.describe(), module = %digest, size, "pulled module");
-            gc_wake.notify_one();
             Ok((digest, size))
         }
     }

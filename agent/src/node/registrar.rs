@@ -77,7 +77,9 @@ pub async fn client_for(kc: kube::config::Kubeconfig) -> Result<Client, String> 
     config.connect_timeout = Some(Duration::from_secs(10));
     config.read_timeout = Some(Duration::from_secs(30));
     config.write_timeout = Some(Duration::from_secs(30));
-    Client::try_from(config).map_err(|e| e.to_string())
+    // Every request is counted and timed for /metrics (lichen_api_request_*).
+    let builder = kube::client::ClientBuilder::try_from(config).map_err(|e| e.to_string())?;
+    Ok(builder.with_layer(&crate::metrics::ApiMetricsLayer).build())
 }
 
 /// Owns the Node object and its Lease.
@@ -89,6 +91,10 @@ pub struct NodeRegistrar {
     thresholds: object::Thresholds,
     state_dir: PathBuf,
     node_ip: Option<std::net::IpAddr>,
+    /// The Hostname address (the API server dials it first for `kubectl logs`).
+    hostname: String,
+    /// The kubelet API's port (0: off), reported as `daemonEndpoints.kubeletEndpoint.Port`.
+    kubelet_port: u16,
     /// Read once; memory, disk and address are refreshed before each status.
     facts: HostFacts,
 }
@@ -108,6 +114,8 @@ impl NodeRegistrar {
             },
             state_dir: config.state_dir.clone(),
             node_ip: config.node_ip.parse().ok(),
+            hostname: config.node_hostname.clone(),
+            kubelet_port: config.kubelet_api.port,
             facts: HostFacts::read(&config.state_dir, config.node_ip.parse().ok()),
         }
     }
@@ -115,7 +123,7 @@ impl NodeRegistrar {
     fn status(&mut self, readiness: Readiness, previous: Option<&NodeStatus>) -> NodeStatus {
         self.facts.refresh(&self.state_dir, self.node_ip);
         let prev = previous.and_then(|p| p.conditions.as_deref()).unwrap_or(&[]);
-        object::status(
+        let mut status = object::status(
             &self.node_name,
             &self.facts,
             self.max_pods,
@@ -123,7 +131,21 @@ impl NodeRegistrar {
             readiness,
             jiff::Timestamp::now(),
             prev,
-        )
+        );
+        if !self.hostname.is_empty()
+            && let Some(a) =
+                status.addresses.as_mut().and_then(|a| a.iter_mut().find(|a| a.type_ == "Hostname"))
+        {
+            a.address = self.hostname.clone();
+        }
+        if self.kubelet_port != 0 {
+            status.daemon_endpoints = Some(k8s_openapi::api::core::v1::NodeDaemonEndpoints {
+                kubelet_endpoint: Some(k8s_openapi::api::core::v1::DaemonEndpoint {
+                    port: i32::from(self.kubelet_port),
+                }),
+            });
+        }
+        status
     }
 
     /// Registers, then heartbeats until `cancel`; on the way out marks the node NotReady.
@@ -174,6 +196,9 @@ impl NodeRegistrar {
                 written = None;
             }
             let lease = lease.map(|_| ());
+            if lease.is_ok() {
+                crate::metrics::global().heartbeat();
+            }
             let status = self.status(Readiness::Ready, written.as_ref().map(|(s, _)| s));
             let due = written.as_ref().is_none_or(|(s, at)| {
                 object::significant(s) != object::significant(&status) || at.elapsed() >= STATUS_REFRESH

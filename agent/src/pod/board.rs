@@ -85,6 +85,11 @@ impl StatusBoard {
         self.next_version.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// The newest status of one pod (`namespace/name`), if it has one.
+    pub fn get(&self, key: &str) -> Option<BoardEntry> {
+        self.entries.lock().ok()?.get(key).cloned()
+    }
+
     /// The newest status of every pod, for `lichen status`.
     pub fn all(&self) -> Vec<(String, BoardEntry)> {
         let Ok(e) = self.entries.lock() else { return Vec::new() };

@@ -3,7 +3,7 @@
 //! up their directories.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,6 +83,8 @@ pub struct ManagerConfig {
     pub node_name: String,
     /// `<state_dir>/pods`: per-pod directories (emptyDir volumes).
     pub pods_dir: PathBuf,
+    /// The agent's state directory, which no pod may mount.
+    pub state_dir: PathBuf,
     /// Admission limit.
     pub max_pods: u32,
     /// Default limits.
@@ -166,7 +168,8 @@ impl PodManager {
         let ctx = PlanContext {
             node_name: &self.config.node_name,
             host_ip: self.deps.host_ip.as_deref(),
-            pod_dir: self.config.pods_dir.join(d.uid()),
+            pods_dir: &self.config.pods_dir,
+            state_dir: &self.config.state_dir,
             origin: match d.image_base.as_deref() {
                 Some(dir) => ImageOrigin::Static(dir),
                 None => ImageOrigin::Cluster,
@@ -347,7 +350,19 @@ impl PodManager {
         }
         // The pod's volumes and logs go with it, or a board's disk fills with pods long gone.
         let logs = worker::pod_log_dir(&self.deps.logs_dir, key, uid);
-        for dir in [self.config.pods_dir.join(uid), logs] {
+        let dirs =
+            [(self.config.pods_dir.as_path(), self.config.pods_dir.join(uid)), (&self.deps.logs_dir, logs)];
+        for (base, dir) in dirs {
+            if !is_child_of(&dir, base) {
+                tracing::warn!(
+                    pod = %key,
+                    uid = ?uid,
+                    dir = %dir.display(),
+                    "not removing a pod directory that is not directly under {}",
+                    base.display()
+                );
+                continue;
+            }
             if let Err(e) = std::fs::remove_dir_all(&dir)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
@@ -418,6 +433,14 @@ impl PodManager {
     }
 }
 
+/// Whether `dir` is one plain component below `base`, so that removing it stays inside `base`. UIDs
+/// are checked when a pod is planned, but a pod refused for its UID, or a record an older Lichen
+/// stored, can still carry `..`, `a/b` or an empty UID: `<pods>/..` is the state directory and
+/// `<pods>/` every pod's, so the joined path is checked again right before `remove_dir_all`.
+fn is_child_of(dir: &Path, base: &Path) -> bool {
+    dir.parent() == Some(base) && matches!(dir.components().next_back(), Some(Component::Normal(_)))
+}
+
 /// A pod that waits for a ConfigMap, Secret or token: Pending, every container waiting with
 /// `CreateContainerConfigError` and the reason, as `kubectl describe pod` shows it on a kubelet.
 fn waiting_status(
@@ -444,4 +467,25 @@ fn waiting_status(
         host_ip,
     };
     status::build(&view, None, Timestamp::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cleanup_never_leaves_the_pods_or_logs_directory_for_a_hostile_uid() {
+        let pods = Path::new("/var/lib/lichen/pods");
+        let logs = Path::new("/var/lib/lichen/logs");
+        assert!(is_child_of(&pods.join("0b6c1c02-3f4e-4b8a-9a53-5b2f0d2c7e11"), pods));
+        assert!(is_child_of(&worker::pod_log_dir(logs, "ns/p", "u1"), logs));
+        // `..` as the log directory's last part stays inside: it is `ns_p_..`, one plain name.
+        assert!(is_child_of(&worker::pod_log_dir(logs, "ns/p", ".."), logs));
+        for uid in ["..", "", ".", "a/b", "../../etc", "/etc", "a/..", "x/../.."] {
+            assert!(!is_child_of(&pods.join(uid), pods), "pods dir with uid {uid:?}");
+        }
+        for uid in ["a/b", "../../etc", "x/../..", "/.."] {
+            assert!(!is_child_of(&worker::pod_log_dir(logs, "ns/p", uid), logs), "log dir with uid {uid:?}");
+        }
+    }
 }

@@ -3,6 +3,7 @@
 pub mod board;
 pub mod events;
 pub mod inputs;
+pub mod logs;
 pub mod manager;
 pub mod spec;
 pub mod state;

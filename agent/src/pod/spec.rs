@@ -5,7 +5,7 @@
 //! size limits) come back as warnings, which the agent logs and `lichen check` prints.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Container, EnvVar, KeyToPath, Pod, PodSpec, Volume};
@@ -147,14 +147,19 @@ pub struct PlanContext<'a> {
     pub node_name: &'a str,
     /// This node's address (for `fieldRef: status.hostIP`), if known.
     pub host_ip: Option<&'a str>,
-    /// Where the pod's own directories (emptyDir volumes) live.
-    pub pod_dir: PathBuf,
-    /// Static pods may name any local module file (relative to their directory); cluster pods only
-    /// registries, URLs and files under `modules.file_dirs`.
+    /// `<state_dir>/pods`. The pod's own directories (emptyDir, configMap, secret volumes) are made
+    /// under `<pods_dir>/<uid>`, and only once the UID is known to be one plain path component.
+    pub pods_dir: &'a Path,
+    /// The agent's state directory (the node's key, its store, every pod's secrets): no hostPath
+    /// may be, hold or lie under it, whichever origin the pod has.
+    pub state_dir: &'a Path,
+    /// Static pods may name any local module file (relative to their directory) and mount any
+    /// hostPath outside `state_dir`; cluster pods only registries, URLs and files under
+    /// `modules.file_dirs`, and hostPaths under `runtime.allowed_host_paths`.
     pub origin: ImageOrigin<'a>,
     /// Module settings (allowed file directories, insecure registries).
     pub modules: &'a ModulesConfig,
-    /// Default limits.
+    /// Default limits, and the hostPaths cluster pods may mount.
     pub runtime: &'a RuntimeConfig,
     /// What was fetched from the API server for this pod; `None` for pods without a cluster
     /// (static pods), which then cannot refer to ConfigMaps, Secrets or tokens.
@@ -171,8 +176,11 @@ pub fn plan(pod: &Pod, ctx: &PlanContext<'_>) -> Result<PodPlan, Vec<SpecError>>
     if name.is_empty() {
         errs.add("metadata.name", "is required");
     }
-    if uid.is_empty() {
-        errs.add("metadata.uid", "is required");
+    // The UID names the pod's directories, so nothing else is looked at (and no path is built)
+    // until it is known to be safe.
+    if let Err(why) = check_uid(&uid) {
+        errs.add("metadata.uid", why);
+        return Err(errs.0);
     }
     let Some(spec) = &pod.spec else {
         errs.add("spec", "is required");
@@ -262,9 +270,22 @@ pub fn plan(pod: &Pod, ctx: &PlanContext<'_>) -> Result<PodPlan, Vec<SpecError>>
     let mut volumes = Vec::new();
     // Volumes that could not be planned: their errors are reported once, not again at every mount.
     let mut unplanned = std::collections::HashSet::new();
+    let mut volume_names = std::collections::HashSet::new();
+    let pod_dir = ctx.pods_dir.join(&uid);
     for (i, v) in spec.volumes.iter().flatten().enumerate() {
-        let vctx = VolumeContext { ctx, pod, fields: &field_env };
-        match volume(v, &format!("spec.volumes[{i}]"), &vctx, &mut errs, &mut warnings) {
+        let vpath = format!("spec.volumes[{i}]");
+        // The name becomes `<pod_dir>/volumes/<name>`: it is checked before that path is built.
+        if let Err(why) = dns_label(&v.name) {
+            errs.add(&format!("{vpath}.name"), format!("volume {why}"));
+            unplanned.insert(v.name.clone());
+            continue;
+        }
+        if !volume_names.insert(v.name.as_str()) {
+            errs.add(&format!("{vpath}.name"), format!("volume name {:?} is used twice", v.name));
+            continue;
+        }
+        let vctx = VolumeContext { ctx, pod, pod_dir: &pod_dir, fields: &field_env };
+        match volume(v, &vpath, &vctx, &mut errs, &mut warnings) {
             Some(plan) => volumes.push(plan),
             None => {
                 unplanned.insert(v.name.clone());
@@ -371,6 +392,8 @@ fn nonzero(n: u64) -> Option<u64> {
 struct VolumeContext<'a> {
     ctx: &'a PlanContext<'a>,
     pod: &'a Pod,
+    /// `<pods_dir>/<uid>`, from a checked UID.
+    pod_dir: &'a Path,
     fields: &'a BTreeMap<&'static str, String>,
 }
 
@@ -381,7 +404,7 @@ fn volume(
     errs: &mut Errors,
     warnings: &mut Vec<String>,
 ) -> Option<VolumePlan> {
-    let pod_dir = &vctx.ctx.pod_dir;
+    let pod_dir = vctx.pod_dir;
     if let Some(files) = file_volume(v, path, vctx, errs) {
         return files.map(|files| VolumePlan {
             name: v.name.clone(),
@@ -418,11 +441,8 @@ fn volume(
                 return None;
             }
         };
-        if !Path::new(&h.path).is_absolute() {
-            errs.add(&format!("{path}.hostPath.path"), "must be an absolute path");
-            return None;
-        }
-        return Some(VolumePlan { name: v.name.clone(), host: PathBuf::from(&h.path), kind });
+        let host = host_path(&h.path, &format!("{path}.hostPath.path"), vctx.ctx, errs)?;
+        return Some(VolumePlan { name: v.name.clone(), host, kind });
     }
     // Name the volume type the user wrote, from the one field besides `name` that is set.
     let kind = serde_json::to_value(v)
@@ -670,14 +690,161 @@ fn downward_file(
 /// A file path inside a volume, as the API server validates it: relative, without `..`.
 fn file_path(p: &str, field: &str, errs: &mut Errors) -> Option<PathBuf> {
     let path = Path::new(p);
-    let ok = !p.is_empty()
-        && path.is_relative()
-        && path.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+    let ok =
+        !p.is_empty() && path.is_relative() && path.components().all(|c| matches!(c, Component::Normal(_)));
     if !ok {
         errs.add(field, format!("{p:?} must be a relative path without '..'"));
         return None;
     }
     Some(path.to_owned())
+}
+
+/// The longest UID accepted: a UUID has 36 characters; this leaves room for other schemes.
+const MAX_UID_LEN: usize = 128;
+
+/// Whether a UID can name the pod's directories (`<state_dir>/pods/<uid>`, its log directory): one
+/// plain path component. The API server hands out UUIDs and static pods get a hash in the same
+/// shape (`static_pods::parse_manifest`), so `..`, `a/b` or an empty UID only comes from a hostile
+/// or broken server, and is refused before any path is built from it.
+fn check_uid(uid: &str) -> Result<(), String> {
+    if uid.is_empty() {
+        return Err("is required".into());
+    }
+    let ok = uid.len() <= MAX_UID_LEN && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if !ok {
+        // Debug-quoted and cut short: the value comes from the API server and goes into a status.
+        let shown: String = uid.chars().take(MAX_UID_LEN).collect();
+        return Err(format!(
+            "{shown:?} is not a pod UID: at most {MAX_UID_LEN} letters, digits and '-' (it names \
+             the pod's directories on the node); the API server sent a UID no real one hands out"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an RFC 1123 label, which Kubernetes requires of container and volume names. Both name
+/// directories on the node (`pods/<uid>/volumes/<volume>`, `logs/<pod>/<container>`), so `..` or
+/// `a/b` must never get that far. The message follows the subject: "volume ...", "container ...".
+fn dns_label(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("name is required".into());
+    }
+    let ok = name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        return Ok(());
+    }
+    let shown: String = name.chars().take(64).collect();
+    Err(format!(
+        "name {shown:?} must be an RFC 1123 label, as Kubernetes requires: at most 63 lower-case \
+         letters, digits and '-', starting and ending with a letter or digit"
+    ))
+}
+
+/// A hostPath the pod may mount, normalised: absolute, without `..` (refused outright, as
+/// Kubernetes' own validation does), `.` and repeated `/` dropped. It may never be, hold or lie
+/// under the agent's state directory; for pods from the cluster it must also be, or lie under, one
+/// of `runtime.allowed_host_paths`, because whoever may create pods must not read the board.
+///
+/// The path is checked as written and, when it exists, again with its symlinks resolved: a link
+/// under an allowed directory (one a pod with a writable mount there could leave) must not lead
+/// into the state directory or out of the allowed ones. A link created after admission is not
+/// seen until the pod is admitted again, so allowed directories should be ones no untrusted
+/// writer can put links into.
+fn host_path(p: &str, field: &str, ctx: &PlanContext<'_>, errs: &mut Errors) -> Option<PathBuf> {
+    let path = host_path_as_written(p, field, ctx, errs)?;
+    if let Ok(resolved) = std::fs::canonicalize(&path)
+        && resolved != path
+    {
+        let resolve = |d: &Path| std::fs::canonicalize(d).unwrap_or_else(|_| lexical(d));
+        let state = resolve(ctx.state_dir);
+        let inside_state = resolved.starts_with(&state) || state.starts_with(&resolved);
+        let outside_allowed = matches!(ctx.origin, ImageOrigin::Cluster)
+            && !ctx.runtime.allowed_host_paths.iter().any(|a| resolved.starts_with(resolve(a)));
+        if inside_state || outside_allowed {
+            errs.add(
+                field,
+                format!(
+                    "{} leads through a symlink to {}, which {}",
+                    path.display(),
+                    resolved.display(),
+                    if inside_state {
+                        "is, holds or lies under the agent's state directory"
+                    } else {
+                        "is not under runtime.allowed_host_paths"
+                    }
+                ),
+            );
+            return None;
+        }
+    }
+    Some(path)
+}
+
+fn host_path_as_written(p: &str, field: &str, ctx: &PlanContext<'_>, errs: &mut Errors) -> Option<PathBuf> {
+    let raw = Path::new(p);
+    if !raw.is_absolute() {
+        errs.add(field, "must be an absolute path");
+        return None;
+    }
+    if raw.components().any(|c| c == Component::ParentDir) {
+        errs.add(field, format!("{p:?} must not contain '..'"));
+        return None;
+    }
+    let path = lexical(raw);
+    let state = lexical(ctx.state_dir);
+    if path.starts_with(&state) || state.starts_with(&path) {
+        errs.add(
+            field,
+            format!(
+                "{} is, holds or lies under the agent's state directory {} (the node's key, its \
+                 store and every pod's secrets); no pod may mount it, use another directory",
+                path.display(),
+                state.display()
+            ),
+        );
+        return None;
+    }
+    if matches!(ctx.origin, ImageOrigin::Cluster) {
+        let allowed = &ctx.runtime.allowed_host_paths;
+        if !allowed.iter().any(|a| path.starts_with(lexical(a))) {
+            let list = if allowed.is_empty() {
+                "which is empty, so no hostPath is allowed".to_owned()
+            } else {
+                let dirs: Vec<String> = allowed.iter().map(|a| a.display().to_string()).collect();
+                format!("which lists {}", dirs.join(", "))
+            };
+            errs.add(
+                field,
+                format!(
+                    "pods from the cluster may mount only host directories under \
+                     runtime.allowed_host_paths ({list}); add {} or a parent there, or use emptyDir",
+                    path.display()
+                ),
+            );
+            return None;
+        }
+    }
+    Some(path)
+}
+
+/// `p` made absolute against the working directory, with `.`, `..` and repeated `/` resolved
+/// lexically; no symlink is followed, nothing is read from disk.
+fn lexical(p: &Path) -> PathBuf {
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// A `fieldRef` value: the plain fields, or one label or annotation, or all of them as the
@@ -725,6 +892,10 @@ fn container(
     warnings: &mut Vec<String>,
 ) -> Option<ContainerPlan> {
     let before = errs.0.len();
+    // The name becomes the container's log directory: checked here, before any path is built.
+    if let Err(why) = dns_label(&c.name) {
+        errs.add(&format!("{path}.name"), format!("container {why}"));
+    }
     let reject = |errs: &mut Errors, set: bool, field: &str, why: &str| {
         if set {
             errs.add(&format!("{path}.{field}"), why);
@@ -1046,7 +1217,8 @@ mod tests {
         PlanContext {
             node_name: "pi-07",
             host_ip: Some("10.0.0.7"),
-            pod_dir: PathBuf::from("/var/lib/lichen/pods/u1"),
+            pods_dir: Path::new("/var/lib/lichen/pods"),
+            state_dir: Path::new("/var/lib/lichen"),
             origin: ImageOrigin::Static(Path::new("/etc/lichen/pods")),
             modules: &NO_MODULE_SETTINGS,
             runtime,
@@ -1289,6 +1461,173 @@ spec:
         let errs = plan(&pod(&bad), &ctx).expect_err("refused");
         assert_eq!(errs[0].field, "spec.volumes[0].configMap.items[0].path");
         assert!(!errs[0].pending);
+    }
+
+    /// A one-container pod with `volumes` (a YAML flow list) mounted at /v0, /v1, ...
+    fn with_volumes(uid: &str, volumes: &str) -> Pod {
+        let n = volumes.matches("name:").count();
+        let mounts: Vec<String> = (0..n).map(|i| format!("{{name: v{i}, mountPath: /v{i}}}")).collect();
+        pod(&format!(
+            "
+metadata: {{name: p, uid: {uid:?}}}
+spec:
+  volumes: {volumes}
+  containers: [{{name: app, image: registry.lan/acme/app:1.0, volumeMounts: [{}]}}]
+",
+            mounts.join(", ")
+        ))
+    }
+
+    fn refusal(errs: &[SpecError], field: &str) -> String {
+        let e = errs.iter().find(|e| e.field == field).unwrap_or_else(|| panic!("no {field} in {errs:#?}"));
+        assert!(!e.pending, "a refusal, not a wait: {e}");
+        e.message.clone()
+    }
+
+    fn cluster<'a>(rt: &'a RuntimeConfig, inputs: &'a PodInputs) -> PlanContext<'a> {
+        PlanContext { origin: ImageOrigin::Cluster, inputs: Some(inputs), ..ctx(rt) }
+    }
+
+    #[test]
+    fn cluster_pods_mount_only_allowed_host_paths() {
+        let inputs = PodInputs::default();
+        let refused = RuntimeConfig::default();
+        let host = "[{name: v0, hostPath: {path: /srv/data}}]";
+        let errs = plan(&with_volumes("u1", host), &cluster(&refused, &inputs)).expect_err("none allowed");
+        let why = refusal(&errs, "spec.volumes[0].hostPath.path");
+        assert!(why.contains("runtime.allowed_host_paths") && why.contains("empty"), "{why}");
+
+        let rt = RuntimeConfig { allowed_host_paths: vec!["/srv/data".into(), "/mnt/usb".into()], ..refused };
+        let ctx = cluster(&rt, &inputs);
+        for ok in ["/srv/data", "/srv/data/", "/srv/data/sub", "/srv//data/./sub", "/mnt/usb/x"] {
+            let p = plan(&with_volumes("u1", &host.replace("/srv/data", ok)), &ctx)
+                .unwrap_or_else(|e| panic!("{ok} is allowed: {e:#?}"));
+            assert!(p.volumes[0].host.starts_with("/srv/data") || p.volumes[0].host.starts_with("/mnt/usb"));
+            assert!(
+                !p.volumes[0].host.to_string_lossy().contains("/."),
+                "normalised: {:?}",
+                p.volumes[0].host
+            );
+        }
+        for bad in ["/srv", "/srv/database", "/etc", "/mnt"] {
+            let errs = plan(&with_volumes("u1", &host.replace("/srv/data", bad)), &ctx).expect_err(bad);
+            let why = refusal(&errs, "spec.volumes[0].hostPath.path");
+            assert!(why.contains("runtime.allowed_host_paths") && why.contains("/srv/data"), "{bad}: {why}");
+        }
+        // `..` is refused outright, even where it would land inside an allowed directory.
+        for bad in ["/srv/data/../../var/lib/lichen", "/srv/data/x/.."] {
+            let errs = plan(&with_volumes("u1", &host.replace("/srv/data", bad)), &ctx).expect_err(bad);
+            assert!(refusal(&errs, "spec.volumes[0].hostPath.path").contains("'..'"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn no_pod_mounts_the_state_dir_not_even_a_static_one() {
+        let inputs = PodInputs::default();
+        // Allowing everything still leaves the state directory out, for both origins.
+        let rt = RuntimeConfig { allowed_host_paths: vec!["/".into()], ..RuntimeConfig::default() };
+        let host = "[{name: v0, hostPath: {path: PATH, type: DirectoryOrCreate}}]";
+        for ctx in [ctx(&rt), cluster(&rt, &inputs)] {
+            for bad in
+                ["/var/lib/lichen", "/var/lib/lichen/store", "/var/lib//lichen/pods/u2", "/var/lib", "/"]
+            {
+                let errs = plan(&with_volumes("u1", &host.replace("PATH", bad)), &ctx).expect_err(bad);
+                let why = refusal(&errs, "spec.volumes[0].hostPath.path");
+                assert!(why.contains("state directory /var/lib/lichen"), "{bad}: {why}");
+            }
+            let ok = plan(&with_volumes("u1", &host.replace("PATH", "/var/lib/lichen-data")), &ctx);
+            assert!(ok.is_ok(), "a sibling is not the state dir: {ok:?}");
+        }
+        // A static pod may mount any other path, as before.
+        let p = plan(&with_volumes("u1", &host.replace("PATH", "/etc/app")), &ctx(&RuntimeConfig::default()));
+        assert_eq!(p.expect("static").volumes[0].host, Path::new("/etc/app"));
+    }
+
+    #[test]
+    fn a_symlink_in_an_allowed_directory_does_not_lead_out_of_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let allowed = dir.path().join("shared");
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(allowed.join("real")).expect("dirs");
+        std::fs::create_dir_all(state.join("store")).expect("state");
+        std::os::unix::fs::symlink("../state/store", allowed.join("to-store")).expect("link");
+        std::os::unix::fs::symlink("/etc", allowed.join("to-etc")).expect("link");
+        let rt = RuntimeConfig { allowed_host_paths: vec![allowed.clone()], ..RuntimeConfig::default() };
+        let inputs = PodInputs::default();
+        let mut c = cluster(&rt, &inputs);
+        c.state_dir = &state;
+        let host = "[{name: v0, hostPath: {path: PATH, type: Directory}}]";
+        let vol = |p: &Path| with_volumes("u1", &host.replace("PATH", &p.display().to_string()));
+        assert!(plan(&vol(&allowed.join("real")), &c).is_ok(), "a real directory under the allowed one");
+        let why = refusal(
+            &plan(&vol(&allowed.join("to-store")), &c).expect_err("link"),
+            "spec.volumes[0].hostPath.path",
+        );
+        assert!(why.contains("symlink") && why.contains("state directory"), "{why}");
+        let why = refusal(
+            &plan(&vol(&allowed.join("to-etc")), &c).expect_err("link"),
+            "spec.volumes[0].hostPath.path",
+        );
+        assert!(why.contains("symlink") && why.contains("allowed_host_paths"), "{why}");
+    }
+
+    #[test]
+    fn uids_that_are_not_one_safe_path_component_are_refused() {
+        let rt = RuntimeConfig::default();
+        let inputs = PodInputs::default();
+        let long = "a".repeat(129);
+        for bad in ["..", ".", "", "a/b", "../../etc", "/abs", "u1\0", "ü", "a_b", long.as_str()] {
+            let text = BASE.replace("uid: u1", &format!("uid: {bad:?}"));
+            for ctx in [ctx(&rt), cluster(&rt, &inputs)] {
+                let errs = plan(&pod(&text), &ctx).expect_err(bad);
+                let why = refusal(&errs, "metadata.uid");
+                assert!(bad.is_empty() || why.contains("not a pod UID"), "{bad:?}: {why}");
+                // Nothing else is planned, so no path was built from it.
+                assert_eq!(errs.len(), 1, "{errs:#?}");
+            }
+        }
+        let uuid = BASE.replace("uid: u1", "uid: 0b6c1c02-3f4e-4b8a-9a53-5b2f0d2c7e11");
+        let p = plan(&pod(&uuid), &ctx(&rt)).expect("a UUID is fine");
+        assert_eq!(
+            p.containers[0].preopens[0].host,
+            Path::new("/var/lib/lichen/pods/0b6c1c02-3f4e-4b8a-9a53-5b2f0d2c7e11/volumes/data")
+        );
+    }
+
+    #[test]
+    fn volume_and_container_names_must_be_dns_labels() {
+        let rt = RuntimeConfig::default();
+        let long = "a".repeat(64);
+        for bad in ["..", "a/b", "../../x", "Data", "a_b", "-a", "a-", "", long.as_str()] {
+            let vols = format!("[{{name: {bad:?}, emptyDir: {{}}}}]");
+            let text = format!(
+                "
+metadata: {{name: p, uid: u1}}
+spec:
+  volumes: {vols}
+  containers: [{{name: app, image: mods/app.wasm, volumeMounts: [{{name: {bad:?}, mountPath: /v}}]}}]
+"
+            );
+            let errs = plan(&pod(&text), &ctx(&rt)).expect_err(bad);
+            let why = refusal(&errs, "spec.volumes[0].name");
+            assert!(why.starts_with("volume name"), "{bad:?}: {why}");
+            assert_eq!(errs.len(), 1, "the mount of an unplanned volume is not reported again: {errs:#?}");
+
+            let named = format!("[{{name: {bad:?}, image: mods/app.wasm}}]");
+            let ok = "[{name: ok, image: mods/app.wasm}]";
+            for (containers, field) in [
+                (format!("containers: {named}"), "spec.containers[0].name"),
+                (format!("initContainers: {named}\n  containers: {ok}"), "spec.initContainers[0].name"),
+            ] {
+                let text = format!("metadata: {{name: p, uid: u1}}\nspec:\n  {containers}\n");
+                let errs = plan(&pod(&text), &ctx(&rt)).expect_err(bad);
+                let why = refusal(&errs, field);
+                assert!(why.starts_with("container name"), "{bad:?}: {why}");
+            }
+        }
+        let twice = with_volumes("u1", "[{name: v0, emptyDir: {}}, {name: v0, hostPath: {path: /etc/app}}]");
+        let errs = plan(&twice, &ctx(&rt)).expect_err("one directory, two volumes");
+        assert!(refusal(&errs, "spec.volumes[1].name").contains("used twice"));
     }
 
     #[test]

@@ -600,6 +600,8 @@ impl ContainerRunner<'_> {
             tracing::info!(container = %self.plan.name, restart_count, module = %digest, "container started");
             self.event(EventType::Normal, "Created", format!("Created container {}", self.plan.name));
             self.event(EventType::Normal, "Started", format!("Started container {}", self.plan.name));
+            let metrics = crate::metrics::global();
+            let memory = metrics.memory_cell(&self.shared.plan_key, &self.plan.name);
             let spec = RunSpec {
                 args: self.plan.argv.clone(),
                 env: self.plan.env.clone(),
@@ -611,9 +613,14 @@ impl ContainerRunner<'_> {
                 stderr: log.sink(Stream::Stderr),
                 stdin: mqtt.stdin,
                 mqtt: mqtt.guest,
+                memory_gauge: Some(memory.clone()),
             };
+            metrics.container_started(restart_count > 0);
             let run_started = Instant::now();
             let report = deps.runtime.run(&module, spec, self.cancel).await;
+            metrics.forget_memory(&self.shared.plan_key, &self.plan.name, &memory);
+            metrics
+                .container_ended(report.fuel_consumed, matches!(report.outcome, Outcome::OutOfFuel { .. }));
             let t = termination(&report.outcome, Some(started_at), Timestamp::now());
             tracing::info!(
                 container = %self.plan.name,

@@ -17,11 +17,16 @@ const MAX_TABLE_ELEMENTS: usize = 100_000;
 pub(super) struct ContainerLimits {
     memory_limit: u64,
     peak_memory: u64,
+    /// Where /metrics reads the container's current memory size.
+    gauge: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl ContainerLimits {
-    pub(super) fn new(memory_limit: u64) -> Self {
-        ContainerLimits { memory_limit, peak_memory: 0 }
+    pub(super) fn new(
+        memory_limit: u64,
+        gauge: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    ) -> Self {
+        ContainerLimits { memory_limit, peak_memory: 0, gauge }
     }
 
     pub(super) fn peak_memory(&self) -> u64 {
@@ -41,6 +46,9 @@ impl ResourceLimiter for ContainerLimits {
             return Err(wasmtime::Error::new(MemoryLimitExceeded { requested: desired }));
         }
         self.peak_memory = self.peak_memory.max(desired);
+        if let Some(g) = &self.gauge {
+            g.store(desired, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(true)
     }
 

@@ -102,6 +102,8 @@ pub struct RunSpec {
     /// The `lichen:mqtt` connection for a module that imports it. `None` (or a denied one) makes
     /// such a module fail before it starts, saying why; modules that do not import it ignore it.
     pub mqtt: Option<mqtt_api::GuestMqtt>,
+    /// Kept at the module's current linear-memory size, for /metrics.
+    pub memory_gauge: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// A stdin fed by a channel of byte chunks (the MQTT bridge's framed messages). The module reads
@@ -564,8 +566,11 @@ impl WasmRuntime {
                 ))
             })?;
         }
-        let ctx =
-            ContainerCtx { wasi: wasi.build_p1(), limits: ContainerLimits::new(spec.memory_limit), mqtt };
+        let ctx = ContainerCtx {
+            wasi: wasi.build_p1(),
+            limits: ContainerLimits::new(spec.memory_limit, spec.memory_gauge.clone()),
+            mqtt,
+        };
         let mut store = Store::new(&self.engine, ctx);
         store.limiter(|cx| &mut cx.limits);
         let internal = |e: wasmtime::Error| Outcome::InvalidModule(format!("store setup: {e:#}"));

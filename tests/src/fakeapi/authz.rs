@@ -1,7 +1,11 @@
-//! Who may do what: an admin may do anything; a node (`system:node:<name>`, group `system:nodes`)
-//! gets what the Node authorizer, the `system:node` rules and the NodeRestriction admission plugin
-//! give it, with the real messages. [`authorize`] runs before the object is read (like the
-//! authorizer); the `admit_*` checks run with the objects at hand (like admission).
+//! Who may do what, as the kube-apiserver's `Node,RBAC` authorizer chain decides it with the
+//! default bootstrap policy: `system:masters` may do anything (RBAC's `cluster-admin` binding); a
+//! node (`system:node:<name>`, group `system:nodes`) gets what the Node authorizer and its static
+//! node rules give it; bootstrap tokens get `system:node-bootstrapper`; every authenticated user
+//! gets discovery and `system:basic-user`; tests add RBAC-lite [`Grant`]s; everything else is
+//! denied. [`decide`] is the authorizer itself (what a SubjectAccessReview asks); [`authorize`]
+//! runs it before the object is read; the `admit_*` checks (NodeRestriction) run with the objects
+//! at hand, like admission.
 
 use std::collections::BTreeMap;
 
@@ -18,25 +22,54 @@ pub(crate) enum User {
     Node(String),
     /// A bootstrap token's user, `system:bootstrap:<token id>`, in `system:bootstrappers`.
     Bootstrap(String),
+    /// Anyone else: a user a test registered a token for, a service account's token, the subject
+    /// of a SubjectAccessReview. `groups` are exactly the user's groups.
+    Other {
+        name: String,
+        groups: Vec<String>,
+    },
 }
 
 impl User {
+    /// The user with this name and these groups: a node or bootstrap user when they are exactly
+    /// what the authenticator gives one (so NodeRestriction applies), anyone else otherwise.
+    pub fn from_info(name: &str, groups: &[String]) -> User {
+        let only = |allowed: &[&str]| groups.iter().all(|g| allowed.contains(&g.as_str()));
+        let has = |g: &str| groups.iter().any(|x| x == g);
+        if let Some(node) = name.strip_prefix("system:node:").filter(|n| !n.is_empty())
+            && has("system:nodes")
+            && only(&["system:nodes", "system:authenticated"])
+        {
+            return User::Node(node.to_owned());
+        }
+        if let Some(id) = name.strip_prefix("system:bootstrap:").filter(|n| !n.is_empty())
+            && has("system:bootstrappers")
+            && only(&["system:bootstrappers", "system:authenticated"])
+        {
+            return User::Bootstrap(id.to_owned());
+        }
+        User::Other { name: name.to_owned(), groups: groups.to_vec() }
+    }
+
     /// The user name as the apiserver reports it.
     pub fn name(&self) -> String {
         match self {
             User::Admin => "kubernetes-admin".into(),
             User::Node(n) => format!("system:node:{n}"),
             User::Bootstrap(id) => format!("system:bootstrap:{id}"),
+            User::Other { name, .. } => name.clone(),
         }
     }
 
     /// The groups the authenticator adds.
-    pub fn groups(&self) -> Vec<&'static str> {
-        match self {
-            User::Admin => vec!["system:masters", "system:authenticated"],
-            User::Node(_) => vec!["system:nodes", "system:authenticated"],
-            User::Bootstrap(_) => vec!["system:bootstrappers", "system:authenticated"],
-        }
+    pub fn groups(&self) -> Vec<String> {
+        let fixed: &[&str] = match self {
+            User::Admin => &["system:masters", "system:authenticated"],
+            User::Node(_) => &["system:nodes", "system:authenticated"],
+            User::Bootstrap(_) => &["system:bootstrappers", "system:authenticated"],
+            User::Other { groups, .. } => return groups.clone(),
+        };
+        fixed.iter().map(|g| (*g).to_owned()).collect()
     }
 }
 
@@ -48,6 +81,98 @@ pub(crate) struct Attrs<'a> {
     pub namespace: &'a str,
     pub name: &'a str,
     pub fields: &'a FieldSelector,
+}
+
+/// What the authorizer is asked: a request's attributes, or a SubjectAccessReview's, which may
+/// name any resource (served or not) or a non-resource path.
+#[derive(Debug)]
+pub(crate) struct Check<'a> {
+    pub verb: &'a str,
+    pub group: &'a str,
+    pub resource: &'a str,
+    pub sub: Option<&'a str>,
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub fields: &'a FieldSelector,
+    /// A non-resource request's path (`/healthz`); the resource fields are then empty.
+    pub path: Option<&'a str>,
+}
+
+/// The authorizer chain's answer. `reason` is what the deciding (or last) authorizer said: empty
+/// for most allows and for RBAC's denials, the Node authorizer's words for a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Decision {
+    pub allowed: bool,
+    pub reason: String,
+}
+
+impl Decision {
+    fn allow(reason: impl Into<String>) -> Decision {
+        Decision { allowed: true, reason: reason.into() }
+    }
+
+    fn deny(reason: impl Into<String>) -> Decision {
+        Decision { allowed: false, reason: reason.into() }
+    }
+}
+
+/// One RBAC-lite rule a test grants ([`super::FakeApi::grant`]): like a ClusterRole with one rule
+/// bound cluster-wide to a user or a group named `subject`. `verb` and `resource` may be `*`; a
+/// `resource` starting with `/` is a non-resource URL (a trailing `*` matches a prefix); `sub` is
+/// the subresource (`Some("*")` for any), and a rule without one covers the resource itself only,
+/// as in RBAC (`pods` does not cover `pods/log`; `*` covers everything). Any API group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Grant {
+    pub subject: String,
+    pub verb: String,
+    pub resource: String,
+    pub sub: Option<String>,
+}
+
+impl Grant {
+    /// A rule from [`super::FakeApi::grant`]'s arguments; `pods/log` with no subresource is read
+    /// as resource `pods`, subresource `log`.
+    pub fn new(subject: &str, verb: &str, resource: &str, sub: Option<&str>) -> Grant {
+        let (resource, sub) = match (resource.split_once('/'), sub) {
+            (Some((r, s)), None) if !resource.starts_with('/') => (r, Some(s)),
+            _ => (resource, sub),
+        };
+        Grant {
+            subject: subject.to_owned(),
+            verb: verb.to_owned(),
+            resource: resource.to_owned(),
+            sub: sub.map(str::to_owned),
+        }
+    }
+
+    fn allows(&self, name: &str, groups: &[String], c: &Check) -> bool {
+        if self.subject != name && !groups.contains(&self.subject) {
+            return false;
+        }
+        if self.verb != "*" && self.verb != c.verb {
+            return false;
+        }
+        if let Some(path) = self.resource.strip_prefix('/') {
+            let want = format!("/{path}");
+            return c.path.is_some_and(|p| match want.strip_suffix('*') {
+                Some(prefix) => p.starts_with(prefix),
+                None => p == want,
+            });
+        }
+        if c.path.is_some() {
+            return false;
+        }
+        if self.resource == "*" {
+            return true;
+        }
+        self.resource == c.resource
+            && match (self.sub.as_deref(), c.sub) {
+                (None, None) => true,
+                (Some("*"), Some(_)) => true,
+                (Some(a), Some(b)) => a == b,
+                _ => false,
+            }
+    }
 }
 
 /// The authorizer's `403`: `User "…" cannot <verb> resource "<res/sub>" in API group "…" …: reason`.
@@ -75,86 +200,171 @@ fn deny(user: &User, a: &Attrs, reason: &str) -> ApiError {
 }
 
 /// Authorizes a request. Checks that need the object itself come later, in the `admit_*` functions.
-pub(crate) fn authorize(user: &User, a: &Attrs, store: &Store) -> Result<(), ApiError> {
-    let csr = a.res.plural == "certificatesigningrequests" && a.sub.is_none();
-    let node = match user {
-        User::Admin => return Ok(()),
-        // system:node-bootstrapper: CSRs, nothing else.
-        User::Bootstrap(_) if csr && matches!(a.verb, "create" | "get" | "list" | "watch") => return Ok(()),
-        User::Bootstrap(_) => return Err(deny(user, a, "")),
-        User::Node(node) => node,
+pub(crate) fn authorize(user: &User, a: &Attrs, store: &Store, grants: &[Grant]) -> Result<(), ApiError> {
+    let check = Check {
+        verb: a.verb,
+        group: a.res.group,
+        resource: a.res.plural,
+        sub: a.sub,
+        namespace: a.namespace,
+        name: a.name,
+        fields: a.fields,
+        path: None,
     };
-    let verb = a.verb;
-    let no_relationship = format!("no relationship found between node '{node}' and this object");
-    match (a.res.plural, a.sub) {
-        ("nodes", None)
+    let d = decide(user, &check, store, grants);
+    if d.allowed { Ok(()) } else { Err(deny(user, a, &d.reason)) }
+}
+
+/// The Node authorizer's identity check: `system:node:<name>` in group `system:nodes`.
+fn node_identity<'a>(name: &'a str, groups: &[String]) -> Option<&'a str> {
+    name.strip_prefix("system:node:").filter(|n| !n.is_empty() && groups.iter().any(|g| g == "system:nodes"))
+}
+
+/// The authorizer chain (`Node,RBAC` with the bootstrap policy, plus the test's grants).
+pub(crate) fn decide(user: &User, c: &Check, store: &Store, grants: &[Grant]) -> Decision {
+    let name = user.name();
+    let groups = user.groups();
+    let in_group = |g: &str| groups.iter().any(|x| x == g);
+    if in_group("system:masters") {
+        return Decision::allow(
+            "RBAC: allowed by ClusterRoleBinding \"cluster-admin\" of ClusterRole \"cluster-admin\" to Group \"system:masters\"",
+        );
+    }
+    let mut reason = String::new();
+    if let Some(node) = node_identity(&name, &groups) {
+        match node_rules(node, c, store) {
+            Ok(()) => return Decision::allow(""),
+            Err(why) => reason = why,
+        }
+    }
+    let rule = |group: &str, resource: &str, verbs: &[&str]| {
+        c.path.is_none()
+            && c.group == group
+            && c.resource == resource
+            && c.sub.is_none()
+            && verbs.contains(&c.verb)
+    };
+    // system:node-bootstrapper, bound to system:bootstrappers.
+    if in_group("system:bootstrappers")
+        && rule("certificates.k8s.io", "certificatesigningrequests", &["create", "get", "list", "watch"])
+    {
+        return Decision::allow("");
+    }
+    if in_group("system:authenticated") {
+        // system:basic-user, system:discovery and system:public-info-viewer.
+        let self_review = rule("authorization.k8s.io", "selfsubjectaccessreviews", &["create"])
+            || rule("authorization.k8s.io", "selfsubjectrulesreviews", &["create"]);
+        let discovery = c.verb == "get"
+            && c.path.is_some_and(|p| {
+                matches!(
+                    p,
+                    "/api"
+                        | "/apis"
+                        | "/healthz"
+                        | "/livez"
+                        | "/readyz"
+                        | "/version"
+                        | "/version/"
+                        | "/openapi"
+                ) || p.starts_with("/api/")
+                    || p.starts_with("/apis/")
+                    || p.starts_with("/openapi/")
+            });
+        if self_review || discovery {
+            return Decision::allow("");
+        }
+    }
+    if let Some(g) = grants.iter().find(|g| g.allows(&name, &groups, c)) {
+        return Decision::allow(format!(
+            "allowed by the fake API server's grant of {} {}{} to {:?}",
+            g.verb,
+            g.resource,
+            g.sub.as_deref().map(|s| format!("/{s}")).unwrap_or_default(),
+            g.subject
+        ));
+    }
+    Decision::deny(reason)
+}
+
+/// The Node authorizer for node `node`: `Err` carries its reason (often empty) for not allowing.
+fn node_rules(node: &str, c: &Check, store: &Store) -> Result<(), String> {
+    if c.path.is_some() {
+        return Err(String::new());
+    }
+    let verb = c.verb;
+    let no_relationship = || format!("no relationship found between node '{node}' and this object");
+    match (c.group, c.resource, c.sub) {
+        ("", "nodes", None)
             if matches!(verb, "get" | "list" | "watch" | "create" | "update" | "patch" | "delete") =>
         {
             Ok(())
         }
-        ("nodes", Some("status")) if matches!(verb, "update" | "patch") => Ok(()),
-        ("leases", None) => {
+        ("", "nodes", Some("status")) if matches!(verb, "update" | "patch") => Ok(()),
+        ("coordination.k8s.io", "leases", None) => {
             if !matches!(verb, "get" | "create" | "update" | "patch" | "delete") {
-                return Err(deny(user, a, "can only get, create, update, patch, or delete a node lease"));
+                return Err("can only get, create, update, patch, or delete a node lease".into());
             }
-            if a.namespace != "kube-node-lease" {
-                return Err(deny(
-                    user,
-                    a,
-                    "can only access leases in the \"kube-node-lease\" system namespace",
-                ));
+            if c.namespace != "kube-node-lease" {
+                return Err("can only access leases in the \"kube-node-lease\" system namespace".into());
             }
-            if verb != "create" && a.name != node {
-                return Err(deny(
-                    user,
-                    a,
-                    "can only access node lease with the same name as the requesting node",
-                ));
+            if verb != "create" && c.name != node {
+                return Err("can only access node lease with the same name as the requesting node".into());
             }
             Ok(())
         }
-        ("pods", None) if matches!(verb, "list" | "watch") => {
-            if a.fields.required("spec.nodeName") == Some(node.as_str()) {
+        ("", "pods", None) if matches!(verb, "list" | "watch") => {
+            if c.fields.required("spec.nodeName") == Some(node) {
                 Ok(())
             } else {
-                Err(deny(user, a, "can only list/watch pods with spec.nodeName field selector"))
+                Err("can only list/watch pods with spec.nodeName field selector".into())
             }
         }
-        ("pods", None) if matches!(verb, "get" | "create" | "delete") => Ok(()),
-        ("pods", Some("status")) if matches!(verb, "update" | "patch") => Ok(()),
-        ("configmaps" | "secrets", None) => {
+        ("", "pods", None) if matches!(verb, "get" | "create" | "delete") => Ok(()),
+        ("", "pods", Some("status")) if matches!(verb, "update" | "patch") => Ok(()),
+        ("", plural @ ("configmaps" | "secrets"), None) => {
             if !matches!(verb, "get" | "list" | "watch") {
-                return Err(deny(user, a, "can only read resources of this type"));
+                return Err("can only read resources of this type".into());
             }
             // A list or watch names its one object through a metadata.name field selector.
-            let name = if verb == "get" { Some(a.name) } else { a.fields.required("metadata.name") };
+            let name = if verb == "get" { Some(c.name) } else { c.fields.required("metadata.name") };
             let Some(name) = name.filter(|n| !n.is_empty()) else {
-                return Err(deny(user, a, "No Object name found"));
+                return Err("No Object name found".into());
             };
-            if references(store, node, a.namespace)
-                .get(a.res.plural)
+            if references(store, node, c.namespace)
+                .get(plural)
                 .is_some_and(|names| names.iter().any(|n| n == name))
             {
                 Ok(())
             } else {
-                Err(deny(user, a, &no_relationship))
+                Err(no_relationship())
             }
         }
-        ("serviceaccounts", Some("token")) if verb == "create" => {
+        ("", "serviceaccounts", Some("token")) if verb == "create" => {
             let Some(pods) = super::store::resource("", "pods") else {
-                return Err(deny(user, a, &no_relationship));
+                return Err(no_relationship());
             };
-            let uses = store.all(pods, Some(a.namespace)).any(|p| {
+            let uses = store.all(pods, Some(c.namespace)).any(|p| {
                 bound_to(p, node)
                     && p.pointer("/spec/serviceAccountName").and_then(Value::as_str).unwrap_or("default")
-                        == a.name
+                        == c.name
             });
-            if uses { Ok(()) } else { Err(deny(user, a, &no_relationship)) }
+            if uses { Ok(()) } else { Err(no_relationship()) }
         }
-        ("events", None) if matches!(verb, "create" | "update" | "patch") => Ok(()),
-        // The Node authorizer's rules for a node's own certificate renewals.
-        ("certificatesigningrequests", None) if matches!(verb, "create" | "get" | "list" | "watch") => Ok(()),
-        _ => Err(deny(user, a, "")),
+        ("" | "events.k8s.io", "events", None) if matches!(verb, "create" | "update" | "patch") => Ok(()),
+        // The node rules for a node's own certificate renewals, and for the kubelet's delegated
+        // authentication and authorization of its own API.
+        ("certificates.k8s.io", "certificatesigningrequests", None)
+            if matches!(verb, "create" | "get" | "list" | "watch") =>
+        {
+            Ok(())
+        }
+        ("authentication.k8s.io", "tokenreviews", None)
+        | ("authorization.k8s.io", "subjectaccessreviews" | "localsubjectaccessreviews", None)
+            if verb == "create" =>
+        {
+            Ok(())
+        }
+        _ => Err(String::new()),
     }
 }
 
@@ -369,6 +579,126 @@ pub(crate) fn admit_pod_create(user: &User, res: &Res, pod: &Value) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn check<'a>(
+        verb: &'a str,
+        group: &'a str,
+        resource: &'a str,
+        sub: Option<&'a str>,
+        ns: &'a str,
+        name: &'a str,
+        fields: &'a FieldSelector,
+    ) -> Check<'a> {
+        Check { verb, group, resource, sub, namespace: ns, name, fields, path: None }
+    }
+
+    fn other(name: &str, groups: &[&str]) -> User {
+        User::Other { name: name.into(), groups: groups.iter().map(|g| (*g).to_owned()).collect() }
+    }
+
+    #[test]
+    fn users_from_info_are_nodes_only_with_exactly_a_nodes_groups() {
+        let g = |gs: &[&str]| gs.iter().map(|g| (*g).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            User::from_info("system:node:n1", &g(&["system:nodes", "system:authenticated"])),
+            User::Node("n1".into())
+        );
+        assert_eq!(
+            User::from_info("system:bootstrap:abc", &g(&["system:bootstrappers"])),
+            User::Bootstrap("abc".into())
+        );
+        assert!(matches!(
+            User::from_info("system:node:n1", &g(&["system:authenticated"])),
+            User::Other { .. }
+        ));
+        let masters_node = User::from_info("system:node:n1", &g(&["system:nodes", "system:masters"]));
+        assert!(matches!(masters_node, User::Other { .. }), "keeps its extra group");
+        assert_eq!(other("alice", &["dev"]).groups(), ["dev"]);
+    }
+
+    #[test]
+    fn masters_nodes_bootstrappers_and_others() {
+        let store = Store::default();
+        let f = FieldSelector::default();
+        let node = User::Node("n1".into());
+        let ok = |u: &User, c: &Check| decide(u, c, &store, &[]).allowed;
+        // system:masters, as the admin or any user in the group, may do anything.
+        let log = check("get", "", "pods", Some("log"), "default", "p", &f);
+        assert!(ok(&User::Admin, &log));
+        assert!(ok(
+            &other("root", &["system:masters"]),
+            &check("delete", "apps", "deployments", None, "x", "d", &f)
+        ));
+        // The node rules: the kubelet's delegated authn/authz, but no pod logs (its own or others').
+        assert!(ok(&node, &check("create", "authentication.k8s.io", "tokenreviews", None, "", "", &f)));
+        assert!(ok(
+            &node,
+            &check("create", "authorization.k8s.io", "subjectaccessreviews", None, "", "", &f)
+        ));
+        assert!(!ok(&node, &check("get", "authentication.k8s.io", "tokenreviews", None, "", "", &f)));
+        let d = decide(&node, &log, &store, &[]);
+        assert_eq!(d, Decision { allowed: false, reason: String::new() });
+        assert!(!ok(&node, &check("get", "", "nodes", Some("proxy"), "", "n1", &f)));
+        // A node identity given as name and groups (a SubjectAccessReview's subject) is a node too.
+        let as_info = other("system:node:n1", &["system:nodes", "system:masters"]);
+        assert!(ok(&as_info, &log), "system:masters wins");
+        let sec = decide(&node, &check("get", "", "secrets", None, "default", "s", &f), &store, &[]);
+        assert_eq!(sec.reason, "no relationship found between node 'n1' and this object");
+        let lease = decide(
+            &node,
+            &check("update", "coordination.k8s.io", "leases", None, "kube-node-lease", "n2", &f),
+            &store,
+            &[],
+        );
+        assert!(!lease.allowed && lease.reason.contains("same name"));
+        // Bootstrappers: CSRs only; everyone authenticated: discovery and self-reviews.
+        let boot = User::Bootstrap("abcdef".into());
+        assert!(ok(
+            &boot,
+            &check("create", "certificates.k8s.io", "certificatesigningrequests", None, "", "", &f)
+        ));
+        assert!(!ok(&boot, &check("get", "", "nodes", None, "", "n1", &f)));
+        let alice = other("alice", &["dev", "system:authenticated"]);
+        assert!(ok(
+            &alice,
+            &check("create", "authorization.k8s.io", "selfsubjectaccessreviews", None, "", "", &f)
+        ));
+        let version = Check { path: Some("/version"), ..check("get", "", "", None, "", "", &f) };
+        assert!(ok(&alice, &version));
+        assert!(!ok(&other("anon", &[]), &version));
+        assert!(!ok(&alice, &check("list", "", "pods", None, "", "", &f)));
+    }
+
+    #[test]
+    fn grants_are_rbac_rules() {
+        let store = Store::default();
+        let f = FieldSelector::default();
+        let alice = other("alice", &["dev", "system:authenticated"]);
+        let log = check("get", "", "pods", Some("log"), "default", "p", &f);
+        let pods = check("get", "", "pods", None, "default", "p", &f);
+        let can = |grants: &[Grant], c: &Check| decide(&alice, c, &store, grants).allowed;
+        assert!(!can(&[], &log));
+        assert!(can(&[Grant::new("alice", "get", "pods", Some("log"))], &log));
+        assert!(
+            can(&[Grant::new("alice", "get", "pods/log", None)], &log),
+            "pods/log is read as resource/subresource"
+        );
+        assert!(!can(&[Grant::new("alice", "get", "pods", None)], &log), "pods does not cover pods/log");
+        assert!(can(&[Grant::new("alice", "get", "pods", None)], &pods));
+        assert!(can(&[Grant::new("alice", "get", "pods", Some("*"))], &log));
+        assert!(can(&[Grant::new("dev", "*", "*", None)], &log), "a group subject, wildcards");
+        assert!(!can(&[Grant::new("bob", "get", "pods", Some("log"))], &log));
+        assert!(!can(&[Grant::new("alice", "list", "pods", Some("log"))], &log));
+        let metrics = Check { path: Some("/metrics/cadvisor"), ..check("get", "", "", None, "", "", &f) };
+        assert!(can(&[Grant::new("alice", "get", "/metrics*", None)], &metrics));
+        assert!(!can(&[Grant::new("alice", "get", "/metrics", None)], &metrics));
+        assert!(!can(&[Grant::new("alice", "get", "/metrics*", None)], &pods));
+        // Grants add to the node rules, as RBAC follows the Node authorizer.
+        let node = User::Node("n1".into());
+        assert!(
+            decide(&node, &log, &store, &[Grant::new("system:nodes", "get", "pods", Some("log"))]).allowed
+        );
+    }
 
     #[test]
     fn node_restriction_label_rules() {

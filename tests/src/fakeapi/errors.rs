@@ -168,6 +168,17 @@ impl ApiError {
         )
     }
 
+    /// An error that is not a `metav1.Status` inside the apiserver (a dial failure, a plain Go
+    /// error): `code` with an empty reason (`StatusReasonUnknown`) and the error's text.
+    pub fn unknown(code: u16, message: impl Into<String>) -> ApiError {
+        ApiError::new(code, "", message.into(), None)
+    }
+
+    /// Any status, for errors relayed from elsewhere (a kubelet's answer).
+    pub fn other(code: u16, reason: &'static str, message: String, details: Option<Value>) -> ApiError {
+        ApiError::new(code, reason, message, details)
+    }
+
     /// 500.
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError::new(500, "InternalError", message.into(), None)
@@ -200,9 +211,12 @@ impl ApiError {
             "metadata": {},
             "status": "Failure",
             "message": self.message,
-            "reason": self.reason,
             "code": self.code,
         });
+        // `reason` is omitted when empty, as `omitempty` does.
+        if !self.reason.is_empty() {
+            s["reason"] = json!(self.reason);
+        }
         if let Some(d) = &self.details {
             s["details"] = d.clone();
         }

@@ -9,8 +9,11 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use super::authz::{self, Attrs, User};
+use super::authn::{SaToken, Tokens};
+use super::authz::{self, Attrs, Grant, User};
 use super::errors::ApiError;
+use super::kubelet;
+use super::review;
 use super::select::{FieldSelector, LabelSelector, merge_patch};
 use super::store::{self, Change, ChangeKind, Changes, DeleteOpts, Part, Res, Store};
 
@@ -24,6 +27,11 @@ pub(crate) struct Req<'a> {
     pub user: &'a User,
     /// `127.0.0.1:port`, for discovery documents.
     pub server: &'a str,
+    /// The tokens the server knows (TokenReviews read them, TokenRequests add to them); locked
+    /// while the store is.
+    pub tokens: &'a Mutex<Tokens>,
+    /// The test's RBAC-lite rules.
+    pub grants: &'a [Grant],
 }
 
 /// What to send back.
@@ -31,6 +39,8 @@ pub(crate) enum Outcome {
     Json(u16, Value),
     Text(u16, &'static str),
     Watch(Box<WatchPlan>),
+    /// A call to a node's kubelet, made once the store is unlocked.
+    Proxy(Box<kubelet::Plan>),
 }
 
 /// Everything a watch stream needs, taken under the store lock.
@@ -49,6 +59,7 @@ pub(crate) struct WatchPlan {
 enum Route {
     Doc(Value),
     Health,
+    Review(review::Kind),
     Res { res: &'static Res, namespace: String, name: Option<String>, sub: Option<String> },
 }
 
@@ -108,6 +119,10 @@ fn route(path: &str, server: &str) -> Result<Route, ApiError> {
                         "versions": [{"groupVersion": "coordination.k8s.io/v1", "version": "v1"}],
                         "preferredVersion": {"groupVersion": "coordination.k8s.io/v1", "version": "v1"}}]
         }))),
+        ["apis", "authentication.k8s.io", "v1", "tokenreviews"] => Ok(Route::Review(review::Kind::Token)),
+        ["apis", "authorization.k8s.io", "v1", "subjectaccessreviews"] => {
+            Ok(Route::Review(review::Kind::SubjectAccess))
+        }
         ["api", "v1", rest @ ..] => resource_route("", rest),
         ["apis", group, "v1", rest @ ..] => resource_route(group, rest),
         _ => Err(ApiError::no_route()),
@@ -121,7 +136,9 @@ fn resource_route(group: &str, rest: &[&str]) -> Result<Route, ApiError> {
              sub: Option<&&str>|
      -> Result<Route, ApiError> {
         if let Some(sub) = sub {
-            let ok = (*sub == "status" && res.status) || (*sub == "token" && res.plural == "serviceaccounts");
+            let ok = (*sub == "status" && res.status)
+                || (*sub == "token" && res.plural == "serviceaccounts")
+                || (res.plural == "pods" && kubelet::SUBRESOURCES.contains(sub));
             if !ok {
                 return Err(ApiError::no_route());
             }
@@ -157,7 +174,7 @@ fn param<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
     q.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
-fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
+pub(crate) fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}")))
 }
@@ -168,11 +185,20 @@ pub(crate) fn dispatch(store: &mut Store, req: &Req) -> Result<Outcome, ApiError
         Route::Doc(v) if req.method == "GET" => return Ok(Outcome::Json(200, v)),
         Route::Health if req.method == "GET" => return Ok(Outcome::Text(200, "ok")),
         Route::Doc(_) | Route::Health => return Err(ApiError::method_not_allowed(req.method)),
+        Route::Review(kind) => return review::create(store, req, kind),
         Route::Res { res, namespace, name, sub } => (res, namespace, name, sub),
     };
     let q = query_pairs(req.query);
     if param(&q, "dryRun").is_some() {
         return Err(ApiError::bad_request("dryRun is not supported by the fake API server"));
+    }
+    // pods/log is read-only; exec, attach and portforward are connect verbs (GET or POST).
+    let through_kubelet = sub.as_deref().filter(|s| kubelet::SUBRESOURCES.contains(s)).map(str::to_owned);
+    if let Some(s) = &through_kubelet {
+        let allowed = if s == "log" { req.method == "GET" } else { matches!(req.method, "GET" | "POST") };
+        if !allowed {
+            return Err(ApiError::method_not_allowed(req.method));
+        }
     }
     let watching = matches!(param(&q, "watch"), Some("true" | "1"));
     let verb = match (req.method, &name, sub.as_deref()) {
@@ -180,7 +206,7 @@ pub(crate) fn dispatch(store: &mut Store, req: &Req) -> Result<Outcome, ApiError
         ("GET", None, _) => "list",
         ("GET", Some(_), _) => "get",
         ("POST", None, _) => "create",
-        ("POST", Some(_), Some("token")) => "create",
+        ("POST", Some(_), Some("token" | "exec" | "attach" | "portforward")) => "create",
         ("PUT", Some(_), _) => "update",
         ("PATCH", Some(_), _) => "patch",
         ("DELETE", Some(_), None) => "delete",
@@ -196,7 +222,14 @@ pub(crate) fn dispatch(store: &mut Store, req: &Req) -> Result<Outcome, ApiError
     };
     let name = name.unwrap_or_default();
     let attrs = Attrs { verb, res, sub: sub.as_deref(), namespace: &ns, name: &name, fields: &fields };
-    authz::authorize(req.user, &attrs, store)?;
+    authz::authorize(req.user, &attrs, store, req.grants)?;
+    if let Some(s) = through_kubelet {
+        return Ok(match kubelet::plan(store, &ns, &name, &s, &q)? {
+            Some(plan) => Outcome::Proxy(Box::new(plan)),
+            // The log of a pod not yet on a node: the real server's empty stream.
+            None => Outcome::Text(204, ""),
+        });
+    }
     let user = req.user;
     let part = if sub.as_deref() == Some("status") { Part::Status } else { Part::Main };
     match verb {
@@ -241,7 +274,7 @@ pub(crate) fn dispatch(store: &mut Store, req: &Req) -> Result<Outcome, ApiError
             ))
         }
         "watch" => watch(store, res, &ns, fields, labels, &q).map(|p| Outcome::Watch(Box::new(p))),
-        "create" if sub.as_deref() == Some("token") => token(store, user, &ns, &name, req.body),
+        "create" if sub.as_deref() == Some("token") => token(store, req.tokens, user, &ns, &name, req.body),
         "create" => {
             let mut body = parse_body(req.body)?;
             if res.plural == "certificatesigningrequests" {
@@ -469,8 +502,16 @@ impl WatchStream {
     }
 }
 
-/// `POST serviceaccounts/<name>/token`: a TokenRequest answered with an opaque token.
-fn token(store: &Store, user: &User, ns: &str, sa: &str, body: &[u8]) -> Result<Outcome, ApiError> {
+/// `POST serviceaccounts/<name>/token`: a TokenRequest answered with a JWT-shaped token, which then
+/// authenticates as the service account while its claims hold (see [`super::authn`]).
+fn token(
+    store: &Store,
+    tokens: &Mutex<Tokens>,
+    user: &User,
+    ns: &str,
+    sa: &str,
+    body: &[u8],
+) -> Result<Outcome, ApiError> {
     let mut tr = parse_body(body)?;
     let tr_res = Res {
         group: "authentication.k8s.io",
@@ -508,6 +549,7 @@ fn token(store: &Store, user: &User, ns: &str, sa: &str, body: &[u8]) -> Result<
             return Err(ApiError::forbidden(sa_res, sa, &why));
         }
     }
+    let mut bound_pod = None;
     if let Some(b) = &bound
         && b.get("kind").and_then(Value::as_str) == Some("Pod")
     {
@@ -524,7 +566,7 @@ fn token(store: &Store, user: &User, ns: &str, sa: &str, body: &[u8]) -> Result<
             );
             return Err(match user {
                 User::Node(_) | User::Bootstrap(_) => ApiError::forbidden(sa_res, sa, &why),
-                User::Admin => ApiError::conflict(pods, pod_name, &why),
+                User::Admin | User::Other { .. } => ApiError::conflict(pods, pod_name, &why),
             });
         }
         if let User::Node(node) = user
@@ -541,6 +583,7 @@ fn token(store: &Store, user: &User, ns: &str, sa: &str, body: &[u8]) -> Result<
                 "cannot bind token for serviceaccount \"{sa}\" to pod running with different serviceaccount name."
             )));
         }
+        bound_pod = Some((pod_name.to_owned(), uid.to_owned()));
     }
     let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(expiration);
     if !tr.is_object() {
@@ -557,8 +600,24 @@ fn token(store: &Store, user: &User, ns: &str, sa: &str, body: &[u8]) -> Result<
         tr["spec"]["audiences"] = json!(["https://kubernetes.default.svc.cluster.local"]);
     }
     let audiences = tr["spec"]["audiences"].clone();
+    let token = jwt(ns, sa, &audiences, bound.as_ref(), expires);
+    // The token authenticates (requests, TokenReviews) while its claims hold.
+    let claims = SaToken {
+        namespace: ns.to_owned(),
+        name: sa.to_owned(),
+        pod: bound_pod,
+        audiences: audiences
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        expires: expires.as_second(),
+    };
+    super::lock(tokens).insert_service_account(token.clone(), claims);
     tr["status"] = json!({
-        "token": jwt(ns, sa, &audiences, bound.as_ref(), expires),
+        "token": token,
         "expirationTimestamp": store::timestamp(expires),
     });
     Ok(Outcome::Json(201, tr))
@@ -606,6 +665,14 @@ mod tests {
         assert!(ok("/api/v1/namespaces/default"));
         assert!(ok("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n1"));
         assert!(ok("/api/v1/namespaces/d/serviceaccounts/default/token"));
+        for sub in ["log", "exec", "attach", "portforward"] {
+            assert!(ok(&format!("/api/v1/namespaces/d/pods/p/{sub}")), "{sub}");
+        }
+        let review = |p: &str| matches!(route(p, "x"), Ok(Route::Review(_)));
+        assert!(review("/apis/authentication.k8s.io/v1/tokenreviews"));
+        assert!(review("/apis/authorization.k8s.io/v1/subjectaccessreviews"));
+        assert!(route("/api/v1/namespaces/d/configmaps/c/log", "x").is_err());
+        assert!(route("/api/v1/nodes/n1/log", "x").is_err());
         for bad in [
             "/api/v1/leases",
             "/api/v1/pods/p",

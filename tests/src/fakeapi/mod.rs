@@ -10,7 +10,16 @@
 //!   an `ERROR` event past it), bookmarks, objects entering or leaving a selector's view as
 //!   ADDED/DELETED;
 //! - graceful deletion of bound pods, delete preconditions, a Node's Lease collected with it;
-//! - the Node authorizer and NodeRestriction for `system:node:<name>` users, bearer tokens;
+//! - the Node authorizer and NodeRestriction for `system:node:<name>` users, bearer tokens, and
+//!   RBAC-lite rules a test grants ([`FakeApi::grant`]) to users it registers tokens for
+//!   ([`FakeApi::add_user_token`]);
+//! - what a kubelet delegates to its API server: TokenReviews and SubjectAccessReviews answered by
+//!   the same authenticator and authorizer;
+//! - `pods/log`, `exec`, `attach` and `portforward` served by calling the node's kubelet API on
+//!   the address and port its Node reports, over TLS with the API server's kubelet client
+//!   certificate, streamed (loopback addresses only: anything else is refused);
+//! - `kubernetes.io/kubelet-serving` CSRs, left pending as 1.20 does until a test approves them as
+//!   an operator would ([`FakeApi::approve_serving_csrs`]);
 //! - errors as `metav1.Status` with the real reasons and messages.
 //!
 //! Simplifications, each legal server behaviour or outside what Lichen uses:
@@ -23,7 +32,13 @@
 //!   Node's Lease goes with it, a pod owned by a ReplicaSet stays); admission is NodeRestriction,
 //!   pod defaulting, DefaultTolerationSeconds and the ServiceAccount plugin's `kube-api-access-*`
 //!   volume (a ServiceAccount need not exist, for pods or TokenRequests); every namespace exists
-//!   and has its `kube-root-ca.crt`; tokens are JWT-shaped but unsigned; `dryRun` is refused with `400`;
+//!   and has its `kube-root-ca.crt`; tokens are JWT-shaped but unsigned (the fake knows the ones
+//!   it issued); `dryRun` is refused with `400`;
+//! - RBAC is the bootstrap policy's defaults plus [`FakeApi::grant`]'s rules (no Role objects); a
+//!   denying SubjectAccessReview gets a reason where RBAC would give none;
+//! - exec, attach and portforward without an `Upgrade` are proxied to the kubelet as plain
+//!   requests (the real server answers them `400 Upgrade request required` itself), so a test
+//!   sees the kubelet's own answer; upgrades are proxied and spliced;
 //! - validation covers what a node writes (names, labels, pod status rules, events, leases), not
 //!   every field of every kind.
 //!
@@ -31,7 +46,9 @@
 //! [`FakeApi::start_tls`] serves HTTPS instead, from a real CA that also signs node client CSRs
 //! (approved by a stand-in for the controller-manager's approver, with 1.20's rules), and then
 //! authenticates client certificates (`CN=system:node:<name>`, `O=system:nodes`) and bootstrap
-//! tokens (`system:bootstrap:<id>`, group `system:bootstrappers`) as the real server does.
+//! tokens (`system:bootstrap:<id>`, group `system:bootstrappers`) as the real server does. Both
+//! modes have the CA: it signs the kubelet client certificate the fake presents to kubelets
+//! ([`FakeApi::ca_pem`] is what a kubelet verifies it with).
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -46,16 +63,20 @@
 //! # }
 //! ```
 
+mod authn;
 mod authz;
 mod certs;
 mod defaults;
 mod errors;
 mod handler;
+mod kubelet;
+mod review;
 mod select;
 mod store;
+#[cfg(test)]
+mod tests;
 mod validate;
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -73,7 +94,7 @@ use kube::api::{Api, DeleteParams};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use authz::User;
+use authz::{Grant, User};
 use errors::ApiError;
 use handler::Outcome;
 use store::Store;
@@ -135,14 +156,17 @@ struct Running {
 struct Inner {
     port: u16,
     store: Arc<Mutex<Store>>,
-    tokens: Mutex<HashMap<String, User>>,
+    tokens: Mutex<authn::Tokens>,
+    grants: Mutex<Vec<Grant>>,
     requests: Mutex<Vec<RequestRecord>>,
     faults: Mutex<FaultState>,
     bookmark_every: Mutex<Duration>,
     running: tokio::sync::Mutex<Option<Running>>,
     admin_token: String,
-    /// TLS mode: the CA, the server's certificate, the CSR signer.
-    ca: Option<certs::FakeCa>,
+    /// The CA: the kubelet client certificate, the CSR signer and, in TLS mode, the server's certificate.
+    ca: certs::FakeCa,
+    /// Whether the server speaks HTTPS.
+    tls: bool,
     approver: Mutex<Approver>,
 }
 
@@ -168,37 +192,39 @@ pub struct FakeApi {
 impl FakeApi {
     /// Starts a server on `127.0.0.1` and a free port, with an empty store.
     pub async fn start() -> FakeApi {
-        Self::start_with(None).await
+        Self::start_with(false).await
     }
 
     /// Starts a server in TLS mode (see the module docs): node client CSRs are approved and signed
     /// (valid one year unless [`FakeApi::set_cert_lifetime`] says otherwise).
     pub async fn start_tls() -> FakeApi {
-        let api = Self::start_with(Some(certs::FakeCa::new())).await;
+        let api = Self::start_with(true).await;
         let weak = Arc::downgrade(&api.inner);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let Some(inner) = weak.upgrade() else { return };
-                inner.approve_and_sign();
+                inner.approve_and_sign(false);
             }
         });
         api
     }
 
-    async fn start_with(ca: Option<certs::FakeCa>) -> FakeApi {
+    async fn start_with(tls: bool) -> FakeApi {
         let listener = bind(0).expect("bind the fake API server to 127.0.0.1");
         let port = listener.local_addr().expect("local address").port();
         let inner = Arc::new(Inner {
             port,
             store: Arc::new(Mutex::new(Store::default())),
-            tokens: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(authn::Tokens::default()),
+            grants: Mutex::new(Vec::new()),
             requests: Mutex::new(Vec::new()),
             faults: Mutex::new(FaultState::default()),
             bookmark_every: Mutex::new(Duration::from_secs(1)),
             running: tokio::sync::Mutex::new(None),
             admin_token: format!("admin-{}", store::uuid()),
-            ca,
+            ca: certs::FakeCa::new(),
+            tls,
             approver: Mutex::new(Approver { auto: true, lifetime: Duration::from_secs(365 * 86400) }),
         });
         lock(&inner.tokens).insert(inner.admin_token.clone(), User::Admin);
@@ -234,9 +260,47 @@ impl FakeApi {
         out
     }
 
-    /// The CA certificate (PEM) of a TLS-mode server.
+    /// The cluster CA certificate (PEM): what a TLS-mode server's certificate and the node client
+    /// certificates chain to, and in either mode what signs the client certificate the fake
+    /// presents to kubelets (`CN=kube-apiserver-kubelet-client`, `O=system:masters`) and the
+    /// kubelet serving certificates it issues: a kubelet's client CA.
     pub fn ca_pem(&self) -> String {
-        self.inner.ca.as_ref().map(|c| c.ca_pem.clone()).expect("ca_pem needs FakeApi::start_tls")
+        self.inner.ca.ca_pem.clone()
+    }
+
+    /// Registers a bearer token for `user` in `groups` (`system:authenticated` is added, as the
+    /// authenticator does). It authenticates requests and TokenReviews (for the API server's own
+    /// audience); what the user may do is what the authorizer gives its name and groups:
+    /// everything in `system:masters`, the node rules for `system:node:<name>` in `system:nodes`,
+    /// and whatever [`FakeApi::grant`] grants.
+    pub fn add_user_token(&self, token: &str, user: &str, groups: &[&str]) {
+        let mut groups: Vec<String> = groups.iter().map(|g| (*g).to_owned()).collect();
+        if !groups.iter().any(|g| g == "system:authenticated") {
+            groups.push("system:authenticated".to_owned());
+        }
+        lock(&self.inner.tokens).insert(token.to_owned(), User::from_info(user, &groups));
+    }
+
+    /// Grants `user` (a user name or a group) `verb` on `resource` (and `subresource`), cluster-wide
+    /// and in every API group, like a ClusterRole with one rule and its ClusterRoleBinding. `*`
+    /// matches any verb or resource; a `resource` starting with `/` is a non-resource URL (`/logs*`
+    /// for a prefix); `subresource` `None` covers the resource itself only (`pods` does not cover
+    /// `pods/log`), `Some("*")` every subresource. Requests and SubjectAccessReviews both see it.
+    pub fn grant(&self, user: &str, verb: &str, resource: &str, subresource: Option<&str>) {
+        lock(&self.inner.grants).push(Grant::new(user, verb, resource, subresource));
+    }
+
+    /// What an operator's `kubectl certificate approve` and the controller-manager's
+    /// kubelet-serving signer do to the pending `kubernetes.io/kubelet-serving` CSRs (which 1.20
+    /// never approves by itself): each one a node made for itself (`spec.username` is the
+    /// request's CN, in `system:nodes`) is approved; the signer then issues a server-auth
+    /// certificate with the request's DNS and IP SANs, valid for the lifetime
+    /// [`FakeApi::set_cert_lifetime`] sets, or marks it `Failed` (`SignerValidationFailure`) if it
+    /// breaks the signer's rules (subject `O=system:nodes`, `CN=system:node:…`, DNS or IP SANs
+    /// and no email or URI ones, usages exactly digital signature, key encipherment, server auth).
+    /// Requests for another node are left pending. Returns how many certificates were issued.
+    pub fn approve_serving_csrs(&self) -> usize {
+        self.inner.approve_and_sign(true)
     }
 
     /// A new bootstrap token `<id>.<secret>`, for user `system:bootstrap:<id>` in `system:bootstrappers`.
@@ -391,26 +455,33 @@ impl Faults {
 
 impl Inner {
     fn url(&self) -> String {
-        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        let scheme = if self.tls { "https" } else { "http" };
         format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
-    /// The controller-manager's approver and signer, one pass: every pending CSR it recognises is
-    /// approved, then signed.
-    fn approve_and_sign(&self) {
+    /// The controller-manager's approver and signers, one pass: every pending kubelet client CSR
+    /// the approver recognises is approved (if auto-approval is on); with `serving`, so is every
+    /// pending kubelet-serving CSR a node made for itself, as an operator would. Then every
+    /// approved CSR of the two kubelet signers is signed, or marked `Failed` by the serving
+    /// signer. Returns how many serving certificates were issued.
+    fn approve_and_sign(&self, serving: bool) -> usize {
         use base64::Engine;
-        let Some(ca) = &self.ca else { return };
+        use serde_json::{Value, json};
+        let ca = &self.ca;
         let (auto, lifetime) = {
             let a = lock(&self.approver);
             (a.auto, a.lifetime)
         };
-        let Some(res) = store::resource("certificates.k8s.io", "certificatesigningrequests") else { return };
+        let Some(res) = store::resource("certificates.k8s.io", "certificatesigningrequests") else {
+            return 0;
+        };
         let mut store = lock(&self.store);
-        let unsigned: Vec<serde_json::Value> =
+        let unsigned: Vec<Value> =
             store.all(res, None).filter(|c| c.pointer("/status/certificate").is_none()).cloned().collect();
+        let mut issued = 0;
         for mut csr in unsigned {
             let name = csr.pointer("/metadata/name").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
-            let has = |csr: &serde_json::Value, t: &str| {
+            let has = |csr: &Value, t: &str| {
                 csr.pointer("/status/conditions")
                     .and_then(|v| v.as_array())
                     .is_some_and(|cs| cs.iter().any(|c| c["type"] == t))
@@ -418,38 +489,85 @@ impl Inner {
             if has(&csr, "Denied") || has(&csr, "Failed") {
                 continue;
             }
-            if !has(&csr, "Approved") {
-                // Unrecognised requests stay pending, as with the real approver.
-                if !auto || certs::recognise(&csr).is_err() {
+            let signer =
+                csr.pointer("/spec/signerName").and_then(Value::as_str).unwrap_or_default().to_owned();
+            let is_serving = signer == certs::SERVING_SIGNER;
+            if !is_serving && signer != "kubernetes.io/kube-apiserver-client-kubelet" {
+                // No signer of the fake's handles it: it stays as it is.
+                continue;
+            }
+            let approved = has(&csr, "Approved");
+            if !approved {
+                let approve = if is_serving {
+                    let username = csr.pointer("/spec/username").and_then(Value::as_str).unwrap_or_default();
+                    let in_nodes = csr
+                        .pointer("/spec/groups")
+                        .and_then(Value::as_array)
+                        .is_some_and(|g| g.iter().any(|g| g == "system:nodes"));
+                    serving
+                        && in_nodes
+                        && username.starts_with("system:node:")
+                        && certs::request_cn(&csr).as_deref() == Some(username)
+                } else {
+                    // Unrecognised requests stay pending, as with the real approver.
+                    auto && certs::recognise(&csr).is_ok()
+                };
+                if !approve {
                     continue;
                 }
-                csr["status"]["conditions"] = serde_json::json!([certs::approved_condition()]);
+                let condition = if is_serving {
+                    certs::kubectl_approved_condition()
+                } else {
+                    certs::approved_condition()
+                };
+                let mut conditions =
+                    csr.pointer("/status/conditions").and_then(Value::as_array).cloned().unwrap_or_default();
+                conditions.push(condition);
+                csr["status"]["conditions"] = json!(conditions);
             }
-            let pem = csr
-                .pointer("/spec/request")
-                .and_then(|v| v.as_str())
-                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-                .and_then(|b| String::from_utf8(b).ok())
-                .unwrap_or_default();
-            if let Ok(cert) = ca.sign(&pem, lifetime) {
-                csr["status"]["certificate"] = base64::engine::general_purpose::STANDARD.encode(cert).into();
+            let b64 =
+                |cert: String| -> Value { base64::engine::general_purpose::STANDARD.encode(cert).into() };
+            if is_serving {
+                match certs::validate_serving(&csr) {
+                    Ok(pem) => {
+                        if let Ok(cert) = ca.sign_serving(&pem, lifetime) {
+                            csr["status"]["certificate"] = b64(cert);
+                            issued += 1;
+                        }
+                    }
+                    Err(why) => {
+                        if let Some(cs) = csr["status"]["conditions"].as_array_mut() {
+                            cs.push(certs::failed_condition(&why));
+                        }
+                    }
+                }
+            } else {
+                let pem = csr
+                    .pointer("/spec/request")
+                    .and_then(|v| v.as_str())
+                    .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .unwrap_or_default();
+                if let Ok(cert) = ca.sign(&pem, lifetime) {
+                    csr["status"]["certificate"] = b64(cert);
+                }
             }
             if let Err(e) = store.update(res, "", &name, csr, store::Part::Status) {
                 panic!("the fake signer's own write failed: {e:?}");
             }
         }
+        issued
     }
 
     fn kubeconfig_text(&self, user: &str, token: &str) -> String {
-        let ca = match &self.ca {
-            Some(ca) => {
-                use base64::Engine;
-                format!(
-                    "    certificate-authority-data: {}\n",
-                    base64::engine::general_purpose::STANDARD.encode(&ca.ca_pem)
-                )
-            }
-            None => String::new(),
+        let ca = if self.tls {
+            use base64::Engine;
+            format!(
+                "    certificate-authority-data: {}\n",
+                base64::engine::general_purpose::STANDARD.encode(&self.ca.ca_pem)
+            )
+        } else {
+            String::new()
         };
         format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n{ca}\
@@ -506,7 +624,9 @@ fn serve(inner: Arc<Inner>, listener: tokio::net::TcpListener) -> Running {
             };
             let (inner, c2) = (inner.clone(), c.clone());
             t.spawn(async move {
-                match inner.ca.as_ref().map(|ca| tokio_rustls::TlsAcceptor::from(ca.server_config.clone())) {
+                let acceptor =
+                    inner.tls.then(|| tokio_rustls::TlsAcceptor::from(inner.ca.server_config.clone()));
+                match acceptor {
                     Some(acceptor) => {
                         // A handshake that fails (an expired or foreign client certificate) is
                         // what a real server does too: the client sees a TLS error.
@@ -536,11 +656,14 @@ async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let c = cancel.clone();
     let svc = hyper::service::service_fn(move |req| {
-        let (inner, cert_user) = (inner.clone(), cert_user.clone());
-        async move { Ok::<_, Infallible>(handle(inner, req, cert_user).await) }
+        let (inner, cert_user, c) = (inner.clone(), cert_user.clone(), c.clone());
+        async move { Ok::<_, Infallible>(handle(inner, req, cert_user, c).await) }
     });
-    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc);
+    // Upgrades: exec, attach and portforward splice a connection the kubelet upgraded.
+    let conn =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc).with_upgrades();
     tokio::select! {
         _ = conn => {}
         _ = cancel.cancelled() => {}
@@ -555,11 +678,29 @@ fn json_response(code: u16, body: &serde_json::Value) -> Response<Body> {
     r
 }
 
-async fn handle(inner: Arc<Inner>, req: Request<Incoming>, cert_user: Option<(User, i64)>) -> Response<Body> {
+impl Inner {
+    /// Who a bearer token authenticates as, for a request to this server.
+    fn bearer_user(&self, token: &str) -> Option<User> {
+        let found = lock(&self.tokens).find(token);
+        if matches!(found, authn::Found::Unknown) {
+            return None;
+        }
+        let audiences = [authn::API_AUDIENCE.to_owned()];
+        authn::authenticate(found, &lock(&self.store), &audiences).ok().flatten().map(|id| id.user)
+    }
+}
+
+async fn handle(
+    inner: Arc<Inner>,
+    mut req: Request<Incoming>,
+    cert_user: Option<(User, i64)>,
+    cancel: CancellationToken,
+) -> Response<Body> {
     let delay = lock(&inner.faults).delay;
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
+    let upgrade = hyper::upgrade::on(&mut req);
     let (parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let user = parts
@@ -567,7 +708,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>, cert_user: Option<(Us
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .and_then(|t| lock(&inner.tokens).get(t.trim()).cloned());
+        .and_then(|t| inner.bearer_user(t));
     // As the real authenticator chain: a verified client certificate first, then bearer tokens.
     // An expired certificate authenticates nobody, even on a connection opened while it was valid.
     let now = jiff::Timestamp::now().as_second();
@@ -586,6 +727,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>, cert_user: Option<(Us
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default();
             let server = format!("127.0.0.1:{}", inner.port);
+            let grants = lock(&inner.grants).clone();
             let req = handler::Req {
                 method: parts.method.as_str(),
                 path: p,
@@ -594,6 +736,8 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>, cert_user: Option<(Us
                 body: bytes,
                 user: u,
                 server: &server,
+                tokens: &inner.tokens,
+                grants: &grants,
             };
             handler::dispatch(&mut lock(&inner.store), &req)
         }
@@ -617,6 +761,18 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>, cert_user: Option<(Us
                 hyper::header::HeaderValue::from_static("application/json"),
             );
             (200, r)
+        }
+        Ok(Outcome::Proxy(plan)) => {
+            let fwd = kubelet::Forward {
+                method: &parts.method,
+                headers: &parts.headers,
+                body: body.as_ref().map(Bytes::clone).unwrap_or_default(),
+                upgrade,
+            };
+            match kubelet::proxy(*plan, inner.ca.kubelet_client.clone(), fwd, cancel).await {
+                Ok(done) => done,
+                Err(e) => (e.code, json_response(e.code, &e.status())),
+            }
         }
         Err(e) => {
             let mut r = json_response(e.code, &e.status());
