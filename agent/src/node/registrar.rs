@@ -284,23 +284,37 @@ impl NodeRegistrar {
             "leaseDurationSeconds": LEASE_DURATION_SECS,
             "renewTime": now,
         }});
+        let owners = (!node_uid.is_empty()).then(|| {
+            vec![OwnerReference {
+                api_version: "v1".into(),
+                kind: "Node".into(),
+                name: self.node_name.clone(),
+                uid: node_uid.to_owned(),
+                ..Default::default()
+            }]
+        });
         match leases.patch(&self.node_name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-            Ok(_) => Ok(false),
+            Ok(lease) => {
+                // A Lease left by a deleted Node of the same name still names that Node as its
+                // owner, and the garbage collector would delete it under the new one: adopt it,
+                // as the kubelet does.
+                let adopted = lease.metadata.owner_references.iter().flatten().any(|o| o.uid == node_uid);
+                if let Some(owners) = owners.filter(|_| !adopted) {
+                    let fix = serde_json::json!({ "metadata": { "ownerReferences": owners } });
+                    leases
+                        .patch(&self.node_name, &PatchParams::default(), &Patch::Merge(&fix))
+                        .await
+                        .map_err(api("adopting the node lease"))?;
+                }
+                Ok(false)
+            }
             Err(kube::Error::Api(s)) if s.code == 404 => {
                 let lease = Lease {
                     metadata: ObjectMeta {
                         name: Some(self.node_name.clone()),
                         namespace: Some(LEASE_NAMESPACE.into()),
                         // Owned by the Node, so deleting the Node collects its Lease.
-                        owner_references: (!node_uid.is_empty()).then(|| {
-                            vec![OwnerReference {
-                                api_version: "v1".into(),
-                                kind: "Node".into(),
-                                name: self.node_name.clone(),
-                                uid: node_uid.to_owned(),
-                                ..Default::default()
-                            }]
-                        }),
+                        owner_references: owners,
                         ..Default::default()
                     },
                     spec: Some(LeaseSpec {
