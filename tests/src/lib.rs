@@ -301,6 +301,24 @@ impl Scratch {
     }
 }
 
+/// Starts `lichen` as cluster node `name` with `kubeconfig`, its kubelet API on 127.0.0.1:`port`
+/// and the Hostname address `localhost` (which the API server dials first for `kubectl logs`).
+pub fn start_kubelet_node(s: &Scratch, name: &str, kubeconfig: &Path, port: u16) -> Agent {
+    let config = format!(
+        "node_name = {name:?}\nstate_dir = {:?}\nstatic_pod_dir = \"\"\nnode_ip = \"127.0.0.1\"\n\
+         node_hostname = \"localhost\"\nshutdown_timeout_secs = 5\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n\
+         [kubelet_api]\naddress = \"127.0.0.1\"\n{}",
+        s.state.display().to_string(),
+        kubeconfig.display().to_string(),
+        s.modules_table()
+    );
+    std::fs::write(&s.config, config).expect("config");
+    let args = s.run_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let port = port.to_string();
+    Agent::start_with_env(&args, &s.state, &[("LICHEN_KUBELET_PORT", &port)])
+}
+
 /// A Pod manifest with one container.
 pub fn pod_yaml(name: &str, image: &Path, extra_spec: &str) -> String {
     format!(

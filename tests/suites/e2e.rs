@@ -662,19 +662,7 @@ async fn kubectl_logs_reaches_the_node_through_the_api_server() {
     let s = Scratch::new("");
     let kc = cluster.node_kubeconfig(name, s.dir.path()).await;
     let port = lichen_tests::free_port();
-    let config = format!(
-        "node_name = {name:?}\nstate_dir = {:?}\nstatic_pod_dir = \"\"\nnode_ip = \"127.0.0.1\"\n\
-         node_hostname = \"localhost\"\nshutdown_timeout_secs = 5\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n\
-         [kubelet_api]\naddress = \"127.0.0.1\"\n{}",
-        s.state.display().to_string(),
-        kc.display().to_string(),
-        s.modules_table()
-    );
-    std::fs::write(&s.config, config).expect("config");
-    let args = s.run_args();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let port_text = port.to_string();
-    let agent = Agent::start_with_env(&args, &s.state, &[("LICHEN_KUBELET_PORT", &port_text)]);
+    let agent = lichen_tests::start_kubelet_node(&s, name, &kc, port);
     let nodes: Api<Node> = Api::all(cluster.client.clone());
     let node = wait_for_async(T, "the node to be Ready", || async {
         let n = nodes.get(name).await.ok()?;
