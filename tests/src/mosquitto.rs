@@ -14,7 +14,7 @@
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -239,6 +239,10 @@ fn make_certificates(d: &std::path::Path) {
     );
 }
 
+/// Most unacknowledged publishes [`Subscriber::publish_paced`] allows: below rumqttc's packet-id
+/// range (its in-flight limit, 100 by default).
+pub const PACED_UNACKED: u64 = 50;
+
 /// One received message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {
@@ -257,6 +261,9 @@ pub struct Subscriber {
     client: Client,
     received: Arc<Mutex<Vec<Received>>>,
     stop: Arc<AtomicBool>,
+    /// QoS 1 publishes handed to the client, and PUBACKs received (see [`Subscriber::publish_paced`]).
+    published: AtomicU64,
+    acked: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -270,6 +277,8 @@ impl Subscriber {
         let (client, mut connection) = Client::new(o, 64);
         let received: Arc<Mutex<Vec<Received>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicU64::new(0));
+        let acks = acked.clone();
         let (subscribed_tx, subscribed_rx) = std::sync::mpsc::channel();
         let (sink, flag, c, filter_owned) =
             (received.clone(), stop.clone(), client.clone(), filter.to_owned());
@@ -281,6 +290,9 @@ impl Subscriber {
                 match event {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) if !ack.session_present => {
                         let _ = c.try_subscribe(filter_owned.clone(), QoS::AtLeastOnce);
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        acks.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         let _ = subscribed_tx.send(());
@@ -299,7 +311,7 @@ impl Subscriber {
         });
         client.subscribe(filter, QoS::AtLeastOnce).expect("subscribe");
         subscribed_rx.recv_timeout(Duration::from_secs(20)).expect("SUBACK from the broker");
-        Subscriber { client, received, stop, thread: Some(thread) }
+        Subscriber { client, received, stop, published: AtomicU64::new(0), acked, thread: Some(thread) }
     }
 
     /// Everything received so far, in arrival order.
@@ -318,7 +330,29 @@ impl Subscriber {
 
     /// Publishes with QoS 1.
     pub fn publish(&self, topic: &str, payload: &[u8]) {
+        self.published.fetch_add(1, Ordering::Relaxed);
         self.client.publish(topic, QoS::AtLeastOnce, false, payload.to_vec()).expect("publish");
+    }
+
+    /// Publishes with QoS 1, first waiting (up to a minute) until fewer than [`PACED_UNACKED`] of
+    /// this client's publishes are unacknowledged, for a publisher whose broker restarts mid-stream.
+    ///
+    /// rumqttc 0.25 loses messages there otherwise: after a reconnect it sends everything pending
+    /// (the unacknowledged publishes, then whatever waited in its request channel, up to 64) without
+    /// its in-flight limit, and packet ids wrap at that limit (100). When the restarted broker is
+    /// slow to acknowledge (QEMU), a queued publish lands on a packet id still in use, is parked as
+    /// the one "collision" and the next such publish overwrites it: the parked message is never
+    /// sent. Downstream that looks like a gap (`2401` arriving, `2400` never). With fewer than
+    /// [`PACED_UNACKED`] outstanding in all, the pending burst never needs a packet id twice.
+    pub fn publish_paced(&self, topic: &str, payload: &[u8]) {
+        let start = Instant::now();
+        while self.published.load(Ordering::Relaxed).saturating_sub(self.acked.load(Ordering::Relaxed))
+            >= PACED_UNACKED
+            && start.elapsed() < Duration::from_secs(60)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.publish(topic, payload);
     }
 }
 
