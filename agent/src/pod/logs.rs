@@ -694,6 +694,9 @@ struct Assembler {
     since: Option<Timestamp>,
     timestamps: bool,
     remaining: Option<u64>,
+    /// Without follow, a tail is the last lines when the request came: lines the container writes
+    /// while they are read are not added (`--tail 1` prints one line).
+    lines_left: Option<u64>,
     boundary: [Option<Pos>; 2],
     pending: [Pending; 2],
     out: Vec<u8>,
@@ -705,6 +708,7 @@ impl Assembler {
             since: opts.since,
             timestamps: opts.timestamps,
             remaining: opts.limit_bytes,
+            lines_left: opts.tail_lines.filter(|_| !opts.follow || opts.previous),
             boundary,
             pending: Default::default(),
             out: Vec::new(),
@@ -725,6 +729,9 @@ impl Assembler {
         if self.boundary[s].is_some_and(|b| pos <= b) {
             return;
         }
+        if complete && self.lines_left == Some(0) {
+            return;
+        }
         let text = parts.nth(2).unwrap_or_default();
         let p = &mut self.pending[s];
         if p.time.is_none() {
@@ -741,6 +748,9 @@ impl Assembler {
             p.text.push(b'\n');
             let p = std::mem::take(&mut self.pending[s]);
             self.emit(&p);
+            if let Some(n) = self.lines_left.as_mut() {
+                *n = n.saturating_sub(1);
+            }
         } else if p.spilled || p.text.len() >= MAX_JOINED {
             // Too long to hold: send what there is, and the rest as it comes.
             let mut p = std::mem::take(&mut self.pending[s]);
@@ -1227,6 +1237,24 @@ mod tests {
     async fn log_line(log: &Arc<ContainerLog>, stream: Stream, text: &str) {
         use tokio::io::AsyncWriteExt;
         log.sink(stream).write_all(format!("{text}\n").as_bytes()).await.expect("write");
+    }
+
+    #[test]
+    fn a_tail_without_follow_is_the_lines_there_when_it_was_asked() {
+        // The plan found where the last line began; the container writes another before the read
+        // reaches the end. `--tail 1` still prints one line.
+        let opts = LogOptions { tail_lines: Some(1), ..Default::default() };
+        let mut asm = Assembler::new(&opts, [None, None]);
+        asm.record(Pos { file: 0, offset: 0 }, b"2024-05-01T10:00:00Z stdout F tick 27");
+        asm.record(Pos { file: 0, offset: 40 }, b"2024-05-01T10:00:01Z stdout F tick 28");
+        asm.finish();
+        assert_eq!(String::from_utf8_lossy(&asm.out), "tick 27\n");
+        // Following, new lines are the point.
+        let follow = LogOptions { follow: true, ..opts };
+        let mut asm = Assembler::new(&follow, [None, None]);
+        asm.record(Pos { file: 0, offset: 0 }, b"2024-05-01T10:00:00Z stdout F tick 27");
+        asm.record(Pos { file: 0, offset: 40 }, b"2024-05-01T10:00:01Z stdout F tick 28");
+        assert_eq!(String::from_utf8_lossy(&asm.out), "tick 27\ntick 28\n");
     }
 
     #[tokio::test]
