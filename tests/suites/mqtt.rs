@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use lichen_tests::mosquitto::{Mosquitto, Subscriber, check_in_order};
+use lichen_tests::mosquitto::{Mosquitto, Subscriber, check_all_arrived, check_in_order};
 use lichen_tests::{Agent, Scratch, fixture, pod_yaml, rss_kib, wait_for};
 
 const T: Duration = Duration::from_secs(60);
@@ -422,10 +422,12 @@ fn the_gateway_bridges_both_ways_through_an_upstream_restart_without_loops() {
         }
     }
     // On a timeout, say what did arrive and what the gateway counted.
-    let stream_done = |what: &str, texts: &dyn Fn() -> Vec<String>| {
+    let stream_done = |what: &str, texts: &dyn Fn() -> Vec<String>, ordered: bool| {
         let start = Instant::now();
         loop {
-            match check_in_order(&texts(), N) {
+            let arrived = texts();
+            let checked = if ordered { check_in_order(&arrived, N) } else { check_all_arrived(&arrived, N) };
+            match checked {
                 Ok(_) => return,
                 Err(e) if start.elapsed() > Duration::from_secs(120) => panic!(
                     "{what}: {e}\ngateway: {}\nthe agent's last lines:\n{}",
@@ -436,10 +438,12 @@ fn the_gateway_bridges_both_ways_through_an_upstream_restart_without_loops() {
             }
         }
     };
-    stream_done("every sensor message upstream, in order", &|| up_sub.texts("site1/sensors/barn/temp"));
-    stream_done("every upstream command on the local broker, in order", &|| local_sub.texts("cmd/led"));
+    stream_done("every sensor message upstream, in order", &|| up_sub.texts("site1/sensors/barn/temp"), true);
+    // Down is at least once, not ordered across an upstream restart (README, Gateway mode): under
+    // QEMU a command was seen arriving after later ones once the upstream broker came back.
+    stream_done("every upstream command on the local broker", &|| local_sub.texts("cmd/led"), false);
     let up_dups = check_in_order(&up_sub.texts("site1/sensors/barn/temp"), N).expect("in order");
-    let down_dups = check_in_order(&local_sub.texts("cmd/led"), N).expect("in order");
+    let down_dups = check_all_arrived(&local_sub.texts("cmd/led"), N).expect("all arrived");
     let _ = down_stream.join();
 
     // No loops: the sensor's messages reached the local broker once (the originals; nothing came
