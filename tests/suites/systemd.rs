@@ -146,6 +146,10 @@ async fn every_syscall_the_agent_makes_is_allowed_by_the_unit() {
         .arg(lichen_bin())
         .args(s.run_args())
         .env_remove("LICHEN_CONFIG")
+        // The kubelet API and the metrics endpoint are traced too, on loopback only.
+        .env("LICHEN_KUBELET_ADDRESS", "127.0.0.1")
+        .env("LICHEN_KUBELET_PORT", lichen_tests::free_port().to_string())
+        .env("LICHEN_METRICS_ADDRESS", "127.0.0.1:0")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
