@@ -336,8 +336,9 @@ pub struct GatewayConfig {
     pub local_broker: String,
     /// The client id on the local broker; empty means `<mqtt.client_id>-gateway`.
     pub client_id: String,
-    /// Messages from upstream waiting for the local broker before newer ones are dropped.
-    pub down_queue: u32,
+    /// Budget of the durable spool holding upstream messages until the local broker acknowledges
+    /// them; beyond it the oldest are dropped (counted).
+    pub down_spool_max_bytes: ByteSize,
     /// What is forwarded, and which way.
     pub mappings: Vec<GatewayMapping>,
 }
@@ -347,7 +348,7 @@ impl Default for GatewayConfig {
         GatewayConfig {
             local_broker: String::new(),
             client_id: String::new(),
-            down_queue: 1000,
+            down_spool_max_bytes: ByteSize(16 << 20),
             mappings: Vec::new(),
         }
     }
@@ -575,10 +576,10 @@ impl GatewayConfig {
                 ));
             }
         }
-        if !(1..=100_000).contains(&self.down_queue) {
+        if self.down_spool_max_bytes.0 < 64 << 10 {
             return Err(invalid(
-                "mqtt.gateway.down_queue",
-                format!("{} is outside 1..=100000", self.down_queue),
+                "mqtt.gateway.down_spool_max_bytes",
+                format!("{} is below 64Ki", self.down_spool_max_bytes),
             ));
         }
         Ok(())
@@ -934,9 +935,9 @@ pub struct ConfigArgs {
     /// Gateway client id on the local broker [default: <mqtt client id>-gateway].
     #[arg(long, env = "LICHEN_MQTT_GATEWAY_CLIENT_ID", global = true)]
     pub mqtt_gateway_client_id: Option<String>,
-    /// Messages from upstream queued for the local broker [default: 1000].
-    #[arg(long, env = "LICHEN_MQTT_GATEWAY_DOWN_QUEUE", global = true)]
-    pub mqtt_gateway_down_queue: Option<u32>,
+    /// Gateway spool budget for messages to the local broker, e.g. 16Mi [default: 16Mi].
+    #[arg(long, env = "LICHEN_MQTT_GATEWAY_DOWN_SPOOL_MAX_BYTES", global = true)]
+    pub mqtt_gateway_down_spool_max_bytes: Option<ByteSize>,
     /// Gateway mappings as a TOML inline array [default: none].
     #[arg(long, env = "LICHEN_MQTT_GATEWAY_MAPPINGS", global = true, value_parser = parse_mappings)]
     pub mqtt_gateway_mappings: Option<GatewayMappings>,
@@ -1065,7 +1066,7 @@ impl AgentConfig {
         set(&mut j.token, &a.join_token);
         set(&mut m.gateway.local_broker, &a.mqtt_gateway_local_broker);
         set(&mut m.gateway.client_id, &a.mqtt_gateway_client_id);
-        set(&mut m.gateway.down_queue, &a.mqtt_gateway_down_queue);
+        set(&mut m.gateway.down_spool_max_bytes, &a.mqtt_gateway_down_spool_max_bytes);
         if let Some(GatewayMappings(v)) = &a.mqtt_gateway_mappings {
             m.gateway.mappings = v.clone();
         }

@@ -339,10 +339,11 @@ impl NodeReport {
             if let Some(g) = &m.gateway {
                 let _ = writeln!(
                     out,
-                    "gateway:    local broker {}; forwarded {} up, {} down; dropped {} down (queue full); {} loops suppressed",
+                    "gateway:    local broker {}; forwarded {} up, {} down; {} spooled down, dropped {} down (spool full); {} loops suppressed",
                     if g.connected { "connected" } else { "not connected" },
                     g.forwarded_up,
                     g.forwarded_down,
+                    g.spooled_down,
                     g.dropped_down,
                     g.loops_suppressed
                 );

@@ -370,22 +370,6 @@ impl Drop for Subscriber {
     }
 }
 
-/// Whether every number `0..count` arrived at least once, in any order; the duplicates.
-pub fn check_all_arrived(payloads: &[String], count: u64) -> Result<usize, String> {
-    let mut seen = vec![false; count as usize];
-    let mut dups = 0;
-    for (i, p) in payloads.iter().enumerate() {
-        let n: u64 = p.trim().parse().map_err(|_| format!("message {i} is {p:?}, not a number"))?;
-        let slot = seen.get_mut(n as usize).ok_or_else(|| format!("message {i} is {n}, beyond {count}"))?;
-        dups += usize::from(*slot);
-        *slot = true;
-    }
-    match seen.iter().position(|s| !s) {
-        Some(missing) => Err(format!("{missing} (and perhaps more) of 0..{count} has not arrived")),
-        None => Ok(dups),
-    }
-}
-
 /// Checks a stream of numbered messages: every number in `0..count` arrived, and the first
 /// arrivals are in order (a resend may repeat numbers the broker already had). Returns the number
 /// of duplicates.

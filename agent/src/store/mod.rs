@@ -227,13 +227,37 @@ pub trait StateStore: Send + Sync + 'static {
     /// Adds an entry to the MQTT spool under `seq`, without flushing: the spool's group commit calls
     /// [`StateStore::flush`]. The spool's tree is only created by the first spool call, so a node
     /// without MQTT never has one.
-    fn spool_put(&self, seq: u64, entry: &[u8]) -> Result<(), StoreError>;
+    fn spool_put(&self, spool: SpoolTree, seq: u64, entry: &[u8]) -> Result<(), StoreError>;
     /// Removes a spool entry (not flushed); returns its size if it was there.
-    fn spool_remove(&self, seq: u64) -> Result<Option<usize>, StoreError>;
+    fn spool_remove(&self, spool: SpoolTree, seq: u64) -> Result<Option<usize>, StoreError>;
     /// Up to `limit` spool entries with a sequence number above `after` (all if `None`), in order.
-    fn spool_range(&self, after: Option<u64>, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    fn spool_range(
+        &self,
+        spool: SpoolTree,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
     /// What the spool holds: entries, their bytes, and the highest sequence number.
-    fn spool_summary(&self) -> Result<SpoolSummary, StoreError>;
+    fn spool_summary(&self, spool: SpoolTree) -> Result<SpoolSummary, StoreError>;
+}
+
+/// Which MQTT spool: each is a tree of its own, with its own sequence numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpoolTree {
+    /// Messages for the upstream broker (`mqtt.broker`).
+    Upstream = 0,
+    /// Gateway mode: messages from upstream for the local broker.
+    Local = 1,
+}
+
+impl SpoolTree {
+    /// How logs and `lichen status` name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SpoolTree::Upstream => "upstream",
+            SpoolTree::Local => "local",
+        }
+    }
 }
 
 /// The MQTT spool's contents at a glance, read once when the spool opens.

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::{ModuleDigest, ModuleInfo, PodRecord, SCHEMA_VERSION, SpoolSummary, StateStore, StoreError};
+use super::{
+    ModuleDigest, ModuleInfo, PodRecord, SCHEMA_VERSION, SpoolSummary, SpoolTree, StateStore, StoreError,
+};
 
 const PODS: &str = "pods";
 const MODULES: &str = "modules";
@@ -16,6 +18,8 @@ const IMAGE_REFS: &str = "image_refs";
 /// The MQTT spool: key = sequence number (big-endian u64, so keys sort in order), value = the
 /// encoded message (`telemetry::spool` owns the format).
 const MQTT_SPOOL: &str = "mqtt_spool";
+/// Gateway mode's spool towards the local broker, in the same format.
+const MQTT_SPOOL_LOCAL: &str = "mqtt_spool_local";
 const META: &str = "meta";
 const SCHEMA_KEY: &str = "schema_version";
 /// Module use is recorded at most this often (seconds) per module.
@@ -39,7 +43,7 @@ pub struct SledStore {
     path: PathBuf,
     schema: u32,
     pod_writes: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    spool: std::sync::Arc<std::sync::OnceLock<sled::Tree>>,
+    spool: std::sync::Arc<[std::sync::OnceLock<sled::Tree>; 2]>,
 }
 
 impl SledStore {
@@ -179,12 +183,17 @@ impl SledStore {
 
     /// The spool's tree, opened on first use (opening a tree writes to sled, and a node without
     /// MQTT must not pay for it).
-    fn spool_tree(&self) -> Result<&sled::Tree, StoreError> {
-        if let Some(t) = self.spool.get() {
+    fn spool_tree(&self, spool: SpoolTree) -> Result<&sled::Tree, StoreError> {
+        let slot = &self.spool[spool as usize];
+        if let Some(t) = slot.get() {
             return Ok(t);
         }
-        let tree = self.db.open_tree(MQTT_SPOOL).map_err(|e| self.err(e))?;
-        Ok(self.spool.get_or_init(|| tree))
+        let name = match spool {
+            SpoolTree::Upstream => MQTT_SPOOL,
+            SpoolTree::Local => MQTT_SPOOL_LOCAL,
+        };
+        let tree = self.db.open_tree(name).map_err(|e| self.err(e))?;
+        Ok(slot.get_or_init(|| tree))
     }
 
     fn artifact_key(digest: &ModuleDigest, engine: &str) -> Vec<u8> {
@@ -401,16 +410,21 @@ impl StateStore for SledStore {
         self.pod_writes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn spool_put(&self, seq: u64, entry: &[u8]) -> Result<(), StoreError> {
-        self.spool_tree()?.insert(seq.to_be_bytes(), entry).map(|_| ()).map_err(|e| self.err(e))
+    fn spool_put(&self, spool: SpoolTree, seq: u64, entry: &[u8]) -> Result<(), StoreError> {
+        self.spool_tree(spool)?.insert(seq.to_be_bytes(), entry).map(|_| ()).map_err(|e| self.err(e))
     }
 
-    fn spool_remove(&self, seq: u64) -> Result<Option<usize>, StoreError> {
-        Ok(self.spool_tree()?.remove(seq.to_be_bytes()).map_err(|e| self.err(e))?.map(|v| v.len()))
+    fn spool_remove(&self, spool: SpoolTree, seq: u64) -> Result<Option<usize>, StoreError> {
+        Ok(self.spool_tree(spool)?.remove(seq.to_be_bytes()).map_err(|e| self.err(e))?.map(|v| v.len()))
     }
 
-    fn spool_range(&self, after: Option<u64>, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let tree = self.spool_tree()?;
+    fn spool_range(
+        &self,
+        spool: SpoolTree,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let tree = self.spool_tree(spool)?;
         let iter = match after {
             Some(seq) => match seq.checked_add(1) {
                 Some(next) => tree.range(next.to_be_bytes()..),
@@ -430,8 +444,8 @@ impl StateStore for SledStore {
             .collect()
     }
 
-    fn spool_summary(&self) -> Result<SpoolSummary, StoreError> {
-        let tree = self.spool_tree()?;
+    fn spool_summary(&self, spool: SpoolTree) -> Result<SpoolSummary, StoreError> {
+        let tree = self.spool_tree(spool)?;
         let mut summary = SpoolSummary::default();
         for kv in tree.iter() {
             let (k, v) = kv.map_err(|e| self.err(e))?;

@@ -389,7 +389,8 @@ enum Sink {
     Gateway(GatewaySink),
 }
 
-/// The gateway's hook for messages from the upstream broker: topic, payload, retain, dup.
+/// The gateway's hook for messages from the upstream broker: topic, payload, retain, dup. When it
+/// returns, a message it forwards is in its spool.
 pub type GatewaySink = Arc<dyn Fn(&str, &[u8], bool, bool) + Send + Sync>;
 /// The gateway's hook for its own messages as the upstream connection sends them.
 pub type GatewaySent = Arc<dyn Fn(&str, &[u8]) + Send + Sync>;
@@ -510,7 +511,9 @@ impl MqttBridge {
     }
 
     /// Hands an incoming message to every container (and the gateway) whose filters match it;
-    /// `dup` is the broker's flag on a resend.
+    /// `dup` is the broker's flag on a resend. When it returns, the message is wherever it goes
+    /// (a container's queue, the gateway's spool) or dropped and counted: the caller may
+    /// acknowledge it.
     pub fn deliver(&self, topic: &str, payload: &[u8], retain: bool, dup: bool) {
         let subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
         let mut line = None;

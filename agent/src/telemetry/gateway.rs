@@ -8,10 +8,12 @@
 //!   safe as a module's own QoS 1 line: at least once, in order per topic, through upstream
 //!   outages and agent restarts (within the spool's budget). QoS 0 stays QoS 0 (never spooled).
 //! - **Down**: the upstream connection subscribes `upstream_prefix` + `local` for each
-//!   `down`/`both` mapping; a message has its prefix taken off and is published on the local broker
-//!   at its own QoS. It waits in a bounded queue (`down_queue`) while the local broker is away, and
-//!   the local connection keeps unacknowledged messages across reconnects; a full queue drops the
-//!   newest and counts them. Down is not spooled: an agent restart loses what was queued.
+//!   `down`/`both` mapping; a message has its prefix taken off and is appended to a durable spool
+//!   of its own ([`SpoolTree::Local`], origin [`Origin::Upstream`]) before the upstream broker gets
+//!   its acknowledgement. The local connection drains that spool in order like the upstream one
+//!   drains its own, removing each message when the local broker acknowledges it: at least once,
+//!   in order, through local broker outages and agent restarts, within
+//!   `down_spool_max_bytes` (beyond it the oldest are dropped and counted).
 //!
 //! # Loop prevention
 //! MQTT 3.1.1 has no "no local" option: a broker sends a client its own publications back when
@@ -28,7 +30,7 @@
 //! taken for the echo (it is still delivered to that broker's other subscribers; only its
 //! forwarding is skipped).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,21 +38,22 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::bridge::{MqttBridge, topic_matches};
-use super::mqtt::{options, valid_publish_topic};
-use super::spool::{Origin, SpoolMessage};
+use super::mqtt::{
+    EVENT_BURST, Events, STABLE_CONNECTION, connect, options, spawn_poller, valid_publish_topic,
+};
+use super::spool::{Origin, SpoolMessage, TelemetrySpool};
 use crate::config::{GatewayConfig, GatewayMapping, MqttConfig};
 use crate::retry::RetryBackoff;
+#[cfg(doc)]
+use crate::store::SpoolTree;
 
 /// How long a forwarded message is remembered to recognise its echo.
 pub const ECHO_TTL: Duration = Duration::from_secs(30);
 /// Most forwarded messages remembered per broker; beyond it the oldest are forgotten.
 const ECHO_CAPACITY: usize = 65_536;
-/// Warnings about drops are logged at most this often.
-const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The messages the gateway published to one broker and has not seen come back yet.
 #[derive(Debug, Default)]
@@ -149,43 +152,40 @@ pub struct GatewaySnapshot {
     pub forwarded_up: u64,
     /// Upstream messages the local broker accepted (published; QoS 1 acknowledged).
     pub forwarded_down: u64,
-    /// Upstream messages dropped because the queue to the local broker was full.
+    /// Upstream messages waiting in the spool for the local broker.
+    pub spooled_down: u64,
+    /// Upstream messages dropped: the oldest when the down spool was full, or ones the disk refused.
     pub dropped_down: u64,
     /// Messages recognised as the gateway's own coming back, and not forwarded again.
     pub loops_suppressed: u64,
 }
 
 /// A handle on the gateway's counters, for status reports.
-#[derive(Clone, Default)]
-pub struct GatewayCounters(Arc<GatewayStats>);
+#[derive(Clone)]
+pub struct GatewayCounters(Arc<GatewayStats>, Arc<TelemetrySpool>);
 
 impl GatewayCounters {
     /// The counters now.
     pub fn snapshot(&self) -> GatewaySnapshot {
         let s = &self.0;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let spool = self.1.snapshot();
         GatewaySnapshot {
             connected: s.connected.load(Ordering::Relaxed),
             forwarded_up: l(&s.forwarded_up),
             forwarded_down: l(&s.forwarded_down),
-            dropped_down: l(&s.dropped_down),
+            spooled_down: spool.entries,
+            dropped_down: l(&s.dropped_down) + spool.dropped_full + spool.dropped_corrupt,
             loops_suppressed: l(&s.loops_suppressed),
         }
     }
-}
-
-struct Down {
-    topic: String,
-    payload: Vec<u8>,
-    qos: QoS,
-    retain: bool,
 }
 
 /// The gateway task; see the module docs.
 pub struct Gateway {
     mqtt: MqttConfig,
     path: UpPath,
-    down: mpsc::Receiver<Down>,
+    down: Arc<TelemetrySpool>,
 }
 
 /// What handles messages from the local broker (and remembers what went to it).
@@ -198,37 +198,36 @@ struct UpPath {
 
 impl Gateway {
     /// Registers the downstream filters with the upstream connection and returns the gateway, to
-    /// be run with [`Gateway::run`].
-    pub fn new(mqtt: &MqttConfig, bridge: Arc<MqttBridge>) -> (Gateway, GatewayCounters) {
+    /// be run with [`Gateway::run`]. `down` is the spool towards the local broker
+    /// ([`SpoolTree::Local`]); its group committer is the caller's to run.
+    pub fn new(
+        mqtt: &MqttConfig,
+        bridge: Arc<MqttBridge>,
+        down: Arc<TelemetrySpool>,
+    ) -> (Gateway, GatewayCounters) {
         let gateway = mqtt.gateway.clone();
-        let stats = GatewayCounters::default();
+        let stats = GatewayCounters(Arc::default(), down.clone());
         let up_echo = Arc::new(Mutex::new(EchoTable::default()));
-        let (tx, down) = mpsc::channel(gateway.down_queue.max(1) as usize);
         let filters: Vec<String> =
             gateway.mappings.iter().filter(|m| m.down()).map(GatewayMapping::upstream_filter).collect();
-        let (hook_stats, hook_echo, mappings) = (stats.clone(), up_echo.clone(), gateway.mappings.clone());
-
-        let last_drop_log: Mutex<Option<Instant>> = Mutex::new(None);
+        let (hook_stats, hook_echo, mappings, spool) =
+            (stats.clone(), up_echo.clone(), gateway.mappings.clone(), down.clone());
         bridge.subscribe_gateway(
             filters,
             Arc::new(move |topic: &str, payload: &[u8], retain: bool, dup: bool| {
                 let s = &hook_stats.0;
-                let now = Instant::now();
-                if hook_echo.lock().unwrap_or_else(|p| p.into_inner()).take(topic, payload, dup, now) {
+                if hook_echo.lock().unwrap_or_else(|p| p.into_inner()).take(topic, payload, dup, Instant::now()) {
                     s.loops_suppressed.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
                 let Some(local) = map_down(&mappings, topic) else { return };
                 // The upstream connection subscribes at QoS 1, so what arrives is QoS 0 or 1 as
-                // published; it is forwarded at QoS 1 either way (the local hop is cheap).
-                let m = Down { topic: local, payload: payload.to_vec(), qos: QoS::AtLeastOnce, retain };
-                if tx.try_send(m).is_err() {
-                    let total = s.dropped_down.fetch_add(1, Ordering::Relaxed) + 1;
-                    let mut last = last_drop_log.lock().unwrap_or_else(|p| p.into_inner());
-                    if last.is_none_or(|t| t.elapsed() >= DROP_LOG_INTERVAL) {
-                        tracing::warn!(dropped_total = total, "gateway: the local broker is not keeping up (or away); messages from upstream dropped (see mqtt.gateway.down_queue)");
-                        *last = Some(now);
-                    }
+                // published; it is forwarded at QoS 1 either way (the local hop is cheap). The
+                // upstream connection acknowledges it once this returns: it is in the spool.
+                let m = SpoolMessage { topic: local, qos: 1, retain, origin: Origin::Upstream, payload: payload.to_vec() };
+                if let Err(e) = spool.append(&m) {
+                    s.dropped_down.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, topic = %m.topic, "gateway: cannot spool a message from upstream; dropped");
                 }
             }),
         );
@@ -255,11 +254,16 @@ impl Gateway {
         (g, stats)
     }
 
-    /// Connects to the local broker and forwards until `cancel` fires. One rumqttc event loop
-    /// serves the whole run, so QoS 1 messages not yet acknowledged by the local broker are sent
-    /// again after a reconnect; reconnects back off like the upstream connection's.
+    /// Connects to the local broker and forwards until `cancel` fires; reconnects back off like
+    /// the upstream connection's.
+    ///
+    /// Each connection gets a fresh rumqttc event loop and reads the down spool again from its
+    /// oldest message, so what the local broker did not acknowledge is sent again, in order.
+    /// rumqttc's own replay is not used: it drops everything unsent when the broker has lost the
+    /// session, and across a connection that dies during a replay it can reorder or, with its
+    /// single collision slot, lose a message.
     pub async fn run(self, cancel: CancellationToken) {
-        let Gateway { mqtt, mut path, mut down } = self;
+        let Gateway { mqtt, mut path, down } = self;
         let gw = path.gateway.clone();
         let local = MqttConfig {
             broker: gw.local_broker.clone(),
@@ -272,63 +276,103 @@ impl Gateway {
             client_key_file: Default::default(),
             ..mqtt.clone()
         };
-        let mut o = match options(&local, &gw.client_id) {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::error!(error = %e, "gateway mode cannot start; check mqtt.gateway.local_broker");
-                return;
-            }
-        };
-        // The gateway announces nothing on the local broker: no will, no status topic.
-        o.set_last_will(rumqttc::LastWill::new(
-            format!("lichen/{}/gateway", gw.client_id),
-            "offline",
-            QoS::AtMostOnce,
-            false,
-        ));
-        o.set_manual_acks(true);
-        let window = usize::from(mqtt.inflight.max(1));
-        // rumqttc stops reading requests (acknowledgements included) while its in-flight window
-        // is full; the gateway keeps its own publishes one below it, so acknowledgements of
-        // incoming messages always get through.
-        o.set_inflight(mqtt.inflight.max(1).saturating_add(1));
-        let (client, mut ev) = AsyncClient::new(o, window + 64);
-        let (events_tx, mut events) = mpsc::channel::<Result<Event, String>>(1024);
-        let (min, max) =
-            (Duration::from_millis(mqtt.reconnect_min_ms), Duration::from_millis(mqtt.reconnect_max_ms));
-        let broker = gw.local_broker.clone();
-        // The event loop lives in its own task and is never dropped mid-poll (see mqtt.rs).
-        let poller = tokio::spawn(async move {
-            let mut backoff = RetryBackoff::new(min, max);
-            loop {
-                match ev.poll().await {
-                    Ok(e) => {
-                        if matches!(e, Event::Incoming(Packet::ConnAck(_))) {
-                            backoff.reset();
-                        }
-                        if events_tx.send(Ok(e)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        let delay = backoff.next_delay();
-                        tracing::warn!(%broker, error = %e, retry_in_ms = delay.as_millis() as u64, "gateway: cannot reach the local MQTT broker");
-                        if events_tx.send(Err(e.to_string())).await.is_err() {
-                            return;
-                        }
-                        tokio::time::sleep(delay).await;
-                    }
+        let mut backoff = RetryBackoff::new(
+            Duration::from_millis(mqtt.reconnect_min_ms),
+            Duration::from_millis(mqtt.reconnect_max_ms),
+        );
+        loop {
+            let end = match options(&local, &gw.client_id) {
+                Ok(mut o) => {
+                    // The gateway announces nothing on the local broker: no will, no status topic.
+                    o.set_last_will(rumqttc::LastWill::new(
+                        format!("lichen/{}/gateway", gw.client_id),
+                        "offline",
+                        QoS::AtMostOnce,
+                        false,
+                    ));
+                    o.set_manual_acks(true);
+                    // rumqttc stops reading requests (acknowledgements included) while its in-flight
+                    // window is full; the gateway keeps its own publishes one below it, so
+                    // acknowledgements of incoming messages always get through.
+                    o.set_inflight(mqtt.inflight.max(1).saturating_add(1));
+                    let window = usize::from(mqtt.inflight.max(1));
+                    let mut session = LocalSession { path: &mut path, down: &down, window };
+                    session.run(o, &cancel).await
                 }
+                Err(e) => SessionEnd::Lost { connected_for: None, error: e.to_string() },
+            };
+            path.stats.0.connected.store(false, Ordering::Relaxed);
+            let (connected_for, error) = match end {
+                SessionEnd::Cancelled => return,
+                SessionEnd::Lost { connected_for, error } => (connected_for, error),
+            };
+            if connected_for.is_some_and(|d| d >= STABLE_CONNECTION) {
+                backoff.reset();
             }
-        });
-        let filters: Vec<String> = gw.mappings.iter().filter(|m| m.up()).map(|m| m.local.clone()).collect();
-        // Down messages handed to rumqttc and not yet acknowledged (or sent, for QoS 0).
-        let mut in_window = 0usize;
-        let mut held: Option<Down> = None;
-        // Acknowledgements the request queue had no room for, sent before anything else.
-        let mut acks: std::collections::VecDeque<rumqttc::Publish> = Default::default();
-        // Without down mappings nothing ever sends on `down` (its sender is dropped at once).
-        let mut down_open = true;
+            let delay = backoff.next_delay();
+            tracing::warn!(broker = %gw.local_broker, %error, spooled = down.snapshot().entries, retry_in_ms = delay.as_millis() as u64, "gateway: cannot reach the local MQTT broker");
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+}
+
+/// How a connection to the local broker ended.
+enum SessionEnd {
+    Cancelled,
+    Lost { connected_for: Option<Duration>, error: String },
+}
+
+/// One connection to the local broker.
+struct LocalSession<'a> {
+    path: &'a mut UpPath,
+    down: &'a TelemetrySpool,
+    window: usize,
+}
+
+impl LocalSession<'_> {
+    async fn run(&mut self, o: rumqttc::MqttOptions, cancel: &CancellationToken) -> SessionEnd {
+        let (client, mut ev) = AsyncClient::new(o, self.window + 64);
+        let gw = &self.path.gateway;
+        match connect(&mut ev, cancel).await {
+            Ok(ack) => {
+                tracing::info!(broker = %gw.local_broker, session_present = ack.session_present, spooled = self.down.snapshot().entries, "gateway: connected to the local MQTT broker");
+            }
+            Err(None) => return SessionEnd::Cancelled,
+            Err(Some(error)) => return SessionEnd::Lost { connected_for: None, error },
+        }
+        let since = Instant::now();
+        self.path.stats.0.connected.store(true, Ordering::Relaxed);
+        let (poller, mut events) = spawn_poller(ev);
+        // Subscribed on every connection: the broker may have lost the session.
+        for f in gw.mappings.iter().filter(|m| m.up()).map(|m| m.local.clone()) {
+            if let Err(e) = client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
+                tracing::warn!(filter = %f, error = %e, "gateway: cannot subscribe on the local broker");
+            }
+        }
+        let end = self.connected(&client, &mut events, cancel).await;
+        poller.abort();
+        match end {
+            Ok(()) => SessionEnd::Cancelled,
+            Err(error) => SessionEnd::Lost { connected_for: Some(since.elapsed()), error },
+        }
+    }
+
+    async fn connected(
+        &mut self,
+        client: &AsyncClient,
+        events: &mut Events,
+        cancel: &CancellationToken,
+    ) -> Result<(), String> {
+        // Publishes handed to rumqttc, in order, until it reports their packet ids (in the same
+        // order); then by packet id until acknowledged.
+        let mut sent: VecDeque<u64> = VecDeque::new();
+        let mut inflight: HashMap<u16, u64> = HashMap::new();
+        let mut cursor: Option<u64> = None;
+        // Acknowledgements of incoming messages the request queue had no room for, sent first.
+        let mut acks: VecDeque<rumqttc::Publish> = VecDeque::new();
         loop {
             while let Some(p) = acks.pop_front() {
                 if client.try_ack(&p).is_err() {
@@ -336,70 +380,104 @@ impl Gateway {
                     break;
                 }
             }
-            let connected = path.stats.0.connected.load(Ordering::Relaxed);
-            // A message the request queue had no room for goes first, keeping the order.
-            if let Some(m) = held.take() {
-                if connected && in_window < window {
-                    path.local_echo.record(&m.topic, &m.payload, Instant::now());
-                    match client.try_publish(m.topic.clone(), m.qos, m.retain, m.payload.clone()) {
-                        Ok(()) => in_window += 1,
+            // The spool in order from the oldest message not sent on this connection.
+            let mut blocked = false;
+            while !blocked && sent.len() + inflight.len() < self.window {
+                let batch = match self.down.next_batch(cursor, self.window - sent.len() - inflight.len()) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "gateway: cannot read the spool towards the local broker");
+                        break;
+                    }
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                for (seq, m) in batch {
+                    self.path.local_echo.record(&m.topic, &m.payload, Instant::now());
+                    match client.try_publish(m.topic.clone(), QoS::AtLeastOnce, m.retain, m.payload.clone()) {
+                        Ok(()) => {
+                            sent.push_back(seq);
+                            cursor = Some(seq);
+                        }
                         Err(_) => {
-                            path.local_echo.forget(&m.topic, &m.payload);
-                            held = Some(m);
+                            self.path.local_echo.forget(&m.topic, &m.payload);
+                            blocked = true;
+                            break;
                         }
                     }
-                } else {
-                    held = Some(m);
                 }
             }
-            let room = down_open && connected && in_window < window && held.is_none();
+            let room = !blocked && sent.len() + inflight.len() < self.window;
             tokio::select! {
                 biased;
-                _ = cancel.cancelled() => break,
-                event = events.recv() => match event {
-                    Some(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
-                        tracing::info!(broker = %gw.local_broker, session_present = ack.session_present, "gateway: connected to the local MQTT broker");
-                        path.stats.0.connected.store(true, Ordering::Relaxed);
-                        for f in &filters {
-                            if let Err(e) = client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
-                                tracing::warn!(filter = %f, error = %e, "gateway: cannot subscribe on the local broker");
+                _ = cancel.cancelled() => {
+                    let _ = client.try_disconnect();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        while let Some(e) = events.recv().await {
+                            if matches!(e, Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_)) {
+                                return;
                             }
                         }
-                    }
-                    Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                        path.up(&p).await;
-                        // Acknowledged once spooled: the local broker keeps it until then.
-                        if !acks.is_empty() || client.try_ack(&p).is_err() {
-                            acks.push_back(p);
+                    })
+                    .await;
+                    return Ok(());
+                }
+                event = events.recv() => {
+                    let mut event = event;
+                    for _ in 0..EVENT_BURST {
+                        match event {
+                            None => return Err("the MQTT event loop stopped".into()),
+                            Some(Err(e)) => return Err(e.to_string()),
+                            Some(Ok(e)) => self.event(e, client, &mut sent, &mut inflight, &mut acks).await,
+                        }
+                        match events.try_recv() {
+                            Ok(e) => event = Some(e),
+                            Err(_) => break,
                         }
                     }
-                    Some(Ok(Event::Incoming(Packet::PubAck(_)))) => {
-                        in_window = in_window.saturating_sub(1);
-                        path.stats.0.forwarded_down.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) => path.stats.0.connected.store(false, Ordering::Relaxed),
-                    None => break,
-                },
-                m = down.recv(), if room => match m {
-                    Some(m) => held = Some(m),
-                    None => down_open = false,
-                },
-                // A held message or acknowledgement waits for the request queue to drain.
-                _ = tokio::time::sleep(Duration::from_millis(1)), if held.is_some() || !acks.is_empty() => {}
+                }
+                _ = self.down.appended(), if room => {}
+                // A publish or acknowledgement waits for rumqttc's request queue to drain.
+                _ = tokio::time::sleep(Duration::from_millis(1)), if blocked || !acks.is_empty() => {}
             }
         }
-        let _ = client.try_disconnect();
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while let Some(e) = events.recv().await {
-                if matches!(e, Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_)) {
-                    return;
+    }
+
+    async fn event(
+        &mut self,
+        event: Event,
+        client: &AsyncClient,
+        sent: &mut VecDeque<u64>,
+        inflight: &mut HashMap<u16, u64>,
+        acks: &mut VecDeque<rumqttc::Publish>,
+    ) {
+        match event {
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                if let Some(id) = sent.pop_front() {
+                    inflight.insert(pkid, id);
                 }
             }
-        })
-        .await;
-        poller.abort();
-        path.stats.0.connected.store(false, Ordering::Relaxed);
+            Event::Incoming(Packet::PubAck(ack)) => {
+                if let Some(seq) = inflight.remove(&ack.pkid) {
+                    self.down.ack(seq);
+                    self.path.stats.0.forwarded_down.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Event::Incoming(Packet::Publish(p)) => {
+                self.path.up(&p).await;
+                // Acknowledged once spooled: the local broker keeps it until then.
+                if !acks.is_empty() || client.try_ack(&p).is_err() {
+                    acks.push_back(p);
+                }
+            }
+            Event::Incoming(Packet::SubAck(ack))
+                if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
+            {
+                tracing::warn!("gateway: the local broker refused a subscription (check its ACL)");
+            }
+            _ => {}
+        }
     }
 }
 

@@ -7,7 +7,8 @@
 //! Gateway mode ([`gateway`]) is a second connection, to a local broker, whose messages are
 //! appended to the same spool with [`spool::Origin::LocalBroker`] and a topic prefix; the origin
 //! tells the upstream connection to report them to the gateway as they are sent, which is how the
-//! gateway recognises them when they come back (loop prevention).
+//! gateway recognises them when they come back (loop prevention). Messages from upstream for the
+//! local broker wait in a second spool (a tree of its own) until the local broker has them.
 
 pub mod bridge;
 pub mod gateway;
@@ -40,7 +41,7 @@ pub fn start(
         return Ok(None);
     }
     let spool = spool::TelemetrySpool::open(
-        store,
+        store.clone(),
         m.spool_max_bytes.0,
         Duration::from_millis(m.spool_flush_ms),
         m.spool_flush_messages,
@@ -49,7 +50,15 @@ pub fn start(
     tracker.spawn(spool.clone().run_committer(cancel.child_token()));
     // The gateway registers its upstream filters before the connection first subscribes.
     if m.gateway.enabled() {
-        let (gw, _) = gateway::Gateway::new(m, bridge.clone());
+        let down = spool::TelemetrySpool::open_tree(
+            store.clone(),
+            crate::store::SpoolTree::Local,
+            m.gateway.down_spool_max_bytes.0,
+            Duration::from_millis(m.spool_flush_ms),
+            m.spool_flush_messages,
+        )?;
+        tracker.spawn(down.clone().run_committer(cancel.child_token()));
+        let (gw, _) = gateway::Gateway::new(m, bridge.clone(), down);
         tracker.spawn(gw.run(cancel.child_token()));
         tracing::info!(local_broker = %m.gateway.local_broker, mappings = m.gateway.mappings.len(), "MQTT gateway mode on");
     }

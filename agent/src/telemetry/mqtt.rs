@@ -27,14 +27,14 @@ use crate::config::MqttConfig;
 use crate::retry::RetryBackoff;
 
 /// How long a connection attempt (TCP, TLS and CONNACK) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection that lasted this long resets the back-off; a broker that accepts and drops at once
 /// (a client id taken over, say) is retried with growing delays.
-const STABLE_CONNECTION: Duration = Duration::from_secs(5);
+pub(super) const STABLE_CONNECTION: Duration = Duration::from_secs(5);
 /// How long a clean shutdown waits to announce `offline` and disconnect.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
 /// Events handled in one go before the session looks at the spool again.
-const EVENT_BURST: usize = 256;
+pub(super) const EVENT_BURST: usize = 256;
 /// How long a QoS 0 message waits for room in rumqttc's request queue before it is dropped.
 const QOS0_QUEUE_WAIT: Duration = Duration::from_millis(50);
 /// Largest packet accepted from the broker; a bigger one ends the connection (MQTT 3.1.1 has no way
@@ -221,6 +221,74 @@ fn qos(n: u8) -> QoS {
     }
 }
 
+/// Waits for the CONNACK of a new event loop's first connection: `Ok` once the broker accepted,
+/// `Err(None)` if `cancel` fired, `Err(Some(why))` otherwise (naming what to check).
+pub(super) async fn connect(
+    ev: &mut EventLoop,
+    cancel: &CancellationToken,
+) -> Result<rumqttc::ConnAck, Option<String>> {
+    let connack = tokio::select! {
+        _ = cancel.cancelled() => return Err(None),
+        r = tokio::time::timeout(CONNECT_TIMEOUT, ev.poll()) => r,
+    };
+    match connack {
+        Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) if ack.code == rumqttc::ConnectReturnCode::Success => {
+            Ok(ack)
+        }
+        Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => Err(Some(format!(
+            "the broker refused the connection: {:?} (check the username, password file and client id)",
+            ack.code
+        ))),
+        Ok(Ok(other)) => Err(Some(format!("unexpected first packet {other:?}"))),
+        Ok(Err(e)) => Err(Some(e.to_string())),
+        Err(_) => Err(Some(format!("no CONNACK within {}s", CONNECT_TIMEOUT.as_secs()))),
+    }
+}
+
+/// Events of one connection, as a channel. The event loop runs in a task of its own and is never
+/// dropped mid-poll: a poll cancelled after taking a request from rumqttc's channel would lose that
+/// publish and put every later PUBACK on the wrong message. The task ends at the connection's
+/// first error (sent on as the last event); abort it when the session ends.
+pub(super) type Events = mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>;
+
+/// Starts polling a connected event loop; see [`Events`].
+pub(super) fn spawn_poller(mut ev: EventLoop) -> (tokio::task::JoinHandle<()>, Events) {
+    let (events_tx, events) = mpsc::channel(1024);
+    let poller = tokio::spawn(async move {
+        loop {
+            let event = ev.poll().await;
+            let failed = event.is_err();
+            if events_tx.send(event).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    (poller, events)
+}
+
+/// Acknowledgements owed to the broker for incoming QoS 1 messages, sent once each is delivered
+/// ([`MqttBridge::deliver`]: in a container's queue, or in the gateway's spool), in the order they
+/// arrived (MQTT 3.1.1 section 4.6). rumqttc's automatic acknowledgement would answer on arrival,
+/// so messages still queued between its event loop and the bridge when the agent stops would be
+/// acknowledged and lost; unacknowledged, the broker sends them again on the next connection.
+#[derive(Default)]
+struct Acks {
+    queue: VecDeque<rumqttc::Publish>,
+}
+
+impl Acks {
+    /// Sends what is owed; `true` if rumqttc's request queue was full (try again shortly).
+    fn send(&mut self, client: &AsyncClient) -> bool {
+        while let Some(p) = self.queue.front() {
+            if client.try_ack(p).is_err() {
+                return true;
+            }
+            self.queue.pop_front();
+        }
+        false
+    }
+}
+
 /// How a session ended.
 enum SessionEnd {
     Cancelled,
@@ -258,7 +326,12 @@ impl MqttClient {
         let broker = self.config.broker.clone();
         loop {
             let end = match options(&self.config, &self.node) {
-                Ok(o) => {
+                Ok(mut o) => {
+                    // Incoming messages are acknowledged once delivered (see `Acks`); rumqttc's
+                    // window is above the spool's (and the status message's), so those
+                    // acknowledgements are never stuck behind a full window of publishes (rumqttc
+                    // reads no requests then).
+                    o.set_manual_acks(true).set_inflight(self.config.inflight.max(1).saturating_add(2));
                     let cap = usize::from(self.config.inflight) + 64;
                     let (client, eventloop) = AsyncClient::new(o, cap);
                     self.session(client, eventloop, &cancel).await
@@ -298,52 +371,16 @@ impl MqttClient {
         mut ev: EventLoop,
         cancel: &CancellationToken,
     ) -> SessionEnd {
-        let connack = tokio::select! {
-            _ = cancel.cancelled() => return SessionEnd::Cancelled,
-            r = tokio::time::timeout(CONNECT_TIMEOUT, ev.poll()) => r,
-        };
-        match connack {
-            Ok(Ok(Event::Incoming(Packet::ConnAck(ack))))
-                if ack.code == rumqttc::ConnectReturnCode::Success =>
-            {
+        match connect(&mut ev, cancel).await {
+            Ok(ack) => {
                 tracing::info!(broker = %self.config.broker, session_present = ack.session_present, spooled = self.spool.snapshot().entries, "connected to the MQTT broker");
             }
-            Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
-                let error = format!(
-                    "the broker refused the connection: {:?} (check mqtt.username, mqtt.password_file, mqtt.client_id)",
-                    ack.code
-                );
-                return SessionEnd::Lost { connected_for: None, error };
-            }
-            Ok(Ok(other)) => {
-                return SessionEnd::Lost {
-                    connected_for: None,
-                    error: format!("unexpected first packet {other:?}"),
-                };
-            }
-            Ok(Err(e)) => return SessionEnd::Lost { connected_for: None, error: e.to_string() },
-            Err(_) => {
-                return SessionEnd::Lost {
-                    connected_for: None,
-                    error: format!("no CONNACK within {}s", CONNECT_TIMEOUT.as_secs()),
-                };
-            }
+            Err(None) => return SessionEnd::Cancelled,
+            Err(Some(error)) => return SessionEnd::Lost { connected_for: None, error },
         }
         let since = Instant::now();
         self.bridge.set_connected(true);
-        // The event loop runs in a task of its own and is never dropped mid-poll: a poll cancelled
-        // after taking a request from the channel would lose that publish and put every later
-        // PUBACK on the wrong spool entry.
-        let (events_tx, mut events) = mpsc::channel(1024);
-        let poller = tokio::spawn(async move {
-            loop {
-                let event = ev.poll().await;
-                let failed = event.is_err();
-                if events_tx.send(event).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
+        let (poller, mut events) = spawn_poller(ev);
         let end = self.connected(&client, &mut events, cancel).await;
         poller.abort();
         match end {
@@ -356,7 +393,7 @@ impl MqttClient {
     async fn connected(
         &mut self,
         client: &AsyncClient,
-        events: &mut mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>,
+        events: &mut Events,
         cancel: &CancellationToken,
     ) -> Result<(), String> {
         let window = usize::from(self.config.inflight.max(1));
@@ -367,12 +404,14 @@ impl MqttClient {
         let mut in_window = 0usize;
         let mut cursor: Option<u64> = None;
         let mut subscribed: BTreeSet<String> = BTreeSet::new();
+        let mut acks = Acks::default();
 
         if client.try_publish(status_topic(&self.node), QoS::AtLeastOnce, true, "online").is_ok() {
             sent.push_back(None);
         }
         loop {
             self.sync_subscriptions(client, &mut subscribed)?;
+            let acks_blocked = acks.send(client);
             // Events are handled in bursts (below), so a busy stream refills the window with one
             // spool read per burst of acknowledgements rather than one per acknowledgement.
             while in_window < window {
@@ -416,6 +455,8 @@ impl MqttClient {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
+                    // What is delivered is acknowledged before the goodbye, or it comes again.
+                    acks.send(client);
                     self.disconnect(client, events).await;
                     return Ok(());
                 }
@@ -427,7 +468,7 @@ impl MqttClient {
                         match event {
                             None => return Err("the MQTT event loop stopped".into()),
                             Some(Err(e)) => return Err(e.to_string()),
-                            Some(Ok(e)) => self.event(e, &mut sent, &mut inflight, &mut in_window),
+                            Some(Ok(e)) => self.event(e, &mut sent, &mut inflight, &mut in_window, &mut acks),
                         }
                         match events.try_recv() {
                             Ok(e) => event = Some(e),
@@ -454,6 +495,8 @@ impl MqttClient {
                     }
                 }
                 _ = self.bridge.subscriptions_changed() => {}
+                // An acknowledgement waits for rumqttc's request queue to drain.
+                _ = tokio::time::sleep(Duration::from_millis(1)), if acks_blocked => {}
             }
         }
     }
@@ -466,6 +509,7 @@ impl MqttClient {
         sent: &mut VecDeque<Option<u64>>,
         inflight: &mut HashMap<u16, u64>,
         in_window: &mut usize,
+        acks: &mut Acks,
     ) {
         match event {
             Event::Outgoing(Outgoing::Publish(pkid)) => {
@@ -479,7 +523,14 @@ impl MqttClient {
                     *in_window = in_window.saturating_sub(1);
                 }
             }
-            Event::Incoming(Packet::Publish(p)) => self.bridge.deliver(&p.topic, &p.payload, p.retain, p.dup),
+            Event::Incoming(Packet::Publish(mut p)) => {
+                self.bridge.deliver(&p.topic, &p.payload, p.retain, p.dup);
+                if p.qos != QoS::AtMostOnce {
+                    // Only the packet id and QoS are needed for the acknowledgement.
+                    p.payload = Default::default();
+                    acks.queue.push_back(p);
+                }
+            }
             Event::Incoming(Packet::SubAck(ack))
                 if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
             {
@@ -509,11 +560,7 @@ impl MqttClient {
 
     /// A clean goodbye: the retained `offline` (a clean DISCONNECT suppresses the will), then
     /// DISCONNECT, driven for at most [`DISCONNECT_GRACE`].
-    async fn disconnect(
-        &self,
-        client: &AsyncClient,
-        events: &mut mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>,
-    ) {
+    async fn disconnect(&self, client: &AsyncClient, events: &mut Events) {
         let _ = client.try_publish(status_topic(&self.node), QoS::AtLeastOnce, true, "offline");
         let _ = client.try_disconnect();
         let _ = tokio::time::timeout(DISCONNECT_GRACE, async {

@@ -16,8 +16,10 @@
 //! - When the spool holds `spool_max_bytes`, the oldest messages are dropped to make room, counted
 //!   in [`SpoolStats::dropped_full`] and logged.
 //!
-//! The spool never looks at topics or pods; gateway mode will append messages from a local broker
-//! with their own origin byte (see [`SpoolMessage::origin`]).
+//! The spool never looks at topics or pods. Gateway mode appends messages from the local broker
+//! with their own origin byte (see [`SpoolMessage::origin`]), and keeps a second spool in a tree of
+//! its own ([`SpoolTree::Local`]) for messages from upstream to the local broker, with the same
+//! guarantees.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,15 +29,15 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{StateStore, StoreError};
+use crate::store::{SpoolTree, StateStore, StoreError};
 
 /// The version byte that starts every encoded entry.
 const FORMAT_V1: u8 = 1;
 /// Warnings about dropped messages are logged at most this often.
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Where a spooled message came from: a pod's stdout or the node itself. Gateway mode adds the
-/// local broker, which is how it will keep from forwarding a message back where it came from.
+/// Where a spooled message came from: a pod's stdout or the node itself, or in gateway mode one of
+/// the brokers (which is how the gateway keeps from forwarding a message back where it came from).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Origin {
@@ -43,6 +45,8 @@ pub enum Origin {
     Node = 0,
     /// A message received from a local (gateway) broker.
     LocalBroker = 1,
+    /// Gateway mode: a message received from the upstream broker, for the local one.
+    Upstream = 2,
 }
 
 /// One message as the spool keeps it.
@@ -100,7 +104,11 @@ impl SpoolMessage {
             topic,
             qos: header[1],
             retain: header[2] & 1 == 1,
-            origin: if header[3] == 1 { Origin::LocalBroker } else { Origin::Node },
+            origin: match header[3] {
+                1 => Origin::LocalBroker,
+                2 => Origin::Upstream,
+                _ => Origin::Node,
+            },
             payload: bytes[6 + len..].to_vec(),
         })
     }
@@ -190,6 +198,7 @@ struct SpoolState {
 /// The durable outbox. Cheap to share (`Arc`); appends come from any task.
 pub struct TelemetrySpool {
     store: Arc<dyn StateStore>,
+    tree: SpoolTree,
     state: Mutex<SpoolState>,
     flush_after: Duration,
     flush_messages: u64,
@@ -208,16 +217,30 @@ impl TelemetrySpool {
         flush_after: Duration,
         flush_messages: u32,
     ) -> Result<Arc<Self>, SpoolError> {
-        let summary = store.spool_summary()?;
+        Self::open_tree(store, SpoolTree::Upstream, budget, flush_after, flush_messages)
+    }
+
+    /// [`TelemetrySpool::open`] for either tree; gateway mode's spool towards the local broker is
+    /// [`SpoolTree::Local`].
+    pub fn open_tree(
+        store: Arc<dyn StateStore>,
+        tree: SpoolTree,
+        budget: u64,
+        flush_after: Duration,
+        flush_messages: u32,
+    ) -> Result<Arc<Self>, SpoolError> {
+        let summary = store.spool_summary(tree)?;
         if summary.entries > 0 {
             tracing::info!(
                 messages = summary.entries,
                 bytes = summary.bytes,
+                spool = tree.name(),
                 "MQTT spool holds messages from before the restart; they are sent first"
             );
         }
         Ok(Arc::new(TelemetrySpool {
             store,
+            tree,
             state: Mutex::new(SpoolState {
                 accounting: SpoolAccounting { budget, entries: summary.entries, bytes: summary.bytes },
                 next_seq: summary.last_seq.map_or(0, |s| s.saturating_add(1)),
@@ -242,19 +265,19 @@ impl TelemetrySpool {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut evicted = 0u64;
         while st.accounting.must_evict(size) {
-            let Some((seq, _)) = self.store.spool_range(None, 1)?.into_iter().next() else {
+            let Some((seq, _)) = self.store.spool_range(self.tree, None, 1)?.into_iter().next() else {
                 // The tree is empty although the count says otherwise: trust the tree.
                 st.accounting.entries = 0;
                 st.accounting.bytes = 0;
                 break;
             };
-            if let Some(old) = self.store.spool_remove(seq)? {
+            if let Some(old) = self.store.spool_remove(self.tree, seq)? {
                 st.accounting.removed(old as u64);
             }
             evicted += 1;
         }
         let seq = st.next_seq;
-        if let Err(e) = self.store.spool_put(seq, &entry) {
+        if let Err(e) = self.store.spool_put(self.tree, seq, &entry) {
             self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
             return Err(e.into());
         }
@@ -270,6 +293,7 @@ impl TelemetrySpool {
                     dropped = st.drops_since_log,
                     dropped_total = self.stats.dropped_full.load(Ordering::Relaxed),
                     budget = st.accounting.budget,
+                    spool = self.tree.name(),
                     "MQTT spool is full (the broker has been away): dropping the oldest messages"
                 );
                 st.last_drop_log = Some(Instant::now());
@@ -295,7 +319,7 @@ impl TelemetrySpool {
     /// Removes a message the broker acknowledged (made durable by the next commit).
     pub fn ack(&self, seq: u64) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        match self.store.spool_remove(seq) {
+        match self.store.spool_remove(self.tree, seq) {
             Ok(Some(size)) => {
                 st.accounting.removed(size as u64);
                 self.mark_dirty(&mut st, 1);
@@ -317,7 +341,7 @@ impl TelemetrySpool {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<(u64, SpoolMessage)>, SpoolError> {
-        let entries = self.store.spool_range(after, limit)?;
+        let entries = self.store.spool_range(self.tree, after, limit)?;
         let mut out = Vec::with_capacity(entries.len());
         for (seq, bytes) in entries {
             match SpoolMessage::decode(&bytes) {
@@ -326,7 +350,7 @@ impl TelemetrySpool {
                     tracing::warn!(seq, error = %e, "dropping an unreadable MQTT spool entry");
                     self.stats.dropped_corrupt.fetch_add(1, Ordering::Relaxed);
                     let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Ok(Some(size)) = self.store.spool_remove(seq) {
+                    if let Ok(Some(size)) = self.store.spool_remove(self.tree, seq) {
                         st.accounting.removed(size as u64);
                         self.mark_dirty(&mut st, 1);
                     }
@@ -501,8 +525,8 @@ mod tests {
     fn unreadable_entries_are_removed_and_counted() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store: Arc<dyn StateStore> = Arc::new(SledStore::open(dir.path()).expect("store"));
-        store.spool_put(0, b"\x09garbage").expect("put");
-        store.spool_put(1, &msg("ok", b"1").encode()).expect("put");
+        store.spool_put(SpoolTree::Upstream, 0, b"\x09garbage").expect("put");
+        store.spool_put(SpoolTree::Upstream, 1, &msg("ok", b"1").encode()).expect("put");
         let spool = TelemetrySpool::open(store, 1 << 20, Duration::from_millis(5), 8).expect("spool");
         let batch = spool.next_batch(None, 10).expect("batch");
         assert_eq!(batch.len(), 1);
