@@ -21,7 +21,6 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 # binary with static pods, artifacts precompiled on x86-64 loaded here, and the MQTT bridge and its
 # spool against a real (native) mosquitto.
 TEST_ARGS=(-p lichen --lib -p lichen-tests --test runtime --test workers --test agent --test operate --test cross --test mqtt)
-QEMU_SKIP=the_gateway_bridges_both_ways_through_an_upstream_restart_without_loops
 
 triple() {
   case $1 in
@@ -107,11 +106,7 @@ test_targets() {
       eval "$(target_env "$t")"
       export LICHEN_COMPILE_BIN=$TARGET_DIR/debug/lichen
       cargo build --locked -p lichen --target "$t"
-      # Skipped under emulation, and said so: across an upstream broker restart the gateway's down
-      # direction reordered and once lost a command under QEMU (open defect, issue 11). It runs
-      # natively in `cargo test --workspace`.
-      echo "::: $t: SKIPPED under QEMU: mqtt::$QEMU_SKIP (open defect, see README, Gateway mode)"
-      cargo test --locked --no-fail-fast --target "$t" "${TEST_ARGS[@]}" -- --skip "$QEMU_SKIP"
+      cargo test --locked --no-fail-fast --target "$t" "${TEST_ARGS[@]}"
     )
     echo "::: $t: built and tested under QEMU in $(secs "$t0")"
   done

@@ -1567,6 +1567,7 @@ mod tests {
         .expect("valid");
         let g = &c.mqtt.gateway;
         assert_eq!(g.client_id, "pi-07-gateway");
+        assert_eq!(g.down_spool_max_bytes, ByteSize(16 << 20));
         assert_eq!(g.mappings[0].upstream_filter(), "site1/sensors/#");
         assert!(g.mappings[0].up() && g.mappings[0].down());
         assert_eq!(
@@ -1593,6 +1594,14 @@ mod tests {
             (
                 "[mqtt]\nbroker = \"mqtt://u\"\n[mqtt.gateway]\nlocal_broker = \"mqtt://l\"\nmappings = [{ local = \"a/#/b\" }]",
                 "not a valid filter",
+            ),
+            (
+                "[mqtt]\nbroker = \"mqtt://u\"\n[mqtt.gateway]\nlocal_broker = \"mqtt://l\"\ndown_spool_max_bytes = \"4Ki\"\nmappings = [{ local = \"a\" }]",
+                "mqtt.gateway.down_spool_max_bytes",
+            ),
+            (
+                "[mqtt]\nbroker = \"mqtt://u\"\n[mqtt.gateway]\nlocal_broker = \"mqtt://l\"\ndown_queue = 1000\nmappings = [{ local = \"a\" }]",
+                "down_queue",
             ),
         ] {
             let err = parse(&format!("node_name = \"a\"\n{bad}")).unwrap_err().to_string();

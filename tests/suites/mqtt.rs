@@ -366,9 +366,9 @@ fn a_full_spool_drops_the_oldest_counts_and_logs_it_and_sends_the_newest() {
 }
 
 /// The gateway's `[mqtt.gateway]` table: `sensors/#` both ways under `site1/`, `cmd/#` down only,
-/// the default `down_queue`. Down is flow-controlled: the upstream broker sends no more than its
-/// in-flight window (mosquitto's 20) ahead of what the local broker acknowledged, so the backlog it
-/// hands over after its restart waits there, not in the agent.
+/// the default down spool. After its restart the upstream broker hands over its backlog for the
+/// gateway at once, without waiting for acknowledgements; it lands in the down spool, and nothing
+/// may be dropped.
 fn gateway_table(upstream: &Mosquitto, local: &Mosquitto) -> String {
     mqtt_table(
         &upstream.url(),

@@ -42,7 +42,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::bridge::{MqttBridge, topic_matches};
 use super::mqtt::{
-    EVENT_BURST, Events, STABLE_CONNECTION, connect, options, spawn_poller, valid_publish_topic,
+    EVENT_BURST, Events, Outbox, STABLE_CONNECTION, SessionEnd, connect, options, spawn_poller,
+    valid_publish_topic,
 };
 use super::spool::{Origin, SpoolMessage, TelemetrySpool};
 use crate::config::{GatewayConfig, GatewayMapping, MqttConfig};
@@ -84,13 +85,6 @@ impl EchoTable {
         let e = self.entries.entry((topic.to_owned(), payload_hash(payload))).or_insert((0, now));
         e.0 += 1;
         e.1 = now;
-    }
-
-    /// Takes back a [`EchoTable::record`] for a message that was not sent after all.
-    pub fn forget(&mut self, topic: &str, payload: &[u8]) {
-        if let Some((n, _)) = self.entries.get_mut(&(topic.to_owned(), payload_hash(payload))) {
-            *n = n.saturating_sub(1);
-        }
     }
 
     /// Whether an arriving message is the echo of one the gateway published (and forgets one copy).
@@ -319,12 +313,6 @@ impl Gateway {
     }
 }
 
-/// How a connection to the local broker ended.
-enum SessionEnd {
-    Cancelled,
-    Lost { connected_for: Option<Duration>, error: String },
-}
-
 /// One connection to the local broker.
 struct LocalSession<'a> {
     path: &'a mut UpPath,
@@ -366,11 +354,7 @@ impl LocalSession<'_> {
         events: &mut Events,
         cancel: &CancellationToken,
     ) -> Result<(), String> {
-        // Publishes handed to rumqttc, in order, until it reports their packet ids (in the same
-        // order); then by packet id until acknowledged.
-        let mut sent: VecDeque<u64> = VecDeque::new();
-        let mut inflight: HashMap<u16, u64> = HashMap::new();
-        let mut cursor: Option<u64> = None;
+        let mut outbox = Outbox::default();
         // Acknowledgements of incoming messages the request queue had no room for, sent first.
         let mut acks: VecDeque<rumqttc::Publish> = VecDeque::new();
         loop {
@@ -380,35 +364,11 @@ impl LocalSession<'_> {
                     break;
                 }
             }
-            // The spool in order from the oldest message not sent on this connection.
-            let mut blocked = false;
-            while !blocked && sent.len() + inflight.len() < self.window {
-                let batch = match self.down.next_batch(cursor, self.window - sent.len() - inflight.len()) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "gateway: cannot read the spool towards the local broker");
-                        break;
-                    }
-                };
-                if batch.is_empty() {
-                    break;
-                }
-                for (seq, m) in batch {
-                    self.path.local_echo.record(&m.topic, &m.payload, Instant::now());
-                    match client.try_publish(m.topic.clone(), QoS::AtLeastOnce, m.retain, m.payload.clone()) {
-                        Ok(()) => {
-                            sent.push_back(seq);
-                            cursor = Some(seq);
-                        }
-                        Err(_) => {
-                            self.path.local_echo.forget(&m.topic, &m.payload);
-                            blocked = true;
-                            break;
-                        }
-                    }
-                }
-            }
-            let room = !blocked && sent.len() + inflight.len() < self.window;
+            let echo = &mut self.path.local_echo;
+            let full = outbox.fill(client, self.down, self.window, |m| {
+                echo.record(&m.topic, &m.payload, Instant::now());
+            });
+            let room = !full && outbox.in_flight() < self.window;
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
@@ -429,7 +389,7 @@ impl LocalSession<'_> {
                         match event {
                             None => return Err("the MQTT event loop stopped".into()),
                             Some(Err(e)) => return Err(e.to_string()),
-                            Some(Ok(e)) => self.event(e, client, &mut sent, &mut inflight, &mut acks).await,
+                            Some(Ok(e)) => self.event(e, client, &mut outbox, &mut acks).await,
                         }
                         match events.try_recv() {
                             Ok(e) => event = Some(e),
@@ -439,7 +399,7 @@ impl LocalSession<'_> {
                 }
                 _ = self.down.appended(), if room => {}
                 // A publish or acknowledgement waits for rumqttc's request queue to drain.
-                _ = tokio::time::sleep(Duration::from_millis(1)), if blocked || !acks.is_empty() => {}
+                _ = tokio::time::sleep(Duration::from_millis(1)), if full || !acks.is_empty() => {}
             }
         }
     }
@@ -448,18 +408,13 @@ impl LocalSession<'_> {
         &mut self,
         event: Event,
         client: &AsyncClient,
-        sent: &mut VecDeque<u64>,
-        inflight: &mut HashMap<u16, u64>,
+        outbox: &mut Outbox,
         acks: &mut VecDeque<rumqttc::Publish>,
     ) {
         match event {
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
-                if let Some(id) = sent.pop_front() {
-                    inflight.insert(pkid, id);
-                }
-            }
+            Event::Outgoing(Outgoing::Publish(pkid)) => outbox.outgoing(pkid),
             Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some(seq) = inflight.remove(&ack.pkid) {
+                if let Some(seq) = outbox.acked(ack.pkid) {
                     self.down.ack(seq);
                     self.path.stats.0.forwarded_down.fetch_add(1, Ordering::Relaxed);
                 }

@@ -289,9 +289,93 @@ impl Acks {
     }
 }
 
+/// A spool's messages on one connection (each connection starts a new one, and so reads the spool
+/// again from its oldest message). rumqttc reports every publish handed to it as
+/// `Outgoing::Publish` with the packet id it chose, in the order they were handed over, which is
+/// how a PUBACK finds its spool entry.
+#[derive(Default)]
+pub(super) struct Outbox {
+    /// Publishes handed to rumqttc and not yet reported: a spool entry, or `None` for another
+    /// message (QoS 0, the status) that also gets reported.
+    sent: VecDeque<Option<u64>>,
+    /// Spool entries by packet id, until acknowledged.
+    inflight: HashMap<u16, u64>,
+    /// The last spool entry handed over on this connection.
+    cursor: Option<u64>,
+}
+
+impl Outbox {
+    /// Spool entries handed over and not yet acknowledged.
+    pub(super) fn in_flight(&self) -> usize {
+        self.inflight.len() + self.sent.iter().filter(|s| s.is_some()).count()
+    }
+
+    /// Hands over spool entries in order while fewer than `window` are in flight; `sent` is told
+    /// of each one rumqttc took. Returns `true` if rumqttc's request queue was full.
+    pub(super) fn fill(
+        &mut self,
+        client: &AsyncClient,
+        spool: &TelemetrySpool,
+        window: usize,
+        mut sent: impl FnMut(&SpoolMessage),
+    ) -> bool {
+        while self.in_flight() < window {
+            let batch = match spool.next_batch(self.cursor, window - self.in_flight()) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, spool = spool.tree().name(), "cannot read the MQTT spool");
+                    return false;
+                }
+            };
+            if batch.is_empty() {
+                return false;
+            }
+            for (seq, m) in batch {
+                if !valid_publish_topic(&m.topic) {
+                    tracing::warn!(seq, topic = %m.topic, "dropping a spooled message with an invalid topic");
+                    spool.ack(seq);
+                    self.cursor = Some(seq);
+                    continue;
+                }
+                if client
+                    .try_publish(m.topic.clone(), qos(m.qos.max(1)), m.retain, m.payload.clone())
+                    .is_err()
+                {
+                    return true;
+                }
+                // Told after the hand-over, yet before any echo can be read: the session that
+                // reads events is this one.
+                sent(&m);
+                self.sent.push_back(Some(seq));
+                self.cursor = Some(seq);
+            }
+        }
+        false
+    }
+
+    /// A publish other than a spool entry was handed over.
+    pub(super) fn other_sent(&mut self) {
+        self.sent.push_back(None);
+    }
+
+    /// rumqttc sent the next publish under `pkid`.
+    pub(super) fn outgoing(&mut self, pkid: u16) {
+        if let Some(Some(seq)) = self.sent.pop_front() {
+            self.inflight.insert(pkid, seq);
+        }
+    }
+
+    /// A PUBACK: the spool entry it acknowledges, if it was one.
+    pub(super) fn acked(&mut self, pkid: u16) -> Option<u64> {
+        self.inflight.remove(&pkid)
+    }
+}
+
 /// How a session ended.
-enum SessionEnd {
+pub(super) enum SessionEnd {
+    /// `cancel` fired.
     Cancelled,
+    /// The connection failed or could not be made; `connected_for` is `None` if it never was.
     Lost { connected_for: Option<Duration>, error: String },
 }
 
@@ -397,61 +481,24 @@ impl MqttClient {
         cancel: &CancellationToken,
     ) -> Result<(), String> {
         let window = usize::from(self.config.inflight.max(1));
-        // Every publish handed to rumqttc, in order: rumqttc reports each as `Outgoing::Publish`
-        // with the packet id it chose, in the same order, which is how a PUBACK finds its spool entry.
-        let mut sent: VecDeque<Option<u64>> = VecDeque::new();
-        let mut inflight: HashMap<u16, u64> = HashMap::new();
-        let mut in_window = 0usize;
-        let mut cursor: Option<u64> = None;
+        let mut outbox = Outbox::default();
         let mut subscribed: BTreeSet<String> = BTreeSet::new();
         let mut acks = Acks::default();
 
         if client.try_publish(status_topic(&self.node), QoS::AtLeastOnce, true, "online").is_ok() {
-            sent.push_back(None);
+            outbox.other_sent();
         }
         loop {
             self.sync_subscriptions(client, &mut subscribed)?;
             let acks_blocked = acks.send(client);
             // Events are handled in bursts (below), so a busy stream refills the window with one
             // spool read per burst of acknowledgements rather than one per acknowledgement.
-            while in_window < window {
-                let batch = match self.spool.next_batch(cursor, window - in_window) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot read the MQTT spool");
-                        break;
-                    }
-                };
-                if batch.is_empty() {
-                    break;
+            let bridge = &self.bridge;
+            let full = outbox.fill(client, &self.spool, window, |m| {
+                if m.origin == Origin::LocalBroker {
+                    bridge.gateway_sent(&m.topic, &m.payload);
                 }
-                let mut full = false;
-                for (seq, m) in batch {
-                    if !valid_publish_topic(&m.topic) {
-                        tracing::warn!(seq, topic = %m.topic, "dropping a spooled message with an invalid topic");
-                        self.spool.ack(seq);
-                        cursor = Some(seq);
-                        continue;
-                    }
-                    if m.origin == Origin::LocalBroker {
-                        self.bridge.gateway_sent(&m.topic, &m.payload);
-                    }
-                    match client.try_publish(m.topic, qos(m.qos.max(1)), m.retain, m.payload) {
-                        Ok(()) => {
-                            sent.push_back(Some(seq));
-                            cursor = Some(seq);
-                            in_window += 1;
-                        }
-                        Err(_) => {
-                            full = true;
-                            break;
-                        }
-                    }
-                }
-                if full {
-                    break;
-                }
-            }
+            });
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
@@ -468,7 +515,7 @@ impl MqttClient {
                         match event {
                             None => return Err("the MQTT event loop stopped".into()),
                             Some(Err(e)) => return Err(e.to_string()),
-                            Some(Ok(e)) => self.event(e, &mut sent, &mut inflight, &mut in_window, &mut acks),
+                            Some(Ok(e)) => self.event(e, &mut outbox, &mut acks),
                         }
                         match events.try_recv() {
                             Ok(e) => event = Some(e),
@@ -476,20 +523,21 @@ impl MqttClient {
                         }
                     }
                 }
-                _ = self.spool.appended(), if in_window < window => {}
+                _ = self.spool.appended(), if !full && outbox.in_flight() < window => {}
                 Some(m) = self.direct.recv() => {
-                    if m.origin == Origin::LocalBroker {
-                        self.bridge.gateway_sent(&m.topic, &m.payload);
-                    }
                     // rumqttc's request queue may be full for a moment: wait a little (the poller
                     // keeps draining it), then drop and count rather than stall the session.
                     let taken = valid_publish_topic(&m.topic)
                         && matches!(
-                            tokio::time::timeout(QOS0_QUEUE_WAIT, client.publish(m.topic, QoS::AtMostOnce, m.retain, m.payload)).await,
+                            tokio::time::timeout(QOS0_QUEUE_WAIT, client.publish(m.topic.clone(), QoS::AtMostOnce, m.retain, m.payload.clone())).await,
                             Ok(Ok(()))
                         );
                     if taken {
-                        sent.push_back(None);
+                        // Recorded once sent: the echo cannot be read before this session reads events again.
+                        if m.origin == Origin::LocalBroker {
+                            self.bridge.gateway_sent(&m.topic, &m.payload);
+                        }
+                        outbox.other_sent();
                     } else {
                         self.bridge.dropped_offline();
                     }
@@ -503,24 +551,12 @@ impl MqttClient {
 
     /// One event of a connected session: publishes get their packet ids, acknowledgements remove
     /// messages from the spool, incoming messages go to the bridge.
-    fn event(
-        &self,
-        event: Event,
-        sent: &mut VecDeque<Option<u64>>,
-        inflight: &mut HashMap<u16, u64>,
-        in_window: &mut usize,
-        acks: &mut Acks,
-    ) {
+    fn event(&self, event: Event, outbox: &mut Outbox, acks: &mut Acks) {
         match event {
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
-                if let Some(Some(seq)) = sent.pop_front() {
-                    inflight.insert(pkid, seq);
-                }
-            }
+            Event::Outgoing(Outgoing::Publish(pkid)) => outbox.outgoing(pkid),
             Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some(seq) = inflight.remove(&ack.pkid) {
+                if let Some(seq) = outbox.acked(ack.pkid) {
                     self.spool.ack(seq);
-                    *in_window = in_window.saturating_sub(1);
                 }
             }
             Event::Incoming(Packet::Publish(mut p)) => {

@@ -360,6 +360,11 @@ impl TelemetrySpool {
         Ok(out)
     }
 
+    /// Which tree it is.
+    pub fn tree(&self) -> SpoolTree {
+        self.tree
+    }
+
     /// Waits until something is appended after this call (or an append since the last wake).
     pub async fn appended(&self) {
         self.appended.notified().await;
