@@ -275,6 +275,37 @@ pub fn render(sources: &Sources) -> String {
         let connected: Gauge = Gauge::default();
         connected.set(i64::from(b.connected));
         r.register("mqtt_connected", "1 while connected to the MQTT broker", connected);
+        if let Some(g) = bridge.gateway_snapshot() {
+            let depth: Gauge = Gauge::default();
+            depth.set(g.spooled_down as i64);
+            r.register(
+                "mqtt_gateway_spool_depth",
+                "Messages from upstream in the gateway's spool waiting for the local broker",
+                depth,
+            );
+            let forwarded: Family<Labels, Counter> = Family::default();
+            for (direction, n) in [("up", g.forwarded_up), ("down", g.forwarded_down)] {
+                forwarded.get_or_create(&vec![("direction", direction.to_owned())]).inc_by(n);
+            }
+            r.register("mqtt_gateway_forwarded", "Messages the gateway forwarded, by direction", forwarded);
+            let dropped: Counter = Counter::default();
+            dropped.inc_by(g.dropped_down);
+            r.register(
+                "mqtt_gateway_dropped_down",
+                "Messages from upstream dropped (gateway spool full or refused by the disk)",
+                dropped,
+            );
+            let loops: Counter = Counter::default();
+            loops.inc_by(g.loops_suppressed);
+            r.register(
+                "mqtt_gateway_loops_suppressed",
+                "Echoes of the gateway's own messages not forwarded",
+                loops,
+            );
+            let connected: Gauge = Gauge::default();
+            connected.set(i64::from(g.connected));
+            r.register("mqtt_gateway_connected", "1 while connected to the local broker", connected);
+        }
     }
 
     let mut out = String::new();

@@ -390,7 +390,7 @@ fn the_gateway_bridges_both_ways_through_an_upstream_restart_without_loops() {
     let local_sub = Subscriber::connect(local.port, "gw-local-sub", "#");
     let s = Scratch::new(&gateway_table(&upstream, &local));
     let agent = s.start();
-    agent.wait_log(&["gateway: connected to the local MQTT broker"], T);
+    agent.wait_log(&["gateway: subscribed on the local broker"], T);
     agent.wait_log(&["subscribed", "site1/sensors/#"], T);
     agent.wait_log(&["subscribed", "site1/cmd/#"], T);
 
@@ -485,8 +485,16 @@ fn the_gateway_loses_no_command_while_the_local_broker_is_away_and_the_agent_is_
     let mut local = Mosquitto::start();
     let local_sub = Subscriber::connect(local.port, "gwk-local-sub", "cmd/#");
     let cloud = Subscriber::connect(upstream.port, "gwk-cloud", "nothing/here");
+    // What the upstream broker itself delivered, to tell a fault of the publisher's from Lichen's.
+    let up_sub = Subscriber::connect(upstream.port, "gwk-up-sub", "site1/cmd/#");
+    let metrics_port = lichen_tests::free_port();
     let s = Scratch::new(&gateway_table(&upstream, &local));
-    let agent = s.start();
+    let start_agent = || {
+        let mut args = s.run_args();
+        args.extend(["--metrics-address".to_owned(), format!("127.0.0.1:{metrics_port}")]);
+        Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>(), &s.state)
+    };
+    let agent = start_agent();
     agent.wait_log(&["gateway: connected to the local MQTT broker"], T);
     agent.wait_log(&["subscribed", "site1/cmd/#"], T);
     let publish = |range: std::ops::Range<u64>| {
@@ -507,7 +515,7 @@ fn the_gateway_loses_no_command_while_the_local_broker_is_away_and_the_agent_is_
     let _ = std::process::Command::new("kill").args(["-KILL", &agent.pid().to_string()]).status();
     let _ = agent.wait(Duration::from_secs(10));
     publish(N / 2..3 * N / 4);
-    let agent = s.start();
+    let agent = start_agent();
     agent.wait_log(&["connected to the MQTT broker"], T);
     local.restart();
     publish(3 * N / 4..N);
@@ -516,8 +524,10 @@ fn the_gateway_loses_no_command_while_the_local_broker_is_away_and_the_agent_is_
     while check_in_order(&texts(), N).is_err() {
         if start.elapsed() > Duration::from_secs(120) {
             panic!(
-                "every command on the local broker, in order: {}\ngateway: {}\nthe agent's last lines:\n{}",
+                "every command on the local broker, in order: {}\nthe upstream broker's own subscriber saw \
+                 them: {:?}\ngateway: {}\nthe agent's last lines:\n{}",
                 check_in_order(&texts(), N).err().unwrap_or_default(),
+                check_in_order(&up_sub.texts("site1/cmd/valve"), N),
                 s.status_json()["mqtt"],
                 agent.log().iter().rev().take(40).rev().cloned().collect::<Vec<_>>().join("\n")
             );
@@ -527,8 +537,29 @@ fn the_gateway_loses_no_command_while_the_local_broker_is_away_and_the_agent_is_
     let dups = check_in_order(&texts(), N).expect("in order");
     let gw = s.status_json()["mqtt"]["gateway"].clone();
     assert_eq!(gw["dropped_down"], 0, "{gw}");
+    let metrics = scrape_metrics(metrics_port);
+    for line in ["lichen_mqtt_gateway_dropped_down_total 0", "lichen_mqtt_gateway_connected 1"] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in the metrics:\n{metrics}");
+    }
+    let down: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("lichen_mqtt_gateway_forwarded_total{direction=\"down\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(down > 0.0, "forwarded down since the restart, in the metrics:\n{metrics}");
     eprintln!(
         "figures: gateway, {N} commands through a local broker outage and an agent kill -9: all in order, {dups} duplicates"
     );
     assert!(agent.stop().0.success());
+}
+
+/// The agent's `/metrics` text (plain HTTP/1.0 on loopback).
+fn scrape_metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(c, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("request");
+    let mut text = String::new();
+    c.read_to_string(&mut text).expect("response");
+    text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
 }

@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::bridge::{MqttBridge, topic_matches};
 use super::mqtt::{
-    EVENT_BURST, Events, Outbox, STABLE_CONNECTION, SessionEnd, connect, options, spawn_poller,
+    Events, Outbox, STABLE_CONNECTION, SessionEnd, connect, options, spawn_poller, take_burst,
     valid_publish_topic,
 };
 use super::spool::{Origin, SpoolMessage, TelemetrySpool};
@@ -334,11 +334,18 @@ impl LocalSession<'_> {
         let since = Instant::now();
         self.path.stats.0.connected.store(true, Ordering::Relaxed);
         let (poller, mut events) = spawn_poller(ev);
-        // Subscribed on every connection: the broker may have lost the session.
-        for f in gw.mappings.iter().filter(|m| m.up()).map(|m| m.local.clone()) {
-            if let Err(e) = client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
-                tracing::warn!(filter = %f, error = %e, "gateway: cannot subscribe on the local broker");
-            }
+        // Subscribed on every connection (the broker may have lost the session), in one
+        // SUBSCRIBE: its SUBACK, logged, says the broker routes the LAN's messages to the gateway.
+        let filters: Vec<rumqttc::SubscribeFilter> = gw
+            .mappings
+            .iter()
+            .filter(|m| m.up())
+            .map(|m| rumqttc::SubscribeFilter::new(m.local.clone(), QoS::AtLeastOnce))
+            .collect();
+        if !filters.is_empty()
+            && let Err(e) = client.try_subscribe_many(filters)
+        {
+            tracing::warn!(error = %e, "gateway: cannot subscribe on the local broker");
         }
         let end = self.connected(&client, &mut events, cancel).await;
         poller.abort();
@@ -384,17 +391,12 @@ impl LocalSession<'_> {
                     return Ok(());
                 }
                 event = events.recv() => {
-                    let mut event = event;
-                    for _ in 0..EVENT_BURST {
-                        match event {
-                            None => return Err("the MQTT event loop stopped".into()),
-                            Some(Err(e)) => return Err(e.to_string()),
-                            Some(Ok(e)) => self.event(e, client, &mut outbox, &mut acks).await,
-                        }
-                        match events.try_recv() {
-                            Ok(e) => event = Some(e),
-                            Err(_) => break,
-                        }
+                    let (burst, end) = take_burst(event, events);
+                    for e in burst {
+                        self.event(e, client, &mut outbox, &mut acks).await;
+                    }
+                    if let Some(error) = end {
+                        return Err(error);
                     }
                 }
                 _ = self.down.appended(), if room => {}
@@ -426,10 +428,17 @@ impl LocalSession<'_> {
                     acks.push_back(p);
                 }
             }
-            Event::Incoming(Packet::SubAck(ack))
-                if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
-            {
-                tracing::warn!("gateway: the local broker refused a subscription (check its ACL)");
+            Event::Incoming(Packet::SubAck(ack)) => {
+                let filters: Vec<&str> =
+                    self.path.gateway.mappings.iter().filter(|m| m.up()).map(|m| m.local.as_str()).collect();
+                if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                    tracing::warn!(
+                        ?filters,
+                        "gateway: the local broker refused a subscription (check its ACL)"
+                    );
+                } else {
+                    tracing::info!(?filters, "gateway: subscribed on the local broker");
+                }
             }
             _ => {}
         }

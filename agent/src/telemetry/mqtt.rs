@@ -34,7 +34,7 @@ pub(super) const STABLE_CONNECTION: Duration = Duration::from_secs(5);
 /// How long a clean shutdown waits to announce `offline` and disconnect.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
 /// Events handled in one go before the session looks at the spool again.
-pub(super) const EVENT_BURST: usize = 256;
+const EVENT_BURST: usize = 256;
 /// How long a QoS 0 message waits for room in rumqttc's request queue before it is dropped.
 const QOS0_QUEUE_WAIT: Duration = Duration::from_millis(50);
 /// Largest packet accepted from the broker; a bigger one ends the connection (MQTT 3.1.1 has no way
@@ -251,6 +251,31 @@ pub(super) async fn connect(
 /// first error (sent on as the last event); abort it when the session ends.
 pub(super) type Events = mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>;
 
+/// The event just received and up to [`EVENT_BURST`] in all of those already waiting, in order,
+/// and why the connection ended if one of them says it did (the events before it still count:
+/// acknowledgements among them).
+pub(super) fn take_burst(
+    first: Option<Result<Event, rumqttc::ConnectionError>>,
+    events: &mut Events,
+) -> (Vec<Event>, Option<String>) {
+    let mut burst = Vec::new();
+    let mut next = first;
+    loop {
+        match next {
+            None => return (burst, Some("the MQTT event loop stopped".into())),
+            Some(Err(e)) => return (burst, Some(e.to_string())),
+            Some(Ok(e)) => burst.push(e),
+        }
+        if burst.len() >= EVENT_BURST {
+            return (burst, None);
+        }
+        match events.try_recv() {
+            Ok(e) => next = Some(e),
+            Err(_) => return (burst, None),
+        }
+    }
+}
+
 /// Starts polling a connected event loop; see [`Events`].
 pub(super) fn spawn_poller(mut ev: EventLoop) -> (tokio::task::JoinHandle<()>, Events) {
     let (events_tx, events) = mpsc::channel(1024);
@@ -371,6 +396,34 @@ impl Outbox {
     }
 }
 
+/// A connection's subscriptions: what pods want, and which SUBSCRIBE carried which filter, so the
+/// broker's SUBACK can be logged (or its refusal named) for that filter. Messages published before
+/// the SUBACK may not be routed to the node yet; "subscribed" in the log means the broker said so.
+#[derive(Default)]
+struct Subscriptions {
+    wanted: BTreeSet<String>,
+    /// Handed to rumqttc, not yet reported as sent (rumqttc reports them in order).
+    requested: VecDeque<String>,
+    by_pkid: HashMap<u16, String>,
+}
+
+impl Subscriptions {
+    fn sent(&mut self, pkid: u16) {
+        if let Some(f) = self.requested.pop_front() {
+            self.by_pkid.insert(pkid, f);
+        }
+    }
+
+    fn acked(&mut self, ack: &rumqttc::SubAck) {
+        let filter = self.by_pkid.remove(&ack.pkid).unwrap_or_default();
+        if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+            tracing::warn!(%filter, "the broker refused a subscription (check its ACL)");
+        } else {
+            tracing::info!(%filter, "subscribed");
+        }
+    }
+}
+
 /// How a session ended.
 pub(super) enum SessionEnd {
     /// `cancel` fired.
@@ -482,14 +535,14 @@ impl MqttClient {
     ) -> Result<(), String> {
         let window = usize::from(self.config.inflight.max(1));
         let mut outbox = Outbox::default();
-        let mut subscribed: BTreeSet<String> = BTreeSet::new();
+        let mut subs = Subscriptions::default();
         let mut acks = Acks::default();
 
         if client.try_publish(status_topic(&self.node), QoS::AtLeastOnce, true, "online").is_ok() {
             outbox.other_sent();
         }
         loop {
-            self.sync_subscriptions(client, &mut subscribed)?;
+            self.sync_subscriptions(client, &mut subs)?;
             let acks_blocked = acks.send(client);
             // Events are handled in bursts (below), so a busy stream refills the window with one
             // spool read per burst of acknowledgements rather than one per acknowledgement.
@@ -508,19 +561,14 @@ impl MqttClient {
                     return Ok(());
                 }
                 event = events.recv() => {
-                    let mut event = event;
                     // Handle what else is already waiting too (a burst of acknowledgements)
                     // before going round the loop again.
-                    for _ in 0..EVENT_BURST {
-                        match event {
-                            None => return Err("the MQTT event loop stopped".into()),
-                            Some(Err(e)) => return Err(e.to_string()),
-                            Some(Ok(e)) => self.event(e, &mut outbox, &mut acks),
-                        }
-                        match events.try_recv() {
-                            Ok(e) => event = Some(e),
-                            Err(_) => break,
-                        }
+                    let (burst, end) = take_burst(event, events);
+                    for e in burst {
+                        self.event(e, &mut outbox, &mut subs, &mut acks);
+                    }
+                    if let Some(error) = end {
+                        return Err(error);
                     }
                 }
                 _ = self.spool.appended(), if !full && outbox.in_flight() < window => {}
@@ -551,9 +599,11 @@ impl MqttClient {
 
     /// One event of a connected session: publishes get their packet ids, acknowledgements remove
     /// messages from the spool, incoming messages go to the bridge.
-    fn event(&self, event: Event, outbox: &mut Outbox, acks: &mut Acks) {
+    fn event(&self, event: Event, outbox: &mut Outbox, subs: &mut Subscriptions, acks: &mut Acks) {
         match event {
             Event::Outgoing(Outgoing::Publish(pkid)) => outbox.outgoing(pkid),
+            Event::Outgoing(Outgoing::Subscribe(pkid)) => subs.sent(pkid),
+            Event::Incoming(Packet::SubAck(ack)) => subs.acked(&ack),
             Event::Incoming(Packet::PubAck(ack)) => {
                 if let Some(seq) = outbox.acked(ack.pkid) {
                     self.spool.ack(seq);
@@ -567,30 +617,21 @@ impl MqttClient {
                     acks.queue.push_back(p);
                 }
             }
-            Event::Incoming(Packet::SubAck(ack))
-                if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
-            {
-                tracing::warn!(pkid = ack.pkid, "the broker refused a subscription (check its ACL)");
-            }
             _ => {}
         }
     }
 
     /// Subscribes filters pods added and unsubscribes ones no pod uses any more.
-    fn sync_subscriptions(
-        &self,
-        client: &AsyncClient,
-        subscribed: &mut BTreeSet<String>,
-    ) -> Result<(), String> {
+    fn sync_subscriptions(&self, client: &AsyncClient, subs: &mut Subscriptions) -> Result<(), String> {
         let wanted = self.bridge.filters();
-        for f in wanted.difference(subscribed) {
+        for f in wanted.difference(&subs.wanted) {
             client.try_subscribe(f.clone(), QoS::AtLeastOnce).map_err(|e| format!("subscribe {f}: {e}"))?;
-            tracing::info!(filter = %f, "subscribed");
+            subs.requested.push_back(f.clone());
         }
-        for f in subscribed.difference(&wanted) {
+        for f in subs.wanted.difference(&wanted) {
             client.try_unsubscribe(f.clone()).map_err(|e| format!("unsubscribe {f}: {e}"))?;
         }
-        *subscribed = wanted;
+        subs.wanted = wanted;
         Ok(())
     }
 
@@ -630,6 +671,31 @@ mod tests {
         {
             assert!(u(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_burst_takes_at_most_its_share_and_loses_no_event() {
+        let (tx, mut rx) = mpsc::channel(1024);
+        for pkid in 1..=600u16 {
+            tx.try_send(Ok(Event::Outgoing(Outgoing::Publish(pkid)))).expect("room");
+        }
+        let mut seen = Vec::new();
+        while let Ok(first) = rx.try_recv() {
+            let (burst, end) = take_burst(Some(first), &mut rx);
+            assert!(end.is_none() && burst.len() <= EVENT_BURST);
+            seen.extend(burst.into_iter().map(|e| match e {
+                Event::Outgoing(Outgoing::Publish(p)) => p,
+                _ => 0,
+            }));
+        }
+        assert_eq!(seen, (1..=600).collect::<Vec<u16>>(), "every event, once, in order");
+        tx.try_send(Ok(Event::Outgoing(Outgoing::PingReq))).expect("room");
+        drop(tx);
+        let first = rx.try_recv().ok();
+        let (burst, end) = take_burst(first, &mut rx);
+        assert_eq!((burst.len(), end), (1, None));
+        let (burst, end) = take_burst(rx.try_recv().ok(), &mut rx);
+        assert_eq!((burst.len(), end.as_deref()), (0, Some("the MQTT event loop stopped")));
     }
 
     #[test]
