@@ -223,7 +223,14 @@ fn systemd_hears_ready_once_pods_run_then_the_watchdog_then_stopping() {
     socket.set_read_timeout(Some(T)).expect("timeout");
     let recv = || {
         let mut buf = [0u8; 512];
-        let n = socket.recv(&mut buf).expect("a notification within the timeout");
+        // A signal to this process (a neighbouring test's child exiting, under strace) may cut the
+        // wait short with EINTR; that is not the agent's silence.
+        let n = loop {
+            match socket.recv(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r.expect("a notification within the timeout"),
+            }
+        };
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     let args = s.run_args();
@@ -255,7 +262,13 @@ fn systemd_hears_ready_once_pods_run_then_the_watchdog_then_stopping() {
     let rest: Vec<String> = std::iter::from_fn(|| {
         let mut buf = [0u8; 512];
         socket.set_read_timeout(Some(Duration::from_millis(200))).ok()?;
-        socket.recv(&mut buf).ok().map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+        let n = loop {
+            match socket.recv(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r.ok()?,
+            }
+        };
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
     })
     .collect();
     assert!(rest.iter().any(|m| m == "STOPPING=1\nSTATUS=stopping pods"), "STOPPING on SIGTERM: {rest:?}");
