@@ -30,7 +30,7 @@
 //! taken for the echo (it is still delivered to that broker's other subscribers; only its
 //! forwarding is skipped).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::bridge::{MqttBridge, topic_matches};
 use super::mqtt::{
-    Events, Outbox, STABLE_CONNECTION, SessionEnd, connect, options, spawn_poller, take_burst,
+    Acks, Events, Outbox, STABLE_CONNECTION, SessionEnd, connect, options, spawn_poller, take_burst,
     valid_publish_topic,
 };
 use super::spool::{Origin, SpoolMessage, TelemetrySpool};
@@ -349,10 +349,7 @@ impl LocalSession<'_> {
         }
         let end = self.connected(&client, &mut events, cancel).await;
         poller.abort();
-        match end {
-            Ok(()) => SessionEnd::Cancelled,
-            Err(error) => SessionEnd::Lost { connected_for: Some(since.elapsed()), error },
-        }
+        SessionEnd::after(end, since)
     }
 
     async fn connected(
@@ -362,15 +359,10 @@ impl LocalSession<'_> {
         cancel: &CancellationToken,
     ) -> Result<(), String> {
         let mut outbox = Outbox::default();
-        // Acknowledgements of incoming messages the request queue had no room for, sent first.
-        let mut acks: VecDeque<rumqttc::Publish> = VecDeque::new();
+        // Acknowledgements of incoming messages, owed once they are spooled.
+        let mut acks = Acks::default();
         loop {
-            while let Some(p) = acks.pop_front() {
-                if client.try_ack(&p).is_err() {
-                    acks.push_front(p);
-                    break;
-                }
-            }
+            let acks_blocked = acks.send(client);
             let echo = &mut self.path.local_echo;
             let full = outbox.fill(client, self.down, self.window, |m| {
                 echo.record(&m.topic, &m.payload, Instant::now());
@@ -401,18 +393,12 @@ impl LocalSession<'_> {
                 }
                 _ = self.down.appended(), if room => {}
                 // A publish or acknowledgement waits for rumqttc's request queue to drain.
-                _ = tokio::time::sleep(Duration::from_millis(1)), if full || !acks.is_empty() => {}
+                _ = tokio::time::sleep(Duration::from_millis(1)), if full || acks_blocked => {}
             }
         }
     }
 
-    async fn event(
-        &mut self,
-        event: Event,
-        client: &AsyncClient,
-        outbox: &mut Outbox,
-        acks: &mut VecDeque<rumqttc::Publish>,
-    ) {
+    async fn event(&mut self, event: Event, client: &AsyncClient, outbox: &mut Outbox, acks: &mut Acks) {
         match event {
             Event::Outgoing(Outgoing::Publish(pkid)) => outbox.outgoing(pkid),
             Event::Incoming(Packet::PubAck(ack)) => {
@@ -424,9 +410,8 @@ impl LocalSession<'_> {
             Event::Incoming(Packet::Publish(p)) => {
                 self.path.up(&p).await;
                 // Acknowledged once spooled: the local broker keeps it until then.
-                if !acks.is_empty() || client.try_ack(&p).is_err() {
-                    acks.push_back(p);
-                }
+                acks.push(p);
+                acks.send(client);
             }
             Event::Incoming(Packet::SubAck(ack)) => {
                 let filters: Vec<&str> =

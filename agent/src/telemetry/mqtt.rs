@@ -297,13 +297,22 @@ pub(super) fn spawn_poller(mut ev: EventLoop) -> (tokio::task::JoinHandle<()>, E
 /// so messages still queued between its event loop and the bridge when the agent stops would be
 /// acknowledged and lost; unacknowledged, the broker sends them again on the next connection.
 #[derive(Default)]
-struct Acks {
+pub(super) struct Acks {
     queue: VecDeque<rumqttc::Publish>,
 }
 
 impl Acks {
+    /// Owes the broker an acknowledgement for `p` (none for QoS 0).
+    pub(super) fn push(&mut self, mut p: rumqttc::Publish) {
+        if p.qos != QoS::AtMostOnce {
+            // Only the packet id and QoS are needed for the acknowledgement.
+            p.payload = Default::default();
+            self.queue.push_back(p);
+        }
+    }
+
     /// Sends what is owed; `true` if rumqttc's request queue was full (try again shortly).
-    fn send(&mut self, client: &AsyncClient) -> bool {
+    pub(super) fn send(&mut self, client: &AsyncClient) -> bool {
         while let Some(p) = self.queue.front() {
             if client.try_ack(p).is_err() {
                 return true;
@@ -432,6 +441,16 @@ pub(super) enum SessionEnd {
     Lost { connected_for: Option<Duration>, error: String },
 }
 
+impl SessionEnd {
+    /// How a connected session that began at `since` ended: `Ok` when `cancel` fired.
+    pub(super) fn after(run: Result<(), String>, since: Instant) -> Self {
+        match run {
+            Ok(()) => SessionEnd::Cancelled,
+            Err(error) => SessionEnd::Lost { connected_for: Some(since.elapsed()), error },
+        }
+    }
+}
+
 /// The broker connection task; see the module docs.
 pub struct MqttClient {
     config: MqttConfig,
@@ -520,10 +539,7 @@ impl MqttClient {
         let (poller, mut events) = spawn_poller(ev);
         let end = self.connected(&client, &mut events, cancel).await;
         poller.abort();
-        match end {
-            Ok(()) => SessionEnd::Cancelled,
-            Err(error) => SessionEnd::Lost { connected_for: Some(since.elapsed()), error },
-        }
+        SessionEnd::after(end, since)
     }
 
     /// Runs a connected session until it fails (`Err`) or `cancel` fires (`Ok`).
@@ -609,13 +625,9 @@ impl MqttClient {
                     self.spool.ack(seq);
                 }
             }
-            Event::Incoming(Packet::Publish(mut p)) => {
+            Event::Incoming(Packet::Publish(p)) => {
                 self.bridge.deliver(&p.topic, &p.payload, p.retain, p.dup);
-                if p.qos != QoS::AtMostOnce {
-                    // Only the packet id and QoS are needed for the acknowledgement.
-                    p.payload = Default::default();
-                    acks.queue.push_back(p);
-                }
+                acks.push(p);
             }
             _ => {}
         }
