@@ -1,7 +1,6 @@
 //! Wires the agent together: opens the store, creates the runtime, feeds the static pod source into
 //! the pod manager, and shuts everything down in order when the root cancellation token fires.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,12 +8,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::board::StatusBoard;
 use crate::cluster::{self, ApiContact, pods::TerminatingSet};
 use crate::config::AgentConfig;
 use crate::modules::ModuleCache;
 use crate::node::NodeRegistrar;
 use crate::notify::Notifier;
-use crate::pod::board::StatusBoard;
 use crate::pod::events::EventRecorder;
 use crate::pod::manager::{DesiredPod, ManagerConfig, PodManager};
 use crate::pod::state::Backoff;
@@ -43,33 +42,6 @@ pub enum AppError {
     Task(String),
 }
 
-/// Paths under `state_dir`.
-pub struct StateLayout {
-    /// The sled database.
-    pub store: PathBuf,
-    /// Per-pod directories (emptyDir volumes).
-    pub pods: PathBuf,
-    /// Container logs.
-    pub logs: PathBuf,
-}
-
-impl StateLayout {
-    /// The layout of `config.state_dir`.
-    pub fn of(config: &AgentConfig) -> Self {
-        let d = &config.state_dir;
-        StateLayout { store: d.join("store"), pods: d.join("pods"), logs: d.join("logs") }
-    }
-}
-
-/// Opens the store on a blocking thread (sled recovers its log on open).
-pub async fn open_store(path: PathBuf) -> Result<Arc<SledStore>, StoreError> {
-    let p = path.clone();
-    tokio::task::spawn_blocking(move || SledStore::open(&p))
-        .await
-        .map_err(|e| StoreError::Io { path, source: std::io::Error::other(e) })?
-        .map(Arc::new)
-}
-
 /// How long the agent waits for a store another process holds: a `lichen status` or `lichen
 /// modules` run while the agent was stopped holds it for a moment, and must not make the agent's
 /// start fail.
@@ -82,7 +54,7 @@ async fn open_store_waiting(
     let deadline = Instant::now() + STORE_LOCK_WAIT;
     let mut said = false;
     loop {
-        match open_store(path.to_owned()).await {
+        match crate::store::open_off_reactor(path.to_owned()).await {
             Err(StoreError::Locked { .. }) if Instant::now() < deadline && !cancel.is_cancelled() => {
                 if !said {
                     tracing::info!(store = %path.display(), "the store is held by another process (a lichen command?); waiting for it");
@@ -97,9 +69,9 @@ async fn open_store_waiting(
 
 /// Runs the agent until `cancel` fires, then stops pods and flushes the store.
 pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), AppError> {
-    let layout = StateLayout::of(&config);
-    let store = open_store_waiting(&layout.store, &cancel).await?;
-    tracing::info!(store = %layout.store.display(), schema = store.schema_version(), "state store open");
+    let layout = config.layout();
+    let store = open_store_waiting(&layout.store(), &cancel).await?;
+    tracing::info!(store = %layout.store().display(), schema = store.schema_version(), "state store open");
     let started = Instant::now();
     let runtime = WasmRuntime::new()?;
     let modules =
@@ -120,7 +92,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         runtime,
         modules: modules.clone(),
         store: store.clone(),
-        logs_dir: layout.logs.clone(),
+        logs_dir: layout.logs(),
         log_config: config.container_logs.clone(),
         host_ip: node_ip(&config).map(|ip| ip.to_string()),
         backoff: Backoff::default(),
@@ -132,7 +104,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     let mut manager = PodManager::new(
         ManagerConfig {
             node_name: config.node_name.clone(),
-            pods_dir: layout.pods.clone(),
+            pods_dir: layout.pods(),
             state_dir: config.state_dir.clone(),
             max_pods: config.max_pods,
             runtime: config.runtime.clone(),
@@ -145,9 +117,8 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     );
 
     tracker.spawn(modules.clone().collect_garbage_periodically(cancel.child_token()));
-    let contact =
-        Arc::new(ApiContact::new(config.cluster().is_some(), Some(config.state_dir.join("offline-seconds"))));
-    let socket = crate::control::socket_path(&config.state_dir);
+    let contact = Arc::new(ApiContact::new(config.cluster().is_some(), Some(layout.offline_seconds())));
+    let socket = layout.control_socket();
     let control = Arc::new(crate::control::Control {
         modules,
         store: store.clone(),
@@ -157,7 +128,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         mqtt: mqtt.clone(),
     });
     if let Some(address) = config.metrics.socket_addr() {
-        let sources = crate::metrics::Sources {
+        let sources = crate::metrics_server::Sources {
             board: board.clone(),
             store: store.clone(),
             runtime: deps_runtime.clone(),
@@ -165,23 +136,23 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             mqtt: mqtt.clone(),
             started,
         };
-        match crate::metrics::bind(address).await {
+        match crate::metrics_server::bind(address).await {
             Ok(listener) => {
                 tracing::info!(%address, "serving /healthz and /metrics");
-                tracker.spawn(crate::metrics::serve(listener, sources, cancel.child_token()));
+                tracker.spawn(crate::metrics_server::serve(listener, sources, cancel.child_token()));
             }
             // Pods matter more than their metrics: the agent runs on without the endpoint.
             Err(e) => tracing::error!(error = %e, "metrics endpoint unavailable"),
         }
     }
-    let control_cancel = cancel.child_token();
-    tracker.spawn(async move {
-        // Without the socket the agent still runs pods; only `lichen status` and `lichen modules`
-        // lose their way in.
-        if let Err(e) = crate::control::serve(socket, control, control_cancel).await {
-            tracing::warn!(error = %e, "control socket unavailable");
+    // Without the socket the agent still runs pods; only `lichen status` and `lichen modules` lose
+    // their way in.
+    match crate::control::server::bind(&socket).await {
+        Ok(listener) => {
+            tracker.spawn(crate::control::server::run(listener, control, cancel.child_token()));
         }
-    });
+        Err(e) => tracing::warn!(error = %e, "control socket unavailable"),
+    }
 
     let (static_tx, mut static_rx) = watch::channel(Vec::<DesiredPod>::new());
     // Cluster pods the store remembers run again before any API contact, so a reboot while the
@@ -204,7 +175,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         let api = crate::kubelet::KubeletApi {
             node_name: config.node_name.clone(),
             store: store.clone(),
-            logs_dir: layout.logs.clone(),
+            logs_dir: layout.logs(),
             board: board.clone(),
             client: client_rx.clone(),
         };
@@ -438,5 +409,5 @@ fn remembered_api_pods(store: &dyn StateStore) -> Vec<DesiredPod> {
 
 /// The node's address: configured, or that of the default-route interface.
 fn node_ip(config: &AgentConfig) -> Option<std::net::IpAddr> {
-    crate::node::facts::node_ip_or_detected(config.node_ip.parse().ok())
+    crate::host::node_ip_or_detected(config.node_ip.parse().ok())
 }

@@ -258,10 +258,11 @@ impl JoinConfig {
             ));
         }
         if !self.token.is_empty() {
-            crate::bootstrap::BootstrapToken::parse(&self.token).map_err(|e| invalid("join.token", e))?;
+            crate::token::BootstrapToken::parse(&self.token)
+                .map_err(|e| invalid("join.token", e.to_string()))?;
         }
         if self.token_file.as_os_str().is_empty() {
-            self.token_file = state_dir.join("bootstrap-token");
+            self.token_file = crate::layout::StateLayout::new(state_dir).bootstrap_token();
         }
         if self.approval_timeout_secs == 0 {
             return Err(invalid("join.approval_timeout_secs", "must be at least 1".into()));
@@ -1211,6 +1212,11 @@ impl AgentConfig {
         Ok(())
     }
 
+    /// The paths under `state_dir`.
+    pub fn layout(&self) -> crate::layout::StateLayout {
+        crate::layout::StateLayout::new(&self.state_dir)
+    }
+
     /// The kubeconfig the agent uses, unless running standalone: `kubeconfig` if set, else the one
     /// joining writes (`<state_dir>/node.kubeconfig`) when `[join]` is configured.
     pub fn cluster(&self) -> Option<PathBuf> {
@@ -1218,7 +1224,7 @@ impl AgentConfig {
             Some(self.kubeconfig.clone())
         } else {
             // A node that joined (`lichen join`, or `[join]` before) stays joined.
-            let managed = crate::bootstrap::NodePki::new(&self.state_dir).kubeconfig;
+            let managed = self.layout().node_kubeconfig();
             (self.join.enabled() || managed.exists()).then_some(managed)
         }
     }

@@ -1,39 +1,41 @@
 //! Lichen: an edge node agent that runs Kubernetes pods as WASI modules in Wasmtime.
 //!
-//! Module map, in the order data flows:
-//! - [`config`]: the one configuration struct (file, environment, flags).
-//! - [`static_pods`]: reads Pod manifests from a directory and reports the desired set.
-//! - [`pod`]: turns pods into plans ([`pod::spec`]), decides phases ([`pod::state`]), runs each pod
-//!   ([`pod::worker`]) and keeps the running set equal to the desired set ([`pod::manager`]).
-//! - [`modules`]: image references, registry pulls, the module cache with precompiled artifacts.
-//! - [`store`]: the durable record of pods and modules (sled).
-//! - [`runtime`]: Wasmtime: one engine, a store per container run, WASI preview 1, logs.
-//! - [`app`]: wires the parts together and shuts them down in order.
-//! - [`cli`], [`check`]: the command line and `lichen check`.
-//! - [`control`]: the agent's local control socket (`lichen status`, `lichen modules` while it runs).
-//! - [`report`]: what `lichen status` shows.
-//! - [`quantity`]: Kubernetes resource quantities.
-//! - [`bootstrap`]: bootstrap-token join and node certificate rotation.
-//! - [`telemetry`]: MQTT: module stdio on topics, node telemetry, the durable spool.
+//! The crate is a house of four floors; a module imports only from its own floor or below, and no
+//! two modules need each other (`agent/tests/layers.rs` checks both on every test run):
+//!
+//! - **top**: [`app`] wires the agent (store, runtime, sources, servers, one cancellation tree);
+//!   [`cli`] holds the operator's commands and the control socket's client. Nothing imports them.
+//! - **edges**: the servers, each `run(listener, deps, cancel)`: [`kubelet`] (the kubelet API),
+//!   [`control`] (the control socket), [`metrics_server`] (`/healthz`, `/metrics`).
+//! - **domain**: [`pod`] (plan, phases, workers, the manager), [`static_pods`], [`cluster`] (the API
+//!   server's side of pods, the kube client), [`node`] (the Node and its Lease), [`bootstrap`]
+//!   (join, certificate rotation), [`runtime`] (Wasmtime), [`modules`] (references, pulls, the
+//!   cache), [`telemetry`] (MQTT).
+//! - **ground**: [`layout`] (every path under the state directory), [`store`] (sled), [`config`],
+//!   [`board`] (newest pod statuses), [`host`] (facts about the board), [`metrics`] (counters),
+//!   [`quantity`], [`token`], [`retry`], [`notify`] (sd_notify), [`logging`].
 
 pub mod app;
+pub mod board;
 pub mod bootstrap;
-pub mod check;
 pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod host;
 pub mod kubelet;
+pub mod layout;
 pub mod logging;
 pub mod metrics;
+pub mod metrics_server;
 pub mod modules;
 pub mod node;
 pub mod notify;
 pub mod pod;
 pub mod quantity;
-pub mod report;
 pub mod retry;
 pub mod runtime;
 pub mod static_pods;
 pub mod store;
 pub mod telemetry;
+pub mod token;

@@ -4,9 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use lichen::cli::{Cli, Command, LogsArgs, ModulesAction, RegistryLogin};
+use lichen::cli::{self, Cli, CliError, Command, ModulesAction, block_on};
 use lichen::config::AgentConfig;
-use lichen::modules::commands::{self, ModuleCommand};
+use lichen::modules::commands::ModuleCommand;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -52,7 +52,7 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Check => {
-            let report = lichen::check::check(&config);
+            let report = cli::check::check(&config);
             print!("{}", report.text);
             if report.problems > 0 {
                 println!("{} problem(s) found", report.problems);
@@ -87,7 +87,7 @@ fn main() -> ExitCode {
         Command::Modules { action } => {
             lichen::logging::init_quiet(&config);
             let login = match &action {
-                ModulesAction::Pull { login, .. } => match read_login(login) {
+                ModulesAction::Pull { login, .. } => match cli::modules::read_login(login) {
                     Ok(l) => l,
                     Err(e) => return fail(&e),
                 },
@@ -108,47 +108,47 @@ fn main() -> ExitCode {
                     image,
                 },
             };
-            report(block_on(commands::run_command(&config, cmd)))
+            report(block_on(cli::modules::run_command(&config, cmd)))
         }
         Command::Status { json } => {
             lichen::logging::init_quiet(&config);
-            match block_on(lichen::report::node_report(&config)) {
+            match block_on(cli::status::node_report(&config)) {
                 Ok(r) if json => {
                     report(Ok(format!("{}\n", serde_json::to_string_pretty(&r).unwrap_or_default())))
                 }
-                Ok(r) => report(Ok(r.text())),
+                Ok(r) => report(Ok(cli::status::render(&r))),
                 Err(e) => fail(&e),
             }
         }
         Command::Pods { json } => {
             lichen::logging::init_quiet(&config);
-            match block_on(lichen::report::node_report(&config)) {
+            match block_on(cli::status::node_report(&config)) {
                 Ok(r) if json => {
                     report(Ok(format!("{}\n", serde_json::to_string_pretty(&r.pods).unwrap_or_default())))
                 }
-                Ok(r) => report(Ok(lichen::report::pods_table(&r.pods, jiff::Timestamp::now()))),
+                Ok(r) => report(Ok(cli::status::pods_table(&r.pods, jiff::Timestamp::now()))),
                 Err(e) => fail(&e),
             }
         }
         Command::Logs(args) => {
             lichen::logging::init_quiet(&config);
-            report(block_on(logs(config, args)).map(|()| String::new()))
+            report(block_on(cli::logs::print(config, args)).map(|()| String::new()))
         }
         Command::Compile { target, input, output } => {
-            report(commands::compile_file(target, &input, output.as_deref()))
+            report(cli::modules::compile_file(target, &input, output.as_deref()))
         }
         Command::Push { file, reference, login } => {
             lichen::logging::init_quiet(&config);
-            let login = match read_login(&login) {
+            let login = match cli::modules::read_login(&login) {
                 Ok(l) => l,
                 Err(e) => return fail(&e),
             };
-            report(block_on(commands::push_file(&config, &file, &reference, login)))
+            report(block_on(cli::modules::push_file(&config, &file, &reference, login)))
         }
     }
 }
 
-fn report(result: Result<String, String>) -> ExitCode {
+fn report(result: Result<String, CliError>) -> ExitCode {
     match result {
         Ok(text) => {
             print!("{text}");
@@ -158,81 +158,9 @@ fn report(result: Result<String, String>) -> ExitCode {
     }
 }
 
-fn fail(message: &str) -> ExitCode {
-    eprintln!("lichen: {}", message.trim_end());
+fn fail(error: &CliError) -> ExitCode {
+    eprintln!("lichen: {}", error.to_string().trim_end());
     ExitCode::FAILURE
-}
-
-fn block_on<T>(f: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?
-        .block_on(f)
-}
-
-/// User name from the flag or LICHEN_REGISTRY_USERNAME; password from stdin (`--password-stdin`)
-/// or LICHEN_REGISTRY_PASSWORD, never from a flag, where `ps` would show it.
-fn read_login(login: &RegistryLogin) -> Result<Option<(String, String)>, String> {
-    let Some(user) = login.username.clone() else {
-        if login.password_stdin {
-            return Err("--password-stdin needs --username".into());
-        }
-        return Ok(None);
-    };
-    let password = if login.password_stdin {
-        let mut line = String::new();
-        std::io::stdin()
-            .read_line(&mut line)
-            .map_err(|e| format!("cannot read the password from stdin: {e}"))?;
-        line.trim_end_matches(['\r', '\n']).to_owned()
-    } else {
-        std::env::var("LICHEN_REGISTRY_PASSWORD")
-            .map_err(|_| "give the password with --password-stdin or LICHEN_REGISTRY_PASSWORD".to_string())?
-    };
-    Ok(Some((user, password)))
-}
-
-/// `lichen logs`: prints the log until it ends, or until Ctrl-C (or SIGTERM), which ends it cleanly.
-async fn logs(config: AgentConfig, args: LogsArgs) -> Result<(), String> {
-    use lichen::pod::logs::{LogOptions, LogsCommand};
-    let since = args.since.map(|d| {
-        let now = jiff::Timestamp::now();
-        jiff::SignedDuration::try_from(d)
-            .ok()
-            .and_then(|d| now.checked_sub(d).ok())
-            .unwrap_or(jiff::Timestamp::MIN)
-    });
-    let cmd = LogsCommand {
-        namespace: args.namespace,
-        pod: args.pod,
-        container: args.container,
-        options: LogOptions {
-            follow: args.follow,
-            previous: args.previous,
-            timestamps: args.timestamps,
-            tail_lines: args.tail,
-            since,
-            limit_bytes: None,
-        },
-    };
-    let cancel = CancellationToken::new();
-    let stop = cancel.clone();
-    tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-        else {
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        stop.cancel();
-    });
-    let mut out = tokio::io::stdout();
-    lichen::pod::logs::run_command(&config, cmd, &mut out, cancel).await
 }
 
 fn agent_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -258,7 +186,7 @@ fn join(config: AgentConfig, only: bool) -> anyhow::Result<()> {
     agent_runtime()?.block_on(async {
         let cancel = CancellationToken::new();
         tokio::spawn(handle_signals(cancel.clone()));
-        let pki = lichen::bootstrap::NodePki::new(&config.state_dir);
+        let pki = lichen::bootstrap::NodePki::new(&config.layout());
         match lichen::bootstrap::usable(&pki.kubeconfig, jiff::Timestamp::now()) {
             Ok(()) => {
                 tracing::info!(kubeconfig = %pki.kubeconfig.display(), "already joined; the node's certificate is valid")

@@ -32,7 +32,7 @@ impl Cluster {
                  (../shared/realk8s/up.sh provides one at /opt/realk8s/admin.kubeconfig)"
             )
         });
-        let client = lichen::node::connect(&path).await.expect("admin kubeconfig works");
+        let client = lichen::cluster::client::connect(&path).await.expect("admin kubeconfig works");
         Cluster { client, kubeconfig: path }
     }
 

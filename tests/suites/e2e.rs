@@ -616,7 +616,8 @@ async fn a_board_joins_with_the_bootstrap_token_and_its_csr_is_auto_approved() {
     assert!(newest.spec.username.as_deref().is_some_and(|u| u.starts_with("system:bootstrap:")));
 
     // Its kubeconfig works as the node, and only as the node.
-    let node_client = lichen::node::connect(&s.state.join("node.kubeconfig")).await.expect("node kubeconfig");
+    let node_client =
+        lichen::cluster::client::connect(&s.state.join("node.kubeconfig")).await.expect("node kubeconfig");
     let as_node: Api<Node> = Api::all(node_client);
     as_node.get(name).await.expect("a node reads its own Node");
     let other = "lichen-e2e-join-other";

@@ -1271,7 +1271,7 @@ fn firstboot_installs_the_join_credentials_and_refuses_bad_ones() {
     let installed = r.join("var/lib/lichen/bootstrap-token");
     assert_eq!(std::fs::read_to_string(&installed).expect("token"), format!("{token}\n"), "one clean line");
     assert_eq!(mode_owner(&installed), (0o600, uid, gid), "the token is 0600 lichen:lichen");
-    lichen::bootstrap::BootstrapToken::parse(&std::fs::read_to_string(&installed).expect("token"))
+    lichen::token::BootstrapToken::parse(&std::fs::read_to_string(&installed).expect("token"))
         .unwrap_or_else(|e| panic!("the agent refuses the installed token: {e}"));
     assert_eq!(mode_owner(&r.join("etc/lichen/config.toml")), (0o640, 0, gid));
     for name in ["lichen-ca.crt", "lichen-bootstrap-token", "lichen.toml"] {

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 pub use pki::NodePki;
 
 use crate::config::AgentConfig;
+pub use crate::token::BootstrapToken;
 
 /// Why joining or renewing failed. Each message says what the operator can do about it.
 #[derive(Debug, thiserror::Error)]
@@ -111,46 +112,6 @@ fn api(what: impl Into<String>) -> impl FnOnce(kube::Error) -> BootstrapError {
     move |source| BootstrapError::Api { what, source }
 }
 
-/// A bootstrap token, `<id>.<secret>` (6 and 16 characters of `[a-z0-9]`). `Debug` shows the id only.
-#[derive(Clone, PartialEq, Eq)]
-pub struct BootstrapToken {
-    id: String,
-    secret: String,
-}
-
-impl std::fmt::Debug for BootstrapToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BootstrapToken({}.<redacted>)", self.id)
-    }
-}
-
-impl BootstrapToken {
-    /// Parses `<id>.<secret>`; the error never repeats the secret.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let text = text.trim();
-        let ok = |s: &str, n: usize| {
-            s.len() == n && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        };
-        match text.split_once('.') {
-            Some((id, secret)) if ok(id, 6) && ok(secret, 16) => {
-                Ok(BootstrapToken { id: id.to_owned(), secret: secret.to_owned() })
-            }
-            _ => Err("is not of the form <id>.<secret> (6 and 16 characters of a-z and 0-9), as \
-                      `kubeadm token create` prints"
-                .into()),
-        }
-    }
-
-    /// The token id (public: it names the token's Secret, `bootstrap-token-<id>`).
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    fn bearer(&self) -> String {
-        format!("{}.{}", self.id, self.secret)
-    }
-}
-
 /// Where a bootstrap token came from, so success can clean it up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenSource {
@@ -163,7 +124,10 @@ pub enum TokenSource {
 /// Finds the bootstrap token: the value if given, else the token file.
 pub fn find_token(value: &str, file: &Path) -> Result<(BootstrapToken, TokenSource), BootstrapError> {
     if !value.trim().is_empty() {
-        return Ok((BootstrapToken::parse(value).map_err(BootstrapError::BadToken)?, TokenSource::Value));
+        return Ok((
+            BootstrapToken::parse(value).map_err(|e| BootstrapError::BadToken(e.to_string()))?,
+            TokenSource::Value,
+        ));
     }
     match std::fs::read_to_string(file) {
         Ok(text) => {
@@ -201,7 +165,7 @@ pub struct JoinRequest {
 async fn client_from_text(server: &str, text: &str) -> Result<Client, BootstrapError> {
     let err = |message: String| BootstrapError::Client { server: server.to_owned(), message };
     let kc = kube::config::Kubeconfig::from_yaml(text).map_err(|e| err(e.to_string()))?;
-    crate::node::client_for(kc).await.map_err(err)
+    crate::cluster::client::client_for(kc).await.map_err(|e| err(e.to_string()))
 }
 
 /// Joins: asks for a node client certificate with the bootstrap token, waits for it, installs it
@@ -229,7 +193,7 @@ pub async fn join(req: &JoinRequest, cancel: &CancellationToken) -> Result<PathB
     );
     let (key_pem, cert_pem) =
         request_certificate(&client, &req.node_name, req.approval_timeout, cancel).await?;
-    let pki = NodePki::new(&req.state_dir);
+    let pki = NodePki::new(&crate::layout::StateLayout::new(&req.state_dir));
     let kubeconfig = pki.install(&req.node_name, &req.server, &ca_pem, &key_pem, &cert_pem)?;
     tracing::info!(kubeconfig = %kubeconfig.display(), "joined: node client certificate installed");
     forget_token(&req.token_source, &req.state_dir);
@@ -399,7 +363,7 @@ pub fn usable(kubeconfig: &Path, now: jiff::Timestamp) -> Result<(), String> {
 /// with the bootstrap token. Failures are logged with what to do, and retried with back-off until
 /// `cancel` (static pods keep running meanwhile). Returns `None` on cancellation.
 pub async fn credentials(config: &AgentConfig, cancel: &CancellationToken) -> Option<Credentials> {
-    let managed = NodePki::new(&config.state_dir).kubeconfig;
+    let managed = config.layout().node_kubeconfig();
     let given = (!config.kubeconfig.as_os_str().is_empty()).then(|| config.kubeconfig.clone());
     if !config.join.enabled() {
         // Without `[join]`, a node that joined earlier (`lichen join`) keeps its own credentials.
@@ -460,15 +424,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tokens_are_checked_and_never_shown() {
-        let t = BootstrapToken::parse("abcdef.0123456789abcdef\n").expect("valid");
-        assert_eq!(t.id(), "abcdef");
-        assert!(!format!("{t:?}").contains("0123456789abcdef"));
-        for bad in ["abcdef", "abcde.0123456789abcdef", "ABCDEF.0123456789abcdef", "abcdef.0123456789abcdeg!"]
-        {
-            let e = BootstrapToken::parse(bad).expect_err(bad);
-            assert!(!e.contains("0123456789"), "{e}");
-        }
+    fn missing_tokens_say_where_to_put_one() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("bootstrap-token");
         let e = find_token("", &file).expect_err("no token").to_string();

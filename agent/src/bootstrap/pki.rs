@@ -285,9 +285,9 @@ pub fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<(), Bootstra
 }
 
 impl NodePki {
-    /// The layout under `state_dir`.
-    pub fn new(state_dir: &Path) -> Self {
-        NodePki { dir: state_dir.join("pki"), kubeconfig: state_dir.join("node.kubeconfig") }
+    /// The node's credentials in `layout`.
+    pub fn new(layout: &crate::layout::StateLayout) -> Self {
+        NodePki { dir: layout.pki(), kubeconfig: layout.node_kubeconfig() }
     }
 
     /// Stores a signed certificate with its key and points the node kubeconfig at them, then
@@ -405,7 +405,7 @@ mod tests {
     #[test]
     fn installed_credentials_are_private_and_replace_the_old_pair() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let pki = NodePki::new(dir.path());
+        let pki = NodePki::new(&crate::layout::StateLayout::new(dir.path()));
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
         let cert = rcgen::CertificateParams::new(vec![]).expect("p").self_signed(&key).expect("cert");
         let pem = cert.pem();

@@ -32,7 +32,7 @@ pub struct CertificateRotation {
 impl CertificateRotation {
     /// Rotation of `<state_dir>/node.kubeconfig` for the config's node.
     pub fn new(config: &AgentConfig) -> Self {
-        CertificateRotation { config: config.clone(), pki: NodePki::new(&config.state_dir) }
+        CertificateRotation { config: config.clone(), pki: NodePki::new(&config.layout()) }
     }
 
     /// Runs until `cancel`, replacing the client in `tx` after every renewal.
@@ -122,7 +122,7 @@ impl CertificateRotation {
                 super::request_certificate(&client, &self.config.node_name, timeout, cancel).await?;
             self.pki.install(&self.config.node_name, &server, &ca_pem, &key, &cert)?
         };
-        let client = crate::node::connect(&kubeconfig)
+        let client = crate::cluster::client::connect(&kubeconfig)
             .await
             .map_err(|e| BootstrapError::File { path: kubeconfig.clone(), message: e.to_string() })?;
         tx.send_replace(client);

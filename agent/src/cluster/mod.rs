@@ -1,6 +1,7 @@
 //! The Kubernetes side of pods: which pods are bound to this node ([`pods`]), and what they are
 //! doing, written back to the API server ([`status`]). The node itself is [`crate::node`].
 
+pub mod client;
 pub mod events;
 pub mod inputs;
 pub mod pods;
@@ -46,7 +47,7 @@ impl ClusterClient {
 pub async fn connect_with_retry(kubeconfig: &Path, cancel: &CancellationToken) -> Option<Client> {
     let mut backoff = RetryBackoff::new(Duration::from_secs(1), Duration::from_secs(300));
     loop {
-        match crate::node::connect(kubeconfig).await {
+        match client::connect(kubeconfig).await {
             Ok(c) => return Some(c),
             Err(e) => {
                 let delay = backoff.next_delay();

@@ -9,7 +9,7 @@ use kube::api::{Api, Patch, PatchParams};
 use tokio_util::sync::CancellationToken;
 
 use super::pods::SOURCE;
-use crate::pod::board::StatusBoard;
+use crate::board::StatusBoard;
 use crate::retry::RetryBackoff;
 
 /// Drains the board until `cancel`.

@@ -31,10 +31,10 @@ use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::board::StatusBoard;
 use crate::bootstrap::{CsrKind, pki};
 use crate::cluster::ClusterClient;
 use crate::config::AgentConfig;
-use crate::pod::board::StatusBoard;
 use crate::pod::logs::{self, LogOptions};
 use crate::store::StateStore;
 use auth::{Attributes, Authorizer, Identity};
@@ -132,7 +132,7 @@ impl ServingFiles {
 /// The node's addresses for the certificate's SANs.
 fn addresses(config: &AgentConfig) -> Vec<String> {
     let mut out = Vec::new();
-    if let Some(ip) = crate::node::facts::node_ip_or_detected(config.node_ip.parse().ok()) {
+    if let Some(ip) = crate::host::node_ip_or_detected(config.node_ip.parse().ok()) {
         out.push(ip.to_string());
     }
     out.push(config.node_hostname.clone());
@@ -172,7 +172,7 @@ pub async fn run(config: AgentConfig, api: KubeletApi, cancel: CancellationToken
 
 async fn serve(config: AgentConfig, api: KubeletApi, cancel: CancellationToken) -> Result<(), KubeletError> {
     let k = &config.kubelet_api;
-    let files = ServingFiles { dir: config.state_dir.join("pki") };
+    let files = ServingFiles { dir: config.layout().pki() };
     let configured = !k.tls_cert_file.as_os_str().is_empty();
     let initial = if configured {
         let read = |p: &PathBuf| {
@@ -315,7 +315,7 @@ async fn keep_serving_certificate(
     resolver: Arc<ServingCert>,
     cancel: CancellationToken,
 ) {
-    let files = ServingFiles { dir: config.state_dir.join("pki") };
+    let files = ServingFiles { dir: config.layout().pki() };
     // Approval of serving CSRs is often by hand: wait long, then ask again.
     let approval_wait = Duration::from_secs(3600);
     loop {

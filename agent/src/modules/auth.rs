@@ -9,7 +9,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::pod::inputs::ObjectData;
+use crate::store::inputs::ObjectData;
 
 /// How to authenticate to one registry.
 #[derive(Clone, PartialEq, Eq)]

@@ -9,8 +9,6 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{Credential, ImageOrigin, ModuleCache, ModuleSource, PullCredentials, PullPolicy, parse_image};
-use crate::config::AgentConfig;
-use crate::runtime::CompileTarget;
 use crate::store::{ModuleDigest, StateStore};
 
 /// One `lichen modules` request.
@@ -335,72 +333,6 @@ impl ModuleCache {
             if with_artifact { ", with its precompiled artifact" } else { ", compiled now" }
         ))
     }
-}
-
-/// Runs a `lichen modules` command: through the running agent's control socket, or, when no agent
-/// runs, on the store directly.
-pub async fn run_command(config: &AgentConfig, cmd: ModuleCommand) -> Result<String, String> {
-    let socket = crate::control::socket_path(&config.state_dir);
-    let request = crate::control::ControlRequest::Modules(cmd.clone());
-    let layout = crate::app::StateLayout::of(config);
-    let store = match crate::control::ask_agent_or_open_store(&socket, &request, &layout.store).await? {
-        crate::control::Reached::Agent(answer) => {
-            return if answer.ok { Ok(answer.output) } else { Err(answer.output) };
-        }
-        crate::control::Reached::Store(store) => store,
-    };
-    let runtime = crate::runtime::WasmRuntime::new().map_err(|e| e.to_string())?;
-    let cache = ModuleCache::new(store.clone(), runtime, &config.modules)?;
-    let result = cache.command(cmd).await;
-    let _ = tokio::task::spawn_blocking(move || store.flush()).await;
-    result
-}
-
-/// `lichen compile`: precompiles `input` for `target` into a `lichen compile` artifact file.
-pub fn compile_file(target: CompileTarget, input: &Path, output: Option<&Path>) -> Result<String, String> {
-    let wasm = std::fs::read(input).map_err(|e| format!("cannot read {}: {e}", input.display()))?;
-    let (artifact, key) = crate::runtime::precompile(target, &wasm)?;
-    let output = output.map(Path::to_path_buf).unwrap_or_else(|| input.with_extension("cwasm"));
-    let file = encode_artifact(&ModuleDigest::of(&wasm), &key, &artifact);
-    std::fs::write(&output, &file).map_err(|e| format!("cannot write {}: {e}", output.display()))?;
-    Ok(format!(
-        "compiled {} for {target:?} (engine {key}) -> {} ({} bytes)\n",
-        input.display(),
-        output.display(),
-        file.len()
-    ))
-}
-
-/// `lichen push`: publishes a `.wasm` file as a CNCF Wasm artifact.
-pub async fn push_file(
-    config: &AgentConfig,
-    file: &Path,
-    reference: &str,
-    login: Option<(String, String)>,
-) -> Result<String, String> {
-    let wasm = tokio::fs::read(file).await.map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-    if !wasm.starts_with(b"\0asm") {
-        return Err(format!(
-            "{} is not a binary WebAssembly module (it must start with \\0asm; convert .wat text with wasm-tools parse)",
-            file.display()
-        ));
-    }
-    let engine = wasmtime::Engine::new(&crate::runtime::engine_config()).map_err(|e| e.to_string())?;
-    wasmtime::Module::validate(&engine, &wasm)
-        .map_err(|e| format!("{} is not a valid module: {e:#}", file.display()))?;
-    let Ok(ModuleSource::Oci(r)) = parse_image(reference, ImageOrigin::Cluster, &config.modules) else {
-        return Err(format!("{reference:?} is not an OCI reference (registry/repository:tag)"));
-    };
-    let credential = login.map(|(username, password)| Credential::Basic { username, password });
-    let fetcher = super::Fetcher::new(&config.modules)?;
-    let size = wasm.len();
-    let digest = ModuleDigest::of(&wasm);
-    let manifest = fetcher.push_oci(&r, wasm, credential.as_ref()).await.map_err(|e| e.to_string())?;
-    Ok(format!(
-        "pushed {} ({size} bytes, module {digest}) to {} (manifest {manifest})\n",
-        file.display(),
-        r.whole()
-    ))
 }
 
 #[cfg(test)]

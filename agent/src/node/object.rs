@@ -9,8 +9,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
-use super::facts::{HostFacts, kube_arch};
 use crate::config::TaintSpec;
+use crate::host::{HostFacts, kube_arch};
 
 /// When the node reports pressure, as the kubelet's hard eviction thresholds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

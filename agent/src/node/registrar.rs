@@ -3,20 +3,19 @@
 //! back-off forever; they are logged, never fatal, and pods keep running meanwhile.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{Node, NodeStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
-use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::facts::HostFacts;
 use super::object::{self, Readiness};
 use crate::config::{AgentConfig, TaintSpec, parse_taint};
+use crate::host::HostFacts;
 use crate::retry::RetryBackoff;
 
 /// How often the Lease is renewed.
@@ -30,14 +29,6 @@ const LEASE_NAMESPACE: &str = "kube-node-lease";
 /// Errors talking to the cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    /// The kubeconfig could not be read or used.
-    #[error("kubeconfig {path}: {message}")]
-    Kubeconfig {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
     /// The API server refused or failed a request.
     #[error("{what}: {source}")]
     Api {
@@ -59,27 +50,6 @@ impl NodeError {
 fn api(what: impl Into<String>) -> impl FnOnce(kube::Error) -> NodeError {
     let what = what.into();
     move |source| NodeError::Api { what, source }
-}
-
-/// A client from a kubeconfig file (rustls, ring; no OpenSSL).
-pub async fn connect(kubeconfig: &Path) -> Result<Client, NodeError> {
-    let err = |message: String| NodeError::Kubeconfig { path: kubeconfig.to_owned(), message };
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig).map_err(|e| err(e.to_string()))?;
-    client_for(kc).await.map_err(err)
-}
-
-/// A client for a parsed kubeconfig, with the agent's network timeouts.
-pub async fn client_for(kc: kube::config::Kubeconfig) -> Result<Client, String> {
-    let mut config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    // An edge link that silently drops packets must not hang a heartbeat for minutes.
-    config.connect_timeout = Some(Duration::from_secs(10));
-    config.read_timeout = Some(Duration::from_secs(30));
-    config.write_timeout = Some(Duration::from_secs(30));
-    // Every request is counted and timed for /metrics (lichen_api_request_*).
-    let builder = kube::client::ClientBuilder::try_from(config).map_err(|e| e.to_string())?;
-    Ok(builder.with_layer(&crate::metrics::ApiMetricsLayer).build())
 }
 
 /// Owns the Node object and its Lease.

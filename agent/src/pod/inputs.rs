@@ -5,112 +5,11 @@
 //! the fetched result that `spec::plan` reads. The inputs are stored with the pod record so a pod
 //! can start again after a reboot with no network at all.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
-use jiff::Timestamp;
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Pod, PodSpec};
-use serde::{Deserialize, Serialize};
 
-/// A ConfigMap's or Secret's data: `data` and `binaryData` merged, as bytes.
-pub type ObjectData = BTreeMap<String, ByteString>;
-
-/// A projected service account token request, as the spec asks for it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TokenRef {
-    /// The audience; empty means the API server's own.
-    pub audience: String,
-    /// Requested lifetime in seconds.
-    pub expiration_seconds: i64,
-}
-
-impl TokenRef {
-    /// The key the token is stored under in [`PodInputs::tokens`].
-    pub fn key(&self) -> String {
-        format!("{}#{}", self.audience, self.expiration_seconds)
-    }
-}
-
-/// A token issued through the TokenRequest API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IssuedToken {
-    /// The bearer token.
-    pub token: String,
-    /// When it was issued.
-    pub issued: Timestamp,
-    /// When it expires.
-    pub expires: Timestamp,
-}
-
-impl IssuedToken {
-    /// Whether it should be replaced: past 80% of its life, as the kubelet rotates them.
-    pub fn due(&self, now: Timestamp) -> bool {
-        let life = self.expires.as_second() - self.issued.as_second();
-        now.as_second() >= self.issued.as_second() + life * 4 / 5
-    }
-}
-
-/// Everything fetched for one pod. A name that is absent from a map has not been fetched (yet);
-/// a name mapped to `None` was fetched and does not exist.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PodInputs {
-    /// ConfigMaps in the pod's namespace, by name.
-    #[serde(default)]
-    pub config_maps: BTreeMap<String, Option<ObjectData>>,
-    /// Secrets in the pod's namespace, by name.
-    #[serde(default)]
-    pub secrets: BTreeMap<String, Option<ObjectData>>,
-    /// Service account tokens by [`TokenRef::key`].
-    #[serde(default)]
-    pub tokens: BTreeMap<String, IssuedToken>,
-    /// Why the last fetch of a name failed, by `configmap/<name>`, `secret/<name>` or `token/<key>`.
-    #[serde(default)]
-    pub errors: BTreeMap<String, String>,
-}
-
-/// The kind of object a reference names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ObjectKind {
-    /// A ConfigMap.
-    ConfigMap,
-    /// A Secret.
-    Secret,
-}
-
-impl ObjectKind {
-    /// As Kubernetes spells it in messages.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ObjectKind::ConfigMap => "ConfigMap",
-            ObjectKind::Secret => "Secret",
-        }
-    }
-
-    /// The prefix of [`PodInputs::errors`] keys.
-    pub fn error_key(self, name: &str) -> String {
-        match self {
-            ObjectKind::ConfigMap => format!("configmap/{name}"),
-            ObjectKind::Secret => format!("secret/{name}"),
-        }
-    }
-}
-
-impl PodInputs {
-    /// Looks up a fetched object: `Ok(Some)` found, `Ok(None)` known not to exist, `Err` not fetched.
-    pub fn object(&self, kind: ObjectKind, name: &str) -> Result<Option<&ObjectData>, String> {
-        let map = match kind {
-            ObjectKind::ConfigMap => &self.config_maps,
-            ObjectKind::Secret => &self.secrets,
-        };
-        match map.get(name) {
-            Some(found) => Ok(found.as_ref()),
-            None => Err(match self.errors.get(&kind.error_key(name)) {
-                Some(e) => format!("cannot fetch {} {name:?} from the API server: {e}", kind.as_str()),
-                None => format!("{} {name:?} has not been fetched from the API server yet", kind.as_str()),
-            }),
-        }
-    }
-}
+pub use crate::store::inputs::{IssuedToken, ObjectData, ObjectKind, PodInputs, TokenRef};
 
 /// What a pod's spec asks the API server for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -196,6 +95,7 @@ fn collect_volumes(spec: &PodSpec, r: &mut References) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use jiff::Timestamp;
 
     #[test]
     fn references_cover_env_env_from_volumes_and_projections() {

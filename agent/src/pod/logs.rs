@@ -16,17 +16,14 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::PodStatus;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::pod::board::StatusBoard;
-use crate::report::PodLine;
+use crate::board::StatusBoard;
 use crate::store::StateStore;
 
 /// How long a follower sleeps between looks at the file: short enough that `-f` feels live, long
@@ -228,15 +225,20 @@ pub struct ContainerLogs {
 
 /// A pod as far as finding its logs goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct PodContainers {
-    key: String,
-    uid: String,
-    containers: Vec<String>,
-    init_containers: Vec<String>,
+pub struct PodContainers {
+    /// `namespace/name`.
+    pub key: String,
+    /// The pod's UID.
+    pub uid: String,
+    /// Its app containers.
+    pub containers: Vec<String>,
+    /// Its init containers.
+    pub init_containers: Vec<String>,
 }
 
 impl PodContainers {
-    fn of_record(r: &crate::store::PodRecord) -> Self {
+    /// The containers of a stored pod.
+    pub fn of_record(r: &crate::store::PodRecord) -> Self {
         let names = |field: &str| -> Vec<String> {
             r.pod["spec"][field]
                 .as_array()
@@ -248,18 +250,6 @@ impl PodContainers {
             uid: r.uid.clone(),
             containers: names("containers"),
             init_containers: names("initContainers"),
-        }
-    }
-
-    fn of_line(p: &PodLine) -> Self {
-        let names = |init: bool| {
-            p.container_lines.iter().filter(|c| c.init == init).map(|c| c.name.clone()).collect()
-        };
-        PodContainers {
-            key: p.key.clone(),
-            uid: p.uid.clone(),
-            containers: names(false),
-            init_containers: names(true),
         }
     }
 }
@@ -289,7 +279,8 @@ pub fn locate(
     locate_in(&PodContainers::of_record(&record), logs_dir, container)
 }
 
-fn locate_in(
+/// Finds the log directory of `container` (or of the pod's only container) of `pod`.
+pub fn locate_in(
     pod: &PodContainers,
     logs_dir: &Path,
     container: Option<&str>,
@@ -950,145 +941,12 @@ fn runs_after(dir: &Path, run: u32) -> Result<bool, LogError> {
     Ok(runs(dir)?.range(run + 1..).next().is_some())
 }
 
-// ---- `lichen logs` ----
-
-/// What `lichen logs` asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogsCommand {
-    /// `-n`; without it, `default`, or the namespace of the only pod of that name.
-    pub namespace: Option<String>,
-    /// The pod's name; a static pod's may leave out its `-<node_name>` suffix.
-    pub pod: String,
-    /// The container; may be left out when the pod has one.
-    pub container: Option<String>,
-    /// What to read.
-    pub options: LogOptions,
-}
-
-/// How often `lichen logs -f` asks the agent whether the container still runs.
-const AGENT_POLL: Duration = Duration::from_secs(1);
-
-/// `lichen logs`: finds the pod in the running agent's report (or in the store when no agent
-/// runs), then reads its log files directly and writes them to `out` until they end, the run is
-/// over (with `follow`) or `cancel` fires. A closed `out` (a pipe into `head`) ends it quietly.
-pub async fn run_command(
-    config: &crate::config::AgentConfig,
-    cmd: LogsCommand,
-    out: &mut (dyn AsyncWrite + Unpin + Send),
-    cancel: CancellationToken,
-) -> Result<(), String> {
-    let report = crate::report::node_report(config).await?;
-    let pod = choose_pod(&report.pods, cmd.namespace.as_deref(), &cmd.pod, &config.node_name)
-        .map_err(|e| e.to_string())?;
-    let logs_dir = crate::app::StateLayout::of(config).logs;
-    let logs = locate_in(&PodContainers::of_line(pod), &logs_dir, cmd.container.as_deref())
-        .map_err(|e| e.to_string())?;
-    let running = Arc::new(AtomicBool::new(report.agent_running && pod.container_running(&logs.container)));
-    let stop_polling = cancel.child_token();
-    if cmd.options.follow && report.agent_running {
-        let (running, stop) = (running.clone(), stop_polling.clone());
-        let socket = crate::control::socket_path(&config.state_dir);
-        let (key, uid, container) = (logs.pod_key.clone(), logs.uid.clone(), logs.container.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(AGENT_POLL) => {}
-                    _ = stop.cancelled() => return,
-                }
-                let now = agent_says_running(&socket, &key, &uid, &container).await;
-                running.store(now, Ordering::Relaxed);
-            }
-        });
-    }
-    let probe = {
-        let running = running.clone();
-        Arc::new(move || running.load(Ordering::Relaxed)) as Arc<dyn Fn() -> bool + Send + Sync>
-    };
-    let (tx, mut rx) = mpsc::channel(8);
-    let reader = tokio::spawn(stream(logs, cmd.options, probe, tx, cancel.clone()));
-    let mut write_error = None;
-    while let Some(chunk) = rx.recv().await {
-        if let Err(e) = write_all_flush(out, &chunk).await {
-            if e.kind() != io::ErrorKind::BrokenPipe {
-                write_error = Some(format!("cannot write the log: {e}"));
-            }
-            break;
-        }
-    }
-    drop(rx);
-    stop_polling.cancel();
-    let result = reader.await.map_err(|e| format!("the log reader failed: {e}"))?;
-    result.map_err(|e| e.to_string())?;
-    write_error.map_or(Ok(()), Err)
-}
-
-async fn write_all_flush(out: &mut (dyn AsyncWrite + Unpin + Send), chunk: &[u8]) -> io::Result<()> {
-    out.write_all(chunk).await?;
-    out.flush().await
-}
-
-/// Whether the agent on `socket` reports `container` of the pod `key` (with UID `uid`) running. No
-/// answer (the agent stopped) means not running.
-async fn agent_says_running(socket: &Path, key: &str, uid: &str, container: &str) -> bool {
-    let request = crate::control::ControlRequest::Status;
-    let Ok(Some(answer)) = crate::control::request(socket, &request).await else { return false };
-    let Ok(report) = serde_json::from_str::<crate::report::NodeReport>(&answer.output) else { return false };
-    answer.ok
-        && report
-            .pods
-            .iter()
-            .any(|p| p.key == key && (p.uid.is_empty() || p.uid == uid) && p.container_running(container))
-}
-
-/// The pod `lichen logs` means. With a namespace, `namespace/pod`; without, the only pod of that
-/// name in any namespace, else `default/pod`. A static pod may be named without its
-/// `-<node_name>` suffix when no pod has the name as given.
-fn choose_pod<'a>(
-    pods: &'a [PodLine],
-    namespace: Option<&str>,
-    name: &str,
-    node_name: &str,
-) -> Result<&'a PodLine, LogError> {
-    let named = |n: &str| -> Vec<&'a PodLine> {
-        pods.iter()
-            .filter(|p| {
-                p.key
-                    .split_once('/')
-                    .is_some_and(|(ns, pn)| pn == n && namespace.is_none_or(|want| want == ns))
-            })
-            .collect()
-    };
-    let mut candidates = named(name);
-    if candidates.is_empty() {
-        candidates = named(&format!("{name}-{node_name}"));
-    }
-    match (candidates.as_slice(), namespace) {
-        ([only], _) => Ok(only),
-        ([], Some(ns)) => Err(LogError::NotFound(format!(
-            "pod \"{ns}/{name}\" not found on this node (lichen pods lists the pods)"
-        ))),
-        ([], None) => Err(LogError::NotFound(format!(
-            "pod {name:?} not found on this node in any namespace (lichen pods lists the pods)"
-        ))),
-        (many, _) => match many.iter().find(|p| p.key.starts_with("default/")) {
-            Some(p) => Ok(p),
-            None => {
-                let namespaces: Vec<&str> =
-                    many.iter().filter_map(|p| p.key.split_once('/').map(|k| k.0)).collect();
-                Err(LogError::NotFound(format!(
-                    "pod {name:?} is in several namespaces ({}); choose one with -n",
-                    namespaces.join(", ")
-                )))
-            }
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::runtime::logs::{ContainerLog, Stream};
     use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     fn opts(query: &str) -> LogOptions {
         LogOptions::from_query(query).expect("valid query")
@@ -1476,30 +1334,5 @@ mod tests {
         let e = locate(&store, &logs, "default", "web", None).expect_err("other namespace");
         assert_eq!(e.http_status(), 404);
         assert_eq!(e.to_string(), "pod \"default/web\" not found on this node");
-    }
-
-    #[test]
-    fn the_cli_finds_pods_by_name_and_namespace() {
-        let line = |key: &str| PodLine { key: key.into(), ..Default::default() };
-        let pods = vec![
-            line("default/web"),
-            line("kube-system/web"),
-            line("edge/sensor-pi-07"),
-            line("a/x"),
-            line("b/x"),
-        ];
-        let key = |ns, name| choose_pod(&pods, ns, name, "pi-07").map(|p| p.key.clone());
-        assert_eq!(key(None, "web").expect("default wins"), "default/web");
-        assert_eq!(key(Some("kube-system"), "web").expect("asked"), "kube-system/web");
-        assert_eq!(key(None, "sensor-pi-07").expect("the only one"), "edge/sensor-pi-07");
-        assert_eq!(key(None, "sensor").expect("static pod's short name"), "edge/sensor-pi-07");
-        assert!(key(None, "x").expect_err("ambiguous").to_string().contains("a, b"));
-        assert!(
-            key(Some("default"), "sensor")
-                .expect_err("wrong namespace")
-                .to_string()
-                .contains("default/sensor")
-        );
-        assert_eq!(key(None, "nope").expect_err("unknown").http_status(), 404);
     }
 }

@@ -1,6 +1,5 @@
 //! Pods: from a `v1.Pod` to running modules and an honest `v1.PodStatus`.
 
-pub mod board;
 pub mod events;
 pub mod inputs;
 pub mod logs;

@@ -16,11 +16,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::board::StatusBoard;
 use super::events::{EventRecorder, EventType, PodEvent};
 use super::spec::{ContainerPlan, PodPlan, VolumeFile, VolumeKind};
 use super::state::{Backoff, ContainerState, ContainerView, RestartPolicy, Termination};
 use super::status::{self, PodFailure, PodView};
+use crate::board::StatusBoard;
 use crate::config::ContainerLogConfig;
 use crate::modules::{LoadFailure, ModuleCache, PullCredentials, PullError, Resolution};
 use crate::runtime::logs::{ContainerLog, Stream};

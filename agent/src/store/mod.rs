@@ -5,6 +5,7 @@
 //! the agent has acknowledged survives `kill -9` and power loss. The sled implementation lives in
 //! [`sled_store`]; tests and later backends implement the same trait.
 
+pub mod inputs;
 mod sled_store;
 
 use std::collections::BTreeMap;
@@ -15,6 +16,16 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use sled_store::SledStore;
+
+/// Opens the sled store on a blocking thread: sled recovers its log on open, which can take a
+/// while on a slow SD card, and must not hold a runtime thread.
+pub async fn open_off_reactor(path: PathBuf) -> Result<std::sync::Arc<SledStore>, StoreError> {
+    let p = path.clone();
+    tokio::task::spawn_blocking(move || SledStore::open(&p))
+        .await
+        .map_err(|e| StoreError::Io { path, source: std::io::Error::other(e) })?
+        .map(std::sync::Arc::new)
+}
 
 /// The schema this build writes. Bump it with a migration in `sled_store::MIGRATIONS`.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -145,7 +156,7 @@ pub struct PodRecord {
     /// The ConfigMaps, Secrets and tokens fetched for it, so it can start again offline. Kept in the
     /// store, which is private to the agent's user, as the kubelet keeps them on the node.
     #[serde(default)]
-    pub inputs: Option<crate::pod::inputs::PodInputs>,
+    pub inputs: Option<inputs::PodInputs>,
 }
 
 /// What the store keeps about a cached module besides its bytes.

@@ -22,8 +22,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::board::StatusBoard;
 use crate::config::AgentConfig;
-use crate::pod::board::StatusBoard;
 use crate::store::StateStore;
 use bridge::MqttBridge;
 

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::bridge::MqttBridge;
 use super::spool::{Origin, SpoolMessage};
-use crate::pod::board::StatusBoard;
+use crate::board::StatusBoard;
 
 /// The topic node telemetry is published on.
 pub fn telemetry_topic(node: &str) -> String {
@@ -74,7 +74,7 @@ impl NodeTelemetry {
             *pods.entry(phase).or_default() += 1;
         }
         let meminfo = text("/proc/meminfo");
-        let (disk_total, disk_available) = crate::node::facts::disk(&self.state_dir);
+        let (disk_total, disk_available) = crate::host::disk(&self.state_dir);
         let mut v = json!({
             "node": self.bridge.node(),
             "time": jiff::Timestamp::now().to_string(),
@@ -82,8 +82,8 @@ impl NodeTelemetry {
             "load": load(&text("/proc/loadavg")),
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             "memory": {
-                "total_bytes": crate::node::facts::meminfo_field(&meminfo, "MemTotal:"),
-                "available_bytes": crate::node::facts::meminfo_field(&meminfo, "MemAvailable:"),
+                "total_bytes": crate::host::meminfo_field(&meminfo, "MemTotal:"),
+                "available_bytes": crate::host::meminfo_field(&meminfo, "MemAvailable:"),
             },
             "disk": {
                 "path": self.state_dir.display().to_string(),

@@ -3,7 +3,6 @@
 
 use std::fmt::Write as _;
 
-use crate::app::StateLayout;
 use crate::config::AgentConfig;
 use crate::pod::spec::{self, PlanContext};
 use crate::static_pods::StaticPodSource;
@@ -22,15 +21,16 @@ pub fn check(config: &AgentConfig) -> CheckReport {
     let mut out = String::new();
     let mut problems = 0;
     let _ = writeln!(out, "# configuration (after file, environment and flags)\n{}", config.to_toml());
-    let layout = StateLayout::of(config);
+    let layout = config.layout();
+    let (store_dir, pods_dir) = (layout.store(), layout.pods());
     // Checking must not create anything: a missing store is reported, not made.
-    let store_result = if layout.store.join("db").exists() || layout.store.join("conf").exists() {
-        Some(SledStore::open(&layout.store))
+    let store_result = if store_dir.join("db").exists() || store_dir.join("conf").exists() {
+        Some(SledStore::open(&store_dir))
     } else {
         let _ = writeln!(
             out,
             "note  state store {} does not exist yet; `lichen run` creates it",
-            layout.store.display()
+            store_dir.display()
         );
         None
     };
@@ -42,13 +42,12 @@ pub fn check(config: &AgentConfig) -> CheckReport {
             let _ = writeln!(
                 out,
                 "ok    state store {} (schema {}, {pods} pods, {modules} modules)",
-                layout.store.display(),
+                store_dir.display(),
                 store.schema_version()
             );
         }
         Some(Err(StoreError::Locked { .. })) => {
-            let _ =
-                writeln!(out, "ok    state store {} is in use by a running lichen", layout.store.display());
+            let _ = writeln!(out, "ok    state store {} is in use by a running lichen", store_dir.display());
         }
         Some(Err(e)) => {
             problems += 1;
@@ -86,7 +85,7 @@ pub fn check(config: &AgentConfig) -> CheckReport {
         let ctx = PlanContext {
             node_name: &config.node_name,
             host_ip: None,
-            pods_dir: &layout.pods,
+            pods_dir: &pods_dir,
             state_dir: &config.state_dir,
             origin: match d.image_base.as_deref() {
                 Some(dir) => crate::modules::ImageOrigin::Static(dir),

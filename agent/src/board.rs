@@ -1,4 +1,6 @@
-//! The latest status of every pod, for whoever reports it elsewhere (the API status writer today).
+//! The status board (ground floor): the latest status of every pod, written by the pod workers and
+//! read by whoever reports it elsewhere (the API status writer, `lichen status`, /metrics, node
+//! telemetry). It imports nothing from the crate, so every room can share it.
 //!
 //! Coalescing by design: each pod keeps only its newest status and a version number, so a writer that
 //! fell behind (or was offline) sends one patch per pod, never a backlog.

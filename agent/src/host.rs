@@ -1,4 +1,6 @@
-//! Facts about the host that the Node reports: CPUs, memory, disk, kernel, OS image, address.
+//! Facts about the board (ground floor): CPUs, memory, disk, kernel, OS image, address, as the
+//! Node object and node telemetry report them. It reads `/proc`, `/etc` and the state directory's
+//! filesystem; it imports nothing from the crate.
 
 use std::net::IpAddr;
 use std::path::Path;
