@@ -340,6 +340,32 @@ pub fn is_running_ready(p: &k8s_openapi::api::core::v1::Pod) -> bool {
             .is_some_and(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
 }
 
+/// Whether this process runs as root (the permission and packaging tests take other paths then).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// The stdout lines of a container run's log records, in order.
+pub fn stdout_lines(recs: &[lichen::runtime::logs::LogRecord]) -> Vec<&str> {
+    recs.iter()
+        .filter(|r| r.stream == lichen::runtime::logs::Stream::Stdout)
+        .map(|r| r.text.as_str())
+        .collect()
+}
+
+/// A finished `lichen` command's stdout; fails the test with its stdout and stderr unless it
+/// succeeded.
+pub fn lichen_ok(out: std::process::Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "lichen failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
+    text
+}
+
 /// Resident memory of process `pid` in KiB (0 if it cannot be read), for benchmarks.
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

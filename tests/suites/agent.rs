@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use lichen_tests::{Scratch, fixture, lichen_bin, pod_yaml, wait_for};
+use lichen_tests::{Scratch, fixture, is_root, lichen_bin, pod_yaml, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -172,15 +172,6 @@ fn a_state_dir_without_permission_is_a_clear_error() {
         "{text}"
     );
     assert!(text.contains("chown"), "tells the way out: {text}");
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
 }
 
 #[test]
