@@ -252,6 +252,32 @@ impl Scratch {
         serde_json::from_slice(&out.stdout).expect("status json")
     }
 
+    /// Waits until the agent on this layout answers `lichen status` itself (`agent_running`): its
+    /// store is open and its control socket serves. Calls before that read the store, or fail
+    /// while there is none yet; both mean "not yet".
+    pub fn wait_running(&self, timeout: Duration) {
+        wait_for(timeout, "the agent to answer `lichen status` as running", || {
+            let out = Command::new(lichen_bin())
+                .args(["status", "--json", "--config"])
+                .arg(&self.config)
+                .env_remove("LICHEN_CONFIG")
+                .output()
+                .expect("lichen status");
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (out.status.success() && v["agent_running"] == true).then_some(())
+        })
+    }
+
+    /// Waits until `lichen status` shows the static pod `pod` (on node `test-node`) in `phase`.
+    pub fn wait_phase(&self, pod: &str, phase: &str, timeout: Duration) {
+        let key = format!("default/{pod}-test-node");
+        wait_for(timeout, &format!("{key} to be {phase}"), || {
+            let status = self.status_json();
+            let pods = status["pods"].as_array()?;
+            pods.iter().any(|p| p["key"] == key.as_str() && p["phase"] == phase).then_some(())
+        })
+    }
+
     /// `["run", "--config", <config>]`.
     pub fn run_args(&self) -> Vec<String> {
         vec!["run".into(), "--config".into(), self.config.display().to_string()]

@@ -119,8 +119,9 @@ fn artifacts_compiled_on_a_build_machine_run_here_with_the_same_statuses() {
     let fuel = format!("  annotations:\n    lichen.dev/fuel: \"{FUEL}\"\n");
     s.put_pod("spin.yaml", &pod("spin", "build.invalid/cross/loop:1", &fuel));
     let agent = s.start();
-    agent.wait_log(&["pod worker finished", "hello-test-node"], T);
-    agent.wait_log(&["pod worker finished", "spin-test-node"], T);
+    s.wait_running(T);
+    s.wait_phase("hello", "Succeeded", T);
+    s.wait_phase("spin", "Failed", T);
     let output = s.output("hello", "main", 0);
     assert!(output.contains(&format!("hello ran on {target}")), "{output:?}");
     let (status, log) = agent.stop();

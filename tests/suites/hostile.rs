@@ -159,7 +159,7 @@ fn a_module_cannot_flood_the_agents_log() {
     wait_for(t, "the module to finish knocking", || {
         s.output("knock", "main", 0).iter().any(|l| l == "done").then_some(())
     });
-    agent.wait_log(&["pod worker finished"], t);
+    s.wait_phase("knock", "Succeeded", t);
     let log = agent.log();
     let socket_lines = log.iter().filter(|l| l.contains("sock_")).count();
     assert_eq!(socket_lines, 0, "socket calls logged: {:?}", log.iter().find(|l| l.contains("sock_")));

@@ -91,7 +91,7 @@ fn pushed_modules_run_as_static_pods_and_stay_cached_with_their_compiled_code() 
     assert_eq!(manifest["layers"][0]["digest"], digest.as_str());
 
     let agent = s.start();
-    agent.wait_log(&["lichen running"], T);
+    s.wait_running(T);
     static_pod(&s, "hello", &image, "");
     wait_for(T, "the pulled module's output", || hello_ran(&s, "hello"));
     agent.wait_log(&["pulled module", &digest], T);
@@ -111,7 +111,7 @@ fn pushed_modules_run_as_static_pods_and_stay_cached_with_their_compiled_code() 
     assert!(status.success());
     std::fs::remove_file(s.pods.join("hello.yaml")).expect("rm");
     let agent = s.start();
-    agent.wait_log(&["lichen running"], T);
+    s.wait_running(T);
     static_pod(&s, "again", &image, "");
     wait_for(T, "the cached module's output", || hello_ran(&s, "again"));
     assert!(
@@ -171,7 +171,7 @@ fn pull_policies_never_and_always_with_the_registry_away() {
     let s = scratch(&[reg.host()], "");
     let image = format!("{}/demo/hello:latest", reg.host());
     let agent = s.start();
-    agent.wait_log(&["lichen running"], T);
+    s.wait_running(T);
 
     static_pod(&s, "never", &image, "    imagePullPolicy: Never\n");
     agent.wait_log(&["cannot pull module", "not present with pull policy of Never"], T);
