@@ -243,11 +243,6 @@ fn make_certificates(d: &std::path::Path) {
 /// range (its in-flight limit, 100 by default).
 pub const PACED_UNACKED: u64 = 50;
 
-/// Most QoS 1 deliveries the broker has in flight to one client (mosquitto's default
-/// `max_inflight_messages`, which the harness leaves alone): what it may redeliver to a
-/// subscriber after a restart.
-pub const MOSQUITTO_MAX_INFLIGHT: u64 = 20;
-
 /// One received message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {

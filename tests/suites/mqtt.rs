@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use lichen_tests::mosquitto::{MOSQUITTO_MAX_INFLIGHT, Mosquitto, PACED_UNACKED, Subscriber, check_in_order};
+use lichen_tests::mosquitto::{Mosquitto, Subscriber, check_in_order};
 use lichen_tests::{Agent, Scratch, fixture, pod_yaml, rss_kib, wait_for};
 
 const T: Duration = Duration::from_secs(60);
@@ -483,16 +483,15 @@ fn the_gateway_bridges_both_ways_through_an_upstream_restart_without_loops() {
     // back down from upstream), and the commands went down only (cmd/# is not mapped up).
     let local_temps = local_sub.texts("sensors/barn/temp").len() as u64;
     assert_eq!(local_temps, N, "sensor messages on the local broker: the originals only");
-    // What the upstream broker's own subscriber saw of the commands: each once, plus the QoS 1
-    // redeliveries the one upstream restart may cause, which are not the gateway's: the publisher
-    // resends its unacknowledged publishes (at most PACED_UNACKED, `publish_paced`) and the broker
-    // resends `up_sub` its unacknowledged deliveries (at most its in-flight window). A command
-    // coming back up would add one per command, N.
+    // What the upstream broker's own subscriber saw of the commands: the exact check that none
+    // came back up is `forwarded_up` above; this count has a bound, not an exact value, because
+    // QoS 1 is at-least-once across the upstream restart and the extra copies are the publisher's
+    // and the broker's, not the gateway's: the publisher resends what it had unacknowledged (up
+    // to PACED_UNACKED) and the restarted broker redelivers what it had not recorded as
+    // acknowledged (0 to about 100 copies per run here). A command coming back up would add one
+    // copy per command, N.
     let up_cmds = up_sub.texts("site1/cmd/led").len() as u64;
-    assert!(
-        up_cmds <= N + PACED_UNACKED + MOSQUITTO_MAX_INFLIGHT,
-        "commands did not come back up: {up_cmds} upstream for {N} published"
-    );
+    assert!(up_cmds <= N + 200, "commands did not come back up: {up_cmds} upstream for {N} published");
 
     // A message published upstream under a mapped both-ways prefix goes down once and does not
     // come back up.
@@ -524,7 +523,7 @@ fn the_gateway_bridges_both_ways_through_an_upstream_restart_without_loops() {
     let restarts = agent.log().iter().filter(|l| l.contains("connected to the MQTT broker")).count();
     assert!(restarts >= 2, "the agent reconnected upstream");
     eprintln!(
-        "figures: gateway, {N} messages each way through an upstream restart: {up_dups} duplicates up, {down_dups} down; {gw}"
+        "figures: gateway, {N} messages each way through an upstream restart: {up_dups} duplicates up, {down_dups} down, {up_cmds} command copies upstream; {gw}"
     );
     assert!(agent.stop().0.success());
 }
