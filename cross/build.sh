@@ -5,6 +5,7 @@
 #   cross/build.sh [build] [TARGET...]   stripped release binaries, with their sizes, each started
 #                                        once under QEMU (`lichen version`)
 #   cross/build.sh test [TARGET...]      the test suites that matter on a board, run under QEMU
+#   cross/build.sh list                  the names of the tests `test` runs (listed natively)
 #   cross/build.sh env TARGET            the variables to export to run cargo yourself
 #
 # TARGET is aarch64, armv7 or aarch64-musl (or the full Rust triple). `build` defaults to all three,
@@ -16,11 +17,19 @@ cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 
-# The suites run under QEMU: the library's unit tests, the runtime (fuel, memory and time limits on
-# this architecture's compiler or interpreter), the pod workers with the real store, the real
-# binary with static pods, artifacts precompiled on x86-64 loaded here, and the MQTT bridge and its
-# spool against a real (native) mosquitto.
-TEST_ARGS=(-p lichen --lib -p lichen-tests --test runtime --test workers --test agent --test operate --test cross --test mqtt)
+# The suites run under QEMU: the libraries' unit tests (the agent's and the test harness's), then
+# from the one integration binary the runtime (fuel, memory and time limits on this architecture's
+# compiler or interpreter), the pod workers with the real store, the real binary with static pods,
+# artifacts precompiled on x86-64 loaded here, and the MQTT bridge and its spool against a real
+# (native) mosquitto. Two cargo runs, because libtest's filters apply to every binary of a run: in
+# one run with the unit tests, `mqtt::` would also keep only the agent's own `telemetry::mqtt::`
+# unit tests. In the integration binary every test is `<suite>::<fn>` (suites/main.rs declares the
+# suites as flat modules) and a function name has no `::`, so `<suite>::` matches only that
+# suite's tests while no suite's name ends with another's (`bash cross/build.sh list` shows the
+# selection).
+UNIT_ARGS=(-p lichen -p lichen-tests --lib)
+SUITE_ARGS=(-p lichen-tests --test suites)
+SUITES=(runtime:: workers:: agent:: operate:: cross:: mqtt::)
 
 triple() {
   case $1 in
@@ -106,14 +115,23 @@ test_targets() {
       eval "$(target_env "$t")"
       export LICHEN_COMPILE_BIN=$TARGET_DIR/debug/lichen
       cargo build --locked -p lichen --target "$t"
-      cargo test --locked --no-fail-fast --target "$t" "${TEST_ARGS[@]}"
+      local failed=0
+      cargo test --locked --no-fail-fast --target "$t" "${UNIT_ARGS[@]}" || failed=1
+      cargo test --locked --no-fail-fast --target "$t" "${SUITE_ARGS[@]}" -- "${SUITES[@]}" || failed=1
+      exit "$failed"
     )
     echo "::: $t: built and tested under QEMU in $(secs "$t0")"
   done
 }
 
+# The tests `test` selects, one `name: test` line each, from a native build of the same sources.
+list_tests() {
+  cargo test --locked -q "${UNIT_ARGS[@]}" -- --list --format terse
+  cargo test --locked -q "${SUITE_ARGS[@]}" -- "${SUITES[@]}" --list --format terse
+}
+
 cmd=build
-case ${1:-} in build | test | env) cmd=$1; shift ;; esac
+case ${1:-} in build | test | env | list) cmd=$1; shift ;; esac
 targets=()
 for a in "$@"; do targets+=("$(triple "$a")"); done
 case $cmd in
@@ -123,6 +141,7 @@ case $cmd in
   test)
     ((${#targets[@]})) || targets=(aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
     test_targets "${targets[@]}" ;;
+  list) list_tests ;;
   env)
     ((${#targets[@]} == 1)) || { echo "usage: cross/build.sh env TARGET" >&2; exit 2; }
     target_env "${targets[0]}" ;;

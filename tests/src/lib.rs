@@ -252,6 +252,32 @@ impl Scratch {
         serde_json::from_slice(&out.stdout).expect("status json")
     }
 
+    /// Waits until the agent on this layout answers `lichen status` itself (`agent_running`): its
+    /// store is open and its control socket serves. Calls before that read the store, or fail
+    /// while there is none yet; both mean "not yet".
+    pub fn wait_running(&self, timeout: Duration) {
+        wait_for(timeout, "the agent to answer `lichen status` as running", || {
+            let out = Command::new(lichen_bin())
+                .args(["status", "--json", "--config"])
+                .arg(&self.config)
+                .env_remove("LICHEN_CONFIG")
+                .output()
+                .expect("lichen status");
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (out.status.success() && v["agent_running"] == true).then_some(())
+        })
+    }
+
+    /// Waits until `lichen status` shows the static pod `pod` (on node `test-node`) in `phase`.
+    pub fn wait_phase(&self, pod: &str, phase: &str, timeout: Duration) {
+        let key = format!("default/{pod}-test-node");
+        wait_for(timeout, &format!("{key} to be {phase}"), || {
+            let status = self.status_json();
+            let pods = status["pods"].as_array()?;
+            pods.iter().any(|p| p["key"] == key.as_str() && p["phase"] == phase).then_some(())
+        })
+    }
+
     /// `["run", "--config", <config>]`.
     pub fn run_args(&self) -> Vec<String> {
         vec!["run".into(), "--config".into(), self.config.display().to_string()]
@@ -338,6 +364,32 @@ pub fn is_running_ready(p: &k8s_openapi::api::core::v1::Pod) -> bool {
             .and_then(|s| s.container_statuses.as_ref())
             .and_then(|c| c.first())
             .is_some_and(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+}
+
+/// Whether this process runs as root (the permission and packaging tests take other paths then).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// The stdout lines of a container run's log records, in order.
+pub fn stdout_lines(recs: &[lichen::runtime::logs::LogRecord]) -> Vec<&str> {
+    recs.iter()
+        .filter(|r| r.stream == lichen::runtime::logs::Stream::Stdout)
+        .map(|r| r.text.as_str())
+        .collect()
+}
+
+/// A finished `lichen` command's stdout; fails the test with its stdout and stderr unless it
+/// succeeded.
+pub fn lichen_ok(out: std::process::Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "lichen failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
+    text
 }
 
 /// Resident memory of process `pid` in KiB (0 if it cannot be read), for benchmarks.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use lichen_tests::{Scratch, fixture, lichen_bin, pod_yaml, wait_for};
+use lichen_tests::{Scratch, fixture, is_root, lichen_bin, pod_yaml, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -11,33 +11,42 @@ const T: Duration = Duration::from_secs(30);
 fn static_pods_follow_their_directory() {
     let s = Scratch::new("");
     let agent = s.start();
-    agent.wait_log(&["lichen running"], T);
+    s.wait_running(T);
 
     let volume = "  volumes: [{name: scratch, emptyDir: {}}]\n";
     s.put_pod("idle.yaml", &pod_yaml("idle", &fixture("idle.wat"), volume));
     wait_for(T, "first output of the new pod", || s.output("idle", "main", 0).first().cloned());
-    let first_uid = agent.wait_log(&["starting pod", "default/idle-test-node"], T);
+    // The pods `lichen status` shows, as (key, uid).
+    let pods = || -> Vec<(String, String)> {
+        let status = s.status_json();
+        let list = status["pods"].as_array().cloned().unwrap_or_default();
+        list.iter()
+            .map(|p| (p["key"].as_str().unwrap_or("").to_owned(), p["uid"].as_str().unwrap_or("").to_owned()))
+            .collect()
+    };
+    let first_uid = wait_for(T, "the pod in the status", || {
+        pods().into_iter().find(|(k, _)| k == "default/idle-test-node").map(|(_, uid)| uid)
+    });
 
     // An edit is a new pod: the old one is stopped, the new one started.
     s.put_pod("idle.yaml", &pod_yaml("idle", &fixture("sleeper.wat"), volume));
-    let second_uid = wait_for(T, "the edited pod to start", || {
-        agent.log().into_iter().filter(|l| l.contains("starting pod") && l.contains("idle-test-node")).nth(1)
-    });
-    assert_ne!(first_uid, second_uid);
-    agent.wait_log(&["pod removed", "default/idle-test-node"], T);
     wait_for(T, "ticks from the edited pod", || {
         s.output("idle", "main", 0).iter().any(|l| l.starts_with("tick")).then_some(())
     });
+    let listed = pods();
+    assert_eq!(listed.len(), 1, "the old pod is gone from the store: {listed:?}");
+    assert_eq!(listed[0].0, "default/idle-test-node");
+    assert_ne!(listed[0].1, first_uid, "the edited pod is a new pod");
+    // The old pod's directories go as it is removed.
     let pods_dir = s.state.join("pods");
-    assert_eq!(std::fs::read_dir(&pods_dir).expect("pods dir").count(), 1, "the old pod's emptyDir is gone");
     let logs_dir = s.state.join("logs");
-    assert_eq!(std::fs::read_dir(&logs_dir).expect("logs dir").count(), 1, "and so are its logs");
+    let count = |d: &std::path::Path| std::fs::read_dir(d).expect("state subdirectory").count();
+    wait_for(T, "the old pod's emptyDir and logs to be removed", || {
+        (count(&pods_dir) == 1 && count(&logs_dir) == 1).then_some(())
+    });
 
     std::fs::remove_file(s.pods.join("idle.yaml")).expect("rm");
-    wait_for(T, "the pod to be removed", || {
-        let removed = agent.log().iter().filter(|l| l.contains("pod removed")).count();
-        (removed == 2).then_some(())
-    });
+    wait_for(T, "the pod to be removed", || pods().is_empty().then_some(()));
     wait_for(T, "its directory to be removed", || {
         (std::fs::read_dir(&pods_dir).expect("pods dir").count() == 0).then_some(())
     });
@@ -174,15 +183,6 @@ fn a_state_dir_without_permission_is_a_clear_error() {
     assert!(text.contains("chown"), "tells the way out: {text}");
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 #[test]
 fn check_reports_every_problem_and_what_would_run() {
     let s = Scratch::new("");
@@ -293,7 +293,16 @@ fn sigkill_at_random_points_never_corrupts_the_store_or_loses_what_it_recorded()
     for round in 0..20 {
         let agent = s.start();
         if round == 0 {
-            agent.wait_log(&["container started"], T);
+            s.wait_running(T);
+            wait_for(T, "a container running", || {
+                let report = s.status_json();
+                let pods = report["pods"].as_array()?.clone();
+                pods.iter()
+                    .any(|p| {
+                        p["containers"].as_array().is_some_and(|c| c.iter().any(|c| c == "main=running"))
+                    })
+                    .then_some(())
+            });
         }
         std::thread::sleep(Duration::from_millis(fastrand::u64(20..400)));
         drop(agent); // SIGKILL, wherever it was
@@ -311,7 +320,7 @@ fn sigkill_at_random_points_never_corrupts_the_store_or_loses_what_it_recorded()
     }
     // A last, clean start: every pod runs (or ran) again, and the finished one is not run twice.
     let agent = s.start();
-    agent.wait_log(&["lichen running"], T);
+    s.wait_running(T);
     wait_for(T, "all four pods in the report, idle running and hello done", || {
         let report = s.status_json();
         let pods = report["pods"].as_array()?;
@@ -338,7 +347,7 @@ fn commands_and_a_starting_agent_wait_for_each_other() {
     s.put_pod("idle.yaml", &pod_yaml("idle", &fixture("idle.wat"), ""));
     // A store to read before the agent has one of its own.
     let first = s.start();
-    first.wait_log(&["lichen running"], T);
+    s.wait_running(T);
     drop(first.stop());
     let status = || {
         std::process::Command::new(lichen_bin())
@@ -357,7 +366,6 @@ fn commands_and_a_starting_agent_wait_for_each_other() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         (v["agent_running"] == true).then_some(())
     });
-    agent.wait_log(&["lichen running"], T);
 
     let second =
         lichen_tests::Agent::start(&s.run_args().iter().map(String::as_str).collect::<Vec<_>>(), &s.state);

@@ -14,7 +14,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use lichen::store::{SledStore, StateStore};
-use lichen_tests::{Scratch, fixture, lichen_bin};
+use lichen_tests::{Scratch, fixture, lichen_bin, lichen_ok};
 
 /// Generous: under QEMU every instruction of the agent is emulated.
 const T: Duration = Duration::from_secs(120);
@@ -53,12 +53,6 @@ fn run(bin: &Path, s: &Scratch, args: &[&str]) -> Output {
         .expect("spawn lichen")
 }
 
-fn ok(out: Output) -> String {
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "lichen failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
-    text
-}
-
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
@@ -69,8 +63,11 @@ fn compile(s: &Scratch, name: &str, target: &str) -> (PathBuf, PathBuf) {
     std::fs::write(&wasm, wat::parse_file(fixture(&format!("{name}.wat"))).expect("fixture compiles"))
         .expect("write wasm");
     let art = s.dir.path().join(format!("{name}-{target}.cwasm"));
-    let out =
-        ok(run(&compile_bin(), s, &["compile", "--target", target, path_str(&wasm), "-o", path_str(&art)]));
+    let out = lichen_ok(run(
+        &compile_bin(),
+        s,
+        &["compile", "--target", target, path_str(&wasm), "-o", path_str(&art)],
+    ));
     assert!(out.contains("compiled"), "{out}");
     (wasm, art)
 }
@@ -105,7 +102,7 @@ fn artifacts_compiled_on_a_build_machine_run_here_with_the_same_statuses() {
     for name in ["hello", "loop"] {
         let (wasm, art) = compile(&s, name, target);
         let image = format!("build.invalid/cross/{name}:1");
-        let out = ok(run(
+        let out = lichen_ok(run(
             &board,
             &s,
             &["modules", "import", path_str(&wasm), "--precompiled", path_str(&art), "--as", &image],
@@ -122,8 +119,9 @@ fn artifacts_compiled_on_a_build_machine_run_here_with_the_same_statuses() {
     let fuel = format!("  annotations:\n    lichen.dev/fuel: \"{FUEL}\"\n");
     s.put_pod("spin.yaml", &pod("spin", "build.invalid/cross/loop:1", &fuel));
     let agent = s.start();
-    agent.wait_log(&["pod worker finished", "hello-test-node"], T);
-    agent.wait_log(&["pod worker finished", "spin-test-node"], T);
+    s.wait_running(T);
+    s.wait_phase("hello", "Succeeded", T);
+    s.wait_phase("spin", "Failed", T);
     let output = s.output("hello", "main", 0);
     assert!(output.contains(&format!("hello ran on {target}")), "{output:?}");
     let (status, log) = agent.stop();

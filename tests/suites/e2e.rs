@@ -164,7 +164,16 @@ async fn the_scheduler_places_tolerating_pods_and_keeps_others_away() {
     })
     .await;
     assert_eq!(bound, name);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Not "unbound after a while", which a slow scheduler would pass too: the scheduler's own
+    // verdict on the pod, PodScheduled=False with reason Unschedulable and the taint in its message.
+    let message = wait_for_async(T, "the scheduler to find the ordinary pod unschedulable", || async {
+        let status = pods.get("lichen-e2e-plain").await.ok()?.status?;
+        let c = status.conditions?.into_iter().find(|c| c.type_ == "PodScheduled")?;
+        (c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
+            .then(|| c.message.unwrap_or_default())
+    })
+    .await;
+    assert!(message.contains("didn't tolerate"), "the taint is the reason: {message}");
     let plain = pods.get("lichen-e2e-plain").await.expect("pod");
     assert_eq!(plain.spec.and_then(|s| s.node_name), None, "the taint keeps ordinary pods off the node");
     for p in ["lichen-e2e-wasm", "lichen-e2e-plain"] {

@@ -1064,7 +1064,7 @@ async fn a_slow_api_server_still_gets_the_node_and_its_pods() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_pod_is_stopped_and_removed_with_grace_zero_and_its_uid() {
     let name = "fake-delete";
-    let (api, _s, agent, pods) = joined(name).await;
+    let (api, s, agent, pods) = joined(name).await;
     let running = run_bound(&pods, "p", name, "sleeper.wat").await;
     let uid = running.metadata.uid.clone().expect("uid");
     pods.delete("p", &DeleteParams::default()).await.expect("delete");
@@ -1099,7 +1099,11 @@ async fn a_deleted_pod_is_stopped_and_removed_with_grace_zero_and_its_uid() {
         "{}",
         last.body
     );
-    agent.wait_log(&["pod deleted"], T);
+    // And the node has forgotten it: its store no longer holds the pod.
+    lichen_tests::wait_for(T, "the pod gone from `lichen status`", || {
+        let report = s.status_json();
+        (!report["pods"].as_array()?.iter().any(|p| p["key"] == "default/p")).then_some(())
+    });
     assert_never_refused(&api);
     assert!(agent.stop().0.success());
 }
@@ -1545,14 +1549,23 @@ async fn status_recorded_while_away_survives_a_kill_and_never_goes_backwards() {
 
     api.faults().stop().await;
     // The timed pod ends while the API server is away; its Failed status can only go to the store.
-    agent.wait_log(&["container ended", "DeadlineExceeded"], T);
-    let report = s.status_json();
+    let report =
+        lichen_tests::wait_for(T, "the timed pod Failed in the store, its status unreported", || {
+            let report = s.status_json();
+            let timed = report["pods"].as_array()?.iter().find(|p| p["key"] == "default/timed")?.clone();
+            (timed["phase"] == "Failed" && timed["unreported"] == true).then_some(report)
+        });
     assert_eq!(report["outbox"], 1, "the finished pod's status waits: {report}");
     assert!(report["contact"]["down_since"].is_string(), "offline is shown: {report}");
     drop(agent); // SIGKILL before it could report
     let agent = s.start();
-    agent.wait_log(&["container started"], T);
-    let report = s.status_json();
+    s.wait_running(T);
+    // Running again, not the store's record from before the kill: the new run is a restart.
+    let report = lichen_tests::wait_for(T, "the keeper's container running again", || {
+        let report = s.status_json();
+        let keeper = report["pods"].as_array()?.iter().find(|p| p["key"] == "default/keeper")?.clone();
+        (keeper["restarts"] == 1 && keeper["containers"][0] == "main=running").then_some(report)
+    });
     let keeper =
         report["pods"].as_array().expect("pods").iter().find(|p| p["key"] == "default/keeper").cloned();
     assert_eq!(keeper.as_ref().map(|k| k["phase"].clone()), Some(json!("Running")), "{report}");
@@ -1960,12 +1973,18 @@ async fn kubectl_logs_go_through_the_api_server_to_the_kubelet_api_and_strangers
     .await;
     let previous =
         pods.logs("exiter", &LogParams { previous: true, ..Default::default() }).await.expect("previous");
-    assert!(!previous.is_empty(), "the previous run's output");
+    assert_eq!(previous, "exiting with 3\n", "the previous run's output");
+    // No previous run: the node answers 404 (below, called directly), which the API server turns
+    // into a NotFound Status of its own wording, as the real one's response checker does.
     let missing = pods
         .logs("talker", &LogParams { previous: true, ..Default::default() })
         .await
         .expect_err("no previous run");
-    assert!(matches!(&missing, kube::Error::Api(s) if s.code == 404 || s.code == 400), "{missing:?}");
+    assert!(
+        matches!(&missing, kube::Error::Api(s) if s.code == 404 && s.reason == "NotFound"
+            && s.message == "the server could not find the requested resource ( pods/log talker)"),
+        "{missing:?}"
+    );
 
     // Directly: nobody anonymous, nobody the API server does not vouch for or allow.
     let path = "/containerLogs/default/talker/main";
@@ -1982,6 +2001,12 @@ async fn kubectl_logs_go_through_the_api_server_to_the_kubelet_api_and_strangers
     api.grant("ops", "create", "nodes", Some("proxy"));
     let (code, body) = kubelet_call(port, "GET", &format!("{path}?tailLines=2"), Some("t-ops"));
     assert_eq!((code, body.lines().count()), (200, 2), "{body}");
+    let (code, body) = kubelet_call(port, "GET", &format!("{path}?previous=true"), Some("t-ops"));
+    assert_eq!(
+        (code, body.as_str()),
+        (404, "previous terminated container \"main\" in pod \"default/talker\" not found\n"),
+        "the node's own answer when there is no previous run"
+    );
     let (code, body) = kubelet_call(port, "POST", "/exec/default/talker/main?command=sh", Some("t-ops"));
     assert_eq!(code, 501, "{body}");
     assert!(body.contains("not supported for WebAssembly pods"), "{body}");

@@ -71,7 +71,9 @@ fn metrics_follow_the_pods_and_healthz_reports_the_parts() {
     args.extend(["--metrics-address".to_owned(), address]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let agent = lichen_tests::Agent::start(&args, &s.state);
-    agent.wait_log(&["serving /healthz and /metrics"], T);
+    wait_for(T, "the metrics endpoint to accept connections", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
 
     let first = wait_for(T, "hello Succeeded, spin Failed and idle Running in the metrics", || {
         let m = scrape(port);

@@ -16,7 +16,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 use lichen::config::AgentConfig;
-use lichen_tests::lichen_bin;
+use lichen_tests::{is_root, lichen_bin};
 
 /// 2025-11-24T16:00:00Z: every file in the test packages carries this time.
 const SDE: &str = "1764000000";
@@ -1099,10 +1099,6 @@ fn bake_checks_the_join_credentials_and_warns_about_the_config() {
 }
 
 // ---- the first boot ---------------------------------------------------------------------------------
-
-fn is_root() -> bool {
-    ok(Command::new("id").arg("-u")).trim() == "0"
-}
 
 /// A fake root holding the package's files, an /etc and both boot directories.
 fn fake_root() -> tempfile::TempDir {

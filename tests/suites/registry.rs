@@ -12,7 +12,7 @@ use lichen_tests::registry::{
     FaultMode, FaultProxy, Registry, WASM_CONFIG_V0, WASM_LAYER, WASM_TO_OCI_CONFIG, WASM_TO_OCI_LAYER,
     sha256_digest,
 };
-use lichen_tests::{Scratch, fixture, lichen_bin, wait_for};
+use lichen_tests::{Scratch, fixture, lichen_bin, lichen_ok, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -42,12 +42,6 @@ fn lichen(s: &Scratch, args: &[&str], input: &str) -> Output {
         .expect("spawn lichen");
     child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("stdin");
     child.wait_with_output().expect("lichen output")
-}
-
-fn ok(out: Output) -> String {
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "lichen failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
-    text
 }
 
 fn err(out: Output) -> String {
@@ -80,7 +74,7 @@ fn pushed_modules_run_as_static_pods_and_stay_cached_with_their_compiled_code() 
     let s = scratch(&[reg.host()], "");
     let file = write_wasm(s.dir.path(), "hello.wat");
     let image = format!("{}/demo/hello:1.0", reg.host());
-    let pushed = ok(lichen(&s, &["push", file.to_str().expect("utf-8"), &image], ""));
+    let pushed = lichen_ok(lichen(&s, &["push", file.to_str().expect("utf-8"), &image], ""));
     let digest = sha256_digest(&wasm("hello.wat"));
     assert!(pushed.contains(&digest), "push names the module digest: {pushed}");
 
@@ -97,13 +91,13 @@ fn pushed_modules_run_as_static_pods_and_stay_cached_with_their_compiled_code() 
     assert_eq!(manifest["layers"][0]["digest"], digest.as_str());
 
     let agent = s.start();
-    agent.wait_log(&["lichen running"], T);
+    s.wait_running(T);
     static_pod(&s, "hello", &image, "");
     wait_for(T, "the pulled module's output", || hello_ran(&s, "hello"));
     agent.wait_log(&["pulled module", &digest], T);
 
     // `lichen modules list` reaches the running agent through its control socket.
-    let list = ok(lichen(&s, &["modules", "list"], ""));
+    let list = lichen_ok(lichen(&s, &["modules", "list"], ""));
     let short = &digest["sha256:".len().."sha256:".len() + 12];
     let line = list.lines().find(|l| l.contains(short)).unwrap_or_else(|| panic!("module listed: {list}"));
     assert!(line.contains("demo/hello:1.0"), "with its image: {line}");
@@ -117,7 +111,7 @@ fn pushed_modules_run_as_static_pods_and_stay_cached_with_their_compiled_code() 
     assert!(status.success());
     std::fs::remove_file(s.pods.join("hello.yaml")).expect("rm");
     let agent = s.start();
-    agent.wait_log(&["lichen running"], T);
+    s.wait_running(T);
     static_pod(&s, "again", &image, "");
     wait_for(T, "the cached module's output", || hello_ran(&s, "again"));
     assert!(
@@ -148,7 +142,7 @@ fn credentials_from_the_command_line_pull_from_an_authenticated_registry() {
 
     let refused = err(lichen(&s, &["push", path, &image], ""));
     assert!(refused.contains("unauthorized") || refused.contains("401"), "{refused}");
-    ok(lichen(&s, &["push", path, &image, "--username", "edge", "--password-stdin"], "s3cret-pw\n"));
+    lichen_ok(lichen(&s, &["push", path, &image, "--username", "edge", "--password-stdin"], "s3cret-pw\n"));
 
     // No agent runs: `lichen modules` works on the store directly.
     let anonymous = err(lichen(&s, &["modules", "pull", &image], ""));
@@ -157,8 +151,11 @@ fn credentials_from_the_command_line_pull_from_an_authenticated_registry() {
         err(lichen(&s, &["modules", "pull", &image, "--username", "edge", "--password-stdin"], "nope\n"));
     assert!(wrong.contains("unauthorized"), "{wrong}");
     assert!(!wrong.contains("nope"), "the password never shows: {wrong}");
-    let pulled =
-        ok(lichen(&s, &["modules", "pull", &image, "--username", "edge", "--password-stdin"], "s3cret-pw\n"));
+    let pulled = lichen_ok(lichen(
+        &s,
+        &["modules", "pull", &image, "--username", "edge", "--password-stdin"],
+        "s3cret-pw\n",
+    ));
     assert!(pulled.contains(&sha256_digest(&wasm("hello.wat"))), "{pulled}");
 
     // A pod naming the image with `Never` finds it in the cache.
@@ -174,7 +171,7 @@ fn pull_policies_never_and_always_with_the_registry_away() {
     let s = scratch(&[reg.host()], "");
     let image = format!("{}/demo/hello:latest", reg.host());
     let agent = s.start();
-    agent.wait_log(&["lichen running"], T);
+    s.wait_running(T);
 
     static_pod(&s, "never", &image, "    imagePullPolicy: Never\n");
     agent.wait_log(&["cannot pull module", "not present with pull policy of Never"], T);
@@ -244,9 +241,9 @@ fn bad_artifacts_end_in_clear_errors_and_leave_the_cache_clean() {
     let e = pull(&format!("{blob}@sha256:{}", "1".repeat(64)));
     assert!(e.contains("digest mismatch"), "{e}");
     // The same URL with its real digest is fine.
-    ok(lichen(&s, &["modules", "pull", &format!("{blob}@{}", sha256_digest(&small))], ""));
+    lichen_ok(lichen(&s, &["modules", "pull", &format!("{blob}@{}", sha256_digest(&small))], ""));
 
-    let list = ok(lichen(&s, &["modules", "list"], ""));
+    let list = lichen_ok(lichen(&s, &["modules", "list"], ""));
     assert!(list.contains("1 module(s)"), "only the verified module is cached: {list}");
 }
 
@@ -286,7 +283,7 @@ fn a_registry_dying_mid_pull_is_retried_and_nothing_half_written_is_kept() {
     proxy.set_mode(FaultMode::Stall);
     let e = err(lichen(&s, &["modules", "pull", &image], ""));
     assert!(e.contains("timed out"), "{e}");
-    let list = ok(lichen(&s, &["modules", "list"], ""));
+    let list = lichen_ok(lichen(&s, &["modules", "list"], ""));
     assert!(list.contains("0 module(s)"), "nothing half-downloaded is cached: {list}");
 
     // A pod started while the blob download keeps dying waits in back-off, then runs once the
@@ -306,11 +303,11 @@ fn precompiled_artifacts_from_lichen_compile_are_imported_and_checked() {
     let file = write_wasm(s.dir.path(), "hello.wat");
     let path = file.to_str().expect("utf-8");
     let host_art = s.dir.path().join("hello.cwasm");
-    let out = ok(lichen(&s, &["compile", path, "-o", host_art.to_str().expect("utf-8")], ""));
+    let out = lichen_ok(lichen(&s, &["compile", path, "-o", host_art.to_str().expect("utf-8")], ""));
     assert!(out.contains("compiled"), "{out}");
     for target in ["aarch64", "armv7"] {
         let art = s.dir.path().join(format!("hello-{target}.cwasm"));
-        ok(lichen(&s, &["compile", "--target", target, path, "-o", art.to_str().expect("utf-8")], ""));
+        lichen_ok(lichen(&s, &["compile", "--target", target, path, "-o", art.to_str().expect("utf-8")], ""));
         // A board of another architecture is a different engine: its artifact is refused here.
         let e =
             err(lichen(&s, &["modules", "import", path, "--precompiled", art.to_str().expect("utf-8")], ""));
@@ -337,7 +334,7 @@ fn precompiled_artifacts_from_lichen_compile_are_imported_and_checked() {
     assert!(e.contains("lichen compile"), "{e}");
 
     let image = "registry.invalid/acme/hello:1";
-    let out = ok(lichen(
+    let out = lichen_ok(lichen(
         &s,
         &["modules", "import", path, "--precompiled", host_art.to_str().expect("utf-8"), "--as", image],
         "",
@@ -352,14 +349,14 @@ fn precompiled_artifacts_from_lichen_compile_are_imported_and_checked() {
     // Prune keeps what a pod uses; rm refuses it without --force.
     let e = err(lichen(&s, &["modules", "rm", image], ""));
     assert!(e.contains("used by pod(s) default/imported-test-node"), "{e}");
-    let pruned = ok(lichen(&s, &["modules", "prune", "--all"], ""));
+    let pruned = lichen_ok(lichen(&s, &["modules", "prune", "--all"], ""));
     assert!(pruned.contains("removed 0 module(s)"), "{pruned}");
     std::fs::remove_file(s.pods.join("imported.yaml")).expect("rm pod");
     let agent = s.start();
     agent.wait_log(&["forgetting pod whose source is gone"], T);
     let (status, _) = agent.stop();
     assert!(status.success());
-    let pruned = ok(lichen(&s, &["modules", "prune", "--all"], ""));
+    let pruned = lichen_ok(lichen(&s, &["modules", "prune", "--all"], ""));
     assert!(pruned.contains("removed 1 module(s)"), "{pruned}");
 }
 
@@ -378,7 +375,7 @@ fn https_registries_are_verified_against_the_system_roots_and_the_configured_ca(
     let ca = reg.ca_file();
     let s = scratch(&[], &format!("registry_ca_files = [{:?}]\n", ca.display().to_string()));
     let path = file(&s);
-    ok(lichen(&s, &["push", path.to_str().expect("utf-8"), &image], ""));
+    lichen_ok(lichen(&s, &["push", path.to_str().expect("utf-8"), &image], ""));
     let agent = s.start();
     static_pod(&s, "secure", &image, "");
     wait_for(T, "the module pulled over HTTPS", || hello_ran(&s, "secure"));
@@ -387,6 +384,6 @@ fn https_registries_are_verified_against_the_system_roots_and_the_configured_ca(
     // The same registry named in a pinned URL over https.
     let digest = sha256_digest(&wasm("hello.wat"));
     let url = format!("https://{}/v2/secure/hello/blobs/{digest}@{digest}", reg.host());
-    let out = ok(lichen(&s, &["modules", "pull", &url], ""));
+    let out = lichen_ok(lichen(&s, &["modules", "pull", &url], ""));
     assert!(out.contains(&digest), "{out}");
 }

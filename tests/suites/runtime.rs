@@ -8,7 +8,7 @@ use std::time::Duration;
 use lichen::runtime::logs::{ContainerLog, LogRecord, Stream, read_run};
 use lichen::runtime::{Outcome, Preopen, RunReport, RunSpec, WasmRuntime};
 use lichen::store::ModuleDigest;
-use lichen_tests::fixture;
+use lichen_tests::{fixture, stdout_lines};
 use tokio_util::sync::CancellationToken;
 
 struct Run {
@@ -55,29 +55,25 @@ async fn run_fixture(rt: &WasmRuntime, name: &str, run: Run) -> (RunReport, Vec<
     run_bytes(rt, std::fs::read(fixture(name)).expect("fixture"), run).await
 }
 
-fn stdout(recs: &[LogRecord]) -> Vec<&str> {
-    recs.iter().filter(|r| r.stream == Stream::Stdout).map(|r| r.text.as_str()).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_codes_output_and_args_reach_the_user() {
     let rt = WasmRuntime::new().expect("runtime");
     let (r, out) =
         run_fixture(&rt, "hello.wat", Run { args: vec!["m".into(), "edge".into()], ..Run::default() }).await;
     assert_eq!(r.outcome, Outcome::Exited(0));
-    assert_eq!(stdout(&out), vec!["hello edge", "GREETING_X=hi"]);
+    assert_eq!(stdout_lines(&out), vec!["hello edge", "GREETING_X=hi"]);
     assert!(out.iter().any(|r| r.stream == Stream::Stderr && r.text == "bye"), "{out:?}");
     assert_eq!((r.outcome.reason(), r.outcome.exit_code()), ("Completed", 0));
 
     let (r, out) = run_fixture(&rt, "exit.wat", Run::default()).await;
     assert_eq!(r.outcome, Outcome::Exited(3));
     assert_eq!((r.outcome.reason(), r.outcome.exit_code()), ("Error", 3));
-    assert_eq!(stdout(&out), vec!["exiting with 3"]);
+    assert_eq!(stdout_lines(&out), vec!["exiting with 3"]);
 
     let (r, out) = run_fixture(&rt, "trap.wat", Run::default()).await;
     let Outcome::Trap(msg) = &r.outcome else { panic!("expected a trap, got {:?}", r.outcome) };
     assert!(msg.contains("unreachable"), "trap message names the cause: {msg}");
-    assert_eq!(stdout(&out), vec!["about to trap"], "output before the trap is kept");
+    assert_eq!(stdout_lines(&out), vec!["about to trap"], "output before the trap is kept");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,7 +148,7 @@ async fn a_wall_clock_limit_stops_compute_and_sleep_alike() {
     assert_eq!(r.outcome, Outcome::DeadlineExceeded { timeout: t });
     let (r, out) = run_fixture(&rt, "sleeper.wat", Run { timeout: Some(t), ..Run::default() }).await;
     assert_eq!(r.outcome, Outcome::DeadlineExceeded { timeout: t });
-    assert_eq!(stdout(&out).first(), Some(&"started"));
+    assert_eq!(stdout_lines(&out).first(), Some(&"started"));
     assert!(r.elapsed < Duration::from_secs(5), "stopped promptly: {:?}", r.elapsed);
 }
 
@@ -181,7 +177,7 @@ async fn probe(rt: &WasmRuntime, dir: &Path, read_only: bool, op: &[&str]) -> St
     let mut args = vec!["fsprobe".to_string(), op[0].into(), "3".into()];
     args.extend(op[1..].iter().map(|s| s.to_string()));
     let (_, out) = run_fixture(rt, "fsprobe.wat", Run { args, preopens, ..Run::default() }).await;
-    stdout(&out).join("\n")
+    stdout_lines(&out).join("\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
