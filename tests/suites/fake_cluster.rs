@@ -1786,7 +1786,15 @@ async fn a_board_joins_with_only_a_bootstrap_token_and_runs_as_its_node() {
             .all(|r| r.path_only().starts_with("/apis/certificates.k8s.io/v1/certificatesigningrequests")),
         "{by_token:#?}"
     );
-    assert!(requests.iter().any(|r| r.user == format!("system:node:{name}") && r.path.contains("/leases/")));
+    // The Node can be Ready before its first heartbeat reaches the API server: wait for the Lease
+    // request rather than expect it in the snapshot above.
+    wait_for_async(T, "the node's Lease request, as the node", || async {
+        api.requests()
+            .iter()
+            .any(|r| r.user == format!("system:node:{name}") && r.path.contains("/leases/"))
+            .then_some(())
+    })
+    .await;
     assert_never_refused(&api);
 
     // What is left on the board: a private key that never left it, a kubeconfig without the
