@@ -279,14 +279,19 @@ fn a_pod_replaced_while_it_stops_starts_again_only_once_the_old_one_is_gone() {
     assert!(took < START_WITHIN, "a static pod took {took:?} to start while another was stopping");
 
     let running = |s: &Scratch| {
-        s.status_json()["pods"].as_array().expect("pods").iter().any(|p| {
-            p["key"] == "default/edit-test-node" && p["containers"][0] == "main=running"
-        })
+        s.status_json()["pods"]
+            .as_array()
+            .expect("pods")
+            .iter()
+            .any(|p| p["key"] == "default/edit-test-node" && p["containers"][0] == "main=running")
     };
     // Still inside the old version's grace, the new one waits.
     let waiting = !running(&s);
     let within = edited.elapsed();
-    assert!(within < grace && waiting, "the edited pod ran {within:?} after the edit, inside its old version's grace");
+    assert!(
+        within < grace && waiting,
+        "the edited pod ran {within:?} after the edit, inside its old version's grace"
+    );
     wait_for(T, "the edited pod to run", || running(&s).then_some(()));
     let removed = agent.log().iter().position(|l| l.contains("pod removed") && l.contains("edit-test-node"));
     let started = agent
