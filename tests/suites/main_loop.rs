@@ -196,9 +196,8 @@ async fn a_held_delete_and_a_pod_slow_to_stop_never_hold_the_main_loop() {
     assert_eq!(api.faults().held_deletes(), 0, "the slow pod was still stopping");
 
     // While the API server holds the DELETE confirming the slow pod's deletion.
-    let held = wait_for(T, "the agent's DELETE to be held", || {
-        (api.faults().held_deletes() > 0).then(|| Instant::now())
-    });
+    let held =
+        wait_for(T, "the agent's DELETE to be held", || (api.faults().held_deletes() > 0).then(Instant::now));
     assert!(
         held.duration_since(deleted) >= grace,
         "the slow pod took its whole grace ({grace:?}) to stop: deletion confirmed after {:?}",

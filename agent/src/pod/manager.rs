@@ -107,13 +107,7 @@ enum Job {
 /// What an admission or refresh decided, applied on the loop.
 enum Outcome {
     /// Planned and recorded: its worker starts.
-    Start {
-        key: String,
-        plan: Box<spec::PodPlan>,
-        source: String,
-        resume: worker::Resume,
-        inputs: Option<PodInputs>,
-    },
+    Start(Box<Admitted>),
     Waiting {
         key: String,
         uid: String,
@@ -128,6 +122,15 @@ enum Outcome {
         key: String,
         inputs: Option<PodInputs>,
     },
+}
+
+/// A pod planned and recorded, ready for its worker.
+struct Admitted {
+    key: String,
+    plan: spec::PodPlan,
+    source: String,
+    resume: worker::Resume,
+    inputs: Option<PodInputs>,
 }
 
 /// A piece of off-loop work that finished.
@@ -373,9 +376,10 @@ impl PodManager {
 
     fn apply(&mut self, outcome: Outcome) {
         match outcome {
-            Outcome::Start { key, plan, source, resume, inputs } => {
+            Outcome::Start(admitted) => {
+                let Admitted { key, plan, source, resume, inputs } = *admitted;
                 let handle = worker::spawn(
-                    *plan,
+                    plan,
                     &source,
                     resume,
                     self.shared.deps.clone(),
@@ -534,7 +538,7 @@ impl Shared {
             match job {
                 Job::Admit { key, desired } => {
                     if let Some(o) = self.admit(key, &desired, running) {
-                        if matches!(o, Outcome::Start { .. }) {
+                        if matches!(o, Outcome::Start(_)) {
                             running += 1;
                         }
                         outcomes.push(o);
@@ -630,13 +634,13 @@ impl Shared {
                     restart_counts,
                     previous: previous_status.and_then(|s| serde_json::from_value(s).ok()),
                 };
-                Some(Outcome::Start {
+                Some(Outcome::Start(Box::new(Admitted {
                     key,
-                    plan: Box::new(plan),
+                    plan,
                     source: d.source.clone(),
                     resume,
                     inputs: d.inputs.clone(),
-                })
+                })))
             }
             Err(failure) if waiting => {
                 tracing::warn!(pod = %key, "pod waits for its configuration: {}", failure.message);
