@@ -255,9 +255,34 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     let max_offline = (config.cluster().is_some() && config.autonomy.max_offline_secs > 0)
         .then(|| Duration::from_secs(config.autonomy.max_offline_secs));
     let mut offline_expired = false;
+    // Deletions are confirmed from a task of their own: a DELETE the API server holds must not
+    // hold the loop. One batch may wait while another is sent; the loop offers the ready ones again
+    // on every turn, so a batch refused because the queue is full is only late, never lost.
+    let (deletions_tx, deletions_rx) = tokio::sync::mpsc::channel(1);
+    if config.cluster().is_some() {
+        tracker.spawn(cluster::pods::confirm_deletions(
+            deletions_rx,
+            terminating.clone(),
+            cancel.child_token(),
+        ));
+    }
+    // Created once, so their periods hold however often the loop wakes; a late tick is not made
+    // up for with a burst.
+    let interval = |every: Duration| {
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    };
+    let mut offline_check = interval(OFFLINE_CHECK);
+    let mut ready_poll = interval(READY_POLL);
+    // Without a watchdog the branch is off; the period is then any.
+    let mut watchdog_tick = interval(watchdog.unwrap_or(OFFLINE_CHECK));
+    let mut persisting: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         // Fed here, where the loop proves it still turns: a wedged loop stops the feeding and
-        // systemd restarts the agent. (systemd arms the watchdog at READY=1.)
+        // systemd restarts the agent. (systemd arms the watchdog at READY=1.) Nothing below waits
+        // on I/O: pods stop, plan and write their files in tasks of the manager, and deletions are
+        // confirmed from their own task.
         if ready {
             notifier.watchdog();
         }
@@ -279,19 +304,24 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         let api_pods = if offline_expired { Vec::new() } else { api_pods };
         let desired: Vec<DesiredPod> =
             static_rx.borrow_and_update().iter().cloned().chain(api_pods).collect();
-        manager.sync(&desired).await;
+        manager.sync(&desired);
         if first && !cancel.is_cancelled() {
             first = false;
             let static_pods: Vec<DesiredPod> =
                 desired.iter().filter(|d| d.source.starts_with("file:")).cloned().collect();
-            manager.forget_absent(&static_pods, "file:").await;
+            // Queued behind the first sync's admissions, as it ran after them.
+            manager.forget_absent(&static_pods, "file:");
         }
         let client = client_rx.borrow().clone();
         if let Some(client) = client {
-            cluster::pods::finish_deletions(&client.current(), &terminating, |key, uid| {
-                manager.is_running(key, uid)
-            })
-            .await;
+            let confirmable =
+                cluster::pods::ready_deletions(&terminating, |key, uid| manager.is_running(key, uid));
+            if !confirmable.is_empty() {
+                // Full: a batch is already queued behind the one being sent; this turn's offer is
+                // made again on the next.
+                let _ = deletions_tx
+                    .try_send(cluster::pods::Deletions { client: client.current(), ready: confirmable });
+            }
         }
         let (running, preparing) = manager.started();
         let status = status_line(running, preparing, &contact);
@@ -312,10 +342,18 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             _ = cancel.cancelled() => break,
             changed = static_rx.changed(), if static_open => static_open = changed.is_ok(),
             changed = api_rx.changed(), if api_open => api_open = changed.is_ok(),
-            // Offline time is kept across restarts, and checked against the limit.
-            _ = tokio::time::sleep(OFFLINE_CHECK), if config.cluster().is_some() => contact.persist(),
-            _ = tokio::time::sleep(READY_POLL), if !ready => {}
-            _ = tokio::time::sleep(watchdog.unwrap_or(Duration::MAX)), if watchdog.is_some() => {}
+            // A pod stopped, was admitted or had its files rewritten: sync again.
+            () = manager.collect() => {}
+            // Offline time is kept across restarts, and checked against the limit. The file is
+            // written off the loop, one write at a time.
+            _ = offline_check.tick(), if config.cluster().is_some() => {
+                if persisting.as_ref().is_none_or(|p| p.is_finished()) {
+                    let contact = contact.clone();
+                    persisting = Some(tracker.spawn_blocking(move || contact.persist()));
+                }
+            }
+            _ = ready_poll.tick(), if !ready => {}
+            _ = watchdog_tick.tick(), if watchdog.is_some() => {}
         }
     }
 
@@ -326,6 +364,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     if tokio::time::timeout(bound, manager.shutdown()).await.is_err() {
         tracing::warn!("pods did not stop within {}s", bound.as_secs());
     }
+    drop(deletions_tx);
     tracker.close();
     if tokio::time::timeout(bound, tracker.wait()).await.is_err() {
         tracing::warn!("background tasks did not finish within {}s", bound.as_secs());

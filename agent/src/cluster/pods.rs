@@ -1,7 +1,8 @@
 //! Pods bound to this node, from a watch on `spec.nodeName=<node>` in all namespaces. kube-runtime's
 //! watcher lists, watches, re-lists on `410 Gone` and backs off on errors; this module turns its
 //! events into the desired set, publishing only complete lists, so an outage never looks like "no
-//! pods" and never stops a running pod.
+//! pods" and never stops a running pod. It also confirms deletions to the API server once a pod's
+//! modules have stopped, from a task of its own that the main loop feeds and never waits for.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -295,20 +296,65 @@ fn uid(p: &Pod) -> String {
     p.metadata.uid.clone().unwrap_or_default()
 }
 
+/// Pods whose deletion was requested and whose modules have stopped (`still_running` says which
+/// have not): ready for their final delete. Only reads memory, so the main loop may call it.
+pub fn ready_deletions(
+    terminating: &TerminatingSet,
+    still_running: impl Fn(&str, &str) -> bool,
+) -> Vec<(String, Terminating)> {
+    match terminating.lock() {
+        Ok(t) => {
+            t.iter().filter(|(k, t)| !still_running(k, &t.uid)).map(|(k, t)| (k.clone(), t.clone())).collect()
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Pods ready for their final delete, and the client to send it with.
+#[derive(Clone)]
+pub struct Deletions {
+    /// The client current when the batch was made.
+    pub client: Client,
+    /// From [`ready_deletions`].
+    pub ready: Vec<(String, Terminating)>,
+}
+
+/// Confirms deletions from a task of its own, fed by the main loop through a bounded channel: an
+/// API server that holds a DELETE holds this task, never the loop. A delete that fails stays in
+/// `terminating`, so a later batch tries it again.
+pub async fn confirm_deletions(
+    mut batches: tokio::sync::mpsc::Receiver<Deletions>,
+    terminating: TerminatingSet,
+    cancel: CancellationToken,
+) {
+    loop {
+        let batch = tokio::select! {
+            _ = cancel.cancelled() => return,
+            b = batches.recv() => match b {
+                Some(b) => b,
+                None => return,
+            },
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            () = finish_deletions(&batch.client, &terminating, batch.ready) => {}
+        }
+    }
+}
+
 /// Removes pods whose deletion was requested and whose modules have stopped: the last step of
 /// graceful deletion, with grace 0 and the UID as precondition so a recreated pod is never hit.
 pub async fn finish_deletions(
     client: &Client,
     terminating: &TerminatingSet,
-    still_running: impl Fn(&str, &str) -> bool,
+    ready: Vec<(String, Terminating)>,
 ) {
-    let ready: Vec<(String, Terminating)> = match terminating.lock() {
-        Ok(t) => {
-            t.iter().filter(|(k, t)| !still_running(k, &t.uid)).map(|(k, t)| (k.clone(), t.clone())).collect()
-        }
-        Err(_) => return,
-    };
     for (key, t) in ready {
+        // A batch queued behind one that already confirmed this pod need not ask again.
+        let pending = terminating.lock().is_ok_and(|set| set.get(&key).is_some_and(|p| p.uid == t.uid));
+        if !pending {
+            continue;
+        }
         let api: Api<Pod> = Api::namespaced(client.clone(), &t.namespace);
         let dp = DeleteParams {
             grace_period_seconds: Some(0),

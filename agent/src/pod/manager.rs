@@ -1,6 +1,10 @@
 //! Keeps the running pods equal to the desired ones: admits new pods (validation, `max_pods`),
 //! records them in the store before they start, stops pods that went away or changed UID, and cleans
 //! up their directories.
+//!
+//! It must never make its caller wait: the agent's main loop calls it between feeding the systemd
+//! watchdog, so planning, store and file work and the stopping of pods run as tasks on the shutdown
+//! tracker, and their results come back through [`PodManager::collect`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
@@ -9,6 +13,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -59,6 +64,8 @@ enum Entry {
         handle: PodHandle,
         /// The inputs its volumes were written from.
         inputs: Option<PodInputs>,
+        /// Whether its volumes are being rewritten off the loop.
+        refreshing: bool,
     },
     /// Refused at admission; kept so the refusal is not repeated on every sync.
     Rejected { uid: String },
@@ -66,15 +73,78 @@ enum Entry {
     Waiting { uid: String, inputs: Option<PodInputs> },
     /// Finished before this agent started; kept so its files are removed when it is deleted.
     Finished { uid: String },
+    /// Being planned and recorded off the loop; its worker starts when the admission reports.
+    Admitting { uid: String },
 }
 
 impl Entry {
     fn uid(&self) -> &str {
         match self {
             Entry::Running { handle, .. } => &handle.uid,
-            Entry::Rejected { uid } | Entry::Waiting { uid, .. } | Entry::Finished { uid } => uid,
+            Entry::Rejected { uid }
+            | Entry::Waiting { uid, .. }
+            | Entry::Finished { uid }
+            | Entry::Admitting { uid } => uid,
         }
     }
+
+    /// Whether work for it is under way off the loop: a sync leaves it alone until that reports,
+    /// then compares it with the desired pods again.
+    fn busy(&self) -> bool {
+        matches!(self, Entry::Admitting { .. } | Entry::Running { refreshing: true, .. })
+    }
+}
+
+/// File and store work handed off the loop. Admissions, refreshes and forgetting run in one lane, a
+/// batch at a time and in order, as a sync used to run them inline: `max_pods` counts every pod
+/// admitted before, and a pod's record is never written by two batches at once.
+enum Job {
+    Admit { key: String, desired: DesiredPod },
+    Refresh { key: String, desired: DesiredPod },
+    Forget { desired: Vec<DesiredPod>, source_prefix: String, present: Vec<(String, String)> },
+}
+
+/// What an admission or refresh decided, applied on the loop.
+enum Outcome {
+    /// Planned and recorded: its worker starts.
+    Start(Box<Admitted>),
+    Waiting {
+        key: String,
+        uid: String,
+        inputs: Option<PodInputs>,
+    },
+    Rejected {
+        key: String,
+        uid: String,
+    },
+    /// Its volumes were rewritten from these inputs (or kept, if they could not be).
+    Refreshed {
+        key: String,
+        inputs: Option<PodInputs>,
+    },
+}
+
+/// A pod planned and recorded, ready for its worker.
+struct Admitted {
+    key: String,
+    plan: spec::PodPlan,
+    source: String,
+    resume: worker::Resume,
+    inputs: Option<PodInputs>,
+}
+
+/// A piece of off-loop work that finished.
+enum Done {
+    Batch(Vec<Outcome>),
+    /// A removed pod's worker stopped (or was given up on after the grace), and its record and
+    /// files are gone.
+    Removed,
+}
+
+/// What a task in flight is about, so that its keys are freed even if it panicked.
+enum Work {
+    Batch(Vec<String>),
+    Removal(String),
 }
 
 /// Settings the manager needs besides the workers' shared parts.
@@ -95,56 +165,242 @@ pub struct ManagerConfig {
     pub stop_grace: Duration,
 }
 
-/// Owns every pod worker.
-pub struct PodManager {
+/// What the off-loop work needs: the settings and the workers' shared parts.
+struct Shared {
     config: ManagerConfig,
     deps: Arc<WorkerDeps>,
+}
+
+/// Owns every pod worker.
+///
+/// Its methods never wait: [`PodManager::sync`] decides, and the file and store work (planning
+/// with its `canonicalize`, sled reads and writes, directory removal) and the stopping of pods run
+/// as tasks on the tracker, which report through [`PodManager::collect`]. The agent's main loop
+/// polls `collect` in its `select!`, so a pod slow to stop never holds the loop (and the watchdog
+/// it feeds).
+pub struct PodManager {
+    shared: Arc<Shared>,
     pods: HashMap<String, Entry>,
+    /// Removed pods whose worker is stopping or whose files are being removed: key to UID. A pod
+    /// of the same key is admitted only once this one is gone, as when removal ran inline.
+    removing: HashMap<String, String>,
+    work: JoinSet<Done>,
+    in_flight: HashMap<tokio::task::Id, Work>,
+    /// Whether a batch of the lane is running.
+    lane_busy: bool,
+    /// A [`PodManager::forget_absent`] waiting for the lane.
+    forget: Option<(Vec<DesiredPod>, String)>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
 
 impl PodManager {
-    /// A manager with no pods. Workers run on `tracker` and stop when `cancel` fires.
+    /// A manager with no pods. Workers and the manager's own tasks run on `tracker`; workers stop
+    /// when `cancel` fires.
     pub fn new(
         config: ManagerConfig,
         deps: Arc<WorkerDeps>,
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> Self {
-        PodManager { config, deps, pods: HashMap::new(), tracker, cancel }
+        PodManager {
+            shared: Arc::new(Shared { config, deps }),
+            pods: HashMap::new(),
+            removing: HashMap::new(),
+            work: JoinSet::new(),
+            in_flight: HashMap::new(),
+            lane_busy: false,
+            forget: None,
+            tracker,
+            cancel,
+        }
     }
 
-    /// Makes the running set equal to `desired`.
-    pub async fn sync(&mut self, desired: &[DesiredPod]) {
+    /// Moves the running set towards `desired`: starts removing pods that went away or changed
+    /// UID, and hands admissions and volume refreshes to the lane. Pods with work under way are
+    /// left for a later sync (the loop syncs again whenever work reports).
+    pub fn sync(&mut self, desired: &[DesiredPod]) {
         let wanted: BTreeMap<String, &DesiredPod> = desired.iter().map(|d| (d.key(), d)).collect();
         let stale: Vec<String> = self
             .pods
             .iter()
-            .filter(|(key, e)| wanted.get(*key).is_none_or(|d| d.uid() != e.uid()))
+            .filter(|(key, e)| !e.busy() && wanted.get(*key).is_none_or(|d| d.uid() != e.uid()))
             .map(|(key, _)| key.clone())
             .collect();
         for key in stale {
-            self.remove(&key).await;
+            if let Some(entry) = self.pods.remove(&key) {
+                self.remove(key, entry);
+            }
         }
+        let mut jobs = Vec::new();
         for (key, d) in wanted {
+            if self.removing.contains_key(&key) {
+                continue;
+            }
             match self.pods.get(&key) {
                 None if d.finished() => {
                     self.pods.insert(key, Entry::Finished { uid: d.uid().to_owned() });
                 }
-                None => self.admit(key, d).await,
+                None => jobs.push(Job::Admit { key, desired: d.clone() }),
                 Some(Entry::Waiting { inputs, .. }) if *inputs != d.inputs => {
-                    self.pods.remove(&key);
-                    self.admit(key, d).await;
+                    jobs.push(Job::Admit { key, desired: d.clone() })
                 }
-                Some(Entry::Running { inputs, .. }) if *inputs != d.inputs => {
-                    self.refresh_files(&key, d).await
+                Some(Entry::Running { inputs, refreshing: false, .. }) if *inputs != d.inputs => {
+                    jobs.push(Job::Refresh { key, desired: d.clone() })
                 }
                 Some(_) => {}
             }
         }
+        self.launch(jobs);
         let keep = self.running_modules();
-        self.deps.runtime.retain_compiled(&keep);
+        self.shared.deps.runtime.retain_compiled(&keep);
+    }
+
+    /// Starts a batch on the lane, unless one runs (its report brings another sync, which finds
+    /// what is still to do).
+    fn launch(&mut self, mut jobs: Vec<Job>) {
+        if self.lane_busy || (jobs.is_empty() && self.forget.is_none()) {
+            return;
+        }
+        let mut keys = Vec::with_capacity(jobs.len());
+        for job in &jobs {
+            match job {
+                Job::Admit { key, desired } => {
+                    self.pods.insert(key.clone(), Entry::Admitting { uid: desired.uid().to_owned() });
+                    keys.push(key.clone());
+                }
+                Job::Refresh { key, .. } => {
+                    if let Some(Entry::Running { refreshing, .. }) = self.pods.get_mut(key) {
+                        *refreshing = true;
+                    }
+                    keys.push(key.clone());
+                }
+                Job::Forget { .. } => {}
+            }
+        }
+        if let Some((desired, source_prefix)) = self.forget.take() {
+            // After this batch's admissions, as it ran after the first sync: every pod known now
+            // (these admissions included) keeps its record.
+            let present = self.pods.iter().map(|(k, e)| (k.clone(), e.uid().to_owned())).collect();
+            jobs.push(Job::Forget { desired, source_prefix, present });
+        }
+        let running = self.pods.values().filter(|e| matches!(e, Entry::Running { .. })).count();
+        let shared = self.shared.clone();
+        self.lane_busy = true;
+        let task = self.work.spawn(self.tracker.track_future(async move {
+            match tokio::task::spawn_blocking(move || shared.run(jobs, running)).await {
+                Ok(outcomes) => Done::Batch(outcomes),
+                Err(e) => {
+                    tracing::error!(error = %e, "pod admission task failed; retrying on the next sync");
+                    Done::Batch(Vec::new())
+                }
+            }
+        }));
+        self.in_flight.insert(task.id(), Work::Batch(keys));
+    }
+
+    /// Stops a pod's worker (if it has one) and removes its record and files, in a task of its
+    /// own: the loop goes on while the pod takes its grace period.
+    fn remove(&mut self, key: String, entry: Entry) {
+        let uid = entry.uid().to_owned();
+        let handle = match entry {
+            Entry::Running { handle, .. } => {
+                tracing::info!(pod = %key, "stopping pod");
+                Some(handle)
+            }
+            Entry::Rejected { .. }
+            | Entry::Waiting { .. }
+            | Entry::Finished { .. }
+            | Entry::Admitting { .. } => None,
+        };
+        self.removing.insert(key.clone(), uid.clone());
+        let shared = self.shared.clone();
+        let k = key.clone();
+        let task = self.work.spawn(self.tracker.track_future(async move {
+            if let Some(handle) = handle
+                && !handle.stop(shared.config.stop_grace).await
+            {
+                tracing::warn!(pod = %k, "pod did not stop within {:?}", shared.config.stop_grace);
+            }
+            let (s, k2) = (shared.clone(), k.clone());
+            if let Err(e) = tokio::task::spawn_blocking(move || s.cleanup(&k2, &uid)).await {
+                tracing::error!(pod = %k, error = %e, "pod cleanup task failed");
+            }
+            tracing::info!(pod = %k, "pod removed");
+            Done::Removed
+        }));
+        self.in_flight.insert(task.id(), Work::Removal(key));
+    }
+
+    /// Waits for the next piece of off-loop work to finish and applies what it decided (a worker
+    /// started, a pod found waiting or refused, a removal finished). Pending while no work is under
+    /// way. Cancel-safe: the main loop's `select!` may drop it.
+    pub async fn collect(&mut self) {
+        let Some(joined) = self.work.join_next_with_id().await else {
+            return std::future::pending().await;
+        };
+        let id = match joined {
+            Ok((id, done)) => {
+                if let Done::Batch(outcomes) = done {
+                    for outcome in outcomes {
+                        self.apply(outcome);
+                    }
+                }
+                id
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "pod manager task failed");
+                e.id()
+            }
+        };
+        match self.in_flight.remove(&id) {
+            Some(Work::Batch(keys)) => {
+                self.lane_busy = false;
+                // Whatever the batch left undecided (it failed) is tried again by the next sync.
+                for key in keys {
+                    match self.pods.get_mut(&key) {
+                        Some(Entry::Admitting { .. }) => {
+                            self.pods.remove(&key);
+                        }
+                        Some(Entry::Running { refreshing, .. }) => *refreshing = false,
+                        _ => {}
+                    }
+                }
+            }
+            Some(Work::Removal(key)) => {
+                self.removing.remove(&key);
+            }
+            None => {}
+        }
+    }
+
+    fn apply(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Start(admitted) => {
+                let Admitted { key, plan, source, resume, inputs } = *admitted;
+                let handle = worker::spawn(
+                    plan,
+                    &source,
+                    resume,
+                    self.shared.deps.clone(),
+                    &self.tracker,
+                    &self.cancel,
+                );
+                self.pods.insert(key, Entry::Running { handle, inputs, refreshing: false });
+            }
+            Outcome::Waiting { key, uid, inputs } => {
+                self.pods.insert(key, Entry::Waiting { uid, inputs });
+            }
+            Outcome::Rejected { key, uid } => {
+                self.pods.insert(key, Entry::Rejected { uid });
+            }
+            Outcome::Refreshed { key, inputs: new } => {
+                if let Some(Entry::Running { inputs, refreshing, .. }) = self.pods.get_mut(&key) {
+                    *inputs = new;
+                    *refreshing = false;
+                }
+            }
+        }
     }
 
     fn running_modules(&self) -> std::collections::HashSet<crate::store::ModuleDigest> {
@@ -152,7 +408,10 @@ impl PodManager {
             .values()
             .filter_map(|e| match e {
                 Entry::Running { handle, .. } => Some(handle.status()),
-                Entry::Rejected { .. } | Entry::Waiting { .. } | Entry::Finished { .. } => None,
+                Entry::Rejected { .. }
+                | Entry::Waiting { .. }
+                | Entry::Finished { .. }
+                | Entry::Admitting { .. } => None,
             })
             .flat_map(|s| {
                 s.init_container_statuses
@@ -164,6 +423,96 @@ impl PodManager {
             .collect()
     }
 
+    /// Forgets pods from `source_prefix` that the store remembers but `desired` no longer lists,
+    /// e.g. static pods whose manifests were deleted while the agent was not running. Runs on the
+    /// lane, after the admissions of the sync before it.
+    pub fn forget_absent(&mut self, desired: &[DesiredPod], source_prefix: &str) {
+        self.forget = Some((desired.to_vec(), source_prefix.to_owned()));
+        self.launch(Vec::new());
+    }
+
+    /// Whether a worker for this pod is still running (or about to, or still being removed).
+    pub fn is_running(&self, key: &str, uid: &str) -> bool {
+        self.removing.get(key).is_some_and(|u| u == uid)
+            || match self.pods.get(key) {
+                Some(Entry::Running { handle, .. }) => handle.uid == uid,
+                Some(Entry::Admitting { uid: u }) => u == uid,
+                _ => false,
+            }
+    }
+
+    /// (running, preparing): pods with a worker, and those of them still preparing their first
+    /// run (every container waiting as `ContainerCreating` or `PodInitializing` while its module
+    /// is pulled or compiled). A pod being admitted counts as both.
+    pub fn started(&self) -> (usize, usize) {
+        let mut running = 0;
+        let mut preparing = 0;
+        for e in self.pods.values() {
+            match e {
+                Entry::Running { handle, .. } => {
+                    running += 1;
+                    let s = handle.status();
+                    let all = s
+                        .init_container_statuses
+                        .iter()
+                        .flatten()
+                        .chain(s.container_statuses.iter().flatten());
+                    let first_run = all.clone().next().is_some()
+                        && all.into_iter().all(|c| {
+                            c.state
+                                .as_ref()
+                                .and_then(|st| st.waiting.as_ref())
+                                .and_then(|w| w.reason.as_deref())
+                                .is_some_and(|r| matches!(r, "ContainerCreating" | "PodInitializing"))
+                        });
+                    if first_run {
+                        preparing += 1;
+                    }
+                }
+                Entry::Admitting { .. } => {
+                    running += 1;
+                    preparing += 1;
+                }
+                Entry::Rejected { .. } | Entry::Waiting { .. } | Entry::Finished { .. } => {}
+            }
+        }
+        (running, preparing)
+    }
+
+    /// Stops every pod at once and waits for them, and for removals under way (which still remove
+    /// their pod's files). Records of running pods stay, so they resume after a restart; a batch of
+    /// admissions under way is not acted on (its pods' records stay too).
+    pub async fn shutdown(&mut self) {
+        let grace = self.shared.config.stop_grace;
+        let running: Vec<(String, PodHandle)> = self
+            .pods
+            .drain()
+            .filter_map(|(key, e)| match e {
+                Entry::Running { handle, .. } => Some((key, handle)),
+                _ => None,
+            })
+            .collect();
+        let stops = futures::future::join_all(running.iter().map(|(key, handle)| async move {
+            if !handle.stop(grace).await {
+                tracing::warn!(pod = %key, "pod did not stop in time");
+            }
+        }));
+        let work = &mut self.work;
+        let rest = async {
+            while let Some(r) = work.join_next().await {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "pod manager task failed");
+                }
+            }
+        };
+        tokio::join!(stops, rest);
+        self.in_flight.clear();
+        self.removing.clear();
+        self.lane_busy = false;
+    }
+}
+
+impl Shared {
     fn plan(&self, d: &DesiredPod) -> Result<spec::PodPlan, Vec<spec::SpecError>> {
         let ctx = PlanContext {
             node_name: &self.config.node_name,
@@ -181,9 +530,32 @@ impl PodManager {
         spec::plan(&d.pod, &ctx)
     }
 
+    /// Runs one batch of the lane (on a blocking thread). `running` is how many pods have a
+    /// worker; each admission that starts one counts for the next.
+    fn run(&self, jobs: Vec<Job>, mut running: usize) -> Vec<Outcome> {
+        let mut outcomes = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            match job {
+                Job::Admit { key, desired } => {
+                    if let Some(o) = self.admit(key, &desired, running) {
+                        if matches!(o, Outcome::Start(_)) {
+                            running += 1;
+                        }
+                        outcomes.push(o);
+                    }
+                }
+                Job::Refresh { key, desired } => outcomes.push(self.refresh_files(key, &desired)),
+                Job::Forget { desired, source_prefix, present } => {
+                    self.forget_absent(&desired, &source_prefix, &present)
+                }
+            }
+        }
+        outcomes
+    }
+
     /// Rewrites a running pod's configMap, secret and projected volumes from new inputs, as the
     /// kubelet does; environment variables keep the values the containers started with.
-    async fn refresh_files(&mut self, key: &str, d: &DesiredPod) {
+    fn refresh_files(&self, key: String, d: &DesiredPod) -> Outcome {
         match self.plan(d) {
             Ok(plan) => {
                 for v in &plan.volumes {
@@ -193,11 +565,11 @@ impl PodManager {
                         tracing::warn!(pod = %key, volume = %v.name, error = %e, "cannot update volume");
                     }
                 }
-                if let Ok(Some(mut record)) = self.deps.store.get_pod(key)
+                if let Ok(Some(mut record)) = self.deps.store.get_pod(&key)
                     && record.uid == d.uid()
                 {
                     record.inputs = d.inputs.clone();
-                    if let Err(e) = self.put_record(&record).await {
+                    if let Err(e) = self.deps.store.put_pod(&record) {
                         tracing::warn!(pod = %key, error = %e, "cannot record updated inputs");
                     }
                 }
@@ -208,14 +580,13 @@ impl PodManager {
                 tracing::warn!(pod = %key, "volumes not updated: {why}");
             }
         }
-        if let Some(Entry::Running { inputs, .. }) = self.pods.get_mut(key) {
-            *inputs = d.inputs.clone();
-        }
+        Outcome::Refreshed { key, inputs: d.inputs.clone() }
     }
 
-    async fn admit(&mut self, key: String, d: &DesiredPod) {
+    /// Admits one pod: plans it, records it, and says what the loop is to do with it. `None` when
+    /// it could not be recorded: it is not started, and the next sync tries again.
+    fn admit(&self, key: String, d: &DesiredPod, running: usize) -> Option<Outcome> {
         let uid = d.uid().to_owned();
-        let running = self.pods.values().filter(|e| matches!(e, Entry::Running { .. })).count();
         let refusal = if running >= self.config.max_pods as usize {
             Some(PodFailure {
                 reason: "OutOfpods".into(),
@@ -255,28 +626,32 @@ impl PodManager {
         match plan {
             Ok(plan) => {
                 // Recorded durably before it starts, so a crash never forgets a pod it ran.
-                if let Err(e) = self.put_record(&record).await {
+                if let Err(e) = self.deps.store.put_pod(&record) {
                     tracing::error!(pod = %key, error = %e, "cannot record pod; not starting it");
-                    return;
+                    return None;
                 }
                 let resume = worker::Resume {
                     restart_counts,
                     previous: previous_status.and_then(|s| serde_json::from_value(s).ok()),
                 };
-                let handle =
-                    worker::spawn(plan, &d.source, resume, self.deps.clone(), &self.tracker, &self.cancel);
-                self.pods.insert(key, Entry::Running { handle, inputs: d.inputs.clone() });
+                Some(Outcome::Start(Box::new(Admitted {
+                    key,
+                    plan,
+                    source: d.source.clone(),
+                    resume,
+                    inputs: d.inputs.clone(),
+                })))
             }
             Err(failure) if waiting => {
                 tracing::warn!(pod = %key, "pod waits for its configuration: {}", failure.message);
                 self.event(d, EventType::Warning, "Failed", format!("Error: {}", failure.message));
                 let status = waiting_status(&d.pod, &failure, self.deps.host_ip.clone());
                 record.status = serde_json::to_value(&status).ok();
-                if let Err(e) = self.put_record(&record).await {
+                if let Err(e) = self.deps.store.put_pod(&record) {
                     tracing::error!(pod = %key, error = %e, "cannot record waiting pod");
                 }
                 self.deps.board.set(&key, &uid, &d.source, status);
-                self.pods.insert(key, Entry::Waiting { uid, inputs: d.inputs.clone() });
+                Some(Outcome::Waiting { key, uid, inputs: d.inputs.clone() })
             }
             Err(failure) => {
                 tracing::error!(pod = %key, source = %d.source, reason = %failure.reason, "pod refused: {}", failure.message);
@@ -292,11 +667,11 @@ impl PodManager {
                 };
                 let status = status::build(&view, None, Timestamp::now());
                 record.status = serde_json::to_value(&status).ok();
-                if let Err(e) = self.put_record(&record).await {
+                if let Err(e) = self.deps.store.put_pod(&record) {
                     tracing::error!(pod = %key, error = %e, "cannot record refused pod");
                 }
                 self.deps.board.set(&key, &uid, &d.source, status);
-                self.pods.insert(key, Entry::Rejected { uid });
+                Some(Outcome::Rejected { key, uid })
             }
         }
     }
@@ -314,39 +689,11 @@ impl PodManager {
         self.deps.events.emit(&d.source, e);
     }
 
-    async fn put_record(&self, record: &PodRecord) -> Result<(), String> {
-        let store = self.deps.store.clone();
-        let record = record.clone();
-        tokio::task::spawn_blocking(move || store.put_pod(&record))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
-    }
-
-    async fn remove(&mut self, key: &str) {
-        let Some(entry) = self.pods.remove(key) else {
-            return;
-        };
-        let uid = entry.uid().to_owned();
-        if let Entry::Running { handle, .. } = &entry {
-            tracing::info!(pod = %key, "stopping pod");
-            if !handle.stop(self.config.stop_grace).await {
-                tracing::warn!(pod = %key, "pod did not stop within {:?}", self.config.stop_grace);
-            }
-        }
-        self.cleanup(key, &uid).await;
-        tracing::info!(pod = %key, "pod removed");
-    }
-
-    /// Deletes a pod's record, volumes and logs.
-    async fn cleanup(&self, key: &str, uid: &str) {
+    /// Deletes a pod's record, volumes and logs (on a blocking thread).
+    fn cleanup(&self, key: &str, uid: &str) {
         self.deps.board.remove(key, uid);
-        let store = self.deps.store.clone();
-        let (k, u) = (key.to_owned(), uid.to_owned());
-        match tokio::task::spawn_blocking(move || store.delete_pod(&k, &u)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(pod = %key, error = %e, "cannot remove pod record"),
-            Err(e) => tracing::error!(pod = %key, error = %e, "pod record task failed"),
+        if let Err(e) = self.deps.store.delete_pod(key, uid) {
+            tracing::error!(pod = %key, error = %e, "cannot remove pod record");
         }
         // The pod's volumes and logs go with it, or a board's disk fills with pods long gone.
         let logs = worker::pod_log_dir(&self.deps.logs_dir, key, uid);
@@ -371,63 +718,19 @@ impl PodManager {
         }
     }
 
-    /// Forgets pods from `source_prefix` that the store remembers but `desired` no longer lists,
-    /// e.g. static pods whose manifests were deleted while the agent was not running.
-    pub async fn forget_absent(&self, desired: &[DesiredPod], source_prefix: &str) {
+    /// The body of [`PodManager::forget_absent`]; `present` is every pod the manager knew of when
+    /// the batch started.
+    fn forget_absent(&self, desired: &[DesiredPod], source_prefix: &str, present: &[(String, String)]) {
         let records = match self.deps.store.list_pods() {
             Ok(r) => r,
             Err(e) => return tracing::warn!(error = %e, "cannot list stored pods"),
         };
         for r in records {
             let wanted = desired.iter().any(|d| d.key() == r.key && d.uid() == r.uid);
-            let running = self.pods.get(&r.key).is_some_and(|e| e.uid() == r.uid);
+            let running = present.iter().any(|(k, u)| *k == r.key && *u == r.uid);
             if r.source.starts_with(source_prefix) && !wanted && !running {
                 tracing::info!(pod = %r.key, "forgetting pod whose source is gone");
-                self.cleanup(&r.key, &r.uid).await;
-            }
-        }
-    }
-
-    /// Whether a worker for this pod is still running.
-    pub fn is_running(&self, key: &str, uid: &str) -> bool {
-        matches!(self.pods.get(key), Some(Entry::Running { handle, .. }) if handle.uid == uid)
-    }
-
-    /// (running, preparing): pods with a worker, and those of them still preparing their first
-    /// run (every container waiting as `ContainerCreating` or `PodInitializing` while its module
-    /// is pulled or compiled).
-    pub fn started(&self) -> (usize, usize) {
-        let mut running = 0;
-        let mut preparing = 0;
-        for e in self.pods.values() {
-            if let Entry::Running { handle, .. } = e {
-                running += 1;
-                let s = handle.status();
-                let all =
-                    s.init_container_statuses.iter().flatten().chain(s.container_statuses.iter().flatten());
-                let first_run = all.clone().next().is_some()
-                    && all.into_iter().all(|c| {
-                        c.state
-                            .as_ref()
-                            .and_then(|st| st.waiting.as_ref())
-                            .and_then(|w| w.reason.as_deref())
-                            .is_some_and(|r| matches!(r, "ContainerCreating" | "PodInitializing"))
-                    });
-                if first_run {
-                    preparing += 1;
-                }
-            }
-        }
-        (running, preparing)
-    }
-
-    /// Stops every pod (their records stay, so they resume after a restart).
-    pub async fn shutdown(&mut self) {
-        for (key, entry) in self.pods.drain() {
-            if let Entry::Running { handle, .. } = entry
-                && !handle.stop(self.config.stop_grace).await
-            {
-                tracing::warn!(pod = %key, "pod did not stop in time");
+                self.cleanup(&r.key, &r.uid);
             }
         }
     }

@@ -144,6 +144,10 @@ impl RequestRecord {
 #[derive(Default)]
 struct FaultState {
     delay: Duration,
+    /// How long every DELETE is held before it is answered.
+    hold_deletes: Duration,
+    /// DELETEs that began to be held.
+    held_deletes: usize,
     /// (remaining, code, path substring)
     failures: Vec<(usize, u16, Option<String>)>,
 }
@@ -409,6 +413,17 @@ impl Faults {
     /// Delays every response by `delay` (zero turns it off).
     pub fn set_delay(&self, delay: Duration) {
         lock(&self.inner.faults).delay = delay;
+    }
+
+    /// Holds every DELETE for `hold` before answering it, as an overloaded API server might (zero
+    /// turns it off; DELETEs already held stay held).
+    pub fn hold_deletes(&self, hold: Duration) {
+        lock(&self.inner.faults).hold_deletes = hold;
+    }
+
+    /// How many DELETEs began to be held by [`Faults::hold_deletes`].
+    pub fn held_deletes(&self) -> usize {
+        lock(&self.inner.faults).held_deletes
     }
 
     /// A write by some other client (a ConfigMap in `kube-system`), straight into the store, so it
@@ -699,6 +714,21 @@ async fn handle(
     let delay = lock(&inner.faults).delay;
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
+    }
+    if req.method() == hyper::Method::DELETE {
+        let hold = {
+            let mut f = lock(&inner.faults);
+            if !f.hold_deletes.is_zero() {
+                f.held_deletes += 1;
+            }
+            f.hold_deletes
+        };
+        if !hold.is_zero() {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep(hold) => {}
+            }
+        }
     }
     let upgrade = hyper::upgrade::on(&mut req);
     let (parts, body) = req.into_parts();
