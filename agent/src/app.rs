@@ -20,7 +20,7 @@ use crate::pod::state::Backoff;
 use crate::pod::worker::WorkerDeps;
 use crate::runtime::{RuntimeError, WasmRuntime};
 use crate::static_pods::StaticPodSource;
-use crate::store::{SledStore, StateStore, StoreError};
+use crate::store::{SledStore, SourceKind, StateStore, StoreError};
 
 /// Why the agent could not start or stopped in error.
 #[derive(Debug, thiserror::Error)]
@@ -308,9 +308,9 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         if first && !cancel.is_cancelled() {
             first = false;
             let static_pods: Vec<DesiredPod> =
-                desired.iter().filter(|d| d.source.starts_with("file:")).cloned().collect();
+                desired.iter().filter(|d| d.source.kind() == SourceKind::Static).cloned().collect();
             // Queued behind the first sync's admissions, as it ran after them.
-            manager.forget_absent(&static_pods, "file:");
+            manager.forget_absent(&static_pods, SourceKind::Static);
         }
         let client = client_rx.borrow().clone();
         if let Some(client) = client {
@@ -401,7 +401,7 @@ fn status_line(running: usize, preparing: usize, contact: &ApiContact) -> String
 /// Offers every cluster pod's recorded status to the status writer.
 fn seed_board(store: &dyn StateStore, board: &StatusBoard) {
     let Ok(records) = store.list_pods() else { return };
-    for r in records.into_iter().filter(|r| r.source.starts_with(cluster::pods::SOURCE)) {
+    for r in records.into_iter().filter(|r| r.source.is_api()) {
         if let Some(status) = r.status.and_then(|s| serde_json::from_value(s).ok()) {
             board.set(&r.key, &r.uid, &r.source, status);
         }
@@ -419,7 +419,7 @@ fn remembered_api_pods(store: &dyn StateStore) -> Vec<DesiredPod> {
     };
     records
         .into_iter()
-        .filter(|r| r.source.starts_with(cluster::pods::SOURCE))
+        .filter(|r| r.source.is_api())
         // Through the same deserializer as static pod manifests: one copy of the Pod decoder in the
         // binary instead of two (it is hundreds of KiB on a board), and the error names the field.
         .filter_map(|r| match serde_path_to_error::deserialize::<_, k8s_openapi::api::core::v1::Pod>(&r.pod) {

@@ -11,13 +11,15 @@ use std::sync::Mutex;
 use k8s_openapi::api::core::v1::PodStatus;
 use tokio::sync::Notify;
 
+use crate::store::{PodSource, SourceKind};
+
 /// One pod's newest status.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BoardEntry {
     /// The pod's UID (the write must not land on a newer pod of the same name).
     pub uid: String,
-    /// Where the pod came from (`api:…`, `file:…`).
-    pub source: String,
+    /// Where the pod came from.
+    pub source: PodSource,
     /// The status.
     pub status: PodStatus,
     /// Bumped on every change.
@@ -36,12 +38,12 @@ pub struct StatusBoard {
 
 impl StatusBoard {
     /// Records `status` as the newest for `key`.
-    pub fn set(&self, key: &str, uid: &str, source: &str, status: PodStatus) {
+    pub fn set(&self, key: &str, uid: &str, source: &PodSource, status: PodStatus) {
         let version = self.next_version.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         if let Ok(mut e) = self.entries.lock() {
             e.insert(
                 key.to_owned(),
-                BoardEntry { uid: uid.to_owned(), source: source.to_owned(), status, version },
+                BoardEntry { uid: uid.to_owned(), source: source.clone(), status, version },
             );
         }
         self.changed.notify_one();
@@ -59,19 +61,19 @@ impl StatusBoard {
         }
     }
 
-    /// Entries not acknowledged yet, for pods whose source starts with `prefix`: the outbox.
-    pub fn pending(&self, prefix: &str) -> Vec<(String, BoardEntry)> {
+    /// Entries not acknowledged yet, for pods from sources of `kind`: the outbox.
+    pub fn pending(&self, kind: SourceKind) -> Vec<(String, BoardEntry)> {
         let Ok(e) = self.entries.lock() else { return Vec::new() };
         let acked = self.acked.lock().map(|a| a.clone()).unwrap_or_default();
         e.iter()
-            .filter(|(k, v)| v.source.starts_with(prefix) && acked.get(*k).is_none_or(|s| *s < v.version))
+            .filter(|(k, v)| v.source.kind() == kind && acked.get(*k).is_none_or(|s| *s < v.version))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }
 
-    /// How many pods (of `prefix`) have a status the API server has not acknowledged.
-    pub fn pending_count(&self, prefix: &str) -> usize {
-        self.pending(prefix).len()
+    /// How many pods (from sources of `kind`) have a status the API server has not acknowledged.
+    pub fn pending_count(&self, kind: SourceKind) -> usize {
+        self.pending(kind).len()
     }
 
     /// Records that `version` of `key`'s status was delivered (or has nowhere to go).
@@ -114,16 +116,16 @@ mod tests {
     fn only_the_newest_status_per_pod_is_pending() {
         let b = StatusBoard::default();
         let s = |phase: &str| PodStatus { phase: Some(phase.into()), ..Default::default() };
-        b.set("ns/a", "u1", "api:", s("Pending"));
-        b.set("ns/a", "u1", "api:", s("Running"));
-        b.set("ns/f", "u2", "file:/x", s("Running"));
-        let pending = b.pending("api:");
+        b.set("ns/a", "u1", &PodSource::Api, s("Pending"));
+        b.set("ns/a", "u1", &PodSource::Api, s("Running"));
+        b.set("ns/f", "u2", &PodSource::File("/x".into()), s("Running"));
+        let pending = b.pending(SourceKind::Api);
         assert_eq!(pending.len(), 1, "coalesced, and file pods are not for the API");
         assert_eq!(pending[0].1.status.phase.as_deref(), Some("Running"));
         b.ack("ns/a", pending[0].1.version);
-        assert_eq!(b.pending_count("api:"), 0);
+        assert_eq!(b.pending_count(SourceKind::Api), 0);
         b.remove("ns/a", "other-uid");
-        b.set("ns/a", "u1", "api:", s("Succeeded"));
-        assert_eq!(b.pending_count("api:"), 1);
+        b.set("ns/a", "u1", &PodSource::Api, s("Succeeded"));
+        assert_eq!(b.pending_count(SourceKind::Api), 1);
     }
 }

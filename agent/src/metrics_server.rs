@@ -61,7 +61,7 @@ pub fn render(sources: &Sources) -> String {
     r.register("pods", "Pods on this node, by phase", phases);
 
     let outbox: Gauge = Gauge::default();
-    outbox.set(sources.board.pending_count(crate::cluster::pods::SOURCE) as i64);
+    outbox.set(sources.board.pending_count(crate::store::SourceKind::Api) as i64);
     r.register("status_outbox_depth", "Pod statuses waiting to reach the API server", outbox);
 
     let contact = sources.contact.snapshot();

@@ -198,7 +198,7 @@ impl StaticPodSource {
                 .map(|pod| DesiredPod {
                     inputs: None,
                     pod,
-                    source: format!("file:{}", file.display()),
+                    source: crate::store::PodSource::File(file.to_owned()),
                     image_base: Some(self.dir.clone()),
                 });
             let previous = self.known.remove(&file).and_then(|s| s.last_good);

@@ -11,6 +11,7 @@ mod agent;
 mod cross;
 mod fake_cluster;
 mod hostile;
+mod main_loop;
 mod mqtt;
 mod operate;
 mod packaging;

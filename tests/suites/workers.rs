@@ -67,7 +67,7 @@ impl Env {
             .put_pod(&PodRecord {
                 key: plan.key.clone(),
                 uid: plan.uid.clone(),
-                source: "test".into(),
+                source: PodSource::File("test.yaml".into()),
                 pod: serde_json::to_value(&pod).expect("json"),
                 status: None,
                 restart_counts: BTreeMap::new(),
@@ -75,7 +75,14 @@ impl Env {
             })
             .expect("record");
         let resume = worker::Resume { restart_counts: counts, previous: None };
-        worker::spawn(plan, "test", resume, self.deps.clone(), &self.tracker, &self.cancel)
+        worker::spawn(
+            plan,
+            &PodSource::File("test.yaml".into()),
+            resume,
+            self.deps.clone(),
+            &self.tracker,
+            &self.cancel,
+        )
     }
 }
 

@@ -233,7 +233,7 @@ mod tests {
         let record = PodRecord {
             key: "default/web".into(),
             uid: "u1".into(),
-            source: "file:/etc/lichen/pods/web.yaml".into(),
+            source: crate::store::PodSource::File("/etc/lichen/pods/web.yaml".into()),
             pod,
             status: Some(status),
             restart_counts: Default::default(),

@@ -26,9 +26,6 @@ use crate::retry::RetryBackoff;
 /// missing, failed, due, or older than [`super::inputs::REFRESH`]).
 const INPUTS_PASS: Duration = Duration::from_secs(10);
 
-/// The `source` of pods from the API server.
-pub const SOURCE: &str = "api:";
-
 /// The longest wait between attempts to reach the API server, here and in the heartbeat.
 pub const RECONNECT_MAX: Duration = Duration::from_secs(4);
 
@@ -279,7 +276,7 @@ impl ApiPodSource {
             let inputs = self.inputs.inputs(p).await;
             out.push(DesiredPod {
                 pod: p.clone(),
-                source: SOURCE.to_owned(),
+                source: crate::store::PodSource::Api,
                 image_base: None,
                 inputs: Some(inputs),
             });

@@ -8,9 +8,9 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
 use tokio_util::sync::CancellationToken;
 
-use super::pods::SOURCE;
 use crate::board::StatusBoard;
 use crate::retry::RetryBackoff;
+use crate::store::SourceKind;
 
 /// Drains the board until `cancel`.
 pub async fn run(
@@ -21,7 +21,7 @@ pub async fn run(
 ) {
     let mut backoff = RetryBackoff::new(Duration::from_millis(500), Duration::from_secs(60));
     loop {
-        let pending = board.pending(SOURCE);
+        let pending = board.pending(SourceKind::Api);
         let mut failed = false;
         for (key, entry) in pending {
             let Some((ns, name)) = key.split_once('/') else { continue };

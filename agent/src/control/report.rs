@@ -163,7 +163,7 @@ impl PodLine {
         let phase = st.phase.clone().unwrap_or_else(|| "Unknown".into());
         PodLine {
             key: r.key.clone(),
-            origin: if r.source.starts_with("file:") { "static".into() } else { "cluster".into() },
+            origin: if r.source.is_api() { "cluster".into() } else { "static".into() },
             status: kubectl_status(&st, &phase, init_names.len(), ready, deleting),
             phase,
             ready,
@@ -229,7 +229,7 @@ mod tests {
         PodRecord {
             key: "default/web".into(),
             uid: "u1".into(),
-            source: "file:/etc/lichen/pods/web.yaml".into(),
+            source: crate::store::PodSource::File("/etc/lichen/pods/web.yaml".into()),
             pod,
             status: Some(status),
             restart_counts: Default::default(),

@@ -47,7 +47,7 @@ impl Control {
         let board = self.board.clone();
         let pods = tokio::task::spawn_blocking(move || {
             let pending: std::collections::HashSet<String> =
-                board.pending(crate::cluster::pods::SOURCE).into_iter().map(|(k, _)| k).collect();
+                board.pending(crate::store::SourceKind::Api).into_iter().map(|(k, _)| k).collect();
             pod_lines(store.as_ref(), |k| pending.contains(k))
         })
         .await
@@ -56,7 +56,7 @@ impl Control {
             node: self.node_name.clone(),
             agent_running: true,
             contact: Some(self.contact.snapshot()),
-            outbox: Some(self.board.pending_count(crate::cluster::pods::SOURCE)),
+            outbox: Some(self.board.pending_count(crate::store::SourceKind::Api)),
             pods,
             status_changes: self.board.changes(),
             store_pod_writes: self.store.pod_writes(),

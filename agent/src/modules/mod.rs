@@ -534,10 +534,10 @@ pub fn modules_in_use(
     let mut used: HashMap<ModuleDigest, Vec<String>> = HashMap::new();
     for record in store.list_pods()? {
         let mut digests = HashSet::new();
-        let static_dir = record
-            .source
-            .strip_prefix("file:")
-            .and_then(|f| std::path::Path::new(f).parent().map(std::path::Path::to_path_buf));
+        let static_dir = match &record.source {
+            crate::store::PodSource::File(f) => f.parent().map(std::path::Path::to_path_buf),
+            crate::store::PodSource::Api => None,
+        };
         let origin = match &static_dir {
             Some(dir) => ImageOrigin::Static(dir),
             None => ImageOrigin::Cluster,

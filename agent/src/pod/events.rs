@@ -3,6 +3,7 @@
 //! person running `kubectl describe`, so when the queue is full, as when the API server has been
 //! away for long, the newest are dropped and counted rather than holding up a pod.
 
+use crate::store::PodSource;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -70,10 +71,10 @@ impl EventRecorder {
         EventRecorder::default()
     }
 
-    /// Queues an event for a pod from `source`; only API pods (`api:`) have events.
-    pub fn emit(&self, source: &str, event: PodEvent) {
+    /// Queues an event for a pod from `source`; only API pods have events.
+    pub fn emit(&self, source: &PodSource, event: PodEvent) {
         let Some(tx) = &self.tx else { return };
-        if !source.starts_with(crate::cluster::pods::SOURCE) {
+        if !source.is_api() {
             return;
         }
         if tx.try_send(event).is_err() {

@@ -1320,7 +1320,7 @@ mod tests {
             .put_pod(&crate::store::PodRecord {
                 key: "ns/web".into(),
                 uid: "u2".into(),
-                source: "api:".into(),
+                source: crate::store::PodSource::Api,
                 pod,
                 status: None,
                 restart_counts: Default::default(),

@@ -25,15 +25,15 @@ use super::status::{self, PodFailure, PodView};
 use super::worker::{self, PodHandle, WorkerDeps};
 use crate::config::{ModulesConfig, RuntimeConfig};
 use crate::modules::ImageOrigin;
-use crate::store::PodRecord;
+use crate::store::{PodRecord, PodSource, SourceKind};
 
 /// A pod some source wants running.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DesiredPod {
     /// The pod, with name, namespace and UID set.
     pub pod: Pod,
-    /// Where it came from, e.g. `file:/etc/lichen/pods/a.yaml`.
-    pub source: String,
+    /// Where it came from.
+    pub source: PodSource,
     /// Directory relative image paths resolve against.
     pub image_base: Option<PathBuf>,
     /// What was fetched from the API server for it; `None` for pods without a cluster.
@@ -101,7 +101,7 @@ impl Entry {
 enum Job {
     Admit { key: String, desired: DesiredPod },
     Refresh { key: String, desired: DesiredPod },
-    Forget { desired: Vec<DesiredPod>, source_prefix: String, present: Vec<(String, String)> },
+    Forget { desired: Vec<DesiredPod>, kind: SourceKind, present: Vec<(String, String)> },
 }
 
 /// What an admission or refresh decided, applied on the loop.
@@ -128,7 +128,7 @@ enum Outcome {
 struct Admitted {
     key: String,
     plan: spec::PodPlan,
-    source: String,
+    source: PodSource,
     resume: worker::Resume,
     inputs: Option<PodInputs>,
 }
@@ -189,7 +189,7 @@ pub struct PodManager {
     /// Whether a batch of the lane is running.
     lane_busy: bool,
     /// A [`PodManager::forget_absent`] waiting for the lane.
-    forget: Option<(Vec<DesiredPod>, String)>,
+    forget: Option<(Vec<DesiredPod>, SourceKind)>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -278,11 +278,11 @@ impl PodManager {
                 Job::Forget { .. } => {}
             }
         }
-        if let Some((desired, source_prefix)) = self.forget.take() {
+        if let Some((desired, kind)) = self.forget.take() {
             // After this batch's admissions, as it ran after the first sync: every pod known now
             // (these admissions included) keeps its record.
             let present = self.pods.iter().map(|(k, e)| (k.clone(), e.uid().to_owned())).collect();
-            jobs.push(Job::Forget { desired, source_prefix, present });
+            jobs.push(Job::Forget { desired, kind, present });
         }
         let running = self.pods.values().filter(|e| matches!(e, Entry::Running { .. })).count();
         let shared = self.shared.clone();
@@ -426,8 +426,8 @@ impl PodManager {
     /// Forgets pods from `source_prefix` that the store remembers but `desired` no longer lists,
     /// e.g. static pods whose manifests were deleted while the agent was not running. Runs on the
     /// lane, after the admissions of the sync before it.
-    pub fn forget_absent(&mut self, desired: &[DesiredPod], source_prefix: &str) {
-        self.forget = Some((desired.to_vec(), source_prefix.to_owned()));
+    pub fn forget_absent(&mut self, desired: &[DesiredPod], kind: SourceKind) {
+        self.forget = Some((desired.to_vec(), kind));
         self.launch(Vec::new());
     }
 
@@ -545,9 +545,7 @@ impl Shared {
                     }
                 }
                 Job::Refresh { key, desired } => outcomes.push(self.refresh_files(key, &desired)),
-                Job::Forget { desired, source_prefix, present } => {
-                    self.forget_absent(&desired, &source_prefix, &present)
-                }
+                Job::Forget { desired, kind, present } => self.forget_absent(&desired, kind, &present),
             }
         }
         outcomes
@@ -720,7 +718,7 @@ impl Shared {
 
     /// The body of [`PodManager::forget_absent`]; `present` is every pod the manager knew of when
     /// the batch started.
-    fn forget_absent(&self, desired: &[DesiredPod], source_prefix: &str, present: &[(String, String)]) {
+    fn forget_absent(&self, desired: &[DesiredPod], kind: SourceKind, present: &[(String, String)]) {
         let records = match self.deps.store.list_pods() {
             Ok(r) => r,
             Err(e) => return tracing::warn!(error = %e, "cannot list stored pods"),
@@ -728,7 +726,7 @@ impl Shared {
         for r in records {
             let wanted = desired.iter().any(|d| d.key() == r.key && d.uid() == r.uid);
             let running = present.iter().any(|(k, u)| *k == r.key && *u == r.uid);
-            if r.source.starts_with(source_prefix) && !wanted && !running {
+            if r.source.kind() == kind && !wanted && !running {
                 tracing::info!(pod = %r.key, "forgetting pod whose source is gone");
                 self.cleanup(&r.key, &r.uid);
             }

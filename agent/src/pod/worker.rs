@@ -25,7 +25,7 @@ use crate::config::ContainerLogConfig;
 use crate::modules::{LoadFailure, ModuleCache, PullCredentials, PullError, Resolution};
 use crate::runtime::logs::{ContainerLog, Stream};
 use crate::runtime::{Outcome, PreparedModule, RunSpec, WasmRuntime};
-use crate::store::{ModuleDigest, StateStore};
+use crate::store::{ModuleDigest, PodSource, StateStore};
 
 /// What every worker shares.
 pub struct WorkerDeps {
@@ -160,7 +160,7 @@ impl Resume {
 /// Starts a worker for `plan` on `tracker`, picking up what `resume` says an earlier agent left.
 pub fn spawn(
     plan: PodPlan,
-    source: &str,
+    source: &PodSource,
     resume: Resume,
     deps: Arc<WorkerDeps>,
     tracker: &TaskTracker,
@@ -215,7 +215,7 @@ pub fn spawn(
         status_tx,
         plan_key: plan.key.clone(),
         uid: plan.uid.clone(),
-        source: source.to_owned(),
+        source: source.clone(),
         pull_credentials: plan.pull_credentials.clone(),
         resumed: init_resumed
             .into_iter()
@@ -245,7 +245,7 @@ struct Shared {
     view: Mutex<PodView>,
     status_tx: watch::Sender<PodStatus>,
     plan_key: String,
-    source: String,
+    source: PodSource,
     uid: String,
     pull_credentials: PullCredentials,
     /// Per container, init containers first: how it resumes after an agent restart.

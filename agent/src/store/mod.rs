@@ -138,6 +138,82 @@ impl fmt::Debug for ModuleDigest {
     }
 }
 
+/// Where a pod came from: the API server, or a static manifest file. Stored as the string older
+/// builds wrote (`api:`, `file:<path>`), so a store written before this type existed reads the
+/// same.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PodSource {
+    /// Bound to this node by the API server.
+    Api,
+    /// A static pod manifest.
+    File(PathBuf),
+}
+
+/// The two kinds of [`PodSource`], for the code that treats every pod of one kind alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SourceKind {
+    /// Cluster pods: reported to the API server.
+    Api,
+    /// Static pods: only this node knows them.
+    Static,
+}
+
+impl PodSource {
+    /// Which kind of source this is.
+    pub fn kind(&self) -> SourceKind {
+        match self {
+            PodSource::Api => SourceKind::Api,
+            PodSource::File(_) => SourceKind::Static,
+        }
+    }
+
+    /// Whether the API server owns this pod.
+    pub fn is_api(&self) -> bool {
+        self.kind() == SourceKind::Api
+    }
+}
+
+impl fmt::Display for PodSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PodSource::Api => f.write_str("api:"),
+            PodSource::File(path) => write!(f, "file:{}", path.display()),
+        }
+    }
+}
+
+/// A source string that is neither `api:` nor `file:<path>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown pod source {0:?} (expected api: or file:<path>)")]
+pub struct UnknownSource(pub String);
+
+impl std::str::FromStr for PodSource {
+    type Err = UnknownSource;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "api:" {
+            Ok(PodSource::Api)
+        } else if let Some(path) = s.strip_prefix("file:").filter(|p| !p.is_empty()) {
+            Ok(PodSource::File(PathBuf::from(path)))
+        } else {
+            Err(UnknownSource(s.to_owned()))
+        }
+    }
+}
+
+impl Serialize for PodSource {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PodSource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Everything the agent remembers about one pod.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PodRecord {
@@ -145,8 +221,8 @@ pub struct PodRecord {
     pub key: String,
     /// The pod's UID; a pod recreated under the same name has a new one.
     pub uid: String,
-    /// Where the pod came from, e.g. `file:/etc/lichen/pods/ticker.yaml`.
-    pub source: String,
+    /// Where the pod came from.
+    pub source: PodSource,
     /// The desired `v1.Pod` as JSON.
     pub pod: serde_json::Value,
     /// The last `v1.PodStatus` observed, as JSON.

@@ -496,6 +496,45 @@ fn sled_error(path: &Path, e: sled::Error) -> StoreError {
 mod tests {
     use super::*;
 
+    /// Pod records as the builds before `PodSource` wrote them (the source a plain string): a store
+    /// from such a build opens and reads the same, and what this build writes reads back as it
+    /// was written.
+    #[test]
+    fn records_written_before_pod_sources_were_typed_read_the_same() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        let old = [
+            (
+                "default/web",
+                r#"{"key":"default/web","uid":"u1","source":"api:","pod":{"metadata":{"name":"web"}},"status":null,"restart_counts":{"main":2},"inputs":null}"#,
+            ),
+            (
+                "default/ticker-pi",
+                r#"{"key":"default/ticker-pi","uid":"u2","source":"file:/etc/lichen/pods/ticker.yaml","pod":{},"status":null,"restart_counts":{}}"#,
+            ),
+        ];
+        {
+            let store = SledStore::open(&path).expect("open");
+            for (key, json) in old {
+                store.pods.insert(key.as_bytes(), json.as_bytes()).expect("raw insert");
+            }
+            store.flush().expect("flush");
+        }
+        let store = SledStore::open(&path).expect("reopen");
+        let mut pods = store.list_pods().expect("list");
+        pods.sort_by(|a, b| a.key.cmp(&b.key));
+        assert_eq!(pods[0].source, crate::store::PodSource::File("/etc/lichen/pods/ticker.yaml".into()));
+        assert_eq!(pods[1].source, crate::store::PodSource::Api);
+        assert_eq!(pods[1].restart_counts.get("main"), Some(&2));
+        store.put_pod(&pods[0]).expect("write back");
+        let raw = store.pods.get(b"default/ticker-pi").expect("get").expect("present");
+        let value: serde_json::Value = serde_json::from_slice(&raw).expect("json");
+        assert_eq!(value["source"], "file:/etc/lichen/pods/ticker.yaml", "written as older builds read it");
+        for bad in ["", "api", "file:", "cluster:"] {
+            assert!(bad.parse::<crate::store::PodSource>().is_err(), "{bad:?}");
+        }
+    }
+
     #[test]
     fn a_new_state_dir_and_store_are_private() {
         use std::os::unix::fs::PermissionsExt;
@@ -512,7 +551,7 @@ mod tests {
         PodRecord {
             key: key.into(),
             uid: uid.into(),
-            source: "test".into(),
+            source: crate::store::PodSource::File("/etc/lichen/pods/test.yaml".into()),
             pod: serde_json::json!({"metadata": {"name": key}}),
             status: None,
             restart_counts: BTreeMap::new(),
