@@ -13,7 +13,7 @@ use lichen::pod::spec::{PlanContext, plan};
 use lichen::pod::state::Backoff;
 use lichen::pod::worker::{self, PodHandle, WorkerDeps};
 use lichen::runtime::WasmRuntime;
-use lichen::store::{PodRecord, SledStore, StateStore};
+use lichen::store::{PodRecord, PodSource, SledStore, StateStore};
 use lichen_tests::fixture;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
