@@ -13,7 +13,8 @@
 //!   cache), [`telemetry`] (MQTT).
 //! - **ground**: [`layout`] (every path under the state directory), [`store`] (sled), [`config`],
 //!   [`board`] (newest pod statuses), [`host`] (facts about the board), [`metrics`] (counters),
-//!   [`quantity`], [`token`], [`retry`], [`notify`] (sd_notify), [`logging`].
+//!   [`logfmt`] (the container log format: names, records, writer, reader), [`quantity`],
+//!   [`token`], [`retry`], [`notify`] (sd_notify), [`logging`].
 
 pub mod app;
 pub mod board;
@@ -25,6 +26,7 @@ pub mod control;
 pub mod host;
 pub mod kubelet;
 pub mod layout;
+pub mod logfmt;
 pub mod logging;
 pub mod metrics;
 pub mod metrics_server;

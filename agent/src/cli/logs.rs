@@ -16,7 +16,8 @@ use super::args::LogsArgs;
 use crate::config::AgentConfig;
 use crate::control::report::PodLine;
 use crate::control::{ControlRequest, ControlResponse};
-use crate::pod::logs::{LogError, LogOptions, PodContainers, locate_in, stream};
+use crate::logfmt::{LogError, LogOptions, stream};
+use crate::pod::logs::{PodContainers, locate_in};
 
 /// `lichen logs` from its flags: prints the log until it ends, or until Ctrl-C (or SIGTERM), which
 /// ends it cleanly.

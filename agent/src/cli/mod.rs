@@ -44,7 +44,7 @@ pub enum CliError {
     Agent(String),
     /// A log could not be found or read.
     #[error(transparent)]
-    Logs(#[from] crate::pod::logs::LogError),
+    Logs(#[from] crate::logfmt::LogError),
     /// Standard output closed with an error other than a closed pipe.
     #[error("cannot write the log: {0}")]
     WriteLog(#[source] std::io::Error),

@@ -13,6 +13,7 @@
 //! does when it is not told otherwise.
 
 pub mod auth;
+pub mod query;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -35,7 +36,8 @@ use crate::board::StatusBoard;
 use crate::bootstrap::{CsrKind, pki};
 use crate::cluster::ClusterClient;
 use crate::config::AgentConfig;
-use crate::pod::logs::{self, LogOptions};
+use crate::logfmt::{self, LogError};
+use crate::pod::logs;
 use crate::store::StateStore;
 use auth::{Attributes, Authorizer, Identity};
 
@@ -505,7 +507,7 @@ async fn logs_response(
     container: String,
     shared: &Shared,
 ) -> Response<Body> {
-    let opts = match LogOptions::from_query(query) {
+    let opts = match query::log_options(query) {
         Ok(o) => o,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
@@ -529,7 +531,7 @@ async fn logs_response(
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let cancel = shared.cancel.child_token();
     tokio::spawn(async move {
-        let result = logs::stream(located, opts, probe, tx, cancel).await;
+        let result = logfmt::stream(located, opts, probe, tx, cancel).await;
         if let Err(e) = &result {
             tracing::debug!(error = %e, "kubelet API: log stream ended early");
         }
@@ -538,7 +540,7 @@ async fn logs_response(
     // The status line waits briefly for the stream to start: a run that does not exist (no
     // previous run, a container not started yet) is an error status, not an empty 200. A follow
     // with nothing to send yet gets its headers after the wait.
-    let error = |e: logs::LogError| {
+    let error = |e: LogError| {
         let code = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         text(code, format!("{e}\n"))
     };

@@ -22,8 +22,8 @@ use super::state::{Backoff, ContainerState, ContainerView, RestartPolicy, Termin
 use super::status::{self, PodFailure, PodView};
 use crate::board::StatusBoard;
 use crate::config::ContainerLogConfig;
+use crate::logfmt::{ContainerLog, Stream};
 use crate::modules::{LoadFailure, ModuleCache, PullCredentials, PullError, Resolution};
-use crate::runtime::logs::{ContainerLog, Stream};
 use crate::runtime::{Outcome, PreparedModule, RunSpec, WasmRuntime};
 use crate::store::{ModuleDigest, PodSource, StateStore};
 
