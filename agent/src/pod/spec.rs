@@ -986,14 +986,14 @@ fn container(
     let source = match parse_image(image, ctx.origin, ctx.modules) {
         Ok(s) => Some(s),
         Err(e) => {
-            errs.add(&format!("{path}.image"), e);
+            errs.add(&format!("{path}.image"), e.to_string());
             None
         }
     };
     let pull_policy = match PullPolicy::from_spec(c.image_pull_policy.as_deref(), image) {
         Ok(p) => Some(p),
         Err(e) => {
-            errs.add(&format!("{path}.imagePullPolicy"), e);
+            errs.add(&format!("{path}.imagePullPolicy"), e.to_string());
             None
         }
     };
