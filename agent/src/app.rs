@@ -33,7 +33,7 @@ pub enum AppError {
     Runtime(#[from] RuntimeError),
     /// The module settings cannot be used (an unreadable CA file).
     #[error("modules: {0}")]
-    Modules(String),
+    Modules(#[source] crate::modules::FetcherError),
     /// The MQTT spool could not be opened.
     #[error("mqtt: {0}")]
     Mqtt(String),

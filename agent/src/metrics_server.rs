@@ -167,7 +167,7 @@ pub async fn health(sources: &Sources) -> Health {
     };
     let runtime = match sources.runtime.validate(b"\0asm\x01\0\0\0") {
         Ok(()) => "ok".to_owned(),
-        Err(e) => e,
+        Err(e) => e.to_string(),
     };
     let contact = sources.contact.snapshot();
     let age = contact.last_ok.map(|t| (jiff::Timestamp::now().as_second() - t.as_second()).max(0));

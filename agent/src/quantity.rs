@@ -7,6 +7,28 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer};
 
+/// Why a string is not a quantity; each message shows the input (trimmed) and what would do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuantityError {
+    /// Nothing but whitespace.
+    #[error("empty quantity")]
+    Empty,
+    /// A suffix Kubernetes does not define.
+    #[error("unknown suffix {suffix:?} in {input:?} (use Ki, Mi, Gi, Ti or k, M, G, T)")]
+    UnknownSuffix {
+        /// The suffix.
+        suffix: String,
+        /// The whole quantity.
+        input: String,
+    },
+    /// No number, or not one.
+    #[error("{0:?} is not a quantity (examples: 128Mi, 1G, 4096)")]
+    NotANumber(String),
+    /// More bytes than a `u64` holds.
+    #[error("{0:?} is too large")]
+    TooLarge(String),
+}
+
 /// A size in bytes, parsed from a Kubernetes quantity string or a plain integer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ByteSize(pub u64);
@@ -15,10 +37,10 @@ impl ByteSize {
     /// Parses a quantity such as `128Mi`, `1G`, `1.5Gi` or `4096` into bytes.
     ///
     /// Fractions of a byte are rounded up, as the API server does for memory.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, QuantityError> {
         let s = s.trim();
         if s.is_empty() {
-            return Err("empty quantity".into());
+            return Err(QuantityError::Empty);
         }
         let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
         let (num, suffix) = s.split_at(split);
@@ -38,17 +60,16 @@ impl ByteSize {
             "E" => 1e18,
             "m" => 1e-3,
             other => {
-                return Err(format!("unknown suffix {other:?} in {s:?} (use Ki, Mi, Gi, Ti or k, M, G, T)"));
+                return Err(QuantityError::UnknownSuffix { suffix: other.to_owned(), input: s.to_owned() });
             }
         };
         if num.is_empty() || num.matches('.').count() > 1 {
-            return Err(format!("{s:?} is not a quantity (examples: 128Mi, 1G, 4096)"));
+            return Err(QuantityError::NotANumber(s.to_owned()));
         }
-        let value: f64 =
-            num.parse().map_err(|_| format!("{s:?} is not a quantity (examples: 128Mi, 1G, 4096)"))?;
+        let value: f64 = num.parse().map_err(|_| QuantityError::NotANumber(s.to_owned()))?;
         let bytes = (value * multiplier).ceil();
         if !bytes.is_finite() || bytes > u64::MAX as f64 {
-            return Err(format!("{s:?} is too large"));
+            return Err(QuantityError::TooLarge(s.to_owned()));
         }
         Ok(ByteSize(bytes as u64))
     }
@@ -67,8 +88,8 @@ impl fmt::Display for ByteSize {
 }
 
 impl std::str::FromStr for ByteSize {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = QuantityError;
+    fn from_str(s: &str) -> Result<Self, QuantityError> {
         Self::parse(s)
     }
 }
@@ -109,7 +130,7 @@ mod tests {
 
     #[test]
     fn rejects_garbage_with_a_hint() {
-        let err = ByteSize::parse("12 parsecs").unwrap_err();
+        let err = ByteSize::parse("12 parsecs").unwrap_err().to_string();
         assert!(err.contains("unknown suffix"), "{err}");
         assert!(ByteSize::parse("Mi").is_err());
         assert!(ByteSize::parse("1.2.3Mi").is_err());

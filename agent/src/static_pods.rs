@@ -186,14 +186,14 @@ impl StaticPodSource {
             let read = read_manifest(&file);
             let content: [u8; 32] = match &read {
                 Ok(text) => Sha256::digest(text.as_bytes()).into(),
-                Err(message) => Sha256::digest(message.as_bytes()).into(),
+                Err(e) => Sha256::digest(e.to_string().as_bytes()).into(),
             };
             seen.insert(file.clone(), ());
             if self.known.get(&file).is_some_and(|s| s.content == content) {
                 continue;
             }
             let parsed = read
-                .map_err(|message| ManifestError { file: file.clone(), message })
+                .map_err(|e| ManifestError { file: file.clone(), message: e.to_string() })
                 .and_then(|text| parse_manifest(&text, &file, &self.node_name))
                 .map(|pod| DesiredPod {
                     inputs: None,
@@ -298,12 +298,21 @@ impl StaticPodSource {
 /// Largest manifest read; a Pod spec is a few KiB, so anything near this is a mistake or an attack.
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
-fn read_manifest(file: &Path) -> Result<String, String> {
-    let len = std::fs::metadata(file).map_err(|e| format!("cannot read: {e}"))?.len();
+/// Why a manifest file could not be read (its parse errors are [`ManifestError`]s).
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("cannot read: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("{0} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit for a manifest")]
+    TooLarge(u64),
+}
+
+fn read_manifest(file: &Path) -> Result<String, ReadError> {
+    let len = std::fs::metadata(file).map_err(ReadError::Io)?.len();
     if len > MAX_MANIFEST_BYTES {
-        return Err(format!("{len} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit for a manifest"));
+        return Err(ReadError::TooLarge(len));
     }
-    std::fs::read_to_string(file).map_err(|e| format!("cannot read: {e}"))
+    std::fs::read_to_string(file).map_err(ReadError::Io)
 }
 
 fn is_manifest(p: &Path) -> bool {

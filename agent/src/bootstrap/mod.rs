@@ -30,16 +30,82 @@ pub use crate::token::BootstrapToken;
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
     /// A file could not be read or written.
-    #[error("{path}: {message}")]
+    #[error("{path}: {source}")]
     File {
         /// The file.
         path: PathBuf,
         /// What went wrong.
-        message: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The cluster CA file holds no certificate.
+    #[error("{path}: holds no PEM certificate; give the cluster CA (ca.crt)")]
+    NoCaCertificate {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A PEM file cannot be parsed.
+    #[error("{path}: unreadable PEM: {source}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What the PEM reader said.
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// A kubeconfig cannot be read or parsed.
+    #[error("{path}: {source}")]
+    Kubeconfig {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    /// The node kubeconfig lacks a part Lichen wrote into it.
+    #[error("{path}: {missing}")]
+    KubeconfigIncomplete {
+        /// The file.
+        path: PathBuf,
+        /// What is missing (`no server`, …).
+        missing: &'static str,
+    },
+    /// A base64 field of a kubeconfig does not decode.
+    #[error("{path}: {field}: {source}")]
+    Base64 {
+        /// The file.
+        path: PathBuf,
+        /// The field, and what it should be.
+        field: &'static str,
+        /// The decoder's complaint.
+        #[source]
+        source: base64::DecodeError,
+    },
+    /// The certificate expired while the node was offline and no bootstrap token is at hand.
+    #[error(
+        "{path}: the node's client certificate expired while the node could not renew it (offline). \
+         To let it join again, put a new bootstrap token (`kubeadm token create`) in {} \
+         with join.server and join.ca_cert configured; Lichen retries on its own",
+        token_file.display()
+    )]
+    ExpiredOffline {
+        /// The node kubeconfig.
+        path: PathBuf,
+        /// Where a new token would be read from.
+        token_file: PathBuf,
+    },
+    /// The renewed kubeconfig does not give a client.
+    #[error("{path}: {source}")]
+    Connect {
+        /// The node kubeconfig.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::cluster::client::ClientError,
     },
     /// Key or CSR generation failed (a bug or a broken random source).
     #[error("cannot generate the node key or CSR: {0}")]
-    Crypto(String),
+    Crypto(#[source] rcgen::Error),
     /// No bootstrap token is available.
     #[error(
         "no bootstrap token: set LICHEN_JOIN_TOKEN, put it in {token_file} (mode 0600), or run \
@@ -49,9 +115,18 @@ pub enum BootstrapError {
         /// Where Lichen looked for it.
         token_file: PathBuf,
     },
-    /// The bootstrap token is malformed.
+    /// The bootstrap token given as a value is malformed.
     #[error("bootstrap token: {0}")]
-    BadToken(String),
+    BadToken(#[source] crate::token::BadToken),
+    /// The bootstrap token file holds a malformed token.
+    #[error("bootstrap token: {}: {source}", path.display())]
+    BadTokenFile {
+        /// The token file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::token::BadToken,
+    },
     /// The API server could not be reached or refused a request.
     #[error("{what}: {source}")]
     Api {
@@ -61,13 +136,24 @@ pub enum BootstrapError {
         #[source]
         source: kube::Error,
     },
-    /// The client configuration could not be built.
-    #[error("cannot build a client for {server}: {message}")]
+    /// The bootstrap kubeconfig Lichen writes in memory does not parse (a bug, or a server URL
+    /// YAML cannot hold).
+    #[error("cannot build a client for {server}: {source}")]
+    ClientConfig {
+        /// The API server.
+        server: String,
+        /// Why.
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    /// The client could not be built.
+    #[error("cannot build a client for {server}: {source}")]
     Client {
         /// The API server.
         server: String,
         /// Why.
-        message: String,
+        #[source]
+        source: crate::cluster::client::ClientError,
     },
     /// Nobody approved (or the signer did not sign) in time.
     #[error(
@@ -95,12 +181,13 @@ pub enum BootstrapError {
         message: String,
     },
     /// The signer returned something that is not a usable certificate.
-    #[error("certificate signing request {name} returned an unusable certificate: {message}")]
+    #[error("certificate signing request {name} returned an unusable certificate: {source}")]
     BadCertificate {
         /// The CSR's name.
         name: String,
         /// Why.
-        message: String,
+        #[source]
+        source: pki::CertificateError,
     },
     /// The shutdown token fired.
     #[error("cancelled")]
@@ -124,21 +211,18 @@ pub enum TokenSource {
 /// Finds the bootstrap token: the value if given, else the token file.
 pub fn find_token(value: &str, file: &Path) -> Result<(BootstrapToken, TokenSource), BootstrapError> {
     if !value.trim().is_empty() {
-        return Ok((
-            BootstrapToken::parse(value).map_err(|e| BootstrapError::BadToken(e.to_string()))?,
-            TokenSource::Value,
-        ));
+        return Ok((BootstrapToken::parse(value).map_err(BootstrapError::BadToken)?, TokenSource::Value));
     }
     match std::fs::read_to_string(file) {
         Ok(text) => {
             let t = BootstrapToken::parse(&text)
-                .map_err(|e| BootstrapError::BadToken(format!("{}: {e}", file.display())))?;
+                .map_err(|source| BootstrapError::BadTokenFile { path: file.to_owned(), source })?;
             Ok((t, TokenSource::File(file.to_owned())))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             Err(BootstrapError::NoToken { token_file: file.to_owned() })
         }
-        Err(e) => Err(BootstrapError::File { path: file.to_owned(), message: e.to_string() }),
+        Err(source) => Err(BootstrapError::File { path: file.to_owned(), source }),
     }
 }
 
@@ -163,9 +247,11 @@ pub struct JoinRequest {
 
 /// Builds a client from kubeconfig text held in memory (the bootstrap token never touches disk).
 async fn client_from_text(server: &str, text: &str) -> Result<Client, BootstrapError> {
-    let err = |message: String| BootstrapError::Client { server: server.to_owned(), message };
-    let kc = kube::config::Kubeconfig::from_yaml(text).map_err(|e| err(e.to_string()))?;
-    crate::cluster::client::client_for(kc).await.map_err(|e| err(e.to_string()))
+    let kc = kube::config::Kubeconfig::from_yaml(text)
+        .map_err(|source| BootstrapError::ClientConfig { server: server.to_owned(), source })?;
+    crate::cluster::client::client_for(kc)
+        .await
+        .map_err(|source| BootstrapError::Client { server: server.to_owned(), source })
 }
 
 /// Joins: asks for a node client certificate with the bootstrap token, waits for it, installs it
@@ -173,7 +259,7 @@ async fn client_from_text(server: &str, text: &str) -> Result<Client, BootstrapE
 /// `state_dir`. Returns the node kubeconfig's path.
 pub async fn join(req: &JoinRequest, cancel: &CancellationToken) -> Result<PathBuf, BootstrapError> {
     let ca_pem = std::fs::read(&req.ca_cert)
-        .map_err(|e| BootstrapError::File { path: req.ca_cert.clone(), message: e.to_string() })?;
+        .map_err(|source| BootstrapError::File { path: req.ca_cert.clone(), source })?;
     pki::check_ca_pem(&req.ca_cert, &ca_pem)?;
     let b64 = base64::engine::general_purpose::STANDARD.encode(&ca_pem);
     let q = |s: &str| serde_json::Value::from(s).to_string();
@@ -298,7 +384,7 @@ pub async fn request_signed(
                 }
                 if let Some(cert) = status.certificate.filter(|c| !c.0.is_empty()) {
                     let validity = pki::validity_of_pem(&cert.0)
-                        .map_err(|message| BootstrapError::BadCertificate { name: name.clone(), message })?;
+                        .map_err(|source| BootstrapError::BadCertificate { name: name.clone(), source })?;
                     tracing::info!(csr = %name, not_after = %validity.not_after, "certificate issued");
                     return Ok((request.key_pem, cert.0));
                 }
@@ -340,21 +426,57 @@ impl Credentials {
     }
 }
 
+/// Why a kubeconfig cannot be used to run with.
+#[derive(Debug, thiserror::Error)]
+pub enum Unusable {
+    /// There is no kubeconfig.
+    #[error("{} does not exist", .0.display())]
+    Missing(PathBuf),
+    /// Its client certificate expired.
+    #[error("the client certificate in {} expired at {not_after}", path.display())]
+    Expired {
+        /// The kubeconfig.
+        path: PathBuf,
+        /// When the certificate expired.
+        not_after: jiff::Timestamp,
+    },
+    /// Its client certificate cannot be read as one.
+    #[error("the client certificate in {}: {source}", path.display())]
+    Certificate {
+        /// The kubeconfig.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: pki::CertificateError,
+    },
+    /// The kubeconfig authenticates otherwise (only where one is required).
+    #[error("{} has no client certificate", .0.display())]
+    NoClientCertificate(PathBuf),
+    /// The kubeconfig or its certificate file cannot be read.
+    #[error(transparent)]
+    Unreadable(#[from] BootstrapError),
+}
+
+/// The validity of the client certificate a kubeconfig authenticates with; one is required.
+pub fn client_certificate_validity(kubeconfig: &Path) -> Result<pki::Validity, Unusable> {
+    let pem = pki::kubeconfig_client_cert(kubeconfig)?
+        .ok_or_else(|| Unusable::NoClientCertificate(kubeconfig.to_owned()))?;
+    pki::validity_of_pem(&pem).map_err(|source| Unusable::Certificate { path: kubeconfig.to_owned(), source })
+}
+
 /// Whether a kubeconfig exists and its client certificate (if it has one) is still valid.
-pub fn usable(kubeconfig: &Path, now: jiff::Timestamp) -> Result<(), String> {
+pub fn usable(kubeconfig: &Path, now: jiff::Timestamp) -> Result<(), Unusable> {
     if !kubeconfig.exists() {
-        return Err(format!("{} does not exist", kubeconfig.display()));
+        return Err(Unusable::Missing(kubeconfig.to_owned()));
     }
-    match pki::kubeconfig_client_cert(kubeconfig) {
-        Ok(Some(pem)) => match pki::validity_of_pem(&pem) {
-            Ok(v) if v.expired(now) => {
-                Err(format!("the client certificate in {} expired at {}", kubeconfig.display(), v.not_after))
-            }
+    let path = kubeconfig.to_owned();
+    match pki::kubeconfig_client_cert(kubeconfig)? {
+        Some(pem) => match pki::validity_of_pem(&pem) {
+            Ok(v) if v.expired(now) => Err(Unusable::Expired { path, not_after: v.not_after }),
             Ok(_) => Ok(()),
-            Err(e) => Err(format!("the client certificate in {}: {e}", kubeconfig.display())),
+            Err(source) => Err(Unusable::Certificate { path, source }),
         },
-        Ok(None) => Ok(()),
-        Err(e) => Err(e.to_string()),
+        None => Ok(()),
     }
 }
 

@@ -50,7 +50,7 @@ impl std::fmt::Debug for KeyAndRequest {
 
 /// Generates a P-256 key and a CSR for `system:node:<node>` in group `system:nodes`.
 pub fn new_node_request(node: &str) -> Result<KeyAndRequest, BootstrapError> {
-    let err = |e: rcgen::Error| BootstrapError::Crypto(e.to_string());
+    let err = BootstrapError::Crypto;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
     let mut params = rcgen::CertificateParams::default();
     let mut dn = rcgen::DistinguishedName::new();
@@ -69,7 +69,7 @@ pub const KUBELET_SERVING_USAGES: [&str; 3] = ["digital signature", "key enciphe
 /// Generates a P-256 key and a serving CSR for `system:node:<node>` with the node's addresses as
 /// subject alternative names (IP addresses as IP SANs, the rest as DNS names).
 pub fn new_serving_request(node: &str, addresses: &[String]) -> Result<KeyAndRequest, BootstrapError> {
-    let err = |e: rcgen::Error| BootstrapError::Crypto(e.to_string());
+    let err = BootstrapError::Crypto;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
     let mut params = serving_params(node, addresses).map_err(err)?;
     params.distinguished_name.push(rcgen::DnType::OrganizationName, "system:nodes");
@@ -79,7 +79,7 @@ pub fn new_serving_request(node: &str, addresses: &[String]) -> Result<KeyAndReq
 
 /// A self-signed serving certificate and key (PEM), what the kubelet serves until a CSR is signed.
 pub fn self_signed_serving(node: &str, addresses: &[String]) -> Result<(String, String), BootstrapError> {
-    let err = |e: rcgen::Error| BootstrapError::Crypto(e.to_string());
+    let err = BootstrapError::Crypto;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
     let mut params = serving_params(node, addresses).map_err(err)?;
     // rcgen's default validity (1975 to 4096) on purpose: a board without a real-time clock boots
@@ -104,14 +104,34 @@ fn serving_params(node: &str, addresses: &[String]) -> Result<rcgen::Certificate
     Ok(params)
 }
 
+/// Why bytes are not a certificate Lichen can read.
+#[derive(Debug, thiserror::Error)]
+pub enum CertificateError {
+    /// The DER does not have a certificate's shape.
+    #[error("not an X.509 certificate")]
+    NotX509,
+    /// The PEM data holds no certificate.
+    #[error("no certificate in the PEM data")]
+    NoPem,
+    /// The PEM data cannot be parsed.
+    #[error("unreadable PEM: {0}")]
+    Pem(#[source] rustls_pki_types::pem::Error),
+    /// A validity time that is not text.
+    #[error("certificate time is not text")]
+    TimeNotText,
+    /// A validity time not in UTCTime or GeneralizedTime form.
+    #[error("certificate time {0:?} is not in RFC 5280 form")]
+    TimeForm(String),
+}
+
 /// The subject's common name and organizations of a DER certificate: the user name and groups
 /// Kubernetes reads from a client certificate.
-pub fn subject_of_der(der: &[u8]) -> Result<(String, Vec<String>), String> {
+pub fn subject_of_der(der: &[u8]) -> Result<(String, Vec<String>), CertificateError> {
     const SEQUENCE: u8 = 0x30;
     const SET: u8 = 0x31;
     const CN: &[u8] = &[0x55, 0x04, 0x03];
     const O: &[u8] = &[0x55, 0x04, 0x0a];
-    let bad = || "not an X.509 certificate".to_owned();
+    let bad = || CertificateError::NotX509;
     let (_, cert, _) = tlv(der).filter(|t| t.0 == SEQUENCE).ok_or_else(bad)?;
     let (_, tbs, _) = tlv(cert).filter(|t| t.0 == SEQUENCE).ok_or_else(bad)?;
     let mut rest = tbs;
@@ -170,18 +190,18 @@ impl Validity {
 }
 
 /// The validity of the first certificate in `pem`.
-pub fn validity_of_pem(pem: &[u8]) -> Result<Validity, String> {
+pub fn validity_of_pem(pem: &[u8]) -> Result<Validity, CertificateError> {
     let cert = CertificateDer::pem_slice_iter(pem)
         .next()
-        .ok_or("no certificate in the PEM data")?
-        .map_err(|e| format!("unreadable PEM: {e}"))?;
+        .ok_or(CertificateError::NoPem)?
+        .map_err(CertificateError::Pem)?;
     validity_of_der(cert.as_ref())
 }
 
 /// Reads `tbsCertificate.validity` from a DER certificate.
-pub fn validity_of_der(der: &[u8]) -> Result<Validity, String> {
+pub fn validity_of_der(der: &[u8]) -> Result<Validity, CertificateError> {
     const SEQUENCE: u8 = 0x30;
-    let bad = || "not an X.509 certificate".to_owned();
+    let bad = || CertificateError::NotX509;
     let (tag, cert, _) = tlv(der).ok_or_else(bad)?;
     if tag != SEQUENCE {
         return Err(bad());
@@ -227,9 +247,9 @@ fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 }
 
 /// UTCTime (`YYMMDDHHMMSSZ`) or GeneralizedTime (`YYYYMMDDHHMMSSZ`), as RFC 5280 profiles them.
-fn asn1_time(tag: u8, bytes: &[u8]) -> Result<jiff::Timestamp, String> {
-    let text = std::str::from_utf8(bytes).map_err(|_| "certificate time is not text".to_owned())?;
-    let bad = || format!("certificate time {text:?} is not in RFC 5280 form");
+fn asn1_time(tag: u8, bytes: &[u8]) -> Result<jiff::Timestamp, CertificateError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| CertificateError::TimeNotText)?;
+    let bad = || CertificateError::TimeForm(text.to_owned());
     let digits = text.strip_suffix('Z').ok_or_else(bad)?;
     if !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
@@ -254,20 +274,15 @@ pub fn check_ca_pem(path: &Path, pem: &[u8]) -> Result<(), BootstrapError> {
     let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
     match certs {
         Ok(c) if !c.is_empty() => Ok(()),
-        Ok(_) => Err(BootstrapError::File {
-            path: path.to_owned(),
-            message: "holds no PEM certificate; give the cluster CA (ca.crt)".into(),
-        }),
-        Err(e) => {
-            Err(BootstrapError::File { path: path.to_owned(), message: format!("unreadable PEM: {e}") })
-        }
+        Ok(_) => Err(BootstrapError::NoCaCertificate { path: path.to_owned() }),
+        Err(source) => Err(BootstrapError::Pem { path: path.to_owned(), source }),
     }
 }
 
 /// Writes `data` to `path` atomically (a temporary file, fsync, rename) with `mode`, so a power
 /// cut leaves either the old file or the new one, and the file is never readable by others.
 pub fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<(), BootstrapError> {
-    let io = |e: std::io::Error| BootstrapError::File { path: path.to_owned(), message: e.to_string() };
+    let io = |source: std::io::Error| BootstrapError::File { path: path.to_owned(), source };
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(io)?;
@@ -302,7 +317,7 @@ impl NodePki {
     ) -> Result<PathBuf, BootstrapError> {
         let io = |path: &Path| {
             let path = path.to_owned();
-            move |e: std::io::Error| BootstrapError::File { path, message: e.to_string() }
+            move |source: std::io::Error| BootstrapError::File { path, source }
         };
         std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&self.dir))?;
@@ -343,8 +358,8 @@ impl NodePki {
 
 /// The client certificate a kubeconfig authenticates with (PEM), if it uses one.
 pub fn kubeconfig_client_cert(path: &Path) -> Result<Option<Vec<u8>>, BootstrapError> {
-    let err = |message: String| BootstrapError::File { path: path.to_owned(), message };
-    let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| err(e.to_string()))?;
+    let kc = kube::config::Kubeconfig::read_from(path)
+        .map_err(|source| BootstrapError::Kubeconfig { path: path.to_owned(), source })?;
     let user = kc
         .current_context
         .as_deref()
@@ -358,17 +373,19 @@ pub fn kubeconfig_client_cert(path: &Path) -> Result<Option<Vec<u8>>, BootstrapE
         .and_then(|a| a.auth_info.as_ref());
     let Some(info) = info else { return Ok(None) };
     if let Some(data) = &info.client_certificate_data {
-        let pem = base64::engine::general_purpose::STANDARD
-            .decode(data.trim())
-            .map_err(|e| err(format!("client-certificate-data is not base64: {e}")))?;
+        let pem = base64::engine::general_purpose::STANDARD.decode(data.trim()).map_err(|source| {
+            BootstrapError::Base64 {
+                path: path.to_owned(),
+                field: "client-certificate-data is not base64",
+                source,
+            }
+        })?;
         return Ok(Some(pem));
     }
     match &info.client_certificate {
         Some(file) => {
             let file = path.parent().unwrap_or(Path::new("/")).join(file);
-            std::fs::read(&file)
-                .map(Some)
-                .map_err(|e| BootstrapError::File { path: file, message: e.to_string() })
+            std::fs::read(&file).map(Some).map_err(|source| BootstrapError::File { path: file, source })
         }
         None => Ok(None),
     }

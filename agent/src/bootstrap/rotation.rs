@@ -15,7 +15,7 @@ use kube::Client;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{BootstrapError, JoinRequest, NodePki, pki};
+use super::{BootstrapError, JoinRequest, NodePki};
 use crate::config::AgentConfig;
 use crate::retry::RetryBackoff;
 
@@ -39,11 +39,7 @@ impl CertificateRotation {
     pub async fn run(self, tx: watch::Sender<Client>, cancel: CancellationToken) {
         let mut backoff = RetryBackoff::new(Duration::from_secs(10), Duration::from_secs(600));
         loop {
-            let validity = match pki::kubeconfig_client_cert(&self.pki.kubeconfig)
-                .map_err(|e| e.to_string())
-                .and_then(|pem| pem.ok_or_else(|| "it has no client certificate".to_owned()))
-                .and_then(|pem| pki::validity_of_pem(&pem))
-            {
+            let validity = match super::client_certificate_validity(&self.pki.kubeconfig) {
                 Ok(v) => v,
                 Err(e) => {
                     tracing::error!(kubeconfig = %self.pki.kubeconfig.display(), error = %e, "cannot read the node certificate; rotation waits");
@@ -92,14 +88,9 @@ impl CertificateRotation {
             let (token, token_source) = match super::find_token(&join.token, &join.token_file) {
                 Ok(t) if join.enabled() => t,
                 Ok(_) | Err(BootstrapError::NoToken { .. }) => {
-                    return Err(BootstrapError::File {
+                    return Err(BootstrapError::ExpiredOffline {
                         path: self.pki.kubeconfig.clone(),
-                        message: format!(
-                            "the node's client certificate expired while the node could not renew it (offline). \
-                             To let it join again, put a new bootstrap token (`kubeadm token create`) in {} \
-                             with join.server and join.ca_cert configured; Lichen retries on its own",
-                            join.token_file.display()
-                        ),
+                        token_file: join.token_file.clone(),
                     });
                 }
                 Err(e) => return Err(e),
@@ -124,7 +115,7 @@ impl CertificateRotation {
         };
         let client = crate::cluster::client::connect(&kubeconfig)
             .await
-            .map_err(|e| BootstrapError::File { path: kubeconfig.clone(), message: e.to_string() })?;
+            .map_err(|source| BootstrapError::Connect { path: kubeconfig.clone(), source })?;
         tx.send_replace(client);
         tracing::info!("switched to the renewed node certificate; pods were not touched");
         Ok(())
@@ -133,18 +124,20 @@ impl CertificateRotation {
 
 /// The server and CA (PEM) of the node kubeconfig.
 fn cluster_of(kubeconfig: &PathBuf) -> Result<(String, Vec<u8>), BootstrapError> {
-    let err = |message: String| BootstrapError::File { path: kubeconfig.clone(), message };
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig).map_err(|e| err(e.to_string()))?;
+    let path = || kubeconfig.clone();
+    let missing = |missing| BootstrapError::KubeconfigIncomplete { path: path(), missing };
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+        .map_err(|source| BootstrapError::Kubeconfig { path: path(), source })?;
     let cluster =
-        kc.clusters.first().and_then(|c| c.cluster.as_ref()).ok_or_else(|| err("no cluster".into()))?;
-    let server = cluster.server.clone().ok_or_else(|| err("no server".into()))?;
+        kc.clusters.first().and_then(|c| c.cluster.as_ref()).ok_or_else(|| missing("no cluster"))?;
+    let server = cluster.server.clone().ok_or_else(|| missing("no server"))?;
     let ca = cluster
         .certificate_authority_data
         .as_deref()
-        .ok_or_else(|| err("no certificate-authority-data".into()))?;
-    let ca = base64::engine::general_purpose::STANDARD
-        .decode(ca.trim())
-        .map_err(|e| err(format!("certificate-authority-data: {e}")))?;
+        .ok_or_else(|| missing("no certificate-authority-data"))?;
+    let ca = base64::engine::general_purpose::STANDARD.decode(ca.trim()).map_err(|source| {
+        BootstrapError::Base64 { path: path(), field: "certificate-authority-data", source }
+    })?;
     Ok((server, ca))
 }
 

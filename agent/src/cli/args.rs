@@ -107,9 +107,14 @@ pub struct LogsArgs {
     pub timestamps: bool,
 }
 
+/// A `--since` value that is not a kubectl duration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid duration {0:?}: want e.g. 10s, 5m, 1h or 1h30m")]
+pub struct InvalidDuration(pub String);
+
 /// A duration as kubectl's `--since` takes it: numbers with units `s`, `m` or `h`, e.g. `1h30m`.
-pub fn parse_since(s: &str) -> Result<std::time::Duration, String> {
-    let bad = || format!("invalid duration {s:?}: want e.g. 10s, 5m, 1h or 1h30m");
+pub fn parse_since(s: &str) -> Result<std::time::Duration, InvalidDuration> {
+    let bad = || InvalidDuration(s.to_owned());
     let mut total = 0u64;
     let mut digits = String::new();
     for ch in s.trim().chars() {

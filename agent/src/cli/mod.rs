@@ -49,8 +49,11 @@ pub enum CliError {
     #[error("cannot write the log: {0}")]
     WriteLog(#[source] std::io::Error),
     /// A module command failed; the module cache's own message.
-    #[error("{0}")]
-    Modules(String),
+    #[error(transparent)]
+    Modules(#[from] crate::modules::ModuleCommandError),
+    /// The module settings cannot be used (an unreadable CA file).
+    #[error(transparent)]
+    Fetcher(#[from] crate::modules::FetcherError),
     /// Pushing or pulling failed.
     #[error(transparent)]
     Pull(#[from] crate::modules::PullError),
@@ -61,8 +64,8 @@ pub enum CliError {
     #[error("cannot create the WebAssembly engine: {0:#}")]
     Engine(#[source] wasmtime::Error),
     /// Precompiling failed.
-    #[error("{0}")]
-    Compile(String),
+    #[error(transparent)]
+    Compile(#[from] crate::runtime::CompileError),
     /// A file could not be read.
     #[error("cannot read {}: {source}", path.display())]
     Read {

@@ -32,7 +32,7 @@ pub async fn run_command(config: &AgentConfig, cmd: ModuleCommand) -> Result<Str
         Reached::Store(store) => store,
     };
     let runtime = crate::runtime::WasmRuntime::new()?;
-    let cache = ModuleCache::new(store.clone(), runtime, &config.modules).map_err(CliError::Modules)?;
+    let cache = ModuleCache::new(store.clone(), runtime, &config.modules)?;
     let result = cache.command(cmd).await.map_err(CliError::Modules);
     let _ = tokio::task::spawn_blocking(move || store.flush()).await;
     result
@@ -41,7 +41,7 @@ pub async fn run_command(config: &AgentConfig, cmd: ModuleCommand) -> Result<Str
 /// `lichen compile`: precompiles `input` for `target` into a `lichen compile` artifact file.
 pub fn compile_file(target: CompileTarget, input: &Path, output: Option<&Path>) -> Result<String, CliError> {
     let wasm = std::fs::read(input).map_err(|e| CliError::Read { path: input.to_owned(), source: e })?;
-    let (artifact, key) = crate::runtime::precompile(target, &wasm).map_err(CliError::Compile)?;
+    let (artifact, key) = crate::runtime::precompile(target, &wasm)?;
     let output = output.map(Path::to_path_buf).unwrap_or_else(|| input.with_extension("cwasm"));
     let file = encode_artifact(&ModuleDigest::of(&wasm), &key, &artifact);
     std::fs::write(&output, &file).map_err(|e| CliError::Write { path: output.clone(), source: e })?;
@@ -72,7 +72,7 @@ pub async fn push_file(
         return Err(CliError::NotOci(reference.to_owned()));
     };
     let credential = login.map(|(username, password)| Credential::Basic { username, password });
-    let fetcher = Fetcher::new(&config.modules).map_err(CliError::Modules)?;
+    let fetcher = Fetcher::new(&config.modules)?;
     let size = wasm.len();
     let digest = ModuleDigest::of(&wasm);
     let manifest = fetcher.push_oci(&r, wasm, credential.as_ref()).await?;

@@ -27,6 +27,23 @@ struct Cached {
     fetched: Instant,
 }
 
+/// Why a service account token could not be issued.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenRequestError {
+    /// The API server refused or could not be reached.
+    #[error("TokenRequest for service account {account}: {source}")]
+    Api {
+        /// `namespace/name` of the service account.
+        account: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The answer carried no token.
+    #[error("the API server answered a TokenRequest without a token")]
+    NoToken,
+}
+
 /// Per-pod cache of fetched inputs.
 pub struct InputResolver {
     client: super::ClusterClient,
@@ -102,7 +119,7 @@ impl InputResolver {
                                 out.tokens.insert(key, tok.clone());
                             }
                             _ => {
-                                out.errors.insert(format!("token/{key}"), e);
+                                out.errors.insert(format!("token/{key}"), e.to_string());
                             }
                         }
                     }
@@ -112,7 +129,7 @@ impl InputResolver {
         out
     }
 
-    async fn request_token(&self, pod: &Pod, t: &TokenRef) -> Result<IssuedToken, String> {
+    async fn request_token(&self, pod: &Pod, t: &TokenRef) -> Result<IssuedToken, TokenRequestError> {
         let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
         let sa = pod.spec.as_ref().and_then(|s| s.service_account_name.as_deref()).unwrap_or("default");
         let api: Api<ServiceAccount> = Api::namespaced(self.client.current(), ns);
@@ -133,8 +150,8 @@ impl InputResolver {
         let resp = api
             .create_token_request(sa, &PostParams::default(), &request)
             .await
-            .map_err(|e| format!("TokenRequest for service account {ns}/{sa}: {e}"))?;
-        let status = resp.status.ok_or("the API server answered a TokenRequest without a token")?;
+            .map_err(|source| TokenRequestError::Api { account: format!("{ns}/{sa}"), source })?;
+        let status = resp.status.ok_or(TokenRequestError::NoToken)?;
         Ok(IssuedToken { token: status.token, issued, expires: status.expiration_timestamp.0 })
     }
 }

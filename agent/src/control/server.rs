@@ -132,7 +132,7 @@ async fn handle(stream: UnixStream, control: Arc<Control>) {
                 tracing::info!(command = ?redacted(&cmd), "control request");
                 match tokio::time::timeout(COMMAND_TIMEOUT, control.modules.command(cmd)).await {
                     Ok(Ok(output)) => ControlResponse::Modules(output),
-                    Ok(Err(output)) => ControlResponse::Error(output),
+                    Ok(Err(e)) => ControlResponse::Error(e.to_string()),
                     Err(_) => ControlResponse::Error("the command timed out".into()),
                 }
             }

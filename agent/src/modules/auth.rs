@@ -34,6 +34,22 @@ impl fmt::Debug for Credential {
     }
 }
 
+/// Why a pull secret offers no credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum PullSecretError {
+    /// Neither key a registry secret has.
+    #[error(
+        "has neither .dockerconfigjson nor .dockercfg (a kubernetes.io/dockerconfigjson Secret is expected)"
+    )]
+    NoDockerConfig,
+    /// `.dockercfg` is not JSON of the legacy shape.
+    #[error(".dockercfg is not valid JSON: {0}")]
+    DockerCfg(#[source] serde_json::Error),
+    /// `.dockerconfigjson` is not a Docker config.
+    #[error(".dockerconfigjson is not valid: {0}")]
+    DockerConfigJson(#[source] serde_json::Error),
+}
+
 /// Every credential a pod's pull secrets offer, by registry pattern, in the order the secrets are
 /// listed (the first match wins, as with the kubelet).
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -57,23 +73,17 @@ impl PullCredentials {
     }
 
     /// Adds the entries of one pull secret's data; returns a message if the data holds none.
-    pub fn add_secret(&mut self, data: &ObjectData) -> Result<(), String> {
+    pub fn add_secret(&mut self, data: &ObjectData) -> Result<(), PullSecretError> {
         let (config, legacy) = match (data.get(".dockerconfigjson"), data.get(".dockercfg")) {
             (Some(v), _) => (v, false),
             (None, Some(v)) => (v, true),
-            (None, None) => {
-                return Err(
-                    "has neither .dockerconfigjson nor .dockercfg (a kubernetes.io/dockerconfigjson \
-                            Secret is expected)"
-                        .into(),
-                );
-            }
+            (None, None) => return Err(PullSecretError::NoDockerConfig),
         };
         let auths: BTreeMap<String, Entry> = if legacy {
-            serde_json::from_slice(&config.0).map_err(|e| format!(".dockercfg is not valid JSON: {e}"))?
+            serde_json::from_slice(&config.0).map_err(PullSecretError::DockerCfg)?
         } else {
             serde_json::from_slice::<DockerConfig>(&config.0)
-                .map_err(|e| format!(".dockerconfigjson is not valid: {e}"))?
+                .map_err(PullSecretError::DockerConfigJson)?
                 .auths
         };
         for (host, entry) in auths {
@@ -201,8 +211,16 @@ mod tests {
             creds.for_registry("quay.io"),
             Some(&Credential::Basic { username: "u".into(), password: "p".into() })
         );
-        assert!(creds.add_secret(&secret("token", "x")).unwrap_err().contains(".dockerconfigjson"));
-        assert!(creds.add_secret(&secret(".dockerconfigjson", "{")).unwrap_err().contains("not valid"));
+        assert!(
+            creds.add_secret(&secret("token", "x")).unwrap_err().to_string().contains(".dockerconfigjson")
+        );
+        assert!(
+            creds
+                .add_secret(&secret(".dockerconfigjson", "{"))
+                .unwrap_err()
+                .to_string()
+                .contains("not valid")
+        );
     }
 
     #[test]

@@ -8,8 +8,133 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Credential, ImageOrigin, ModuleCache, ModuleSource, PullCredentials, PullPolicy, parse_image};
-use crate::store::{ModuleDigest, StateStore};
+use super::{
+    Credential, ImageOrigin, ModuleCache, ModuleSource, PullCredentials, PullError, PullPolicy,
+    ReferenceError, parse_image,
+};
+use crate::store::{ModuleDigest, StateStore, StoreError};
+
+/// Why a `lichen modules` command failed: the text the operator reads.
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleCommandError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The image is not one this node can use.
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    /// The pull failed.
+    #[error(transparent)]
+    Pull(#[from] PullError),
+    /// The command's blocking task failed.
+    #[error("{0}")]
+    Task(#[source] tokio::task::JoinError),
+    /// The module was pulled but cannot run on this engine.
+    #[error("pulled {digest}, but it cannot run: {reason}")]
+    Unrunnable {
+        /// The module.
+        digest: ModuleDigest,
+        /// What the engine said.
+        reason: String,
+    },
+    /// The cache lost the module it just resolved.
+    #[error("{0}")]
+    Unavailable(String),
+    /// `rm` was given something that is neither a digest nor a reference.
+    #[error("{target:?} is neither a cached digest nor an image reference")]
+    NotATarget {
+        /// What was given.
+        target: String,
+        /// Why it is not a reference.
+        #[source]
+        source: ReferenceError,
+    },
+    /// `rm` was given a reference the cache does not know.
+    #[error("{0:?} is not in the cache")]
+    NotCached(String),
+    /// The module vanished before it could be removed.
+    #[error("{0} is not in the cache")]
+    Gone(ModuleDigest),
+    /// A digest prefix matching several modules.
+    #[error("{target:?} matches {count} modules; give more of the digest")]
+    Ambiguous {
+        /// The prefix.
+        target: String,
+        /// How many it matches.
+        count: usize,
+    },
+    /// `rm` without `--force` of a module pods use.
+    #[error("{digest} is used by pod(s) {}; remove them first, or pass --force", .pods.join(", "))]
+    InUse {
+        /// The module.
+        digest: ModuleDigest,
+        /// The pods using it.
+        pods: Vec<String>,
+    },
+    /// A file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The artifact file is not one `lichen compile` wrote.
+    #[error("{}: {source}", path.display())]
+    Artifact {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: ArtifactError,
+    },
+    /// The artifact was compiled from another module.
+    #[error("{} was compiled from module {compiled_from}, not from {} ({digest})", artifact.display(), wasm.display())]
+    WrongModule {
+        /// The artifact file.
+        artifact: PathBuf,
+        /// The module it was compiled from.
+        compiled_from: ModuleDigest,
+        /// The module file given with it.
+        wasm: PathBuf,
+        /// That module's digest.
+        digest: ModuleDigest,
+    },
+    /// The artifact was compiled for another engine.
+    #[error(
+        "{} was compiled for engine {key}, but this board runs {engine}: compile it with the same \
+         lichen version and the board's --target",
+        artifact.display()
+    )]
+    WrongEngine {
+        /// The artifact file.
+        artifact: PathBuf,
+        /// The engine it was compiled for.
+        key: String,
+        /// This agent's engine.
+        engine: String,
+    },
+    /// The imported module cannot run on this engine.
+    #[error("{} cannot run here: {reason}", wasm.display())]
+    CannotRun {
+        /// The module file.
+        wasm: PathBuf,
+        /// What the engine or cache said.
+        reason: String,
+    },
+}
+
+/// Why a file is not a usable `lichen compile` artifact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ArtifactError {
+    /// Wrong magic or truncated.
+    #[error("not an artifact written by `lichen compile`")]
+    NotArtifact,
+    /// Written by a lichen with another artifact format.
+    #[error("artifact format {0} is not understood by this lichen (it writes {CWASM_VERSION})")]
+    Version(u8),
+}
 
 /// One `lichen modules` request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,25 +195,23 @@ pub fn encode_artifact(module: &ModuleDigest, engine_key: &str, artifact: &[u8])
 }
 
 /// The module digest, engine key and Wasmtime artifact of a `lichen compile` file.
-pub fn decode_artifact(bytes: &[u8]) -> Result<(ModuleDigest, String, &[u8]), String> {
-    let bad = || "not an artifact written by `lichen compile`".to_string();
-    let rest = bytes.strip_prefix(CWASM_MAGIC).ok_or_else(bad)?;
-    let (&version, rest) = rest.split_first().ok_or_else(bad)?;
+pub fn decode_artifact(bytes: &[u8]) -> Result<(ModuleDigest, String, &[u8]), ArtifactError> {
+    let bad = ArtifactError::NotArtifact;
+    let rest = bytes.strip_prefix(CWASM_MAGIC).ok_or(bad)?;
+    let (&version, rest) = rest.split_first().ok_or(bad)?;
     if version != CWASM_VERSION {
-        return Err(format!(
-            "artifact format {version} is not understood by this lichen (it writes {CWASM_VERSION})"
-        ));
+        return Err(ArtifactError::Version(version));
     }
-    let digest: [u8; 32] = rest.get(..32).and_then(|d| d.try_into().ok()).ok_or_else(bad)?;
-    let len = rest.get(32..34).map(|l| u16::from_be_bytes([l[0], l[1]]) as usize).ok_or_else(bad)?;
-    let key = rest.get(34..34 + len).ok_or_else(bad)?;
-    let key = String::from_utf8(key.to_vec()).map_err(|_| bad())?;
+    let digest: [u8; 32] = rest.get(..32).and_then(|d| d.try_into().ok()).ok_or(bad)?;
+    let len = rest.get(32..34).map(|l| u16::from_be_bytes([l[0], l[1]]) as usize).ok_or(bad)?;
+    let key = rest.get(34..34 + len).ok_or(bad)?;
+    let key = String::from_utf8(key.to_vec()).map_err(|_| bad)?;
     Ok((ModuleDigest(digest), key, &rest[34 + len..]))
 }
 
 impl ModuleCache {
     /// Runs one `lichen modules` command; the text is what the operator sees.
-    pub async fn command(&self, cmd: ModuleCommand) -> Result<String, String> {
+    pub async fn command(&self, cmd: ModuleCommand) -> Result<String, ModuleCommandError> {
         match cmd {
             ModuleCommand::List => self.cmd_list().await,
             ModuleCommand::Pull { image, username, password, base } => {
@@ -104,23 +227,20 @@ impl ModuleCache {
 
     async fn on_store<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&dyn StateStore, &crate::config::ModulesConfig) -> Result<T, String> + Send + 'static,
-    ) -> Result<T, String> {
+        f: impl FnOnce(&dyn StateStore, &crate::config::ModulesConfig) -> Result<T, ModuleCommandError>
+        + Send
+        + 'static,
+    ) -> Result<T, ModuleCommandError> {
         let store = self.store.clone();
         let config = self.config.clone();
-        tokio::task::spawn_blocking(move || f(store.as_ref(), &config)).await.map_err(|e| e.to_string())?
+        tokio::task::spawn_blocking(move || f(store.as_ref(), &config))
+            .await
+            .map_err(ModuleCommandError::Task)?
     }
 
-    async fn cmd_list(&self) -> Result<String, String> {
+    async fn cmd_list(&self) -> Result<String, ModuleCommandError> {
         let (mut modules, refs, used) = self
-            .on_store(|s, c| {
-                let e = |e: crate::store::StoreError| e.to_string();
-                Ok((
-                    s.list_modules().map_err(e)?,
-                    s.list_image_refs().map_err(e)?,
-                    super::modules_in_use(s, c).map_err(e)?,
-                ))
-            })
+            .on_store(|s, c| Ok((s.list_modules()?, s.list_image_refs()?, super::modules_in_use(s, c)?)))
             .await?;
         modules.sort_by_key(|m| std::cmp::Reverse(m.last_used));
         let total: u64 = modules.iter().map(|m| m.total_size()).sum();
@@ -164,21 +284,20 @@ impl ModuleCache {
         username: Option<String>,
         password: Option<String>,
         base: &Path,
-    ) -> Result<String, String> {
+    ) -> Result<String, ModuleCommandError> {
         let source = parse_image(image, ImageOrigin::Static(base), &self.config)?;
         let mut creds = PullCredentials::default();
         if let (ModuleSource::Oci(r), Some(username)) = (&source, username) {
             let password = password.unwrap_or_default();
             creds.push(r.resolve_registry(), Credential::Basic { username, password });
         }
-        let resolution =
-            self.resolve(&source, PullPolicy::Always, &creds).await.map_err(|e| e.to_string())?;
+        let resolution = self.resolve(&source, PullPolicy::Always, &creds).await?;
         let digest = resolution.digest();
         self.load(digest).await.map_err(|e| match e {
             super::LoadFailure::Invalid(o) => {
-                format!("pulled {digest}, but it cannot run: {}", o.message().unwrap_or_default())
+                ModuleCommandError::Unrunnable { digest, reason: o.message().unwrap_or_default() }
             }
-            super::LoadFailure::Unavailable(e) => e,
+            super::LoadFailure::Unavailable(e) => ModuleCommandError::Unavailable(e),
         })?;
         let how = match resolution {
             super::Resolution::Pulled { took, size, .. } => {
@@ -196,16 +315,14 @@ impl ModuleCache {
         ))
     }
 
-    async fn cmd_remove(&self, target: &str, force: bool) -> Result<String, String> {
+    async fn cmd_remove(&self, target: &str, force: bool) -> Result<String, ModuleCommandError> {
         let target = target.to_owned();
         let base = std::env::current_dir().unwrap_or_default();
         self.on_store(move |s, c| {
-            let e = |e: crate::store::StoreError| e.to_string();
             let hex = target.strip_prefix("sha256:").unwrap_or(&target).to_ascii_lowercase();
             let by_digest: Vec<ModuleDigest> = if hex.len() >= 6 && hex.bytes().all(|b| b.is_ascii_hexdigit())
             {
-                s.list_modules()
-                    .map_err(e)?
+                s.list_modules()?
                     .into_iter()
                     .map(|m| m.digest)
                     .filter(|d| d.hex().starts_with(&hex))
@@ -216,43 +333,35 @@ impl ModuleCache {
             let digest = match by_digest.as_slice() {
                 [one] => *one,
                 [] => {
-                    let source = parse_image(&target, ImageOrigin::Static(&base), c).map_err(|_| {
-                        format!("{target:?} is neither a cached digest nor an image reference")
+                    let source = parse_image(&target, ImageOrigin::Static(&base), c).map_err(|source| {
+                        ModuleCommandError::NotATarget { target: target.clone(), source }
                     })?;
-                    s.get_image_ref(&source.cache_key())
-                        .map_err(e)?
-                        .ok_or_else(|| format!("{target:?} is not in the cache"))?
+                    s.get_image_ref(&source.cache_key())?
+                        .ok_or_else(|| ModuleCommandError::NotCached(target.clone()))?
                 }
                 many => {
-                    return Err(format!(
-                        "{target:?} matches {} modules; give more of the digest",
-                        many.len()
-                    ));
+                    return Err(ModuleCommandError::Ambiguous { target: target.clone(), count: many.len() });
                 }
             };
-            let used = super::modules_in_use(s, c).map_err(e)?;
-            if let Some(pods) = used.get(&digest)
+            let mut used = super::modules_in_use(s, c)?;
+            if let Some(pods) = used.remove(&digest)
                 && !force
             {
-                return Err(format!(
-                    "{digest} is used by pod(s) {}; remove them first, or pass --force",
-                    pods.join(", ")
-                ));
+                return Err(ModuleCommandError::InUse { digest, pods });
             }
-            match s.remove_module(&digest).map_err(e)? {
+            match s.remove_module(&digest)? {
                 true => Ok(format!("removed {digest}\n")),
-                false => Err(format!("{digest} is not in the cache")),
+                false => Err(ModuleCommandError::Gone(digest)),
             }
         })
         .await
     }
 
-    async fn cmd_prune(&self, all: bool) -> Result<String, String> {
+    async fn cmd_prune(&self, all: bool) -> Result<String, ModuleCommandError> {
         self.on_store(move |s, c| {
-            let e = |e: crate::store::StoreError| e.to_string();
-            let used: HashSet<ModuleDigest> = super::modules_in_use(s, c).map_err(e)?.into_keys().collect();
+            let used: HashSet<ModuleDigest> = super::modules_in_use(s, c)?.into_keys().collect();
             let budget = if all { 0 } else { c.cache_size.0 };
-            let report = super::gc(s, budget, &used).map_err(e)?;
+            let report = super::gc(s, budget, &used)?;
             Ok(format!(
                 "removed {} module(s), freed {} bytes; {} bytes remain\n",
                 report.removed.len(),
@@ -268,32 +377,34 @@ impl ModuleCache {
         wasm: &Path,
         precompiled: Option<&Path>,
         image: Option<&str>,
-    ) -> Result<String, String> {
+    ) -> Result<String, ModuleCommandError> {
         // As read, like a pod's file image: `.wat` text stays text, and the digest is of these bytes.
-        let bytes =
-            tokio::fs::read(wasm).await.map_err(|e| format!("cannot read {}: {e}", wasm.display()))?;
+        let bytes = tokio::fs::read(wasm)
+            .await
+            .map_err(|source| ModuleCommandError::Read { path: wasm.to_owned(), source })?;
         let digest = ModuleDigest::of(&bytes);
         let artifact = match precompiled {
             None => None,
             Some(p) => {
-                let file =
-                    tokio::fs::read(p).await.map_err(|e| format!("cannot read {}: {e}", p.display()))?;
-                let (for_module, key, artifact) =
-                    decode_artifact(&file).map_err(|e| format!("{}: {e}", p.display()))?;
+                let file = tokio::fs::read(p)
+                    .await
+                    .map_err(|source| ModuleCommandError::Read { path: p.to_owned(), source })?;
+                let (for_module, key, artifact) = decode_artifact(&file)
+                    .map_err(|source| ModuleCommandError::Artifact { path: p.to_owned(), source })?;
                 if for_module != digest {
-                    return Err(format!(
-                        "{} was compiled from module {for_module}, not from {} ({digest})",
-                        p.display(),
-                        wasm.display()
-                    ));
+                    return Err(ModuleCommandError::WrongModule {
+                        artifact: p.to_owned(),
+                        compiled_from: for_module,
+                        wasm: wasm.to_owned(),
+                        digest,
+                    });
                 }
                 if key != self.runtime.engine_key() {
-                    return Err(format!(
-                        "{} was compiled for engine {key}, but this board runs {}: compile it with the same \
-                         lichen version and the board's --target",
-                        p.display(),
-                        self.runtime.engine_key()
-                    ));
+                    return Err(ModuleCommandError::WrongEngine {
+                        artifact: p.to_owned(),
+                        key,
+                        engine: self.runtime.engine_key().to_owned(),
+                    });
                 }
                 Some(artifact.to_vec())
             }
@@ -306,13 +417,12 @@ impl ModuleCache {
         let engine = self.runtime.engine_key().to_owned();
         let with_artifact = artifact.is_some();
         self.on_store(move |s, _| {
-            let e = |e: crate::store::StoreError| e.to_string();
-            s.put_module(&bytes, &source).map_err(e)?;
+            s.put_module(&bytes, &source)?;
             if let Some(a) = &artifact {
-                s.put_artifact(&digest, &engine, a).map_err(e)?;
+                s.put_artifact(&digest, &engine, a)?;
             }
             if let Some(key) = &image_key {
-                s.put_image_ref(key, &digest).map_err(e)?;
+                s.put_image_ref(key, &digest)?;
             }
             Ok(())
         })
@@ -323,8 +433,8 @@ impl ModuleCache {
                 super::LoadFailure::Invalid(o) => o.message().unwrap_or_default(),
                 super::LoadFailure::Unavailable(e) => e,
             };
-            let _ = self.on_store(move |s, _| s.remove_module(&digest).map_err(|e| e.to_string())).await;
-            return Err(format!("{} cannot run here: {why}", wasm.display()));
+            let _ = self.on_store(move |s, _| Ok(s.remove_module(&digest)?)).await;
+            return Err(ModuleCommandError::CannotRun { wasm: wasm.to_owned(), reason: why });
         }
         Ok(format!(
             "imported {} as {digest}{}{}\n",
@@ -345,7 +455,7 @@ mod tests {
         let file = encode_artifact(&d, "wasmtime-48.0.8-abc", b"ELF...");
         let (digest, key, body) = decode_artifact(&file).unwrap();
         assert_eq!((digest, key.as_str(), body), (d, "wasmtime-48.0.8-abc", &b"ELF..."[..]));
-        assert!(decode_artifact(b"\x7fELF").unwrap_err().contains("lichen compile"));
+        assert!(decode_artifact(b"\x7fELF").unwrap_err().to_string().contains("lichen compile"));
         assert!(decode_artifact(&file[..20]).is_err());
     }
 }

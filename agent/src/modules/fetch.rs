@@ -32,6 +32,23 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 const USER_AGENT: &str = concat!("lichen/", env!("CARGO_PKG_VERSION"));
 
+/// Why a [`Fetcher`] cannot be set up: an extra CA file named in `modules.registry_ca_files`.
+#[derive(Debug, thiserror::Error)]
+pub enum FetcherError {
+    /// The CA file cannot be read.
+    #[error("cannot read CA file {}: {source}", path.display())]
+    ReadCa {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The CA file holds no PEM block.
+    #[error("{} holds no PEM certificate", .0.display())]
+    NotPem(std::path::PathBuf),
+}
+
 /// Fetches modules over the network; cheap to clone.
 #[derive(Clone)]
 pub struct Fetcher {
@@ -42,14 +59,14 @@ pub struct Fetcher {
 
 impl Fetcher {
     /// A fetcher for `config`; reads the extra CA files now so a bad path is reported at start-up.
-    pub fn new(config: &ModulesConfig) -> Result<Self, String> {
+    pub fn new(config: &ModulesConfig) -> Result<Self, FetcherError> {
         install_crypto_provider();
         let mut roots = Vec::new();
         for path in &config.registry_ca_files {
             let pem =
-                std::fs::read(path).map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
+                std::fs::read(path).map_err(|source| FetcherError::ReadCa { path: path.clone(), source })?;
             if !pem.windows(11).any(|w| w == b"-----BEGIN ") {
-                return Err(format!("{} holds no PEM certificate", path.display()));
+                return Err(FetcherError::NotPem(path.clone()));
             }
             roots.push(pem);
         }
@@ -103,7 +120,7 @@ impl Fetcher {
         {
             return Err(PullError::TooLarge { size: len, limit: self.max_size });
         }
-        let bytes = self.collect(stream.stream.map(|r| r.map_err(|e| e.to_string()))).await?;
+        let bytes = self.collect(stream.stream).await?;
         verify(&bytes, expected)?;
         Ok((bytes, expected))
     }
@@ -142,18 +159,19 @@ impl Fetcher {
         {
             return Err(PullError::TooLarge { size: len, limit: self.max_size });
         }
-        let bytes = self.collect(resp.bytes_stream().map(|r| r.map_err(|e| chain(&e)))).await?;
+        let bytes = self.collect(resp.bytes_stream()).await?;
         verify(&bytes, digest)?;
         Ok(bytes)
     }
 
-    async fn collect<B: AsRef<[u8]>>(
+    async fn collect<B: AsRef<[u8]>, E: std::error::Error>(
         &self,
-        mut stream: impl futures::Stream<Item = Result<B, String>> + Unpin,
+        mut stream: impl futures::Stream<Item = Result<B, E>> + Unpin,
     ) -> Result<Vec<u8>, PullError> {
         let mut out = Vec::new();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| PullError::Network(format!("download interrupted: {e}")))?;
+            let chunk =
+                chunk.map_err(|e| PullError::Network(format!("download interrupted: {}", chain(&e))))?;
             let chunk = chunk.as_ref();
             if (out.len() + chunk.len()) as u64 > self.max_size {
                 return Err(PullError::TooLarge {

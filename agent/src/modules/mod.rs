@@ -23,9 +23,10 @@ use tokio::sync::Semaphore;
 use crate::config::ModulesConfig;
 use crate::runtime::{Outcome, PreparedModule, WasmRuntime};
 use crate::store::{ModuleDigest, ModuleInfo, StateStore, StoreError};
-pub use auth::{Credential, PullCredentials};
-pub use fetch::Fetcher;
-pub use reference::{ImageOrigin, ModuleSource, parse_image};
+pub use auth::{Credential, PullCredentials, PullSecretError};
+pub use commands::{ArtifactError, ModuleCommandError};
+pub use fetch::{Fetcher, FetcherError};
+pub use reference::{ImageOrigin, ModuleSource, ReferenceError, parse_image};
 
 /// Why a module could not be fetched. Cloneable, because one pull answers every container
 /// waiting for the same image.
@@ -102,6 +103,11 @@ impl From<StoreError> for PullError {
     }
 }
 
+/// An `imagePullPolicy` Kubernetes does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not one of Always, IfNotPresent, Never")]
+pub struct UnknownPullPolicy(pub String);
+
 /// `imagePullPolicy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PullPolicy {
@@ -116,12 +122,12 @@ pub enum PullPolicy {
 impl PullPolicy {
     /// The policy as written, or the Kubernetes default: `Always` for `:latest` or no tag,
     /// otherwise `IfNotPresent`.
-    pub fn from_spec(written: Option<&str>, image: &str) -> Result<Self, String> {
+    pub fn from_spec(written: Option<&str>, image: &str) -> Result<Self, UnknownPullPolicy> {
         match written {
             Some("Always") => Ok(PullPolicy::Always),
             Some("IfNotPresent") => Ok(PullPolicy::IfNotPresent),
             Some("Never") => Ok(PullPolicy::Never),
-            Some(other) => Err(format!("{other:?} is not one of Always, IfNotPresent, Never")),
+            Some(other) => Err(UnknownPullPolicy(other.to_owned())),
             None => {
                 let name = image.rsplit('/').next().unwrap_or(image);
                 let untagged = !name.contains(':') && !image.contains('@');
@@ -204,7 +210,7 @@ impl ModuleCache {
         store: Arc<dyn StateStore>,
         runtime: Arc<WasmRuntime>,
         config: &ModulesConfig,
-    ) -> Result<Arc<Self>, String> {
+    ) -> Result<Arc<Self>, FetcherError> {
         Ok(Arc::new(ModuleCache {
             store,
             runtime,

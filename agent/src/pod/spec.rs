@@ -658,7 +658,7 @@ fn lookup<'a>(
             None
         }
         Err(why) => {
-            errs.pending(path, why);
+            errs.pending(path, why.to_string());
             None
         }
     }
@@ -962,7 +962,7 @@ fn container(
                         format!("{} is above the 4Gi a wasm32 memory can address", q.0),
                     ),
                     Ok(b) => memory_limit = b.0,
-                    Err(e) => errs.add(&format!("{path}.resources.limits.memory"), e),
+                    Err(e) => errs.add(&format!("{path}.resources.limits.memory"), e.to_string()),
                 },
                 "cpu" | "ephemeral-storage" => warnings
                     .push(format!("{path}.resources.limits.{name} is not enforced (fuel bounds compute)")),
@@ -986,14 +986,14 @@ fn container(
     let source = match parse_image(image, ctx.origin, ctx.modules) {
         Ok(s) => Some(s),
         Err(e) => {
-            errs.add(&format!("{path}.image"), e);
+            errs.add(&format!("{path}.image"), e.to_string());
             None
         }
     };
     let pull_policy = match PullPolicy::from_spec(c.image_pull_policy.as_deref(), image) {
         Ok(p) => Some(p),
         Err(e) => {
-            errs.add(&format!("{path}.imagePullPolicy"), e);
+            errs.add(&format!("{path}.imagePullPolicy"), e.to_string());
             None
         }
     };

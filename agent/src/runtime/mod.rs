@@ -43,9 +43,40 @@ pub const WASMTIME_VERSION: &str = "48.0.8";
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     /// Wasmtime refused the engine configuration (for example an unsupported CPU).
-    #[error("cannot create the WebAssembly engine: {0}")]
-    Engine(String),
+    #[error("cannot create the WebAssembly engine: {0:#}")]
+    Engine(#[source] wasmtime::Error),
 }
+
+/// Why `lichen compile` could not precompile a module.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    /// This build of Wasmtime has no code generator for the target.
+    #[error("this lichen cannot compile for {triple}: {source:#}")]
+    Target {
+        /// The target triple.
+        triple: &'static str,
+        /// What Wasmtime said.
+        #[source]
+        source: wasmtime::Error,
+    },
+    /// Wasmtime refused the engine settings for the target.
+    #[error("cannot create an engine for {target:?}: {source:#}")]
+    Engine {
+        /// The target.
+        target: CompileTarget,
+        /// What Wasmtime said.
+        #[source]
+        source: wasmtime::Error,
+    },
+    /// The bytes are not a module Wasmtime accepts.
+    #[error("not a valid WebAssembly module: {0:#}")]
+    Invalid(#[source] wasmtime::Error),
+}
+
+/// Bytes that are not a WebAssembly module this engine accepts; the message is Wasmtime's.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct InvalidModule(#[source] pub wasmtime::Error);
 
 /// A compiled module ready to instantiate, shared by every container that runs the same bytes.
 #[derive(Clone)]
@@ -346,15 +377,13 @@ impl CompileTarget {
 
 /// A precompiled module for `target` and the engine key the board will need to load it, compiled
 /// with exactly the settings containers run under.
-pub fn precompile(target: CompileTarget, wasm: &[u8]) -> Result<(Vec<u8>, String), String> {
+pub fn precompile(target: CompileTarget, wasm: &[u8]) -> Result<(Vec<u8>, String), CompileError> {
     let mut config = engine_config();
     if let Some(triple) = target.triple() {
-        config.target(triple).map_err(|e| format!("this lichen cannot compile for {triple}: {e:#}"))?;
+        config.target(triple).map_err(|source| CompileError::Target { triple, source })?;
     }
-    let engine =
-        Engine::new(&config).map_err(|e| format!("cannot create an engine for {target:?}: {e:#}"))?;
-    let module =
-        engine.precompile_module(wasm).map_err(|e| format!("not a valid WebAssembly module: {e:#}"))?;
+    let engine = Engine::new(&config).map_err(|source| CompileError::Engine { target, source })?;
+    let module = engine.precompile_module(wasm).map_err(CompileError::Invalid)?;
     Ok((module, engine_key(&engine)))
 }
 
@@ -377,11 +406,11 @@ pub struct WasmRuntime {
 impl WasmRuntime {
     /// Creates the engine. Call once per process, inside a tokio runtime.
     pub fn new() -> Result<Arc<Self>, RuntimeError> {
-        let engine = Engine::new(&engine_config()).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let engine = Engine::new(&engine_config()).map_err(RuntimeError::Engine)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |cx: &mut ContainerCtx| &mut cx.wasi)
-            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
-        mqtt_api::add_to_linker(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+            .map_err(RuntimeError::Engine)?;
+        mqtt_api::add_to_linker(&mut linker).map_err(RuntimeError::Engine)?;
         let ticker = EpochTicker::start(engine.clone());
         let key = engine_key(&engine);
         Ok(Arc::new(WasmRuntime { engine, key, linker, compiled: Mutex::new(HashMap::new()), ticker }))
@@ -434,8 +463,8 @@ impl WasmRuntime {
     }
 
     /// Checks that `bytes` are a WebAssembly module this engine accepts, without compiling it.
-    pub fn validate(&self, bytes: &[u8]) -> Result<(), String> {
-        Module::validate(&self.engine, bytes).map_err(|e| format!("{e:#}"))
+    pub fn validate(&self, bytes: &[u8]) -> Result<(), InvalidModule> {
+        Module::validate(&self.engine, bytes).map_err(InvalidModule)
     }
 
     /// The digests of every module compiled in memory.
@@ -631,15 +660,10 @@ fn classify(e: wasmtime::Error, fuel: Option<u64>, timeout: Option<Duration>, me
         Some(Trap::OutOfFuel) => Outcome::OutOfFuel { fuel: fuel.unwrap_or(u64::MAX) },
         Some(Trap::Interrupt) => Outcome::DeadlineExceeded { timeout: timeout.unwrap_or_default() },
         Some(trap) => Outcome::Trap(format!("wasm trap: {trap}")),
-        None => {
-            let text = format!("{e:#}");
-            // Link and instantiation failures mean the module cannot run here at all.
-            if text.contains("unknown import") || text.contains("incompatible import") {
-                Outcome::InvalidModule(text)
-            } else {
-                Outcome::Trap(text)
-            }
-        }
+        // Link and instantiation failures never reach here as text: `link` refuses unknown or
+        // mistyped imports before a run, and `not_instantiable` marks the rest by type. What is
+        // left is a host function's error or a `_start` of the wrong type, both failures of the run.
+        None => Outcome::Trap(format!("{e:#}")),
     }
 }
 

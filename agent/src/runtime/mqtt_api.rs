@@ -86,7 +86,13 @@ pub trait GuestMqttPort: Send + Sync {
 
 /// A container's `lichen:mqtt` connection, or why it has none.
 pub struct GuestMqtt {
-    link: Result<GuestLink, String>,
+    link: Link,
+}
+
+/// The connection, or the reason there is none (a state, not a failure of a call).
+enum Link {
+    Open(GuestLink),
+    Denied(String),
 }
 
 struct GuestLink {
@@ -99,17 +105,20 @@ struct GuestLink {
 impl GuestMqtt {
     /// A connection through `port`, receiving from `inbox`.
     pub fn new(port: Arc<dyn GuestMqttPort>, inbox: mpsc::Receiver<GuestMessage>) -> Self {
-        GuestMqtt { link: Ok(GuestLink { port, inbox, held: None }) }
+        GuestMqtt { link: Link::Open(GuestLink { port, inbox, held: None }) }
     }
 
     /// No connection: a module importing `lichen:mqtt` fails to start with `reason`.
     pub fn denied(reason: impl Into<String>) -> Self {
-        GuestMqtt { link: Err(reason.into()) }
+        GuestMqtt { link: Link::Denied(reason.into()) }
     }
 
     /// Why a module importing `lichen:mqtt` cannot run, if it cannot.
     pub fn refusal(&self) -> Option<&str> {
-        self.link.as_ref().err().map(String::as_str)
+        match &self.link {
+            Link::Open(_) => None,
+            Link::Denied(reason) => Some(reason),
+        }
     }
 }
 
@@ -144,7 +153,10 @@ fn code(r: Result<(), Errno>) -> i32 {
 fn link<'a>(caller: &'a mut Caller<'_, ContainerCtx>) -> Result<&'a mut GuestLink, Errno> {
     // A module only runs with `lichen:mqtt` imported when it has a link (see `run`), so this is a
     // guard, not a path users meet.
-    caller.data_mut().mqtt.as_mut().and_then(|m| m.link.as_mut().ok()).ok_or(Errno::Notconn)
+    match caller.data_mut().mqtt.as_mut().map(|m| &mut m.link) {
+        Some(Link::Open(link)) => Ok(link),
+        _ => Err(Errno::Notconn),
+    }
 }
 
 fn publish(

@@ -91,9 +91,32 @@ impl ObjectKind {
     }
 }
 
+/// Why an object a pod needs is not at hand (it may come later: the pod waits, it does not fail).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MissingObject {
+    /// The last fetch failed; the recorded error is the API server's answer as text.
+    #[error("cannot fetch {kind} {name:?} from the API server: {error}")]
+    FetchFailed {
+        /// `ConfigMap` or `Secret`.
+        kind: &'static str,
+        /// The object's name.
+        name: String,
+        /// Why the fetch failed, as recorded with the pod.
+        error: String,
+    },
+    /// Not fetched yet.
+    #[error("{kind} {name:?} has not been fetched from the API server yet")]
+    NotFetched {
+        /// `ConfigMap` or `Secret`.
+        kind: &'static str,
+        /// The object's name.
+        name: String,
+    },
+}
+
 impl PodInputs {
     /// Looks up a fetched object: `Ok(Some)` found, `Ok(None)` known not to exist, `Err` not fetched.
-    pub fn object(&self, kind: ObjectKind, name: &str) -> Result<Option<&ObjectData>, String> {
+    pub fn object(&self, kind: ObjectKind, name: &str) -> Result<Option<&ObjectData>, MissingObject> {
         let map = match kind {
             ObjectKind::ConfigMap => &self.config_maps,
             ObjectKind::Secret => &self.secrets,
@@ -101,8 +124,12 @@ impl PodInputs {
         match map.get(name) {
             Some(found) => Ok(found.as_ref()),
             None => Err(match self.errors.get(&kind.error_key(name)) {
-                Some(e) => format!("cannot fetch {} {name:?} from the API server: {e}", kind.as_str()),
-                None => format!("{} {name:?} has not been fetched from the API server yet", kind.as_str()),
+                Some(e) => MissingObject::FetchFailed {
+                    kind: kind.as_str(),
+                    name: name.to_owned(),
+                    error: e.clone(),
+                },
+                None => MissingObject::NotFetched { kind: kind.as_str(), name: name.to_owned() },
             }),
         }
     }

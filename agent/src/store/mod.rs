@@ -76,14 +76,15 @@ pub enum StoreError {
         supported: u32,
     },
     /// A migration from an older schema failed.
-    #[error("migrating the state store {path} from schema {from}: {detail}")]
+    #[error("migrating the state store {path} from schema {from}: {source}")]
     Migration {
         /// The store directory.
         path: PathBuf,
         /// The version migrated from.
         from: u32,
         /// What failed.
-        detail: String,
+        #[source]
+        source: MigrationError,
     },
     /// Any other I/O failure (disk full, device gone).
     #[error("state store {path}: {source}")]
@@ -93,6 +94,26 @@ pub enum StoreError {
         /// The underlying error.
         #[source]
         source: std::io::Error,
+    },
+}
+
+/// Why a migration of the store to the next schema failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// This build has no migration from that schema (a gap in `MIGRATIONS`).
+    #[error("no migration registered")]
+    Missing,
+    /// sled failed while the records were rewritten.
+    #[error("{0}")]
+    Sled(#[from] sled::Error),
+    /// A record could not be read in its old form or written in its new one.
+    #[error("record {key}: {source}")]
+    Record {
+        /// The record's key.
+        key: String,
+        /// What serde said.
+        #[source]
+        source: serde_json::Error,
     },
 }
 

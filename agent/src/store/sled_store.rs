@@ -5,7 +5,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::{
-    ModuleDigest, ModuleInfo, PodRecord, SCHEMA_VERSION, SpoolSummary, SpoolTree, StateStore, StoreError,
+    MigrationError, ModuleDigest, ModuleInfo, PodRecord, SCHEMA_VERSION, SpoolSummary, SpoolTree, StateStore,
+    StoreError,
 };
 
 const PODS: &str = "pods";
@@ -28,7 +29,7 @@ const TOUCH_RESOLUTION_SECS: i64 = 60;
 const MARKER: &str = "lichen-store";
 
 /// A migration takes the store from schema `n` to `n + 1`; `MIGRATIONS[n - 1]` migrates from `n`.
-type Migration = fn(&sled::Db) -> Result<(), String>;
+type Migration = fn(&sled::Db) -> Result<(), MigrationError>;
 const MIGRATIONS: &[Migration] = &[];
 
 /// The sled-backed store. Cheap to clone; all clones share one database.
@@ -116,9 +117,9 @@ impl SledStore {
             let migrate = MIGRATIONS.get(from as usize - 1).ok_or_else(|| StoreError::Migration {
                 path: path.clone(),
                 from,
-                detail: "no migration registered".into(),
+                source: MigrationError::Missing,
             })?;
-            migrate(&db).map_err(|detail| StoreError::Migration { path: path.clone(), from, detail })?;
+            migrate(&db).map_err(|source| StoreError::Migration { path: path.clone(), from, source })?;
             meta.insert(SCHEMA_KEY, &(from + 1).to_be_bytes()).map_err(|e| sled_error(&path, e))?;
             db.flush().map_err(|e| sled_error(&path, e))?;
             tracing::info!(store = %path.display(), from, to = from + 1, "migrated state store");
