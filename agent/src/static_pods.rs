@@ -33,15 +33,10 @@ pub struct ManifestError {
     pub message: String,
 }
 
-/// YAML as `kubectl` reads it: `defaultMode: 0400` is the octal mode users mean (YAML 1.1).
-pub fn yaml_options() -> serde_saphyr::Options {
-    serde_saphyr::options! { legacy_octal_numbers: true }
-}
-
 /// Parses one manifest into a static pod for `node_name`.
 pub fn parse_manifest(text: &str, file: &Path, node_name: &str) -> Result<Pod, ManifestError> {
     let err = |message: String| ManifestError { file: file.to_owned(), message };
-    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple_with_options(text, yaml_options())
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple_with_options(text, crate::pod::yaml_options())
         .map_err(|e| err(format!("not valid YAML or JSON: {}", one_line(&e))))?;
     let json = match docs.as_slice() {
         [one] => one.clone(),
