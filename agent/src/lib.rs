@@ -13,11 +13,13 @@
 //! - [`control`]: the agent's local control socket (`lichen status`, `lichen modules` while it runs).
 //! - [`report`]: what `lichen status` shows.
 //! - [`quantity`]: Kubernetes resource quantities.
+//! - [`topic`], [`broker`]: the MQTT topic grammar and broker URLs (leaves config and telemetry share).
 //! - [`bootstrap`]: bootstrap-token join and node certificate rotation.
 //! - [`telemetry`]: MQTT: module stdio on topics, node telemetry, the durable spool.
 
 pub mod app;
 pub mod bootstrap;
+pub mod broker;
 pub mod check;
 pub mod cli;
 pub mod cluster;
@@ -37,3 +39,4 @@ pub mod runtime;
 pub mod static_pods;
 pub mod store;
 pub mod telemetry;
+pub mod topic;
