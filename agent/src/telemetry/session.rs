@@ -56,7 +56,7 @@ pub enum SessionError {
     NoConnAck,
     /// The connection failed.
     #[error("{0}")]
-    Connection(#[source] rumqttc::ConnectionError),
+    Connection(#[source] Box<rumqttc::ConnectionError>),
     /// The event loop's task ended.
     #[error("the MQTT event loop stopped")]
     Stopped,
@@ -70,7 +70,7 @@ pub enum SessionError {
         filters: String,
         /// Why.
         #[source]
-        source: rumqttc::ClientError,
+        source: Box<rumqttc::ClientError>,
     },
     /// rumqttc refused an unsubscription request.
     #[error("unsubscribe {filter}: {source}")]
@@ -79,7 +79,7 @@ pub enum SessionError {
         filter: TopicFilter,
         /// Why.
         #[source]
-        source: rumqttc::ClientError,
+        source: Box<rumqttc::ClientError>,
     },
 }
 
@@ -190,7 +190,7 @@ async fn connect(ev: &mut EventLoop, cancel: &CancellationToken) -> Result<ConnA
         }
         Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => Err(Some(SessionError::Refused(ack.code))),
         Ok(Ok(other)) => Err(Some(SessionError::Unexpected(Box::new(other)))),
-        Ok(Err(e)) => Err(Some(SessionError::Connection(e))),
+        Ok(Err(e)) => Err(Some(SessionError::Connection(Box::new(e)))),
         Err(_) => Err(Some(SessionError::NoConnAck)),
     }
 }
@@ -229,7 +229,7 @@ fn take_burst(
     loop {
         match next {
             None => return (burst, Some(SessionError::Stopped)),
-            Some(Err(e)) => return (burst, Some(SessionError::Connection(e))),
+            Some(Err(e)) => return (burst, Some(SessionError::Connection(Box::new(e)))),
             Some(Ok(e)) => burst.push(e),
         }
         if burst.len() >= EVENT_BURST {
@@ -375,17 +375,20 @@ impl<'a, L: Link> Connected<'a, L> {
                     ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
                 self.link.subscribed(&filters, refused);
             }
-            Event::Incoming(Packet::PubAck(ack)) => {
-                if self.outbox.acked(ack.pkid, &*self.spool) {
-                    self.link.acked();
-                }
-            }
+            Event::Incoming(Packet::PubAck(ack)) => self.puback(ack.pkid),
             Event::Incoming(Packet::Publish(p)) => {
                 self.link.incoming(&p).await;
                 self.acks.push(p);
                 self.acks.send();
             }
             _ => {}
+        }
+    }
+
+    /// A PUBACK: the spool entry it acknowledges is removed, and the link told.
+    fn puback(&mut self, pkid: u16) {
+        if self.outbox.acked(pkid, &*self.spool) {
+            self.link.acked();
         }
     }
 
@@ -398,14 +401,15 @@ impl<'a, L: Link> Connected<'a, L> {
             let req = new.iter().map(|f| rumqttc::SubscribeFilter::new(f.to_string(), QoS::AtLeastOnce));
             self.client.try_subscribe_many(req).map_err(|source| SessionError::Subscribe {
                 filters: new.iter().map(TopicFilter::as_str).collect::<Vec<_>>().join(", "),
-                source,
+                source: Box::new(source),
             })?;
             self.subs.requested.push_back(new);
         }
         for f in self.subs.held.difference(&wanted) {
-            self.client
-                .try_unsubscribe(f.to_string())
-                .map_err(|source| SessionError::Unsubscribe { filter: f.clone(), source })?;
+            self.client.try_unsubscribe(f.to_string()).map_err(|source| SessionError::Unsubscribe {
+                filter: f.clone(),
+                source: Box::new(source),
+            })?;
         }
         self.subs.held = wanted;
         Ok(())

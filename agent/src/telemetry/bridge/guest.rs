@@ -2,7 +2,6 @@
 //! applied to each call a module makes (where it may publish, what it may subscribe within, its
 //! rate limit).
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
