@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
+use crate::broker::{BrokerUrl, BrokerUrlError};
 use crate::quantity::ByteSize;
+use crate::topic::{TopicError, TopicFilter};
 
 /// Where the config file is looked for when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/lichen/config.toml";
@@ -277,8 +279,10 @@ impl JoinConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
-    /// `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]` (8883); empty turns MQTT off.
-    pub broker: String,
+    /// `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]` (8883); empty (`None`)
+    /// turns MQTT off.
+    #[serde(serialize_with = "broker_or_off::serialize", deserialize_with = "broker_or_off::broker")]
+    pub broker: Option<BrokerUrl>,
     /// The MQTT client id; empty means the node name.
     pub client_id: String,
     /// User name sent in CONNECT; empty sends none.
@@ -332,9 +336,10 @@ pub struct MqttConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
-    /// The local broker, `mqtt://host[:port]` or `mqtts://host[:port]` (system CAs); empty turns
-    /// gateway mode off.
-    pub local_broker: String,
+    /// The local broker, `mqtt://host[:port]` or `mqtts://host[:port]` (system CAs); empty (`None`)
+    /// turns gateway mode off.
+    #[serde(serialize_with = "broker_or_off::serialize", deserialize_with = "broker_or_off::local_broker")]
+    pub local_broker: Option<BrokerUrl>,
     /// The client id on the local broker; empty means `<mqtt.client_id>-gateway`.
     pub client_id: String,
     /// Budget of the durable spool holding upstream messages until the local broker acknowledges
@@ -347,7 +352,7 @@ pub struct GatewayConfig {
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
-            local_broker: String::new(),
+            local_broker: None,
             client_id: String::new(),
             down_spool_max_bytes: ByteSize(16 << 20),
             mappings: Vec::new(),
@@ -360,7 +365,7 @@ impl Default for GatewayConfig {
 #[serde(deny_unknown_fields)]
 pub struct GatewayMapping {
     /// A filter on the local broker, e.g. `sensors/#`.
-    pub local: String,
+    pub local: TopicFilter,
     /// Put before a local topic to make the upstream one (`site1/` makes `sensors/t` into
     /// `site1/sensors/t`), and taken off on the way down. May be empty.
     #[serde(default)]
@@ -374,6 +379,11 @@ impl GatewayMapping {
     /// The filter on the upstream broker that `down`/`both` subscribe.
     pub fn upstream_filter(&self) -> String {
         format!("{}{}", self.upstream_prefix, self.local)
+    }
+
+    /// [`Self::upstream_filter`], checked (config validation refuses a mapping where it fails).
+    pub fn upstream_topic_filter(&self) -> Result<TopicFilter, TopicError> {
+        TopicFilter::parse(self.upstream_filter())
     }
 
     /// Whether messages go from the local broker upstream.
@@ -405,7 +415,17 @@ pub enum GatewayDirection {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayMappings(pub Vec<GatewayMapping>);
 
-fn parse_mappings(s: &str) -> Result<GatewayMappings, String> {
+/// A `--mqtt-gateway-mappings` value that is not a TOML inline array of mappings.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{source}; write a TOML inline array, e.g. [{{ local = \"sensors/#\", upstream_prefix = \"site1/\", direction = \"up\" }}]"
+)]
+pub struct MappingsError {
+    #[source]
+    source: toml::de::Error,
+}
+
+fn parse_mappings(s: &str) -> Result<GatewayMappings, MappingsError> {
     #[derive(Deserialize)]
     struct Wrap {
         m: Vec<GatewayMapping>,
@@ -413,17 +433,51 @@ fn parse_mappings(s: &str) -> Result<GatewayMappings, String> {
     let text = if s.trim().is_empty() { "[]" } else { s };
     toml::from_str::<Wrap>(&format!("m = {text}"))
         .map(|w| GatewayMappings(w.m))
-        .map_err(|e| {
-            format!(
-                "{e}; write a TOML inline array, e.g. [{{ local = \"sensors/#\", upstream_prefix = \"site1/\", direction = \"up\" }}]"
-            )
-        })
+        .map_err(|source| MappingsError { source })
+}
+
+/// A broker URL as a flag or environment variable: empty turns the connection off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerArg(pub Option<BrokerUrl>);
+
+fn parse_broker_arg(s: &str) -> Result<BrokerArg, BrokerUrlError> {
+    if s.is_empty() { Ok(BrokerArg(None)) } else { BrokerUrl::parse(s).map(|u| BrokerArg(Some(u))) }
+}
+
+/// A broker URL in the file: the same string as always, `""` for off. A refused URL names its
+/// field, as validation errors do.
+mod broker_or_off {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    use super::BrokerUrl;
+
+    pub(super) fn serialize<S: Serializer>(url: &Option<BrokerUrl>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(url.as_ref().map_or("", BrokerUrl::as_str))
+    }
+
+    fn parse<'de, D: Deserializer<'de>>(d: D, field: &str) -> Result<Option<BrokerUrl>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.is_empty() {
+            return Ok(None);
+        }
+        BrokerUrl::parse(&text)
+            .map(Some)
+            .map_err(|e| D::Error::custom(format!("invalid value for `{field}`: {e}")))
+    }
+
+    pub(super) fn broker<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BrokerUrl>, D::Error> {
+        parse(d, "mqtt.broker")
+    }
+
+    pub(super) fn local_broker<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BrokerUrl>, D::Error> {
+        parse(d, "mqtt.gateway.local_broker")
+    }
 }
 
 impl Default for MqttConfig {
     fn default() -> Self {
         Self {
-            broker: String::new(),
+            broker: None,
             client_id: String::new(),
             username: String::new(),
             password_file: PathBuf::new(),
@@ -452,7 +506,7 @@ impl Default for MqttConfig {
 impl MqttConfig {
     /// Whether MQTT is on (a broker is configured).
     pub fn enabled(&self) -> bool {
-        !self.broker.is_empty()
+        self.broker.is_some()
     }
 
     fn validate(&mut self) -> Result<(), ConfigError> {
@@ -460,7 +514,6 @@ impl MqttConfig {
         if !self.enabled() {
             return Ok(());
         }
-        crate::telemetry::mqtt::BrokerUrl::parse(&self.broker).map_err(|e| invalid("mqtt.broker", e))?;
         if !self.client_id.is_empty() && self.client_id.len() > 65_535 {
             return Err(invalid("mqtt.client_id", "is longer than MQTT allows (65535 bytes)".into()));
         }
@@ -529,17 +582,14 @@ impl MqttConfig {
 impl GatewayConfig {
     /// Whether gateway mode is on.
     pub fn enabled(&self) -> bool {
-        !self.local_broker.is_empty()
+        self.local_broker.is_some()
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        use crate::telemetry::bridge::valid_filter;
         let invalid = |field, message: String| ConfigError::Invalid { field, message };
         if !self.enabled() {
             return Ok(());
         }
-        crate::telemetry::mqtt::BrokerUrl::parse(&self.local_broker)
-            .map_err(|e| invalid("mqtt.gateway.local_broker", e))?;
         if self.mappings.is_empty() {
             return Err(invalid(
                 "mqtt.gateway.mappings",
@@ -547,15 +597,6 @@ impl GatewayConfig {
             ));
         }
         for m in &self.mappings {
-            if !valid_filter(&m.local) {
-                return Err(invalid(
-                    "mqtt.gateway.mappings",
-                    format!(
-                        "local = {:?} is not a valid filter (+ and # stand for whole levels, # only last)",
-                        m.local
-                    ),
-                ));
-            }
             if m.upstream_prefix.contains(['+', '#', '\0']) || m.upstream_prefix.starts_with('$') {
                 return Err(invalid(
                     "mqtt.gateway.mappings",
@@ -565,7 +606,7 @@ impl GatewayConfig {
                     ),
                 ));
             }
-            if !valid_filter(&m.upstream_filter()) {
+            if m.upstream_topic_filter().is_err() {
                 return Err(invalid(
                     "mqtt.gateway.mappings",
                     format!(
@@ -829,8 +870,8 @@ pub struct ConfigArgs {
     #[arg(long, env = "LICHEN_EVICTED_GRACE_SECS", global = true)]
     pub evicted_grace_secs: Option<u64>,
     /// MQTT broker URL, mqtt:// or mqtts://; empty turns MQTT off [default: none].
-    #[arg(long, env = "LICHEN_MQTT_BROKER", global = true)]
-    pub mqtt_broker: Option<String>,
+    #[arg(long, env = "LICHEN_MQTT_BROKER", global = true, value_parser = parse_broker_arg)]
+    pub mqtt_broker: Option<BrokerArg>,
     /// MQTT client id [default: the node name].
     #[arg(long, env = "LICHEN_MQTT_CLIENT_ID", global = true)]
     pub mqtt_client_id: Option<String>,
@@ -931,8 +972,8 @@ pub struct ConfigArgs {
     #[arg(skip = std::env::var("LICHEN_JOIN_TOKEN").ok())]
     pub join_token: Option<String>,
     /// Gateway mode: the local broker, mqtt://host[:port]; empty turns it off [default: none].
-    #[arg(long, env = "LICHEN_MQTT_GATEWAY_LOCAL_BROKER", global = true)]
-    pub mqtt_gateway_local_broker: Option<String>,
+    #[arg(long, env = "LICHEN_MQTT_GATEWAY_LOCAL_BROKER", global = true, value_parser = parse_broker_arg)]
+    pub mqtt_gateway_local_broker: Option<BrokerArg>,
     /// Gateway client id on the local broker [default: <mqtt client id>-gateway].
     #[arg(long, env = "LICHEN_MQTT_GATEWAY_CLIENT_ID", global = true)]
     pub mqtt_gateway_client_id: Option<String>,
@@ -1029,7 +1070,9 @@ impl AgentConfig {
         set(&mut self.autonomy.max_offline_secs, &a.max_offline_secs);
         set(&mut self.autonomy.evicted_grace_secs, &a.evicted_grace_secs);
         let m = &mut self.mqtt;
-        set(&mut m.broker, &a.mqtt_broker);
+        if let Some(BrokerArg(b)) = &a.mqtt_broker {
+            m.broker = b.clone();
+        }
         set(&mut m.client_id, &a.mqtt_client_id);
         set(&mut m.username, &a.mqtt_username);
         set(&mut m.password_file, &a.mqtt_password_file);
@@ -1065,7 +1108,9 @@ impl AgentConfig {
         set(&mut k.client_ca_file, &a.kubelet_client_ca_file);
         set(&mut k.serving_csr, &a.kubelet_serving_csr);
         set(&mut j.token, &a.join_token);
-        set(&mut m.gateway.local_broker, &a.mqtt_gateway_local_broker);
+        if let Some(BrokerArg(b)) = &a.mqtt_gateway_local_broker {
+            m.gateway.local_broker = b.clone();
+        }
         set(&mut m.gateway.client_id, &a.mqtt_gateway_client_id);
         set(&mut m.gateway.down_spool_max_bytes, &a.mqtt_gateway_down_spool_max_bytes);
         if let Some(GatewayMappings(v)) = &a.mqtt_gateway_mappings {
@@ -1531,13 +1576,16 @@ mod tests {
         let mut c =
             AgentConfig::from_toml("node_name = \"a\"", Path::new("/etc/lichen/config.toml")).expect("valid");
         let args = ConfigArgs {
-            mqtt_broker: Some("mqtts://b:8884".into()),
+            mqtt_broker: Some(parse_broker_arg("mqtts://b:8884").expect("a broker URL")),
             mqtt_inflight: Some(7),
             ..Default::default()
         };
         c.apply(&args);
         c.finish().expect("valid");
-        assert_eq!((c.mqtt.broker.as_str(), c.mqtt.inflight), ("mqtts://b:8884", 7));
+        assert_eq!(
+            (c.mqtt.broker.as_ref().map(BrokerUrl::as_str), c.mqtt.inflight),
+            (Some("mqtts://b:8884"), 7)
+        );
     }
 
     #[test]

@@ -14,11 +14,12 @@
 //! - **ground**: [`layout`] (every path under the state directory), [`store`] (sled), [`config`],
 //!   [`board`] (newest pod statuses), [`host`] (facts about the board), [`metrics`] (counters),
 //!   [`logfmt`] (the container log format: names, records, writer, reader), [`quantity`],
-//!   [`token`], [`retry`], [`notify`] (sd_notify), [`logging`].
+//!   [`topic`] and [`broker`] (MQTT topic grammar, broker URLs), [`token`], [`retry`], [`notify`] (sd_notify), [`logging`].
 
 pub mod app;
 pub mod board;
 pub mod bootstrap;
+pub mod broker;
 pub mod cli;
 pub mod cluster;
 pub mod config;
@@ -41,3 +42,4 @@ pub mod static_pods;
 pub mod store;
 pub mod telemetry;
 pub mod token;
+pub mod topic;

@@ -36,8 +36,9 @@ pub struct ManifestError {
 /// Parses one manifest into a static pod for `node_name`.
 pub fn parse_manifest(text: &str, file: &Path, node_name: &str) -> Result<Pod, ManifestError> {
     let err = |message: String| ManifestError { file: file.to_owned(), message };
-    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple_with_options(text, crate::pod::yaml_options())
-        .map_err(|e| err(format!("not valid YAML or JSON: {}", one_line(&e))))?;
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple_with_options(text, crate::pod::yaml_options())
+            .map_err(|e| err(format!("not valid YAML or JSON: {}", one_line(&e))))?;
     let json = match docs.as_slice() {
         [one] => one.clone(),
         [] => return Err(err("empty manifest".into())),

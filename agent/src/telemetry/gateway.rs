@@ -30,26 +30,25 @@
 //! taken for the echo (it is still delivered to that broker's other subscribers; only its
 //! forwarding is skipped).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
+use rumqttc::{MqttOptions, QoS};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::bridge::{MqttBridge, topic_matches};
-use super::mqtt::{
-    Acks, Events, Outbox, STABLE_CONNECTION, SessionEnd, connect, options, spawn_poller, take_burst,
-    valid_publish_topic,
-};
+use super::bridge::MqttBridge;
+use super::mqtt::{MqttError, options};
+use super::session::{self, Link, SessionError};
 use super::spool::{Origin, SpoolMessage, TelemetrySpool};
 use crate::config::{GatewayConfig, GatewayMapping, MqttConfig};
 use crate::retry::RetryBackoff;
 #[cfg(doc)]
 use crate::store::SpoolTree;
+use crate::topic::{TopicFilter, TopicName};
 
 /// How long a forwarded message is remembered to recognise its echo.
 pub const ECHO_TTL: Duration = Duration::from_secs(30);
@@ -115,7 +114,7 @@ impl EchoTable {
 pub fn map_up(mappings: &[GatewayMapping], local_topic: &str) -> Option<String> {
     mappings
         .iter()
-        .find(|m| m.up() && topic_matches(&m.local, local_topic))
+        .find(|m| m.up() && m.local.matches(local_topic))
         .map(|m| format!("{}{}", m.upstream_prefix, local_topic))
 }
 
@@ -124,7 +123,7 @@ pub fn map_up(mappings: &[GatewayMapping], local_topic: &str) -> Option<String> 
 pub fn map_down(mappings: &[GatewayMapping], upstream_topic: &str) -> Option<String> {
     mappings.iter().filter(|m| m.down()).find_map(|m| {
         let local = upstream_topic.strip_prefix(m.upstream_prefix.as_str())?;
-        (valid_publish_topic(local) && topic_matches(&m.local, local)).then(|| local.to_owned())
+        (TopicName::is_valid(local) && m.local.matches(local)).then(|| local.to_owned())
     })
 }
 
@@ -202,8 +201,13 @@ impl Gateway {
         let gateway = mqtt.gateway.clone();
         let stats = GatewayCounters(Arc::default(), down.clone());
         let up_echo = Arc::new(Mutex::new(EchoTable::default()));
-        let filters: Vec<String> =
-            gateway.mappings.iter().filter(|m| m.down()).map(GatewayMapping::upstream_filter).collect();
+        // Config validation refused any mapping whose upstream filter is not one.
+        let filters: Vec<TopicFilter> = gateway
+            .mappings
+            .iter()
+            .filter(|m| m.down())
+            .filter_map(|m| m.upstream_topic_filter().ok())
+            .collect();
         let (hook_stats, hook_echo, mappings, spool) =
             (stats.clone(), up_echo.clone(), gateway.mappings.clone(), down.clone());
         bridge.subscribe_gateway(
@@ -249,16 +253,12 @@ impl Gateway {
     }
 
     /// Connects to the local broker and forwards until `cancel` fires; reconnects back off like
-    /// the upstream connection's.
-    ///
-    /// Each connection gets a fresh rumqttc event loop and reads the down spool again from its
-    /// oldest message, so what the local broker did not acknowledge is sent again, in order.
-    /// rumqttc's own replay is not used: it drops everything unsent when the broker has lost the
-    /// session, and across a connection that dies during a replay it can reorder or, with its
-    /// single collision slot, lose a message.
+    /// the upstream connection's. Each connection reads the down spool again from its oldest
+    /// message, so what the local broker did not acknowledge is sent again, in order (see
+    /// [`super::session`]).
     pub async fn run(self, cancel: CancellationToken) {
-        let Gateway { mqtt, mut path, down } = self;
-        let gw = path.gateway.clone();
+        let Gateway { mqtt, path, down } = self;
+        let gw = &path.gateway;
         let local = MqttConfig {
             broker: gw.local_broker.clone(),
             client_id: gw.client_id.clone(),
@@ -268,165 +268,98 @@ impl Gateway {
             ca_file: Default::default(),
             client_cert_file: Default::default(),
             client_key_file: Default::default(),
-            ..mqtt.clone()
+            ..mqtt
         };
-        let mut backoff = RetryBackoff::new(
-            Duration::from_millis(mqtt.reconnect_min_ms),
-            Duration::from_millis(mqtt.reconnect_max_ms),
-        );
-        loop {
-            let end = match options(&local, &gw.client_id) {
-                Ok(mut o) => {
-                    // The gateway announces nothing on the local broker: no will, no status topic.
-                    o.set_last_will(rumqttc::LastWill::new(
-                        format!("lichen/{}/gateway", gw.client_id),
-                        "offline",
-                        QoS::AtMostOnce,
-                        false,
-                    ));
-                    o.set_manual_acks(true);
-                    // rumqttc stops reading requests (acknowledgements included) while its in-flight
-                    // window is full; the gateway keeps its own publishes one below it, so
-                    // acknowledgements of incoming messages always get through.
-                    o.set_inflight(mqtt.inflight.max(1).saturating_add(1));
-                    let window = usize::from(mqtt.inflight.max(1));
-                    let mut session = LocalSession { path: &mut path, down: &down, window };
-                    session.run(o, &cancel).await
-                }
-                Err(e) => SessionEnd::Lost { connected_for: None, error: e.to_string() },
-            };
-            path.stats.0.connected.store(false, Ordering::Relaxed);
-            let (connected_for, error) = match end {
-                SessionEnd::Cancelled => return,
-                SessionEnd::Lost { connected_for, error } => (connected_for, error),
-            };
-            if connected_for.is_some_and(|d| d >= STABLE_CONNECTION) {
-                backoff.reset();
-            }
-            let delay = backoff.next_delay();
-            tracing::warn!(broker = %gw.local_broker, %error, spooled = down.snapshot().entries, retry_in_ms = delay.as_millis() as u64, "gateway: cannot reach the local MQTT broker");
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        }
-    }
-}
-
-/// One connection to the local broker.
-struct LocalSession<'a> {
-    path: &'a mut UpPath,
-    down: &'a TelemetrySpool,
-    window: usize,
-}
-
-impl LocalSession<'_> {
-    async fn run(&mut self, o: rumqttc::MqttOptions, cancel: &CancellationToken) -> SessionEnd {
-        let (client, mut ev) = AsyncClient::new(o, self.window + 64);
-        let gw = &self.path.gateway;
-        match connect(&mut ev, cancel).await {
-            Ok(ack) => {
-                tracing::info!(broker = %gw.local_broker, session_present = ack.session_present, spooled = self.down.snapshot().entries, "gateway: connected to the local MQTT broker");
-            }
-            Err(None) => return SessionEnd::Cancelled,
-            Err(Some(error)) => return SessionEnd::Lost { connected_for: None, error },
-        }
-        let since = Instant::now();
-        self.path.stats.0.connected.store(true, Ordering::Relaxed);
-        let (poller, mut events) = spawn_poller(ev);
         // Subscribed on every connection (the broker may have lost the session), in one
         // SUBSCRIBE: its SUBACK, logged, says the broker routes the LAN's messages to the gateway.
-        let filters: Vec<rumqttc::SubscribeFilter> = gw
-            .mappings
-            .iter()
-            .filter(|m| m.up())
-            .map(|m| rumqttc::SubscribeFilter::new(m.local.clone(), QoS::AtLeastOnce))
-            .collect();
-        if !filters.is_empty()
-            && let Err(e) = client.try_subscribe_many(filters)
-        {
-            tracing::warn!(error = %e, "gateway: cannot subscribe on the local broker");
-        }
-        let end = self.connected(&client, &mut events, cancel).await;
-        poller.abort();
-        SessionEnd::after(end, since)
+        let filters = gw.mappings.iter().filter(|m| m.up()).map(|m| m.local.clone()).collect();
+        session::run(LocalLink { local, path, down, filters }, cancel).await
+    }
+}
+
+/// The gateway's connection to the local broker, as the session driver sees it.
+struct LocalLink {
+    local: MqttConfig,
+    path: UpPath,
+    down: Arc<TelemetrySpool>,
+    filters: BTreeSet<TopicFilter>,
+}
+
+impl Link for LocalLink {
+    fn broker(&self) -> String {
+        self.local.broker.as_ref().map(ToString::to_string).unwrap_or_default()
     }
 
-    async fn connected(
-        &mut self,
-        client: &AsyncClient,
-        events: &mut Events,
-        cancel: &CancellationToken,
-    ) -> Result<(), String> {
-        let mut outbox = Outbox::default();
-        // Acknowledgements of incoming messages, owed once they are spooled.
-        let mut acks = Acks::default();
-        loop {
-            let acks_blocked = acks.send(client);
-            let echo = &mut self.path.local_echo;
-            let full = outbox.fill(client, self.down, self.window, |m| {
-                echo.record(&m.topic, &m.payload, Instant::now());
-            });
-            let room = !full && outbox.in_flight() < self.window;
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => {
-                    let _ = client.try_disconnect();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                        while let Some(e) = events.recv().await {
-                            if matches!(e, Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_)) {
-                                return;
-                            }
-                        }
-                    })
-                    .await;
-                    return Ok(());
-                }
-                event = events.recv() => {
-                    let (burst, end) = take_burst(event, events);
-                    for e in burst {
-                        self.event(e, client, &mut outbox, &mut acks).await;
-                    }
-                    if let Some(error) = end {
-                        return Err(error);
-                    }
-                }
-                _ = self.down.appended(), if room => {}
-                // A publish or acknowledgement waits for rumqttc's request queue to drain.
-                _ = tokio::time::sleep(Duration::from_millis(1)), if full || acks_blocked => {}
-            }
+    fn options(&self) -> Result<MqttOptions, MqttError> {
+        let client_id = &self.path.gateway.client_id;
+        let mut o = options(&self.local, client_id)?;
+        // The gateway announces nothing on the local broker: no will, no status topic.
+        o.set_last_will(rumqttc::LastWill::new(
+            format!("lichen/{client_id}/gateway"),
+            "offline",
+            QoS::AtMostOnce,
+            false,
+        ));
+        // rumqttc stops reading requests (acknowledgements included) while its in-flight window
+        // is full; the gateway keeps its own publishes one below it, so acknowledgements of
+        // incoming messages always get through.
+        o.set_inflight(self.local.inflight.max(1).saturating_add(1));
+        Ok(o)
+    }
+
+    fn window(&self) -> usize {
+        usize::from(self.local.inflight.max(1))
+    }
+
+    fn spool(&self) -> &Arc<TelemetrySpool> {
+        &self.down
+    }
+
+    fn backoff(&self) -> RetryBackoff {
+        RetryBackoff::new(
+            Duration::from_millis(self.local.reconnect_min_ms),
+            Duration::from_millis(self.local.reconnect_max_ms),
+        )
+    }
+
+    fn connected(&mut self, ack: &rumqttc::ConnAck) {
+        tracing::info!(broker = %self.broker(), session_present = ack.session_present, spooled = self.down.snapshot().entries, "gateway: connected to the local MQTT broker");
+        self.path.stats.0.connected.store(true, Ordering::Relaxed);
+    }
+
+    fn lost(&mut self, _connected_for: Option<Duration>, error: &SessionError, delay: Duration) {
+        self.path.stats.0.connected.store(false, Ordering::Relaxed);
+        tracing::warn!(broker = %self.broker(), %error, spooled = self.down.snapshot().entries, retry_in_ms = delay.as_millis() as u64, "gateway: cannot reach the local MQTT broker");
+    }
+
+    fn closed(&self) {
+        self.path.stats.0.connected.store(false, Ordering::Relaxed);
+    }
+
+    fn wanted(&self) -> BTreeSet<TopicFilter> {
+        self.filters.clone()
+    }
+
+    fn subscribed(&self, filters: &[TopicFilter], refused: bool) {
+        let filters: Vec<&str> = filters.iter().map(TopicFilter::as_str).collect();
+        if refused {
+            tracing::warn!(?filters, "gateway: the local broker refused a subscription (check its ACL)");
+        } else {
+            tracing::info!(?filters, "gateway: subscribed on the local broker");
         }
     }
 
-    async fn event(&mut self, event: Event, client: &AsyncClient, outbox: &mut Outbox, acks: &mut Acks) {
-        match event {
-            Event::Outgoing(Outgoing::Publish(pkid)) => outbox.outgoing(pkid),
-            Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some(seq) = outbox.acked(ack.pkid) {
-                    self.down.ack(seq);
-                    self.path.stats.0.forwarded_down.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Event::Incoming(Packet::Publish(p)) => {
-                self.path.up(&p).await;
-                // Acknowledged once spooled: the local broker keeps it until then.
-                acks.push(p);
-                acks.send(client);
-            }
-            Event::Incoming(Packet::SubAck(ack)) => {
-                let filters: Vec<&str> =
-                    self.path.gateway.mappings.iter().filter(|m| m.up()).map(|m| m.local.as_str()).collect();
-                if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
-                    tracing::warn!(
-                        ?filters,
-                        "gateway: the local broker refused a subscription (check its ACL)"
-                    );
-                } else {
-                    tracing::info!(?filters, "gateway: subscribed on the local broker");
-                }
-            }
-            _ => {}
-        }
+    fn sent(&mut self, m: &SpoolMessage) {
+        self.path.local_echo.record(&m.topic, &m.payload, Instant::now());
+    }
+
+    fn acked(&mut self) {
+        self.path.stats.0.forwarded_down.fetch_add(1, Ordering::Relaxed);
+    }
+
+    async fn incoming(&mut self, p: &rumqttc::Publish) {
+        // Acknowledged (by the driver) once spooled: the local broker keeps it until then.
+        self.path.up(p).await;
     }
 }
 
@@ -465,7 +398,8 @@ mod tests {
     use crate::config::GatewayDirection;
 
     fn mapping(local: &str, prefix: &str, direction: GatewayDirection) -> GatewayMapping {
-        GatewayMapping { local: local.into(), upstream_prefix: prefix.into(), direction }
+        let local = TopicFilter::parse(local).expect("a valid filter");
+        GatewayMapping { local, upstream_prefix: prefix.into(), direction }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! MQTT telemetry: modules publish by printing lines and receive by reading stdin
 //! ([`bridge`]), the node reports itself ([`node`]), QoS 1 messages wait in a durable outbox
 //! ([`spool`]) until the broker acknowledges them, and one task owns the connection ([`mqtt`]).
+//! Both connections (upstream and the gateway's) are run by one session driver (`session`), with
+//! the PUBACK-to-spool-entry matching in `outbox`.
 //!
 //! Nothing here runs, and the spool's tree is never created, unless `mqtt.broker` is set.
 //!
@@ -14,6 +16,8 @@ pub mod bridge;
 pub mod gateway;
 pub mod mqtt;
 pub mod node;
+mod outbox;
+mod session;
 pub mod spool;
 
 use std::sync::Arc;
@@ -60,7 +64,7 @@ pub fn start(
         tracker.spawn(down.clone().run_committer(cancel.child_token()));
         let (gw, _) = gateway::Gateway::new(m, bridge.clone(), down);
         tracker.spawn(gw.run(cancel.child_token()));
-        tracing::info!(local_broker = %m.gateway.local_broker, mappings = m.gateway.mappings.len(), "MQTT gateway mode on");
+        tracing::info!(local_broker = %m.gateway.local_broker.as_ref().map(ToString::to_string).unwrap_or_default(), mappings = m.gateway.mappings.len(), "MQTT gateway mode on");
     }
     let client = mqtt::MqttClient::new(m.clone(), config.node_name.clone(), spool, bridge.clone(), direct);
     tracker.spawn(client.run(cancel.child_token()));
@@ -74,6 +78,6 @@ pub fn start(
         };
         tracker.spawn(node.run(cancel.child_token()));
     }
-    tracing::info!(broker = %m.broker, client_id = %m.client_id, "MQTT telemetry on");
+    tracing::info!(broker = %m.broker.as_ref().map(ToString::to_string).unwrap_or_default(), client_id = %m.client_id, "MQTT telemetry on");
     Ok(Some(bridge))
 }

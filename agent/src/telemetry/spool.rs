@@ -206,6 +206,8 @@ pub struct TelemetrySpool {
     appended: Notify,
     /// Wakes the committer: something waits to be flushed (or a batch is full).
     dirty: Notify,
+    /// The number of group commits done, for those who wait for one ([`TelemetrySpool::committed`]).
+    commits: tokio::sync::watch::Sender<u64>,
     stats: SpoolStats,
 }
 
@@ -253,6 +255,7 @@ impl TelemetrySpool {
             flush_messages: u64::from(flush_messages.max(1)),
             appended: Notify::new(),
             dirty: Notify::new(),
+            commits: tokio::sync::watch::channel(0).0,
             stats: SpoolStats::default(),
         }))
     }
@@ -398,7 +401,8 @@ impl TelemetrySpool {
         }
         match self.store.flush() {
             Ok(()) => {
-                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                let n = self.stats.commits.fetch_add(1, Ordering::Relaxed) + 1;
+                self.commits.send_replace(n);
             }
             Err(e) => {
                 self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
@@ -409,6 +413,14 @@ impl TelemetrySpool {
                 st.dirty_since.get_or_insert_with(Instant::now);
             }
         }
+    }
+
+    /// Waits until at least `n` group commits are done (what is appended before a commit starts is
+    /// durable once it ends).
+    pub async fn committed(&self, n: u64) {
+        let mut rx = self.commits.subscribe();
+        // The sender lives as long as `self`, so the wait cannot fail.
+        let _ = rx.wait_for(|c| *c >= n).await;
     }
 
     /// The group committer: flushes a window after the first unflushed write, or when a batch is
@@ -550,11 +562,9 @@ mod tests {
         for i in 0..100u8 {
             spool.append(&msg("t", &[i])).expect("append");
         }
-        let start = Instant::now();
-        while spool.snapshot().commits == 0 {
-            assert!(start.elapsed() < Duration::from_secs(5), "no commit within the window");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        tokio::time::timeout(Duration::from_secs(5), spool.committed(1))
+            .await
+            .expect("no commit within the window");
         assert_eq!(spool.snapshot().commits, 1, "one flush for the whole window");
         spool.append(&msg("t", b"last")).expect("append");
         cancel.cancel();
