@@ -239,15 +239,20 @@ impl Scratch {
         )
     }
 
-    /// `lichen status --json` for this agent: through its socket while it runs, from the store
-    /// when it does not.
-    pub fn status_json(&self) -> serde_json::Value {
-        let out = Command::new(lichen_bin())
+    /// What `lichen status --json` printed for this agent, and how it exited.
+    fn status_output(&self) -> std::process::Output {
+        Command::new(lichen_bin())
             .args(["status", "--json", "--config"])
             .arg(&self.config)
             .env_remove("LICHEN_CONFIG")
             .output()
-            .expect("lichen status");
+            .expect("lichen status")
+    }
+
+    /// `lichen status --json` for this agent: through its socket while it runs, from the store
+    /// when it does not.
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = self.status_output();
         assert!(out.status.success(), "lichen status failed: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).expect("status json")
     }
@@ -257,12 +262,7 @@ impl Scratch {
     /// while there is none yet; both mean "not yet".
     pub fn wait_running(&self, timeout: Duration) {
         wait_for(timeout, "the agent to answer `lichen status` as running", || {
-            let out = Command::new(lichen_bin())
-                .args(["status", "--json", "--config"])
-                .arg(&self.config)
-                .env_remove("LICHEN_CONFIG")
-                .output()
-                .expect("lichen status");
+            let out = self.status_output();
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
             (out.status.success() && v["agent_running"] == true).then_some(())
         })

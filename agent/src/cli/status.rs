@@ -211,34 +211,11 @@ pub fn render(report: &NodeReport) -> String {
 mod tests {
     use super::*;
     use crate::control::report::PodLine;
-    use crate::store::PodRecord;
+    use crate::control::report::fixtures::{crash_looping, record, web_pod};
 
     #[test]
     fn pods_show_as_kubectl_shows_them() {
-        let pod = serde_json::json!({"spec": {
-            "initContainers": [{"name": "setup"}],
-            "containers": [{"name": "app"}, {"name": "side"}]
-        }});
-        let cs = |name: &str, state: serde_json::Value, ready: bool| serde_json::json!({"name": name, "image": "x", "imageID": "", "ready": ready, "restartCount": 2, "state": state});
-        let status = serde_json::json!({
-            "phase": "Running",
-            "startTime": "2024-05-01T10:00:00Z",
-            "conditions": [{"type": "Ready", "status": "False"}],
-            "initContainerStatuses": [cs("setup", serde_json::json!({"terminated": {"exitCode": 0, "reason": "Completed"}}), false)],
-            "containerStatuses": [
-                cs("app", serde_json::json!({"running": {}}), true),
-                cs("side", serde_json::json!({"waiting": {"reason": "CrashLoopBackOff"}}), false),
-            ]
-        });
-        let record = PodRecord {
-            key: "default/web".into(),
-            uid: "u1".into(),
-            source: crate::store::PodSource::File("/etc/lichen/pods/web.yaml".into()),
-            pod,
-            status: Some(status),
-            restart_counts: Default::default(),
-            inputs: None,
-        };
+        let record = record(web_pod(), crash_looping());
         let p = PodLine::from_record(&record, false);
         let now: jiff::Timestamp = "2024-05-01T10:03:05Z".parse().expect("ts");
         let table = pods_table(&[p], now);

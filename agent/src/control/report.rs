@@ -221,11 +221,13 @@ fn kubectl_status(st: &PodStatus, phase: &str, init_total: usize, pod_ready: boo
     reason
 }
 
+/// Pods for tests, shared with the `cli` layer's table tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
 
-    fn record(pod: serde_json::Value, status: serde_json::Value) -> PodRecord {
+    /// A stored pod `default/web` from a static manifest.
+    pub(crate) fn record(pod: serde_json::Value, status: serde_json::Value) -> PodRecord {
         PodRecord {
             key: "default/web".into(),
             uid: "u1".into(),
@@ -237,24 +239,43 @@ mod tests {
         }
     }
 
-    #[test]
-    fn pods_show_what_kubectl_would() {
-        let pod = serde_json::json!({"spec": {
+    /// A spec with one init container (`setup`) and two app containers (`app`, `side`).
+    pub(crate) fn web_pod() -> serde_json::Value {
+        serde_json::json!({"spec": {
             "initContainers": [{"name": "setup"}],
             "containers": [{"name": "app"}, {"name": "side"}]
-        }});
-        let cs = |name: &str, state: serde_json::Value, ready: bool| serde_json::json!({"name": name, "image": "x", "imageID": "", "ready": ready, "restartCount": 2, "state": state});
-        let status = serde_json::json!({
+        }})
+    }
+
+    /// A container status with two restarts.
+    pub(crate) fn container(name: &str, state: serde_json::Value, ready: bool) -> serde_json::Value {
+        serde_json::json!({"name": name, "image": "x", "imageID": "", "ready": ready, "restartCount": 2, "state": state})
+    }
+
+    /// `web_pod` running since 10:00, `setup` done, `app` ready, `side` in CrashLoopBackOff.
+    pub(crate) fn crash_looping() -> serde_json::Value {
+        serde_json::json!({
             "phase": "Running",
             "startTime": "2024-05-01T10:00:00Z",
             "conditions": [{"type": "Ready", "status": "False"}],
-            "initContainerStatuses": [cs("setup", serde_json::json!({"terminated": {"exitCode": 0, "reason": "Completed"}}), false)],
+            "initContainerStatuses": [container("setup", serde_json::json!({"terminated": {"exitCode": 0, "reason": "Completed"}}), false)],
             "containerStatuses": [
-                cs("app", serde_json::json!({"running": {}}), true),
-                cs("side", serde_json::json!({"waiting": {"reason": "CrashLoopBackOff"}}), false),
+                container("app", serde_json::json!({"running": {}}), true),
+                container("side", serde_json::json!({"waiting": {"reason": "CrashLoopBackOff"}}), false),
             ]
-        });
-        let p = PodLine::from_record(&record(pod.clone(), status), false);
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{container as cs, crash_looping, record, web_pod};
+    use super::*;
+
+    #[test]
+    fn pods_show_what_kubectl_would() {
+        let pod = web_pod();
+        let p = PodLine::from_record(&record(pod.clone(), crash_looping()), false);
         assert_eq!(p.status, "CrashLoopBackOff");
         assert_eq!(p.ready_column(), "1/2");
         assert!(p.container_running("app") && !p.container_running("side") && !p.container_running("setup"));
