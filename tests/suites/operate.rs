@@ -75,10 +75,15 @@ fn metrics_follow_the_pods_and_healthz_reports_the_parts() {
         std::net::TcpStream::connect(("127.0.0.1", port)).ok()
     });
 
+    // `exit` is Running too (between its restarts), so the phases alone do not say that `idle`
+    // has started: wait for its memory series as well.
     let first = wait_for(T, "hello Succeeded, spin Failed and idle Running in the metrics", || {
         let m = scrape(port);
         let phase = |p| value(&m, "lichen_pods", Some(("phase", p))).unwrap_or(0.0);
-        (phase("Succeeded") >= 1.0 && phase("Failed") >= 1.0 && phase("Running") >= 1.0).then_some(m)
+        let idle_runs = value(&m, "lichen_container_memory_bytes", Some(("pod", "idle-test-node")))
+            .is_some_and(|b| b >= 65536.0);
+        (phase("Succeeded") >= 1.0 && phase("Failed") >= 1.0 && phase("Running") >= 1.0 && idle_runs)
+            .then_some(m)
     });
     assert!(value(&first, "lichen_out_of_fuel_kills_total", None).unwrap_or(0.0) >= 1.0, "{first:?}");
     assert!(
