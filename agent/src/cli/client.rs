@@ -27,8 +27,8 @@ pub async fn request(path: &Path, request: &ControlRequest) -> Result<Option<Con
         }
         Err(e) => return Err(exchange(e)),
     };
-    let mut line =
-        serde_json::to_vec(request).map_err(|e| ControlError::Decode { path: path.to_owned(), source: e })?;
+    // A path that is not UTF-8 (`lichen modules import`) cannot be put in JSON.
+    let mut line = serde_json::to_vec(request).map_err(ControlError::Encode)?;
     line.push(b'\n');
     stream.write_all(&line).await.map_err(exchange)?;
     let mut answer = String::new();

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use super::report::NodeReport;
 use crate::modules::commands::ModuleCommand;
 
-/// The largest message read (a module command is a few hundred bytes; a node report of 110 pods
-/// about 100 KiB).
+/// The largest request the agent reads (a module command is a few hundred bytes). Answers are not
+/// bounded: they come from the agent itself.
 pub const MAX_REQUEST: u64 = 64 << 10;
 
 /// A request to the agent.
@@ -58,6 +58,9 @@ pub enum ControlError {
         #[source]
         source: std::io::Error,
     },
+    /// The request could not be encoded (a path that is not UTF-8).
+    #[error("cannot send the request to the agent: {0}")]
+    Encode(#[source] serde_json::Error),
     /// The agent's answer could not be decoded.
     #[error("the agent at {path} answered something unreadable: {source}")]
     Decode {
