@@ -29,6 +29,7 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 # selection).
 UNIT_ARGS=(-p lichen -p lichen-tests --lib)
 SUITE_ARGS=(-p lichen-tests --test suites)
+# mqtt:: stays last: it runs on its own (see test_targets).
 SUITES=(runtime:: workers:: agent:: operate:: cross:: mqtt::)
 
 triple() {
@@ -117,7 +118,13 @@ test_targets() {
       cargo build --locked -p lichen --target "$t"
       local failed=0
       cargo test --locked --no-fail-fast --target "$t" "${UNIT_ARGS[@]}" || failed=1
-      cargo test --locked --no-fail-fast --target "$t" "${SUITE_ARGS[@]}" -- "${SUITES[@]}" || failed=1
+      # The MQTT suite runs by itself, as it did when every suite was its own binary. Sharing the
+      # two test threads with the heavier suites under emulation, the gateway test once saw one
+      # sensor message twice on the test's own local subscriber while the gateway had forwarded
+      # each exactly once: most likely a QoS 1 redelivery to that (emulated) subscriber, which the
+      # exact no-loop count counts.
+      cargo test --locked --no-fail-fast --target "$t" "${SUITE_ARGS[@]}" -- "${SUITES[@]:0:${#SUITES[@]}-1}" || failed=1
+      cargo test --locked --no-fail-fast --target "$t" "${SUITE_ARGS[@]}" -- "${SUITES[-1]}" || failed=1
       exit "$failed"
     )
     echo "::: $t: built and tested under QEMU in $(secs "$t0")"
