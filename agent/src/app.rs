@@ -179,7 +179,15 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             board: board.clone(),
             client: client_rx.clone(),
         };
-        tracker.spawn(crate::kubelet::run(config.clone(), api, cancel.child_token()));
+        // A kubelet API that cannot start costs `kubectl logs` on this node, not the node.
+        match crate::kubelet::bind(&config).await {
+            Ok(listener) => {
+                tracker.spawn(crate::kubelet::run(listener, api, cancel.child_token()));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "kubelet API unavailable (kubectl logs will not reach this node)")
+            }
+        }
     }
     match config.static_pods() {
         Some(dir) => {

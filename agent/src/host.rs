@@ -121,6 +121,13 @@ pub fn kube_arch() -> &'static str {
     }
 }
 
+/// The kernel's host name, as the kubelet uses for the node name by default.
+pub fn host_name() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,6 +32,7 @@ pub mod logging;
 pub mod metrics;
 pub mod metrics_server;
 pub mod modules;
+pub mod names;
 pub mod node;
 pub mod notify;
 pub mod pod;

@@ -35,11 +35,11 @@ fn main() -> ExitCode {
             j.ca_cert = base.join(f);
         }
         if let Some(t) = &args.token {
-            j.token = t.clone();
+            j.token = lichen::config::TokenSetting::from_text(t);
         }
         if let Some(f) = &args.token_file {
             j.token_file = base.join(f);
-            j.token.clear();
+            j.token = lichen::config::TokenSetting::Unset;
         }
         if !j.enabled() {
             eprintln!("lichen: join: give --server (or join.server in the config) and --ca-cert");
@@ -193,7 +193,7 @@ fn join(config: AgentConfig, only: bool) -> anyhow::Result<()> {
             }
             Err(_) => {
                 let (token, token_source) =
-                    lichen::bootstrap::find_token(&config.join.token, &config.join.token_file)?;
+                    lichen::bootstrap::find_token(config.join.token(), &config.join.token_file)?;
                 let req = lichen::bootstrap::JoinRequest {
                     node_name: config.node_name.clone(),
                     server: config.join.server.clone(),

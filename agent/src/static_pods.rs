@@ -62,7 +62,7 @@ pub fn parse_manifest(text: &str, file: &Path, node_name: &str) -> Result<Pod, M
         return Err(err("field metadata.name: is required".into()));
     }
     let full_name = format!("{name}-{node_name}");
-    if let Err(why) = crate::config::validate_dns_subdomain(&full_name) {
+    if let Err(why) = crate::names::validate_dns_subdomain(&full_name) {
         return Err(err(format!("field metadata.name: {full_name:?} {why}")));
     }
     let mut hasher = Sha256::new();

@@ -115,9 +115,6 @@ pub enum BootstrapError {
         /// Where Lichen looked for it.
         token_file: PathBuf,
     },
-    /// The bootstrap token given as a value is malformed.
-    #[error("bootstrap token: {0}")]
-    BadToken(#[source] crate::token::BadToken),
     /// The bootstrap token file holds a malformed token.
     #[error("bootstrap token: {}: {source}", path.display())]
     BadTokenFile {
@@ -209,9 +206,12 @@ pub enum TokenSource {
 }
 
 /// Finds the bootstrap token: the value if given, else the token file.
-pub fn find_token(value: &str, file: &Path) -> Result<(BootstrapToken, TokenSource), BootstrapError> {
-    if !value.trim().is_empty() {
-        return Ok((BootstrapToken::parse(value).map_err(BootstrapError::BadToken)?, TokenSource::Value));
+pub fn find_token(
+    value: Option<&BootstrapToken>,
+    file: &Path,
+) -> Result<(BootstrapToken, TokenSource), BootstrapError> {
+    if let Some(token) = value {
+        return Ok((token.clone(), TokenSource::Value));
     }
     match std::fs::read_to_string(file) {
         Ok(text) => {
@@ -511,7 +511,7 @@ pub async fn credentials(config: &AgentConfig, cancel: &CancellationToken) -> Op
             }
             Err(_) => {}
         }
-        let result = match find_token(&config.join.token, &config.join.token_file) {
+        let result = match find_token(config.join.token(), &config.join.token_file) {
             Ok((token, token_source)) => {
                 let req = JoinRequest {
                     node_name: config.node_name.clone(),
@@ -549,11 +549,16 @@ mod tests {
     fn missing_tokens_say_where_to_put_one() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("bootstrap-token");
-        let e = find_token("", &file).expect_err("no token").to_string();
+        let e = find_token(None, &file).expect_err("no token").to_string();
         assert!(e.contains("LICHEN_JOIN_TOKEN") && e.contains("kubeadm token create"), "{e}");
         std::fs::write(&file, "abcdef.0123456789abcdef\n").expect("write");
-        assert_eq!(find_token("", &file).expect("file").1, TokenSource::File(file.clone()));
-        assert_eq!(find_token("abcdef.0123456789abcdef", &file).expect("value").1, TokenSource::Value);
+        assert_eq!(find_token(None, &file).expect("file").1, TokenSource::File(file.clone()));
+        assert_eq!(
+            find_token(Some(&BootstrapToken::parse("abcdef.0123456789abcdef").expect("token")), &file)
+                .expect("value")
+                .1,
+            TokenSource::Value
+        );
         forget_token(&TokenSource::File(file.clone()), dir.path());
         assert!(!file.exists(), "a token file under state_dir is deleted after the join");
     }

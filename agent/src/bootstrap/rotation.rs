@@ -85,7 +85,7 @@ impl CertificateRotation {
         let kubeconfig = if expired {
             // The API server no longer accepts the certificate: only the bootstrap token can help.
             let join = &self.config.join;
-            let (token, token_source) = match super::find_token(&join.token, &join.token_file) {
+            let (token, token_source) = match super::find_token(join.token(), &join.token_file) {
                 Ok(t) if join.enabled() => t,
                 Ok(_) | Err(BootstrapError::NoToken { .. }) => {
                     return Err(BootstrapError::ExpiredOffline {

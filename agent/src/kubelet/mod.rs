@@ -47,17 +47,27 @@ type Body = BoxBody<Bytes, Infallible>;
 /// Errors that keep the kubelet API from starting. The agent runs on without it.
 #[derive(Debug, thiserror::Error)]
 pub enum KubeletError {
-    /// A configured file is unusable.
-    #[error("kubelet_api: {path}: {message}")]
-    File {
+    /// A configured file cannot be read.
+    #[error("kubelet_api: {path}: {source}")]
+    Read {
         /// The file.
         path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configured serving certificate and key are unusable.
+    #[error("kubelet_api: {path}: {source}")]
+    Certificate {
+        /// `kubelet_api.tls_cert_file`.
+        path: PathBuf,
         /// What is wrong.
-        message: String,
+        #[source]
+        source: TlsError,
     },
     /// TLS could not be set up.
     #[error("kubelet_api: TLS: {0}")]
-    Tls(String),
+    Tls(#[source] TlsError),
     /// The port is taken or not ours.
     #[error("kubelet_api: cannot listen on {address}: {source} (set kubelet_api.port, or 0 to turn it off)")]
     Listen {
@@ -67,6 +77,35 @@ pub enum KubeletError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What keeps the kubelet API from serving TLS.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The certificate PEM does not parse.
+    #[error("certificate: {0}")]
+    CertificatePem(#[source] rustls::pki_types::pem::Error),
+    /// The certificate PEM holds no certificate.
+    #[error("no certificate in the PEM")]
+    NoCertificate,
+    /// The key PEM does not parse.
+    #[error("private key: {0}")]
+    KeyPem(#[source] rustls::pki_types::pem::Error),
+    /// The certificate and key do not make a pair rustls can serve.
+    #[error("certificate and key: {0}")]
+    Pair(#[source] rustls::Error),
+    /// The client CA file holds no certificate rustls accepts.
+    #[error("the client CA holds no usable certificate")]
+    NoClientCa,
+    /// rustls refused the client verifier or the protocol versions.
+    #[error("{0}")]
+    Setup(#[source] rustls::Error),
+    /// The client verifier could not be built.
+    #[error("client verifier: {0}")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+    /// The self-signed fallback could not be made.
+    #[error("self-signed certificate: {0}")]
+    SelfSigned(#[source] crate::bootstrap::BootstrapError),
 }
 
 /// What the kubelet API serves from.
@@ -93,16 +132,16 @@ impl ResolvesServerCert for ServingCert {
     }
 }
 
-fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, String> {
+fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, TlsError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("certificate: {e}"))?;
+        .map_err(TlsError::CertificatePem)?;
     if chain.is_empty() {
-        return Err("no certificate in the PEM".into());
+        return Err(TlsError::NoCertificate);
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("private key: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(TlsError::KeyPem)?;
     let provider = rustls::crypto::ring::default_provider();
-    CertifiedKey::from_der(chain, key, &provider).map_err(|e| format!("certificate and key: {e}"))
+    CertifiedKey::from_der(chain, key, &provider).map_err(TlsError::Pair)
 }
 
 /// Where the serving certificates live: `<state_dir>/pki/kubelet-serving.{crt,key}` (issued) and
@@ -121,13 +160,14 @@ impl ServingFiles {
         Some((std::fs::read(c).ok()?, std::fs::read(k).ok()?))
     }
 
-    fn write(&self, name: &str, cert: &[u8], key: &[u8]) -> Result<(), String> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+    fn write(&self, name: &str, cert: &[u8], key: &[u8]) -> Result<(), crate::bootstrap::BootstrapError> {
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|source| crate::bootstrap::BootstrapError::File { path: self.dir.clone(), source })?;
         let (c, k) = self.pair(name);
         // The key first and private: a crash between the two leaves a key without a certificate,
         // which is simply made again.
-        pki::write_private(&k, key, 0o600).map_err(|e| e.to_string())?;
-        pki::write_private(&c, cert, 0o644).map_err(|e| e.to_string())
+        pki::write_private(&k, key, 0o600)?;
+        pki::write_private(&c, cert, 0o644)
     }
 }
 
@@ -147,7 +187,7 @@ fn client_ca(config: &AgentConfig) -> Result<Option<Vec<u8>>, KubeletError> {
     let k = &config.kubelet_api;
     if !k.client_ca_file.as_os_str().is_empty() {
         let pem = std::fs::read(&k.client_ca_file)
-            .map_err(|e| KubeletError::File { path: k.client_ca_file.clone(), message: e.to_string() })?;
+            .map_err(|source| KubeletError::Read { path: k.client_ca_file.clone(), source })?;
         return Ok(Some(pem));
     }
     let Some(path) = config.cluster() else { return Ok(None) };
@@ -164,48 +204,56 @@ fn client_ca(config: &AgentConfig) -> Result<Option<Vec<u8>>, KubeletError> {
     Ok(None)
 }
 
-/// Runs the kubelet API until `cancel`. Errors that keep it from starting are logged: pods and
-/// everything else keep running without it.
-pub async fn run(config: AgentConfig, api: KubeletApi, cancel: CancellationToken) {
-    if let Err(e) = serve(config, api, cancel).await {
-        tracing::error!(error = %e, "kubelet API unavailable (kubectl logs will not reach this node)");
+/// The kubelet API's socket and TLS set-up, ready to serve.
+pub struct KubeletListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    /// Present when the serving certificate comes from the cluster and is renewed while serving.
+    renewal: Option<(AgentConfig, Arc<ServingCert>)>,
+}
+
+impl KubeletListener {
+    /// The address bound (the port is the real one when `kubelet_api.port` was 0 in a test).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
     }
 }
 
-async fn serve(config: AgentConfig, api: KubeletApi, cancel: CancellationToken) -> Result<(), KubeletError> {
+/// Reads or makes the serving certificate, sets up client authentication and binds the port.
+/// An error here leaves the node without `kubectl logs`, nothing more: the caller logs it.
+pub async fn bind(config: &AgentConfig) -> Result<KubeletListener, KubeletError> {
     let k = &config.kubelet_api;
     let files = ServingFiles { dir: config.layout().pki() };
     let configured = !k.tls_cert_file.as_os_str().is_empty();
     let initial = if configured {
-        let read = |p: &PathBuf| {
-            std::fs::read(p).map_err(|e| KubeletError::File { path: p.clone(), message: e.to_string() })
-        };
+        let read =
+            |p: &PathBuf| std::fs::read(p).map_err(|source| KubeletError::Read { path: p.clone(), source });
         let (cert, key) = (read(&k.tls_cert_file)?, read(&k.tls_private_key_file)?);
         certified_key(&cert, &key)
-            .map_err(|message| KubeletError::File { path: k.tls_cert_file.clone(), message })?
+            .map_err(|source| KubeletError::Certificate { path: k.tls_cert_file.clone(), source })?
     } else {
         match files.read("kubelet-serving").and_then(|(c, k)| usable_issued(&c).then_some((c, k))) {
             Some((c, key)) => certified_key(&c, &key).map_err(KubeletError::Tls)?,
-            None => self_signed(&config, &files)?,
+            None => self_signed(config, &files)?,
         }
     };
     let resolver = Arc::new(ServingCert(RwLock::new(Arc::new(initial))));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = match client_ca(&config)? {
+    let verifier = match client_ca(config)? {
         Some(pem) => {
             let mut roots = rustls::RootCertStore::empty();
             for c in CertificateDer::pem_slice_iter(&pem).flatten() {
                 let _ = roots.add(c);
             }
             if roots.is_empty() {
-                return Err(KubeletError::Tls("the client CA holds no usable certificate".into()));
+                return Err(KubeletError::Tls(TlsError::NoClientCa));
             }
             // Certificates are optional at the TLS layer: bearer-token callers present none, and
             // a request with neither is refused with 401 by the handler, not by a failed handshake.
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .allow_unauthenticated()
                 .build()
-                .map_err(|e| KubeletError::Tls(e.to_string()))?
+                .map_err(|e| KubeletError::Tls(TlsError::Verifier(e)))?
         }
         None => {
             tracing::warn!("kubelet API: no cluster CA known; only bearer tokens can authenticate");
@@ -214,7 +262,7 @@ async fn serve(config: AgentConfig, api: KubeletApi, cancel: CancellationToken) 
     };
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| KubeletError::Tls(e.to_string()))?
+        .map_err(|e| KubeletError::Tls(TlsError::Setup(e)))?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver.clone());
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -222,19 +270,20 @@ async fn serve(config: AgentConfig, api: KubeletApi, cancel: CancellationToken) 
 
     let ip: std::net::IpAddr = k.address.parse().unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
     let address = SocketAddr::new(ip, k.port);
-    let listener = tokio::net::TcpListener::bind(address)
+    let tcp = tokio::net::TcpListener::bind(address)
         .await
         .map_err(|source| KubeletError::Listen { address, source })?;
     tracing::info!(%address, "kubelet API listening (kubectl logs)");
+    let renewal = (!configured && k.serving_csr).then(|| (config.clone(), resolver));
+    Ok(KubeletListener { tcp, acceptor, renewal })
+}
 
+/// Serves the kubelet API on `listener` until `cancel`, then waits for its connections to end.
+pub async fn run(listener: KubeletListener, api: KubeletApi, cancel: CancellationToken) {
+    let KubeletListener { tcp: listener, acceptor, renewal } = listener;
     let tasks = tokio_util::task::TaskTracker::new();
-    if !configured && k.serving_csr {
-        tasks.spawn(keep_serving_certificate(
-            config.clone(),
-            api.client.clone(),
-            resolver,
-            cancel.child_token(),
-        ));
+    if let Some((config, resolver)) = renewal {
+        tasks.spawn(keep_serving_certificate(config, api.client.clone(), resolver, cancel.child_token()));
     }
     let shared = Arc::new(Shared {
         authorizer: Authorizer::new(api.node_name.clone(), api.client.clone()),
@@ -287,7 +336,6 @@ async fn serve(config: AgentConfig, api: KubeletApi, cancel: CancellationToken) 
     }
     tasks.close();
     tasks.wait().await;
-    Ok(())
 }
 
 /// An issued certificate worth serving: readable and not yet due for renewal.
@@ -302,9 +350,9 @@ fn self_signed(config: &AgentConfig, files: &ServingFiles) -> Result<CertifiedKe
         return Ok(key);
     }
     let (cert, key) = pki::self_signed_serving(&config.node_name, &addresses(config))
-        .map_err(|e| KubeletError::Tls(e.to_string()))?;
-    if let Err(message) = files.write("kubelet-self-signed", cert.as_bytes(), key.as_bytes()) {
-        tracing::warn!(%message, "cannot keep the self-signed serving certificate; a new one is made at each start");
+        .map_err(|e| KubeletError::Tls(TlsError::SelfSigned(e)))?;
+    if let Err(e) = files.write("kubelet-self-signed", cert.as_bytes(), key.as_bytes()) {
+        tracing::warn!(error = %e, "cannot keep the self-signed serving certificate; a new one is made at each start");
     }
     certified_key(cert.as_bytes(), key.as_bytes()).map_err(KubeletError::Tls)
 }
@@ -357,8 +405,8 @@ async fn keep_serving_certificate(
         match outcome {
             Ok((key, cert)) => match certified_key(&cert, key.as_bytes()) {
                 Ok(ck) => {
-                    if let Err(message) = files.write("kubelet-serving", &cert, key.as_bytes()) {
-                        tracing::warn!(%message, "cannot store the serving certificate; it is used until the agent stops");
+                    if let Err(e) = files.write("kubelet-serving", &cert, key.as_bytes()) {
+                        tracing::warn!(error = %e, "cannot store the serving certificate; it is used until the agent stops");
                     }
                     if let Ok(mut current) = resolver.0.write() {
                         *current = Arc::new(ck);

@@ -9,8 +9,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
-use crate::config::TaintSpec;
 use crate::host::{HostFacts, kube_arch};
+use crate::names::TaintSpec;
 
 /// When the node reports pressure, as the kubelet's hard eviction thresholds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +75,7 @@ pub fn registration(
                     .map(|t| Taint {
                         key: t.key.clone(),
                         value: (!t.value.is_empty()).then(|| t.value.clone()),
-                        effect: t.effect.clone(),
+                        effect: t.effect.as_str().to_owned(),
                         ..Default::default()
                     })
                     .collect(),
@@ -312,7 +312,7 @@ mod tests {
         assert_eq!(l["lichen.dev/runtime"], "wasm");
         assert_eq!(l["kubernetes.io/hostname"], "pi-07");
         assert_eq!(l["acme.io/site"], "barn");
-        let taint = crate::config::parse_taint(crate::config::DEFAULT_TAINT).expect("taint");
+        let taint = TaintSpec::default_taint();
         let node = registration("pi-07", &user, &[taint], NodeStatus::default());
         let t = &node.spec.and_then(|s| s.taints).expect("taints")[0];
         assert_eq!(

@@ -14,8 +14,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::object::{self, Readiness};
-use crate::config::{AgentConfig, TaintSpec, parse_taint};
+use crate::config::AgentConfig;
 use crate::host::HostFacts;
+use crate::names::TaintSpec;
 use crate::retry::RetryBackoff;
 
 /// How often the Lease is renewed.
@@ -76,7 +77,7 @@ impl NodeRegistrar {
             node_name: config.node_name.clone(),
             labels: config.node_labels.clone(),
             // Validated at config load; an invalid one cannot reach here.
-            taints: config.node_taints.iter().filter_map(|t| parse_taint(t).ok()).collect(),
+            taints: config.node_taints.clone(),
             max_pods: config.max_pods,
             thresholds: object::Thresholds {
                 memory_bytes: config.memory_pressure_threshold.0,

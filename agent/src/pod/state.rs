@@ -19,12 +19,12 @@ pub enum RestartPolicy {
 
 impl RestartPolicy {
     /// Parses the API's spelling; absent means `Always`, as the API server defaults it.
-    pub fn parse(s: Option<&str>) -> Result<Self, String> {
+    pub fn parse(s: Option<&str>) -> Result<Self, UnknownRestartPolicy> {
         match s {
             None | Some("Always") => Ok(RestartPolicy::Always),
             Some("OnFailure") => Ok(RestartPolicy::OnFailure),
             Some("Never") => Ok(RestartPolicy::Never),
-            Some(other) => Err(format!("unknown restartPolicy {other:?} (Always, OnFailure or Never)")),
+            Some(other) => Err(UnknownRestartPolicy(other.to_owned())),
         }
     }
 
@@ -46,6 +46,11 @@ impl RestartPolicy {
         }
     }
 }
+
+/// A `restartPolicy` Kubernetes does not have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown restartPolicy {0:?} (Always, OnFailure or Never)")]
+pub struct UnknownRestartPolicy(pub String);
 
 /// How a container run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

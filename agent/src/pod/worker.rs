@@ -355,8 +355,9 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 }
 
 async fn run_containers(plan: &PodPlan, shared: &Arc<Shared>, cancel: &CancellationToken) {
-    if let Err(message) = prepare_volumes(plan) {
-        tracing::error!(%message, "cannot prepare volumes");
+    if let Err(e) = prepare_volumes(plan) {
+        let message = e.to_string();
+        tracing::error!(error = %message, "cannot prepare volumes");
         for i in 0..plan.containers.len() {
             shared.update(Slot::App(i), |c| {
                 c.state = ContainerState::Waiting {
@@ -398,22 +399,41 @@ async fn futures_join_all<F: std::future::Future<Output = bool>>(futs: impl Iter
     .await
 }
 
-fn prepare_volumes(plan: &PodPlan) -> Result<(), String> {
+/// A volume that could not be made ready; shown as the containers' `CreateContainerConfigError`
+/// and a `FailedMount` event.
+#[derive(Debug, thiserror::Error)]
+enum VolumeError {
+    #[error("volume {name:?}: cannot write {}: {source}", path.display())]
+    Write {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("volume {name:?}: cannot create {}: {source}", path.display())]
+    Create {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("volume {name:?}: hostPath {} is not an existing directory", path.display())]
+    NotADirectory { name: String, path: PathBuf },
+}
+
+fn prepare_volumes(plan: &PodPlan) -> Result<(), VolumeError> {
     for v in &plan.volumes {
+        let (name, path) = (v.name.clone(), v.host.clone());
         match &v.kind {
-            VolumeKind::Files(files) => write_files(&v.host, files)
-                .map_err(|e| format!("volume {:?}: cannot write {}: {e}", v.name, v.host.display()))?,
-            VolumeKind::EmptyDir | VolumeKind::HostPathOrCreate => std::fs::create_dir_all(&v.host)
-                .map_err(|e| format!("volume {:?}: cannot create {}: {e}", v.name, v.host.display()))?,
-            VolumeKind::HostPath => {
-                if !v.host.is_dir() {
-                    return Err(format!(
-                        "volume {:?}: hostPath {} is not an existing directory",
-                        v.name,
-                        v.host.display()
-                    ));
-                }
+            VolumeKind::Files(files) => {
+                write_files(&v.host, files).map_err(|source| VolumeError::Write { name, path, source })?
             }
+            VolumeKind::EmptyDir | VolumeKind::HostPathOrCreate => std::fs::create_dir_all(&v.host)
+                .map_err(|source| VolumeError::Create { name, path, source })?,
+            VolumeKind::HostPath if !v.host.is_dir() => {
+                return Err(VolumeError::NotADirectory { name, path });
+            }
+            VolumeKind::HostPath => {}
         }
     }
     Ok(())

@@ -18,7 +18,7 @@ use crate::quantity::ByteSize;
 /// `spec.restartPolicy`, or `Always` (with the refusal recorded) when it is not one Kubernetes has.
 pub(super) fn restart_policy(spec: &PodSpec, errs: &mut Errors) -> RestartPolicy {
     RestartPolicy::parse(spec.restart_policy.as_deref()).unwrap_or_else(|e| {
-        errs.add("spec.restartPolicy", e);
+        errs.add("spec.restartPolicy", e.to_string());
         RestartPolicy::Always
     })
 }
