@@ -87,14 +87,6 @@ impl PullError {
     pub fn is_transient(&self) -> bool {
         matches!(self, PullError::Network(_) | PullError::Timeout(_))
     }
-
-    /// The kubelet's container waiting reason for this failure.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            PullError::NeverPull => "ErrImageNeverPull",
-            _ => "ErrImagePull",
-        }
-    }
 }
 
 impl From<StoreError> for PullError {

@@ -21,7 +21,7 @@ use super::events::{EventType, PodEvent};
 use super::inputs::PodInputs;
 use super::spec::{self, PlanContext};
 use super::state::RestartPolicy;
-use super::status::{self, PodFailure, PodView};
+use super::status::{self, PodFailure, PodFailureReason, PodView};
 use super::worker::{self, PodHandle, WorkerDeps};
 use crate::config::{ModulesConfig, RuntimeConfig};
 use crate::modules::ImageOrigin;
@@ -587,7 +587,7 @@ impl Shared {
         let uid = d.uid().to_owned();
         let refusal = if running >= self.config.max_pods as usize {
             Some(PodFailure {
-                reason: "OutOfpods".into(),
+                reason: PodFailureReason::OutOfPods,
                 message: format!(
                     "Node didn't have enough resource: pods, requested: 1, used: {running}, capacity: {}",
                     self.config.max_pods
@@ -603,7 +603,11 @@ impl Shared {
                 // Only a pod whose every problem is a missing input can become runnable by itself.
                 waiting = errs.iter().all(|e| e.pending);
                 PodFailure {
-                    reason: if waiting { "CreateContainerConfigError" } else { "UnsupportedPodSpec" }.into(),
+                    reason: if waiting {
+                        PodFailureReason::CreateContainerConfigError
+                    } else {
+                        PodFailureReason::UnsupportedPodSpec
+                    },
                     message: errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
                 }
             }),
@@ -653,7 +657,10 @@ impl Shared {
             }
             Err(failure) => {
                 tracing::error!(pod = %key, source = %d.source, reason = %failure.reason, "pod refused: {}", failure.message);
-                let reason = if failure.reason == "OutOfpods" { "OutOfpods" } else { "UnsupportedPodSpec" };
+                let reason = match failure.reason {
+                    PodFailureReason::OutOfPods => "OutOfpods",
+                    _ => "UnsupportedPodSpec",
+                };
                 self.event(d, EventType::Warning, reason, failure.message.clone());
                 let view = PodView {
                     restart_policy: RestartPolicy::Never,
@@ -749,14 +756,12 @@ fn waiting_status(
     why: &PodFailure,
     host_ip: Option<String>,
 ) -> k8s_openapi::api::core::v1::PodStatus {
+    const WAITING: super::state::WaitingReason = super::state::WaitingReason::CreateContainerConfigError;
     let spec = pod.spec.clone().unwrap_or_default();
     let view_of = |c: &k8s_openapi::api::core::v1::Container| {
-        let mut v =
-            super::state::ContainerView::new(&c.name, c.image.as_deref().unwrap_or(""), &why.reason, 0);
-        v.state = super::state::ContainerState::Waiting {
-            reason: why.reason.clone(),
-            message: Some(why.message.clone()),
-        };
+        let mut v = super::state::ContainerView::new(&c.name, c.image.as_deref().unwrap_or(""), WAITING, 0);
+        v.state =
+            super::state::ContainerState::Waiting { reason: WAITING, message: Some(why.message.clone()) };
         v
     };
     let view = PodView {

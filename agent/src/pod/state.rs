@@ -52,13 +52,122 @@ impl RestartPolicy {
 #[error("unknown restartPolicy {0:?} (Always, OnFailure or Never)")]
 pub struct UnknownRestartPolicy(pub String);
 
+/// Why a container is not running, as `kubectl get pods` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitingReason {
+    /// Being prepared (module load, log file).
+    ContainerCreating,
+    /// An app container while init containers run.
+    PodInitializing,
+    /// In restart back-off after a run ended.
+    CrashLoopBackOff,
+    /// The module could not be fetched (shown first).
+    ErrImagePull,
+    /// `imagePullPolicy: Never` and the module is not cached.
+    ErrImageNeverPull,
+    /// In back-off between pull attempts.
+    ImagePullBackOff,
+    /// A volume, ConfigMap, Secret or token the container needs is not there.
+    CreateContainerConfigError,
+    /// The container could not be set up (its log file could not be opened).
+    CreateContainerError,
+}
+
+impl WaitingReason {
+    /// The API's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaitingReason::ContainerCreating => "ContainerCreating",
+            WaitingReason::PodInitializing => "PodInitializing",
+            WaitingReason::CrashLoopBackOff => "CrashLoopBackOff",
+            WaitingReason::ErrImagePull => "ErrImagePull",
+            WaitingReason::ErrImageNeverPull => "ErrImageNeverPull",
+            WaitingReason::ImagePullBackOff => "ImagePullBackOff",
+            WaitingReason::CreateContainerConfigError => "CreateContainerConfigError",
+            WaitingReason::CreateContainerError => "CreateContainerError",
+        }
+    }
+}
+
+impl std::fmt::Display for WaitingReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a container run ended. Runs of an earlier agent are read back from the stored status, so
+/// a reason this build does not know is kept as it was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TerminationReason {
+    /// Exit code 0.
+    Completed,
+    /// Another exit code.
+    Error,
+    /// The fuel limit ran out.
+    OutOfFuel,
+    /// The memory limit was hit.
+    OOMKilled,
+    /// The wall-clock limit passed.
+    DeadlineExceeded,
+    /// A WebAssembly trap.
+    Trap,
+    /// The module cannot be run.
+    InvalidModule,
+    /// Stopped by Lichen (pod deleted, grace period over).
+    Killed,
+    /// Running when the agent itself stopped (restart, kill, power loss).
+    AgentRestarted,
+    /// Written by another version.
+    Other(String),
+}
+
+impl TerminationReason {
+    /// Reads the API's spelling (a stored status, or [`crate::runtime::Outcome::reason`]).
+    pub fn parse(s: &str) -> TerminationReason {
+        match s {
+            "Completed" => TerminationReason::Completed,
+            "Error" => TerminationReason::Error,
+            "OutOfFuel" => TerminationReason::OutOfFuel,
+            "OOMKilled" => TerminationReason::OOMKilled,
+            "DeadlineExceeded" => TerminationReason::DeadlineExceeded,
+            "Trap" => TerminationReason::Trap,
+            "InvalidModule" => TerminationReason::InvalidModule,
+            "Killed" => TerminationReason::Killed,
+            "AgentRestarted" => TerminationReason::AgentRestarted,
+            other => TerminationReason::Other(other.to_owned()),
+        }
+    }
+
+    /// The API's spelling.
+    pub fn as_str(&self) -> &str {
+        match self {
+            TerminationReason::Completed => "Completed",
+            TerminationReason::Error => "Error",
+            TerminationReason::OutOfFuel => "OutOfFuel",
+            TerminationReason::OOMKilled => "OOMKilled",
+            TerminationReason::DeadlineExceeded => "DeadlineExceeded",
+            TerminationReason::Trap => "Trap",
+            TerminationReason::InvalidModule => "InvalidModule",
+            TerminationReason::Killed => "Killed",
+            TerminationReason::AgentRestarted => "AgentRestarted",
+            TerminationReason::Other(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for TerminationReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How a container run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Termination {
     /// Exit code (see `runtime::Outcome::exit_code`).
     pub exit_code: i32,
-    /// `Completed`, `Error`, `OutOfFuel`, `OOMKilled`, …
-    pub reason: String,
+    /// Why.
+    pub reason: TerminationReason,
     /// Details for `kubectl describe`.
     pub message: Option<String>,
     /// When the run started, if it did.
@@ -72,8 +181,8 @@ pub struct Termination {
 pub enum ContainerState {
     /// Not running: being prepared, or in back-off.
     Waiting {
-        /// `ContainerCreating`, `PodInitializing`, `CrashLoopBackOff`, …
-        reason: String,
+        /// Why.
+        reason: WaitingReason,
         /// Details.
         message: Option<String>,
     },
@@ -105,12 +214,12 @@ pub struct ContainerView {
 
 impl ContainerView {
     /// A container that has not started yet.
-    pub fn new(name: &str, image: &str, reason: &str, restart_count: u32) -> Self {
+    pub fn new(name: &str, image: &str, reason: WaitingReason, restart_count: u32) -> Self {
         ContainerView {
             name: name.to_owned(),
             image: image.to_owned(),
             image_id: None,
-            state: ContainerState::Waiting { reason: reason.to_owned(), message: None },
+            state: ContainerState::Waiting { reason, message: None },
             last_termination: None,
             restart_count,
         }
@@ -277,7 +386,7 @@ mod tests {
     fn ended(code: i32) -> ContainerState {
         ContainerState::Terminated(Termination {
             exit_code: code,
-            reason: if code == 0 { "Completed" } else { "Error" }.into(),
+            reason: if code == 0 { TerminationReason::Completed } else { TerminationReason::Error },
             message: None,
             started_at: Some(t()),
             finished_at: t(),
@@ -285,16 +394,16 @@ mod tests {
     }
 
     fn c(state: ContainerState) -> ContainerView {
-        ContainerView { state, ..ContainerView::new("c", "img", "ContainerCreating", 0) }
+        ContainerView { state, ..ContainerView::new("c", "img", WaitingReason::ContainerCreating, 0) }
     }
 
     fn backing_off(code: i32) -> ContainerView {
         let ContainerState::Terminated(last) = ended(code) else { unreachable!() };
         ContainerView {
-            state: ContainerState::Waiting { reason: "CrashLoopBackOff".into(), message: None },
+            state: ContainerState::Waiting { reason: WaitingReason::CrashLoopBackOff, message: None },
             last_termination: Some(last),
             restart_count: 1,
-            ..ContainerView::new("c", "img", "x", 0)
+            ..ContainerView::new("c", "img", WaitingReason::ContainerCreating, 0)
         }
     }
 
@@ -303,7 +412,7 @@ mod tests {
     }
 
     fn waiting() -> ContainerView {
-        ContainerView::new("c", "img", "ContainerCreating", 0)
+        ContainerView::new("c", "img", WaitingReason::ContainerCreating, 0)
     }
 
     use PodPhase::*;

@@ -12,10 +12,44 @@ use super::state::{self, ContainerState, ContainerView, PodPhase, RestartPolicy,
 /// A pod-level failure that overrides the container-derived phase (deadline, admission).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodFailure {
-    /// `DeadlineExceeded`, `OutOfpods`, `UnsupportedPodSpec`, …
-    pub reason: String,
+    /// Why.
+    pub reason: PodFailureReason,
     /// For `kubectl describe`.
     pub message: String,
+}
+
+/// Why a whole pod failed or waits, as `status.reason` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodFailureReason {
+    /// `activeDeadlineSeconds` passed.
+    DeadlineExceeded,
+    /// The node already runs `max_pods`.
+    OutOfPods,
+    /// The spec asks for what Lichen cannot do.
+    UnsupportedPodSpec,
+    /// A ConfigMap, Secret or token it needs is missing; it may still become runnable.
+    CreateContainerConfigError,
+    /// Its volumes could not be made.
+    VolumeSetupFailed,
+}
+
+impl PodFailureReason {
+    /// The API's spelling (`OutOfpods` as the kubelet writes it).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PodFailureReason::DeadlineExceeded => "DeadlineExceeded",
+            PodFailureReason::OutOfPods => "OutOfpods",
+            PodFailureReason::UnsupportedPodSpec => "UnsupportedPodSpec",
+            PodFailureReason::CreateContainerConfigError => "CreateContainerConfigError",
+            PodFailureReason::VolumeSetupFailed => "VolumeSetupFailed",
+        }
+    }
+}
+
+impl std::fmt::Display for PodFailureReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The inputs of a pod's status.
@@ -68,7 +102,7 @@ pub fn build(view: &PodView, previous: Option<&PodStatus>, now: Timestamp) -> Po
         .collect();
     PodStatus {
         phase: Some(phase.as_str().to_owned()),
-        reason: view.failure.as_ref().map(|f| f.reason.clone()),
+        reason: view.failure.as_ref().map(|f| f.reason.as_str().to_owned()),
         message: view.failure.as_ref().map(|f| f.message.clone()),
         conditions: Some(conditions),
         host_ip: view.host_ip.clone(),
@@ -100,7 +134,10 @@ fn container(c: &ContainerView) -> ContainerStatus {
 fn k8s_state(s: &ContainerState) -> K8sState {
     match s {
         ContainerState::Waiting { reason, message } => K8sState {
-            waiting: Some(ContainerStateWaiting { reason: Some(reason.clone()), message: message.clone() }),
+            waiting: Some(ContainerStateWaiting {
+                reason: Some(reason.as_str().to_owned()),
+                message: message.clone(),
+            }),
             ..Default::default()
         },
         ContainerState::Running { started_at } => K8sState {
@@ -114,7 +151,7 @@ fn k8s_state(s: &ContainerState) -> K8sState {
 fn terminated(t: &Termination) -> ContainerStateTerminated {
     ContainerStateTerminated {
         exit_code: t.exit_code,
-        reason: Some(t.reason.clone()),
+        reason: Some(t.reason.as_str().to_owned()),
         message: t.message.clone(),
         started_at: t.started_at.map(Time),
         finished_at: Some(Time(t.finished_at)),
