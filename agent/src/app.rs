@@ -74,10 +74,10 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     tracing::info!(store = %layout.store().display(), schema = store.schema_version(), "state store open");
     let started = Instant::now();
     let runtime = WasmRuntime::new()?;
-    let modules =
-        ModuleCache::new(store.clone(), runtime.clone(), &config.modules).map_err(AppError::Modules)?;
-    let board = Arc::new(StatusBoard::default());
     let tracker = TaskTracker::new();
+    let modules = ModuleCache::new(store.clone(), runtime.clone(), &config.modules, &tracker, &cancel)
+        .map_err(AppError::Modules)?;
+    let board = Arc::new(StatusBoard::default());
     let mqtt = crate::telemetry::start(&config, store.clone(), board.clone(), &tracker, &cancel)
         .map_err(|e| AppError::Mqtt(e.to_string()))?;
     let (events, events_rx) = match config.cluster() {

@@ -249,8 +249,15 @@ impl Node {
         let started = Instant::now();
         let store: Arc<dyn StateStore> = Arc::new(store);
         let runtime = WasmRuntime::new().unwrap_or_else(|e| fail(&format!("runtime: {e}")));
-        let cache = ModuleCache::new(store, runtime.clone(), config)
-            .unwrap_or_else(|e| fail(&format!("module cache: {e}")));
+        let tasks = tokio_util::task::TaskTracker::new();
+        let cache = ModuleCache::new(
+            store,
+            runtime.clone(),
+            config,
+            &tasks,
+            &tokio_util::sync::CancellationToken::new(),
+        )
+        .unwrap_or_else(|e| fail(&format!("module cache: {e}")));
         Node { cache, runtime, store_open, setup: started.elapsed() }
     }
 

@@ -30,7 +30,11 @@ fn env(backoff: Backoff) -> Env {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(SledStore::open(&dir.path().join("store")).expect("store"));
     let runtime = WasmRuntime::new().expect("runtime");
-    let modules = ModuleCache::new(store.clone(), runtime.clone(), &ModulesConfig::default()).expect("cache");
+    let tasks = tokio_util::task::TaskTracker::new();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let modules =
+        ModuleCache::new(store.clone(), runtime.clone(), &ModulesConfig::default(), &tasks, &cancel)
+            .expect("cache");
     let deps = Arc::new(WorkerDeps {
         runtime,
         modules,

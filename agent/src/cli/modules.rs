@@ -32,8 +32,12 @@ pub async fn run_command(config: &AgentConfig, cmd: ModuleCommand) -> Result<Str
         Reached::Store(store) => store,
     };
     let runtime = crate::runtime::WasmRuntime::new()?;
-    let cache = ModuleCache::new(store.clone(), runtime, &config.modules)?;
+    // A command's pulls end with it; they are tracked so none is left running when it returns.
+    let (tasks, cancel) = (tokio_util::task::TaskTracker::new(), tokio_util::sync::CancellationToken::new());
+    let cache = ModuleCache::new(store.clone(), runtime, &config.modules, &tasks, &cancel)?;
     let result = cache.command(cmd).await.map_err(CliError::Modules);
+    tasks.close();
+    tasks.wait().await;
     let _ = tokio::task::spawn_blocking(move || store.flush()).await;
     result
 }

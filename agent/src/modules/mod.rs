@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::ModulesConfig;
 use crate::runtime::{Outcome, PreparedModule, WasmRuntime};
@@ -67,6 +69,9 @@ pub enum PullError {
     /// The registry or server could not be reached or failed (retried; a cached copy may stand in).
     #[error("registry unreachable: {0}")]
     Network(String),
+    /// The agent is shutting down; the pull was abandoned.
+    #[error("pull abandoned: the agent is stopping")]
+    Cancelled,
     /// The pull took longer than `modules.pull_timeout_secs`.
     #[error("pull timed out after {0}s (modules.pull_timeout_secs)")]
     Timeout(u64),
@@ -85,7 +90,7 @@ impl PullError {
     /// Whether the failure says nothing about the image itself (the network, the registry's
     /// health): then a cached copy of the same reference may stand in.
     pub fn is_transient(&self) -> bool {
-        matches!(self, PullError::Network(_) | PullError::Timeout(_))
+        matches!(self, PullError::Network(_) | PullError::Timeout(_) | PullError::Cancelled)
     }
 }
 
@@ -189,6 +194,9 @@ pub struct ModuleCache {
     config: ModulesConfig,
     slots: Arc<Semaphore>,
     inflight: Mutex<HashMap<String, PullFuture>>,
+    /// Pulls run as tasks of the agent's shutdown tree: tracked, and abandoned when it is cancelled.
+    tasks: TaskTracker,
+    cancel: CancellationToken,
     /// Woken after each pull, which may have pushed the cache over its budget.
     gc_wake: Arc<tokio::sync::Notify>,
 }
@@ -197,11 +205,14 @@ pub struct ModuleCache {
 const GC_INTERVAL: Duration = Duration::from_secs(600);
 
 impl ModuleCache {
-    /// The cache over `store`, compiling for `runtime`'s engine.
+    /// The cache over `store`, compiling for `runtime`'s engine. Pulls run on `tasks` and stop
+    /// when `cancel` fires.
     pub fn new(
         store: Arc<dyn StateStore>,
         runtime: Arc<WasmRuntime>,
         config: &ModulesConfig,
+        tasks: &TaskTracker,
+        cancel: &CancellationToken,
     ) -> Result<Arc<Self>, FetcherError> {
         Ok(Arc::new(ModuleCache {
             store,
@@ -211,6 +222,8 @@ impl ModuleCache {
             config: config.clone(),
             inflight: Mutex::new(HashMap::new()),
             gc_wake: Arc::new(tokio::sync::Notify::new()),
+            tasks: tasks.clone(),
+            cancel: cancel.child_token(),
         }))
     }
 
@@ -280,7 +293,14 @@ impl ModuleCache {
                     // The pull runs as its own task: if every pod waiting for it goes away, it still
                     // finishes (bounded by the pull timeout) and frees its slot, rather than holding
                     // a slot while nobody polls it.
-                    let task = tokio::spawn(self.pull_task(source.clone(), credential));
+                    let pull = self.pull_task(source.clone(), credential);
+                    let cancel = self.cancel.clone();
+                    let task = self.tasks.spawn(async move {
+                        tokio::select! {
+                            r = pull => r,
+                            _ = cancel.cancelled() => Err(PullError::Cancelled),
+                        }
+                    });
                     let f = async move {
                         task.await.unwrap_or_else(|e| Err(PullError::Store(format!("pull task: {e}"))))
                     }
