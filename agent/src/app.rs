@@ -36,10 +36,10 @@ pub enum AppError {
     Modules(#[source] crate::modules::FetcherError),
     /// The MQTT spool could not be opened.
     #[error("mqtt: {0}")]
-    Mqtt(String),
+    Mqtt(#[source] crate::telemetry::spool::SpoolError),
     /// A task the agent depends on failed.
     #[error("internal task failed: {0}")]
-    Task(String),
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// How long the agent waits for a store another process holds: a `lichen status` or `lichen
@@ -79,7 +79,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         .map_err(AppError::Modules)?;
     let board = Arc::new(StatusBoard::default());
     let mqtt = crate::telemetry::start(&config, store.clone(), board.clone(), &tracker, &cancel)
-        .map_err(|e| AppError::Mqtt(e.to_string()))?;
+        .map_err(AppError::Mqtt)?;
     let (events, events_rx) = match config.cluster() {
         Some(_) => {
             let (recorder, rx) = EventRecorder::new();
@@ -372,13 +372,18 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     if tokio::time::timeout(bound, manager.shutdown()).await.is_err() {
         tracing::warn!("pods did not stop within {}s", bound.as_secs());
     }
+    if let Some(bridge) = &mqtt
+        && tokio::time::timeout(bound, bridge.pumps_drained()).await.is_err()
+    {
+        tracing::warn!("module output did not reach the MQTT spool within {}s", bound.as_secs());
+    }
     drop(deletions_tx);
     tracker.close();
     if tokio::time::timeout(bound, tracker.wait()).await.is_err() {
         tracing::warn!("background tasks did not finish within {}s", bound.as_secs());
     }
     let s = store.clone();
-    tokio::task::spawn_blocking(move || s.flush()).await.map_err(|e| AppError::Task(e.to_string()))??;
+    tokio::task::spawn_blocking(move || s.flush()).await.map_err(AppError::Task)??;
     tracing::info!("stopped");
     Ok(())
 }

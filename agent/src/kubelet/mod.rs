@@ -289,6 +289,7 @@ pub async fn run(listener: KubeletListener, api: KubeletApi, cancel: Cancellatio
         authorizer: Authorizer::new(api.node_name.clone(), api.client.clone()),
         api,
         cancel: cancel.clone(),
+        tasks: tasks.clone(),
     });
     loop {
         let (tcp, peer) = tokio::select! {
@@ -438,6 +439,8 @@ struct Shared {
     api: KubeletApi,
     authorizer: Authorizer,
     cancel: CancellationToken,
+    /// Connections and the log streams they follow; `run` waits for all of them.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 /// A route of the kubelet API.
@@ -578,7 +581,7 @@ async fn logs_response(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let cancel = shared.cancel.child_token();
-    tokio::spawn(async move {
+    shared.tasks.spawn(async move {
         let result = logfmt::stream(located, opts, probe, tx, cancel).await;
         if let Err(e) = &result {
             tracing::debug!(error = %e, "kubelet API: log stream ended early");

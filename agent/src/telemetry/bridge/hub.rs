@@ -95,6 +95,9 @@ pub struct MqttBridge {
     pub(super) connected: AtomicBool,
     pub(super) stats: BridgeStats,
     pub(super) gateway: std::sync::OnceLock<(GatewayCounters, GatewaySent)>,
+    /// The containers' stdout pumps: each ends when its container's run ends, after handing its
+    /// last lines over; shutdown waits for them ([`MqttBridge::pumps_drained`]).
+    pub(super) pumps: tokio_util::task::TaskTracker,
 }
 
 impl MqttBridge {
@@ -120,8 +123,16 @@ impl MqttBridge {
             connected: AtomicBool::new(false),
             stats: BridgeStats::default(),
             gateway: std::sync::OnceLock::new(),
+            pumps: tokio_util::task::TaskTracker::new(),
         };
         (Arc::new(bridge), rx)
+    }
+
+    /// Waits until every stdout pump has handed over its container's last lines. Called at
+    /// shutdown once the pods have stopped (their pumps end with them).
+    pub async fn pumps_drained(&self) {
+        self.pumps.close();
+        self.pumps.wait().await;
     }
 
     /// The node's name, for topics.

@@ -119,7 +119,7 @@ impl PodBridge {
         let publish_root = self.binding.publish.as_deref().and_then(|t| expand(t, &vars).ok());
         if let Some(topic) = publish_root.clone() {
             let (tx, rx) = mpsc::channel(STDOUT_CHUNKS);
-            tokio::spawn(self.clone().pump(rx, topic));
+            b.pumps.spawn(self.clone().pump(rx, topic));
             io.stdout = Some(tx);
         }
         // Admission checked the templates with every placeholder filled; names fill them with
