@@ -414,7 +414,7 @@ fn references(store: &Store, node: &str, ns: &str) -> BTreeMap<&'static str, Vec
 /// Labels a node may not set on itself (NodeRestriction): any in the `kubernetes.io` / `k8s.io`
 /// namespaces outside the kubelet's own set, and all of `node-restriction.kubernetes.io/`.
 ///
-/// The list repeats the agent's `config::NODE_SETTABLE` on purpose: the fake stands for the API
+/// The list repeats the agent's `names::NODE_SETTABLE` on purpose: the fake stands for the API
 /// server, so it keeps its own copy of the rule, and a mistake in the agent's list shows up as a
 /// 403 in the tests instead of being shared by both sides.
 pub(crate) fn forbidden_node_label(key: &str) -> bool {
