@@ -1,0 +1,366 @@
+//! The board tier: the baked image booted for real. A Debian bookworm image (images/mkimage.sh)
+//! with Lichen's `.deb` baked in by images/bake.sh, booted under QEMU full-system emulation with
+//! systemd as PID 1, joins the real control plane (`LICHEN_E2E_KUBECONFIG`) by itself at first
+//! boot, runs a Deployment, and survives an offline reboot, a killed agent and a power cut.
+//!
+//! Run: `LICHEN_BOARD_DEBS=<dir with lichen_*_arm64.deb and _armhf.deb> cargo test -p lichen-tests
+//! --features board --test board -- --test-threads 1` as root (mkimage.sh needs it); CI runs it
+//! after the e2e tier. Each guest takes about 1 GiB of memory and both cores.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
+use lichen_tests::board::{BakeInputs, Board};
+use lichen_tests::cluster::Cluster;
+use lichen_tests::registry::{Registry, WASM_CONFIG_V0, WASM_LAYER};
+use lichen_tests::wait_for_async;
+
+/// Under emulation everything is slower than on a board: generous bounds, never sleeps.
+const BOOT: Duration = Duration::from_secs(900);
+const API: Duration = Duration::from_secs(600);
+
+fn deb(arch: &str) -> PathBuf {
+    let dir = std::env::var_os("LICHEN_BOARD_DEBS").map(PathBuf::from).unwrap_or_else(|| {
+        panic!("LICHEN_BOARD_DEBS is not set: the board tier bakes the .deb that cross/deb.sh built (CI: $CARGO_TARGET_DIR/debs)")
+    });
+    let found = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(&format!("_{arch}.deb")))
+        });
+    found.unwrap_or_else(|| panic!("no lichen_*_{arch}.deb in {}", dir.display()))
+}
+
+fn condition(node: &Node, kind: &str) -> Option<String> {
+    let c = node.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == kind)?;
+    Some(c.status.clone())
+}
+
+fn port_of(server: &str) -> u16 {
+    server
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .expect("the API server URL has a port")
+}
+
+/// The pod's first container: (ready and running, restart count).
+fn first_container(p: &Pod) -> Option<(bool, i32)> {
+    let c = p.status.as_ref()?.container_statuses.as_ref()?.first()?;
+    Some((c.ready && c.state.as_ref().is_some_and(|s| s.running.is_some()), c.restart_count))
+}
+
+/// The pods `lichen pods --json` lists in the guest: (uid, phase, restarts).
+fn guest_pods(board: &Board) -> Option<Vec<(String, String, u64)>> {
+    let (rc, out) = board.exec("lichen pods --json", Duration::from_secs(60));
+    if rc != 0 {
+        return None;
+    }
+    let start = out.find('[')?;
+    let json: serde_json::Value = serde_json::from_str(out[start..].trim()).ok()?;
+    Some(
+        json.as_array()?
+            .iter()
+            .map(|p| {
+                (
+                    p["uid"].as_str().unwrap_or_default().to_owned(),
+                    p["phase"].as_str().unwrap_or_default().to_owned(),
+                    p["restarts"].as_u64().unwrap_or_default(),
+                )
+            })
+            .collect(),
+    )
+}
+
+struct Setup {
+    cluster: Cluster,
+    board: Board,
+    node: String,
+    registry: Registry,
+    kubelet_port: u16,
+    api_port: u16,
+    booted: Instant,
+}
+
+/// Bakes and boots a board for `arch` that joins as `node`, and waits for the Node to be Ready.
+async fn first_boot(arch: &'static str, node: &str) -> Setup {
+    let cluster = Cluster::from_env().await;
+    cluster.delete_node(node).await;
+    let (server, ca) = cluster.server_and_ca();
+    let api_port = port_of(&server);
+    let registry = Registry::start();
+    let ticker = wat::parse_file(lichen_tests::fixture("ticker.wat")).expect("fixture");
+    registry.push_artifact("edge/ticker", "1.0", WASM_CONFIG_V0, b"{}", &[(WASM_LAYER, &ticker)]);
+    let reg_port = port_of(&registry.host());
+    let kubelet_port = lichen_tests::free_port();
+    // node_ip 127.0.0.1 and the kubelet port exposed on the same host port: the API server dials
+    // 127.0.0.1:<port> for `kubectl logs`, and QEMU carries it to the guest.
+    let config = format!(
+        "node_name = {node:?}\nnode_ip = \"127.0.0.1\"\n\n[join]\nserver = \"https://10.0.2.100:{api_port}\"\n\
+         ca_cert = \"/etc/lichen/ca.crt\"\n\n[kubelet_api]\nport = {kubelet_port}\n\n\
+         [modules]\ninsecure_registries = [\"10.0.2.100:{reg_port}\"]\n"
+    );
+    let deb = deb(arch);
+    let token = cluster.bootstrap_token();
+    let mut board = Board::bake(arch, &BakeInputs { deb: &deb, config: &config, ca: &ca, token: &token });
+    let booted = Instant::now();
+    board.boot(&[api_port, reg_port], &[(kubelet_port, kubelet_port)]);
+    board.wait_console(0, "Reached target multi-user.target", BOOT);
+    eprintln!("FIGURE {arch}: boot to multi-user.target {:.0} s", booted.elapsed().as_secs_f64());
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    wait_for_async(API, "the board's Node to be Ready", || async {
+        let n = nodes.get(node).await.ok()?;
+        (condition(&n, "Ready")? == "True").then_some(())
+    })
+    .await;
+    eprintln!("FIGURE {arch}: boot to node Ready {:.0} s", booted.elapsed().as_secs_f64());
+    Setup { cluster, board, node: node.to_owned(), registry, kubelet_port, api_port, booted }
+}
+
+/// What the first boot must have done on the board itself.
+fn check_first_boot(board: &Board) {
+    let boot_dir = board.sh("ls -A /boot/firmware");
+    for gone in ["lichen.toml", "lichen-ca.crt", "lichen-bootstrap-token"] {
+        assert!(
+            !boot_dir.lines().any(|l| l.trim() == gone),
+            "{gone} left on the boot partition:\n{boot_dir}"
+        );
+    }
+    assert!(
+        !boot_dir.contains(".invalid") && !boot_dir.contains(".error"),
+        "first boot refused a file:\n{boot_dir}"
+    );
+    board.sh("test -s /etc/lichen/config.toml && test -s /etc/lichen/ca.crt");
+    // The token is consumed by the join: lichen deletes it once the node has its certificate.
+    board.sh("test ! -e /var/lib/lichen/bootstrap-token && test -s /var/lib/lichen/pki/node.crt || ls -la /var/lib/lichen /var/lib/lichen/pki");
+    let show =
+        board.sh("systemctl show lichen -p ActiveState -p SubState -p NRestarts -p WatchdogUSec -p User");
+    for want in ["ActiveState=active", "SubState=running", "NRestarts=0", "User=lichen"] {
+        assert!(show.lines().any(|l| l.trim() == want), "{want} not in:\n{show}");
+    }
+    let watchdog = show.lines().find_map(|l| l.trim().strip_prefix("WatchdogUSec=")).unwrap_or("0");
+    assert!(!["0", "infinity", ""].contains(&watchdog), "the watchdog is not armed: WatchdogUSec={watchdog}");
+    board.sh("systemctl is-active lichen-firstboot.service || systemctl show lichen-firstboot -p Result | grep -qx Result=success");
+    // The unit's hardening in force without getting in the way: no call refused by the syscall
+    // filter (SIGSYS would kill the agent: NRestarts above says it never died) and no write
+    // refused by ProtectSystem/ReadWritePaths.
+    let journal = board.sh("journalctl -b -u lichen -o cat --no-pager");
+    for bad in ["Read-only file system", "status=31/SYS", "Operation not permitted", "panicked"] {
+        assert!(!journal.contains(bad), "{bad:?} in the agent's journal:\n{journal}");
+    }
+}
+
+fn ticker_deployment(name: &str, node: &str, image: &str) -> Deployment {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "nodeSelector": {"kubernetes.io/hostname": node, "lichen.dev/runtime": "wasm"},
+                    "tolerations": [{"key": "lichen.dev/runtime", "operator": "Equal", "value": "wasm", "effect": "NoSchedule"}],
+                    "automountServiceAccountToken": false,
+                    "containers": [{"name": "ticker", "image": image, "args": ["1000000", "100000000"]}]
+                }
+            }
+        }
+    }))
+    .expect("deployment")
+}
+
+/// Creates the ticker Deployment and waits for its pod to be Running and Ready on the board.
+async fn run_ticker(s: &Setup, name: &str) -> Pod {
+    let deploys: Api<Deployment> = Api::namespaced(s.cluster.client.clone(), "default");
+    let _ = deploys.delete(name, &DeleteParams::default()).await;
+    wait_for_async(API, "an old deployment to go", || async {
+        deploys.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let image = format!("10.0.2.100:{}/edge/ticker:1.0", port_of(&s.registry.host()));
+    deploys
+        .create(&PostParams::default(), &ticker_deployment(name, &s.node, &image))
+        .await
+        .expect("deployment");
+    let pods: Api<Pod> = Api::namespaced(s.cluster.client.clone(), "default");
+    let lp = ListParams::default().labels(&format!("app={name}"));
+    let started = Instant::now();
+    let pod = wait_for_async(API, "the ticker pod Running and Ready on the board", || async {
+        pods.list(&lp).await.ok()?.items.into_iter().find(|p| first_container(p).is_some_and(|(ok, _)| ok))
+    })
+    .await;
+    eprintln!(
+        "FIGURE {}: deployment created to pod Ready {:.0} s",
+        s.board.arch,
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(pod.spec.as_ref().and_then(|s| s.node_name.as_deref()), Some(s.node.as_str()));
+    pod
+}
+
+/// `kubectl logs` through the API server to the board's kubelet port.
+async fn logs_through_the_api(s: &Setup, pod: &str) {
+    let pods: Api<Pod> = Api::namespaced(s.cluster.client.clone(), "default");
+    let text = wait_for_async(API, "kubectl logs to show the ticker's lines", || async {
+        let t = pods.logs(pod, &LogParams::default()).await.ok()?;
+        (t.lines().count() >= 2).then_some(t)
+    })
+    .await;
+    let first = text.lines().next().unwrap_or_default();
+    assert!(first.starts_with("1 ") || first.starts_with("0 "), "ticker lines are `<seq> <ns>`: {first:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arm64_first_boot_joins_runs_a_deployment_and_survives_reboots_kills_and_power_cuts() {
+    let mut s = first_boot("arm64", "lichen-board-arm64").await;
+    check_first_boot(&s.board);
+    let pod = run_ticker(&s, "lichen-board-ticker").await;
+    let pod_name = pod.metadata.name.clone().expect("name");
+    let uid = pod.metadata.uid.clone().expect("uid");
+    logs_through_the_api(&s, &pod_name).await;
+    let pods: Api<Pod> = Api::namespaced(s.cluster.client.clone(), "default");
+    let nodes: Api<Node> = Api::all(s.cluster.client.clone());
+
+    // 1. Rebooted with the network cut: the pod runs again from the store before any API contact.
+    s.board.guest("link-down");
+    let console_mark = s.board.console().len();
+    let _ = s.board.exec("systemctl reboot", Duration::from_secs(10));
+    let rebooted = Instant::now();
+    s.board.wait_console(console_mark, "Reached target multi-user.target", BOOT);
+    let offline =
+        s.board.wait_exec("lichen pods --json", BOOT, "the pod Running again while offline", |_, _| {
+            guest_pods(&s.board)?.into_iter().find(|(u, phase, _)| *u == uid && phase == "Running")
+        });
+    eprintln!("FIGURE arm64: offline reboot to pod Running {:.0} s", rebooted.elapsed().as_secs_f64());
+    let (rc, status) = s.board.exec("lichen status --json", Duration::from_secs(60));
+    assert_eq!(rc, 0, "{status}");
+    let report: serde_json::Value =
+        serde_json::from_str(status.get(status.find('{').unwrap_or(0)..).unwrap_or_default())
+            .expect("status JSON");
+    assert!(
+        report["contact"]["last_ok"].is_null(),
+        "the pod ran again only after API contact, or the link was not down:\n{status}"
+    );
+
+    // 2. The link restored: Ready again, the same pod, not restarted by the reconnect.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(s.cluster.client.clone(), "kube-node-lease");
+    let mark = jiff::Timestamp::now();
+    s.board.guest("link-up");
+    let back = Instant::now();
+    wait_for_async(API, "the Lease renewed and the node Ready after the link is back", || async {
+        let renewed = leases.get(&s.node).await.ok()?.spec?.renew_time?.0;
+        let n = nodes.get(&s.node).await.ok()?;
+        (renewed > mark && condition(&n, "Ready")? == "True").then_some(())
+    })
+    .await;
+    let reported =
+        wait_for_async(API, "the API server to show the pod's status from after the reboot", || async {
+            let p = pods.get(&pod_name).await.ok()?;
+            let (ok, restarts) = first_container(&p)?;
+            (ok && restarts as u64 >= offline.2).then_some(restarts)
+        })
+        .await;
+    eprintln!("FIGURE arm64: link back to node Ready {:.0} s", back.elapsed().as_secs_f64());
+    assert_eq!(
+        reported as u64, offline.2,
+        "the reconnect restarted the pod (restarts offline {}, now {reported})",
+        offline.2
+    );
+    let now = pods.get(&pod_name).await.expect("pod");
+    assert_eq!(now.metadata.uid.as_deref(), Some(uid.as_str()), "the same pod, not a replacement");
+
+    // 3. The agent killed: systemd restarts it and the pod resumes.
+    s.board.sh("systemctl kill -s KILL lichen");
+    s.board.wait_exec(
+        "systemctl show lichen -p NRestarts -p SubState",
+        API,
+        "systemd to restart the agent",
+        |_, out| (out.contains("NRestarts=1") && out.contains("SubState=running")).then_some(()),
+    );
+    wait_for_async(API, "the pod Running and Ready after the agent's restart", || async {
+        let p = pods.get(&pod_name).await.ok()?;
+        let (ok, restarts) = first_container(&p)?;
+        (ok && restarts > reported).then_some(())
+    })
+    .await;
+
+    // 4. A power cut in the middle of a burst of status changes: the next boot opens the store,
+    // and nothing the API server already had goes backwards.
+    let deploys: Api<Deployment> = Api::namespaced(s.cluster.client.clone(), "default");
+    deploys
+        .patch(
+            "lichen-board-ticker",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"replicas": 4}})),
+        )
+        .await
+        .expect("scale");
+    let lp = ListParams::default().labels("app=lichen-board-ticker");
+    wait_for_async(API, "a second pod Running on the board", || async {
+        let n = pods
+            .list(&lp)
+            .await
+            .ok()?
+            .items
+            .iter()
+            .filter(|p| first_container(p).is_some_and(|(ok, _)| ok))
+            .count();
+        (n >= 2).then_some(())
+    })
+    .await;
+    let acknowledged: Vec<(String, i32)> = pods
+        .list(&lp)
+        .await
+        .expect("pods")
+        .items
+        .iter()
+        .filter_map(|p| Some((p.metadata.uid.clone()?, first_container(p)?.1)))
+        .collect();
+    s.board.guest("kill");
+    assert_eq!(s.board.wait_exit(Duration::from_secs(60)), Some(137), "boot.sh reports the power cut");
+    let cut = Instant::now();
+    s.board.boot(&[s.api_port, port_of(&s.registry.host())], &[(s.kubelet_port, s.kubelet_port)]);
+    s.board.wait_console(0, "Reached target multi-user.target", BOOT);
+    let (rc, out) = s.board.exec("lichen status", Duration::from_secs(120));
+    assert_eq!(rc, 0, "the store opens after the power cut:\n{out}");
+    wait_for_async(API, "all four pods Running and Ready after the power cut", || async {
+        let list = pods.list(&lp).await.ok()?.items;
+        let ready = list.iter().filter(|p| first_container(p).is_some_and(|(ok, _)| ok)).count();
+        (ready == 4).then_some(())
+    })
+    .await;
+    eprintln!("FIGURE arm64: power cut to all pods Ready {:.0} s", cut.elapsed().as_secs_f64());
+    for p in pods.list(&lp).await.expect("pods").items {
+        let (Some(uid), Some((_, restarts))) = (p.metadata.uid.clone(), first_container(&p)) else {
+            continue;
+        };
+        if let Some((_, before)) = acknowledged.iter().find(|(u, _)| *u == uid) {
+            assert!(restarts >= *before, "pod {uid}: restart count went back from {before} to {restarts}");
+        }
+    }
+    eprintln!("FIGURE arm64: whole scenario {:.0} s", s.booted.elapsed().as_secs_f64());
+
+    let _ = deploys.delete("lichen-board-ticker", &DeleteParams::default()).await;
+    s.board.guest("powerdown");
+    assert_eq!(s.board.wait_exit(Duration::from_secs(300)), Some(0), "the board powers off cleanly");
+    s.cluster.delete_node(&s.node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn armhf_first_boot_joins_and_runs_a_deployment_on_pulley() {
+    let mut s = first_boot("armhf", "lichen-board-armhf").await;
+    check_first_boot(&s.board);
+    let pod = run_ticker(&s, "lichen-board-ticker-armhf").await;
+    logs_through_the_api(&s, pod.metadata.name.as_deref().expect("name")).await;
+    let deploys: Api<Deployment> = Api::namespaced(s.cluster.client.clone(), "default");
+    let _ = deploys.delete("lichen-board-ticker-armhf", &DeleteParams::default()).await;
+    s.board.guest("powerdown");
+    assert_eq!(s.board.wait_exit(Duration::from_secs(300)), Some(0), "the board powers off cleanly");
+    s.cluster.delete_node(&s.node).await;
+}
