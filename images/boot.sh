@@ -65,6 +65,9 @@ console=${console:-$(default_console "$image")}
 qmp=${qmp:-$(default_qmp "$image")}
 pidfile=${pidfile:-$(default_pidfile "$image")}
 test_console=${test_console:-$(default_test_console "$image")}
+if [[ -s $pidfile ]] && [[ $(cat "/proc/$(tr -dc 0-9 <"$pidfile")/comm" 2>/dev/null) == qemu-system-* ]]; then
+  die "$image is already running (QEMU pid $(cat "$pidfile"), $pidfile): two guests on one disk would corrupt it"
+fi
 
 tools=("sfdisk|fdisk|reads the partition table" "jq|jq|reads sfdisk's JSON"
   "mcopy|mtools|copies the kernel and initramfs out of the boot partition")

@@ -17,8 +17,9 @@
 #   exec [--timeout S] COMMAND...
 #                  runs COMMAND (one shell line: the words joined by spaces) as root in the guest
 #                  through the test console of an image made with mkimage.sh --test-console;
-#                  prints its output (stdout and stderr together) and exits with its status; 124
-#                  when it ran past S seconds (default 60) or the guest did not answer by then.
+#                  prints its output (stdout and stderr together) and exits with its status: 124
+#                  when it ran past S seconds (default 60; killed with SIGTERM, 137 when SIGKILL was
+#                  needed 5 s later) or when the guest did not answer within S + 5 seconds.
 set -euo pipefail
 PROG=guest.sh
 # shellcheck source=images/board-lib.sh

@@ -8,8 +8,9 @@
 # The image: an MBR; a FAT32 boot partition (at 4 MiB, 512 MiB, label bootfs) that the root's
 # /etc/fstab mounts at /boot/firmware and that holds the kernel (vmlinuz) and initramfs
 # (initrd.img); an ext4 root (label rootfs) filling the rest. The root is built by
-# `mmdebstrap --mode=root --variant=minbase` (a foreign architecture runs under qemu-user-static
-# through binfmt_misc, which this script registers if needed) with systemd, udev, dbus, kmod, the
+# `mmdebstrap --mode=root --variant=minbase` of bookworm and bookworm-updates (a foreign
+# architecture runs under qemu-user-static through binfmt_misc, which this script registers if
+# needed) with systemd, udev, dbus, kmod, the
 # Debian kernel and an initramfs of the virtio and ext4 modules only, iproute2, ca-certificates,
 # dosfstools, DHCP on en*/eth* by systemd-networkd and a getty on ttyAMA0. No root password, no
 # user, no SSH: the harness reads the serial console.
@@ -89,10 +90,12 @@ grep -q '^flags:.*F' "$entry" || die "$entry lacks the F (fix binary) flag, so $
 
 # --- the recipe: everything that goes into the cached root file system ---------------------------
 suite=bookworm
+# The release and its updates (point releases carry the security fixes), not the security archive:
+# a test image needs no fix the day it is out, and every suite more is one more index that can be
+# caught mid-sync (the security armhf index once was, for a whole morning, failing every build).
 mirrors=(
   "deb http://deb.debian.org/debian $suite main"
   "deb http://deb.debian.org/debian $suite-updates main"
-  "deb http://deb.debian.org/debian-security $suite-security main"
 )
 packages=(systemd-sysv udev dbus kmod "$kernel_pkg" initramfs-tools iproute2 ca-certificates dosfstools)
 # The initramfs holds only what a QEMU virt board needs to find its root: with the default
@@ -100,7 +103,8 @@ packages=(systemd-sysv udev dbus kmod "$kernel_pkg" initramfs-tools iproute2 ca-
 initramfs_modules=(virtio_mmio virtio_pci virtio_blk virtio_net virtio_rng virtio_console ext4 crc32c_generic)
 
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/mkimage.XXXXXX")
-trap 'rm -rf "$work" "$out.part"' EXIT
+tarball=''
+trap 'rm -rf "$work" "$out.part" ${tarball:+"$tarball.part"}' EXIT
 ess=$work/essential customize=$work/customize
 mkdir -p "$ess/etc/initramfs-tools/conf.d" "$ess/etc/initramfs-tools/hooks" \
   "$customize/etc/systemd/network"
@@ -157,7 +161,14 @@ else
   args=(--mode=root --format=tar --variant=minbase "--architectures=$arch" "--include=$(IFS=,; echo "${packages[*]}")"
     "--essential-hook=sync-in $ess /" "--customize-hook=sync-in $customize /")
   for c in "${customize_cmds[@]}"; do args+=("--customize-hook=$c"); done
-  nice -n 10 mmdebstrap "${args[@]}" "$suite" "$tarball.part" "${mirrors[@]}" >&2
+  # Retried: an archive mirror mid-sync fails apt-get update for a while.
+  for attempt in 1 2 3; do
+    if nice -n 10 mmdebstrap "${args[@]}" "$suite" "$tarball.part" "${mirrors[@]}" >&2; then break; fi
+    ((attempt < 3)) || die "mmdebstrap failed three times (its messages are above)"
+    say "mmdebstrap failed (attempt $attempt of 3): trying again in 30 s"
+    rm -f "$tarball.part"
+    sleep 30
+  done
   mv "$tarball.part" "$tarball"
   say "root file system built in $((SECONDS - t0)) s"
 fi
