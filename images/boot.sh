@@ -14,8 +14,9 @@
 # - The serial console (ttyAMA0) goes to --console (default IMAGE.console.log), rewritten per run.
 # - User-mode networking with restrict=on: the guest gets 10.0.2.15 by DHCP and reaches nothing
 #   but what is forwarded. --forward PORT: the host's 127.0.0.1:PORT is the guest's
-#   10.0.2.100:PORT (one `nc` per connection). --expose G:H: the guest's port G is the host's
-#   127.0.0.1:H.
+#   10.0.2.100:PORT (one socat per connection, which passes each side's end of stream on to the
+#   other: nc would leave the guest waiting after the host's side closed). --expose G:H: the
+#   guest's port G is the host's 127.0.0.1:H.
 # - --monitor SOCKET (default IMAGE.qmp): QEMU's QMP socket, used by images/guest.sh (powerdown,
 #   link-down, link-up); --pidfile (default IMAGE.qemu.pid): QEMU's pid, for guest.sh kill;
 #   --test-console SOCKET (default IMAGE.cmd): the virtio-serial port of a --test-console image.
@@ -71,7 +72,7 @@ fi
 
 tools=("sfdisk|fdisk|reads the partition table" "jq|jq|reads sfdisk's JSON"
   "mcopy|mtools|copies the kernel and initramfs out of the boot partition")
-((${#forwards[@]} == 0)) || tools+=("nc|netcat-openbsd|carries each --forward connection to the host's port")
+((${#forwards[@]} == 0)) || tools+=("socat|socat|carries each --forward connection to the host's port")
 case $arch in
   '' | arm64 | armhf) ;;
   *) die "--arch must be arm64 or armhf, not $arch" ;;
@@ -83,7 +84,7 @@ run=$(mktemp -d "${TMPDIR:-/tmp}/boot.XXXXXX")
 qpid='' spid=''
 # shellcheck disable=SC2317 # called by the EXIT trap
 cleanup() {
-  # QEMU leads its own process group, with the nc of each forwarded connection.
+  # QEMU leads its own process group, with the socat of each forwarded connection.
   if [[ -n $qpid ]]; then kill -9 -- "-$qpid" 2>/dev/null || true; fi
   if [[ -n $spid ]]; then kill "$spid" 2>/dev/null || true; fi
   rm -rf "$run"
@@ -130,7 +131,10 @@ case $arch in
 esac
 
 netdev=user,id=net0,restrict=on,ipv6=off
-for p in "${forwards[@]}"; do netdev+=",guestfwd=tcp:10.0.2.100:$p-cmd:nc -N 127.0.0.1 $p"; done
+# STDIO,shut-down (",," is QEMU's escaped comma): the guest's socket is socat's stdin and stdout
+# at once, so the host's end of stream must reach it as shutdown(SHUT_WR), not close(1). -t 30:
+# after one side ended, the other may still answer for 30 s.
+for p in "${forwards[@]}"; do netdev+=",guestfwd=tcp:10.0.2.100:$p-cmd:socat -t 30 STDIO,,shut-down TCP:127.0.0.1:$p"; done
 for e in "${exposes[@]}"; do netdev+=",hostfwd=tcp:127.0.0.1:${e#*:}-:${e%%:*}"; done
 
 rm -f "$qmp" "$test_console" "$pidfile"
@@ -153,7 +157,7 @@ say "booting $image ($arch, root PARTUUID=$partuuid) for at most $timeout s: con
 ((${#forwards[@]} == 0)) || say "forwarded into the guest: ${forwards[*]/#/10.0.2.100:} (from the host's 127.0.0.1)"
 ((${#exposes[@]} == 0)) || say "exposed on the host's 127.0.0.1 (guest:host): ${exposes[*]}"
 t0=$SECONDS
-# setsid: QEMU leads a process group of its own (with its nc children), which cleanup ends whole.
+# setsid: QEMU leads a process group of its own (with its socat children), which cleanup ends whole.
 setsid nice -n 10 "${qemu[@]}" </dev/null &
 qpid=$!
 sleep "$timeout" &

@@ -52,7 +52,7 @@ NEEDS=(
   "qemu-aarch64-static|qemu-user-static|mmdebstrap runs the arm64 and armhf packages' scripts|norec"
   "update-binfmts|binfmt-support|images/mkimage.sh registers qemu-user-static with binfmt_misc|norec"
   "qemu-system-aarch64|qemu-system-arm|images/boot.sh boots the board image (arm64 and armhf)|norec"
-  "nc|netcat-openbsd|images/boot.sh carries each forwarded connection to a host port|norec"
+  "socat|socat|images/boot.sh carries each forwarded connection to a host port|norec"
   "python3|python3|images/guest.sh speaks QMP and the test console protocol|norec"
 )
 
