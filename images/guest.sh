@@ -2,7 +2,8 @@
 # Controls a guest that images/boot.sh runs, from the host.
 #
 #   images/guest.sh --image IMG | [--monitor SOCKET] [--pidfile FILE] [--console FILE] [--test-console SOCKET]
-#                   powerdown | link-down | link-up | kill | wait-console REGEX TIMEOUT | exec [--timeout S] COMMAND...
+#                   powerdown | link-down | link-up | kill | wait-console REGEX TIMEOUT | wait-boot TIMEOUT
+#                   | exec [--timeout S] COMMAND...
 #
 # --image IMG takes boot.sh's defaults for IMG (IMG.qmp, IMG.qemu.pid, IMG.console.log, IMG.cmd);
 # the other options name those files one by one, as boot.sh was given them.
@@ -13,7 +14,14 @@
 #   kill           kill -9 of QEMU: a power cut (boot.sh ends with status 137).
 #   wait-console REGEX TIMEOUT
 #                  waits until a line of the serial console log matches the extended regex
-#                  (Python re.search); prints that line; status 1 on timeout (seconds).
+#                  (Python re.search); prints that line; status 1 on timeout (seconds). The console
+#                  is no proof of the end of the boot: systemd stops printing its status there
+#                  once the serial getty holds the console, so a unit that starts later (Lichen's)
+#                  can leave "Reached target multi-user.target" unprinted; use wait-boot.
+#   wait-boot TIMEOUT
+#                  waits (through the test console, which runs before the boot ends) until systemd
+#                  has finished booting: prints the state; status 0 for "running", 1 otherwise
+#                  ("degraded": a unit failed, listed), 124 past TIMEOUT seconds.
 #   exec [--timeout S] COMMAND...
 #                  runs COMMAND (one shell line: the words joined by spaces) as root in the guest
 #                  through the test console of an image made with mkimage.sh --test-console;
@@ -24,7 +32,7 @@ set -euo pipefail
 PROG=guest.sh
 # shellcheck source=images/board-lib.sh
 . "$(dirname "$0")/board-lib.sh"
-usage() { sed -n '4,5p' "$0" | sed 's/^# *//' >&2; exit 2; }
+usage() { sed -n '4,6p' "$0" | sed 's/^# *//' >&2; exit 2; }
 
 qmp='' pidfile='' console='' test_console=''
 while (($#)); do
@@ -121,6 +129,14 @@ while True:
         sys.exit("images/guest.sh: no console line matched %r within %g s" % (sys.argv[2], limit))
     time.sleep(0.2)
 PY
+    ;;
+  wait-boot)
+    (($# == 1)) || usage
+    [[ $1 =~ ^[1-9][0-9]*$ ]] || die "wait-boot TIMEOUT is in whole seconds"
+    # The request waits in the port's buffer until the guest's test console opens it.
+    # shellcheck disable=SC2016 # expanded by the guest's shell
+    exec "$0" --test-console "$test_console" exec --timeout "$1" \
+      's=$(systemctl is-system-running --wait); echo "$s"; [ "$s" = running ] || { systemctl --failed --no-pager; exit 1; }'
     ;;
   exec)
     limit=60

@@ -74,11 +74,12 @@ ended() {
 multi_user() {
   local t0=$SECONDS
   if g wait-console 'Reached target.*multi-user' 400 >/dev/null; then
-    pass "multi-user.target reached"
+    pass "multi-user.target reached (console)"
     echo "FIGURE boot to multi-user.target: $((SECONDS - t0)) s"
   else
-    fail "multi-user.target not reached"
+    fail "multi-user.target not reached (console)"
   fi
+  if [[ $(g wait-boot 400) == running ]]; then pass "boot finished: running"; else fail "boot not finished or degraded"; fi
 }
 
 boot --forward "$web" --expose "10250:$exposed" --timeout 900
