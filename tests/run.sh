@@ -44,37 +44,63 @@ NEEDS=(
   "mdir|mtools|the image tests read and write the FAT boot partition without mounting it"
   "debugfs|e2fsprogs|the image tests write and read the ext4 root without mounting it"
   "jq|jq|images/bake.sh reads sfdisk's JSON"
+  # The board in a box (images/mkimage.sh, boot.sh, guest.sh): a Debian image of the boards'
+  # architectures, booted under QEMU full-system emulation. Installed without their Recommends
+  # (qemu-system-arm's would bring a GTK display and firmware the harness never uses).
+  "mmdebstrap|mmdebstrap|images/mkimage.sh builds the board image's root from the Debian archive|norec"
+  "arch-test|arch-test|mmdebstrap checks that a foreign architecture runs|norec"
+  "qemu-aarch64-static|qemu-user-static|mmdebstrap runs the arm64 and armhf packages' scripts|norec"
+  "update-binfmts|binfmt-support|images/mkimage.sh registers qemu-user-static with binfmt_misc|norec"
+  "qemu-system-aarch64|qemu-system-arm|images/boot.sh boots the board image (arm64 and armhf)|norec"
+  "socat|socat|images/boot.sh carries each forwarded connection to a host port|norec"
+  "python3|python3|images/guest.sh speaks QMP and the test console protocol|norec"
 )
 
 missing_packages() {
-  local line check pkg why
+  local line check pkg why norec
   for line in "${NEEDS[@]}"; do
-    IFS='|' read -r check pkg why <<<"$line"
+    IFS='|' read -r check pkg why norec <<<"$line"
     # `type -P`: a program on PATH, not a shell builtin of the same name (kill).
     if [[ $check == /* ]]; then [[ -e $check ]] && continue; else type -P "$check" >/dev/null && continue; fi
-    echo "$pkg|$why"
+    echo "$pkg|$why|$norec"
   done
 }
 
 install_missing() {
-  local missing pkgs=() line pkg why
+  local missing pkgs=() bare=() line pkg why norec
   missing=$(missing_packages)
   [[ -n $missing ]] || { echo "tests/run.sh: every Debian package the tests need is installed"; return 0; }
   echo "tests/run.sh: the tests need these Debian packages, which are missing here:"
-  while IFS='|' read -r pkg why; do
+  while IFS='|' read -r pkg why norec; do
     printf '  %-20s %s\n' "$pkg" "$why"
-    pkgs+=("$pkg")
+    if [[ -n $norec ]]; then
+      [[ " ${bare[*]} " == *" $pkg "* ]] || bare+=("$pkg")
+    else
+      pkgs+=("$pkg")
+    fi
   done <<<"$missing"
-  local cmd=(apt-get install -y "${pkgs[@]}")
+  # qemu-system-arm refuses to install beside a newer qemu-utils (a backport on some machines,
+  # which Breaks qemu-system-common << 8.0): both must come from one QEMU release.
+  if [[ " ${bare[*]} " == *" qemu-system-arm "* ]] && dpkg-query -W -f='${Status}' qemu-utils 2>/dev/null | grep -q 'ok installed'; then
+    local want
+    want=$(apt-cache policy qemu-system-arm | sed -n 's/^ *Candidate: //p')
+    if [[ -n $want && $(dpkg-query -W -f='${Version}' qemu-utils) != "$want" ]]; then
+      bare+=("qemu-utils=$want" --allow-downgrades)
+    fi
+  fi
+  local cmds=()
+  ((${#pkgs[@]} == 0)) || cmds+=("apt-get install -y ${pkgs[*]}")
+  ((${#bare[@]} == 0)) || cmds+=("apt-get install -y --no-install-recommends ${bare[*]}")
   if [[ $(id -u) -ne 0 ]]; then
     echo "tests/run.sh: not root, so not installing them; as root run:" >&2
-    echo "  apt-get update && DEBIAN_FRONTEND=noninteractive ${cmd[*]}" >&2
+    echo "  apt-get update$(printf ' && DEBIAN_FRONTEND=noninteractive %s' "${cmds[@]}")" >&2
     return 1
   fi
   command -v apt-get >/dev/null || { echo "tests/run.sh: no apt-get: install the packages above with your package manager" >&2; return 1; }
-  echo "tests/run.sh: installing them: apt-get update && ${cmd[*]}"
+  echo "tests/run.sh: installing them: apt-get update$(printf ' && %s' "${cmds[@]}")"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${cmd[@]}" -qq
+  if ((${#pkgs[@]})); then DEBIAN_FRONTEND=noninteractive apt-get install -y "${pkgs[@]}" -qq; fi
+  if ((${#bare[@]})); then DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${bare[@]}" -qq; fi
   # A package whose check still fails was installed under another name or path: say which, rather
   # than let the tests fail later with a less direct message.
   missing=$(missing_packages)

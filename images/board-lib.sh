@@ -1,0 +1,59 @@
+# shellcheck shell=bash
+# What images/mkimage.sh, images/boot.sh and images/guest.sh share: messages, the Debian packages
+# each of them needs (installed when run as root and missing, naming each) and the defaults that
+# tie a booted image to its console log, QMP socket, pid file and test console socket.
+# Sourced, never run; it must not change images/bake.sh, which stays self-contained.
+
+# Several tools live in sbin (sfdisk, mkfs.vfat, mkfs.ext4), which a user's PATH on Debian lacks.
+for d in /usr/local/sbin /usr/sbin /sbin; do
+  [[ :$PATH: == *:$d:* ]] || PATH=$PATH:$d
+done
+export PATH LC_ALL=C MTOOLS_SKIP_CHECK=1
+
+die() { echo "images/$PROG: $*" >&2; exit 1; }
+say() { echo "${PROG%.sh}: $*" >&2; }
+
+# need_tools "COMMAND|PACKAGE|WHY"...: installs the Debian packages whose command is missing, as
+# root, naming each and why; as another user prints the apt-get line and exits.
+need_tools() {
+  local line check pkg why pkgs=() extra=()
+  for line in "$@"; do
+    IFS='|' read -r check pkg why <<<"$line"
+    if [[ $check == /* ]]; then [[ -e $check ]] && continue; else type -P "$check" >/dev/null && continue; fi
+    [[ " ${pkgs[*]} " == *" $pkg "* ]] && continue
+    say "missing $check: needs the Debian package $pkg ($why)"
+    pkgs+=("$pkg")
+  done
+  ((${#pkgs[@]})) || return 0
+  # qemu-system-* refuses to install beside a newer qemu-utils (a backport on some machines:
+  # "qemu-utils Breaks qemu-system-common (<< 1:8.0)"): the two must come from one QEMU release,
+  # so qemu-utils is moved to the version of the qemu-system-arm that apt would install.
+  if [[ " ${pkgs[*]} " == *" qemu-system-arm "* ]] && dpkg-query -W -f='${Status}' qemu-utils 2>/dev/null | grep -q 'ok installed'; then
+    local have want
+    have=$(dpkg-query -W -f='${Version}' qemu-utils)
+    want=$(apt-cache policy qemu-system-arm | sed -n 's/^ *Candidate: //p')
+    if [[ -n $want && $have != "$want" ]]; then
+      say "qemu-utils $have is installed, qemu-system-arm would be $want: installing qemu-utils=$want with it (one QEMU release)"
+      extra=("qemu-utils=$want" --allow-downgrades)
+    fi
+  fi
+  local cmd=(apt-get install -y --no-install-recommends "${pkgs[@]}" "${extra[@]}")
+  if [[ $(id -u) -ne 0 ]]; then
+    die "not root, so not installing them; as root run: apt-get update && ${cmd[*]}"
+  fi
+  say "installing: apt-get update && ${cmd[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${cmd[@]}" -qq >/dev/null
+}
+
+# The files a booted image is handled through, by default next to the image (boot.sh and guest.sh
+# agree on them, so `guest.sh --image IMG` finds what `boot.sh --image IMG` made).
+default_console() { echo "$1.console.log"; }
+default_qmp() { echo "$1.qmp"; }
+default_pidfile() { echo "$1.qemu.pid"; }
+default_test_console() { echo "$1.cmd"; }
+
+# The name of the virtio-serial port that carries the test console (images/mkimage.sh
+# --test-console installs its guest side; images/guest.sh exec is its host side).
+# shellcheck disable=SC2034 # used by the scripts that source this file
+TEST_CONSOLE_PORT=org.lichen.test-console
