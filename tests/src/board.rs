@@ -149,6 +149,34 @@ impl Board {
         }
     }
 
+    /// Waits until systemd has finished booting the guest (`guest.sh wait-boot`, through the test
+    /// console: the serial console stops showing systemd's progress once the getty holds it) and
+    /// panics unless the state is `running`, i.e. no unit failed.
+    pub fn wait_boot(&mut self, timeout: Duration) {
+        let out = Command::new("bash")
+            .arg(script("guest.sh"))
+            .arg("--image")
+            .arg(&self.image)
+            .args(["wait-boot", &timeout.as_secs().to_string()])
+            .output()
+            .expect("images/guest.sh runs");
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() {
+            let console = self.console();
+            panic!(
+                "the guest did not finish booting ({}):\n{text}\nconsole:\n{}",
+                out.status,
+                tail(&console, 4000)
+            );
+        }
+    }
+
+    /// This boot's id (`/proc/sys/kernel/random/boot_id`): a reboot changes it.
+    pub fn boot_id(&self) -> String {
+        self.sh("cat /proc/sys/kernel/random/boot_id").trim().to_owned()
+    }
+
     /// Runs one shell line as root in the guest (the test console); returns its exit status and
     /// output (stdout and stderr together).
     pub fn exec(&self, line: &str, timeout: Duration) -> (i32, String) {
