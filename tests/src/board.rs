@@ -102,6 +102,9 @@ impl Board {
         self.boots += 1;
         let log = std::fs::File::create(self.dir.path().join(format!("boot-{}.log", self.boots)))
             .expect("boot log");
+        // A socket left by the previous QEMU (killed) must not pass for this one's.
+        let socket = PathBuf::from(format!("{}.cmd", self.image.display()));
+        let _ = std::fs::remove_file(&socket);
         let mut cmd = Command::new("bash");
         cmd.arg(script("boot.sh")).arg("--image").arg(&self.image).args(["--timeout", "3000"]);
         for p in forwards {
@@ -117,6 +120,16 @@ impl Board {
             .spawn()
             .expect("images/boot.sh starts");
         self.boot = Some(child);
+        // QEMU creates the test console's socket as it starts; guest.sh needs it.
+        let start = Instant::now();
+        while !socket.exists() {
+            if let Some(rc) = self.exited() {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("boot-{}.log", self.boots)));
+                panic!("images/boot.sh ended ({rc:?}) before QEMU started:\n{}", log.unwrap_or_default());
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "QEMU made no test console socket in 120 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The serial console so far (this boot; a guest reboot keeps appending to it).

@@ -97,10 +97,11 @@ async fn first_boot(arch: &'static str, node: &str) -> Setup {
     registry.push_artifact("edge/ticker", "1.0", WASM_CONFIG_V0, b"{}", &[(WASM_LAYER, &ticker)]);
     let reg_port = port_of(&registry.host());
     let kubelet_port = lichen_tests::free_port();
-    // node_ip 127.0.0.1 and the kubelet port exposed on the same host port: the API server dials
-    // 127.0.0.1:<port> for `kubectl logs`, and QEMU carries it to the guest.
+    // The API server dials the node's Hostname address first, then its InternalIP, at the
+    // kubelet port: `localhost` and 127.0.0.1 with the port exposed on the same host port, which
+    // QEMU carries to the guest. (The guest's own host name, raspberrypi, resolves nowhere.)
     let config = format!(
-        "node_name = {node:?}\nnode_ip = \"127.0.0.1\"\n\n[join]\nserver = \"https://10.0.2.100:{api_port}\"\n\
+        "node_name = {node:?}\nnode_ip = \"127.0.0.1\"\nnode_hostname = \"localhost\"\n\n[join]\nserver = \"https://10.0.2.100:{api_port}\"\n\
          ca_cert = \"/etc/lichen/ca.crt\"\n\n[kubelet_api]\nport = {kubelet_port}\n\n\
          [modules]\ninsecure_registries = [\"10.0.2.100:{reg_port}\"]\n"
     );
@@ -154,14 +155,14 @@ fn check_first_boot(board: &Board) {
     }
 }
 
-fn ticker_deployment(name: &str, node: &str, image: &str) -> Deployment {
+fn ticker_deployment(name: &str, run: &str, node: &str, image: &str) -> Deployment {
     serde_json::from_value(serde_json::json!({
         "metadata": {"name": name},
         "spec": {
             "replicas": 1,
-            "selector": {"matchLabels": {"app": name}},
+            "selector": {"matchLabels": {"app": name, "run": run}},
             "template": {
-                "metadata": {"labels": {"app": name}},
+                "metadata": {"labels": {"app": name, "run": run}},
                 "spec": {
                     "nodeSelector": {"kubernetes.io/hostname": node, "lichen.dev/runtime": "wasm"},
                     "tolerations": [{"key": "lichen.dev/runtime", "operator": "Equal", "value": "wasm", "effect": "NoSchedule"}],
@@ -175,7 +176,9 @@ fn ticker_deployment(name: &str, node: &str, image: &str) -> Deployment {
 }
 
 /// Creates the ticker Deployment and waits for its pod to be Running and Ready on the board.
-async fn run_ticker(s: &Setup, name: &str) -> Pod {
+/// Returns the pod and the label selector of this run's pods (a pod an earlier run left on a node of
+/// the same name is never mistaken for one of them).
+async fn run_ticker(s: &Setup, name: &str) -> (Pod, String) {
     let deploys: Api<Deployment> = Api::namespaced(s.cluster.client.clone(), "default");
     let _ = deploys.delete(name, &DeleteParams::default()).await;
     wait_for_async(API, "an old deployment to go", || async {
@@ -183,12 +186,14 @@ async fn run_ticker(s: &Setup, name: &str) -> Pod {
     })
     .await;
     let image = format!("10.0.2.100:{}/edge/ticker:1.0", port_of(&s.registry.host()));
+    let run = format!("r{:08x}", fastrand::u32(..));
     deploys
-        .create(&PostParams::default(), &ticker_deployment(name, &s.node, &image))
+        .create(&PostParams::default(), &ticker_deployment(name, &run, &s.node, &image))
         .await
         .expect("deployment");
     let pods: Api<Pod> = Api::namespaced(s.cluster.client.clone(), "default");
-    let lp = ListParams::default().labels(&format!("app={name}"));
+    let selector = format!("app={name},run={run}");
+    let lp = ListParams::default().labels(&selector);
     let started = Instant::now();
     let pod = wait_for_async(API, "the ticker pod Running and Ready on the board", || async {
         pods.list(&lp).await.ok()?.items.into_iter().find(|p| first_container(p).is_some_and(|(ok, _)| ok))
@@ -200,7 +205,7 @@ async fn run_ticker(s: &Setup, name: &str) -> Pod {
         started.elapsed().as_secs_f64()
     );
     assert_eq!(pod.spec.as_ref().and_then(|s| s.node_name.as_deref()), Some(s.node.as_str()));
-    pod
+    (pod, selector)
 }
 
 /// `kubectl logs` through the API server to the board's kubelet port.
@@ -219,14 +224,17 @@ async fn logs_through_the_api(s: &Setup, pod: &str) {
 async fn arm64_first_boot_joins_runs_a_deployment_and_survives_reboots_kills_and_power_cuts() {
     let mut s = first_boot("arm64", "lichen-board-arm64").await;
     check_first_boot(&s.board);
-    let pod = run_ticker(&s, "lichen-board-ticker").await;
+    eprintln!("STEP arm64: first boot checked");
+    let (pod, selector) = run_ticker(&s, "lichen-board-ticker").await;
     let pod_name = pod.metadata.name.clone().expect("name");
     let uid = pod.metadata.uid.clone().expect("uid");
     logs_through_the_api(&s, &pod_name).await;
+    eprintln!("STEP arm64: kubectl logs through the API server");
     let pods: Api<Pod> = Api::namespaced(s.cluster.client.clone(), "default");
     let nodes: Api<Node> = Api::all(s.cluster.client.clone());
 
     // 1. Rebooted with the network cut: the pod runs again from the store before any API contact.
+    eprintln!("STEP arm64: offline reboot");
     s.board.guest("link-down");
     let first_boot_id = s.board.boot_id();
     let _ = s.board.exec("systemctl reboot", Duration::from_secs(10));
@@ -257,6 +265,7 @@ async fn arm64_first_boot_joins_runs_a_deployment_and_survives_reboots_kills_and
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(s.cluster.client.clone(), "kube-node-lease");
     let mark = jiff::Timestamp::now();
+    eprintln!("STEP arm64: link restored");
     s.board.guest("link-up");
     let back = Instant::now();
     wait_for_async(API, "the Lease renewed and the node Ready after the link is back", || async {
@@ -282,6 +291,7 @@ async fn arm64_first_boot_joins_runs_a_deployment_and_survives_reboots_kills_and
     assert_eq!(now.metadata.uid.as_deref(), Some(uid.as_str()), "the same pod, not a replacement");
 
     // 3. The agent killed: systemd restarts it and the pod resumes.
+    eprintln!("STEP arm64: agent killed");
     s.board.sh("systemctl kill -s KILL lichen");
     s.board.wait_exec(
         "systemctl show lichen -p NRestarts -p SubState",
@@ -307,7 +317,8 @@ async fn arm64_first_boot_joins_runs_a_deployment_and_survives_reboots_kills_and
         )
         .await
         .expect("scale");
-    let lp = ListParams::default().labels("app=lichen-board-ticker");
+    eprintln!("STEP arm64: power cut in a burst of status changes");
+    let lp = ListParams::default().labels(&selector);
     wait_for_async(API, "a second pod Running on the board", || async {
         let n = pods
             .list(&lp)
@@ -362,7 +373,7 @@ async fn arm64_first_boot_joins_runs_a_deployment_and_survives_reboots_kills_and
 async fn armhf_first_boot_joins_and_runs_a_deployment_on_pulley() {
     let mut s = first_boot("armhf", "lichen-board-armhf").await;
     check_first_boot(&s.board);
-    let pod = run_ticker(&s, "lichen-board-ticker-armhf").await;
+    let (pod, _) = run_ticker(&s, "lichen-board-ticker-armhf").await;
     logs_through_the_api(&s, pod.metadata.name.as_deref().expect("name")).await;
     let deploys: Api<Deployment> = Api::namespaced(s.cluster.client.clone(), "default");
     let _ = deploys.delete("lichen-board-ticker-armhf", &DeleteParams::default()).await;

@@ -182,26 +182,38 @@ fn addresses(config: &AgentConfig) -> Vec<String> {
     out
 }
 
-/// The PEM CA that client certificates must chain to: the configured file, or the kubeconfig's.
+/// The PEM CA that client certificates must chain to: the configured file, else the kubeconfig's
+/// cluster CA, else the CA a joining node trusts (`join.ca_cert`).
 fn client_ca(config: &AgentConfig) -> Result<Option<Vec<u8>>, KubeletError> {
     let k = &config.kubelet_api;
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| KubeletError::Read { path: path.to_owned(), source })
+    };
     if !k.client_ca_file.as_os_str().is_empty() {
-        let pem = std::fs::read(&k.client_ca_file)
-            .map_err(|source| KubeletError::Read { path: k.client_ca_file.clone(), source })?;
+        return read(&k.client_ca_file).map(Some);
+    }
+    if let Some(pem) = config.cluster().and_then(|path| kubeconfig_ca(&path)) {
         return Ok(Some(pem));
     }
-    let Some(path) = config.cluster() else { return Ok(None) };
-    let Ok(kc) = kube::config::Kubeconfig::read_from(&path) else { return Ok(None) };
-    let Some(cluster) = kc.clusters.first().and_then(|c| c.cluster.as_ref()) else { return Ok(None) };
-    if let Some(data) = &cluster.certificate_authority_data {
-        use base64::Engine;
-        return Ok(base64::engine::general_purpose::STANDARD.decode(data.trim()).ok());
-    }
-    if let Some(file) = &cluster.certificate_authority {
-        let file = path.parent().unwrap_or(Path::new(".")).join(file);
-        return Ok(std::fs::read(file).ok());
+    // A board joining at first boot has no kubeconfig yet when the kubelet API starts; the CA it
+    // joins with is the cluster's, and the API server's kubelet client certificate chains to it.
+    // (Without this, every `kubectl logs` to a node that joined since its last start got 401.)
+    if config.join.enabled() && !config.join.ca_cert.as_os_str().is_empty() {
+        return read(&config.join.ca_cert).map(Some);
     }
     Ok(None)
+}
+
+/// The cluster CA a kubeconfig names (embedded, or a file beside it).
+fn kubeconfig_ca(path: &Path) -> Option<Vec<u8>> {
+    let kc = kube::config::Kubeconfig::read_from(path).ok()?;
+    let cluster = kc.clusters.first().and_then(|c| c.cluster.as_ref())?;
+    if let Some(data) = &cluster.certificate_authority_data {
+        use base64::Engine;
+        return base64::engine::general_purpose::STANDARD.decode(data.trim()).ok();
+    }
+    let file = cluster.certificate_authority.as_ref()?;
+    std::fs::read(path.parent().unwrap_or(Path::new(".")).join(file)).ok()
 }
 
 /// The kubelet API's socket and TLS set-up, ready to serve.
@@ -628,6 +640,28 @@ async fn logs_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_still_joining_trusts_the_join_ca_for_client_certificates() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").expect("ca");
+        let text = format!(
+            "node_name = \"pi\"\nstate_dir = {:?}\n[join]\nserver = \"https://10.0.0.1:6443\"\nca_cert = {:?}\n",
+            dir.path().join("state").display().to_string(),
+            ca.display().to_string()
+        );
+        let mut config = AgentConfig::from_toml(&text, &dir.path().join("c.toml")).expect("config");
+        config.finish().expect("valid");
+        assert!(!config.layout().node_kubeconfig().exists(), "not joined yet");
+        let pem = client_ca(&config).expect("readable").expect("the join CA");
+        assert_eq!(pem, std::fs::read(&ca).expect("ca"));
+        // Standalone: no CA at all.
+        let mut standalone =
+            AgentConfig::from_toml("node_name = \"pi\"", &dir.path().join("c.toml")).expect("config");
+        standalone.finish().expect("valid");
+        assert_eq!(client_ca(&standalone).expect("no error"), None);
+    }
 
     #[test]
     fn routes_cover_the_kubelet_paths() {
