@@ -110,7 +110,7 @@ async fn first_boot(arch: &'static str, node: &str) -> Setup {
     let mut board = Board::bake(arch, &BakeInputs { deb: &deb, config: &config, ca: &ca, token: &token });
     let booted = Instant::now();
     board.boot(&[api_port, reg_port], &[(kubelet_port, kubelet_port)]);
-    board.wait_boot(BOOT);
+    board.wait_boot(BOOT, &[]);
     eprintln!("FIGURE {arch}: boot to multi-user.target {:.0} s", booted.elapsed().as_secs_f64());
     let nodes: Api<Node> = Api::all(cluster.client.clone());
     wait_for_async(API, "the board's Node to be Ready", || async {
@@ -245,7 +245,7 @@ async fn arm64_first_boot_joins_runs_a_deployment_and_survives_reboots_kills_and
         "the guest to come back from its reboot",
         |rc, out| (rc == 0 && !out.trim().is_empty() && out.trim() != first_boot_id).then_some(()),
     );
-    s.board.wait_boot(BOOT);
+    s.board.wait_boot(BOOT, &["systemd-networkd-wait-online.service"]);
     let offline =
         s.board.wait_exec("lichen pods --json", BOOT, "the pod Running again while offline", |_, _| {
             guest_pods(&s.board)?.into_iter().find(|(u, phase, _)| *u == uid && phase == "Running")
@@ -343,7 +343,7 @@ async fn arm64_first_boot_joins_runs_a_deployment_and_survives_reboots_kills_and
     assert_eq!(s.board.wait_exit(Duration::from_secs(60)), Some(137), "boot.sh reports the power cut");
     let cut = Instant::now();
     s.board.boot(&[s.api_port, port_of(&s.registry.host())], &[(s.kubelet_port, s.kubelet_port)]);
-    s.board.wait_boot(BOOT);
+    s.board.wait_boot(BOOT, &[]);
     let (rc, out) = s.board.exec("lichen status", Duration::from_secs(120));
     assert_eq!(rc, 0, "the store opens after the power cut:\n{out}");
     wait_for_async(API, "all four pods Running and Ready after the power cut", || async {
