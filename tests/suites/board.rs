@@ -141,7 +141,13 @@ fn check_first_boot(board: &Board) {
     let show =
         board.sh("systemctl show lichen -p ActiveState -p SubState -p NRestarts -p WatchdogUSec -p User");
     for want in ["ActiveState=active", "SubState=running", "NRestarts=0", "User=lichen"] {
-        assert!(show.lines().any(|l| l.trim() == want), "{want} not in:\n{show}");
+        if !show.lines().any(|l| l.trim() == want) {
+            let (_, journal) = board.exec(
+                "journalctl -b -u lichen -o short-monotonic --no-pager | tail -n 80",
+                Duration::from_secs(60),
+            );
+            panic!("{want} not in:\n{show}\nthe agent's journal:\n{journal}");
+        }
     }
     let watchdog = show.lines().find_map(|l| l.trim().strip_prefix("WatchdogUSec=")).unwrap_or("0");
     assert!(!["0", "infinity", ""].contains(&watchdog), "the watchdog is not armed: WatchdogUSec={watchdog}");
