@@ -226,6 +226,42 @@ async fn logs_through_the_api(s: &Setup, pod: &str) {
     assert!(first.starts_with("1 ") || first.starts_with("0 "), "ticker lines are `<seq> <ns>`: {first:?}");
 }
 
+/// Pulls the board's network cable and reboots it; waits for the pod `uid` to run again from the
+/// store, and checks that it did so before any API contact. Returns the pod as `lichen pods` shows
+/// it then (uid, phase, restarts). The cable stays pulled.
+fn offline_reboot(board: &mut Board, uid: &str) -> (String, String, u64) {
+    board.guest("link-down");
+    let first_boot_id = board.boot_id();
+    let _ = board.exec("systemctl reboot", Duration::from_secs(10));
+    let rebooted = Instant::now();
+    board.wait_exec(
+        "cat /proc/sys/kernel/random/boot_id",
+        BOOT,
+        "the guest to come back from its reboot",
+        |rc, out| (rc == 0 && !out.trim().is_empty() && out.trim() != first_boot_id).then_some(()),
+    );
+    board.wait_boot(BOOT, &["systemd-networkd-wait-online.service"]);
+    let offline =
+        board.wait_exec("lichen pods --json", BOOT, "the pod Running again while offline", |_, _| {
+            guest_pods(board)?.into_iter().find(|(u, phase, _)| u == uid && phase == "Running")
+        });
+    eprintln!(
+        "FIGURE {}: offline reboot to pod Running {:.0} s",
+        board.arch,
+        rebooted.elapsed().as_secs_f64()
+    );
+    let (rc, status) = board.exec("lichen status --json", Duration::from_secs(60));
+    assert_eq!(rc, 0, "{status}");
+    let report: serde_json::Value =
+        serde_json::from_str(status.get(status.find('{').unwrap_or(0)..).unwrap_or_default())
+            .expect("status JSON");
+    assert!(
+        report["contact"]["last_ok"].is_null(),
+        "the pod ran again only after API contact, or the link was not down:\n{status}"
+    );
+    offline
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn arm64_first_boot_joins_runs_a_deployment_and_survives_reboots_kills_and_power_cuts() {
     let mut s = first_boot("arm64", "lichen-board-arm64").await;
@@ -241,31 +277,7 @@ async fn arm64_first_boot_joins_runs_a_deployment_and_survives_reboots_kills_and
 
     // 1. Rebooted with the network cut: the pod runs again from the store before any API contact.
     eprintln!("STEP arm64: offline reboot");
-    s.board.guest("link-down");
-    let first_boot_id = s.board.boot_id();
-    let _ = s.board.exec("systemctl reboot", Duration::from_secs(10));
-    let rebooted = Instant::now();
-    s.board.wait_exec(
-        "cat /proc/sys/kernel/random/boot_id",
-        BOOT,
-        "the guest to come back from its reboot",
-        |rc, out| (rc == 0 && !out.trim().is_empty() && out.trim() != first_boot_id).then_some(()),
-    );
-    s.board.wait_boot(BOOT, &["systemd-networkd-wait-online.service"]);
-    let offline =
-        s.board.wait_exec("lichen pods --json", BOOT, "the pod Running again while offline", |_, _| {
-            guest_pods(&s.board)?.into_iter().find(|(u, phase, _)| *u == uid && phase == "Running")
-        });
-    eprintln!("FIGURE arm64: offline reboot to pod Running {:.0} s", rebooted.elapsed().as_secs_f64());
-    let (rc, status) = s.board.exec("lichen status --json", Duration::from_secs(60));
-    assert_eq!(rc, 0, "{status}");
-    let report: serde_json::Value =
-        serde_json::from_str(status.get(status.find('{').unwrap_or(0)..).unwrap_or_default())
-            .expect("status JSON");
-    assert!(
-        report["contact"]["last_ok"].is_null(),
-        "the pod ran again only after API contact, or the link was not down:\n{status}"
-    );
+    let offline = offline_reboot(&mut s.board, &uid);
 
     // 2. The link restored: Ready again, the same pod, not restarted by the reconnect.
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
@@ -381,6 +393,8 @@ async fn armhf_first_boot_joins_and_runs_a_deployment_on_pulley() {
     check_first_boot(&s.board);
     let (pod, _) = run_ticker(&s, "lichen-board-ticker-armhf").await;
     logs_through_the_api(&s, pod.metadata.name.as_deref().expect("name")).await;
+    offline_reboot(&mut s.board, pod.metadata.uid.as_deref().expect("uid"));
+    s.board.guest("link-up");
     let deploys: Api<Deployment> = Api::namespaced(s.cluster.client.clone(), "default");
     let _ = deploys.delete("lichen-board-ticker-armhf", &DeleteParams::default()).await;
     s.board.guest("powerdown");
