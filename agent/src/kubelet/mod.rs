@@ -186,11 +186,8 @@ fn addresses(config: &AgentConfig) -> Vec<String> {
 /// cluster CA, else the CA a joining node trusts (`join.ca_cert`).
 fn client_ca(config: &AgentConfig) -> Result<Option<Vec<u8>>, KubeletError> {
     let k = &config.kubelet_api;
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|source| KubeletError::Read { path: path.to_owned(), source })
-    };
     if !k.client_ca_file.as_os_str().is_empty() {
-        return read(&k.client_ca_file).map(Some);
+        return read_file(&k.client_ca_file).map(Some);
     }
     if let Some(pem) = config.cluster().and_then(|path| kubeconfig_ca(&path)) {
         return Ok(Some(pem));
@@ -199,9 +196,14 @@ fn client_ca(config: &AgentConfig) -> Result<Option<Vec<u8>>, KubeletError> {
     // joins with is the cluster's, and the API server's kubelet client certificate chains to it.
     // (Without this, every `kubectl logs` to a node that joined since its last start got 401.)
     if config.join.enabled() && !config.join.ca_cert.as_os_str().is_empty() {
-        return read(&config.join.ca_cert).map(Some);
+        return read_file(&config.join.ca_cert).map(Some);
     }
     Ok(None)
+}
+
+/// Reads a file the kubelet API is configured with.
+fn read_file(path: &Path) -> Result<Vec<u8>, KubeletError> {
+    std::fs::read(path).map_err(|source| KubeletError::Read { path: path.to_owned(), source })
 }
 
 /// The cluster CA a kubeconfig names (embedded, or a file beside it).
@@ -224,13 +226,6 @@ pub struct KubeletListener {
     renewal: Option<(AgentConfig, Arc<ServingCert>)>,
 }
 
-impl KubeletListener {
-    /// The address bound (the port is the real one when `kubelet_api.port` was 0 in a test).
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.tcp.local_addr()
-    }
-}
-
 /// Reads or makes the serving certificate, sets up client authentication and binds the port.
 /// An error here leaves the node without `kubectl logs`, nothing more: the caller logs it.
 pub async fn bind(config: &AgentConfig) -> Result<KubeletListener, KubeletError> {
@@ -238,9 +233,7 @@ pub async fn bind(config: &AgentConfig) -> Result<KubeletListener, KubeletError>
     let files = ServingFiles { dir: config.layout().pki() };
     let configured = !k.tls_cert_file.as_os_str().is_empty();
     let initial = if configured {
-        let read =
-            |p: &PathBuf| std::fs::read(p).map_err(|source| KubeletError::Read { path: p.clone(), source });
-        let (cert, key) = (read(&k.tls_cert_file)?, read(&k.tls_private_key_file)?);
+        let (cert, key) = (read_file(&k.tls_cert_file)?, read_file(&k.tls_private_key_file)?);
         certified_key(&cert, &key)
             .map_err(|source| KubeletError::Certificate { path: k.tls_cert_file.clone(), source })?
     } else {
