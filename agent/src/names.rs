@@ -35,16 +35,23 @@ pub enum NameError {
     Qualified(String),
 }
 
+/// Whether `s` has the shape of an RFC 1123 label: not empty, lower-case letters, digits and '-',
+/// starting and ending with a letter or digit. (Length bounds are the caller's: a label alone may
+/// have 63 characters, a subdomain 253 in all.)
+pub fn is_label_shaped(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
 /// Checks an RFC 1123 subdomain, the rule for Node and Pod names.
 pub fn validate_dns_subdomain(name: &str) -> Result<(), NameError> {
     if name.is_empty() || name.len() > 253 {
         return Err(NameError::SubdomainLength);
     }
-    for label in name.split('.') {
-        let ok_chars = label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if label.is_empty() || !ok_chars || label.starts_with('-') || label.ends_with('-') {
-            return Err(NameError::SubdomainChars);
-        }
+    if !name.split('.').all(is_label_shaped) {
+        return Err(NameError::SubdomainChars);
     }
     Ok(())
 }

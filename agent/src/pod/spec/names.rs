@@ -61,11 +61,7 @@ pub(super) fn dns_label(name: &str) -> Result<(), LabelError> {
     if name.is_empty() {
         return Err(LabelError::Missing);
     }
-    let ok = name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
+    if name.len() <= 63 && crate::names::is_label_shaped(name) {
         return Ok(());
     }
     Err(LabelError::NotALabel { shown: name.chars().take(64).collect() })
