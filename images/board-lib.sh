@@ -10,6 +10,9 @@ for d in /usr/local/sbin /usr/sbin /sbin; do
 done
 export PATH LC_ALL=C MTOOLS_SKIP_CHECK=1
 
+# shellcheck source=images/qemu-pin.sh
+. "$(dirname "${BASH_SOURCE[0]}")/qemu-pin.sh"
+
 die() { echo "images/$PROG: $*" >&2; exit 1; }
 say() { echo "${PROG%.sh}: $*" >&2; }
 
@@ -25,17 +28,9 @@ need_tools() {
     pkgs+=("$pkg")
   done
   ((${#pkgs[@]})) || return 0
-  # qemu-system-* refuses to install beside a newer qemu-utils (a backport on some machines:
-  # "qemu-utils Breaks qemu-system-common (<< 1:8.0)"): the two must come from one QEMU release,
-  # so qemu-utils is moved to the version of the qemu-system-arm that apt would install.
-  if [[ " ${pkgs[*]} " == *" qemu-system-arm "* ]] && dpkg-query -W -f='${Status}' qemu-utils 2>/dev/null | grep -q 'ok installed'; then
-    local have want
-    have=$(dpkg-query -W -f='${Version}' qemu-utils)
-    want=$(apt-cache policy qemu-system-arm | sed -n 's/^ *Candidate: //p')
-    if [[ -n $want && $have != "$want" ]]; then
-      say "qemu-utils $have is installed, qemu-system-arm would be $want: installing qemu-utils=$want with it (one QEMU release)"
-      extra=("qemu-utils=$want" --allow-downgrades)
-    fi
+  mapfile -t extra < <(qemu_utils_pin "${pkgs[@]}")
+  if ((${#extra[@]})); then
+    say "the installed qemu-utils is of another QEMU release than qemu-system-arm: installing ${extra[0]} with it"
   fi
   local cmd=(apt-get install -y --no-install-recommends "${pkgs[@]}" "${extra[@]}")
   if [[ $(id -u) -ne 0 ]]; then

@@ -19,6 +19,8 @@ for d in /usr/local/sbin /usr/sbin /sbin; do
   [[ :$PATH: == *:$d:* ]] || PATH=$PATH:$d
 done
 export PATH
+# shellcheck source=images/qemu-pin.sh
+. images/qemu-pin.sh
 
 # One line per need: the command (or an absolute file) that shows it is there, the Debian package
 # that provides it, and which tests use it.
@@ -79,15 +81,9 @@ install_missing() {
       pkgs+=("$pkg")
     fi
   done <<<"$missing"
-  # qemu-system-arm refuses to install beside a newer qemu-utils (a backport on some machines,
-  # which Breaks qemu-system-common << 8.0): both must come from one QEMU release.
-  if [[ " ${bare[*]} " == *" qemu-system-arm "* ]] && dpkg-query -W -f='${Status}' qemu-utils 2>/dev/null | grep -q 'ok installed'; then
-    local want
-    want=$(apt-cache policy qemu-system-arm | sed -n 's/^ *Candidate: //p')
-    if [[ -n $want && $(dpkg-query -W -f='${Version}' qemu-utils) != "$want" ]]; then
-      bare+=("qemu-utils=$want" --allow-downgrades)
-    fi
-  fi
+  local pin
+  mapfile -t pin < <(qemu_utils_pin "${bare[@]}")
+  bare+=("${pin[@]}")
   local cmds=()
   ((${#pkgs[@]} == 0)) || cmds+=("apt-get install -y ${pkgs[*]}")
   ((${#bare[@]} == 0)) || cmds+=("apt-get install -y --no-install-recommends ${bare[*]}")
