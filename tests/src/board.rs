@@ -141,27 +141,6 @@ impl Board {
         strip_escapes(&String::from_utf8_lossy(&text))
     }
 
-    /// Waits until the console, after its first `from` bytes, holds `needle`; returns the byte
-    /// offset just past it. Panics with the console's tail on timeout or when QEMU ended.
-    pub fn wait_console(&mut self, from: usize, needle: &str, timeout: Duration) -> usize {
-        let start = Instant::now();
-        loop {
-            let text = self.console();
-            if let Some(i) = text.get(from..).and_then(|t| t.find(needle)) {
-                return from + i + needle.len();
-            }
-            if let Some(rc) = self.exited() {
-                panic!("QEMU ended ({rc:?}) before the console showed {needle:?}:\n{}", tail(&text, 4000));
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "timed out after {timeout:?} waiting for {needle:?} on the console:\n{}",
-                tail(&text, 4000)
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-
     /// Waits until systemd has finished booting the guest (`guest.sh wait-boot`, through the test
     /// console: the serial console stops showing systemd's progress once the getty holds it) and
     /// panics unless the state is `running`, i.e. no unit failed, or the only failed units are
@@ -266,19 +245,13 @@ impl Board {
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let start = Instant::now();
         loop {
-            let child = self.boot.as_mut()?;
-            if let Ok(Some(status)) = child.try_wait() {
-                self.boot = None;
-                return status.code();
+            self.boot.as_ref()?;
+            if let Some(rc) = self.exited() {
+                return rc;
             }
             assert!(start.elapsed() < timeout, "QEMU still runs after {timeout:?}");
             std::thread::sleep(Duration::from_millis(200));
         }
-    }
-
-    /// The scratch directory (boot logs stay there until the board is dropped).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 }
 

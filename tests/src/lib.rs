@@ -354,6 +354,12 @@ pub fn pod_yaml(name: &str, image: &Path, extra_spec: &str) -> String {
     )
 }
 
+/// The status (`True`, `False`, `Unknown`) of a Node's condition `kind`, if reported.
+pub fn node_condition(node: &k8s_openapi::api::core::v1::Node, kind: &str) -> Option<String> {
+    let c = node.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == kind)?;
+    Some(c.status.clone())
+}
+
 /// Whether a pod is `Running`, `Ready`, and its first container running: what a user waits for.
 pub fn is_running_ready(p: &k8s_openapi::api::core::v1::Pod) -> bool {
     let st = p.status.as_ref();

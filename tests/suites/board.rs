@@ -16,7 +16,7 @@ use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
 use lichen_tests::board::{BakeInputs, Board};
 use lichen_tests::cluster::Cluster;
 use lichen_tests::registry::{Registry, WASM_CONFIG_V0, WASM_LAYER};
-use lichen_tests::wait_for_async;
+use lichen_tests::{is_running_ready, node_condition, wait_for_async};
 
 /// Under emulation everything is slower than on a board: generous bounds, never sleeps.
 const BOOT: Duration = Duration::from_secs(900);
@@ -35,11 +35,6 @@ fn deb(arch: &str) -> PathBuf {
     found.unwrap_or_else(|| panic!("no lichen_*_{arch}.deb in {}", dir.display()))
 }
 
-fn condition(node: &Node, kind: &str) -> Option<String> {
-    let c = node.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == kind)?;
-    Some(c.status.clone())
-}
-
 fn port_of(server: &str) -> u16 {
     server
         .rsplit(':')
@@ -48,10 +43,9 @@ fn port_of(server: &str) -> u16 {
         .expect("the API server URL has a port")
 }
 
-/// The pod's first container: (ready and running, restart count).
-fn first_container(p: &Pod) -> Option<(bool, i32)> {
-    let c = p.status.as_ref()?.container_statuses.as_ref()?.first()?;
-    Some((c.ready && c.state.as_ref().is_some_and(|s| s.running.is_some()), c.restart_count))
+/// The restart count of the pod's first container.
+fn restarts(p: &Pod) -> Option<i32> {
+    Some(p.status.as_ref()?.container_statuses.as_ref()?.first()?.restart_count)
 }
 
 /// The pods `lichen pods --json` lists in the guest: (uid, phase, restarts).
@@ -115,7 +109,7 @@ async fn first_boot(arch: &'static str, node: &str) -> Setup {
     let nodes: Api<Node> = Api::all(cluster.client.clone());
     wait_for_async(API, "the board's Node to be Ready", || async {
         let n = nodes.get(node).await.ok()?;
-        (condition(&n, "Ready")? == "True").then_some(())
+        (node_condition(&n, "Ready")? == "True").then_some(())
     })
     .await;
     eprintln!("FIGURE {arch}: boot to node Ready {:.0} s", booted.elapsed().as_secs_f64());
@@ -202,7 +196,7 @@ async fn run_ticker(s: &Setup, name: &str) -> (Pod, String) {
     let lp = ListParams::default().labels(&selector);
     let started = Instant::now();
     let pod = wait_for_async(API, "the ticker pod Running and Ready on the board", || async {
-        pods.list(&lp).await.ok()?.items.into_iter().find(|p| first_container(p).is_some_and(|(ok, _)| ok))
+        pods.list(&lp).await.ok()?.items.into_iter().find(is_running_ready)
     })
     .await;
     eprintln!(
@@ -289,14 +283,14 @@ async fn arm64_first_boot_joins_runs_a_deployment_and_survives_reboots_kills_and
     wait_for_async(API, "the Lease renewed and the node Ready after the link is back", || async {
         let renewed = leases.get(&s.node).await.ok()?.spec?.renew_time?.0;
         let n = nodes.get(&s.node).await.ok()?;
-        (renewed > mark && condition(&n, "Ready")? == "True").then_some(())
+        (renewed > mark && node_condition(&n, "Ready")? == "True").then_some(())
     })
     .await;
     let reported =
         wait_for_async(API, "the API server to show the pod's status from after the reboot", || async {
             let p = pods.get(&pod_name).await.ok()?;
-            let (ok, restarts) = first_container(&p)?;
-            (ok && restarts as u64 >= offline.2).then_some(restarts)
+            let n = restarts(&p)?;
+            (is_running_ready(&p) && n as u64 >= offline.2).then_some(n)
         })
         .await;
     eprintln!("FIGURE arm64: link back to node Ready {:.0} s", back.elapsed().as_secs_f64());
@@ -319,8 +313,7 @@ async fn arm64_first_boot_joins_runs_a_deployment_and_survives_reboots_kills_and
     );
     wait_for_async(API, "the pod Running and Ready after the agent's restart", || async {
         let p = pods.get(&pod_name).await.ok()?;
-        let (ok, restarts) = first_container(&p)?;
-        (ok && restarts > reported).then_some(())
+        (is_running_ready(&p) && restarts(&p)? > reported).then_some(())
     })
     .await;
 
@@ -338,14 +331,7 @@ async fn arm64_first_boot_joins_runs_a_deployment_and_survives_reboots_kills_and
     eprintln!("STEP arm64: power cut in a burst of status changes");
     let lp = ListParams::default().labels(&selector);
     wait_for_async(API, "a second pod Running on the board", || async {
-        let n = pods
-            .list(&lp)
-            .await
-            .ok()?
-            .items
-            .iter()
-            .filter(|p| first_container(p).is_some_and(|(ok, _)| ok))
-            .count();
+        let n = pods.list(&lp).await.ok()?.items.iter().filter(|p| is_running_ready(p)).count();
         (n >= 2).then_some(())
     })
     .await;
@@ -355,7 +341,7 @@ async fn arm64_first_boot_joins_runs_a_deployment_and_survives_reboots_kills_and
         .expect("pods")
         .items
         .iter()
-        .filter_map(|p| Some((p.metadata.uid.clone()?, first_container(p)?.1)))
+        .filter_map(|p| Some((p.metadata.uid.clone()?, restarts(p)?)))
         .collect();
     s.board.guest("kill");
     assert_eq!(s.board.wait_exit(Duration::from_secs(60)), Some(137), "boot.sh reports the power cut");
@@ -366,13 +352,13 @@ async fn arm64_first_boot_joins_runs_a_deployment_and_survives_reboots_kills_and
     assert_eq!(rc, 0, "the store opens after the power cut:\n{out}");
     wait_for_async(API, "all four pods Running and Ready after the power cut", || async {
         let list = pods.list(&lp).await.ok()?.items;
-        let ready = list.iter().filter(|p| first_container(p).is_some_and(|(ok, _)| ok)).count();
+        let ready = list.iter().filter(|p| is_running_ready(p)).count();
         (ready == 4).then_some(())
     })
     .await;
     eprintln!("FIGURE arm64: power cut to all pods Ready {:.0} s", cut.elapsed().as_secs_f64());
     for p in pods.list(&lp).await.expect("pods").items {
-        let (Some(uid), Some((_, restarts))) = (p.metadata.uid.clone(), first_container(&p)) else {
+        let (Some(uid), Some(restarts)) = (p.metadata.uid.clone(), restarts(&p)) else {
             continue;
         };
         if let Some((_, before)) = acknowledged.iter().find(|(u, _)| *u == uid) {

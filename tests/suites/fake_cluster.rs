@@ -14,7 +14,7 @@ use kube::api::{
 };
 use kube::runtime::watcher;
 use lichen_tests::fakeapi::FakeApi;
-use lichen_tests::{Agent, Scratch, fixture, is_running_ready, wait_for_async};
+use lichen_tests::{Agent, Scratch, fixture, is_running_ready, node_condition, wait_for_async};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(20);
@@ -857,16 +857,11 @@ async fn run_bound(pods: &Api<Pod>, pod_name: &str, node: &str, module: &str) ->
     wait_pod(pods, pod_name, "Running", is_running_ready).await
 }
 
-fn condition(node: &Node, kind: &str) -> Option<String> {
-    let c = node.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == kind)?;
-    Some(c.status.clone())
-}
-
 async fn wait_ready(api: &FakeApi, name: &str) -> Node {
     let nodes: Api<Node> = Api::all(api.client());
     wait_for_async(T, "the node to be Ready", || async {
         let n = nodes.get(name).await.ok()?;
-        (condition(&n, "Ready")? == "True").then_some(n)
+        (node_condition(&n, "Ready")? == "True").then_some(n)
     })
     .await
 }
@@ -936,7 +931,7 @@ async fn the_agent_registers_its_node_and_renews_its_lease() {
     let (exit, log) = agent.stop();
     assert!(exit.success(), "{}", log.join("\n"));
     let node = Api::<Node>::all(api.client()).get(name).await.expect("node");
-    assert_eq!(condition(&node, "Ready").as_deref(), Some("False"), "NotReady on shutdown");
+    assert_eq!(node_condition(&node, "Ready").as_deref(), Some("False"), "NotReady on shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1324,7 +1319,7 @@ async fn a_deleted_node_registers_again_and_its_lease_follows() {
     let nodes: Api<Node> = Api::all(api.client());
     let new = wait_for_async(T, "the node to come back", || async {
         let n = nodes.get(name).await.ok()?;
-        (n.metadata.uid.as_deref() != Some(old.as_str()) && condition(&n, "Ready")? == "True")
+        (n.metadata.uid.as_deref() != Some(old.as_str()) && node_condition(&n, "Ready")? == "True")
             .then_some(n.metadata.uid)
     })
     .await
