@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use lichen::config::AgentConfig;
+use lichen::config::{AgentConfig, TokenSetting};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
@@ -40,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(c) => c,
         Err(e) => panic!("an accepted config renders to TOML that does not parse: {e}\n{rendered}"),
     };
-    if !config.join.token.is_empty() {
+    if config.join.token != TokenSetting::Unset {
         return;
     }
     if let Err(e) = again.finish() {
