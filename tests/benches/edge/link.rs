@@ -1,0 +1,248 @@
+//! Bytes on the link: what one joined node exchanges with a real API server while idle, and with
+//! 10 idle pods running, counted by a TCP proxy between the agent and the API server (the bytes a
+//! cellular modem carries, TLS included, IP and TCP headers not), with the connections it opens.
+//! Also how soon a pod bound after a long quiet spell is seen: the watch must still be open.
+//!
+//! Needs `LICHEN_E2E_KUBECONFIG` (the e2e tier's cluster). `LICHEN_BENCH_LINK_SECS` sets each
+//! counting window (default 180 s); figures are scaled to a day.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::runtime::watcher;
+use lichen_tests::cluster::Cluster;
+use lichen_tests::{Scratch, is_running_ready, wait_for_async};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::report::Report;
+
+const SECTION: &str = "link";
+const NODE: &str = "lichen-bench-link";
+const LABEL: &str = "lichen.dev/bench=link";
+const TIMEOUT: Duration = Duration::from_secs(120);
+/// The aim for an idle node.
+const IDLE_AIM_MIB_PER_DAY: f64 = 6.0;
+
+/// What the proxy counted since the last reset.
+#[derive(Default)]
+struct Counters {
+    up: AtomicU64,
+    down: AtomicU64,
+    connections: AtomicU64,
+}
+
+impl Counters {
+    fn take(&self) -> (u64, u64, u64) {
+        (
+            self.up.swap(0, Ordering::SeqCst),
+            self.down.swap(0, Ordering::SeqCst),
+            self.connections.swap(0, Ordering::SeqCst),
+        )
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 to `upstream`, counting bytes each way and connections accepted.
+async fn proxy(upstream: SocketAddr, counters: Arc<Counters>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the counting proxy");
+    let addr = listener.local_addr().expect("proxy address");
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            counters.connections.fetch_add(1, Ordering::SeqCst);
+            let counters = counters.clone();
+            tokio::spawn(async move {
+                let Ok(server) = TcpStream::connect(upstream).await else { return };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                let c1 = counters.clone();
+                tokio::join!(
+                    pump(cr, sw, move |n| c1.up.fetch_add(n, Ordering::SeqCst)),
+                    pump(sr, cw, move |n| { counters.down.fetch_add(n, Ordering::SeqCst) })
+                );
+            });
+        }
+    });
+    addr
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    count: impl Fn(u64) -> u64,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                count(n as u64);
+                if to.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+fn per_day(bytes: u64, window: Duration) -> f64 {
+    bytes as f64 * 86_400.0 / window.as_secs_f64() / (1024.0 * 1024.0)
+}
+
+/// Counts one window and reports it as `what`.
+async fn window(report: &mut Report, counters: &Counters, secs: Duration, what: &str, aim: Option<f64>) {
+    counters.take();
+    tokio::time::sleep(secs).await;
+    let (up, down, conns) = counters.take();
+    let day = per_day(up + down, secs);
+    let value = format!(
+        "{day:.2} MiB/day ({} B up, {} B down in {} s; {:.0} B/s)",
+        up,
+        down,
+        secs.as_secs(),
+        (up + down) as f64 / secs.as_secs_f64()
+    );
+    match aim {
+        Some(aim) => report.aim(
+            SECTION,
+            format!("{what}: bytes on the link"),
+            value,
+            &format!("≤ {aim} MiB/day"),
+            day <= aim,
+        ),
+        None => report.info(SECTION, format!("{what}: bytes on the link"), value),
+    }
+    let per_hour = conns as f64 * 3600.0 / secs.as_secs_f64();
+    report.aim(
+        SECTION,
+        format!("{what}: new connections"),
+        format!("{conns} in {} s", secs.as_secs()),
+        "≤ 1 per hour",
+        per_hour <= 1.0,
+    );
+}
+
+pub async fn run(report: &mut Report) {
+    if std::env::var_os("LICHEN_E2E_KUBECONFIG").is_none() {
+        return report.skipped(SECTION, "LICHEN_E2E_KUBECONFIG is not set (a real API server is needed)");
+    }
+    let secs = Duration::from_secs(
+        std::env::var("LICHEN_BENCH_LINK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(180),
+    );
+    let cluster = Cluster::from_env().await;
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    let grace0 = DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
+    let _ = pods.delete_collection(&grace0, &ListParams::default().labels(LABEL)).await;
+    cluster.delete_node(NODE).await;
+
+    let (server, _) = cluster.server_and_ca();
+    let hostport = server.trim_start_matches("https://").trim_end_matches('/').to_owned();
+    let Some(upstream) = tokio::net::lookup_host(hostport).await.ok().and_then(|mut a| a.next()) else {
+        return report.failed(SECTION, format!("cannot resolve the API server {server}"));
+    };
+    let counters = Arc::new(Counters::default());
+    let via = proxy(upstream, counters.clone()).await;
+
+    let s = Scratch::new("");
+    let kubeconfig = cluster.node_kubeconfig(NODE, s.dir.path()).await;
+    let text = std::fs::read_to_string(&kubeconfig).expect("node kubeconfig");
+    std::fs::write(&kubeconfig, text.replace(server.trim_end_matches('/'), &format!("https://{via}")))
+        .expect("node kubeconfig through the proxy");
+    // Metrics and the kubelet API off: only the link is measured.
+    let config = format!(
+        "node_name = {NODE:?}\nstate_dir = {:?}\nstatic_pod_dir = \"\"\nnode_ip = \"127.0.0.1\"\n\
+         shutdown_timeout_secs = 10\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n\
+         [container_logs]\necho = false\n{}",
+        s.state.display().to_string(),
+        kubeconfig.display().to_string(),
+        s.modules_table()
+    );
+    std::fs::write(&s.config, config).expect("config");
+    let args = s.run_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = lichen_tests::Agent::start_with_env(&args, &s.state, &[("LICHEN_METRICS_ADDRESS", "")]);
+    let started = Instant::now();
+    wait_for_async(TIMEOUT, "the node to be Ready", || async {
+        let n = nodes.get_opt(NODE).await.ok()??;
+        let ready = n.status?.conditions?.into_iter().any(|c| c.type_ == "Ready" && c.status == "True");
+        ready.then_some(())
+    })
+    .await;
+    let (up, down, conns) = counters.take();
+    report.info(
+        SECTION,
+        "join to Ready (registration, first status, Lease)",
+        format!(
+            "{} B up, {} B down, {conns} connections, {:.1} s",
+            up,
+            down,
+            started.elapsed().as_secs_f64()
+        ),
+    );
+
+    window(report, &counters, secs, "idle node", Some(IDLE_AIM_MIB_PER_DAY)).await;
+
+    // After that quiet spell, a pod bound to the node: how long until a watching client sees it
+    // Running (two watch hops and a status patch; the agent's share is most of it only if its
+    // watch is already open).
+    let seen = tokio::spawn({
+        let pods = pods.clone();
+        async move {
+            let mut stream = std::pin::pin!(watcher::watcher(pods, watcher::Config::default().labels(LABEL)));
+            while let Some(event) = stream.next().await {
+                if let Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) = event
+                    && is_running_ready(&p)
+                {
+                    return Instant::now();
+                }
+            }
+            Instant::now()
+        }
+    });
+    let image = format!("file://{}", lichen_tests::fixture("idle.wat").display());
+    let pod = |i: usize| -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("lichen-link-{i:02}"), "labels": {"lichen.dev/bench": "link"}},
+            "spec": {
+                "nodeName": NODE,
+                "automountServiceAccountToken": false,
+                "containers": [{"name": "main", "image": image}]
+            }
+        }))
+        .expect("pod")
+    };
+    let created = Instant::now();
+    pods.create(&PostParams::default(), &pod(0)).await.expect("create pod");
+    match tokio::time::timeout(TIMEOUT, seen).await {
+        Ok(Ok(at)) => report.aim(
+            SECTION,
+            format!(
+                "pod bound after {} s idle: create to Running and Ready (seen by a watch)",
+                secs.as_secs()
+            ),
+            format!("{:.0} ms", (at - created).as_secs_f64() * 1000.0),
+            "≤ 500 ms (the watch open, no reconnect wait)",
+            (at - created) <= Duration::from_millis(500),
+        ),
+        _ => return report.failed(SECTION, "the first pod never became Running and Ready"),
+    }
+    for i in 1..10 {
+        pods.create(&PostParams::default(), &pod(i)).await.expect("create pod");
+    }
+    wait_for_async(TIMEOUT, "10 pods Running and Ready", || async {
+        let list = pods.list(&ListParams::default().labels(LABEL)).await.ok()?;
+        (list.items.iter().filter(|p| is_running_ready(p)).count() == 10).then_some(())
+    })
+    .await;
+    window(report, &counters, secs, "node with 10 idle pods", None).await;
+
+    let _ = pods.delete_collection(&grace0, &ListParams::default().labels(LABEL)).await;
+    drop(agent);
+    cluster.delete_node(NODE).await;
+}
