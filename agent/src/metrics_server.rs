@@ -85,6 +85,13 @@ pub fn render(sources: &Sources) -> String {
         let published: Counter = Counter::default();
         published.inc_by(b.published);
         r.register("mqtt_published", "Messages handed to the MQTT client", published);
+        let throttled: Counter = Counter::default();
+        throttled.inc_by(b.throttled);
+        r.register(
+            "mqtt_throttled",
+            "QoS 1 lines held back by a pod's rate limit until it allowed them (the module was slowed, nothing dropped)",
+            throttled,
+        );
         let drops: Family<Labels, Counter> = Family::default();
         for (reason, n) in [
             ("spool_full", spool.dropped_full),

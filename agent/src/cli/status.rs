@@ -157,11 +157,12 @@ pub fn render(report: &NodeReport) -> String {
         let (b, s) = (&m.bridge, &m.spool);
         let _ = writeln!(
             out,
-            "mqtt:       {}; spool {} message(s), {} bytes; acked {}; dropped: {} spool full, {} rate, {} oversized, {} malformed, {} offline (QoS 0), {} stdin full",
+            "mqtt:       {}; spool {} message(s), {} bytes; acked {}; throttled {} (QoS 1, rate limit); dropped: {} spool full, {} rate (QoS 0), {} oversized, {} malformed, {} offline (QoS 0), {} stdin full",
             if b.connected { "connected" } else { "not connected" },
             s.entries,
             s.bytes,
             s.acked,
+            b.throttled,
             s.dropped_full,
             b.dropped_rate,
             b.dropped_oversized,

@@ -1,12 +1,43 @@
-//! The one kube client builder: from a kubeconfig file or a parsed kubeconfig, with the agent's
-//! network timeouts and the API metrics layer. Every room that talks to the API server (the node,
+//! The one kube client builder: from a kubeconfig file or a parsed kubeconfig, with the agent's own
+//! HTTP transport and the API metrics layer. Every room that talks to the API server (the node,
 //! pods, bootstrap, rotation, the kubelet API's reviews) gets its client here.
+//!
+//! The transport is built here rather than by kube's default builder because a board on a metered
+//! link pays for every TLS handshake (several KB with a client certificate) and every uncompressed
+//! header. kube's default speaks HTTP/1.1 only and bounds every read with one timeout, so an idle
+//! watch (no events for 30 s) was cut and re-established about twice a minute, each time on a new
+//! connection. Here:
+//! - HTTP/2 is offered through ALPN (HTTP/1.1 stays the fallback): the heartbeat, status writes,
+//!   lists and every watch share one long-lived connection, with headers compressed (HPACK).
+//! - No read timeout on the connection: a watch stays open until the server ends it (its
+//!   `timeoutSeconds`), and is resumed from its resourceVersion on the same connection.
+//! - A dead link is found by HTTP/2 PINGs after [`KEEPALIVE_INTERVAL`] without a frame, answered
+//!   within [`KEEPALIVE_TIMEOUT`] (and, on HTTP/1.1, by TCP keep-alive probes); the heartbeat's own
+//!   traffic every 10 s means a healthy link never sends a PING.
+//! - A request that is not a watch must answer within [`REQUEST_TIMEOUT`], so a silent server
+//!   cannot hang a heartbeat for minutes.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use kube::Client;
+use kube::client::ConfigExt;
 use kube::config::KubeconfigError;
+use tower::ServiceBuilder;
+
+/// How long a TCP connection (and its TLS handshake) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request other than a watch may wait for its response's head.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Silence on the connection after which an HTTP/2 PING is sent (and TCP keep-alive starts).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a PING may go unanswered before the connection is closed and its requests fail.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an unused connection stays in the pool: longer than the heartbeat's 10 s, so the
+/// heartbeat never needs a new one.
+const POOL_IDLE: Duration = Duration::from_secs(120);
 
 /// Why a client could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -23,9 +54,15 @@ pub enum ClientError {
     /// The kubeconfig could not be parsed or resolved.
     #[error("{0}")]
     Kubeconfig(#[source] KubeconfigError),
-    /// The HTTP client could not be built from it (TLS material, proxy settings).
+    /// The HTTP client could not be built from it (TLS material, headers, credentials).
     #[error("{0}")]
     Build(#[source] kube::Error),
+    /// The TLS server name given in the kubeconfig is not a valid name.
+    #[error("tls-server-name {0:?} is not a valid server name")]
+    ServerName(String),
+    /// The kubeconfig names an HTTP proxy, which the agent does not use.
+    #[error("proxy-url {0} is not supported: the agent connects to the API server directly")]
+    Proxy(String),
 }
 
 /// A client from a kubeconfig file (rustls, ring; no OpenSSL).
@@ -36,16 +73,110 @@ pub async fn connect(kubeconfig: &Path) -> Result<Client, ClientError> {
     client_for(kc).await.map_err(in_file)
 }
 
-/// A client for a parsed kubeconfig, with the agent's network timeouts.
+/// A client for a parsed kubeconfig, on the agent's transport (see the module's notes).
 pub async fn client_for(kc: kube::config::Kubeconfig) -> Result<Client, ClientError> {
-    let mut config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
         .await
         .map_err(ClientError::Kubeconfig)?;
-    // An edge link that silently drops packets must not hang a heartbeat for minutes.
-    config.connect_timeout = Some(Duration::from_secs(10));
-    config.read_timeout = Some(Duration::from_secs(30));
-    config.write_timeout = Some(Duration::from_secs(30));
+    build(&config)
+}
+
+/// The transport and kube's request layers (base URI, credentials, extra headers), the request
+/// timeout and the API metrics.
+fn build(config: &kube::Config) -> Result<Client, ClientError> {
+    if let Some(proxy) = &config.proxy_url {
+        return Err(ClientError::Proxy(proxy.to_string()));
+    }
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    tcp.set_nodelay(true);
+    // HTTP/1.1's only way to notice a dead peer while a watch waits: kernel probes after the same
+    // silence as the PINGs, three of them 10 s apart.
+    tcp.set_keepalive(Some(KEEPALIVE_INTERVAL));
+    tcp.set_keepalive_interval(Some(KEEPALIVE_TIMEOUT));
+    tcp.set_keepalive_retries(Some(3));
+
+    let tls = config.rustls_client_config().map_err(ClientError::Build)?;
+    let mut https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+    if let Some(name) = &config.tls_server_name {
+        let server_name = rustls_pki_types::ServerName::try_from(name.clone())
+            .map_err(|_| ClientError::ServerName(name.clone()))?;
+        https = https.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(server_name));
+    }
+    let https = https.enable_http1().enable_http2().wrap_connector(tcp);
+
+    let transport = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE)
+        .http2_keep_alive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .http2_keep_alive_while_idle(true)
+        .build::<_, kube::client::Body>(https);
+
+    let auth = config.auth_layer().map_err(ClientError::Build)?;
+    let service = ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(auth)
+        .layer(config.extra_headers_layer().map_err(ClientError::Build)?)
+        .layer(RequestTimeoutLayer)
+        .map_err(tower::BoxError::from)
+        .service(transport);
     // Every request is counted and timed for /metrics (lichen_api_request_*).
-    let builder = kube::client::ClientBuilder::try_from(config).map_err(ClientError::Build)?;
-    Ok(builder.with_layer(&crate::metrics::ApiMetricsLayer).build())
+    Ok(kube::client::ClientBuilder::new(service, config.default_namespace.clone())
+        .with_layer(&crate::metrics::ApiMetricsLayer)
+        .build())
+}
+
+/// A request other than a watch that got no response head within [`REQUEST_TIMEOUT`].
+#[derive(Debug, thiserror::Error)]
+#[error("no response from the API server within {}s", REQUEST_TIMEOUT.as_secs())]
+pub struct RequestTimedOut;
+
+/// Bounds every request but watches by [`REQUEST_TIMEOUT`] (a watch's wait is its purpose; a dead
+/// link under it is found by the keep-alives).
+#[derive(Clone, Copy, Default)]
+struct RequestTimeoutLayer;
+
+impl<S> tower::Layer<S> for RequestTimeoutLayer {
+    type Service = RequestTimeout<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestTimeout { inner }
+    }
+}
+
+#[derive(Clone)]
+struct RequestTimeout<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<hyper::Request<B>> for RequestTimeout<S>
+where
+    S: tower::Service<hyper::Request<B>>,
+    S::Error: Into<tower::BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = tower::BoxError;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, tower::BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: hyper::Request<B>) -> Self::Future {
+        let watch = crate::metrics::is_watch(req.uri());
+        let future = self.inner.call(req);
+        Box::pin(async move {
+            if watch {
+                return future.await.map_err(Into::into);
+            }
+            match tokio::time::timeout(REQUEST_TIMEOUT, future).await {
+                Ok(result) => result.map_err(Into::into),
+                Err(_) => Err(Box::new(RequestTimedOut) as tower::BoxError),
+            }
+        })
+    }
 }

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod events;
 pub mod inputs;
+pub mod lean;
 pub mod pods;
 pub mod status;
 

@@ -4,8 +4,6 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, Patch, PatchParams};
 use tokio_util::sync::CancellationToken;
 
 use crate::board::StatusBoard;
@@ -25,9 +23,10 @@ pub async fn run(
         let mut failed = false;
         for (key, entry) in pending {
             let Some((ns, name)) = key.split_once('/') else { continue };
-            let api: Api<Pod> = Api::namespaced(client.current(), ns);
             let patch = serde_json::json!({ "metadata": { "uid": entry.uid }, "status": entry.status });
-            match api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            // The Pod the server answers with is not read (super::lean).
+            let path = format!("/api/v1/namespaces/{ns}/pods/{name}/status");
+            match super::lean::merge_patch(&client.current(), &path, &patch).await {
                 Ok(_) => {
                     contact.ok();
                     board.ack(&key, entry.version);

@@ -7,6 +7,11 @@ use hyper::{Request, Response};
 
 use super::global;
 
+/// Whether a request to the API server is a watch (`?watch=true`): a long poll, not timed.
+pub fn is_watch(uri: &hyper::Uri) -> bool {
+    uri.query().is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"))
+}
+
 /// A tower layer for the kube client that counts every API request by verb and status code and
 /// times those that are not watches (a watch is a long poll whose duration says nothing).
 #[derive(Clone, Copy, Default)]
@@ -39,8 +44,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let watch =
-            req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+        let watch = is_watch(req.uri());
         let verb = if watch { "WATCH".to_owned() } else { req.method().as_str().to_owned() };
         let started = Instant::now();
         let future = self.inner.call(req);

@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-pub use api::{ApiMetricsLayer, ApiMetricsService};
+pub use api::{ApiMetricsLayer, ApiMetricsService, is_watch};
 
 /// Label set of a metric with labels.
 pub type Labels = Vec<(&'static str, String)>;

@@ -68,6 +68,9 @@ pub struct NodeRegistrar {
     kubelet_port: u16,
     /// Read once; memory, disk and address are refreshed before each status.
     facts: HostFacts,
+    /// The Node UID for which the Lease was last seen held by this node and owned by that Node:
+    /// from then on a renewal only moves `renewTime`, and its answer is not read.
+    lease_checked_for: Option<String>,
 }
 
 impl NodeRegistrar {
@@ -88,6 +91,7 @@ impl NodeRegistrar {
             hostname: config.node_hostname.clone(),
             kubelet_port: config.kubelet_api.port,
             facts: HostFacts::read(&config.state_dir, config.node_ip.parse().ok()),
+            lease_checked_for: None,
         }
     }
 
@@ -128,10 +132,8 @@ impl NodeRegistrar {
     ) {
         let mut backoff = RetryBackoff::new(Duration::from_secs(1), Duration::from_secs(60));
         // Taken afresh for every round: a renewed certificate replaces the client.
-        let nodes = || -> Api<Node> { Api::all(client.current()) };
-        let leases = || -> Api<Lease> { Api::namespaced(client.current(), LEASE_NAMESPACE) };
         let mut uid = loop {
-            match self.register(&nodes()).await {
+            match self.register(&client.current()).await {
                 Ok(uid) => break uid,
                 Err(e) => {
                     contact.failed(&e.to_string());
@@ -160,8 +162,8 @@ impl NodeRegistrar {
                 // back-off: the Lease is what makes the node Ready again.
                 _ = contact.restored(), if failing => {}
             }
-            let (nodes, leases) = (nodes(), leases());
-            let lease = self.renew_lease(&leases, &uid).await;
+            let api = client.current();
+            let lease = self.renew_lease(&api, &uid).await;
             // A Lease that had to be created again went with its Node: check the Node now.
             if matches!(lease, Ok(true)) {
                 written = None;
@@ -175,11 +177,11 @@ impl NodeRegistrar {
                 object::significant(s) != object::significant(&status) || at.elapsed() >= STATUS_REFRESH
             });
             let mut patched =
-                if due { self.patch_status(&nodes, &status).await.map(|()| true) } else { Ok(false) };
+                if due { self.patch_status(&api, &status).await.map(|()| true) } else { Ok(false) };
             if patched.as_ref().is_err_and(NodeError::is_not_found) {
                 // Someone deleted the Node: register again rather than heartbeat into the void.
                 tracing::warn!(node = %self.node_name, "the Node object was deleted; registering again");
-                patched = self.register(&nodes).await.map(|new_uid| {
+                patched = self.register(&api).await.map(|new_uid| {
                     // The Lease must now be owned by the new Node.
                     uid = new_uid;
                     true
@@ -208,7 +210,9 @@ impl NodeRegistrar {
         }
         // Tell the scheduler and the controllers before going quiet, but do not hold up shutdown for it.
         let status = self.status(Readiness::Stopping, written.as_ref().map(|(s, _)| s));
-        match tokio::time::timeout(Duration::from_secs(5), self.patch_status(&nodes(), &status)).await {
+        match tokio::time::timeout(Duration::from_secs(5), self.patch_status(&client.current(), &status))
+            .await
+        {
             Ok(Ok(())) => tracing::info!("node marked NotReady for shutdown"),
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot mark the node NotReady"),
             Err(_) => tracing::warn!("timed out marking the node NotReady"),
@@ -216,7 +220,8 @@ impl NodeRegistrar {
     }
 
     /// Creates the Node, or adopts an existing one (refreshing Lichen's labels); returns its UID.
-    async fn register(&mut self, nodes: &Api<Node>) -> Result<String, NodeError> {
+    async fn register(&mut self, client: &kube::Client) -> Result<String, NodeError> {
+        let nodes: Api<Node> = Api::all(client.clone());
         let status = self.status(Readiness::Ready, None);
         let node = object::registration(&self.node_name, &self.labels, &self.taints, status.clone());
         let uid = match nodes.create(&PostParams::default(), &node).await {
@@ -233,23 +238,37 @@ impl NodeRegistrar {
             }
             Err(e) => return Err(api(format!("creating node {}", self.node_name))(e)),
         };
-        self.patch_status(nodes, &status).await?;
+        self.patch_status(client, &status).await?;
         Ok(uid.unwrap_or_default())
     }
 
-    /// PATCHes `nodes/status`: a node may patch its status but not read it.
-    async fn patch_status(&self, nodes: &Api<Node>, status: &NodeStatus) -> Result<(), NodeError> {
+    /// PATCHes `nodes/status` (a node may patch its status but not read it); the Node the server
+    /// answers with, several KB, is not read.
+    async fn patch_status(&self, client: &kube::Client, status: &NodeStatus) -> Result<(), NodeError> {
         let patch = serde_json::json!({ "status": status });
-        nodes
-            .patch_status(&self.node_name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map(|_| ())
-            .map_err(api("patching node status"))
+        let path = format!("/api/v1/nodes/{}/status", self.node_name);
+        crate::cluster::lean::merge_patch(client, &path, &patch).await.map_err(api("patching node status"))
     }
 
     /// Renews the Lease; returns whether it had to be created.
-    async fn renew_lease(&self, leases: &Api<Lease>, node_uid: &str) -> Result<bool, NodeError> {
+    async fn renew_lease(&mut self, client: &kube::Client, node_uid: &str) -> Result<bool, NodeError> {
         let now = MicroTime(jiff::Timestamp::now());
+        if self.lease_checked_for.as_deref() == Some(node_uid) {
+            // Held by this node and owned by its Node since the last full renewal: only the time
+            // moves, 8,640 times a day, so the patch is that alone and the Lease sent back unread.
+            let patch = serde_json::json!({ "spec": { "renewTime": now } });
+            let path = format!(
+                "/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases/{}",
+                self.node_name
+            );
+            match crate::cluster::lean::merge_patch(client, &path, &patch).await {
+                Ok(()) => return Ok(false),
+                // Deleted meanwhile (with its Node, or by hand): the full renewal below creates it.
+                Err(kube::Error::Api(s)) if s.code == 404 => self.lease_checked_for = None,
+                Err(e) => return Err(api("renewing the node lease")(e)),
+            }
+        }
+        let leases: Api<Lease> = Api::namespaced(client.clone(), LEASE_NAMESPACE);
         let patch = serde_json::json!({ "spec": {
             "holderIdentity": self.node_name,
             "leaseDurationSeconds": LEASE_DURATION_SECS,
@@ -277,6 +296,7 @@ impl NodeRegistrar {
                         .await
                         .map_err(api("adopting the node lease"))?;
                 }
+                self.lease_checked_for = Some(node_uid.to_owned());
                 Ok(false)
             }
             Err(kube::Error::Api(s)) if s.code == 404 => {
@@ -298,8 +318,9 @@ impl NodeRegistrar {
                 leases
                     .create(&PostParams::default(), &lease)
                     .await
-                    .map(|_| true)
-                    .map_err(api("creating the node lease"))
+                    .map_err(api("creating the node lease"))?;
+                self.lease_checked_for = Some(node_uid.to_owned());
+                Ok(true)
             }
             Err(e) => Err(api("renewing the node lease")(e)),
         }

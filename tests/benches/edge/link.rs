@@ -90,15 +90,53 @@ async fn pump(
     let _ = to.shutdown().await;
 }
 
+/// The agent's `lichen_api_requests_total` series (`verb,code` → count) from its metrics endpoint
+/// on loopback (not through the proxy: it is not on the link).
+async fn api_requests(metrics: SocketAddr) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(mut conn) = TcpStream::connect(metrics).await else { return out };
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n");
+    let mut text = String::new();
+    if conn.write_all(request.as_bytes()).await.is_err() || conn.read_to_string(&mut text).await.is_err() {
+        return out;
+    }
+    for line in text.lines().filter(|l| l.starts_with("lichen_api_requests_total{")) {
+        let Some((labels, value)) = line.rsplit_once(' ') else { continue };
+        let labels = labels.trim_start_matches("lichen_api_requests_total{").trim_end_matches('}');
+        let mut verb_code =
+            labels.split(',').filter_map(|kv| kv.split_once('=')).map(|(_, v)| v.trim_matches('"'));
+        let key = format!("{} {}", verb_code.next().unwrap_or("?"), verb_code.next().unwrap_or("?"));
+        out.insert(key, value.parse::<f64>().unwrap_or(0.0) as u64);
+    }
+    out
+}
+
 fn per_day(bytes: u64, window: Duration) -> f64 {
     bytes as f64 * 86_400.0 / window.as_secs_f64() / (1024.0 * 1024.0)
 }
 
 /// Counts one window and reports it as `what`.
-async fn window(report: &mut Report, counters: &Counters, secs: Duration, what: &str, aim: Option<f64>) {
+async fn window(
+    report: &mut Report,
+    counters: &Counters,
+    metrics: SocketAddr,
+    secs: Duration,
+    what: &str,
+    aim: Option<f64>,
+) {
+    let before = api_requests(metrics).await;
     counters.take();
     tokio::time::sleep(secs).await;
     let (up, down, conns) = counters.take();
+    let after = api_requests(metrics).await;
+    let requests: Vec<String> = after
+        .iter()
+        .filter_map(|(k, n)| {
+            let d = n - before.get(k).copied().unwrap_or(0);
+            (d > 0).then(|| format!("{k} ×{d}"))
+        })
+        .collect();
+    report.info(SECTION, format!("{what}: API requests in the window"), requests.join(", "));
     let day = per_day(up + down, secs);
     let value = format!(
         "{day:.2} MiB/day ({} B up, {} B down in {} s; {:.0} B/s)",
@@ -154,7 +192,6 @@ pub async fn run(report: &mut Report) {
     let text = std::fs::read_to_string(&kubeconfig).expect("node kubeconfig");
     std::fs::write(&kubeconfig, text.replace(server.trim_end_matches('/'), &format!("https://{via}")))
         .expect("node kubeconfig through the proxy");
-    // Metrics and the kubelet API off: only the link is measured.
     let config = format!(
         "node_name = {NODE:?}\nstate_dir = {:?}\nstatic_pod_dir = \"\"\nnode_ip = \"127.0.0.1\"\n\
          shutdown_timeout_secs = 10\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n\
@@ -164,9 +201,17 @@ pub async fn run(report: &mut Report) {
         s.modules_table()
     );
     std::fs::write(&s.config, config).expect("config");
+    // The metrics endpoint on loopback (not on the link), to count the requests behind the bytes.
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port for the metrics endpoint");
     let args = s.run_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let agent = lichen_tests::Agent::start_with_env(&args, &s.state, &[("LICHEN_METRICS_ADDRESS", "")]);
+    let agent = lichen_tests::Agent::start_with_env(
+        &args,
+        &s.state,
+        &[("LICHEN_METRICS_ADDRESS", &metrics.to_string())],
+    );
     let started = Instant::now();
     wait_for_async(TIMEOUT, "the node to be Ready", || async {
         let n = nodes.get_opt(NODE).await.ok()??;
@@ -186,7 +231,7 @@ pub async fn run(report: &mut Report) {
         ),
     );
 
-    window(report, &counters, secs, "idle node", Some(IDLE_AIM_MIB_PER_DAY)).await;
+    window(report, &counters, metrics, secs, "idle node", Some(IDLE_AIM_MIB_PER_DAY)).await;
 
     // After that quiet spell, a pod bound to the node: how long until a watching client sees it
     // Running (two watch hops and a status patch; the agent's share is most of it only if its
@@ -240,7 +285,7 @@ pub async fn run(report: &mut Report) {
         (list.items.iter().filter(|p| is_running_ready(p)).count() == 10).then_some(())
     })
     .await;
-    window(report, &counters, secs, "node with 10 idle pods", None).await;
+    window(report, &counters, metrics, secs, "node with 10 idle pods", None).await;
 
     let _ = pods.delete_collection(&grace0, &ListParams::default().labels(LABEL)).await;
     drop(agent);

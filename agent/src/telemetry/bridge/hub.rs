@@ -25,6 +25,7 @@ use crate::topic::TopicFilter;
 pub(super) struct BridgeStats {
     pub(super) published: AtomicU64,
     pub(super) dropped_rate: AtomicU64,
+    pub(super) throttled: AtomicU64,
     pub(super) dropped_oversized: AtomicU64,
     pub(super) dropped_malformed: AtomicU64,
     pub(super) dropped_offline: AtomicU64,
@@ -40,8 +41,11 @@ pub struct BridgeSnapshot {
     pub connected: bool,
     /// Messages accepted for publishing (spooled, or handed to the connection for QoS 0).
     pub published: u64,
-    /// Lines dropped by a pod's rate limit.
+    /// Lines dropped by a pod's rate limit (QoS 0 only).
     pub dropped_rate: u64,
+    /// QoS 1 lines that waited for a pod's rate limit (their module was slowed, nothing lost).
+    #[serde(default)]
+    pub throttled: u64,
     /// Lines longer than `max_payload`.
     pub dropped_oversized: u64,
     /// `base64:` lines that were not base64.
@@ -289,6 +293,7 @@ impl MqttBridge {
             connected: self.connected.load(Ordering::Relaxed),
             published: l(&s.published),
             dropped_rate: l(&s.dropped_rate),
+            throttled: l(&s.throttled),
             dropped_oversized: l(&s.dropped_oversized),
             dropped_malformed: l(&s.dropped_malformed),
             dropped_offline: l(&s.dropped_offline),

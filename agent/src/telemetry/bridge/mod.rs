@@ -26,7 +26,9 @@
 //! A container's stdout reaches the bridge through a channel of [`STDOUT_CHUNKS`] chunks of at most
 //! [`crate::runtime::logs::MAX_TAP_CHUNK`] bytes; when it is full, the module's writes wait (it is
 //! slowed, nothing is lost). Past that, each pod has a token bucket (`pod_rate_limit`,
-//! `pod_burst`): lines beyond it are dropped, counted and logged. Lines longer than `max_payload`
+//! `pod_burst`): QoS 1 lines beyond it wait for it, so the module is slowed to the limit and loses
+//! nothing (counted as throttled); QoS 0 lines beyond it are dropped, counted and logged. Lines
+//! longer than `max_payload`
 //! are dropped, counted and logged, as are malformed `base64:` lines. Incoming messages wait in a
 //! queue of `stdin_queue` messages per container; when it is full they are dropped and counted.
 
@@ -174,7 +176,7 @@ impl PodBridge {
                 }
             };
             for line in lines.drain(..) {
-                self.line(&topic, line).await;
+                self.line(&topic, line, !more).await;
             }
             if !more {
                 return;
@@ -182,7 +184,31 @@ impl PodBridge {
         }
     }
 
-    async fn line(&self, topic: &str, line: Result<Option<Vec<u8>>, LineFault>) {
+    /// Whether a line may go past the pod's rate limit. QoS 1 promises delivery, so its lines wait
+    /// for a token (the pump stops reading, the stdout channel fills, and the module's writes wait
+    /// as on a full pipe); only QoS 0 lines are dropped. Once the module has ended (`closing`) the
+    /// lines still queued go through unthrottled: they are bounded by the channel
+    /// ([`STDOUT_CHUNKS`] chunks), and shutdown must not wait out the rate limit for them.
+    async fn admit(&self, closing: bool) -> bool {
+        let mut waited = false;
+        loop {
+            let verdict = self.bucket.lock().unwrap_or_else(|p| p.into_inner()).take_or_wait(Instant::now());
+            match verdict {
+                Ok(()) => return true,
+                Err(_) if self.binding.qos == 0 => return false,
+                Err(_) if closing => return true,
+                Err(wait) => {
+                    if !waited {
+                        waited = true;
+                        self.bridge.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
+                }
+            }
+        }
+    }
+
+    async fn line(&self, topic: &str, line: Result<Option<Vec<u8>>, LineFault>, closing: bool) {
         let stats = &self.bridge.stats;
         let payload = match line {
             Ok(None) => return,
@@ -200,9 +226,7 @@ impl PodBridge {
                 return;
             }
         };
-        let allowed = self.bridge.rate == 0
-            || self.bucket.lock().unwrap_or_else(|p| p.into_inner()).take(Instant::now());
-        if !allowed {
+        if self.bridge.rate != 0 && !self.admit(closing).await {
             stats.dropped_rate.fetch_add(1, Ordering::Relaxed);
             self.dropped(|d| d.rate += 1);
             return;
