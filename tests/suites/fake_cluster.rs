@@ -1186,6 +1186,55 @@ async fn a_secret_refused_while_the_node_authorizer_catches_up_is_fetched_again_
     assert!(agent.stop().0.success());
 }
 
+/// `log.format = "json"`: every line the agent writes, through a lifecycle that logs much (a
+/// Secret refused and fetched again, containers that exit with a code and trap with a message, a
+/// pod deleted, the node stopping), at `debug`, is one JSON object in which no key appears twice.
+/// A field named like the event's own text (`message`) once made `"message"` appear twice, and
+/// log shippers keep one or the other; this is the guard against any such field coming back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_line_of_the_json_log_is_one_object_with_no_key_twice() {
+    let name = "fake-json-log";
+    let (api, _s, agent, pods) = joined_with(name, "[log]\nformat = \"json\"\nlevel = \"debug\"\n").await;
+    let secrets: Api<Secret> = Api::namespaced(api.client(), "default");
+    let secret: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "lagged"}, "stringData": {"k": "v"}})).expect("s");
+    secrets.create(&PostParams::default(), &secret).await.expect("secret");
+    api.faults().lag_node_graph(2, "/secrets/lagged");
+    let spec = json!({"containers": [{"name": "main", "image": wasm("sleeper.wat"),
+        "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "lagged", "key": "k"}}}]}]});
+    pods.create(&PostParams::default(), &pod("sleeper", Some(name), "", spec)).await.expect("pod");
+    let spec = json!({"restartPolicy": "Never", "containers": [
+        {"name": "exits", "image": wasm("exit.wat")},
+        {"name": "traps", "image": wasm("trap.wat")}]});
+    pods.create(&PostParams::default(), &pod("ender", Some(name), "", spec)).await.expect("pod");
+    wait_pod(&pods, "sleeper", "Running", is_running_ready).await;
+    wait_pod(&pods, "ender", "Failed", |p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")
+    })
+    .await;
+    pods.delete("sleeper", &DeleteParams::default()).await.expect("delete");
+    wait_for_async(T, "the deleted pod to be gone", || async {
+        pods.get_opt("sleeper").await.ok().and_then(|p| p.is_none().then_some(()))
+    })
+    .await;
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{}", log.join("\n"));
+
+    let mut ended = 0;
+    for line in &log {
+        let event = lichen_tests::strict_json::parse(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(event.is_object() && event["fields"].is_object(), "one event object a line: {line}");
+        if event["fields"]["message"] == "container ended" {
+            ended += 1;
+        }
+    }
+    assert!(
+        ended >= 3 && log.len() > 50,
+        "the lifecycle was logged ({ended} container ends, {} lines)",
+        log.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_maps_secrets_and_the_service_account_token_reach_the_module_under_the_node_authorizer() {
     let name = "fake-config";
