@@ -491,8 +491,11 @@ fn text(code: StatusCode, body: impl Into<String>) -> Response<Body> {
 
 /// Why a streaming request cannot be served, and what to use instead.
 fn unsupported_message(what: &str, namespace: &str, pod: &str) -> String {
+    // `run` is the kubelet's run-a-command endpoint, not `kubectl run`.
+    let action =
+        if what == "run" { "running a command in a container".to_owned() } else { format!("kubectl {what}") };
     let lead = format!(
-        "kubectl {what} is not supported on this Lichen node: pod {namespace}/{pod} runs as a WebAssembly (WASI) module in Wasmtime"
+        "{action} is not supported on this Lichen node: pod {namespace}/{pod} runs as a WebAssembly (WASI) module in Wasmtime"
     );
     match what {
         "exec" | "run" => format!(
@@ -727,6 +730,8 @@ mod tests {
             assert!(message.contains(&format!("kubectl {what} is not supported")), "{message}");
             assert!(message.contains("WebAssembly (WASI)") && message.contains(hint), "{message}");
         }
+        let run = unsupported_message("run", "default", "web");
+        assert!(run.starts_with("running a command in a container is not supported"), "{run}");
     }
 
     #[test]
