@@ -1153,6 +1153,88 @@ async fn a_pod_recreated_under_the_same_name_never_gets_the_old_status() {
     assert!(agent.stop().0.success());
 }
 
+/// Right after a binding the real Node authorizer refuses the pod's Secret (`403 … no relationship
+/// found between node … and this object`) until its graph has the pod. The agent asks again at
+/// once, as the kubelet does, so the pod starts within moments instead of at the next pass over
+/// pods' inputs (every 5 s, once per refusal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_refused_while_the_node_authorizer_catches_up_is_fetched_again_at_once() {
+    let name = "fake-graph-lag";
+    let (api, _s, agent, pods) = joined_with(name, "").await;
+    let secrets: Api<Secret> = Api::namespaced(api.client(), "default");
+    let secret: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "lagged"}, "stringData": {"k": "v"}})).expect("s");
+    secrets.create(&PostParams::default(), &secret).await.expect("secret");
+    api.faults().lag_node_graph(3, "/secrets/lagged");
+    let spec = json!({"containers": [{"name": "main", "image": wasm("sleeper.wat"),
+        "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "lagged", "key": "k"}}}]}]});
+    pods.create(&PostParams::default(), &pod("lagged", Some(name), "", spec)).await.expect("pod");
+    wait_pod(&pods, "lagged", "Running", is_running_ready).await;
+
+    let reads: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path_only().ends_with("/secrets/lagged"))
+        .collect();
+    let codes: Vec<u16> = reads.iter().map(|r| r.code).collect();
+    assert_eq!(codes.get(..4), Some(&[403, 403, 403, 200][..]), "{codes:?}");
+    let first_refusal_to_success = reads[3].at.duration_since(reads[0].at);
+    assert!(
+        first_refusal_to_success < lichen::cluster::inputs::RETRY,
+        "read again at once, not at the next pass: {first_refusal_to_success:?}"
+    );
+    assert!(agent.stop().0.success());
+}
+
+/// `log.format = "json"`: every line the agent writes, through a lifecycle that logs much (a
+/// Secret refused and fetched again, containers that exit with a code and trap with a message, a
+/// pod deleted, the node stopping), at `debug`, is one JSON object in which no key appears twice.
+/// A field named like the event's own text (`message`) once made `"message"` appear twice, and
+/// log shippers keep one or the other; this is the guard against any such field coming back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_line_of_the_json_log_is_one_object_with_no_key_twice() {
+    let name = "fake-json-log";
+    let (api, _s, agent, pods) = joined_with(name, "[log]\nformat = \"json\"\nlevel = \"debug\"\n").await;
+    let secrets: Api<Secret> = Api::namespaced(api.client(), "default");
+    let secret: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "lagged"}, "stringData": {"k": "v"}})).expect("s");
+    secrets.create(&PostParams::default(), &secret).await.expect("secret");
+    api.faults().lag_node_graph(2, "/secrets/lagged");
+    let spec = json!({"containers": [{"name": "main", "image": wasm("sleeper.wat"),
+        "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "lagged", "key": "k"}}}]}]});
+    pods.create(&PostParams::default(), &pod("sleeper", Some(name), "", spec)).await.expect("pod");
+    let spec = json!({"restartPolicy": "Never", "containers": [
+        {"name": "exits", "image": wasm("exit.wat")},
+        {"name": "traps", "image": wasm("trap.wat")}]});
+    pods.create(&PostParams::default(), &pod("ender", Some(name), "", spec)).await.expect("pod");
+    wait_pod(&pods, "sleeper", "Running", is_running_ready).await;
+    wait_pod(&pods, "ender", "Failed", |p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")
+    })
+    .await;
+    pods.delete("sleeper", &DeleteParams::default()).await.expect("delete");
+    wait_for_async(T, "the deleted pod to be gone", || async {
+        pods.get_opt("sleeper").await.ok().and_then(|p| p.is_none().then_some(()))
+    })
+    .await;
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{}", log.join("\n"));
+
+    let mut ended = 0;
+    for line in &log {
+        let event = lichen_tests::strict_json::parse(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(event.is_object() && event["fields"].is_object(), "one event object a line: {line}");
+        if event["fields"]["message"] == "container ended" {
+            ended += 1;
+        }
+    }
+    assert!(
+        ended >= 3 && log.len() > 50,
+        "the lifecycle was logged ({ended} container ends, {} lines)",
+        log.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_maps_secrets_and_the_service_account_token_reach_the_module_under_the_node_authorizer() {
     let name = "fake-config";
@@ -1893,15 +1975,22 @@ async fn the_node_certificate_is_renewed_before_it_expires_and_pods_keep_running
 /// `curl -k` to the node's kubelet API: (status code, body). The test does not verify the serving
 /// certificate, as an API server without `--kubelet-certificate-authority` does not.
 fn kubelet_call(port: u16, method: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
+    let (code, _, body) = kubelet_call_typed(port, method, path, bearer);
+    (code, body)
+}
+
+/// [`kubelet_call`] with the answer's content type: status code, content type, body.
+fn kubelet_call_typed(port: u16, method: &str, path: &str, bearer: Option<&str>) -> (u16, String, String) {
     let mut c = std::process::Command::new("curl");
-    c.args(["-sk", "-X", method, "-w", "\n%{http_code}", "--max-time", "10"]);
+    c.args(["-sk", "-X", method, "-w", "\n%{content_type}\n%{http_code}", "--max-time", "10"]);
     if let Some(t) = bearer {
         c.args(["-H", &format!("Authorization: Bearer {t}")]);
     }
     let out = c.arg(format!("https://127.0.0.1:{port}{path}")).output().expect("curl (CI installs it)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
+    let (rest, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    let (body, content_type) = rest.rsplit_once('\n').unwrap_or(("", ""));
+    (code.trim().parse().unwrap_or(0), content_type.to_owned(), body.to_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2010,9 +2099,30 @@ async fn kubectl_logs_go_through_the_api_server_to_the_kubelet_api_and_strangers
         (404, "previous terminated container \"main\" in pod \"default/talker\" not found\n"),
         "the node's own answer when there is no previous run"
     );
-    let (code, body) = kubelet_call(port, "POST", "/exec/default/talker/main?command=sh", Some("t-ops"));
-    assert_eq!(code, 501, "{body}");
-    assert!(body.contains("not supported for WebAssembly pods"), "{body}");
+    // exec, attach and port-forward: a metav1.Status kubectl can decode (it shows the message), not
+    // the text/plain 501 that kubectl printed as an empty `Error from server: `.
+    for (what, path) in [
+        ("exec", "/exec/default/talker/main?command=sh&output=1"),
+        ("attach", "/attach/default/talker/main?output=1"),
+        ("port-forward", "/portForward/default/talker"),
+    ] {
+        let (code, content_type, body) = kubelet_call_typed(port, "POST", path, Some("t-ops"));
+        assert_eq!(code, 405, "{what}: {body}");
+        assert_eq!(content_type, "application/json", "{what}");
+        let status: serde_json::Value = serde_json::from_str(&body).expect("a JSON body");
+        assert_eq!(
+            (&status["kind"], &status["apiVersion"], &status["status"], &status["reason"], &status["code"]),
+            (&json!("Status"), &json!("v1"), &json!("Failure"), &json!("MethodNotAllowed"), &json!(405)),
+            "{what}: {body}"
+        );
+        let message = status["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with(&format!("kubectl {what} is not supported on this Lichen node"))
+                && message.contains("WebAssembly (WASI) module")
+                && message.contains("use kubectl logs"),
+            "{what}: {message}"
+        );
+    }
     let (code, _) = kubelet_call(port, "GET", "/containerLogs/default/nobody/main", Some("t-ops"));
     assert_eq!(code, 404);
 

@@ -3,8 +3,10 @@
 //!
 //! - `GET /containerLogs/{namespace}/{pod}/{container}` with `follow`, `tailLines`, `sinceSeconds`,
 //!   `sinceTime`, `timestamps`, `previous` and `limitBytes`, streamed from the container's log files.
-//! - `exec`, `attach`, `portForward` and `run` answer at once that WebAssembly pods do not support
-//!   them, instead of leaving `kubectl exec` hanging.
+//! - `exec`, `attach`, `portForward` and `run` answer at once, with a `metav1.Status` (JSON, `405
+//!   MethodNotAllowed`) whose message says that WebAssembly pods have nothing to exec into and what to
+//!   use instead. kubectl decodes a refused upgrade's body as a Status on both its SPDY and
+//!   WebSocket paths; plain text there shows the user `Error from server: ` and nothing more.
 //! - `GET /healthz`.
 //!
 //! The serving certificate is the configured pair, or one the cluster signs for a
@@ -426,7 +428,7 @@ async fn keep_serving_certificate(
                         }
                     }
                 }
-                Err(message) => tracing::warn!(%message, "the signed serving certificate is unusable"),
+                Err(e) => tracing::warn!(error = %e, "the signed serving certificate is unusable"),
             },
             Err(crate::bootstrap::BootstrapError::Cancelled) => return,
             Err(e) => {
@@ -487,6 +489,53 @@ fn text(code: StatusCode, body: impl Into<String>) -> Response<Body> {
     r
 }
 
+/// Why a streaming request cannot be served, and what to use instead.
+fn unsupported_message(what: &str, namespace: &str, pod: &str) -> String {
+    // `run` is the kubelet's run-a-command endpoint, not `kubectl run`.
+    let action =
+        if what == "run" { "running a command in a container".to_owned() } else { format!("kubectl {what}") };
+    let lead = format!(
+        "{action} is not supported on this Lichen node: pod {namespace}/{pod} runs as a WebAssembly (WASI) module in Wasmtime"
+    );
+    match what {
+        "exec" | "run" => format!(
+            "{lead}, with no shell or process to run a command in; use kubectl logs {pod} to see its output"
+        ),
+        "attach" => {
+            format!("{lead}, with no terminal to attach to; use kubectl logs -f {pod} to follow its output")
+        }
+        _ => format!(
+            "{lead}, and the node forwards no ports into it; use kubectl logs {pod} to see its output"
+        ),
+    }
+}
+
+/// The answer to `exec`, `attach`, `portForward` and `run`: a `metav1.Status`, which is what
+/// kubectl decodes from a refused upgrade (the real kubelet answers plain text there, which kubectl
+/// shows as an empty error). 405 `MethodNotAllowed` is apimachinery's answer for an action a
+/// resource does not support. The connection closes after it: the API server splices a refused
+/// upgrade's bytes straight to kubectl, which reads them until the end.
+fn unsupported(what: &str, namespace: &str, pod: &str) -> Response<Body> {
+    let status = serde_json::json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": unsupported_message(what, namespace, pod),
+        "reason": "MethodNotAllowed",
+        "details": {"name": pod, "kind": "pods"},
+        "code": 405,
+    });
+    let mut body = status.to_string();
+    body.push('\n');
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+    *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    let headers = r.headers_mut();
+    headers.insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    headers.insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+    r
+}
+
 fn bearer(req: &Request<Incoming>) -> Option<String> {
     let value = req.headers().get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
     let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?.trim();
@@ -541,12 +590,7 @@ async fn answer(
     match route {
         Route::Healthz => text(StatusCode::OK, "ok"),
         Route::NotFound => text(StatusCode::NOT_FOUND, format!("404 page not found: {path}\n")),
-        Route::Unsupported { what, namespace, pod } => text(
-            StatusCode::NOT_IMPLEMENTED,
-            format!(
-                "{what} is not supported for WebAssembly pods: {namespace}/{pod} runs as a WASI module in Wasmtime on this Lichen node, with no shell or process to {what} into; use kubectl logs\n"
-            ),
-        ),
+        Route::Unsupported { what, namespace, pod } => unsupported(what, &namespace, &pod),
         Route::Logs { namespace, pod, container } => {
             if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
                 return text(StatusCode::METHOD_NOT_ALLOWED, "containerLogs takes GET\n");
@@ -670,6 +714,24 @@ mod tests {
         assert_eq!(route("/containerLogs/default/web"), Route::NotFound);
         assert_eq!(route("/containerLogs//web/app"), Route::NotFound);
         assert_eq!(route("/pods"), Route::NotFound);
+    }
+
+    #[test]
+    fn unsupported_streaming_answers_a_status_kubectl_decodes() {
+        for (what, hint) in [
+            ("exec", "kubectl logs web"),
+            ("attach", "kubectl logs -f web"),
+            ("port-forward", "kubectl logs web"),
+        ] {
+            let r = unsupported(what, "default", "web");
+            assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+            assert_eq!(r.headers()[hyper::header::CONTENT_TYPE], "application/json");
+            let message = unsupported_message(what, "default", "web");
+            assert!(message.contains(&format!("kubectl {what} is not supported")), "{message}");
+            assert!(message.contains("WebAssembly (WASI)") && message.contains(hint), "{message}");
+        }
+        let run = unsupported_message("run", "default", "web");
+        assert!(run.starts_with("running a command in a container is not supported"), "{run}");
     }
 
     #[test]

@@ -177,7 +177,7 @@ impl ContainerRunner<'_> {
                 container = %self.plan.name,
                 exit_code = t.exit_code,
                 reason = %t.reason,
-                message = t.message.as_deref().unwrap_or(""),
+                termination_message = t.message.as_deref().unwrap_or(""),
                 fuel_consumed = report.fuel_consumed,
                 peak_memory = report.peak_memory,
                 "container ended"
