@@ -130,7 +130,7 @@ pub fn render_metrics(s: &Sample) -> String {
         if lines.is_empty() {
             return;
         }
-        let _ = writeln!(out, "# HELP {name} [STABLE] {help}");
+        let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
         for l in lines {
             let _ = writeln!(out, "{name}{l}");
@@ -162,51 +162,52 @@ pub fn render_metrics(s: &Sample) -> String {
     family(
         "container_cpu_usage_seconds_total",
         "counter",
-        "Cumulative cpu time consumed by the container in core-seconds",
+        "[STABLE] Cumulative cpu time consumed by the container in core-seconds",
         containers(&|c| format!("{} {ms}", seconds(c.cpu_nanos))),
     );
     family(
         "container_memory_working_set_bytes",
         "gauge",
-        "Current working set of the container in bytes",
+        "[STABLE] Current working set of the container in bytes",
         containers(&|c| format!("{} {ms}", c.working_set)),
     );
     family(
         "container_start_time_seconds",
         "gauge",
-        "Start time of the container since unix epoch in seconds",
+        "[STABLE] Start time of the container since unix epoch in seconds",
         containers(&|c| format!("{}", c.start.as_nanosecond() as f64 / 1e9)),
     );
     let node = |v: Option<String>| v.map(|v| vec![format!(" {v} {ms}")]).unwrap_or_default();
     family(
         "node_cpu_usage_seconds_total",
         "counter",
-        "Cumulative cpu time consumed by the node in core-seconds",
+        "[STABLE] Cumulative cpu time consumed by the node in core-seconds",
         node(s.node.map(|n| seconds(n.cpu_nanos).to_string())),
     );
     family(
         "node_memory_working_set_bytes",
         "gauge",
-        "Current working set of the node in bytes",
+        "[STABLE] Current working set of the node in bytes",
         node(s.node.map(|n| n.memory_working_set.to_string())),
     );
     family(
         "pod_cpu_usage_seconds_total",
         "counter",
-        "Cumulative cpu time consumed by the pod in core-seconds",
+        "[STABLE] Cumulative cpu time consumed by the pod in core-seconds",
         pods(&|p| format!("{} {ms}", seconds(p.cpu_nanos()))),
     );
     family(
         "pod_memory_working_set_bytes",
         "gauge",
-        "Current working set of the pod in bytes",
+        "[STABLE] Current working set of the pod in bytes",
         pods(&|p| format!("{} {ms}", p.working_set())),
     );
     // 1 when the node's own figures could not be read, as the kubelet says when its stats fail.
     let error = if s.node.is_some() { "0" } else { "1" };
     let help = "1 if there was an error while getting container metrics, 0 otherwise";
-    family("resource_scrape_error", "gauge", help, vec![format!(" {error}")]);
-    family("scrape_error", "gauge", help, vec![format!(" {error}")]);
+    family("resource_scrape_error", "gauge", &format!("[STABLE] {help}"), vec![format!(" {error}")]);
+    // The older name, which the kubelet still writes (deprecated since 1.29) for older scrapers.
+    family("scrape_error", "gauge", &format!("[ALPHA] {help}"), vec![format!(" {error}")]);
     out
 }
 
@@ -425,6 +426,7 @@ mod tests {
         let ws = 65536 + crate::metrics::INSTANCE_OVERHEAD_BYTES;
         for line in [
             "# TYPE container_cpu_usage_seconds_total counter".to_owned(),
+            "# HELP node_cpu_usage_seconds_total [STABLE] Cumulative cpu time consumed by the node in core-seconds".to_owned(),
             "container_cpu_usage_seconds_total{container=\"main\",namespace=\"default\",pod=\"web\"} 1.5 1700000100123".to_owned(),
             format!("container_memory_working_set_bytes{{container=\"main\",namespace=\"default\",pod=\"web\"}} {ws} 1700000100123"),
             "container_start_time_seconds{container=\"main\",namespace=\"default\",pod=\"web\"} 1700000000".to_owned(),
