@@ -620,8 +620,8 @@ impl WasmRuntime {
 /// waits in a host call. So the polling thread's CPU clock, read before and after each poll, counts
 /// the time spent instantiating and running the module and in its synchronous host calls (writing
 /// its output), and nothing of other pods or of the agent. Waiting costs nothing, as it should. Two
-/// clock reads per poll (about a microsecond on a board, against ~100 µs of wasm between yields)
-/// are the price. Fuel is not used: it counts instructions, not time.
+/// clock reads per poll are the price: system calls (no vDSO for thread CPU clocks), against
+/// ~100 µs of wasm between yields on a Pi 4. Fuel is not used: it counts instructions, not time.
 fn metered<F: std::future::Future>(
     call: F,
     meter: Option<Arc<crate::metrics::ContainerMeter>>,
