@@ -14,7 +14,7 @@ use kube::api::{
 };
 use kube::runtime::watcher;
 use lichen_tests::fakeapi::FakeApi;
-use lichen_tests::{Agent, Scratch, fixture, is_running_ready, node_condition, wait_for_async};
+use lichen_tests::{Agent, Scratch, fixture, is_running_ready, node_condition, wait_for, wait_for_async};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(20);
@@ -2130,4 +2130,116 @@ async fn kubectl_logs_go_through_the_api_server_to_the_kubelet_api_and_strangers
     let (exit, log) = agent.stop();
     assert!(exit.success(), "{}", log.join("\n"));
     assert!(!log.iter().any(|l| l.contains("t-ops") || l.contains("t-viewer")), "tokens never logged");
+}
+
+/// The containers' CPU seconds of `pod` in a decoded scrape.
+fn cpu_of(scrape: &lichen_tests::top::ResourceScrape, pod: &str) -> Option<f64> {
+    scrape.pod("default", pod).first().map(|(_, p)| p.cpu_seconds)
+}
+
+/// What metrics-server reads for `kubectl top` and the autoscaler: `/metrics/resource` and
+/// `/stats/summary` on the node's kubelet API, called directly with the tokens the API server
+/// vouches for, as metrics-server calls every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_top_finds_cpu_and_memory_of_the_node_and_its_pods_in_the_kubelet_api() {
+    use lichen_tests::top::decode;
+    let name = "fake-top";
+    let api = FakeApi::start_tls().await;
+    api.delete_node(name).await;
+    let s = Scratch::new("");
+    let kc = api.node_kubeconfig(name, s.dir.path()).await;
+    let port = lichen_tests::free_port();
+    let agent = lichen_tests::start_kubelet_node(&s, name, &kc, port);
+    wait_ready(&api, name).await;
+    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    let spinner = run_bound(&pods, "spinner", name, "loop.wat").await;
+    run_bound(&pods, "idler", name, "idle.wat").await;
+
+    // Authorized as the kubelet authorizes: /metrics/* is nodes/metrics, /stats/* is nodes/stats,
+    // and nodes/proxy (enough for logs) is not enough.
+    let metrics = "/metrics/resource";
+    let summary = "/stats/summary?only_cpu_and_memory=true";
+    assert_eq!(kubelet_call(port, "GET", metrics, None).0, 401, "anonymous");
+    assert_eq!(kubelet_call(port, "GET", summary, Some("not-a-token")).0, 401, "an unknown token");
+    api.add_user_token("t-logs", "logs-reader", &["operators"]);
+    api.grant("logs-reader", "get", "nodes", Some("proxy"));
+    let (code, body) = kubelet_call(port, "GET", metrics, Some("t-logs"));
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("user=logs-reader") && body.contains("subresource=metrics"), "{body}");
+    let (code, body) = kubelet_call(port, "GET", summary, Some("t-logs"));
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("subresource=stats"), "{body}");
+    api.add_user_token("t-ms", "metrics-server", &["system:serviceaccounts"]);
+    api.grant("metrics-server", "get", "nodes", Some("metrics"));
+    api.grant("metrics-server", "get", "nodes", Some("stats"));
+    let scrape = || {
+        let (code, body) = kubelet_call(port, "GET", metrics, Some("t-ms"));
+        assert_eq!(code, 200, "{body}");
+        decode(&body)
+    };
+
+    // A busy pod's counter grows; an idle one's barely moves over the same time.
+    let first = wait_for(T, "both pods in the resource metrics", || {
+        let s = scrape();
+        (cpu_of(&s, "spinner").is_some() && cpu_of(&s, "idler").is_some()).then_some(s)
+    });
+    assert_eq!(first.scrape_error, 0.0);
+    let containers: Vec<&str> = first.pod("default", "spinner").iter().map(|(c, _)| *c).collect();
+    assert_eq!(containers, vec!["main"]);
+    let since = Instant::now();
+    let later = wait_for(T, "the spinner's CPU counter to grow by half a second", || {
+        let s = scrape();
+        (cpu_of(&s, "spinner")? - cpu_of(&first, "spinner")? >= 0.5).then_some(s)
+    });
+    let wall = since.elapsed().as_secs_f64();
+    let idle = cpu_of(&later, "idler").expect("idler") - cpu_of(&first, "idler").expect("idler");
+    assert!(idle < 0.02 * wall.max(1.0), "the idle pod used {idle} s of CPU in {wall} s");
+    assert!(later.node_cpu_seconds >= first.node_cpu_seconds + 0.5, "the host's CPU includes the spinner");
+    let now_ms = jiff::Timestamp::now().as_millisecond();
+    let (_, point) = later.pod("default", "spinner")[0];
+    assert!((now_ms - point.timestamp_ms).abs() < 10_000, "sampled now: {point:?}");
+    assert!((now_ms - later.node_timestamp_ms).abs() < 10_000);
+    assert!(point.memory_bytes >= 65536.0, "one page of linear memory and the instance: {point:?}");
+    let started = point.start_time_seconds * 1000.0;
+    assert!(started <= now_ms as f64 && now_ms as f64 - started < 120_000.0, "{point:?}");
+    let pod_cpu = later.pod_cpu_seconds.get(&("default".to_owned(), "spinner".to_owned()));
+    assert_eq!(pod_cpu, Some(&point.cpu_seconds), "a pod's CPU is its containers'");
+
+    // The Summary: the same figures in the stats API's shape, with rates.
+    let (code, body) = kubelet_call(port, "GET", summary, Some("t-ms"));
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["node"]["nodeName"], name);
+    assert!(v["node"]["cpu"]["usageCoreNanoSeconds"].as_u64().is_some_and(|n| n > 0), "{v}");
+    assert!(v["node"]["memory"]["workingSetBytes"].as_u64().is_some_and(|n| n > 0), "{v}");
+    let listed = v["pods"].as_array().expect("pods");
+    let pod = listed.iter().find(|p| p["podRef"]["name"] == "spinner").expect("the spinner");
+    assert_eq!(pod["podRef"]["namespace"], "default");
+    assert_eq!(pod["podRef"]["uid"].as_str(), spinner.metadata.uid.as_deref());
+    assert!(pod["startTime"].as_str().is_some_and(|t| t.parse::<jiff::Timestamp>().is_ok()), "{pod}");
+    let main = &pod["containers"][0];
+    assert_eq!(main["name"], "main");
+    assert!(main["cpu"]["usageCoreNanoSeconds"].as_u64().is_some_and(|n| n >= 500_000_000), "{main}");
+    assert!(main["cpu"]["usageNanoCores"].as_u64().is_some_and(|n| n > 100_000_000), "busy: {main}");
+    assert!(main["memory"]["workingSetBytes"].as_u64().is_some_and(|n| n >= 65536), "{main}");
+    let idler = listed.iter().find(|p| p["podRef"]["name"] == "idler").expect("the idler");
+    assert!(
+        idler["containers"][0]["cpu"]["usageNanoCores"].as_u64().is_some_and(|n| n < 20_000_000),
+        "{idler}"
+    );
+
+    // A deleted pod's series go with it.
+    pods.delete("spinner", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
+        .await
+        .expect("delete");
+    let gone = wait_for(T, "the spinner's series to disappear", || {
+        let s = scrape();
+        cpu_of(&s, "spinner").is_none().then_some(s)
+    });
+    assert!(cpu_of(&gone, "idler").is_some(), "the idler stays");
+    let (_, body) = kubelet_call(port, "GET", summary, Some("t-ms"));
+    assert!(!body.contains("\"spinner\""), "{body}");
+
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{}", log.join("\n"));
 }

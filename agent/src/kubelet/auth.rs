@@ -188,6 +188,8 @@ mod tests {
         assert_eq!(get("/containerLogs/ns/p/c"), Attributes { verb: "get", subresource: "proxy" });
         assert_eq!(get("/metrics/cadvisor").subresource, "metrics");
         assert_eq!(get("/stats/summary").subresource, "stats");
+        assert_eq!(get("/metrics/resource").subresource, "metrics");
+        assert_eq!(get("/statsfoo").subresource, "proxy", "a whole segment, as the kubelet's isSubpath");
         assert_eq!(get("/logs/").subresource, "log");
         assert_eq!(Attributes::of(&hyper::Method::POST, "/exec/ns/p/c").verb, "create");
     }

@@ -7,6 +7,8 @@
 //!   MethodNotAllowed`) whose message says that WebAssembly pods have nothing to exec into and what to
 //!   use instead. kubectl decodes a refused upgrade's body as a Status on both its SPDY and
 //!   WebSocket paths; plain text there shows the user `Error from server: ` and nothing more.
+//! - `GET /metrics/resource` and `GET /stats/summary`: the node's and its running containers' CPU
+//!   and memory, for metrics-server (`kubectl top`, autoscaling); see [`resources`].
 //! - `GET /healthz`.
 //!
 //! The serving certificate is the configured pair, or one the cluster signs for a
@@ -16,6 +18,7 @@
 
 pub mod auth;
 pub mod query;
+pub mod resources;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -294,6 +297,7 @@ pub async fn run(listener: KubeletListener, api: KubeletApi, cancel: Cancellatio
     }
     let shared = Arc::new(Shared {
         authorizer: Authorizer::new(api.node_name.clone(), api.client.clone()),
+        rates: resources::CpuRates::default(),
         api,
         cancel: cancel.clone(),
         tasks: tasks.clone(),
@@ -445,6 +449,8 @@ async fn keep_serving_certificate(
 struct Shared {
     api: KubeletApi,
     authorizer: Authorizer,
+    /// The previous `/stats/summary` reading, for CPU rates.
+    rates: resources::CpuRates,
     cancel: CancellationToken,
     /// Connections and the log streams they follow; `run` waits for all of them.
     tasks: tokio_util::task::TaskTracker,
@@ -455,6 +461,8 @@ struct Shared {
 enum Route {
     Logs { namespace: String, pod: String, container: String },
     Unsupported { what: &'static str, namespace: String, pod: String },
+    ResourceMetrics,
+    StatsSummary,
     Healthz,
     NotFound,
 }
@@ -475,6 +483,8 @@ fn route(path: &str) -> Route {
         ["portForward", ns, pod, ..] => unsupported("port-forward", ns, pod),
         ["run", ns, pod, ..] => unsupported("run", ns, pod),
         ["healthz"] | ["healthz", ""] => Route::Healthz,
+        ["metrics", "resource"] | ["metrics", "resource", ""] => Route::ResourceMetrics,
+        ["stats", "summary"] | ["stats", "summary", ""] => Route::StatsSummary,
         _ => Route::NotFound,
     }
 }
@@ -548,6 +558,8 @@ async fn handle(req: Request<Incoming>, cert: Option<Identity>, shared: Arc<Shar
     let kind = match &route {
         Route::Logs { .. } => "containerLogs",
         Route::Unsupported { what, .. } => what,
+        Route::ResourceMetrics => "metrics/resource",
+        Route::StatsSummary => "stats/summary",
         Route::Healthz => "healthz",
         Route::NotFound => "other",
     };
@@ -597,7 +609,34 @@ async fn answer(
             }
             logs_response(req.uri().query().unwrap_or(""), namespace, pod, container, shared).await
         }
+        Route::ResourceMetrics | Route::StatsSummary
+            if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD =>
+        {
+            text(StatusCode::METHOD_NOT_ALLOWED, format!("{path} takes GET\n"))
+        }
+        Route::ResourceMetrics => {
+            let sample = resources::Sample::read(&shared.api.board);
+            whole(resources::render_metrics(&sample).into_bytes(), resources::PROMETHEUS_TEXT)
+        }
+        Route::StatsSummary => {
+            // Every figure the Summary has is CPU or memory, so `only_cpu_and_memory` (which
+            // metrics-server 0.3 asks for) changes nothing.
+            let sample = resources::Sample::read(&shared.api.board);
+            let summary = resources::summary(&sample, &shared.api.node_name, &shared.rates);
+            match serde_json::to_vec(&summary) {
+                Ok(body) => whole(body, "application/json"),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            }
+        }
     }
+}
+
+/// A whole `200` response of `content_type`.
+fn whole(body: Vec<u8>, content_type: &'static str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+    r.headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    r
 }
 
 async fn logs_response(
@@ -711,6 +750,10 @@ mod tests {
         assert!(matches!(route("/portForward/default/web"), Route::Unsupported { what: "port-forward", .. }));
         assert!(matches!(route("/attach/default/web/app"), Route::Unsupported { what: "attach", .. }));
         assert_eq!(route("/healthz"), Route::Healthz);
+        assert_eq!(route("/metrics/resource"), Route::ResourceMetrics);
+        assert_eq!(route("/stats/summary"), Route::StatsSummary);
+        assert_eq!(route("/stats/summary/"), Route::StatsSummary);
+        assert_eq!(route("/metrics/cadvisor"), Route::NotFound);
         assert_eq!(route("/containerLogs/default/web"), Route::NotFound);
         assert_eq!(route("/containerLogs//web/app"), Route::NotFound);
         assert_eq!(route("/pods"), Route::NotFound);
