@@ -61,6 +61,55 @@ impl HostFacts {
     }
 }
 
+/// The whole host's CPU and memory use, as the kubelet reports a node's (its root cgroup's): all
+/// processes, not the agent's alone, so `kubectl top nodes` compares with the node's capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostUsage {
+    /// CPU time every CPU spent not idle since boot (user, nice, system, irq, softirq, steal),
+    /// nanoseconds.
+    pub cpu_nanos: u64,
+    /// When the host booted, Unix seconds.
+    pub boot_time: i64,
+    /// `MemTotal`, bytes.
+    pub memory_total: u64,
+    /// `MemTotal - MemFree`: what the root memory cgroup counts as used (page cache included).
+    pub memory_usage: u64,
+    /// The usage less the inactive file cache, which the kernel reclaims first: the kubelet's
+    /// working set.
+    pub memory_working_set: u64,
+}
+
+impl HostUsage {
+    /// Reads `/proc/stat` and `/proc/meminfo`; `None` where they are missing (not Linux).
+    pub fn read() -> Option<HostUsage> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let ticks_per_second = rustix::param::clock_ticks_per_second();
+        HostUsage::parse(&stat, &meminfo, ticks_per_second)
+    }
+
+    /// The usage from the text of `/proc/stat` and `/proc/meminfo`, with the kernel's `USER_HZ`.
+    pub fn parse(stat: &str, meminfo: &str, ticks_per_second: u64) -> Option<HostUsage> {
+        let cpu = stat.lines().find_map(|l| l.strip_prefix("cpu "))?;
+        let ticks: Vec<u64> = cpu.split_whitespace().map(|t| t.parse().unwrap_or(0)).collect();
+        // user nice system idle iowait irq softirq steal (guest time is already in user and nice).
+        let busy: u64 = [0, 1, 2, 5, 6, 7].iter().map(|&i| ticks.get(i).copied().unwrap_or(0)).sum();
+        let boot_time = stat.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse().ok()?;
+        let memory_total = meminfo_field(meminfo, "MemTotal:");
+        if memory_total == 0 || ticks_per_second == 0 {
+            return None;
+        }
+        let memory_usage = memory_total.saturating_sub(meminfo_field(meminfo, "MemFree:"));
+        Some(HostUsage {
+            cpu_nanos: busy.saturating_mul(1_000_000_000 / ticks_per_second),
+            boot_time,
+            memory_total,
+            memory_usage,
+            memory_working_set: memory_usage.saturating_sub(meminfo_field(meminfo, "Inactive(file):")),
+        })
+    }
+}
+
 /// The configured address, or the one of the default-route interface.
 pub fn node_ip_or_detected(configured: Option<IpAddr>) -> Option<IpAddr> {
     configured.or_else(default_route_ip)
@@ -131,6 +180,23 @@ pub fn host_name() -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_usage_is_busy_cpu_time_and_memory_less_inactive_cache() {
+        let stat = "cpu  100 20 30 5000 40 5 6 7 8 9\ncpu0 50 10 15 2500 20 2 3 3 4 4\nbtime 1700000000\n";
+        let meminfo =
+            "MemTotal:  1000 kB\nMemFree:  300 kB\nMemAvailable:  600 kB\nInactive(file):  200 kB\n";
+        let u = HostUsage::parse(stat, meminfo, 100).expect("parsed");
+        // 100 + 20 + 30 + 5 + 6 + 7 ticks of 10 ms: idle, iowait and guest time left out.
+        assert_eq!(u.cpu_nanos, 168 * 10_000_000);
+        assert_eq!(u.boot_time, 1_700_000_000);
+        assert_eq!((u.memory_total, u.memory_usage, u.memory_working_set), (1_024_000, 716_800, 512_000));
+        assert_eq!(HostUsage::parse("", meminfo, 100), None);
+        let live = HostUsage::read().expect("this host has /proc");
+        assert!(
+            live.cpu_nanos > 0 && live.memory_working_set > 0 && live.memory_working_set <= live.memory_total
+        );
+    }
 
     #[test]
     fn reads_this_host() {

@@ -14,8 +14,10 @@
 //! - **ground**: [`layout`] (every path under the state directory), [`store`] (sled), [`config`],
 //!   [`board`] (newest pod statuses), [`host`] (facts about the board), [`metrics`] (counters),
 //!   [`logfmt`] (the container log format: names, records, writer, reader), [`quantity`],
-//!   [`topic`] and [`broker`] (MQTT topic grammar, broker URLs), [`token`], [`retry`], [`notify`] (sd_notify), [`logging`].
+//!   [`topic`] and [`broker`] (MQTT topic grammar, broker URLs), [`token`], [`retry`], [`notify`] (sd_notify), [`logging`],
+//!   [`api_error`] (API server errors as one readable line).
 
+pub mod api_error;
 pub mod app;
 pub mod board;
 pub mod bootstrap;

@@ -113,20 +113,19 @@ fn main() -> ExitCode {
         Command::Status { json } => {
             lichen::logging::init_quiet(&config);
             match block_on(cli::status::node_report(&config)) {
-                Ok(r) if json => {
-                    report(Ok(format!("{}\n", serde_json::to_string_pretty(&r).unwrap_or_default())))
-                }
+                Ok(r) if json => report(Ok(cli::status::report_json(r, false))),
                 Ok(r) => report(Ok(cli::status::render(&r))),
                 Err(e) => fail(&e),
             }
         }
-        Command::Pods { json } => {
+        Command::Pods { json, output } => {
             lichen::logging::init_quiet(&config);
             match block_on(cli::status::node_report(&config)) {
-                Ok(r) if json => {
-                    report(Ok(format!("{}\n", serde_json::to_string_pretty(&r.pods).unwrap_or_default())))
-                }
-                Ok(r) => report(Ok(cli::status::pods_table(&r.pods, jiff::Timestamp::now()))),
+                Ok(r) => match output {
+                    Some(format) => report(cli::status::pods_output(&r, format)),
+                    None if json => report(Ok(cli::status::report_json(r, true))),
+                    None => report(Ok(cli::status::pods_table(&r.pods, jiff::Timestamp::now()))),
+                },
                 Err(e) => fail(&e),
             }
         }

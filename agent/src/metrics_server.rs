@@ -266,7 +266,6 @@ fn text(code: StatusCode, body: String, content_type: &'static str) -> Response<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::Ordering;
 
     #[tokio::test]
     async fn counters_show_up_in_the_text_format() {
@@ -275,8 +274,8 @@ mod tests {
         m.container_ended(1234, true);
         m.pull_finished(Duration::from_millis(120), true);
         m.api_request("PATCH", 503, Some(Duration::from_millis(7)));
-        let cell = m.memory_cell("default/p", "c");
-        cell.store(65536, Ordering::Relaxed);
+        let meter = m.container_meter("default/p", "uid-p", "c", jiff::Timestamp::now());
+        meter.set_linear_memory(65536);
         let dir = tempfile::tempdir().expect("tempdir");
         let sources = Sources {
             board: Arc::new(StatusBoard::default()),
@@ -298,7 +297,7 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line:?} missing from\n{text}");
         }
-        m.forget_memory("default/p", "c", &cell);
+        m.forget_container("default/p", "c", &meter);
         assert!(!render(&sources).contains("pod=\"p\""), "a finished run's memory series is gone");
     }
 }

@@ -276,7 +276,7 @@ impl Node {
             stderr: log.sink(Stream::Stderr),
             stdin: None,
             mqtt: None,
-            memory_gauge: None,
+            meter: None,
         };
         let cancel = CancellationToken::new();
 

@@ -36,6 +36,11 @@ impl Cluster {
         Cluster { client, kubeconfig: path }
     }
 
+    /// The admin kubeconfig, for running `kubectl` against the cluster.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
     /// The server URL and CA from the admin kubeconfig, for node kubeconfigs.
     fn cluster_entry(&self) -> (String, String) {
         let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig");

@@ -8,6 +8,8 @@ pub mod cluster;
 pub mod fakeapi;
 pub mod mosquitto;
 pub mod registry;
+pub mod strict_json;
+pub mod top;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -377,6 +377,83 @@ fn commands_and_a_starting_agent_wait_for_each_other() {
     assert!(exit.success(), "{}", log.join("\n"));
 }
 
+/// `lichen pods -o json|yaml` prints a `v1 List` of `Pod` objects as kubectl does, so a kubectl
+/// user's filters read why a container ended (`.items[].status.containerStatuses[].state.terminated`:
+/// exit code, reason, message, start and finish times); `lichen pods --json` carries the same
+/// container states on its lines. The agent logs JSON meanwhile, and every line of it is one
+/// object with no key twice.
+#[test]
+fn pods_as_api_objects_show_why_each_container_ended() {
+    let s = Scratch::new("[log]\nformat = \"json\"\n");
+    let manifest = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: ender\n  labels: {{app: ender}}\nspec:\n  restartPolicy: Never\n  \
+         containers:\n  - name: exits\n    image: file://{}\n  - name: traps\n    image: file://{}\n",
+        fixture("exit.wat").display(),
+        fixture("trap.wat").display()
+    );
+    s.put_pod("ender.yaml", &manifest);
+    let agent = s.start();
+    s.wait_running(T);
+    s.wait_phase("ender", "Failed", T);
+
+    let text = lichen_ok(&s, &["pods", "-o", "json"]);
+    let list: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!((list["apiVersion"].as_str(), list["kind"].as_str()), (Some("v1"), Some("List")), "{text}");
+    let pod = list["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|p| p["metadata"]["name"] == "ender-test-node"))
+        .unwrap_or_else(|| panic!("the pod in {text}"));
+    assert_eq!((pod["apiVersion"].as_str(), pod["kind"].as_str()), (Some("v1"), Some("Pod")));
+    assert_eq!(pod["metadata"]["namespace"], "default");
+    assert_eq!(pod["metadata"]["labels"]["app"], "ender");
+    assert!(pod["metadata"]["uid"].as_str().is_some_and(|u| !u.is_empty()), "{pod}");
+    assert_eq!(pod["spec"]["restartPolicy"], "Never");
+    assert_eq!(pod["status"]["phase"], "Failed");
+    let terminated = |name: &str| -> serde_json::Value {
+        let statuses = pod["status"]["containerStatuses"].as_array().expect("containerStatuses");
+        let c = statuses.iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("{name} in {pod}"));
+        c["state"]["terminated"].clone()
+    };
+    let exits = terminated("exits");
+    assert_eq!((exits["exitCode"].as_i64(), exits["reason"].as_str()), (Some(3), Some("Error")), "{exits}");
+    let traps = terminated("traps");
+    assert_eq!((traps["exitCode"].as_i64(), traps["reason"].as_str()), (Some(134), Some("Trap")), "{traps}");
+    assert!(traps["message"].as_str().is_some_and(|m| !m.is_empty()), "the trap is explained: {traps}");
+    for t in [&exits, &traps] {
+        let started: jiff::Timestamp =
+            t["startedAt"].as_str().and_then(|t| t.parse().ok()).expect("startedAt");
+        let finished: jiff::Timestamp =
+            t["finishedAt"].as_str().and_then(|t| t.parse().ok()).expect("finishedAt");
+        assert!(started <= finished, "{t}");
+    }
+
+    // YAML: the same objects.
+    let yaml = lichen_ok(&s, &["pods", "-o", "yaml"]);
+    let from_yaml: serde_json::Value = serde_saphyr::from_str(&yaml).expect("yaml");
+    assert_eq!(from_yaml, list, "{yaml}");
+
+    // --json: the report's lines, now with each container's full state, and no objects.
+    let lines: serde_json::Value = serde_json::from_str(&lichen_ok(&s, &["pods", "--json"])).expect("json");
+    let line = lines
+        .as_array()
+        .and_then(|l| l.iter().find(|p| p["key"] == "default/ender-test-node"))
+        .expect("line");
+    let exits = line["container_statuses"].as_array().and_then(|c| c.iter().find(|c| c["name"] == "exits"));
+    assert_eq!(
+        exits.map(|c| c["state"]["terminated"]["exitCode"].clone()),
+        Some(serde_json::json!(3)),
+        "{line}"
+    );
+    assert!(line.get("object").is_none(), "{line}");
+
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{}", log.join("\n"));
+    assert!(!log.is_empty());
+    for l in &log {
+        lichen_tests::strict_json::parse(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+    }
+}
+
 /// `lichen <args> --config <scratch config>`, run to its end.
 fn lichen_cmd(s: &Scratch, args: &[&str]) -> std::process::Output {
     std::process::Command::new(lichen_bin())

@@ -14,7 +14,7 @@ use kube::api::{
 };
 use kube::runtime::watcher;
 use lichen_tests::fakeapi::FakeApi;
-use lichen_tests::{Agent, Scratch, fixture, is_running_ready, node_condition, wait_for_async};
+use lichen_tests::{Agent, Scratch, fixture, is_running_ready, node_condition, wait_for, wait_for_async};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(20);
@@ -1153,6 +1153,88 @@ async fn a_pod_recreated_under_the_same_name_never_gets_the_old_status() {
     assert!(agent.stop().0.success());
 }
 
+/// Right after a binding the real Node authorizer refuses the pod's Secret (`403 … no relationship
+/// found between node … and this object`) until its graph has the pod. The agent asks again at
+/// once, as the kubelet does, so the pod starts within moments instead of at the next pass over
+/// pods' inputs (every 5 s, once per refusal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_refused_while_the_node_authorizer_catches_up_is_fetched_again_at_once() {
+    let name = "fake-graph-lag";
+    let (api, _s, agent, pods) = joined_with(name, "").await;
+    let secrets: Api<Secret> = Api::namespaced(api.client(), "default");
+    let secret: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "lagged"}, "stringData": {"k": "v"}})).expect("s");
+    secrets.create(&PostParams::default(), &secret).await.expect("secret");
+    api.faults().lag_node_graph(3, "/secrets/lagged");
+    let spec = json!({"containers": [{"name": "main", "image": wasm("sleeper.wat"),
+        "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "lagged", "key": "k"}}}]}]});
+    pods.create(&PostParams::default(), &pod("lagged", Some(name), "", spec)).await.expect("pod");
+    wait_pod(&pods, "lagged", "Running", is_running_ready).await;
+
+    let reads: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path_only().ends_with("/secrets/lagged"))
+        .collect();
+    let codes: Vec<u16> = reads.iter().map(|r| r.code).collect();
+    assert_eq!(codes.get(..4), Some(&[403, 403, 403, 200][..]), "{codes:?}");
+    let first_refusal_to_success = reads[3].at.duration_since(reads[0].at);
+    assert!(
+        first_refusal_to_success < lichen::cluster::inputs::RETRY,
+        "read again at once, not at the next pass: {first_refusal_to_success:?}"
+    );
+    assert!(agent.stop().0.success());
+}
+
+/// `log.format = "json"`: every line the agent writes, through a lifecycle that logs much (a
+/// Secret refused and fetched again, containers that exit with a code and trap with a message, a
+/// pod deleted, the node stopping), at `debug`, is one JSON object in which no key appears twice.
+/// A field named like the event's own text (`message`) once made `"message"` appear twice, and
+/// log shippers keep one or the other; this is the guard against any such field coming back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_line_of_the_json_log_is_one_object_with_no_key_twice() {
+    let name = "fake-json-log";
+    let (api, _s, agent, pods) = joined_with(name, "[log]\nformat = \"json\"\nlevel = \"debug\"\n").await;
+    let secrets: Api<Secret> = Api::namespaced(api.client(), "default");
+    let secret: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "lagged"}, "stringData": {"k": "v"}})).expect("s");
+    secrets.create(&PostParams::default(), &secret).await.expect("secret");
+    api.faults().lag_node_graph(2, "/secrets/lagged");
+    let spec = json!({"containers": [{"name": "main", "image": wasm("sleeper.wat"),
+        "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "lagged", "key": "k"}}}]}]});
+    pods.create(&PostParams::default(), &pod("sleeper", Some(name), "", spec)).await.expect("pod");
+    let spec = json!({"restartPolicy": "Never", "containers": [
+        {"name": "exits", "image": wasm("exit.wat")},
+        {"name": "traps", "image": wasm("trap.wat")}]});
+    pods.create(&PostParams::default(), &pod("ender", Some(name), "", spec)).await.expect("pod");
+    wait_pod(&pods, "sleeper", "Running", is_running_ready).await;
+    wait_pod(&pods, "ender", "Failed", |p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")
+    })
+    .await;
+    pods.delete("sleeper", &DeleteParams::default()).await.expect("delete");
+    wait_for_async(T, "the deleted pod to be gone", || async {
+        pods.get_opt("sleeper").await.ok().and_then(|p| p.is_none().then_some(()))
+    })
+    .await;
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{}", log.join("\n"));
+
+    let mut ended = 0;
+    for line in &log {
+        let event = lichen_tests::strict_json::parse(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(event.is_object() && event["fields"].is_object(), "one event object a line: {line}");
+        if event["fields"]["message"] == "container ended" {
+            ended += 1;
+        }
+    }
+    assert!(
+        ended >= 3 && log.len() > 50,
+        "the lifecycle was logged ({ended} container ends, {} lines)",
+        log.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_maps_secrets_and_the_service_account_token_reach_the_module_under_the_node_authorizer() {
     let name = "fake-config";
@@ -1893,15 +1975,22 @@ async fn the_node_certificate_is_renewed_before_it_expires_and_pods_keep_running
 /// `curl -k` to the node's kubelet API: (status code, body). The test does not verify the serving
 /// certificate, as an API server without `--kubelet-certificate-authority` does not.
 fn kubelet_call(port: u16, method: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
+    let (code, _, body) = kubelet_call_typed(port, method, path, bearer);
+    (code, body)
+}
+
+/// [`kubelet_call`] with the answer's content type: status code, content type, body.
+fn kubelet_call_typed(port: u16, method: &str, path: &str, bearer: Option<&str>) -> (u16, String, String) {
     let mut c = std::process::Command::new("curl");
-    c.args(["-sk", "-X", method, "-w", "\n%{http_code}", "--max-time", "10"]);
+    c.args(["-sk", "-X", method, "-w", "\n%{content_type}\n%{http_code}", "--max-time", "10"]);
     if let Some(t) = bearer {
         c.args(["-H", &format!("Authorization: Bearer {t}")]);
     }
     let out = c.arg(format!("https://127.0.0.1:{port}{path}")).output().expect("curl (CI installs it)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
+    let (rest, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    let (body, content_type) = rest.rsplit_once('\n').unwrap_or(("", ""));
+    (code.trim().parse().unwrap_or(0), content_type.to_owned(), body.to_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2010,9 +2099,30 @@ async fn kubectl_logs_go_through_the_api_server_to_the_kubelet_api_and_strangers
         (404, "previous terminated container \"main\" in pod \"default/talker\" not found\n"),
         "the node's own answer when there is no previous run"
     );
-    let (code, body) = kubelet_call(port, "POST", "/exec/default/talker/main?command=sh", Some("t-ops"));
-    assert_eq!(code, 501, "{body}");
-    assert!(body.contains("not supported for WebAssembly pods"), "{body}");
+    // exec, attach and port-forward: a metav1.Status kubectl can decode (it shows the message), not
+    // the text/plain 501 that kubectl printed as an empty `Error from server: `.
+    for (what, path) in [
+        ("exec", "/exec/default/talker/main?command=sh&output=1"),
+        ("attach", "/attach/default/talker/main?output=1"),
+        ("port-forward", "/portForward/default/talker"),
+    ] {
+        let (code, content_type, body) = kubelet_call_typed(port, "POST", path, Some("t-ops"));
+        assert_eq!(code, 405, "{what}: {body}");
+        assert_eq!(content_type, "application/json", "{what}");
+        let status: serde_json::Value = serde_json::from_str(&body).expect("a JSON body");
+        assert_eq!(
+            (&status["kind"], &status["apiVersion"], &status["status"], &status["reason"], &status["code"]),
+            (&json!("Status"), &json!("v1"), &json!("Failure"), &json!("MethodNotAllowed"), &json!(405)),
+            "{what}: {body}"
+        );
+        let message = status["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with(&format!("kubectl {what} is not supported on this Lichen node"))
+                && message.contains("WebAssembly (WASI) module")
+                && message.contains("use kubectl logs"),
+            "{what}: {message}"
+        );
+    }
     let (code, _) = kubelet_call(port, "GET", "/containerLogs/default/nobody/main", Some("t-ops"));
     assert_eq!(code, 404);
 
@@ -2020,4 +2130,116 @@ async fn kubectl_logs_go_through_the_api_server_to_the_kubelet_api_and_strangers
     let (exit, log) = agent.stop();
     assert!(exit.success(), "{}", log.join("\n"));
     assert!(!log.iter().any(|l| l.contains("t-ops") || l.contains("t-viewer")), "tokens never logged");
+}
+
+/// The containers' CPU seconds of `pod` in a decoded scrape.
+fn cpu_of(scrape: &lichen_tests::top::ResourceScrape, pod: &str) -> Option<f64> {
+    scrape.pod("default", pod).first().map(|(_, p)| p.cpu_seconds)
+}
+
+/// What metrics-server reads for `kubectl top` and the autoscaler: `/metrics/resource` and
+/// `/stats/summary` on the node's kubelet API, called directly with the tokens the API server
+/// vouches for, as metrics-server calls every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_top_finds_cpu_and_memory_of_the_node_and_its_pods_in_the_kubelet_api() {
+    use lichen_tests::top::decode;
+    let name = "fake-top";
+    let api = FakeApi::start_tls().await;
+    api.delete_node(name).await;
+    let s = Scratch::new("");
+    let kc = api.node_kubeconfig(name, s.dir.path()).await;
+    let port = lichen_tests::free_port();
+    let agent = lichen_tests::start_kubelet_node(&s, name, &kc, port);
+    wait_ready(&api, name).await;
+    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    let spinner = run_bound(&pods, "spinner", name, "loop.wat").await;
+    run_bound(&pods, "idler", name, "idle.wat").await;
+
+    // Authorized as the kubelet authorizes: /metrics/* is nodes/metrics, /stats/* is nodes/stats,
+    // and nodes/proxy (enough for logs) is not enough.
+    let metrics = "/metrics/resource";
+    let summary = "/stats/summary?only_cpu_and_memory=true";
+    assert_eq!(kubelet_call(port, "GET", metrics, None).0, 401, "anonymous");
+    assert_eq!(kubelet_call(port, "GET", summary, Some("not-a-token")).0, 401, "an unknown token");
+    api.add_user_token("t-logs", "logs-reader", &["operators"]);
+    api.grant("logs-reader", "get", "nodes", Some("proxy"));
+    let (code, body) = kubelet_call(port, "GET", metrics, Some("t-logs"));
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("user=logs-reader") && body.contains("subresource=metrics"), "{body}");
+    let (code, body) = kubelet_call(port, "GET", summary, Some("t-logs"));
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("subresource=stats"), "{body}");
+    api.add_user_token("t-ms", "metrics-server", &["system:serviceaccounts"]);
+    api.grant("metrics-server", "get", "nodes", Some("metrics"));
+    api.grant("metrics-server", "get", "nodes", Some("stats"));
+    let scrape = || {
+        let (code, body) = kubelet_call(port, "GET", metrics, Some("t-ms"));
+        assert_eq!(code, 200, "{body}");
+        decode(&body)
+    };
+
+    // A busy pod's counter grows; an idle one's barely moves over the same time.
+    let first = wait_for(T, "both pods in the resource metrics", || {
+        let s = scrape();
+        (cpu_of(&s, "spinner").is_some() && cpu_of(&s, "idler").is_some()).then_some(s)
+    });
+    assert_eq!(first.scrape_error, 0.0);
+    let containers: Vec<&str> = first.pod("default", "spinner").iter().map(|(c, _)| *c).collect();
+    assert_eq!(containers, vec!["main"]);
+    let since = Instant::now();
+    let later = wait_for(T, "the spinner's CPU counter to grow by half a second", || {
+        let s = scrape();
+        (cpu_of(&s, "spinner")? - cpu_of(&first, "spinner")? >= 0.5).then_some(s)
+    });
+    let wall = since.elapsed().as_secs_f64();
+    let idle = cpu_of(&later, "idler").expect("idler") - cpu_of(&first, "idler").expect("idler");
+    assert!(idle < 0.02 * wall.max(1.0), "the idle pod used {idle} s of CPU in {wall} s");
+    assert!(later.node_cpu_seconds >= first.node_cpu_seconds + 0.5, "the host's CPU includes the spinner");
+    let now_ms = jiff::Timestamp::now().as_millisecond();
+    let (_, point) = later.pod("default", "spinner")[0];
+    assert!((now_ms - point.timestamp_ms).abs() < 10_000, "sampled now: {point:?}");
+    assert!((now_ms - later.node_timestamp_ms).abs() < 10_000);
+    assert!(point.memory_bytes >= 65536.0, "one page of linear memory and the instance: {point:?}");
+    let started = point.start_time_seconds * 1000.0;
+    assert!(started <= now_ms as f64 && now_ms as f64 - started < 120_000.0, "{point:?}");
+    let pod_cpu = later.pod_cpu_seconds.get(&("default".to_owned(), "spinner".to_owned()));
+    assert_eq!(pod_cpu, Some(&point.cpu_seconds), "a pod's CPU is its containers'");
+
+    // The Summary: the same figures in the stats API's shape, with rates.
+    let (code, body) = kubelet_call(port, "GET", summary, Some("t-ms"));
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["node"]["nodeName"], name);
+    assert!(v["node"]["cpu"]["usageCoreNanoSeconds"].as_u64().is_some_and(|n| n > 0), "{v}");
+    assert!(v["node"]["memory"]["workingSetBytes"].as_u64().is_some_and(|n| n > 0), "{v}");
+    let listed = v["pods"].as_array().expect("pods");
+    let pod = listed.iter().find(|p| p["podRef"]["name"] == "spinner").expect("the spinner");
+    assert_eq!(pod["podRef"]["namespace"], "default");
+    assert_eq!(pod["podRef"]["uid"].as_str(), spinner.metadata.uid.as_deref());
+    assert!(pod["startTime"].as_str().is_some_and(|t| t.parse::<jiff::Timestamp>().is_ok()), "{pod}");
+    let main = &pod["containers"][0];
+    assert_eq!(main["name"], "main");
+    assert!(main["cpu"]["usageCoreNanoSeconds"].as_u64().is_some_and(|n| n >= 500_000_000), "{main}");
+    assert!(main["cpu"]["usageNanoCores"].as_u64().is_some_and(|n| n > 100_000_000), "busy: {main}");
+    assert!(main["memory"]["workingSetBytes"].as_u64().is_some_and(|n| n >= 65536), "{main}");
+    let idler = listed.iter().find(|p| p["podRef"]["name"] == "idler").expect("the idler");
+    assert!(
+        idler["containers"][0]["cpu"]["usageNanoCores"].as_u64().is_some_and(|n| n < 20_000_000),
+        "{idler}"
+    );
+
+    // A deleted pod's series go with it.
+    pods.delete("spinner", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
+        .await
+        .expect("delete");
+    let gone = wait_for(T, "the spinner's series to disappear", || {
+        let s = scrape();
+        cpu_of(&s, "spinner").is_none().then_some(s)
+    });
+    assert!(cpu_of(&gone, "idler").is_some(), "the idler stays");
+    let (_, body) = kubelet_call(port, "GET", summary, Some("t-ms"));
+    assert!(!body.contains("\"spinner\""), "{body}");
+
+    let (exit, log) = agent.stop();
+    assert!(exit.success(), "{}", log.join("\n"));
 }

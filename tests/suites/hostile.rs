@@ -29,7 +29,7 @@ async fn run(rt: &WasmRuntime, bytes: Vec<u8>) -> (RunReport, Vec<LogRecord>) {
                 stderr: log.sink(Stream::Stderr),
                 stdin: None,
                 mqtt: None,
-                memory_gauge: None,
+                meter: None,
             };
             rt.run(&module, spec, &CancellationToken::new()).await
         }

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lichen::metrics::ContainerMeter;
 use lichen::runtime::logs::{ContainerLog, LogRecord, Stream, read_run};
 use lichen::runtime::{Outcome, Preopen, RunReport, RunSpec, WasmRuntime};
 use lichen::store::ModuleDigest;
@@ -17,11 +18,19 @@ struct Run {
     memory: u64,
     timeout: Option<Duration>,
     preopens: Vec<Preopen>,
+    meter: Option<Arc<ContainerMeter>>,
 }
 
 impl Default for Run {
     fn default() -> Self {
-        Run { args: vec!["m".into()], fuel: None, memory: 16 << 20, timeout: None, preopens: vec![] }
+        Run {
+            args: vec!["m".into()],
+            fuel: None,
+            memory: 16 << 20,
+            timeout: None,
+            preopens: vec![],
+            meter: None,
+        }
     }
 }
 
@@ -43,7 +52,7 @@ async fn run_bytes(rt: &WasmRuntime, bytes: Vec<u8>, run: Run) -> (RunReport, Ve
                 stderr: log.sink(Stream::Stderr),
                 stdin: None,
                 mqtt: None,
-                memory_gauge: None,
+                meter: run.meter,
             };
             rt.run(&module, spec, &CancellationToken::new()).await
         }
@@ -85,6 +94,36 @@ async fn an_infinite_loop_is_stopped_by_fuel() {
     assert_eq!(r.fuel_consumed, 5_000_000);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_cpu_time_is_the_time_its_code_ran_and_waiting_costs_none() {
+    let rt = WasmRuntime::new().expect("runtime");
+    let limit = Duration::from_millis(800);
+    let busy = Arc::new(ContainerMeter::new("uid", jiff::Timestamp::now()));
+    let (r, _) = run_fixture(
+        &rt,
+        "loop.wat",
+        Run { timeout: Some(limit), meter: Some(busy.clone()), ..Run::default() },
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::DeadlineExceeded { timeout: limit });
+    let cpu = Duration::from_nanos(busy.cpu_nanos());
+    // Spinning for 0.8 s: most of it on a CPU (the machine may be shared), never more than it ran.
+    assert!(cpu >= Duration::from_millis(200) && cpu <= r.elapsed, "{cpu:?} of {:?}", r.elapsed);
+    assert_eq!(busy.linear_memory(), 65536, "one page");
+
+    let idle = Arc::new(ContainerMeter::new("uid", jiff::Timestamp::now()));
+    let (r, out) = run_fixture(
+        &rt,
+        "idle.wat",
+        Run { timeout: Some(limit), meter: Some(idle.clone()), ..Run::default() },
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::DeadlineExceeded { timeout: limit });
+    assert_eq!(stdout_lines(&out), vec!["started"]);
+    let cpu = Duration::from_nanos(idle.cpu_nanos());
+    assert!(cpu > Duration::ZERO && cpu < Duration::from_millis(40), "asleep for 0.8 s: {cpu:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_busy_module_does_not_starve_the_reactor() {
     // One worker thread: if wasm did not yield, the timer below could not fire until fuel ran out.
@@ -105,7 +144,7 @@ async fn a_busy_module_does_not_starve_the_reactor() {
         stderr: log.sink(Stream::Stderr),
         stdin: None,
         mqtt: None,
-        memory_gauge: None,
+        meter: None,
     };
     let stopper = cancel.clone();
     tokio::spawn(async move {

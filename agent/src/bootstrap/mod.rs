@@ -125,7 +125,7 @@ pub enum BootstrapError {
         source: crate::token::BadToken,
     },
     /// The API server could not be reached or refused a request.
-    #[error("{what}: {source}")]
+    #[error("{what}: {}", crate::api_error::brief(.source))]
     Api {
         /// The request.
         what: String,
@@ -389,7 +389,10 @@ pub async fn request_signed(
                     return Ok((request.key_pem, cert.0));
                 }
             }
-            Err(e) => tracing::debug!(csr = %name, error = %e, "cannot read the CSR yet; retrying"),
+            Err(e) => {
+                let resource = format!("certificatesigningrequests {name}");
+                tracing::debug!(error = %crate::api_error::failed("get", &resource, &e), "cannot read the CSR yet; retrying")
+            }
         }
         if started.elapsed() >= timeout {
             return Err(BootstrapError::NotApproved { name, waited_secs: timeout.as_secs() });

@@ -3,10 +3,19 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::ConfigArgs;
 use crate::runtime::CompileTarget;
+
+/// `lichen pods -o`: the formats kubectl prints objects in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PodsFormat {
+    /// A `v1 List` of `Pod` objects as JSON.
+    Json,
+    /// The same as YAML.
+    Yaml,
+}
 
 /// Lichen: run Kubernetes pods as WebAssembly modules on small edge boards.
 #[derive(Debug, Parser)]
@@ -42,9 +51,13 @@ pub enum Command {
     /// List the pods on this node as `kubectl get pods -A` does: namespace, name, ready containers,
     /// status, restarts and age. Works offline, and reads the store when no agent runs.
     Pods {
-        /// Print JSON instead of a table.
-        #[arg(long)]
+        /// Print the report's pod lines as JSON (with each container's full state) instead of a table.
+        #[arg(long, conflicts_with = "output")]
         json: bool,
+        /// Print the pods as `kubectl get pods -o json|yaml` does: a `v1 List` of `Pod` objects, so
+        /// the same jq and yq filters work (`.items[].status.containerStatuses[].state`).
+        #[arg(long, short = 'o', value_enum)]
+        output: Option<PodsFormat>,
     },
     /// Print a container's log (stdout and stderr), as `kubectl logs` does. The files are read
     /// directly, so it works offline, with or without a running agent.

@@ -14,7 +14,7 @@ pub mod status;
 
 use std::path::PathBuf;
 
-pub use args::{Cli, Command, JoinArgs, LogsArgs, ModulesAction, RegistryLogin};
+pub use args::{Cli, Command, JoinArgs, LogsArgs, ModulesAction, PodsFormat, RegistryLogin};
 
 /// Why an operator command failed: what `lichen` prints after `lichen: ` before exiting 1.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +111,9 @@ pub enum CliError {
     /// A blocking task failed.
     #[error("internal task failed: {0}")]
     Task(#[source] tokio::task::JoinError),
+    /// The pods could not be written as YAML.
+    #[error("cannot print the pods as YAML: {0}")]
+    Yaml(#[source] serde_saphyr::SerializeError),
     /// The async runtime could not start.
     #[error("cannot start the async runtime: {0}")]
     AsyncRuntime(#[source] std::io::Error),

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use super::CliError;
 use super::client::{Reached, ask_agent_or_open_store, expect_answer};
 use crate::config::AgentConfig;
-use crate::control::report::{NodeReport, pod_lines};
+use crate::control::report::{NodeReport, pod_lines, pod_list};
 use crate::control::{ControlRequest, ControlResponse};
 
 /// The node report: from the running agent through its control socket, or from the store when no
@@ -39,6 +39,32 @@ pub async fn node_report(config: &AgentConfig) -> Result<NodeReport, CliError> {
         store_pod_writes: 0,
         mqtt: None,
     })
+}
+
+/// `lichen status --json` (`pods_only`: `lichen pods --json`): the report, or its pod lines, as
+/// pretty JSON, without the pods' full objects (those are `lichen pods -o json`).
+pub fn report_json(mut report: NodeReport, pods_only: bool) -> String {
+    for p in &mut report.pods {
+        p.object = None;
+    }
+    let text = if pods_only {
+        serde_json::to_string_pretty(&report.pods)
+    } else {
+        serde_json::to_string_pretty(&report)
+    };
+    // Plain data with string keys: serialising it cannot fail.
+    format!("{}\n", text.unwrap_or_default())
+}
+
+/// `lichen pods -o json|yaml`: a `v1 List` of the pods as `Pod` objects, as kubectl prints it.
+pub fn pods_output(report: &NodeReport, format: super::PodsFormat) -> Result<String, CliError> {
+    let list = pod_list(&report.pods);
+    match format {
+        super::PodsFormat::Json => {
+            Ok(format!("{}\n", serde_json::to_string_pretty(&list).unwrap_or_default()))
+        }
+        super::PodsFormat::Yaml => serde_saphyr::to_string(&list).map_err(CliError::Yaml),
+    }
 }
 
 fn status_answer(socket: &std::path::Path, answer: ControlResponse) -> Result<NodeReport, CliError> {

@@ -70,6 +70,17 @@ pub enum Action {
     Drop,
 }
 
+impl Action {
+    /// The request's verb, for log lines.
+    fn verb(&self) -> &'static str {
+        match self {
+            Action::Create(_) => "create",
+            Action::Bump { .. } => "patch",
+            Action::Drop => "drop",
+        }
+    }
+}
+
 impl Correlator {
     /// Decides how `e` reaches the API server, and remembers it.
     pub fn observe(&mut self, e: &PodEvent, node: &str) -> Action {
@@ -174,12 +185,14 @@ pub async fn run(
                     break;
                 }
                 Err(WriteError::Rejected(why)) => {
-                    tracing::warn!(reason = e.reason, pod = %e.key, error = %why, "event refused by the API server");
+                    let resource = format!("events {}", e.key);
+                    tracing::warn!(reason = e.reason, error = %crate::api_error::failed(action.verb(), &resource, &why), "event refused by the API server");
                     break;
                 }
                 Err(WriteError::Unreachable(why)) => {
                     let delay = backoff.next_delay();
-                    tracing::debug!(error = %why, retry_in_secs = delay.as_secs(), "cannot write event");
+                    let resource = format!("events {}", e.key);
+                    tracing::debug!(error = %crate::api_error::failed(action.verb(), &resource, &why), retry_in_secs = delay.as_secs(), "cannot write event");
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}

@@ -5,6 +5,11 @@
 //! Results are cached per pod and refreshed: objects every [`REFRESH`], missing ones and failed
 //! fetches on every pass, tokens at 80% of their life. A failed fetch keeps the last good value,
 //! so an outage never empties a running pod's volume.
+//!
+//! Right after a pod is bound the Node authorizer may refuse these reads (`403 … no relationship
+//! found between node … and this object`) until its graph has the pod; such a refusal is retried
+//! at once, a few times over about three seconds ([`GRAPH_LAG_RETRIES`]), quietly, as the kubelet
+//! does, instead of leaving the pod waiting for the next pass.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -21,6 +26,16 @@ use crate::pod::inputs::{self, IssuedToken, ObjectData, ObjectKind, PodInputs, T
 pub const REFRESH: Duration = Duration::from_secs(60);
 /// How soon a missing object, a failed fetch or a due token is tried again.
 pub const RETRY: Duration = Duration::from_secs(5);
+/// The waits between quick retries of a read the Node authorizer refused because its graph has
+/// not caught up with a binding (milliseconds in practice); about 3 s in all, well under [`RETRY`].
+pub const GRAPH_LAG_RETRIES: [Duration; 6] = [
+    Duration::from_millis(50),
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+    Duration::from_millis(800),
+    Duration::from_millis(1600),
+];
 
 struct Cached {
     inputs: PodInputs,
@@ -31,7 +46,7 @@ struct Cached {
 #[derive(Debug, thiserror::Error)]
 pub enum TokenRequestError {
     /// The API server refused or could not be reached.
-    #[error("TokenRequest for service account {account}: {source}")]
+    #[error("TokenRequest for service account {account}: {}", crate::api_error::brief(.source))]
     Api {
         /// `namespace/name` of the service account.
         account: String,
@@ -92,13 +107,14 @@ impl InputResolver {
         let mut out = PodInputs::default();
         let cms: Api<ConfigMap> = Api::namespaced(self.client.current(), ns);
         for name in &refs.config_maps {
-            let got = cms.get_opt(name).await.map(|o| o.map(config_map_data));
-            record(&mut out, previous, ObjectKind::ConfigMap, name, got);
+            let got = past_graph_lag(|| cms.get_opt(name)).await.map(|o| o.map(config_map_data));
+            record(&mut out, previous, ObjectKind::ConfigMap, ns, name, got);
         }
         let secrets: Api<Secret> = Api::namespaced(self.client.current(), ns);
         for name in &refs.secrets {
-            let got = secrets.get_opt(name).await.map(|o| o.map(|s| s.data.unwrap_or_default()));
-            record(&mut out, previous, ObjectKind::Secret, name, got);
+            let got =
+                past_graph_lag(|| secrets.get_opt(name)).await.map(|o| o.map(|s| s.data.unwrap_or_default()));
+            record(&mut out, previous, ObjectKind::Secret, ns, name, got);
         }
         let now = Timestamp::now();
         for t in &refs.tokens {
@@ -147,12 +163,34 @@ impl InputResolver {
             ..Default::default()
         };
         let issued = Timestamp::now();
-        let resp = api
-            .create_token_request(sa, &PostParams::default(), &request)
+        let params = PostParams::default();
+        let resp = past_graph_lag(|| api.create_token_request(sa, &params, &request))
             .await
             .map_err(|source| TokenRequestError::Api { account: format!("{ns}/{sa}"), source })?;
         let status = resp.status.ok_or(TokenRequestError::NoToken)?;
         Ok(IssuedToken { token: status.token, issued, expires: status.expiration_timestamp.0 })
+    }
+}
+
+/// `call`, again after a short wait while the Node authorizer refuses it for lack of a graph edge
+/// ([`GRAPH_LAG_RETRIES`]); any other outcome, or the last refusal, is returned as it is.
+async fn past_graph_lag<T, F, Fut>(mut call: F) -> Result<T, kube::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, kube::Error>>,
+{
+    let mut waits = GRAPH_LAG_RETRIES.iter();
+    loop {
+        match call().await {
+            Err(e) if crate::api_error::is_node_graph_lag(&e) => match waits.next() {
+                Some(wait) => {
+                    tracing::debug!(error = %crate::api_error::brief(&e), retry_in_ms = wait.as_millis() as u64, "the Node authorizer has not caught up with the binding yet");
+                    tokio::time::sleep(*wait).await;
+                }
+                None => return Err(e),
+            },
+            got => return got,
+        }
     }
 }
 
@@ -161,6 +199,7 @@ fn record(
     out: &mut PodInputs,
     previous: &PodInputs,
     kind: ObjectKind,
+    namespace: &str,
     name: &str,
     got: Result<Option<ObjectData>, kube::Error>,
 ) {
@@ -173,13 +212,15 @@ fn record(
             map.insert(name.to_owned(), data);
         }
         Err(e) => {
-            tracing::warn!(kind = kind.as_str(), %name, error = %e, "cannot fetch");
+            let resource = format!("{} {namespace}/{name}", kind.resource());
+            tracing::warn!(error = %crate::api_error::failed("get", &resource, &e), "cannot fetch");
             match prev {
                 Some(p) => {
                     map.insert(name.to_owned(), p.clone());
                 }
                 None => {
-                    out.errors.insert(kind.error_key(name), e.to_string());
+                    // The pod's status says which object; the API's answer completes it.
+                    out.errors.insert(kind.error_key(name), crate::api_error::brief(&e).to_string());
                 }
             }
         }

@@ -193,7 +193,7 @@ impl ApiPodSource {
                 }
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "pod watch interrupted; retrying");
+                    tracing::warn!(error = %crate::api_error::watch_failed("pods", &e), retry_in_ms = delay.as_millis() as u64, "pod watch interrupted; retrying");
                     let restored = async {
                         match &self.contact {
                             Some(c) => c.restored().await,
@@ -362,7 +362,8 @@ pub async fn finish_deletions(
             Ok(_) => tracing::info!(pod = %key, "pod deleted"),
             Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
             Err(e) => {
-                tracing::warn!(pod = %key, error = %e, "cannot delete pod; will retry");
+                let resource = format!("pods {key}");
+                tracing::warn!(error = %crate::api_error::failed("delete", &resource, &e), "cannot delete pod; will retry");
                 continue;
             }
         }

@@ -37,8 +37,10 @@ pub async fn run(
                     board.ack(&key, entry.version);
                 }
                 Err(e) => {
-                    contact.failed(&e.to_string());
-                    tracing::warn!(pod = %key, error = %e, "cannot write pod status; will retry");
+                    let line =
+                        crate::api_error::failed("patch", &format!("pods/status {key}"), &e).to_string();
+                    contact.failed(&line);
+                    tracing::warn!(error = %line, "cannot write pod status; will retry");
                     failed = true;
                 }
             }

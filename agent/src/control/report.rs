@@ -3,7 +3,7 @@
 //! store. The running agent builds it ([`super::server`]); with no agent running the `cli` layer
 //! reads the store itself. Presentation (tables, text) is the `cli` layer's.
 
-use k8s_openapi::api::core::v1::PodStatus;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodStatus};
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::ContactState;
@@ -39,6 +39,17 @@ pub struct PodLine {
     /// Every container of the pod's spec, init containers first.
     #[serde(default)]
     pub container_lines: Vec<ContainerLine>,
+    /// The init containers' statuses as the API's `PodStatus` has them: state (running, waiting, or
+    /// terminated with exit code, reason, message, start and finish times), last state, restarts.
+    #[serde(default)]
+    pub init_container_statuses: Vec<ContainerStatus>,
+    /// The app containers' statuses, as [`PodLine::init_container_statuses`].
+    #[serde(default)]
+    pub container_statuses: Vec<ContainerStatus>,
+    /// The pod as a v1 `Pod` object, for `lichen pods -o json|yaml` (see [`pod_object`]); left out
+    /// of `--json`, which lists the lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<serde_json::Value>,
 }
 
 /// One container of a pod in the report.
@@ -173,8 +184,45 @@ impl PodLine {
             uid: r.uid.clone(),
             start_time: st.start_time.as_ref().map(|t| t.0),
             container_lines,
+            init_container_statuses: st.init_container_statuses.clone().unwrap_or_default(),
+            container_statuses: st.container_statuses.clone().unwrap_or_default(),
+            object: Some(pod_object(r)),
         }
     }
+}
+
+/// The stored pod as the API shows it (`kubectl get pod -o json`): its manifest as a v1 `Pod`,
+/// with its namespace, name and UID, and the status last recorded. Put through the typed `Pod`, so
+/// it has the API's shape; a manifest the type does not take is shown as it is.
+pub fn pod_object(r: &PodRecord) -> serde_json::Value {
+    let mut object = match &r.pod {
+        serde_json::Value::Object(m) => m.clone(),
+        _ => serde_json::Map::new(),
+    };
+    let (namespace, name) = r.key.split_once('/').unwrap_or(("default", r.key.as_str()));
+    let mut meta = match object.remove("metadata") {
+        Some(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    meta.entry("namespace").or_insert_with(|| namespace.into());
+    meta.entry("name").or_insert_with(|| name.into());
+    if !r.uid.is_empty() {
+        meta.entry("uid").or_insert_with(|| r.uid.clone().into());
+    }
+    object.insert("apiVersion".into(), "v1".into());
+    object.insert("kind".into(), "Pod".into());
+    object.insert("metadata".into(), meta.into());
+    if let Some(status) = &r.status {
+        object.insert("status".into(), status.clone());
+    }
+    let object = serde_json::Value::Object(object);
+    serde_json::from_value::<Pod>(object.clone()).and_then(|p| serde_json::to_value(&p)).unwrap_or(object)
+}
+
+/// `kubectl get pods -o json`'s shape: a `v1 List` of the pods' objects.
+pub fn pod_list(pods: &[PodLine]) -> serde_json::Value {
+    let items: Vec<serde_json::Value> = pods.iter().filter_map(|p| p.object.clone()).collect();
+    serde_json::json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": ""}, "items": items})
 }
 
 /// The STATUS `kubectl get pods` would show, by kubectl's own rules: the first init container

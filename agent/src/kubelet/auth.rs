@@ -66,8 +66,8 @@ pub enum AuthError {
     #[error("the node is not connected to its API server yet; cannot check the caller")]
     NoClient,
     /// The API server did not answer.
-    #[error("the API server could not check the caller: {0}")]
-    Api(String),
+    #[error("the API server could not check the caller: {}", crate::api_error::brief(.0))]
+    Api(#[source] kube::Error),
 }
 
 /// A cached decision.
@@ -130,8 +130,7 @@ impl Authorizer {
             ..Default::default()
         };
         let api: Api<TokenReview> = Api::all(self.client()?);
-        let answer =
-            api.create(&PostParams::default(), &review).await.map_err(|e| AuthError::Api(e.to_string()))?;
+        let answer = api.create(&PostParams::default(), &review).await.map_err(AuthError::Api)?;
         let status = answer.status.unwrap_or_default();
         let identity = match (status.authenticated, status.user) {
             (Some(true), Some(u)) => {
@@ -168,8 +167,7 @@ impl Authorizer {
             ..Default::default()
         };
         let api: Api<SubjectAccessReview> = Api::all(self.client()?);
-        let answer =
-            api.create(&PostParams::default(), &review).await.map_err(|e| AuthError::Api(e.to_string()))?;
+        let answer = api.create(&PostParams::default(), &review).await.map_err(AuthError::Api)?;
         let status = answer.status.unwrap_or_default();
         let decision = (status.allowed, status.reason.unwrap_or_default());
         let ttl = if decision.0 { ALLOWED_TTL } else { DENIED_TTL };
@@ -190,6 +188,8 @@ mod tests {
         assert_eq!(get("/containerLogs/ns/p/c"), Attributes { verb: "get", subresource: "proxy" });
         assert_eq!(get("/metrics/cadvisor").subresource, "metrics");
         assert_eq!(get("/stats/summary").subresource, "stats");
+        assert_eq!(get("/metrics/resource").subresource, "metrics");
+        assert_eq!(get("/statsfoo").subresource, "proxy", "a whole segment, as the kubelet's isSubpath");
         assert_eq!(get("/logs/").subresource, "log");
         assert_eq!(Attributes::of(&hyper::Method::POST, "/exec/ns/p/c").verb, "create");
     }

@@ -3,8 +3,12 @@
 //!
 //! - `GET /containerLogs/{namespace}/{pod}/{container}` with `follow`, `tailLines`, `sinceSeconds`,
 //!   `sinceTime`, `timestamps`, `previous` and `limitBytes`, streamed from the container's log files.
-//! - `exec`, `attach`, `portForward` and `run` answer at once that WebAssembly pods do not support
-//!   them, instead of leaving `kubectl exec` hanging.
+//! - `exec`, `attach`, `portForward` and `run` answer at once, with a `metav1.Status` (JSON, `405
+//!   MethodNotAllowed`) whose message says that WebAssembly pods have nothing to exec into and what to
+//!   use instead. kubectl decodes a refused upgrade's body as a Status on both its SPDY and
+//!   WebSocket paths; plain text there shows the user `Error from server: ` and nothing more.
+//! - `GET /metrics/resource` and `GET /stats/summary`: the node's and its running containers' CPU
+//!   and memory, for metrics-server (`kubectl top`, autoscaling); see [`resources`].
 //! - `GET /healthz`.
 //!
 //! The serving certificate is the configured pair, or one the cluster signs for a
@@ -14,6 +18,7 @@
 
 pub mod auth;
 pub mod query;
+pub mod resources;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -292,6 +297,7 @@ pub async fn run(listener: KubeletListener, api: KubeletApi, cancel: Cancellatio
     }
     let shared = Arc::new(Shared {
         authorizer: Authorizer::new(api.node_name.clone(), api.client.clone()),
+        rates: resources::CpuRates::default(),
         api,
         cancel: cancel.clone(),
         tasks: tasks.clone(),
@@ -426,7 +432,7 @@ async fn keep_serving_certificate(
                         }
                     }
                 }
-                Err(message) => tracing::warn!(%message, "the signed serving certificate is unusable"),
+                Err(e) => tracing::warn!(error = %e, "the signed serving certificate is unusable"),
             },
             Err(crate::bootstrap::BootstrapError::Cancelled) => return,
             Err(e) => {
@@ -443,6 +449,8 @@ async fn keep_serving_certificate(
 struct Shared {
     api: KubeletApi,
     authorizer: Authorizer,
+    /// The previous `/stats/summary` reading, for CPU rates.
+    rates: resources::CpuRates,
     cancel: CancellationToken,
     /// Connections and the log streams they follow; `run` waits for all of them.
     tasks: tokio_util::task::TaskTracker,
@@ -453,6 +461,8 @@ struct Shared {
 enum Route {
     Logs { namespace: String, pod: String, container: String },
     Unsupported { what: &'static str, namespace: String, pod: String },
+    ResourceMetrics,
+    StatsSummary,
     Healthz,
     NotFound,
 }
@@ -473,6 +483,8 @@ fn route(path: &str) -> Route {
         ["portForward", ns, pod, ..] => unsupported("port-forward", ns, pod),
         ["run", ns, pod, ..] => unsupported("run", ns, pod),
         ["healthz"] | ["healthz", ""] => Route::Healthz,
+        ["metrics", "resource"] | ["metrics", "resource", ""] => Route::ResourceMetrics,
+        ["stats", "summary"] | ["stats", "summary", ""] => Route::StatsSummary,
         _ => Route::NotFound,
     }
 }
@@ -484,6 +496,53 @@ fn text(code: StatusCode, body: impl Into<String>) -> Response<Body> {
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    r
+}
+
+/// Why a streaming request cannot be served, and what to use instead.
+fn unsupported_message(what: &str, namespace: &str, pod: &str) -> String {
+    // `run` is the kubelet's run-a-command endpoint, not `kubectl run`.
+    let action =
+        if what == "run" { "running a command in a container".to_owned() } else { format!("kubectl {what}") };
+    let lead = format!(
+        "{action} is not supported on this Lichen node: pod {namespace}/{pod} runs as a WebAssembly (WASI) module in Wasmtime"
+    );
+    match what {
+        "exec" | "run" => format!(
+            "{lead}, with no shell or process to run a command in; use kubectl logs {pod} to see its output"
+        ),
+        "attach" => {
+            format!("{lead}, with no terminal to attach to; use kubectl logs -f {pod} to follow its output")
+        }
+        _ => format!(
+            "{lead}, and the node forwards no ports into it; use kubectl logs {pod} to see its output"
+        ),
+    }
+}
+
+/// The answer to `exec`, `attach`, `portForward` and `run`: a `metav1.Status`, which is what
+/// kubectl decodes from a refused upgrade (the real kubelet answers plain text there, which kubectl
+/// shows as an empty error). 405 `MethodNotAllowed` is apimachinery's answer for an action a
+/// resource does not support. The connection closes after it: the API server splices a refused
+/// upgrade's bytes straight to kubectl, which reads them until the end.
+fn unsupported(what: &str, namespace: &str, pod: &str) -> Response<Body> {
+    let status = serde_json::json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": unsupported_message(what, namespace, pod),
+        "reason": "MethodNotAllowed",
+        "details": {"name": pod, "kind": "pods"},
+        "code": 405,
+    });
+    let mut body = status.to_string();
+    body.push('\n');
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+    *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    let headers = r.headers_mut();
+    headers.insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    headers.insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
     r
 }
 
@@ -499,6 +558,8 @@ async fn handle(req: Request<Incoming>, cert: Option<Identity>, shared: Arc<Shar
     let kind = match &route {
         Route::Logs { .. } => "containerLogs",
         Route::Unsupported { what, .. } => what,
+        Route::ResourceMetrics => "metrics/resource",
+        Route::StatsSummary => "stats/summary",
         Route::Healthz => "healthz",
         Route::NotFound => "other",
     };
@@ -541,19 +602,41 @@ async fn answer(
     match route {
         Route::Healthz => text(StatusCode::OK, "ok"),
         Route::NotFound => text(StatusCode::NOT_FOUND, format!("404 page not found: {path}\n")),
-        Route::Unsupported { what, namespace, pod } => text(
-            StatusCode::NOT_IMPLEMENTED,
-            format!(
-                "{what} is not supported for WebAssembly pods: {namespace}/{pod} runs as a WASI module in Wasmtime on this Lichen node, with no shell or process to {what} into; use kubectl logs\n"
-            ),
-        ),
+        Route::Unsupported { what, namespace, pod } => unsupported(what, &namespace, &pod),
         Route::Logs { namespace, pod, container } => {
             if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
                 return text(StatusCode::METHOD_NOT_ALLOWED, "containerLogs takes GET\n");
             }
             logs_response(req.uri().query().unwrap_or(""), namespace, pod, container, shared).await
         }
+        Route::ResourceMetrics | Route::StatsSummary
+            if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD =>
+        {
+            text(StatusCode::METHOD_NOT_ALLOWED, format!("{path} takes GET\n"))
+        }
+        Route::ResourceMetrics => {
+            let sample = resources::Sample::read(&shared.api.board);
+            whole(resources::render_metrics(&sample).into_bytes(), resources::PROMETHEUS_TEXT)
+        }
+        Route::StatsSummary => {
+            // Every figure the Summary has is CPU or memory, so `only_cpu_and_memory` (which
+            // metrics-server 0.3 asks for) changes nothing.
+            let sample = resources::Sample::read(&shared.api.board);
+            let summary = resources::summary(&sample, &shared.api.node_name, &shared.rates);
+            match serde_json::to_vec(&summary) {
+                Ok(body) => whole(body, "application/json"),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            }
+        }
     }
+}
+
+/// A whole `200` response of `content_type`.
+fn whole(body: Vec<u8>, content_type: &'static str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+    r.headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    r
 }
 
 async fn logs_response(
@@ -667,9 +750,31 @@ mod tests {
         assert!(matches!(route("/portForward/default/web"), Route::Unsupported { what: "port-forward", .. }));
         assert!(matches!(route("/attach/default/web/app"), Route::Unsupported { what: "attach", .. }));
         assert_eq!(route("/healthz"), Route::Healthz);
+        assert_eq!(route("/metrics/resource"), Route::ResourceMetrics);
+        assert_eq!(route("/stats/summary"), Route::StatsSummary);
+        assert_eq!(route("/stats/summary/"), Route::StatsSummary);
+        assert_eq!(route("/metrics/cadvisor"), Route::NotFound);
         assert_eq!(route("/containerLogs/default/web"), Route::NotFound);
         assert_eq!(route("/containerLogs//web/app"), Route::NotFound);
         assert_eq!(route("/pods"), Route::NotFound);
+    }
+
+    #[test]
+    fn unsupported_streaming_answers_a_status_kubectl_decodes() {
+        for (what, hint) in [
+            ("exec", "kubectl logs web"),
+            ("attach", "kubectl logs -f web"),
+            ("port-forward", "kubectl logs web"),
+        ] {
+            let r = unsupported(what, "default", "web");
+            assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+            assert_eq!(r.headers()[hyper::header::CONTENT_TYPE], "application/json");
+            let message = unsupported_message(what, "default", "web");
+            assert!(message.contains(&format!("kubectl {what} is not supported")), "{message}");
+            assert!(message.contains("WebAssembly (WASI)") && message.contains(hint), "{message}");
+        }
+        let run = unsupported_message("run", "default", "web");
+        assert!(run.starts_with("running a command in a container is not supported"), "{run}");
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! The process-wide counters (ground floor): what the pod workers, the module puller, the kubelet
-//! API and the API client count as things happen, and the running containers' memory cells.
+//! API and the API client count as things happen, and the running containers' usage meters.
 //!
 //! It imports nothing from the crate, so every room may count into it. The endpoint that serves
 //! them, with the gauges read from their owners at scrape time, is [`crate::metrics_server`].
 
 mod api;
+mod usage;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 pub use api::{ApiMetricsLayer, ApiMetricsService, is_watch};
+pub use usage::{ContainerMeter, INSTANCE_OVERHEAD_BYTES};
 
 /// Label set of a metric with labels.
 pub type Labels = Vec<(&'static str, String)>;
@@ -35,8 +37,8 @@ pub struct Metrics {
     kubelet_requests: Family<Labels, Counter>,
     /// Unix seconds of the last renewed Lease (0: never).
     last_heartbeat: AtomicI64,
-    /// Live linear-memory size of every running container, by pod key and container.
-    memory: Mutex<HashMap<(String, String), Arc<AtomicU64>>>,
+    /// What every running container uses, by pod key and container.
+    containers: Mutex<HashMap<(String, String), Arc<ContainerMeter>>>,
 }
 
 fn pull_histogram() -> Histogram {
@@ -63,7 +65,7 @@ pub fn global() -> &'static Metrics {
         api_latency: Family::new_with_constructor(api_histogram as fn() -> Histogram),
         kubelet_requests: Family::default(),
         last_heartbeat: AtomicI64::new(0),
-        memory: Mutex::new(HashMap::new()),
+        containers: Mutex::new(HashMap::new()),
     })
 }
 
@@ -114,25 +116,39 @@ impl Metrics {
         self.last_heartbeat.store(jiff::Timestamp::now().as_second(), Ordering::Relaxed);
     }
 
-    /// A gauge cell the runtime keeps at a running container's memory size; dropped from the
-    /// metrics by [`Metrics::forget_memory`] when the run ends.
-    pub fn memory_cell(&self, pod: &str, container: &str) -> Arc<AtomicU64> {
-        let cell = Arc::new(AtomicU64::new(0));
-        if let Ok(mut m) = self.memory.lock() {
-            m.insert((pod.to_owned(), container.to_owned()), cell.clone());
+    /// A meter the runtime keeps current for a container run of the pod `pod` (its key) with UID
+    /// `uid`, started at `started`; dropped by [`Metrics::forget_container`] when the run ends.
+    pub fn container_meter(
+        &self,
+        pod: &str,
+        uid: &str,
+        container: &str,
+        started: jiff::Timestamp,
+    ) -> Arc<ContainerMeter> {
+        let meter = Arc::new(ContainerMeter::new(uid, started));
+        if let Ok(mut m) = self.containers.lock() {
+            m.insert((pod.to_owned(), container.to_owned()), meter.clone());
         }
-        cell
+        meter
     }
 
-    /// Drops a container's memory series (its run ended).
-    pub fn forget_memory(&self, pod: &str, container: &str, cell: &Arc<AtomicU64>) {
-        if let Ok(mut m) = self.memory.lock() {
+    /// Drops a container's meter (its run ended).
+    pub fn forget_container(&self, pod: &str, container: &str, meter: &Arc<ContainerMeter>) {
+        if let Ok(mut m) = self.containers.lock() {
             let key = (pod.to_owned(), container.to_owned());
-            // A newer run of the same container may already have its own cell.
-            if m.get(&key).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+            // A newer run of the same container may already have its own meter.
+            if m.get(&key).is_some_and(|c| Arc::ptr_eq(c, meter)) {
                 m.remove(&key);
             }
         }
+    }
+
+    /// The running containers' meters: (pod key, container, meter), in no particular order.
+    pub fn containers(&self) -> Vec<(String, String, Arc<ContainerMeter>)> {
+        self.containers
+            .lock()
+            .map(|m| m.iter().map(|((p, c), meter)| (p.clone(), c.clone(), meter.clone())).collect())
+            .unwrap_or_default()
     }
 
     /// Registers the counters, the memory of running containers and the last heartbeat in `r`.
@@ -180,15 +196,15 @@ impl Metrics {
         );
 
         let memory: Family<Labels, Gauge> = Family::default();
-        if let Ok(cells) = self.memory.lock() {
-            for ((pod, container), cell) in cells.iter() {
+        if let Ok(meters) = self.containers.lock() {
+            for ((pod, container), meter) in meters.iter() {
                 let (namespace, name) = pod.split_once('/').unwrap_or(("", pod));
                 let labels = vec![
                     ("namespace", namespace.to_owned()),
                     ("pod", name.to_owned()),
                     ("container", container.clone()),
                 ];
-                memory.get_or_create(&labels).set(cell.load(Ordering::Relaxed) as i64);
+                memory.get_or_create(&labels).set(meter.linear_memory() as i64);
             }
         }
         r.register("container_memory_bytes", "Linear memory of running containers", memory);

@@ -31,7 +31,7 @@ const LEASE_NAMESPACE: &str = "kube-node-lease";
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     /// The API server refused or failed a request.
-    #[error("{what}: {source}")]
+    #[error("{what}: {}", crate::api_error::brief(.source))]
     Api {
         /// The request.
         what: String,

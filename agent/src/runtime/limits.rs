@@ -2,6 +2,8 @@
 
 use wasmtime::ResourceLimiter;
 
+use crate::metrics::ContainerMeter;
+
 /// Raised from `memory.grow` (or instantiation) past the container's memory limit. The module traps
 /// at once, like a process killed by the OOM killer, rather than seeing `-1` and limping on.
 #[derive(Debug, thiserror::Error)]
@@ -17,16 +19,13 @@ const MAX_TABLE_ELEMENTS: usize = 100_000;
 pub(super) struct ContainerLimits {
     memory_limit: u64,
     peak_memory: u64,
-    /// Where /metrics reads the container's current memory size.
-    gauge: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// Where /metrics and the kubelet API read the container's current memory and table sizes.
+    meter: Option<std::sync::Arc<ContainerMeter>>,
 }
 
 impl ContainerLimits {
-    pub(super) fn new(
-        memory_limit: u64,
-        gauge: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
-    ) -> Self {
-        ContainerLimits { memory_limit, peak_memory: 0, gauge }
+    pub(super) fn new(memory_limit: u64, meter: Option<std::sync::Arc<ContainerMeter>>) -> Self {
+        ContainerLimits { memory_limit, peak_memory: 0, meter }
     }
 
     pub(super) fn peak_memory(&self) -> u64 {
@@ -46,8 +45,8 @@ impl ResourceLimiter for ContainerLimits {
             return Err(wasmtime::Error::new(MemoryLimitExceeded { requested: desired }));
         }
         self.peak_memory = self.peak_memory.max(desired);
-        if let Some(g) = &self.gauge {
-            g.store(desired, std::sync::atomic::Ordering::Relaxed);
+        if let Some(m) = &self.meter {
+            m.set_linear_memory(desired);
         }
         Ok(true)
     }
@@ -58,7 +57,11 @@ impl ResourceLimiter for ContainerLimits {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= MAX_TABLE_ELEMENTS)
+        let allowed = desired <= MAX_TABLE_ELEMENTS;
+        if allowed && let Some(m) = &self.meter {
+            m.set_table_elements(desired as u64);
+        }
+        Ok(allowed)
     }
 
     fn instances(&self) -> usize {

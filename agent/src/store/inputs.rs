@@ -82,6 +82,14 @@ impl ObjectKind {
         }
     }
 
+    /// The API resource, as request log lines name it.
+    pub fn resource(self) -> &'static str {
+        match self {
+            ObjectKind::ConfigMap => "configmaps",
+            ObjectKind::Secret => "secrets",
+        }
+    }
+
     /// The prefix of [`PodInputs::errors`] keys.
     pub fn error_key(self, name: &str) -> String {
         match self {

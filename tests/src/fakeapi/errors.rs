@@ -120,6 +120,22 @@ impl ApiError {
         ApiError::new(403, "Forbidden", msg, Some(Self::object_details(res, name)))
     }
 
+    /// The Node authorizer's refusal while its graph lacks the edge from a pod just bound to
+    /// `node` to the object at `path` (`/api/v1/namespaces/<ns>/<resource>/<name>`).
+    pub fn node_graph_lag(node: &str, path: &str) -> ApiError {
+        let path = path.split('?').next().unwrap_or(path);
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let (ns, resource, name) = match parts.as_slice() {
+            ["api", "v1", "namespaces", ns, resource, name, ..] => (*ns, *resource, *name),
+            _ => ("", "", ""),
+        };
+        let msg = format!(
+            "{resource} \"{name}\" is forbidden: User \"system:node:{node}\" cannot get resource \"{resource}\" \
+             in API group \"\" in the namespace \"{ns}\": no relationship found between node '{node}' and this object"
+        );
+        ApiError::new(403, "Forbidden", msg, Some(json!({ "name": name, "kind": resource })))
+    }
+
     /// `410 Gone` with reason `Expired`, as a watch from a compacted resourceVersion reports it.
     pub fn expired(message: String) -> ApiError {
         ApiError::new(410, "Expired", message, None)

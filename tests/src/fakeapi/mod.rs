@@ -150,6 +150,9 @@ struct FaultState {
     held_deletes: usize,
     /// (remaining, code, path substring)
     failures: Vec<(usize, u16, Option<String>)>,
+    /// (remaining, path substring): node requests the Node authorizer refuses as if its graph had
+    /// not yet caught up with a binding.
+    graph_lag: Vec<(usize, String)>,
 }
 
 struct Running {
@@ -410,6 +413,14 @@ impl Faults {
         lock(&self.inner.faults).failures.push((n, code, path_contains.map(str::to_owned)));
     }
 
+    /// The next `n` requests by a node whose path contains `path_contains` are refused as the real
+    /// Node authorizer refuses a node's read of a Secret or ConfigMap of a pod bound moments ago,
+    /// before its graph has the pod: `403 Forbidden`, `… no relationship found between node '<node>'
+    /// and this object`.
+    pub fn lag_node_graph(&self, n: usize, path_contains: &str) {
+        lock(&self.inner.faults).graph_lag.push((n, path_contains.to_owned()));
+    }
+
     /// Delays every response by `delay` (zero turns it off).
     pub fn set_delay(&self, delay: Duration) {
         lock(&self.inner.faults).delay = delay;
@@ -592,6 +603,16 @@ impl Inner {
         )
     }
 
+    /// The Node authorizer's refusal of `path` for `node`, if a [`Faults::lag_node_graph`] matches.
+    fn take_graph_lag(&self, path: &str, user: Option<&User>) -> Option<ApiError> {
+        let Some(User::Node(node)) = user else { return None };
+        let mut f = lock(&self.faults);
+        let i = f.graph_lag.iter().position(|(n, p)| *n > 0 && path.contains(p.as_str()))?;
+        f.graph_lag[i].0 -= 1;
+        f.graph_lag.retain(|(n, _)| *n > 0);
+        Some(ApiError::node_graph_lag(node, path))
+    }
+
     fn take_fault(&self, path: &str) -> Option<u16> {
         let mut f = lock(&self.faults);
         let i = f
@@ -745,11 +766,13 @@ async fn handle(
     let user = cert_user.filter(|(_, not_after)| now < *not_after).map(|(u, _)| u).or(user);
     let body = Limited::new(body, 3 * 1024 * 1024).collect().await.map(|b| b.to_bytes());
     let fault = inner.take_fault(&path);
-    let outcome = match (&body, &user, fault) {
-        (Err(_), _, _) => Err(ApiError::too_large()),
-        (_, _, Some(code)) => Err(ApiError::injected(code)),
-        (_, None, _) => Err(ApiError::unauthorized()),
-        (Ok(bytes), Some(u), None) => {
+    let lag = inner.take_graph_lag(&path, user.as_ref());
+    let outcome = match (&body, &user, fault, lag) {
+        (Err(_), _, _, _) => Err(ApiError::too_large()),
+        (_, _, Some(code), _) => Err(ApiError::injected(code)),
+        (_, _, _, Some(refusal)) => Err(refusal),
+        (_, None, _, _) => Err(ApiError::unauthorized()),
+        (Ok(bytes), Some(u), None, None) => {
             let (p, q) = path.split_once('?').unwrap_or((&path, ""));
             let content_type = parts
                 .headers

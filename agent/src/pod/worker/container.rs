@@ -152,7 +152,8 @@ impl ContainerRunner<'_> {
             self.event(EventType::Normal, "Created", format!("Created container {}", self.plan.name));
             self.event(EventType::Normal, "Started", format!("Started container {}", self.plan.name));
             let metrics = crate::metrics::global();
-            let memory = metrics.memory_cell(&self.shared.plan_key, &self.plan.name);
+            let meter =
+                metrics.container_meter(&self.shared.plan_key, &self.shared.uid, &self.plan.name, started_at);
             let spec = RunSpec {
                 args: self.plan.argv.clone(),
                 env: self.plan.env.clone(),
@@ -164,12 +165,12 @@ impl ContainerRunner<'_> {
                 stderr: log.sink(Stream::Stderr),
                 stdin: mqtt.stdin,
                 mqtt: mqtt.guest,
-                memory_gauge: Some(memory.clone()),
+                meter: Some(meter.clone()),
             };
             metrics.container_started(restart_count > 0);
             let run_started = Instant::now();
             let report = deps.runtime.run(&module, spec, self.cancel).await;
-            metrics.forget_memory(&self.shared.plan_key, &self.plan.name, &memory);
+            metrics.forget_container(&self.shared.plan_key, &self.plan.name, &meter);
             metrics
                 .container_ended(report.fuel_consumed, matches!(report.outcome, Outcome::OutOfFuel { .. }));
             let t = termination(&report.outcome, Some(started_at), Timestamp::now());
@@ -177,7 +178,7 @@ impl ContainerRunner<'_> {
                 container = %self.plan.name,
                 exit_code = t.exit_code,
                 reason = %t.reason,
-                message = t.message.as_deref().unwrap_or(""),
+                termination_message = t.message.as_deref().unwrap_or(""),
                 fuel_consumed = report.fuel_consumed,
                 peak_memory = report.peak_memory,
                 "container ended"
