@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::watcher;
@@ -177,7 +178,28 @@ pub async fn run(report: &mut Report) {
     let nodes: Api<Node> = Api::all(cluster.client.clone());
     let grace0 = DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
     let _ = pods.delete_collection(&grace0, &ListParams::default().labels(LABEL)).await;
+    let old_events: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(cluster.client.clone(), "default");
+    if let Ok(list) = old_events.list(&ListParams::default()).await {
+        for e in list
+            .items
+            .iter()
+            .filter(|e| e.involved_object.name.as_deref().is_some_and(|n| n.starts_with("lichen-link-")))
+        {
+            if let Some(name) = e.metadata.name.as_deref() {
+                let _ = old_events.delete(name, &DeleteParams::default()).await;
+            }
+        }
+    }
     cluster.delete_node(NODE).await;
+    // A Lease left by an earlier run would be collected with its old Node during the first window
+    // (and re-created by the agent), which is not what an idle node costs.
+    let leases: Api<Lease> = Api::namespaced(cluster.client.clone(), "kube-node-lease");
+    let _ = leases.delete(NODE, &DeleteParams::default()).await;
+    wait_for_async(TIMEOUT, "the old Lease to be gone", || async {
+        leases.get_opt(NODE).await.ok()?.is_none().then_some(())
+    })
+    .await;
 
     let (server, _) = cluster.server_and_ca();
     let hostport = server.trim_start_matches("https://").trim_end_matches('/').to_owned();
@@ -283,6 +305,20 @@ pub async fn run(report: &mut Report) {
     wait_for_async(TIMEOUT, "10 pods Running and Ready", || async {
         let list = pods.list(&ListParams::default().labels(LABEL)).await.ok()?;
         (list.items.iter().filter(|p| is_running_ready(p)).count() == 10).then_some(())
+    })
+    .await;
+    // The agent posts each pod's Pulled, Created and Started events from a queue of its own; the
+    // window starts once they are all in, so it counts running pods, not their start.
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(cluster.client.clone(), "default");
+    wait_for_async(TIMEOUT, "the 10 pods' start events", || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        let ours = list
+            .items
+            .iter()
+            .filter(|e| e.involved_object.name.as_deref().is_some_and(|n| n.starts_with("lichen-link-")))
+            .filter(|e| matches!(e.reason.as_deref(), Some("Pulled" | "Created" | "Started")))
+            .count();
+        (ours >= 30).then_some(())
     })
     .await;
     window(report, &counters, metrics, secs, "node with 10 idle pods", None).await;
