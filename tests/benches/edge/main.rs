@@ -15,6 +15,7 @@
 
 mod binaries;
 mod link;
+mod qos;
 mod report;
 
 use report::Report;
@@ -22,6 +23,7 @@ use report::Report;
 /// The sections, in the order they run and print.
 const SECTIONS: &[(&str, &str)] = &[
     ("link", "bytes between one node and a real API server, through a counting proxy"),
+    ("qos1", "QoS 1 lines under the default rate limit, through a broker restart"),
     ("binaries", "board binary sizes against cross/size-budget"),
 ];
 
@@ -52,6 +54,7 @@ fn main() -> std::process::ExitCode {
 async fn run_section(name: &str, report: &mut Report) {
     match name {
         "link" => link::run(report).await,
+        "qos1" => qos::run(report).await,
         "binaries" => binaries::run(report).await,
         _ => unreachable!("SECTIONS lists only sections run_section knows"),
     }
