@@ -14,7 +14,8 @@
 //! - **ground**: [`layout`] (every path under the state directory), [`store`] (sled), [`config`],
 //!   [`board`] (newest pod statuses), [`host`] (facts about the board), [`metrics`] (counters),
 //!   [`logfmt`] (the container log format: names, records, writer, reader), [`quantity`],
-//!   [`topic`] and [`broker`] (MQTT topic grammar, broker URLs), [`token`], [`retry`], [`notify`] (sd_notify), [`logging`].
+//!   [`topic`] and [`broker`] (MQTT topic grammar, broker URLs), [`token`], [`retry`], [`notify`] (sd_notify), [`logging`],
+//!   [`heap`] (freed memory given back to the system).
 
 pub mod app;
 pub mod board;
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod heap;
 pub mod host;
 pub mod kubelet;
 pub mod layout;

@@ -10,6 +10,7 @@ use lichen::modules::commands::ModuleCommand;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
+    lichen::heap::limit_arenas();
     let cli = Cli::parse();
     if let Command::Version = cli.command {
         println!("lichen {}", env!("CARGO_PKG_VERSION"));

@@ -16,7 +16,7 @@ const FLOORS: &[(&str, &[&str])] = &[
         "ground",
         &[
             "layout", "store", "config", "quantity", "names", "topic", "broker", "token", "host", "board",
-            "logfmt", "metrics", "retry", "notify", "logging",
+            "logfmt", "metrics", "retry", "notify", "logging", "heap",
         ],
     ),
     ("domain", &["runtime", "modules", "pod", "cluster", "node", "telemetry", "bootstrap", "static_pods"]),
