@@ -14,12 +14,16 @@
 //! with `run(&mut Report)`; the table at the end is Markdown, for the README's Benchmarks section.
 
 mod binaries;
+mod memory;
 mod report;
 
 use report::Report;
 
 /// The sections, in the order they run and print.
-const SECTIONS: &[(&str, &str)] = &[("binaries", "board binary sizes against cross/size-budget")];
+const SECTIONS: &[(&str, &str)] = &[
+    ("binaries", "board binary sizes against cross/size-budget"),
+    ("memory", "resident memory idle, with 100 static pods, and over create/delete cycles"),
+];
 
 fn main() -> std::process::ExitCode {
     let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
@@ -48,6 +52,7 @@ fn main() -> std::process::ExitCode {
 async fn run_section(name: &str, report: &mut Report) {
     match name {
         "binaries" => binaries::run(report).await,
+        "memory" => memory::run(report).await,
         _ => unreachable!("SECTIONS lists only sections run_section knows"),
     }
 }
