@@ -438,11 +438,11 @@ impl ModuleCache {
             None => self.load_uncached(digest).await,
         };
         drop(held);
-        if let Ok(mut loading) = self.loading.lock()
-            && Arc::strong_count(&gate) <= 2
-        {
-            // Only the table's and this call's handles are left: nobody waits for this module.
-            loading.remove(&digest);
+        drop(gate);
+        if let Ok(mut loading) = self.loading.lock() {
+            // Handles are cloned under this lock, so an entry only the table holds has nobody
+            // loading or waiting (a waiting pod that was stopped drops its handle too).
+            loading.retain(|_, g| Arc::strong_count(g) > 1);
         }
         loaded
     }
