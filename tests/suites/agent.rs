@@ -47,14 +47,14 @@ fn static_pods_follow_their_directory() {
 
     std::fs::remove_file(s.pods.join("idle.yaml")).expect("rm");
     wait_for(T, "the pod to be removed", || pods().is_empty().then_some(()));
+    // The pod's record goes first, then its directory, then its logs (one cleanup, in that order):
+    // each is waited for, not read between two of the removals.
     wait_for(T, "its directory to be removed", || {
         (std::fs::read_dir(&pods_dir).expect("pods dir").count() == 0).then_some(())
     });
-    assert_eq!(
-        std::fs::read_dir(&logs_dir).expect("logs dir").count(),
-        0,
-        "removed pods leave no logs behind"
-    );
+    wait_for(T, "its logs to be removed (removed pods leave no logs behind)", || {
+        (std::fs::read_dir(&logs_dir).expect("logs dir").count() == 0).then_some(())
+    });
     let (status, log) = agent.stop();
     assert!(status.success(), "clean exit on SIGTERM: {status:?}\n{}", log.join("\n"));
     assert!(log.iter().any(|l| l.contains("stopped")));
