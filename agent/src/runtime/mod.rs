@@ -438,8 +438,8 @@ impl WasmRuntime {
                 let artifact = module.serialize().ok();
                 (module, artifact)
             });
-            // Cranelift's working memory for a module is many times its code, and freed now;
-            // without this the allocator would keep it (3 MiB for a 1 KiB module).
+            // Cranelift's working memory for a module is many times its code, and most of it is
+            // freed now; without this the allocator would keep those pages.
             crate::heap::release_free_memory();
             compiled
         })
