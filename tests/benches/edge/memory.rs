@@ -107,6 +107,8 @@ impl Node {
             .arg(&config)
             .env_remove("LICHEN_CONFIG")
             .env_remove("RUST_LOG")
+            // As under systemd: with it, every error the agent makes captures a backtrace.
+            .env_remove("RUST_BACKTRACE")
             .env_remove("LICHEN_METRICS_ADDRESS")
             .env_remove("LICHEN_KUBELET_PORT")
             .stdin(Stdio::null())
