@@ -15,7 +15,8 @@
 //!   [`board`] (newest pod statuses), [`host`] (facts about the board), [`metrics`] (counters),
 //!   [`logfmt`] (the container log format: names, records, writer, reader), [`quantity`],
 //!   [`topic`] and [`broker`] (MQTT topic grammar, broker URLs), [`token`], [`retry`], [`notify`] (sd_notify), [`logging`],
-//!   [`api_error`] (API server errors as one readable line).
+//!   [`api_error`] (API server errors as one readable line),
+//!   [`heap`] (freed memory given back to the system).
 
 pub mod api_error;
 pub mod app;
@@ -26,6 +27,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod heap;
 pub mod host;
 pub mod kubelet;
 pub mod layout;

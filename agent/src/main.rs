@@ -10,6 +10,7 @@ use lichen::modules::commands::ModuleCommand;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
+    lichen::heap::limit_arenas();
     let cli = Cli::parse();
     if let Command::Version = cli.command {
         println!("lichen {}", env!("CARGO_PKG_VERSION"));
@@ -162,10 +163,18 @@ fn fail(error: &CliError) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Threads of the runtime's blocking pool, at most. Blocking work here is short (store reads and
+/// writes, file work, loading a module) except a module's compile and a module's own file reads
+/// (WASI runs them there; one reading a device may wait long, hence room to spare). tokio's
+/// default, 512, let a burst of 100 static pods start and stop on 200-280 threads, each keeping
+/// its stack pages for the 10 s an idle one lives: about 15 MiB on the development machine.
+const BLOCKING_THREADS: usize = 16;
+
 fn agent_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("lichen")
+        .max_blocking_threads(BLOCKING_THREADS)
         .build()
         .context("cannot start the async runtime")
 }

@@ -31,6 +31,7 @@ const FLOORS: &[(&str, &[&str])] = &[
             "notify",
             "logging",
             "api_error",
+            "heap",
         ],
     ),
     ("domain", &["runtime", "modules", "pod", "cluster", "node", "telemetry", "bootstrap", "static_pods"]),

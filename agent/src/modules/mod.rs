@@ -194,6 +194,9 @@ pub struct ModuleCache {
     config: ModulesConfig,
     slots: Arc<Semaphore>,
     inflight: Mutex<HashMap<String, PullFuture>>,
+    /// One load (deserialize or compile) per module at a time, by digest; entries live while a
+    /// load is under way or awaited.
+    loading: Mutex<HashMap<ModuleDigest, Arc<tokio::sync::Mutex<()>>>>,
     /// Pulls run as tasks of the agent's shutdown tree: tracked, and abandoned when it is cancelled.
     tasks: TaskTracker,
     cancel: CancellationToken,
@@ -221,6 +224,7 @@ impl ModuleCache {
             slots: Arc::new(Semaphore::new(config.concurrent_pulls.max(1) as usize)),
             config: config.clone(),
             inflight: Mutex::new(HashMap::new()),
+            loading: Mutex::new(HashMap::new()),
             gc_wake: Arc::new(tokio::sync::Notify::new()),
             tasks: tasks.clone(),
             cancel: cancel.child_token(),
@@ -418,6 +422,34 @@ impl ModuleCache {
         if let Some(m) = self.runtime.cached(&digest) {
             return Ok(m);
         }
+        // Pods of one module starting together load it once: the first loads, the others wait and
+        // find it compiled in memory. Loaded side by side, 100 pods took 100 blocking threads and
+        // 100 copies of the artifact and its machine code at once.
+        let gate = self
+            .loading
+            .lock()
+            .map_err(|_| LoadFailure::Unavailable("module load table poisoned".into()))?
+            .entry(digest)
+            .or_default()
+            .clone();
+        let held = gate.lock().await;
+        let loaded = match self.runtime.cached(&digest) {
+            Some(m) => Ok(m),
+            None => self.load_uncached(digest).await,
+        };
+        drop(held);
+        drop(gate);
+        if let Ok(mut loading) = self.loading.lock() {
+            // Handles are cloned under this lock, so an entry only the table holds has nobody
+            // loading or waiting (a waiting pod that was stopped drops its handle too).
+            loading.retain(|_, g| Arc::strong_count(g) > 1);
+        }
+        loaded
+    }
+
+    /// [`ModuleCache::load`] of a module not in memory: its precompiled artifact if it has a usable
+    /// one, a compile otherwise.
+    async fn load_uncached(&self, digest: ModuleDigest) -> Result<PreparedModule, LoadFailure> {
         let engine = self.runtime.engine_key().to_owned();
         let artifact = self
             .blocking(move |s| s.get_artifact(&digest, &engine))

@@ -190,6 +190,8 @@ pub struct PodManager {
     lane_busy: bool,
     /// A [`PodManager::forget_absent`] waiting for the lane.
     forget: Option<(Vec<DesiredPod>, SourceKind)>,
+    /// Whether a pod was removed since the allocator last gave freed memory back.
+    freed: bool,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -211,6 +213,7 @@ impl PodManager {
             in_flight: HashMap::new(),
             lane_busy: false,
             forget: None,
+            freed: false,
             tracker,
             cancel,
         }
@@ -369,8 +372,17 @@ impl PodManager {
             }
             Some(Work::Removal(key)) => {
                 self.removing.remove(&key);
+                self.freed = true;
             }
             None => {}
+        }
+        // Removed pods' memory goes back to the system once the last removal of a burst is done:
+        // the allocator keeps freed pages otherwise, and a node churning Jobs would look like it
+        // leaked (100 pods created and deleted left 17 MiB more than idle, and each further 100
+        // another 2.5 MiB). Off the loop: it takes milliseconds.
+        if self.freed && self.work.is_empty() {
+            self.freed = false;
+            self.tracker.spawn_blocking(crate::heap::release_free_memory);
         }
     }
 

@@ -434,9 +434,14 @@ impl WasmRuntime {
         }
         let engine = self.engine.clone();
         let (module, artifact) = tokio::task::spawn_blocking(move || {
-            let module = Module::new(&engine, &bytes)?;
-            let artifact = module.serialize().ok();
-            Ok::<_, wasmtime::Error>((module, artifact))
+            let compiled = Module::new(&engine, &bytes).map(|module| {
+                let artifact = module.serialize().ok();
+                (module, artifact)
+            });
+            // Cranelift's working memory for a module is many times its code, and most of it is
+            // freed now; without this the allocator would keep those pages.
+            crate::heap::release_free_memory();
+            compiled
         })
         .await
         .map_err(|e| Outcome::InvalidModule(format!("compiler task failed: {e}")))?

@@ -15,6 +15,7 @@
 
 mod binaries;
 mod link;
+mod memory;
 mod qos;
 mod report;
 
@@ -23,6 +24,7 @@ use report::Report;
 /// The sections, in the order they run and print.
 const SECTIONS: &[(&str, &str)] = &[
     ("link", "bytes between one node and a real API server, through a counting proxy"),
+    ("memory", "resident memory idle, with 100 static pods, and over create/delete cycles"),
     ("qos1", "QoS 1 lines under the default rate limit, through a broker restart"),
     ("binaries", "board binary sizes against cross/size-budget"),
 ];
@@ -56,6 +58,7 @@ async fn run_section(name: &str, report: &mut Report) {
         "link" => link::run(report).await,
         "qos1" => qos::run(report).await,
         "binaries" => binaries::run(report).await,
+        "memory" => memory::run(report).await,
         _ => unreachable!("SECTIONS lists only sections run_section knows"),
     }
 }

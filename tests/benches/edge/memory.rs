@@ -1,0 +1,297 @@
+//! Memory that comes back: the release agent's resident memory standalone (static pods only; no API
+//! server, MQTT, metrics endpoint or kubelet API), idle, with 100 idle pods, after deleting them, and
+//! over create/delete cycles of 100 pods. A node running Jobs for months churns pods the same way,
+//! so memory that a churned pod leaves behind is a leak there.
+//!
+//! Every pod runs `tests/fixtures/idle.wat` (prints a line, then sleeps). Each reading is VmRSS from
+//! `/proc/<pid>/status` (RssAnon and RssFile beside it) taken [`SETTLE`] after the fact it follows:
+//! `lichen running` in the agent's log (idle); `lichen pods` showing all 100 `Running`; `lichen pods`
+//! listing none after the manifests were removed. The settling time is part of the definition: it
+//! lets the agent finish what it does after a pod is gone, as any later reading would see it. The
+//! cycles' count is `LICHEN_BENCH_CYCLES` (20 unless set; a soak sets 1000), and one more reading
+//! is taken [`LATER`] after the last cycle.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::report::Report;
+
+const SECTION: &str = "memory";
+/// Pods created at once in each step.
+const PODS: usize = 100;
+/// Cycles unless `LICHEN_BENCH_CYCLES` says otherwise.
+const CYCLES: usize = 20;
+/// From the fact a reading follows to the reading.
+const SETTLE: Duration = Duration::from_secs(2);
+/// The reading after the last cycle.
+const LATER: Duration = Duration::from_secs(30);
+/// The longest any wait for a fact may take.
+const TIMEOUT: Duration = Duration::from_secs(120);
+/// The aims (MiB).
+const IDLE_AIM: f64 = 8.0;
+const PODS_AIM: f64 = 24.0;
+const AFTER_AIM_OVER_IDLE: f64 = 5.0;
+/// "No growth" over the cycles: the last reading within this of the first (allocator noise).
+const GROWTH_TOLERANCE: f64 = 1.0;
+
+/// One reading of `/proc/<pid>/status`, in MiB, with the thread count.
+#[derive(Debug, Clone, Copy)]
+struct Rss {
+    total: f64,
+    anon: f64,
+    file: f64,
+    threads: u64,
+}
+
+impl Rss {
+    fn read(pid: u32) -> Option<Rss> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse::<u64>().ok())
+        };
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        Some(Rss {
+            total: mib(field("VmRSS:")?),
+            anon: mib(field("RssAnon:")?),
+            file: mib(field("RssFile:")?),
+            threads: field("Threads:")?,
+        })
+    }
+
+    fn text(&self) -> String {
+        format!("{:.1} MiB", self.total)
+    }
+
+    fn split(&self) -> String {
+        format!("anon {:.1} MiB, file {:.1} MiB, {} threads", self.anon, self.file, self.threads)
+    }
+}
+
+/// The agent under measurement, its layout and its log file.
+struct Node {
+    child: Child,
+    config: PathBuf,
+    pods: PathBuf,
+    staging: PathBuf,
+    log: PathBuf,
+    image: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn start() -> Result<Node, String> {
+        let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
+        let (state, pods, staging) =
+            (dir.path().join("state"), dir.path().join("pods"), dir.path().join("staging"));
+        for d in [&pods, &staging] {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        let config = dir.path().join("lichen.toml");
+        let text = format!(
+            "node_name = \"memnode\"\nstate_dir = {:?}\nstatic_pod_dir = {:?}\nmax_pods = {}\n\
+             shutdown_timeout_secs = 5\n\n[metrics]\naddress = \"\"\n\n[kubelet_api]\nport = 0\n",
+            state.display().to_string(),
+            pods.display().to_string(),
+            2 * PODS
+        );
+        std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
+        let log = dir.path().join("agent.log");
+        let log_file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let bin = lichen_tests::lichen_bin();
+        let child = Command::new(&bin)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env_remove("LICHEN_CONFIG")
+            .env_remove("RUST_LOG")
+            // As under systemd: with it, every error the agent makes captures a backtrace.
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("LICHEN_METRICS_ADDRESS")
+            .env_remove("LICHEN_KUBELET_PORT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let image = lichen_tests::fixture("idle.wat");
+        Ok(Node { child, config, pods, staging, log, image, _dir: dir })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls `done` every 50 ms until it holds; an error names `what` and ends with the agent's log.
+    fn wait(&mut self, what: &str, mut done: impl FnMut(&Node) -> bool) -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            if done(self) {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "lichen exited ({status}) waiting for {what}; it logged:\n{}",
+                    self.log_text()
+                ));
+            }
+            if start.elapsed() > TIMEOUT {
+                return Err(format!(
+                    "timed out after {TIMEOUT:?} waiting for {what}; the agent logged:\n{}",
+                    self.log_text()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The phases `lichen pods --json` shows, or `None` if it did not answer.
+    fn phases(&self) -> Option<Vec<String>> {
+        let out = Command::new(lichen_tests::lichen_bin())
+            .args(["pods", "--json", "--config"])
+            .arg(&self.config)
+            .env_remove("LICHEN_CONFIG")
+            .output()
+            .ok()?;
+        let pods: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        pods.as_array()?.iter().map(|p| p["phase"].as_str().map(str::to_owned)).collect()
+    }
+
+    /// Writes [`PODS`] manifests (each renamed into place) and waits until all run.
+    fn create(&mut self) -> Result<(), String> {
+        for i in 0..PODS {
+            let yaml = format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: mem-{i}\nspec:\n  containers:\n  - name: main\n    image: file://{}\n",
+                self.image.display()
+            );
+            let tmp = self.staging.join(format!("mem-{i}.yaml"));
+            std::fs::write(&tmp, yaml).map_err(|e| format!("{}: {e}", tmp.display()))?;
+            std::fs::rename(&tmp, self.pods.join(format!("mem-{i}.yaml")))
+                .map_err(|e| format!("rename into {}: {e}", self.pods.display()))?;
+        }
+        self.wait(&format!("`lichen pods` to show {PODS} pods Running"), |n| {
+            n.phases().is_some_and(|p| p.len() == PODS && p.iter().all(|s| s == "Running"))
+        })
+    }
+
+    /// Removes every manifest and waits until `lichen pods` lists none.
+    fn delete(&mut self) -> Result<(), String> {
+        for i in 0..PODS {
+            let file = self.pods.join(format!("mem-{i}.yaml"));
+            std::fs::remove_file(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+        }
+        self.wait("`lichen pods` to list no pod", |n| n.phases().is_some_and(|p| p.is_empty()))
+    }
+
+    /// RSS [`SETTLE`] from now.
+    fn settled(&mut self) -> Result<Rss, String> {
+        std::thread::sleep(SETTLE);
+        Rss::read(self.pid()).ok_or_else(|| format!("cannot read /proc/{}/status", self.pid()))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The cycle count: `LICHEN_BENCH_CYCLES`, or [`CYCLES`].
+fn cycles() -> usize {
+    std::env::var("LICHEN_BENCH_CYCLES").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(CYCLES)
+}
+
+pub async fn run(report: &mut Report) {
+    if let Err(why) = measure(report) {
+        report.failed(SECTION, why);
+    }
+}
+
+fn measure(report: &mut Report) -> Result<(), String> {
+    let bin = lichen_tests::lichen_bin();
+    println!("{SECTION}: agent {}", bin.display());
+    let mut node = Node::start()?;
+    node.wait("`lichen running` in the agent's log", |n| n.log_text().contains("lichen running"))?;
+    let idle = node.settled()?;
+    report.aim(
+        SECTION,
+        "idle RSS, no pods",
+        idle.text(),
+        &format!("≤ {IDLE_AIM} MiB"),
+        idle.total <= IDLE_AIM,
+    );
+    report.info(SECTION, "idle, split", idle.split());
+
+    node.create()?;
+    let full = node.settled()?;
+    report.aim(
+        SECTION,
+        format!("RSS with {PODS} idle pods"),
+        full.text(),
+        &format!("≤ {PODS_AIM} MiB"),
+        full.total <= PODS_AIM,
+    );
+    report.info(SECTION, format!("{PODS} idle pods, split"), full.split());
+
+    node.delete()?;
+    let after = node.settled()?;
+    let limit = idle.total + AFTER_AIM_OVER_IDLE;
+    report.aim(
+        SECTION,
+        format!("RSS after deleting the {PODS} pods"),
+        after.text(),
+        &format!("≤ idle + {AFTER_AIM_OVER_IDLE} MiB ({limit:.1} MiB)"),
+        after.total <= limit,
+    );
+    report.info(SECTION, "after deleting, split", after.split());
+
+    let n = cycles();
+    if n == 0 {
+        return Ok(());
+    }
+    let mut curve = Vec::with_capacity(n);
+    let started = Instant::now();
+    for cycle in 1..=n {
+        node.create()?;
+        node.delete()?;
+        let rss = node.settled()?;
+        println!(
+            "{SECTION}: cycle {cycle}/{n} ({:.0} s): RSS {} ({})",
+            started.elapsed().as_secs_f64(),
+            rss.text(),
+            rss.split()
+        );
+        curve.push(rss);
+    }
+    let (first, last) = (curve[0], curve[n - 1]);
+    let peak = curve.iter().map(|r| r.total).fold(0.0, f64::max);
+    report.info(SECTION, "RSS after the first cycle's deletion", first.text());
+    report.info(SECTION, format!("RSS after the last ({n}th) cycle's deletion"), last.text());
+    report.info(SECTION, format!("highest RSS after a deletion over {n} cycles"), format!("{peak:.1} MiB"));
+    let growth = last.total - first.total;
+    report.aim(
+        SECTION,
+        format!("growth from the first to the last of {n} cycles"),
+        format!("{growth:+.1} MiB"),
+        &format!("no growth (≤ +{GROWTH_TOLERANCE} MiB)"),
+        growth <= GROWTH_TOLERANCE,
+    );
+    std::thread::sleep(LATER.saturating_sub(SETTLE));
+    let later = Rss::read(node.pid()).ok_or("cannot read the agent's status after the cycles")?;
+    report.aim(
+        SECTION,
+        format!("RSS {} s after the last cycle", LATER.as_secs()),
+        later.text(),
+        &format!("≤ idle + {AFTER_AIM_OVER_IDLE} MiB ({limit:.1} MiB)"),
+        later.total <= limit,
+    );
+    report.info(SECTION, format!("{} s after the last cycle, split", LATER.as_secs()), later.split());
+    Ok(())
+}
