@@ -241,6 +241,10 @@ pub async fn run(report: &mut Report) {
         ready.then_some(())
     })
     .await;
+    wait_for_async(TIMEOUT, "the node's Lease", || async {
+        leases.get_opt(NODE).await.ok()??.spec?.renew_time.map(|_| ())
+    })
+    .await;
     let (up, down, conns) = counters.take();
     report.info(
         SECTION,
