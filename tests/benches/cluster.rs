@@ -59,15 +59,7 @@ async fn main() {
 
     let s = Scratch::new("");
     let kubeconfig = cluster.node_kubeconfig(NODE, s.dir.path()).await;
-    let config = format!(
-        "node_name = {NODE:?}\nstate_dir = {:?}\nstatic_pod_dir = \"\"\nnode_ip = \"127.0.0.1\"\n\
-         shutdown_timeout_secs = 10\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n\
-         [container_logs]\necho = false\n{}",
-        s.state.display().to_string(),
-        kubeconfig.display().to_string(),
-        s.modules_table()
-    );
-    std::fs::write(&s.config, config).expect("config");
+    s.write_bench_node_config(NODE, &kubeconfig);
     println!("agent: {}", lichen_tests::lichen_bin().display());
 
     let started = Instant::now();

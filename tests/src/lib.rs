@@ -242,6 +242,21 @@ impl Scratch {
         )
     }
 
+    /// Rewrites the config for a benchmark's cluster node `name` with `kubeconfig`: no static pods,
+    /// loopback address, no disk-pressure threshold, container logs not echoed, the fixtures'
+    /// modules allowed.
+    pub fn write_bench_node_config(&self, name: &str, kubeconfig: &Path) {
+        let config = format!(
+            "node_name = {name:?}\nstate_dir = {:?}\nstatic_pod_dir = \"\"\nnode_ip = \"127.0.0.1\"\n\
+             shutdown_timeout_secs = 10\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n\
+             [container_logs]\necho = false\n{}",
+            self.state.display().to_string(),
+            kubeconfig.display().to_string(),
+            self.modules_table()
+        );
+        std::fs::write(&self.config, config).expect("config");
+    }
+
     /// What `lichen status --json` printed for this agent, and how it exited.
     fn status_output(&self) -> std::process::Output {
         Command::new(lichen_bin())

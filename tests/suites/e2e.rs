@@ -657,17 +657,9 @@ async fn a_board_joins_with_the_bootstrap_token_and_its_csr_is_auto_approved() {
     cluster.delete_node(name).await;
 }
 
-/// `kubectl logs` through the real API server: it dials the node's Hostname address and kubelet
-/// port with its kubelet client certificate; Lichen authenticates it against the cluster CA and has
-/// the API server authorize it (SubjectAccessReview) before streaming the log. `exec` is refused
-/// with a message, and a kubelet-serving CSR approved by the operator replaces the self-signed
-/// certificate without a restart.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubectl_logs_reaches_the_node_through_the_api_server() {
-    use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
-    use kube::api::{ListParams, LogParams};
-    let cluster = Cluster::from_env().await;
-    let name = "lichen-e2e-logs";
+/// A fresh node `name` with node credentials and its kubelet API on a free port, once Ready: its
+/// scratch layout, the agent, the port and the Node as the API server has it.
+async fn ready_kubelet_node(cluster: &Cluster, name: &str) -> (Scratch, lichen_tests::Agent, u16, Node) {
     cluster.delete_node(name).await;
     let s = Scratch::new("");
     let kc = cluster.node_kubeconfig(name, s.dir.path()).await;
@@ -679,6 +671,21 @@ async fn kubectl_logs_reaches_the_node_through_the_api_server() {
         (condition(&n, "Ready")?.0 == "True").then_some(n)
     })
     .await;
+    (s, agent, port, node)
+}
+
+/// `kubectl logs` through the real API server: it dials the node's Hostname address and kubelet
+/// port with its kubelet client certificate; Lichen authenticates it against the cluster CA and has
+/// the API server authorize it (SubjectAccessReview) before streaming the log. `exec` is refused
+/// with a message, and a kubelet-serving CSR approved by the operator replaces the self-signed
+/// certificate without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_logs_reaches_the_node_through_the_api_server() {
+    use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+    use kube::api::{ListParams, LogParams};
+    let cluster = Cluster::from_env().await;
+    let name = "lichen-e2e-logs";
+    let (s, agent, port, node) = ready_kubelet_node(&cluster, name).await;
     let endpoint = node
         .status
         .as_ref()
@@ -842,17 +849,7 @@ async fn kubectl_top_sources_reach_the_node_through_the_api_servers_node_proxy()
     use lichen_tests::top::decode;
     let cluster = Cluster::from_env().await;
     let name = "lichen-e2e-top";
-    cluster.delete_node(name).await;
-    let s = Scratch::new("");
-    let kc = cluster.node_kubeconfig(name, s.dir.path()).await;
-    let port = lichen_tests::free_port();
-    let agent = lichen_tests::start_kubelet_node(&s, name, &kc, port);
-    let nodes: Api<Node> = Api::all(cluster.client.clone());
-    wait_for_async(T, "the node to be Ready", || async {
-        let n = nodes.get(name).await.ok()?;
-        (condition(&n, "Ready")?.0 == "True").then_some(())
-    })
-    .await;
+    let (_s, agent, _, _) = ready_kubelet_node(&cluster, name).await;
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), "default");
     let (busy, idle) = ("lichen-e2e-top-spin", "lichen-e2e-top-idle");
     for (pod, module) in [(busy, "loop.wat"), (idle, "idle.wat")] {

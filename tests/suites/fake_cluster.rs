@@ -1153,6 +1153,20 @@ async fn a_pod_recreated_under_the_same_name_never_gets_the_old_status() {
     assert!(agent.stop().0.success());
 }
 
+/// Creates the Secret `lagged`, has the fake's Node graph refuse its first `refusals` reads (as
+/// the real Node authorizer does right after a binding), and binds `pod` to `node`: a sleeper
+/// reading that Secret into its environment.
+async fn lagged_secret_pod(api: &FakeApi, pods: &Api<Pod>, node: &str, pod_name: &str, refusals: usize) {
+    let secrets: Api<Secret> = Api::namespaced(api.client(), "default");
+    let secret: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "lagged"}, "stringData": {"k": "v"}})).expect("s");
+    secrets.create(&PostParams::default(), &secret).await.expect("secret");
+    api.faults().lag_node_graph(refusals, "/secrets/lagged");
+    let spec = json!({"containers": [{"name": "main", "image": wasm("sleeper.wat"),
+        "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "lagged", "key": "k"}}}]}]});
+    pods.create(&PostParams::default(), &pod(pod_name, Some(node), "", spec)).await.expect("pod");
+}
+
 /// Right after a binding the real Node authorizer refuses the pod's Secret (`403 … no relationship
 /// found between node … and this object`) until its graph has the pod. The agent asks again at
 /// once, as the kubelet does, so the pod starts within moments instead of at the next pass over
@@ -1161,14 +1175,7 @@ async fn a_pod_recreated_under_the_same_name_never_gets_the_old_status() {
 async fn a_secret_refused_while_the_node_authorizer_catches_up_is_fetched_again_at_once() {
     let name = "fake-graph-lag";
     let (api, _s, agent, pods) = joined_with(name, "").await;
-    let secrets: Api<Secret> = Api::namespaced(api.client(), "default");
-    let secret: Secret =
-        serde_json::from_value(json!({"metadata": {"name": "lagged"}, "stringData": {"k": "v"}})).expect("s");
-    secrets.create(&PostParams::default(), &secret).await.expect("secret");
-    api.faults().lag_node_graph(3, "/secrets/lagged");
-    let spec = json!({"containers": [{"name": "main", "image": wasm("sleeper.wat"),
-        "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "lagged", "key": "k"}}}]}]});
-    pods.create(&PostParams::default(), &pod("lagged", Some(name), "", spec)).await.expect("pod");
+    lagged_secret_pod(&api, &pods, name, "lagged", 3).await;
     wait_pod(&pods, "lagged", "Running", is_running_ready).await;
 
     let reads: Vec<_> = api
@@ -1195,14 +1202,7 @@ async fn a_secret_refused_while_the_node_authorizer_catches_up_is_fetched_again_
 async fn every_line_of_the_json_log_is_one_object_with_no_key_twice() {
     let name = "fake-json-log";
     let (api, _s, agent, pods) = joined_with(name, "[log]\nformat = \"json\"\nlevel = \"debug\"\n").await;
-    let secrets: Api<Secret> = Api::namespaced(api.client(), "default");
-    let secret: Secret =
-        serde_json::from_value(json!({"metadata": {"name": "lagged"}, "stringData": {"k": "v"}})).expect("s");
-    secrets.create(&PostParams::default(), &secret).await.expect("secret");
-    api.faults().lag_node_graph(2, "/secrets/lagged");
-    let spec = json!({"containers": [{"name": "main", "image": wasm("sleeper.wat"),
-        "env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "lagged", "key": "k"}}}]}]});
-    pods.create(&PostParams::default(), &pod("sleeper", Some(name), "", spec)).await.expect("pod");
+    lagged_secret_pod(&api, &pods, name, "sleeper", 2).await;
     let spec = json!({"restartPolicy": "Never", "containers": [
         {"name": "exits", "image": wasm("exit.wat")},
         {"name": "traps", "image": wasm("trap.wat")}]});

@@ -214,15 +214,7 @@ pub async fn run(report: &mut Report) {
     let text = std::fs::read_to_string(&kubeconfig).expect("node kubeconfig");
     std::fs::write(&kubeconfig, text.replace(server.trim_end_matches('/'), &format!("https://{via}")))
         .expect("node kubeconfig through the proxy");
-    let config = format!(
-        "node_name = {NODE:?}\nstate_dir = {:?}\nstatic_pod_dir = \"\"\nnode_ip = \"127.0.0.1\"\n\
-         shutdown_timeout_secs = 10\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n\
-         [container_logs]\necho = false\n{}",
-        s.state.display().to_string(),
-        kubeconfig.display().to_string(),
-        s.modules_table()
-    );
-    std::fs::write(&s.config, config).expect("config");
+    s.write_bench_node_config(NODE, &kubeconfig);
     // The metrics endpoint on loopback (not on the link), to count the requests behind the bytes.
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
