@@ -150,7 +150,9 @@ mod tests {
         assert!(!f.would_enable("wasmtime_wasi::p1", &Level::WARN));
         assert!(f.would_enable("wasmtime_wasi::p1", &Level::ERROR));
         let f = filter("debug,wasmtime_wasi=debug", "info");
-        assert!(f.would_enable("wasmtime_wasi", &Level::DEBUG) && f.would_enable("kube_client", &Level::DEBUG));
+        assert!(
+            f.would_enable("wasmtime_wasi", &Level::DEBUG) && f.would_enable("kube_client", &Level::DEBUG)
+        );
         assert!(!f.would_enable("cranelift_codegen", &Level::INFO));
         let f = filter("off", "info");
         assert!(!f.would_enable("lichen", &Level::ERROR));
