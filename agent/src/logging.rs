@@ -22,7 +22,7 @@ use crate::config::{AgentConfig, LogFormat};
 pub fn init(config: &AgentConfig) {
     // The level was validated with the config; fall back to info rather than run blind.
     let filter = filter(&config.log.level, "info");
-    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    let builder = fmt_builder();
     match config.log.format {
         LogFormat::Json => builder.json().finish().with(filter).init(),
         // The journal stamps every line itself and reads `<N>` prefixes as the priority, so
@@ -38,6 +38,19 @@ pub fn init(config: &AgentConfig) {
             builder.with_ansi(std::io::stderr().is_terminal()).finish().with(filter).init()
         }
     }
+}
+
+/// The formatter on stderr. Its own level is opened to `TRACE` (it defaults to `INFO`) so that the
+/// [`Targets`] layer over it alone decides what is logged.
+fn fmt_builder() -> tracing_subscriber::fmt::SubscriberBuilder<
+    tracing_subscriber::fmt::format::DefaultFields,
+    tracing_subscriber::fmt::format::Format,
+    tracing::level_filters::LevelFilter,
+    fn() -> std::io::Stderr,
+> {
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::level_filters::LevelFilter::TRACE)
+        .with_writer(std::io::stderr as fn() -> std::io::Stderr)
 }
 
 /// Parses a `log.level` value (what config validation checks).
@@ -80,7 +93,7 @@ pub fn guest_proof(level: &str) -> String {
 /// Commands other than `run` log only warnings, to stderr, so their output stays readable.
 pub fn init_quiet(config: &AgentConfig) {
     let level = if config.log.level == "info" { "warn" } else { config.log.level.as_str() };
-    tracing_subscriber::fmt().with_writer(std::io::stderr).finish().with(filter(level, "warn")).init();
+    fmt_builder().finish().with(filter(level, "warn")).init();
 }
 
 /// Whether stderr is the journal's stream, as `systemd.exec(5)` says to check: `JOURNAL_STREAM`
