@@ -3,7 +3,8 @@
 # Docker (cross/README.md has the figures and the reasons):
 #
 #   cross/build.sh [build] [TARGET...]   stripped release binaries, with their sizes, each started
-#                                        once under QEMU (`lichen version`)
+#                                        once under QEMU (`lichen version`), and checked against
+#                                        cross/size-budget: it fails if one is over its line
 #   cross/build.sh test [TARGET...]      the test suites that matter on a board, run under QEMU
 #   cross/build.sh list                  the names of the tests `test` runs (listed natively)
 #   cross/build.sh env TARGET            the variables to export to run cargo yourself
@@ -85,10 +86,44 @@ check_tools() {
 
 secs() { echo $(( $(date +%s) - $1 ))s; }
 
+mib() { awk -v b="$1" 'BEGIN { printf "%.2f MiB", b / 1048576 }'; }
+
+# Checks one built binary against its line in cross/size-budget (`<triple> <bytes>`) and prints
+# the verdict; over budget, it says what to run to see what grew and returns 1.
+check_budget() {
+  local t=$1 out=$2 size allowed short
+  size=$(stat -c %s "$out")
+  allowed=$(awk -v t="$t" '$1 == t { print $2 }' cross/size-budget)
+  if [[ -z $allowed ]]; then
+    echo "size budget: $t: $size bytes ($(mib "$size")), no line in cross/size-budget (not checked)"
+    return 0
+  fi
+  if [[ ! $allowed =~ ^[0-9]+$ ]]; then
+    echo "size budget: $t: the line in cross/size-budget is not a byte count: $allowed"
+    return 1
+  fi
+  if ((size <= allowed)); then
+    echo "size budget: $t: $size bytes ($(mib "$size")), within $allowed ($(mib "$allowed")), $((allowed - size)) to spare"
+    return 0
+  fi
+  case $t in *musl) short=aarch64-musl ;; armv7-*) short=armv7 ;; *) short=aarch64 ;; esac
+  cat <<EOF
+size budget: $t: lichen is $size bytes ($(mib "$size")), over its budget of $allowed bytes ($(mib "$allowed"))
+  in cross/size-budget by $((size - allowed)) bytes. What each crate adds (symbols kept; fat LTO
+  moves inlined code between crates, so compare crate by crate with the same command):
+    cargo install cargo-bloat --locked
+    eval "\$(bash cross/build.sh env $short)"
+    CARGO_PROFILE_RELEASE_STRIP=false cargo bloat --release --locked -p lichen --target $t --crates -n 40
+  against the breakdown in README.md ("Board builds"). Cut the growth at its cause, or raise the
+  line with the reason in the commit, in cross/size-budget and in README.md.
+EOF
+  return 1
+}
+
 build() {
   local targets=("$@") t0 t out
   check_tools "${targets[@]}"
-  local report=()
+  local report=() verdicts=() over=0
   for t in "${targets[@]}"; do
     t0=$(date +%s)
     # The workspace's release profile (Cargo.toml) is what ships, for cross-rs users too.
@@ -99,9 +134,12 @@ build() {
     version=$(eval "$(target_env "$t")"; $LICHEN_BIN_RUNNER "$out" version | tr '\n' ' ')
     report+=("$(awk -v t="$t" -v b="$(stat -c %s "$out")" -v s="$(secs "$t0")" -v v="$version" \
       'BEGIN { printf "%-32s %6.2f MiB  built in %-6s %s", t, b / 1048576, s, v }')")
+    verdicts+=("$(check_budget "$t" "$out")") || over=1
   done
   echo
   printf '%s\n' "${report[@]}"
+  printf '%s\n' "${verdicts[@]}"
+  return "$over"
 }
 
 test_targets() {

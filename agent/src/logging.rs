@@ -1,34 +1,69 @@
 //! The agent's own log: text for people (on a terminal, or in the journal under systemd) or JSON
 //! for collectors, always on stderr.
+//!
+//! `log.level` is parsed as a [`Targets`] filter (`level` or `target=level`, comma-separated), not
+//! an `EnvFilter`: it takes every directive the README documents, and leaving `EnvFilter` out
+//! keeps its regular-expression DFA builder out of the board binaries (`cross/size-budget`).
 
 use std::fmt;
+use std::str::FromStr;
 
 use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::filter::{ParseError, Targets};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{AgentConfig, LogFormat};
 
 /// Sets the global subscriber for `lichen run`.
 pub fn init(config: &AgentConfig) {
     // The level was validated with the config; fall back to info rather than run blind.
-    let filter = tracing_subscriber::EnvFilter::try_new(guest_proof(&config.log.level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(guest_proof("info")));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = filter(&config.log.level, "info");
+    let builder = fmt_builder();
     match config.log.format {
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => builder.json().finish().with(filter).init(),
         // The journal stamps every line itself and reads `<N>` prefixes as the priority, so
         // `journalctl -p warning -u lichen` and its colours work.
         LogFormat::Text if stderr_is_journal() => builder
             .with_ansi(false)
             .event_format(Journald(tracing_subscriber::fmt::format().without_time()))
+            .finish()
+            .with(filter)
             .init(),
         LogFormat::Text => {
             use std::io::IsTerminal;
-            builder.with_ansi(std::io::stderr().is_terminal()).init()
+            builder.with_ansi(std::io::stderr().is_terminal()).finish().with(filter).init()
         }
     }
+}
+
+/// The formatter on stderr. Its own level is opened to `TRACE` (it defaults to `INFO`) so that the
+/// [`Targets`] layer over it alone decides what is logged.
+fn fmt_builder() -> tracing_subscriber::fmt::SubscriberBuilder<
+    tracing_subscriber::fmt::format::DefaultFields,
+    tracing_subscriber::fmt::format::Format,
+    tracing::level_filters::LevelFilter,
+    fn() -> std::io::Stderr,
+> {
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::level_filters::LevelFilter::TRACE)
+        .with_writer(std::io::stderr as fn() -> std::io::Stderr)
+}
+
+/// Parses a `log.level` value (what config validation checks).
+pub fn parse_level(level: &str) -> Result<Targets, ParseError> {
+    Targets::from_str(level)
+}
+
+/// The filter for `level` with [`GUEST_DRIVEN`] targets held down. The level was validated with
+/// the config; an invalid one falls back to `fallback` rather than run blind.
+fn filter(level: &str, fallback: &str) -> Targets {
+    parse_level(&guest_proof(level)).unwrap_or_else(|_| {
+        parse_level(&guest_proof(fallback)).unwrap_or_else(|_| Targets::new().with_default(Level::INFO))
+    })
 }
 
 /// Targets whose volume a module decides, with the level each is held to unless the filter names
@@ -58,9 +93,7 @@ pub fn guest_proof(level: &str) -> String {
 /// Commands other than `run` log only warnings, to stderr, so their output stays readable.
 pub fn init_quiet(config: &AgentConfig) {
     let level = if config.log.level == "info" { "warn" } else { config.log.level.as_str() };
-    let filter = tracing_subscriber::EnvFilter::try_new(guest_proof(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(guest_proof("warn")));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    fmt_builder().finish().with(filter(level, "warn")).init();
 }
 
 /// Whether stderr is the journal's stream, as `systemd.exec(5)` says to check: `JOURNAL_STREAM`
@@ -116,8 +149,30 @@ mod tests {
         let named = guest_proof("info,wasmtime_wasi=warn");
         assert!(named.starts_with("info,wasmtime_wasi=warn,") && named.matches("wasmtime_wasi").count() == 1);
         for level in ["trace", "lichen=debug,warn"] {
-            assert!(tracing_subscriber::EnvFilter::try_new(guest_proof(level)).is_ok(), "{level}");
+            assert!(parse_level(&guest_proof(level)).is_ok(), "{level}");
         }
+    }
+
+    #[test]
+    fn documented_levels_filter_as_documented() {
+        // README, `log.level`: a level, or per module, e.g. `info,lichen::runtime=debug`.
+        let f = filter("info,lichen::runtime=debug", "info");
+        assert!(f.would_enable("lichen::runtime::engine", &Level::DEBUG));
+        assert!(!f.would_enable("lichen::pod", &Level::DEBUG));
+        assert!(f.would_enable("lichen::pod", &Level::INFO));
+        assert!(!f.would_enable("wasmtime_wasi::p1", &Level::WARN));
+        assert!(f.would_enable("wasmtime_wasi::p1", &Level::ERROR));
+        let f = filter("debug,wasmtime_wasi=debug", "info");
+        assert!(
+            f.would_enable("wasmtime_wasi", &Level::DEBUG) && f.would_enable("kube_client", &Level::DEBUG)
+        );
+        assert!(!f.would_enable("cranelift_codegen", &Level::INFO));
+        let f = filter("off", "info");
+        assert!(!f.would_enable("lichen", &Level::ERROR));
+        // A value config validation would refuse falls back rather than logging nothing.
+        assert!(parse_level("lichen=[").is_err());
+        assert!(filter("lichen=[", "warn").would_enable("lichen", &Level::WARN));
+        assert!(!filter("lichen=[", "warn").would_enable("lichen", &Level::INFO));
     }
 
     #[derive(Clone, Default)]

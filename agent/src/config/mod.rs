@@ -248,7 +248,8 @@ impl AgentConfig {
                 message: format!("{} is outside 1..=10000", self.max_pods),
             });
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+        if let Err(e) = <tracing_subscriber::filter::Targets as std::str::FromStr>::from_str(&self.log.level)
+        {
             return Err(ConfigError::Invalid {
                 field: "log.level",
                 message: format!("{:?}: {e} (examples: info, debug, info,lichen=debug)", self.log.level),
