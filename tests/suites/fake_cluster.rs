@@ -1993,10 +1993,9 @@ fn kubelet_call_typed(port: u16, method: &str, path: &str, bearer: Option<&str>)
     (code.trim().parse().unwrap_or(0), content_type.to_owned(), body.to_owned())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubectl_logs_go_through_the_api_server_to_the_kubelet_api_and_strangers_are_refused() {
-    use kube::api::LogParams;
-    let name = "fake-logs";
+/// A TLS fake API server and a node `name` on it with node credentials and its kubelet API on a
+/// free port, once Ready: the server, the scratch layout, the agent, the port and the Node.
+async fn ready_kubelet_node(name: &str) -> (FakeApi, Scratch, lichen_tests::Agent, u16, Node) {
     let api = FakeApi::start_tls().await;
     api.delete_node(name).await;
     let s = Scratch::new("");
@@ -2004,6 +2003,14 @@ async fn kubectl_logs_go_through_the_api_server_to_the_kubelet_api_and_strangers
     let port = lichen_tests::free_port();
     let agent = lichen_tests::start_kubelet_node(&s, name, &kc, port);
     let node = wait_ready(&api, name).await;
+    (api, s, agent, port, node)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_logs_go_through_the_api_server_to_the_kubelet_api_and_strangers_are_refused() {
+    use kube::api::LogParams;
+    let name = "fake-logs";
+    let (api, _s, agent, port, node) = ready_kubelet_node(name).await;
     let endpoint = node
         .status
         .as_ref()
@@ -2144,13 +2151,7 @@ fn cpu_of(scrape: &lichen_tests::top::ResourceScrape, pod: &str) -> Option<f64> 
 async fn kubectl_top_finds_cpu_and_memory_of_the_node_and_its_pods_in_the_kubelet_api() {
     use lichen_tests::top::decode;
     let name = "fake-top";
-    let api = FakeApi::start_tls().await;
-    api.delete_node(name).await;
-    let s = Scratch::new("");
-    let kc = api.node_kubeconfig(name, s.dir.path()).await;
-    let port = lichen_tests::free_port();
-    let agent = lichen_tests::start_kubelet_node(&s, name, &kc, port);
-    wait_ready(&api, name).await;
+    let (api, _s, agent, port, _) = ready_kubelet_node(name).await;
     let pods: Api<Pod> = Api::namespaced(api.client(), "default");
     let spinner = run_bound(&pods, "spinner", name, "loop.wat").await;
     run_bound(&pods, "idler", name, "idle.wat").await;
