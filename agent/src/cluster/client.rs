@@ -16,6 +16,11 @@
 //!   traffic every 10 s means a healthy link never sends a PING.
 //! - A request that is not a watch must answer within [`REQUEST_TIMEOUT`], so a silent server
 //!   cannot hang a heartbeat for minutes.
+//!
+//! kube's own retry layer (429, 503 and 504 tried again inside one call) is not part of this stack:
+//! every caller already retries with its own back-off (the heartbeat, the pod watch, the status
+//! writer, the inputs pass), and a retry hidden inside a call would stretch a heartbeat round past
+//! its 10 s.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
