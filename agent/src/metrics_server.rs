@@ -60,37 +60,44 @@ pub fn render(sources: &Sources) -> String {
     }
     r.register("pods", "Pods on this node, by phase", phases);
 
-    let outbox: Gauge = Gauge::default();
-    outbox.set(sources.board.pending_count(crate::store::SourceKind::Api) as i64);
-    r.register("status_outbox_depth", "Pod statuses waiting to reach the API server", outbox);
+    gauge(
+        &mut r,
+        "status_outbox_depth",
+        "Pod statuses waiting to reach the API server",
+        sources.board.pending_count(crate::store::SourceKind::Api) as i64,
+    );
 
     let contact = sources.contact.snapshot();
-    let offline: Gauge = Gauge::default();
-    offline.set(contact.offline_secs as i64);
-    r.register("api_offline_seconds", "Seconds without contact with the API server (0: connected)", offline);
+    gauge(
+        &mut r,
+        "api_offline_seconds",
+        "Seconds without contact with the API server (0: connected)",
+        contact.offline_secs as i64,
+    );
 
-    let uptime: Gauge = Gauge::default();
-    uptime.set(sources.started.elapsed().as_secs() as i64);
-    r.register("uptime_seconds", "Seconds since the agent started", uptime);
+    gauge(
+        &mut r,
+        "uptime_seconds",
+        "Seconds since the agent started",
+        sources.started.elapsed().as_secs() as i64,
+    );
 
     if let Some(bridge) = &sources.mqtt {
         let spool = bridge.spool().snapshot();
         let b = bridge.snapshot();
-        let depth: Gauge = Gauge::default();
-        depth.set(spool.entries as i64);
-        r.register("mqtt_spool_depth", "Messages in the MQTT spool waiting for the broker", depth);
-        let bytes: Gauge = Gauge::default();
-        bytes.set(spool.bytes as i64);
-        r.register("mqtt_spool_bytes", "Bytes in the MQTT spool", bytes);
-        let published: Counter = Counter::default();
-        published.inc_by(b.published);
-        r.register("mqtt_published", "Messages handed to the MQTT client", published);
-        let throttled: Counter = Counter::default();
-        throttled.inc_by(b.throttled);
-        r.register(
+        gauge(
+            &mut r,
+            "mqtt_spool_depth",
+            "Messages in the MQTT spool waiting for the broker",
+            spool.entries as i64,
+        );
+        gauge(&mut r, "mqtt_spool_bytes", "Bytes in the MQTT spool", spool.bytes as i64);
+        counter(&mut r, "mqtt_published", "Messages handed to the MQTT client", b.published);
+        counter(
+            &mut r,
             "mqtt_throttled",
             "QoS 1 lines held back by a pod's rate limit until it allowed them (the module was slowed, nothing dropped)",
-            throttled,
+            b.throttled,
         );
         let drops: Family<Labels, Counter> = Family::default();
         for (reason, n) in [
@@ -106,39 +113,37 @@ pub fn render(sources: &Sources) -> String {
             drops.get_or_create(&vec![("reason", reason.to_owned())]).inc_by(n);
         }
         r.register("mqtt_dropped", "MQTT messages dropped, by reason", drops);
-        let connected: Gauge = Gauge::default();
-        connected.set(i64::from(b.connected));
-        r.register("mqtt_connected", "1 while connected to the MQTT broker", connected);
+        gauge(&mut r, "mqtt_connected", "1 while connected to the MQTT broker", i64::from(b.connected));
         if let Some(g) = bridge.gateway_snapshot() {
-            let depth: Gauge = Gauge::default();
-            depth.set(g.spooled_down as i64);
-            r.register(
+            gauge(
+                &mut r,
                 "mqtt_gateway_spool_depth",
                 "Messages from upstream in the gateway's spool waiting for the local broker",
-                depth,
+                g.spooled_down as i64,
             );
             let forwarded: Family<Labels, Counter> = Family::default();
             for (direction, n) in [("up", g.forwarded_up), ("down", g.forwarded_down)] {
                 forwarded.get_or_create(&vec![("direction", direction.to_owned())]).inc_by(n);
             }
             r.register("mqtt_gateway_forwarded", "Messages the gateway forwarded, by direction", forwarded);
-            let dropped: Counter = Counter::default();
-            dropped.inc_by(g.dropped_down);
-            r.register(
+            counter(
+                &mut r,
                 "mqtt_gateway_dropped_down",
                 "Messages from upstream dropped (gateway spool full or refused by the disk)",
-                dropped,
+                g.dropped_down,
             );
-            let loops: Counter = Counter::default();
-            loops.inc_by(g.loops_suppressed);
-            r.register(
+            counter(
+                &mut r,
                 "mqtt_gateway_loops_suppressed",
                 "Echoes of the gateway's own messages not forwarded",
-                loops,
+                g.loops_suppressed,
             );
-            let connected: Gauge = Gauge::default();
-            connected.set(i64::from(g.connected));
-            r.register("mqtt_gateway_connected", "1 while connected to the local broker", connected);
+            gauge(
+                &mut r,
+                "mqtt_gateway_connected",
+                "1 while connected to the local broker",
+                i64::from(g.connected),
+            );
         }
     }
 
@@ -146,6 +151,20 @@ pub fn render(sources: &Sources) -> String {
     // Encoding into a String cannot fail.
     let _ = encode(&mut out, &r);
     out
+}
+
+/// Registers a gauge `name` at `value`.
+fn gauge(r: &mut Registry, name: &str, help: &str, value: i64) {
+    let gauge: Gauge = Gauge::default();
+    gauge.set(value);
+    r.register(name, help, gauge);
+}
+
+/// Registers a counter `name` at `value` (read from its owner's own counter at scrape time).
+fn counter(r: &mut Registry, name: &str, help: &str, value: u64) {
+    let counter: Counter = Counter::default();
+    counter.inc_by(value);
+    r.register(name, help, counter);
 }
 
 /// The health of the agent, as `/healthz` reports it.

@@ -538,11 +538,9 @@ fn unsupported(what: &str, namespace: &str, pod: &str) -> Response<Body> {
     });
     let mut body = status.to_string();
     body.push('\n');
-    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+    let mut r = whole(body.into_bytes(), "application/json");
     *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-    let headers = r.headers_mut();
-    headers.insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
-    headers.insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+    r.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
     r
 }
 
@@ -631,7 +629,7 @@ async fn answer(
     }
 }
 
-/// A whole `200` response of `content_type`.
+/// A whole response of `content_type`, `200` unless the caller sets another status.
 fn whole(body: Vec<u8>, content_type: &'static str) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
     r.headers_mut()
