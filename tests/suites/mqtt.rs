@@ -49,29 +49,53 @@ fn spool_entries(s: &Scratch) -> u64 {
     s.status_json()["mqtt"]["spool"]["entries"].as_u64().unwrap_or(u64::MAX)
 }
 
-#[test]
-fn a_broker_restart_mid_stream_loses_nothing_and_keeps_order() {
+/// What [`counter_through_a_restart`] saw.
+struct Stream {
+    /// Kept running: the spool drains only while it answers.
+    _broker: Mosquitto,
+    agent: Agent,
+    s: Scratch,
+    /// From the pod's creation to the last of the 10,000 lines.
+    took: Duration,
+    /// Lines that had arrived when the broker restarted.
+    at_restart: usize,
+    /// Lines that arrived twice (resent after the restart).
+    dups: usize,
+}
+
+/// Runs the counter pod (10,000 numbered QoS 1 lines as fast as it can print them) on an agent
+/// with `extra` in `[mqtt]`, restarts the broker once `first` lines have arrived, and waits until
+/// all 10,000 have arrived in order; checks that the restart came mid-stream.
+fn counter_through_a_restart(extra: &str, first: usize, client: &str) -> Stream {
     let mut broker = Mosquitto::start();
-    let sub = Subscriber::connect(broker.port, "restart-sub", "sensors/#");
-    // A small window keeps the stream going long enough to be cut in the middle.
-    let s = Scratch::new(&mqtt_table(&broker.url(), "pod_rate_limit = 0\ninflight = 10\n"));
+    let sub = Subscriber::connect(broker.port, client, "sensors/#");
+    let s = Scratch::new(&mqtt_table(&broker.url(), extra));
     let agent = s.start();
     wait_connected(&s);
     let start = Instant::now();
     s.put_pod("counter.yaml", &counter_pod());
-    wait_for(T, "the first 1000 messages", || (sub.texts(COUNTER_TOPIC).len() >= 1000).then_some(()));
+    wait_for(T, &format!("the first {first} messages"), || {
+        (sub.texts(COUNTER_TOPIC).len() >= first).then_some(())
+    });
     broker.restart();
     let at_restart = sub.texts(COUNTER_TOPIC).len();
     wait_for(Duration::from_secs(120), "all 10,000 messages after the restart", || {
         check_in_order(&sub.texts(COUNTER_TOPIC), COUNT).ok()
     });
     let took = start.elapsed();
-    let texts = sub.texts(COUNTER_TOPIC);
-    let dups = check_in_order(&texts, COUNT).expect("in order");
+    let dups = check_in_order(&sub.texts(COUNTER_TOPIC), COUNT).expect("in order");
     assert!(
         (at_restart as u64) < COUNT,
         "the restart came in the middle of the stream ({at_restart} had arrived)"
     );
+    Stream { _broker: broker, agent, s, took, at_restart, dups }
+}
+
+#[test]
+fn a_broker_restart_mid_stream_loses_nothing_and_keeps_order() {
+    // A small window keeps the stream going long enough to be cut in the middle.
+    let Stream { _broker, agent, s, took, at_restart, dups } =
+        counter_through_a_restart("pod_rate_limit = 0\ninflight = 10\n", 1000, "restart-sub");
     let reconnects = agent.log().iter().filter(|l| l.contains("connected to the MQTT broker")).count();
     assert!(reconnects >= 2, "the agent reconnected:\n{}", agent.log().join("\n"));
     wait_for(T, "the spool to drain", || (spool_entries(&s) == 0).then_some(()));
@@ -228,24 +252,10 @@ fn lines_are_framed_both_ways_and_bad_ones_are_dropped_and_counted() {
 
 #[test]
 fn qos1_lines_beyond_the_rate_limit_wait_and_none_is_lost_through_a_broker_restart() {
-    let mut broker = Mosquitto::start();
-    let sub = Subscriber::connect(broker.port, "limited-sub", "sensors/#");
     // 10,000 lines printed as fast as the module can, against 1,000 a second after a burst of 500:
     // the module must be slowed to the limit (about 9.5 s), and every line must arrive.
-    let s = Scratch::new(&mqtt_table(&broker.url(), "pod_rate_limit = 1000\npod_burst = 500\n"));
-    let agent = s.start();
-    wait_connected(&s);
-    let start = Instant::now();
-    s.put_pod("counter.yaml", &counter_pod());
-    wait_for(T, "the first 3000 messages", || (sub.texts(COUNTER_TOPIC).len() >= 3000).then_some(()));
-    broker.restart();
-    let at_restart = sub.texts(COUNTER_TOPIC).len();
-    wait_for(Duration::from_secs(120), "all 10,000 messages after the restart", || {
-        check_in_order(&sub.texts(COUNTER_TOPIC), COUNT).ok()
-    });
-    let took = start.elapsed();
-    let dups = check_in_order(&sub.texts(COUNTER_TOPIC), COUNT).expect("in order");
-    assert!((at_restart as u64) < COUNT, "the restart came mid-stream ({at_restart} had arrived)");
+    let Stream { _broker, agent, s, took, at_restart, dups } =
+        counter_through_a_restart("pod_rate_limit = 1000\npod_burst = 500\n", 3000, "limited-sub");
     let bridge = s.status_json()["mqtt"]["bridge"].clone();
     assert_eq!(bridge["dropped_rate"], 0, "no QoS 1 line is dropped by the rate limit: {bridge}");
     assert!(bridge["throttled"].as_u64().unwrap_or(0) > 0, "the limit held the module back: {bridge}");
