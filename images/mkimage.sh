@@ -4,6 +4,7 @@
 # with images/bake.sh; this image only stands in for a board.
 #
 #   images/mkimage.sh --arch arm64|armhf --out base.img [--cache-dir DIR] [--size MIB] [--test-console]
+#   images/mkimage.sh --arch arm64|armhf --rootfs-only [--cache-dir DIR]
 #
 # The image: an MBR; a FAT32 boot partition (at 4 MiB, 512 MiB, label bootfs) that the root's
 # /etc/fstab mounts at /boot/firmware and that holds the kernel (vmlinuz) and initramfs
@@ -18,16 +19,17 @@
 # test image only, never one for a board.
 #
 # The root file system tarball is cached in --cache-dir (default /var/cache/lichen-images), keyed
-# by a hash of everything that goes into it, so the second build takes seconds. No loop device and
+# by a hash of everything that goes into it, so the second build takes seconds. --rootfs-only fills
+# that cache and stops (CI builds both roots in the background while it compiles). No loop device and
 # no mount: mkfs.vfat -C and mcopy, mkfs.ext4 -d, sfdisk, dd. Runs as root (mmdebstrap's root
 # mode, binfmt_misc); installs the Debian packages it needs when missing.
 set -euo pipefail
 PROG=mkimage.sh
 # shellcheck source=images/board-lib.sh
 . "$(dirname "$0")/board-lib.sh"
-usage() { sed -n '6p' "$0" | sed 's/^# *//' >&2; exit 2; }
+usage() { sed -n '6,7p' "$0" | sed 's/^# *//' >&2; exit 2; }
 
-arch='' out='' cache_dir=/var/cache/lichen-images size_mib=2048 test_console=''
+arch='' out='' cache_dir=/var/cache/lichen-images size_mib=2048 test_console='' rootfs_only=''
 while (($#)); do
   case $1 in
     --arch) arch=${2:-}; shift 2 || usage ;;
@@ -35,18 +37,19 @@ while (($#)); do
     --cache-dir) cache_dir=${2:-}; shift 2 || usage ;;
     --size) size_mib=${2:-}; shift 2 || usage ;;
     --test-console) test_console=1; shift ;;
+    --rootfs-only) rootfs_only=1; shift ;;
     -h | --help) usage ;;
     *) echo "images/mkimage.sh: unknown argument $1" >&2; usage ;;
   esac
 done
-[[ -n $arch && -n $out ]] || usage
+[[ -n $arch && ( -n $out || -n $rootfs_only ) ]] || usage
 case $arch in
   arm64) qemu_arch=aarch64 kernel_pkg=linux-image-arm64 ;;
   armhf) qemu_arch=arm kernel_pkg=linux-image-armmp-lpae ;;
   *) die "--arch must be arm64 or armhf, not $arch" ;;
 esac
 if ! [[ $size_mib =~ ^[0-9]+$ ]] || ((size_mib < 1024)); then die "--size is the image size in MiB, at least 1024"; fi
-[[ ! -e $out ]] || die "$out exists: delete it or choose another --out"
+[[ -n $rootfs_only || ! -e $out ]] || die "$out exists: delete it or choose another --out"
 [[ $(id -u) -eq 0 ]] || die "run it as root: mmdebstrap --mode=root and binfmt_misc need root"
 
 need_tools \
@@ -104,7 +107,7 @@ initramfs_modules=(virtio_mmio virtio_pci virtio_blk virtio_net virtio_rng virti
 
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/mkimage.XXXXXX")
 tarball=''
-trap 'rm -rf "$work" "$out.part" ${tarball:+"$tarball.part"}' EXIT
+trap 'rm -rf "$work" ${out:+"$out.part"} ${tarball:+"$tarball.part"}' EXIT
 ess=$work/essential customize=$work/customize
 mkdir -p "$ess/etc/initramfs-tools/conf.d" "$ess/etc/initramfs-tools/hooks" \
   "$customize/etc/systemd/network"
@@ -172,6 +175,7 @@ else
   mv "$tarball.part" "$tarball"
   say "root file system built in $((SECONDS - t0)) s"
 fi
+[[ -z $rootfs_only ]] || exit 0
 
 # --- the image -----------------------------------------------------------------------------------
 root=$work/root

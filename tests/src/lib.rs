@@ -416,6 +416,13 @@ pub fn lichen_ok(out: std::process::Output) -> String {
     text
 }
 
+/// Whether the agent runs under an emulator (`LICHEN_BIN_RUNNER`, see [`lichen_bin`]). There a
+/// process's resident memory is the emulator's: its translated-code cache and its own maps come on
+/// top of the agent's.
+pub fn emulated() -> bool {
+    std::env::var("LICHEN_BIN_RUNNER").is_ok_and(|r| !r.trim().is_empty())
+}
+
 /// Resident memory of process `pid` in KiB (0 if it cannot be read), for benchmarks.
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

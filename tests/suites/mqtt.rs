@@ -295,8 +295,9 @@ fn a_flooding_module_is_rate_limited_and_cannot_exhaust_memory() {
             && bridge["throttled"].as_u64().unwrap_or(0) > 0)
             .then_some(())
     });
+    let rss_floods_on = rss_kib(agent.pid()) as f64 / 1024.0;
     // A measurement window, not a wait for an event: the rate bound below is checked over the
-    // time actually elapsed.
+    // time actually elapsed, and the agent's memory must not grow through it.
     std::thread::sleep(Duration::from_secs(3));
     let secs = start.elapsed().as_secs_f64();
     let rss_mib = rss_kib(agent.pid()) as f64 / 1024.0;
@@ -323,9 +324,16 @@ fn a_flooding_module_is_rate_limited_and_cannot_exhaust_memory() {
     assert!(flood.windows(2).all(|w| w[1] == w[0] + 1), "no QoS 1 line is missing: {flood:?}");
     assert!(flood0.last().copied().unwrap_or(0) > flood0.len() as u64 * 2, "the QoS 0 flood was thinned");
     assert!(ticks.len() >= 20, "the other pod's lines still flow ({} in {secs:.1}s)", ticks.len());
-    assert!(rss_mib < 200.0, "agent RSS {rss_mib:.1} MiB");
+    // A debug agent runs these floods in about 46 MiB. Under QEMU user emulation the figure is the
+    // emulator's, whose translated-code cache and own maps add about 170 MiB that do not grow.
+    let bound = if lichen_tests::emulated() { 320.0 } else { 128.0 };
+    assert!(rss_mib < bound, "agent RSS {rss_mib:.1} MiB (bound {bound} MiB)");
+    assert!(
+        rss_mib - rss_floods_on < 16.0,
+        "agent RSS grew from {rss_floods_on:.1} to {rss_mib:.1} MiB in the floods' last 3 s"
+    );
     eprintln!(
-        "figures: floods for {secs:.1}s: {} published, {} QoS 0 lines dropped by the rate limit, QoS 1 throttled {} times, agent RSS {rss_mib:.1} MiB",
+        "figures: floods for {secs:.1}s: {} published, {} QoS 0 lines dropped by the rate limit, QoS 1 throttled {} times, agent RSS {rss_floods_on:.1} → {rss_mib:.1} MiB",
         bridge["published"], bridge["dropped_rate"], bridge["throttled"]
     );
     assert!(agent.stop().0.success());
