@@ -246,7 +246,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             _ = static_rx.changed() => {}
         }
     }
-    tracing::info!(node = %config.node_name, version = env!("CARGO_PKG_VERSION"), "lichen running");
+    tracing::info!(node = %config.node_name, version = %crate::version::version(), "lichen running");
     let notifier = Notifier::from_env();
     let watchdog = notifier.watchdog_interval();
     if let Some(every) = watchdog {

@@ -75,6 +75,12 @@ impl StateLayout {
     pub fn offline_seconds(&self) -> PathBuf {
         self.root.join("offline-seconds")
     }
+
+    /// The agent's own upgrades: `upgrade.json` (the switch's record), `versions/<digest>/lichen`
+    /// (at most two staged binaries) and `download/` (a download in progress, resumable).
+    pub fn agent(&self) -> PathBuf {
+        self.root.join("agent")
+    }
 }
 
 #[cfg(test)]
@@ -93,6 +99,7 @@ mod tests {
             l.bootstrap_token(),
             l.control_socket(),
             l.offline_seconds(),
+            l.agent(),
         ];
         for p in &paths {
             assert_eq!(p.parent(), Some(Path::new("/var/lib/lichen")), "{}", p.display());

@@ -10,13 +10,14 @@
 //! - **domain**: [`pod`] (plan, phases, workers, the manager), [`static_pods`], [`cluster`] (the API
 //!   server's side of pods, the kube client), [`node`] (the Node and its Lease), [`bootstrap`]
 //!   (join, certificate rotation), [`runtime`] (Wasmtime), [`modules`] (references, pulls, the
-//!   cache), [`telemetry`] (MQTT).
+//!   cache), [`telemetry`] (MQTT), [`upgrade`] (the agent's own upgrades: fetch, verify, switch,
+//!   health gate, rollback).
 //! - **ground**: [`layout`] (every path under the state directory), [`store`] (sled), [`config`],
 //!   [`board`] (newest pod statuses), [`host`] (facts about the board), [`metrics`] (counters),
 //!   [`logfmt`] (the container log format: names, records, writer, reader), [`quantity`],
 //!   [`topic`] and [`broker`] (MQTT topic grammar, broker URLs), [`token`], [`retry`], [`notify`] (sd_notify), [`logging`],
 //!   [`api_error`] (API server errors as one readable line),
-//!   [`heap`] (freed memory given back to the system).
+//!   [`heap`] (freed memory given back to the system), [`version`] (the agent's version and build id).
 
 pub mod api_error;
 pub mod app;
@@ -48,3 +49,5 @@ pub mod store;
 pub mod telemetry;
 pub mod token;
 pub mod topic;
+pub mod upgrade;
+pub mod version;

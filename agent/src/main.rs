@@ -13,7 +13,7 @@ fn main() -> ExitCode {
     lichen::heap::limit_arenas();
     let cli = Cli::parse();
     if let Command::Version = cli.command {
-        println!("lichen {}", env!("CARGO_PKG_VERSION"));
+        println!("lichen {}", lichen::version::version());
         println!("wasmtime {}", lichen::runtime::WASMTIME_VERSION);
         println!("arch {}", std::env::consts::ARCH);
         return ExitCode::SUCCESS;

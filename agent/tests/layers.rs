@@ -32,9 +32,13 @@ const FLOORS: &[(&str, &[&str])] = &[
             "logging",
             "api_error",
             "heap",
+            "version",
         ],
     ),
-    ("domain", &["runtime", "modules", "pod", "cluster", "node", "telemetry", "bootstrap", "static_pods"]),
+    (
+        "domain",
+        &["runtime", "modules", "pod", "cluster", "node", "telemetry", "bootstrap", "static_pods", "upgrade"],
+    ),
     ("edge", &["kubelet", "control", "metrics_server"]),
     ("top", &["app", "cli", "main"]),
 ];

@@ -146,6 +146,11 @@ overlay! {
         [env = "LICHEN_MAX_OFFLINE_SECS"] max_offline_secs: u64 => autonomy.max_offline_secs;
         /// Seconds pods evicted while away keep running once back, 0 = stop at once [default: 0].
         [env = "LICHEN_EVICTED_GRACE_SECS"] evicted_grace_secs: u64 => autonomy.evicted_grace_secs;
+        /// Public keys (PEM) an agent upgrade must be signed by, comma-separated; none turns remote
+        /// upgrades off [default: none].
+        [env = "LICHEN_UPGRADE_TRUSTED_KEYS", value_delimiter = ','] upgrade_trusted_keys: Vec<PathBuf> => upgrade.trusted_keys;
+        /// Seconds a new agent has to pass its health gate before it is rolled back [default: 120].
+        [env = "LICHEN_UPGRADE_HEALTH_TIMEOUT_SECS"] upgrade_health_timeout_secs: u64 => upgrade.health_timeout_secs;
         /// MQTT broker URL, mqtt:// or mqtts://; empty turns MQTT off [default: none].
         [env = "LICHEN_MQTT_BROKER", value_parser = parse_broker_arg] mqtt_broker: BrokerArg => mqtt.broker;
         /// MQTT client id [default: the node name].

@@ -25,7 +25,7 @@ pub use mqtt::{
 };
 pub use sections::{
     AutonomyConfig, ContainerLogConfig, JoinConfig, KubeletApiConfig, MetricsConfig, ModulesConfig,
-    RuntimeConfig, TokenSetting,
+    RuntimeConfig, TokenSetting, UpgradeConfig,
 };
 
 /// Where the config file is looked for when `--config` is not given.
@@ -122,6 +122,8 @@ pub struct AgentConfig {
     pub metrics: MetricsConfig,
     /// The kubelet API the API server calls for `kubectl logs` (cluster nodes only).
     pub kubelet_api: KubeletApiConfig,
+    /// Remote upgrades of the agent; off unless `upgrade.trusted_keys` names a key.
+    pub upgrade: UpgradeConfig,
 }
 
 /// The agent's own logging.
@@ -158,6 +160,7 @@ impl Default for AgentConfig {
             node_hostname: String::new(),
             metrics: MetricsConfig::default(),
             kubelet_api: KubeletApiConfig::default(),
+            upgrade: UpgradeConfig::default(),
         }
     }
 }
@@ -208,8 +211,12 @@ impl AgentConfig {
             &mut config.kubelet_api.tls_private_key_file,
             &mut config.kubelet_api.client_ca_file,
         ];
-        let lists =
-            config.modules.registry_ca_files.iter_mut().chain(config.runtime.allowed_host_paths.iter_mut());
+        let lists = config
+            .modules
+            .registry_ca_files
+            .iter_mut()
+            .chain(config.runtime.allowed_host_paths.iter_mut())
+            .chain(config.upgrade.trusted_keys.iter_mut());
         for p in paths.into_iter().chain(lists) {
             if !p.as_os_str().is_empty() && p.is_relative() {
                 *p = base.join(&*p);
@@ -306,6 +313,7 @@ impl AgentConfig {
         self.mqtt.validate()?;
         self.join.validate(&self.state_dir)?;
         self.kubelet_api.validate()?;
+        self.upgrade.validate()?;
         if !self.metrics.address.is_empty() && self.metrics.socket_addr().is_none() {
             return Err(ConfigError::Invalid {
                 field: "metrics.address",

@@ -1,5 +1,5 @@
 //! The config sections other than `[mqtt]`: `[metrics]`, `[kubelet_api]`, `[join]`, `[autonomy]`,
-//! `[modules]`, `[runtime]` and `[container_logs]`, with their defaults and checks.
+//! `[modules]`, `[runtime]`, `[container_logs]` and `[upgrade]`, with their defaults and checks.
 
 use std::path::{Path, PathBuf};
 
@@ -376,6 +376,45 @@ impl ModulesConfig {
         }
         if self.pull_timeout_secs == 0 {
             return Err(invalid("modules.pull_timeout_secs", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Remote upgrades of the agent itself (README: Upgrading a fleet).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpgradeConfig {
+    /// PEM files of the ECDSA P-256 public keys (`cosign.pub` files) an upgrade must be signed by;
+    /// one signature by any of them is enough. Empty turns remote upgrades off: the node then
+    /// refuses every `lichen.dev/agent-image`, saying why on its Node.
+    pub trusted_keys: Vec<PathBuf>,
+    /// Seconds a new agent has to pass its health gate (store open, pods resumed, the Lease renewed
+    /// if the old agent had reached the API server) before it is rolled back.
+    pub health_timeout_secs: u64,
+}
+
+impl Default for UpgradeConfig {
+    fn default() -> Self {
+        Self { trusted_keys: Vec::new(), health_timeout_secs: 120 }
+    }
+}
+
+impl UpgradeConfig {
+    /// Whether remote upgrades are on.
+    pub fn enabled(&self) -> bool {
+        !self.trusted_keys.is_empty()
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if !(10..=3600).contains(&self.health_timeout_secs) {
+            return Err(ConfigError::Invalid {
+                field: "upgrade.health_timeout_secs",
+                message: format!(
+                    "{} is outside 10..=3600 (a new agent needs time to open the store and resume its pods)",
+                    self.health_timeout_secs
+                ),
+            });
         }
         Ok(())
     }

@@ -183,7 +183,7 @@ pub fn status(
             operating_system: "linux".to_owned(),
             kernel_version: facts.kernel.clone(),
             os_image: facts.os_image.clone(),
-            kubelet_version: format!("v{}-lichen", env!("CARGO_PKG_VERSION")),
+            kubelet_version: kubelet_version(),
             kube_proxy_version: String::new(),
             container_runtime_version: format!("wasmtime://{}", crate::runtime::WASMTIME_VERSION),
             machine_id: facts.machine_id.clone(),
@@ -203,6 +203,15 @@ pub fn significant(status: &NodeStatus) -> NodeStatus {
         c.last_heartbeat_time = None;
     }
     s
+}
+
+/// `nodeInfo.kubeletVersion`: `v0.1.0-lichen`, or `v0.1.0-lichen+<build id>` (valid semver, as
+/// tools reading the column expect).
+pub fn kubelet_version() -> String {
+    match crate::version::build_id() {
+        Some(id) => format!("v{}-lichen+{id}", env!("CARGO_PKG_VERSION")),
+        None => format!("v{}-lichen", env!("CARGO_PKG_VERSION")),
+    }
 }
 
 #[cfg(test)]
