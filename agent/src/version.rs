@@ -24,6 +24,25 @@ static BUILD_ID: [u8; FIELD_LEN] = {
     field
 };
 
+/// The crate version in a field of its own, so that a tool reading a binary (`lichen push --agent`)
+/// finds the version without running it (it may be built for another architecture).
+const VERSION_MARKER: &[u8; 16] = b"LICHEN-VERSION::";
+static VERSION_FIELD: [u8; FIELD_LEN] = {
+    let mut field = [0u8; FIELD_LEN];
+    let version = env!("CARGO_PKG_VERSION").as_bytes();
+    let mut i = 0;
+    while i < VERSION_MARKER.len() {
+        field[i] = VERSION_MARKER[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < version.len() && VERSION_MARKER.len() + j < FIELD_LEN {
+        field[VERSION_MARKER.len() + j] = version[j];
+        j += 1;
+    }
+    field
+};
+
 /// Why a binary cannot be stamped.
 #[derive(Debug, thiserror::Error)]
 pub enum StampError {
@@ -45,18 +64,48 @@ pub fn build_id() -> Option<String> {
     // since the bytes are changed in the file after the build.
     // SAFETY: the pointer comes from a reference to a live, aligned, initialized static.
     let field: [u8; FIELD_LEN] = unsafe { std::ptr::read_volatile(&raw const BUILD_ID) };
-    let id = &field[MARKER.len()..];
-    let end = id.iter().position(|&b| b == 0).unwrap_or(id.len());
-    let id = std::str::from_utf8(&id[..end]).ok()?;
+    let value = &field[MARKER.len()..];
+    // A full-length id has no zero after it.
+    let id = match field_text(value) {
+        Some(id) => id,
+        None => std::str::from_utf8(value).ok()?,
+    };
     valid_id(id).then(|| id.to_owned())
 }
 
 /// This agent's version: `0.1.0`, or `0.1.0+<build id>`.
+#[allow(unsafe_code)]
 pub fn version() -> String {
+    // SAFETY: as in `build_id`. Read, not `env!` again, so the field stays in the binary for
+    // [`read_version`].
+    let field: [u8; FIELD_LEN] = unsafe { std::ptr::read_volatile(&raw const VERSION_FIELD) };
+    let crate_version = field_text(&field[VERSION_MARKER.len()..]).unwrap_or(env!("CARGO_PKG_VERSION"));
     match build_id() {
-        Some(id) => format!("{}+{id}", env!("CARGO_PKG_VERSION")),
-        None => env!("CARGO_PKG_VERSION").to_owned(),
+        Some(id) => format!("{crate_version}+{id}"),
+        None => crate_version.to_owned(),
     }
+}
+
+/// The version of the Lichen binary `binary` (its bytes), as it would print it, without running
+/// it; `None` if it is not a Lichen binary.
+pub fn read_version(binary: &[u8]) -> Option<String> {
+    let field = |marker: &[u8; 16]| {
+        binary.windows(FIELD_LEN).find_map(|w| {
+            w.starts_with(marker).then(|| field_text(&w[marker.len()..])).flatten().filter(|t| valid_id(t))
+        })
+    };
+    let crate_version = field(VERSION_MARKER)?;
+    Some(match field(MARKER) {
+        Some(id) => format!("{crate_version}+{id}"),
+        None => crate_version.to_owned(),
+    })
+}
+
+/// The text before the first zero of a field's value, if it is UTF-8 and zero-padded.
+fn field_text(value: &[u8]) -> Option<&str> {
+    let end = value.iter().position(|&b| b == 0)?;
+    value[end..].iter().all(|&b| b == 0).then_some(())?;
+    std::str::from_utf8(&value[..end]).ok()
 }
 
 fn valid_id(id: &str) -> bool {
@@ -95,7 +144,18 @@ mod tests {
         b.extend_from_slice(&[1u8; 100]);
         b.extend_from_slice(&BUILD_ID);
         b.extend_from_slice(&[2u8; 100]);
+        b.extend_from_slice(&VERSION_FIELD);
+        b.extend_from_slice(&[3u8; 10]);
         b
+    }
+
+    #[test]
+    fn the_version_is_read_from_a_binary_without_running_it() {
+        let mut b = fake_binary();
+        assert_eq!(read_version(&b).as_deref(), Some(env!("CARGO_PKG_VERSION")));
+        stamp(&mut b, "ci.7").expect("stamped");
+        assert_eq!(read_version(&b), Some(format!("{}+ci.7", env!("CARGO_PKG_VERSION"))));
+        assert_eq!(read_version(b"\x7fELF not lichen"), None);
     }
 
     #[test]
