@@ -12,6 +12,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod slots;
+
 /// The Node annotation an operator sets to ask for an upgrade: `<registry>/<repo>@sha256:<digest>`
 /// of an agent image index. A tag alone is refused (a tag can move under a fleet mid-wave).
 pub const IMAGE_ANNOTATION: &str = "lichen.dev/agent-image";
