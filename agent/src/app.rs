@@ -21,6 +21,7 @@ use crate::pod::worker::WorkerDeps;
 use crate::runtime::{RuntimeError, WasmRuntime};
 use crate::static_pods::StaticPodSource;
 use crate::store::{SledStore, SourceKind, StateStore, StoreError};
+use crate::upgrade::switch::{AgentSwitch, GateVerdict, HealthGate};
 
 /// Why the agent could not start or stopped in error.
 #[derive(Debug, thiserror::Error)]
@@ -67,8 +68,14 @@ async fn open_store_waiting(
     }
 }
 
-/// Runs the agent until `cancel` fires, then stops pods and flushes the store.
-pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), AppError> {
+/// Runs the agent until `cancel` fires, then stops pods and flushes the store. `switch` is this
+/// agent's place in an upgrade: on trial, the main loop holds its health gate, and a handover asked
+/// for there is left in `switch` for the caller to perform once this returns.
+pub async fn run(
+    config: AgentConfig,
+    cancel: CancellationToken,
+    switch: Arc<AgentSwitch>,
+) -> Result<(), AppError> {
     let layout = config.layout();
     let store = open_store_waiting(&layout.store(), &cancel).await?;
     tracing::info!(store = %layout.store().display(), schema = store.schema_version(), "state store open");
@@ -286,6 +293,14 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     // Without a watchdog the branch is off; the period is then any.
     let mut watchdog_tick = interval(watchdog.unwrap_or(OFFLINE_CHECK));
     let mut persisting: Option<tokio::task::JoinHandle<()>> = None;
+    // On trial, the gate is looked at every turn and at least every second; its verdict (commit,
+    // or record the rollback and stop for the handover) is carried out by a task of its own.
+    let mut gate = switch.trial().map(|t| {
+        let timeout = Duration::from_secs(config.upgrade.health_timeout_secs);
+        tracing::info!(timeout_secs = timeout.as_secs(), need_contact = t.had_contact, "health gate open");
+        HealthGate::new(timeout, t.had_contact)
+    });
+    let mut gate_tick = interval(GATE_POLL);
     loop {
         // Fed here, where the loop proves it still turns: a wedged loop stops the feeding and
         // systemd restarts the agent. (systemd arms the watchdog at READY=1.) Nothing below waits
@@ -346,6 +361,30 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             notifier.status(&status);
         }
         shown_status = status;
+        if let Some(g) = &gate {
+            let contact_ok = contact.snapshot().last_ok.is_some();
+            match g.look(Instant::now(), !first && preparing == 0, contact_ok) {
+                GateVerdict::Waiting => {}
+                GateVerdict::Passed => {
+                    gate = None;
+                    let switch = switch.clone();
+                    tracker.spawn_blocking(move || match switch.commit() {
+                        Ok(()) => tracing::info!("health gate passed: the upgrade is committed"),
+                        Err(e) => tracing::error!(error = %e, "health gate passed, but the commit could not be recorded"),
+                    });
+                }
+                GateVerdict::Failed(why) => {
+                    gate = None;
+                    tracing::error!(reason = %why, "the new agent failed its health gate; rolling back");
+                    let (switch, cancel) = (switch.clone(), cancel.clone());
+                    tracker.spawn_blocking(move || {
+                        if switch.fail_trial(&why) {
+                            cancel.cancel();
+                        }
+                    });
+                }
+            }
+        }
         tokio::select! {
             _ = cancel.cancelled() => break,
             changed = static_rx.changed(), if static_open => static_open = changed.is_ok(),
@@ -362,6 +401,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             }
             _ = ready_poll.tick(), if !ready => {}
             _ = watchdog_tick.tick(), if watchdog.is_some() => {}
+            _ = gate_tick.tick(), if gate.is_some() => {}
         }
     }
 
@@ -395,6 +435,9 @@ const OFFLINE_CHECK: Duration = Duration::from_secs(5);
 /// ready: a module stuck behind an unreachable registry must not hold the whole service in
 /// "activating" until systemd gives up and restarts it.
 const READY_WAIT: Duration = Duration::from_secs(60);
+
+/// How often an agent on trial looks at its health gate, at least.
+const GATE_POLL: Duration = Duration::from_secs(1);
 
 /// How often startup checks whether every pod has begun its first run.
 const READY_POLL: Duration = Duration::from_millis(200);

@@ -1,12 +1,14 @@
 //! The `lichen` binary: parses the command line, loads the config, sets up logging and runs.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
 use lichen::cli::{self, Cli, CliError, Command, ModulesAction, block_on};
 use lichen::config::AgentConfig;
 use lichen::modules::commands::ModuleCommand;
+use lichen::upgrade::switch::AgentSwitch;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -64,26 +66,17 @@ fn main() -> ExitCode {
         }
         Command::Run => {
             lichen::logging::init(&config);
-            match run(config) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("lichen: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            // May exec an upgraded agent and not return.
+            let switch = AgentSwitch::start(&config.layout());
+            let result = run(config, switch.clone());
+            finish(result, &switch)
         }
         Command::Version => ExitCode::SUCCESS,
         Command::Join(args) => {
             lichen::logging::init(&config);
-            match join(config, args.only) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("lichen: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            let switch = AgentSwitch::start(&config.layout());
+            let result = join(config, args.only, switch.clone());
+            finish(result, &switch)
         }
         Command::Modules { action } => {
             lichen::logging::init_quiet(&config);
@@ -148,6 +141,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// The agent has stopped: hands over to the launcher if asked (an upgrade, or a rollback), else exits.
+fn finish(result: anyhow::Result<()>, switch: &AgentSwitch) -> ExitCode {
+    if let Err(e) = result {
+        tracing::error!("{e:#}");
+        eprintln!("lichen: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    if !switch.handover_requested() {
+        return ExitCode::SUCCESS;
+    }
+    tracing::info!("handing over to the launcher");
+    let e = switch.hand_over();
+    // The exec failed; exiting lets systemd start the launcher, which reads the record.
+    tracing::error!(error = %e, "cannot hand over to the launcher");
+    eprintln!("lichen: cannot hand over to the launcher: {e}");
+    ExitCode::FAILURE
+}
+
 fn report(result: Result<String, CliError>) -> ExitCode {
     match result {
         Ok(text) => {
@@ -179,18 +190,22 @@ fn agent_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn run(config: AgentConfig) -> anyhow::Result<()> {
-    agent_runtime()?.block_on(async {
+fn run(config: AgentConfig, switch: Arc<AgentSwitch>) -> anyhow::Result<()> {
+    let runtime = agent_runtime()?;
+    runtime.block_on(async {
         let cancel = CancellationToken::new();
         tokio::spawn(handle_signals(cancel.clone()));
-        lichen::app::run(config, cancel).await?;
-        Ok(())
-    })
+        lichen::app::run(config, cancel, switch).await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // Every thread of the runtime ends before a handover's exec.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    Ok(())
 }
 
 /// `lichen join`: joins (unless the node already has usable credentials of its own), then runs
 /// the agent, or with `only` exits.
-fn join(config: AgentConfig, only: bool) -> anyhow::Result<()> {
+fn join(config: AgentConfig, only: bool, switch: Arc<AgentSwitch>) -> anyhow::Result<()> {
     agent_runtime()?.block_on(async {
         let cancel = CancellationToken::new();
         tokio::spawn(handle_signals(cancel.clone()));
@@ -216,7 +231,7 @@ fn join(config: AgentConfig, only: bool) -> anyhow::Result<()> {
             }
         }
         if !only && !cancel.is_cancelled() {
-            lichen::app::run(config, cancel).await?;
+            lichen::app::run(config, cancel, switch).await?;
         }
         Ok(())
     })

@@ -258,7 +258,7 @@ impl Scratch {
     }
 
     /// What `lichen status --json` printed for this agent, and how it exited.
-    fn status_output(&self) -> std::process::Output {
+    pub fn status_output(&self) -> std::process::Output {
         Command::new(lichen_bin())
             .args(["status", "--json", "--config"])
             .arg(&self.config)

@@ -18,4 +18,5 @@ mod packaging;
 mod registry;
 mod runtime;
 mod systemd;
+mod upgrade;
 mod workers;

@@ -36,6 +36,7 @@ pub async fn node_report(config: &AgentConfig) -> Result<NodeReport, CliError> {
         outbox: None,
         pods,
         status_changes: 0,
+        agent_version: None,
         store_pod_writes: 0,
         mqtt: None,
     })
@@ -157,7 +158,11 @@ pub fn render(report: &NodeReport) -> String {
         let secs = now.as_second() - t.as_second();
         format!("{t} ({}s ago)", secs.max(0))
     };
-    let agent = if report.agent_running { "running" } else { "not running (read from the store)" };
+    let agent = match (&report.agent_version, report.agent_running) {
+        (Some(v), true) => format!("running, version {v}"),
+        (None, true) => "running".to_owned(),
+        (_, false) => "not running (read from the store)".to_owned(),
+    };
     let _ = writeln!(out, "agent:      {agent}");
     let link = match &report.contact {
         None => "unknown (agent not running)".to_owned(),

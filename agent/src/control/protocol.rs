@@ -116,6 +116,7 @@ mod tests {
             outbox: Some(2),
             pods: Vec::new(),
             status_changes: 3,
+            agent_version: Some("0.1.0".into()),
             store_pod_writes: 4,
             mqtt: None,
         };

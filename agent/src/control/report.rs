@@ -102,6 +102,9 @@ pub struct NodeReport {
     /// The MQTT bridge and spool (`None`: MQTT off or the agent not running).
     #[serde(default)]
     pub mqtt: Option<MqttReport>,
+    /// The running agent's version, `lichen version`'s (`None`: the agent is not running).
+    #[serde(default)]
+    pub agent_version: Option<String>,
 }
 
 /// What `lichen status` shows of MQTT.

@@ -59,6 +59,7 @@ impl Control {
             outbox: Some(self.board.pending_count(crate::store::SourceKind::Api)),
             pods,
             status_changes: self.board.changes(),
+            agent_version: Some(crate::version::version()),
             store_pod_writes: self.store.pod_writes(),
             mqtt: self.mqtt.as_ref().map(|b| MqttReport {
                 bridge: b.snapshot(),

@@ -13,6 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 pub mod slots;
+pub mod switch;
 
 /// The Node annotation an operator sets to ask for an upgrade: `<registry>/<repo>@sha256:<digest>`
 /// of an agent image index. A tag alone is refused (a tag can move under a fleet mid-wave).

@@ -9,9 +9,10 @@
 //! the launcher must read it before the store is opened, and any version, older or newer, must read
 //! it. A power cut leaves either the old record or the new one.
 //!
-//! A new agent gets one boot on trial. The old agent marks the trial booted and `exec`s it; if it
-//! dies before its health gate commits it (a crash, the systemd watchdog, a power cut), the next
-//! start finds a trial already booted and rolls back. This file is pure decisions over the record
+//! A new agent gets one boot on trial. The old agent records the trial, stops, and `exec`s the
+//! launcher, which marks the trial booted and `exec`s it; if it dies before its health gate commits
+//! it (a crash, the systemd watchdog, a power cut), the next start finds a trial already booted and
+//! rolls back. This file is pure decisions over the record
 //! plus the few file operations; the `exec` itself is [`exec_slot`].
 
 use std::path::{Path, PathBuf};
