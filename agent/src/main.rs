@@ -130,13 +130,30 @@ fn main() -> ExitCode {
         Command::Compile { target, input, output } => {
             report(cli::modules::compile_file(target, &input, output.as_deref()))
         }
-        Command::Push { file, reference, login } => {
+        Command::Push { files, reference, agent, sign_key, login } => {
             lichen::logging::init_quiet(&config);
             let login = match cli::modules::read_login(&login) {
                 Ok(l) => l,
                 Err(e) => return fail(&e),
             };
-            report(block_on(cli::modules::push_file(&config, &file, &reference, login)))
+            if agent {
+                let push = cli::publish::push_agent(&config, &files, &reference, sign_key.as_deref(), login);
+                return report(block_on(push));
+            }
+            match files.as_slice() {
+                [file] => report(block_on(cli::modules::push_file(&config, file, &reference, login))),
+                _ => fail(&CliError::Usage(
+                    "a module push takes one .wasm file; to publish agent binaries add --agent",
+                )),
+            }
+        }
+        Command::Sign { key, reference, login } => {
+            lichen::logging::init_quiet(&config);
+            let login = match cli::modules::read_login(&login) {
+                Ok(l) => l,
+                Err(e) => return fail(&e),
+            };
+            report(block_on(cli::publish::sign(&config, &key, &reference, login)))
         }
     }
 }

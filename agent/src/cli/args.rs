@@ -1,5 +1,5 @@
 //! The command line: `lichen run | join | check | version | status | pods | logs | modules | compile |
-//! push`, with every config field as a global flag.
+//! push | sign`, with every config field as a global flag.
 
 use std::path::PathBuf;
 
@@ -81,11 +81,36 @@ pub enum Command {
         output: Option<PathBuf>,
     },
     /// Publish a module to an OCI registry as a CNCF Wasm artifact (config
-    /// application/vnd.wasm.config.v0+json, one application/wasm layer).
+    /// application/vnd.wasm.config.v0+json, one application/wasm layer); with --agent, publish
+    /// Lichen agent binaries as one agent image (an OCI image index, one entry per platform).
     Push {
-        /// The `.wasm` file.
-        file: PathBuf,
+        /// The `.wasm` file; with --agent, the agent binaries, one per platform (linux/arm64,
+        /// linux/arm/v7, linux/amd64; each platform is read from the binary's ELF header).
+        #[arg(value_name = "FILE", required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
         /// Where to push it, e.g. registry.example:5000/acme/app:1.0.
+        #[arg(value_name = "REF")]
+        reference: String,
+        /// The files are agent binaries: push them as an agent image for `lichen.dev/agent-image`.
+        #[arg(long)]
+        agent: bool,
+        /// With --agent: sign the pushed image with this ECDSA P-256 private key (PEM), as `lichen
+        /// sign` does.
+        #[arg(long, value_name = "KEY.pem", requires = "agent")]
+        sign_key: Option<PathBuf>,
+        /// Registry credentials.
+        #[command(flatten)]
+        login: RegistryLogin,
+    },
+    /// Sign an agent image pushed with `lichen push --agent`, cosign-style: an ECDSA P-256
+    /// signature in the image `sha256-<digest>.sig` of the same repository (another signer's
+    /// signature there is kept).
+    Sign {
+        /// The ECDSA P-256 private key, PEM (PKCS#8 `PRIVATE KEY` or SEC1 `EC PRIVATE KEY`).
+        #[arg(long, value_name = "KEY.pem")]
+        key: PathBuf,
+        /// The image, pinned by digest: registry/repo@sha256:<digest>.
+        #[arg(value_name = "REF@sha256:DIGEST")]
         reference: String,
         /// Registry credentials.
         #[command(flatten)]
@@ -239,6 +264,40 @@ mod tests {
         for bad in ["", "10", "0s", "5x", "m", "-5s", "1.5h"] {
             assert!(parse_since(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn push_takes_one_module_or_agent_binaries() {
+        let cli = Cli::try_parse_from(["lichen", "push", "app.wasm", "r.example/app:1"]).expect("parse");
+        let Command::Push { files, reference, agent, sign_key, .. } = cli.command else { panic!("not push") };
+        assert_eq!(
+            (files, reference.as_str(), agent, sign_key),
+            (vec![PathBuf::from("app.wasm")], "r.example/app:1", false, None)
+        );
+        let cli = Cli::try_parse_from([
+            "lichen",
+            "push",
+            "--agent",
+            "lichen-arm64",
+            "lichen-amd64",
+            "r.example/lichen/agent:0.2",
+            "--sign-key",
+            "k.pem",
+        ])
+        .expect("parse");
+        let Command::Push { files, reference, agent, sign_key, .. } = cli.command else { panic!("not push") };
+        assert_eq!(files, [PathBuf::from("lichen-arm64"), PathBuf::from("lichen-amd64")]);
+        assert_eq!(
+            (reference.as_str(), agent, sign_key),
+            ("r.example/lichen/agent:0.2", true, Some(PathBuf::from("k.pem")))
+        );
+        assert!(
+            Cli::try_parse_from(["lichen", "push", "app.wasm", "r/app:1", "--sign-key", "k.pem"]).is_err(),
+            "--sign-key needs --agent"
+        );
+        assert!(Cli::try_parse_from(["lichen", "push", "r/app:1"]).is_err(), "a file is required");
+        let cli = Cli::try_parse_from(["lichen", "sign", "--key", "k.pem", "r/a@sha256:00"]).expect("parse");
+        assert!(matches!(cli.command, Command::Sign { .. }));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The operator's commands (top floor): the command line ([`args`]), `lichen check`, `status`,
-//! `pods`, `logs`, `modules`, `compile`, `push`, and the control socket's client.
+//! `pods`, `logs`, `modules`, `compile`, `push`, `sign`, and the control socket's client.
 //!
 //! Nothing imports this layer. It reaches a running agent through the control socket
 //! ([`crate::control`]) and, when none runs, reads the state directory itself, through the same
@@ -10,6 +10,7 @@ pub mod check;
 pub mod client;
 pub mod logs;
 pub mod modules;
+pub mod publish;
 pub mod status;
 
 use std::path::PathBuf;
@@ -102,6 +103,12 @@ pub enum CliError {
     /// `lichen push` was given a reference that is not an OCI one.
     #[error("{0:?} is not an OCI reference (registry/repository:tag)")]
     NotOci(String),
+    /// Publishing, signing or fetching an agent image failed.
+    #[error(transparent)]
+    AgentImage(#[from] crate::upgrade::registry::UpgradeFetchError),
+    /// The command line asks for something that does not fit together.
+    #[error("{0}")]
+    Usage(&'static str),
     /// The registry login flags do not fit together.
     #[error("{0}")]
     Login(&'static str),

@@ -78,8 +78,9 @@ impl Fetcher {
     }
 
     /// A client per pull: `oci-client` caches tokens per registry, and credentials from one pod's
-    /// pull secret must never serve another pod's pull.
-    fn client(&self) -> Client {
+    /// pull secret must never serve another pod's pull. Agent upgrades (`upgrade::registry`) use
+    /// the same, so the same registries, CAs and insecure hosts serve both.
+    pub(crate) fn client(&self) -> Client {
         Client::new(ClientConfig {
             protocol: ClientProtocol::HttpsExcept(self.insecure.clone()),
             extra_root_certificates: self
@@ -218,7 +219,7 @@ impl Fetcher {
     }
 }
 
-fn registry_auth(credential: Option<&Credential>) -> RegistryAuth {
+pub(crate) fn registry_auth(credential: Option<&Credential>) -> RegistryAuth {
     match credential {
         None => RegistryAuth::Anonymous,
         Some(Credential::Basic { username, password }) => {
@@ -325,7 +326,7 @@ fn oci_error(reference: &Reference, e: OciDistributionError) -> PullError {
 }
 
 /// An error with its sources, which is where reqwest keeps the reason ("connection refused").
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
