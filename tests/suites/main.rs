@@ -8,6 +8,7 @@
 //! through `Command`. The real-cluster tier (`e2e.rs`) is a binary of its own.
 
 mod agent;
+mod agent_image;
 mod cross;
 mod fake_cluster;
 mod hostile;

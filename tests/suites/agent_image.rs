@@ -1,0 +1,296 @@
+//! Agent images in a real registry (Debian's `docker-registry` on loopback), as an operator and a
+//! node use them: `lichen push --agent` and `lichen sign` run as the real binary, then the node's
+//! side from library code (`lichen::upgrade::registry`): resolving the pinned image for this
+//! platform, checking its signature against trusted keys, and downloading the binary, resuming a
+//! cut download with a range request.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use lichen::config::ModulesConfig;
+use lichen::upgrade::artifact::Platform;
+use lichen::upgrade::registry::{AgentRegistry, UpgradeFetchError, parse_reference};
+use lichen::upgrade::signature::TrustedKeys;
+use lichen_tests::registry::{FaultMode, FaultProxy, Registry, sha256_digest};
+use lichen_tests::{Scratch, lichen_bin, lichen_ok};
+
+/// The agent binary under test as an ELF file (not a runner script around it).
+fn agent_elf() -> PathBuf {
+    match std::env::var_os("LICHEN_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let exe = std::env::current_exe().expect("test executable path");
+            exe.parent().and_then(Path::parent).map(|d| d.join("lichen")).expect("target dir")
+        }
+    }
+}
+
+/// Runs `lichen <args>` with the scratch config; stdin gets `input`.
+fn lichen(s: &Scratch, args: &[&str], input: &str) -> Output {
+    let mut child = Command::new(lichen_bin())
+        .args(args)
+        .arg("--config")
+        .arg(&s.config)
+        .env_remove("LICHEN_CONFIG")
+        .env_remove("LICHEN_REGISTRY_PASSWORD")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn lichen");
+    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("stdin");
+    child.wait_with_output().expect("lichen output")
+}
+
+fn err(out: Output) -> String {
+    assert!(!out.status.success(), "lichen should have failed: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Makes an ECDSA P-256 key pair with openssl: `<name>.pem` (PKCS#8) and `<name>.pub` (SPKI).
+fn p256_key(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (key, public) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.pub")));
+    for args in [
+        vec!["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", path(&key)],
+        vec!["ec", "-in", path(&key), "-pubout", "-out", path(&public)],
+    ] {
+        let out = Command::new("openssl").args(&args).output().expect("openssl (tests/run.sh installs it)");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    (key, public)
+}
+
+/// The value after `<label>: ` on a line of `out`.
+fn field<'a>(out: &'a str, label: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(label).and_then(|r| r.strip_prefix(": ")))
+        .unwrap_or_else(|| panic!("no {label:?} line in:\n{out}"))
+}
+
+fn modules_config(reg: &Registry) -> ModulesConfig {
+    ModulesConfig { insecure_registries: vec![reg.host()], ..ModulesConfig::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_image_pushed_signed_resolved_verified_and_downloaded() {
+    let reg = Registry::start();
+    let s = Scratch::new(&format!("[modules]\ninsecure_registries = [{:?}]\n", reg.host()));
+    let dir = s.dir.path();
+    let own = agent_elf();
+    let own_bytes = std::fs::read(&own).expect("read the agent binary");
+    let platform = Platform::of_elf(&own_bytes).expect("the test build is a published platform");
+    let version = lichen::version::read_version(&own_bytes).expect("a lichen binary");
+
+    // A second build of the same platform: a version-stamped copy.
+    let mut stamped_bytes = own_bytes.clone();
+    lichen::version::stamp(&mut stamped_bytes, "ci.2").expect("stamp");
+    let stamped = dir.join("lichen-ci.2");
+    std::fs::write(&stamped, &stamped_bytes).expect("write stamped copy");
+    let image = format!("{}/fleet/lichen-agent:{version}", reg.host());
+
+    // Refused before anything is pushed: two binaries for one platform, a script, a non-Lichen ELF.
+    let e = err(lichen(&s, &["push", "--agent", path(&own), path(&stamped), &image], ""));
+    assert!(
+        e.contains(&format!("two binaries for {platform}; an agent image holds one per platform")),
+        "{e}"
+    );
+    let script = dir.join("lichen.sh");
+    std::fs::write(&script, "#!/bin/sh\nexec lichen \"$@\"\n").expect("script");
+    let e = err(lichen(&s, &["push", "--agent", path(&script), &image], ""));
+    assert!(e.contains("lichen.sh: not an ELF executable"), "{e}");
+    let e = err(lichen(&s, &["push", "--agent", "/bin/true", &image], ""));
+    assert!(e.contains("/bin/true: not a Lichen agent binary"), "{e}");
+    let e = err(lichen(&s, &["push", path(&own), path(&stamped), &image], ""));
+    assert!(e.contains("a module push takes one .wasm file; to publish agent binaries add --agent"), "{e}");
+
+    // The test build, and an aarch64 build beside it when one has been cross-built already.
+    let mut binaries = vec![own.clone()];
+    let arm64 = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|d| PathBuf::from(d).join("aarch64-unknown-linux-gnu/debug/lichen"))
+        .filter(|p| p.is_file() && platform != Platform::Arm64);
+    binaries.extend(arm64.clone());
+    let mut args = vec!["push", "--agent"];
+    args.extend(binaries.iter().map(|b| path(b)));
+    args.push(&image);
+    let out = lichen_ok(lichen(&s, &args, ""));
+    let pinned = field(&out, "image").to_owned();
+    let index_digest = pinned.rsplit_once('@').expect("pinned").1.to_owned();
+    assert!(out.contains(&format!("pushed {image} (index {index_digest})")), "{out}");
+    assert!(out.contains(&format!("lichen.dev/agent-image={pinned}")), "{out}");
+    assert!(out.contains(&format!("lichen {version}  binary {}", sha256_digest(&own_bytes))), "{out}");
+    // What the registry holds is the index the digest names.
+    let served = reg.request(
+        "GET",
+        &format!("/v2/fleet/lichen-agent/manifests/{version}"),
+        &[("Accept", "application/vnd.oci.image.index.v1+json")],
+        &[],
+    );
+    assert_eq!(sha256_digest(&served.body), index_digest);
+    let index: serde_json::Value = serde_json::from_slice(&served.body).expect("index json");
+    assert_eq!(index["artifactType"], "application/vnd.lichen.agent.v1");
+    assert_eq!(index["manifests"].as_array().expect("manifests").len(), binaries.len());
+
+    // The node's side.
+    let registry = AgentRegistry::new(&modules_config(&reg)).expect("registry client");
+    let pinned_ref = parse_reference(&pinned).expect("pinned reference");
+    let resolved = registry.resolve(&pinned_ref, platform, None).await.expect("resolve");
+    assert_eq!(resolved.version, version);
+    assert_eq!(resolved.binary_digest, sha256_digest(&own_bytes));
+    assert_eq!(resolved.binary_size, own_bytes.len() as u64);
+    assert_eq!(resolved.index_digest, index_digest);
+    if let Some(arm64) = &arm64 {
+        let r = registry.resolve(&pinned_ref, Platform::Arm64, None).await.expect("resolve arm64");
+        assert_eq!(r.binary_digest, sha256_digest(&std::fs::read(arm64).expect("arm64 binary")));
+    }
+    let e = registry.resolve(&pinned_ref, Platform::ArmV7, None).await.unwrap_err();
+    assert!(e.to_string().contains("has no linux/arm/v7 binary (it has: "), "{e}");
+    assert!(!e.is_retryable());
+    let by_tag = parse_reference(&image).expect("tag");
+    let e = registry.resolve(&by_tag, platform, None).await.unwrap_err();
+    assert!(matches!(e, UpgradeFetchError::NotPinned(_)), "{e}");
+
+    // Signatures: none yet, then one by the trusted key; another key does not verify it.
+    let (key, key_pub) = p256_key(dir, "release");
+    let (other, other_pub) = p256_key(dir, "other");
+    let trusted = TrustedKeys::load(std::slice::from_ref(&key_pub)).expect("trusted key");
+    let untrusted = TrustedKeys::load(std::slice::from_ref(&other_pub)).expect("other key");
+    let e = registry.verify_signature(&pinned_ref, &trusted, None).await.unwrap_err();
+    assert!(
+        e.to_string().contains("unsigned: no application/vnd.dev.cosign.simplesigning.v1+json layer"),
+        "{e}"
+    );
+    assert!(!e.is_retryable());
+    let out = lichen_ok(lichen(&s, &["sign", "--key", path(&key), &pinned], ""));
+    let sig_tag = format!("sha256-{}.sig", &index_digest[7..]);
+    assert!(out.contains(&sig_tag), "{out}");
+    registry.verify_signature(&pinned_ref, &trusted, None).await.expect("signed by the trusted key");
+    let e = registry.verify_signature(&pinned_ref, &untrusted, None).await.unwrap_err();
+    assert!(e.to_string().contains("bad signature: none of the 1 signature(s)"), "{e}");
+    // A second signer appends; both keys then verify, and the first signature is still there.
+    lichen_ok(lichen(&s, &["sign", "--key", path(&other), &pinned], ""));
+    registry.verify_signature(&pinned_ref, &untrusted, None).await.expect("second signer");
+    registry.verify_signature(&pinned_ref, &trusted, None).await.expect("first signer kept");
+    let sig = reg.request(
+        "GET",
+        &format!("/v2/fleet/lichen-agent/manifests/{sig_tag}"),
+        &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+        &[],
+    );
+    let sig: serde_json::Value = serde_json::from_slice(&sig.body).expect("signature manifest");
+    assert_eq!(sig["layers"].as_array().expect("layers").len(), 2, "{sig}");
+    // Signing by tag is refused (a tag can move).
+    let e = err(lichen(&s, &["sign", "--key", path(&key), &image], ""));
+    assert!(e.contains("is not pinned by digest"), "{e}");
+
+    // Push and sign in one go: the stamped build under another tag.
+    let image2 = format!("{}/fleet/lichen-agent:ci.2", reg.host());
+    let out =
+        lichen_ok(lichen(&s, &["push", "--agent", path(&stamped), &image2, "--sign-key", path(&key)], ""));
+    let pinned2 = parse_reference(field(&out, "image")).expect("pinned");
+    registry.verify_signature(&pinned2, &trusted, None).await.expect("signed at push");
+    let r2 = registry.resolve(&pinned2, platform, None).await.expect("resolve ci.2");
+    assert_eq!(r2.version, format!("{version}+ci.2"));
+    // A signature of one image does not vouch for another: the first image's signature layer
+    // copied under the second's tag names the first digest.
+    let first_sig = reg.request(
+        "GET",
+        &format!("/v2/fleet/lichen-agent/manifests/{sig_tag}"),
+        &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+        &[],
+    );
+    let second_tag = format!("sha256-{}.sig", &pinned2.digest().expect("digest")[7..]);
+    reg.push_manifest(
+        "fleet/lichen-agent",
+        &second_tag,
+        "application/vnd.oci.image.manifest.v1+json",
+        &first_sig.body,
+    );
+    let e = registry.verify_signature(&pinned2, &trusted, None).await.unwrap_err();
+    assert!(e.to_string().contains("signature is for another image"), "{e}");
+
+    // Download: whole, checked, renamed from .part to the digest's hex.
+    let hex = &resolved.binary_digest[7..];
+    let fresh = tempfile::tempdir().expect("tempdir");
+    let got = registry.download(&resolved, fresh.path(), 1 << 30, None).await.expect("download");
+    assert_eq!(got, fresh.path().join(hex));
+    assert_eq!(sha256_digest(&std::fs::read(&got).expect("downloaded")), resolved.binary_digest);
+    assert!(!fresh.path().join(format!("{hex}.part")).exists());
+    let e =
+        registry.download(&resolved, tempfile::tempdir().expect("t").path(), 1000, None).await.unwrap_err();
+    assert!(
+        e.to_string().contains(&format!("is {} bytes, over the limit of 1000 bytes", own_bytes.len())),
+        "{e}"
+    );
+
+    // Resumed: the first half is there from a cut download; only the rest is asked for.
+    let resume = tempfile::tempdir().expect("tempdir");
+    let part = resume.path().join(format!("{hex}.part"));
+    let half = own_bytes.len() / 2;
+    std::fs::write(&part, &own_bytes[..half]).expect("half a part");
+    let before = reg.log().len();
+    let got = registry.download(&resolved, resume.path(), 1 << 30, None).await.expect("resumed download");
+    assert_eq!(sha256_digest(&std::fs::read(&got).expect("downloaded")), resolved.binary_digest);
+    let blob_gets: Vec<String> = reg.log()[before..]
+        .iter()
+        .filter(|l| l.contains(&format!("/blobs/{}", resolved.binary_digest)) && l.contains("\"GET "))
+        .cloned()
+        .collect();
+    let rest = own_bytes.len() - half;
+    assert!(
+        blob_gets.iter().any(|l| l.contains(&format!("\" 206 {rest} "))),
+        "a range request answered 206 with the {rest} remaining bytes; the blob GETs:\n{}",
+        blob_gets.join("\n")
+    );
+
+    // A download cut by the network keeps its part, is worth retrying, and the retry asks only for
+    // the rest.
+    let proxy = FaultProxy::start(&reg);
+    let mut config = modules_config(&reg);
+    config.insecure_registries.push(proxy.host());
+    let via_proxy = AgentRegistry::new(&config).expect("registry client");
+    let mut through = resolved.clone();
+    through.reference = parse_reference(&pinned.replace(&reg.host(), &proxy.host())).expect("proxied ref");
+    let cut = tempfile::tempdir().expect("tempdir");
+    let part = cut.path().join(format!("{hex}.part"));
+    proxy.set_mode(FaultMode::CutAfter(1_000_000));
+    let e = via_proxy.download(&through, cut.path(), 1 << 30, None).await.unwrap_err();
+    assert!(matches!(e, UpgradeFetchError::Interrupted { .. }) && e.is_retryable(), "{e}");
+    assert_eq!(std::fs::metadata(&part).expect("the part is kept").len(), 1_000_000);
+    proxy.set_mode(FaultMode::Pass);
+    let before = reg.log().len();
+    let got = via_proxy.download(&through, cut.path(), 1 << 30, None).await.expect("resumed after the cut");
+    assert_eq!(sha256_digest(&std::fs::read(&got).expect("downloaded")), resolved.binary_digest);
+    let rest = own_bytes.len() - 1_000_000;
+    assert!(
+        reg.log()[before..]
+            .iter()
+            .any(|l| l.contains(&resolved.binary_digest) && l.contains(&format!("\" 206 {rest} "))),
+        "the retry fetched only the {rest} missing bytes:\n{}",
+        reg.log()[before..].join("\n")
+    );
+
+    // A corrupt part (the right length, wrong bytes) ends in a digest mismatch and is removed, so
+    // the next attempt starts over and succeeds.
+    let corrupt = tempfile::tempdir().expect("tempdir");
+    let part = corrupt.path().join(format!("{hex}.part"));
+    let mut wrong = own_bytes.clone();
+    wrong[half] ^= 0xff;
+    std::fs::write(&part, &wrong).expect("corrupt part");
+    let e = registry.download(&resolved, corrupt.path(), 1 << 30, None).await.unwrap_err();
+    assert!(matches!(e, UpgradeFetchError::DigestMismatch { .. }), "{e}");
+    assert!(e.to_string().contains(&format!("expected {}", resolved.binary_digest)), "{e}");
+    assert!(!e.is_retryable());
+    assert!(!part.exists(), "the corrupt part is removed");
+    // Half a part with wrong bytes: the rest is fetched, the whole does not check out.
+    std::fs::write(&part, &wrong[half - 10..half + 10]).expect("wrong prefix");
+    let e = registry.download(&resolved, corrupt.path(), 1 << 30, None).await.unwrap_err();
+    assert!(matches!(e, UpgradeFetchError::DigestMismatch { .. }), "{e}");
+    assert!(!part.exists());
+    let got = registry.download(&resolved, corrupt.path(), 1 << 30, None).await.expect("retry from zero");
+    assert_eq!(sha256_digest(&std::fs::read(&got).expect("downloaded")), resolved.binary_digest);
+}
