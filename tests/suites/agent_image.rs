@@ -12,7 +12,7 @@ use lichen::config::ModulesConfig;
 use lichen::upgrade::artifact::Platform;
 use lichen::upgrade::registry::{AgentRegistry, UpgradeFetchError, parse_reference};
 use lichen::upgrade::signature::TrustedKeys;
-use lichen_tests::registry::{FaultMode, FaultProxy, Registry, sha256_digest};
+use lichen_tests::registry::{FaultMode, FaultProxy, Registry, WASM_CONFIG_V0, WASM_LAYER, sha256_digest};
 use lichen_tests::{Scratch, lichen_bin, lichen_ok};
 
 /// The agent binary under test as an ELF file (not a runner script around it).
@@ -150,6 +150,17 @@ async fn agent_image_pushed_signed_resolved_verified_and_downloaded() {
     let e = registry.resolve(&pinned_ref, Platform::ArmV7, None).await.unwrap_err();
     assert!(e.to_string().contains("has no linux/arm/v7 binary (it has: "), "{e}");
     assert!(!e.is_retryable());
+    // A module pinned by digest is not an agent image.
+    let module = reg.push_artifact(
+        "fleet/lichen-agent",
+        "a-module",
+        WASM_CONFIG_V0,
+        b"{}",
+        &[(WASM_LAYER, b"\0asm\x01\0\0\0")],
+    );
+    let module = parse_reference(&format!("{}/fleet/lichen-agent@{module}", reg.host())).expect("module ref");
+    let e = registry.resolve(&module, platform, None).await.unwrap_err();
+    assert!(e.to_string().contains("not a Lichen agent image: expected an OCI image index"), "{e}");
     let by_tag = parse_reference(&image).expect("tag");
     let e = registry.resolve(&by_tag, platform, None).await.unwrap_err();
     assert!(matches!(e, UpgradeFetchError::NotPinned(_)), "{e}");

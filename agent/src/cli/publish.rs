@@ -9,7 +9,7 @@ use super::CliError;
 use crate::config::AgentConfig;
 use crate::modules::Credential;
 use crate::upgrade::IMAGE_ANNOTATION;
-use crate::upgrade::registry::{AgentRegistry, parse_reference};
+use crate::upgrade::registry::{AgentRegistry, UpgradeFetchError, parse_reference};
 use crate::upgrade::signature::SigningKey;
 
 /// `lichen push --agent BINARY... REF [--sign-key KEY]`: prints each platform's version and binary
@@ -22,10 +22,7 @@ pub async fn push_agent(
     login: Option<(String, String)>,
 ) -> Result<String, CliError> {
     // A bad key is reported before anything is pushed.
-    let key = sign_key
-        .map(SigningKey::load)
-        .transpose()
-        .map_err(crate::upgrade::registry::UpgradeFetchError::from)?;
+    let key = sign_key.map(SigningKey::load).transpose().map_err(UpgradeFetchError::from)?;
     let reference = parse_reference(reference)?;
     let credential = login.map(|(username, password)| Credential::Basic { username, password });
     let registry = AgentRegistry::new(&config.modules)?;
@@ -52,7 +49,7 @@ pub async fn sign(
     reference: &str,
     login: Option<(String, String)>,
 ) -> Result<String, CliError> {
-    let key = SigningKey::load(key).map_err(crate::upgrade::registry::UpgradeFetchError::from)?;
+    let key = SigningKey::load(key).map_err(UpgradeFetchError::from)?;
     let reference = parse_reference(reference)?;
     let credential = login.map(|(username, password)| Credential::Basic { username, password });
     let registry = AgentRegistry::new(&config.modules)?;

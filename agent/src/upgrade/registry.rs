@@ -368,7 +368,10 @@ impl AgentRegistry {
         let client = self.client(reference, credential).await;
         let what = reference.whole();
         let artifact_err = |source| UpgradeFetchError::Artifact { what: what.clone(), source };
-        let (index, _) = pull_manifest(&client, reference, &[OCI_INDEX], &what).await?;
+        // Single manifests are accepted too, to be refused by name rather than by a registry's
+        // "not found" for an Accept header that does not fit.
+        let (index, _) =
+            pull_manifest(&client, reference, &[OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST], &what).await?;
         check_digest(&index, &index_digest, &format!("the index of {what}"))?;
         let entry = artifact::select_platform(&index, platform).map_err(artifact_err)?;
         let at = reference.clone_with_digest(entry.digest.clone());
@@ -434,7 +437,8 @@ impl AgentRegistry {
     /// (started over if the registry ignores ranges); the whole file is synced and checked against
     /// the digest before it is renamed. A part that does not check out is removed, so the next
     /// attempt starts from zero. Refuses a binary over `max_size`, or one the free space of `dir`
-    /// (less [`FREE_SPACE_MARGIN`]) cannot hold.
+    /// (less [`FREE_SPACE_MARGIN`]) cannot hold. `dir` is made if missing; one download at a time
+    /// may use it.
     pub async fn download(
         &self,
         resolved: &Resolved,
@@ -454,6 +458,9 @@ impl AgentRegistry {
                 resolved.binary_digest
             )),
         })?;
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|source| UpgradeFetchError::Io { path: dir.to_owned(), source })?;
         let done = dir.join(hex);
         let part = dir.join(format!("{hex}.part"));
         let io = |path: &Path| {
