@@ -10,12 +10,11 @@
 //! This file owns the contract between the node and its operators: names and formats. It does no
 //! I/O.
 
+use serde::{Deserialize, Serialize};
+
 pub mod artifact;
 pub mod registry;
 pub mod signature;
-
-use serde::{Deserialize, Serialize};
-
 pub mod slots;
 pub mod switch;
 
