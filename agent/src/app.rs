@@ -211,8 +211,14 @@ pub async fn run(
         Some(_) => {
             let (registrar, node) = (NodeRegistrar::new(&config), config.node_name.clone());
             let evicted_grace = Duration::from_secs(config.autonomy.evicted_grace_secs);
-            let (cancel, tracker2, terminating, board, contact) =
-                (cancel.clone(), tracker.clone(), terminating.clone(), board.clone(), contact.clone());
+            let (cancel, tracker2, terminating, board, contact, switch) = (
+                cancel.clone(),
+                tracker.clone(),
+                terminating.clone(),
+                board.clone(),
+                contact.clone(),
+                switch.clone(),
+            );
             let config = config.clone();
             tracker.spawn(async move {
                 // With `[join]`, this joins first if the node has no usable credentials yet.
@@ -226,6 +232,16 @@ pub async fn run(
                     tracker2.spawn(rotation.run(rotate, cancel.child_token()));
                 }
                 tracker2.spawn(registrar.run(client.clone(), contact.clone(), cancel.child_token()));
+                // The upgrader's shutdown is the root token: a handover stops the whole agent.
+                let upgrader = crate::upgrade::upgrader::Upgrader::new(
+                    node.clone(),
+                    config.upgrade.clone(),
+                    config.modules.clone(),
+                    switch.clone(),
+                    contact.clone(),
+                    cancel.clone(),
+                );
+                tracker2.spawn(upgrader.run(client.clone(), cancel.child_token()));
                 let source = cluster::pods::ApiPodSource::new(client.clone(), node.clone(), terminating)
                     .with_evicted_grace(evicted_grace)
                     .with_contact(contact.clone());

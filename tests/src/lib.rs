@@ -3,6 +3,7 @@
 //!
 //! Tests here use real parts only: Wasmtime itself, sled on a real disk, the compiled binary.
 
+pub mod agent_image;
 pub mod board;
 pub mod cluster;
 pub mod fakeapi;

@@ -12,6 +12,7 @@ use lichen::config::ModulesConfig;
 use lichen::upgrade::artifact::Platform;
 use lichen::upgrade::registry::{AgentRegistry, UpgradeFetchError, parse_reference};
 use lichen::upgrade::signature::TrustedKeys;
+use lichen_tests::agent_image::{field, p256_key, stamped_copy};
 use lichen_tests::registry::{FaultMode, FaultProxy, Registry, WASM_CONFIG_V0, WASM_LAYER, sha256_digest};
 use lichen_tests::{Scratch, lichen_bin, lichen_ok};
 
@@ -52,26 +53,6 @@ fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// Makes an ECDSA P-256 key pair with openssl: `<name>.pem` (PKCS#8) and `<name>.pub` (SPKI).
-fn p256_key(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let (key, public) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.pub")));
-    for args in [
-        vec!["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", path(&key)],
-        vec!["ec", "-in", path(&key), "-pubout", "-out", path(&public)],
-    ] {
-        let out = Command::new("openssl").args(&args).output().expect("openssl (tests/run.sh installs it)");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    (key, public)
-}
-
-/// The value after `<label>: ` on a line of `out`.
-fn field<'a>(out: &'a str, label: &str) -> &'a str {
-    out.lines()
-        .find_map(|l| l.strip_prefix(label).and_then(|r| r.strip_prefix(": ")))
-        .unwrap_or_else(|| panic!("no {label:?} line in:\n{out}"))
-}
-
 fn modules_config(reg: &Registry) -> ModulesConfig {
     ModulesConfig { insecure_registries: vec![reg.host()], ..ModulesConfig::default() }
 }
@@ -87,10 +68,7 @@ async fn agent_image_pushed_signed_resolved_verified_and_downloaded() {
     let version = lichen::version::read_version(&own_bytes).expect("a lichen binary");
 
     // A second build of the same platform: a version-stamped copy.
-    let mut stamped_bytes = own_bytes.clone();
-    lichen::version::stamp(&mut stamped_bytes, "ci.2").expect("stamp");
-    let stamped = dir.join("lichen-ci.2");
-    std::fs::write(&stamped, &stamped_bytes).expect("write stamped copy");
+    let (stamped, _) = stamped_copy(&own, dir, "ci.2");
     let image = format!("{}/fleet/lichen-agent:{version}", reg.host());
 
     // Refused before anything is pushed: two binaries for one platform, a script, a non-Lichen ELF.

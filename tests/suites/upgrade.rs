@@ -7,10 +7,17 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::{Event, Node};
+use kube::api::{Api, Patch, PatchParams};
 use lichen::layout::StateLayout;
-use lichen::upgrade::Phase;
 use lichen::upgrade::slots::{Slot, Slots, SwitchRecord, Trial};
-use lichen_tests::{Scratch, fixture, lichen_bin, pod_yaml, wait_for};
+use lichen::upgrade::{IMAGE_ANNOTATION, Phase, UPGRADE_ANNOTATION, UpgradeReport, VERSION_ANNOTATION};
+use lichen_tests::agent_image::{field, p256_key};
+use lichen_tests::fakeapi::FakeApi;
+use lichen_tests::registry::Registry;
+use lichen_tests::{
+    Agent, Scratch, fixture, lichen_bin, lichen_ok, node_condition, pod_yaml, wait_for, wait_for_async,
+};
 
 const T: Duration = Duration::from_secs(60);
 const IMAGE: &str =
@@ -18,11 +25,7 @@ const IMAGE: &str =
 
 /// A copy of the test build stamped with build id `id`: another version of the agent.
 fn stamped(dir: &Path, id: &str) -> (PathBuf, String) {
-    let mut bytes = std::fs::read(lichen_bin()).expect("read the lichen binary");
-    lichen::version::stamp(&mut bytes, id).expect("stamp");
-    let path = dir.join(format!("lichen-{id}"));
-    std::fs::write(&path, &bytes).expect("write the stamped binary");
-    (path, lichen::version::read_version(&bytes).expect("its version"))
+    lichen_tests::agent_image::stamped_copy(&lichen_bin(), dir, id)
 }
 
 fn sha256_hex(path: &Path) -> String {
@@ -152,5 +155,162 @@ fn a_new_agent_failing_its_health_gate_hands_back_to_the_version_before() {
     });
     assert_eq!(exe(agent.pid()), std::fs::canonicalize(lichen_bin()).expect("canonical"));
     assert_eq!(record(&s).committed, None);
+    assert!(agent.stop().0.success());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole path: published, signed, annotated, switched, reported (fake API server, real
+// registry, the real binaries)
+// ---------------------------------------------------------------------------------------------
+
+/// A registry, a fake API server and node `name` joined to it, trusting `trusted` (PEM public key
+/// files) for upgrades; the node is Ready when this returns.
+async fn fleet_node(name: &str, trusted: &[&Path], extra: &str) -> (Registry, FakeApi, Scratch, Agent) {
+    let reg = Registry::start();
+    let api = FakeApi::start().await;
+    let s = Scratch::new("");
+    let kc = api.node_kubeconfig(name, s.dir.path()).await;
+    let keys: Vec<String> = trusted.iter().map(|p| format!("{:?}", p.display().to_string())).collect();
+    let config = format!(
+        "node_name = {name:?}\nstate_dir = {:?}\nstatic_pod_dir = \"\"\nnode_ip = \"127.0.0.1\"\n\
+         shutdown_timeout_secs = 5\ndisk_pressure_percent = 0\nkubeconfig = {:?}\n{}\
+         insecure_registries = [{:?}]\n[upgrade]\ntrusted_keys = [{}]\n{extra}",
+        s.state.display().to_string(),
+        kc.display().to_string(),
+        s.modules_table(),
+        reg.host(),
+        keys.join(", ")
+    );
+    std::fs::write(&s.config, config).expect("config");
+    let agent = s.start();
+    let nodes: Api<Node> = Api::all(api.client());
+    wait_for_async(T, "the node to be Ready", || async {
+        let n = nodes.get(name).await.ok()?;
+        (node_condition(&n, "Ready")? == "True").then_some(())
+    })
+    .await;
+    (reg, api, s, agent)
+}
+
+/// `lichen push --agent <binary> <reference> [--sign-key <key>]`; the pinned image it printed.
+fn push_agent(s: &Scratch, binary: &Path, reference: &str, key: Option<&Path>) -> String {
+    let mut cmd = std::process::Command::new(lichen_bin());
+    cmd.args(["push", "--agent"]).arg(binary).arg(reference).arg("--config").arg(&s.config);
+    if let Some(k) = key {
+        cmd.arg("--sign-key").arg(k);
+    }
+    let out = lichen_ok(cmd.env_remove("LICHEN_CONFIG").output().expect("lichen push"));
+    field(&out, "image").to_owned()
+}
+
+async fn annotate(api: &FakeApi, node: &str, image: &str) {
+    let patch = serde_json::json!({"metadata": {"annotations": {IMAGE_ANNOTATION: image}}});
+    Api::<Node>::all(api.client())
+        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("annotate the node");
+}
+
+/// The node's `lichen.dev/agent-upgrade` report once it answers `image` with a final phase.
+async fn outcome(api: &FakeApi, node: &str, image: &str) -> UpgradeReport {
+    let nodes: Api<Node> = Api::all(api.client());
+    wait_for_async(Duration::from_secs(120), "the upgrade's outcome on the Node", || async {
+        let n = nodes.get(node).await.ok()?;
+        let text = n.metadata.annotations.as_ref()?.get(UPGRADE_ANNOTATION)?.clone();
+        let report: UpgradeReport = serde_json::from_str(&text).ok()?;
+        (report.image == image && report.phase.is_final()).then_some(report)
+    })
+    .await
+}
+
+/// The reasons of the Events recorded on Node `node`, oldest first.
+async fn node_events(api: &FakeApi, node: &str) -> Vec<(String, String, String)> {
+    let events: Api<Event> = Api::namespaced(api.client(), "default");
+    let mut list: Vec<Event> = events
+        .list(&Default::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.involved_object.kind.as_deref() == Some("Node")
+                && e.involved_object.name.as_deref() == Some(node)
+        })
+        .collect();
+    list.sort_by_key(|e| e.metadata.creation_timestamp.clone().map(|t| t.0));
+    list.into_iter()
+        .map(|e| (e.reason.unwrap_or_default(), e.type_.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_annotated_node_upgrades_itself_to_a_signed_image_and_reports_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = p256_key(dir.path(), "fleet");
+    let (reg, api, s, agent) = fleet_node("pi-up", &[public.as_path()], "").await;
+    let (v2, version) = stamped(dir.path(), "test.5");
+    let image = push_agent(&s, &v2, &format!("{}/fleet/lichen:next", reg.host()), Some(&key));
+    let nodes: Api<Node> = Api::all(api.client());
+    let before = nodes.get("pi-up").await.expect("node");
+    let running = before.metadata.annotations.as_ref().and_then(|a| a.get(VERSION_ANNOTATION)).cloned();
+    assert_eq!(
+        running.as_deref().and_then(lichen::upgrade::parse_version_annotation).map(|(v, _)| v.to_owned()),
+        Some(lichen::version::version()),
+        "the node reports what runs"
+    );
+
+    let annotated = std::time::Instant::now();
+    annotate(&api, "pi-up", &image).await;
+    let report = outcome(&api, "pi-up", &image).await;
+    let took = annotated.elapsed();
+    assert_eq!(report.phase, Phase::Succeeded, "{report:?}");
+    assert_eq!(report.version.as_deref(), Some(version.as_str()));
+    let node = wait_for_async(T, "the new version on the Node", || async {
+        let n = nodes.get("pi-up").await.ok()?;
+        let v = n.metadata.annotations.as_ref()?.get(VERSION_ANNOTATION)?.clone();
+        v.starts_with(&format!("{version} sha256:")).then_some(n)
+    })
+    .await;
+    let kubelet_version =
+        node.status.and_then(|s| s.node_info).map(|i| i.kubelet_version).unwrap_or_default();
+    assert!(kubelet_version.ends_with("-lichen+test.5"), "nodeInfo.kubeletVersion {kubelet_version}");
+    let events = node_events(&api, "pi-up").await;
+    let reasons: Vec<&str> = events.iter().map(|(r, _, _)| r.as_str()).collect();
+    assert_eq!(reasons, ["UpgradeStarted", "UpgradeSucceeded"], "{events:?}");
+    assert!(events.iter().all(|(_, t, _)| t == "Normal"), "{events:?}");
+    let staged = Slots::new(&StateLayout::new(&s.state)).binary(&sha256_hex(&v2));
+    assert_eq!(exe(agent.pid()), staged, "the new agent runs in the agent's own process");
+    eprintln!("figures: annotation to committed {:.1}s (debug build, loopback registry)", took.as_secs_f64());
+    assert!(agent.stop().0.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsigned_wrongly_signed_and_unpinned_images_are_refused_with_the_reason_on_the_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, public) = p256_key(dir.path(), "fleet");
+    let (stranger, _) = p256_key(dir.path(), "stranger");
+    let (reg, api, s, agent) = fleet_node("pi-no", &[public.as_path()], "").await;
+    // Two builds: a signature belongs to an image's digest, and the same binary pushed twice is
+    // the same image.
+    let (v2, _) = stamped(dir.path(), "test.6");
+    let (v3, _) = stamped(dir.path(), "test.7");
+    let repo = format!("{}/fleet/lichen", reg.host());
+    let cases = [
+        (push_agent(&s, &v2, &format!("{repo}:unsigned"), None), "unsigned"),
+        (push_agent(&s, &v3, &format!("{repo}:stranger"), Some(&stranger)), "bad signature"),
+        (format!("{repo}:unsigned"), "not pinned by digest"),
+    ];
+    for (image, why) in &cases {
+        annotate(&api, "pi-no", image).await;
+        let report = outcome(&api, "pi-no", image).await;
+        assert_eq!(report.phase, Phase::Failed, "{report:?}");
+        assert!(report.reason.contains(why), "{image}: {:?} should say {why:?}", report.reason);
+    }
+    let events = node_events(&api, "pi-no").await;
+    let failed = events.iter().filter(|(r, t, _)| r == "UpgradeFailed" && t == "Warning").count();
+    assert_eq!(failed, 3, "{events:?}");
+    // Nothing was switched: the agent that started is the one running.
+    assert_eq!(exe(agent.pid()), std::fs::canonicalize(lichen_bin()).expect("canonical"));
+    assert!(Slots::new(&StateLayout::new(&s.state)).staged().is_empty(), "nothing was staged");
     assert!(agent.stop().0.success());
 }

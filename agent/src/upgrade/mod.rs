@@ -13,10 +13,12 @@
 use serde::{Deserialize, Serialize};
 
 pub mod artifact;
+pub mod prepare;
 pub mod registry;
 pub mod signature;
 pub mod slots;
 pub mod switch;
+pub mod upgrader;
 
 /// The Node annotation an operator sets to ask for an upgrade: `<registry>/<repo>@sha256:<digest>`
 /// of an agent image index. A tag alone is refused (a tag can move under a fleet mid-wave).

@@ -71,6 +71,8 @@ pub struct AgentSwitch {
     launcher: Option<PathBuf>,
     trial: Mutex<Option<Trial>>,
     handover: std::sync::atomic::AtomicBool,
+    /// Woken when the health gate commits, so the outcome reaches the Node at once.
+    decided: tokio::sync::Notify,
 }
 
 fn now() -> String {
@@ -94,6 +96,7 @@ impl AgentSwitch {
                 launcher: launcher.clone(),
                 trial: Mutex::new(trial),
                 handover: false.into(),
+                decided: tokio::sync::Notify::new(),
             })
         };
         let mut record = match slots.load() {
@@ -140,6 +143,11 @@ impl AgentSwitch {
         self.trial.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Waits until the health gate has committed this agent.
+    pub async fn decided(&self) {
+        self.decided.notified().await;
+    }
+
     /// The slots on disk.
     pub fn slots(&self) -> &Slots {
         &self.slots
@@ -162,6 +170,8 @@ impl AgentSwitch {
         record.report_pending = true;
         self.slots.save(&record)?;
         *self.trial.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // A stored permit: the upgrader may be busy when the commit lands.
+        self.decided.notify_one();
         let mut keep = vec![trial.slot.digest.as_str()];
         if let Some(p) = &previous {
             keep.push(p.digest.as_str());
