@@ -5,13 +5,14 @@
 #
 #   images/bake.sh --image IN.img --deb lichen_X_arm64.deb --config lichen.toml
 #                  [--ca-cert ca.crt --bootstrap-token-file FILE] [--kubeconfig FILE]
-#                  [--out OUT.img | --in-place] [--lichen-host PATH]
+#                  [--upgrade-keys cosign.pub] [--out OUT.img | --in-place] [--lichen-host PATH]
 #
 # What it does (images/README.md has the reasons):
 # - installs the package's files into the root file system, owned by root with the package's
 #   modes, registers the package with the image's dpkg, and enables lichen.service and
 #   lichen-firstboot.service;
-# - puts lichen.toml (and lichen-kubeconfig.yaml, lichen-ca.crt, lichen-bootstrap-token) on the
+# - puts lichen.toml (and lichen-kubeconfig.yaml, lichen-ca.crt, lichen-upgrade-keys.pub,
+#   lichen-bootstrap-token) on the
 #   boot partition, where the first boot validates them, moves them into /etc/lichen (the token
 #   into /var/lib/lichen) and deletes them from the card's FAT partition.
 #
@@ -42,21 +43,32 @@ toml_value() {
     }' "$3"
 }
 
-# ca_problem FILE: why FILE is not a cluster CA certificate as `lichen join` takes it (at least one
-# PEM certificate; and no private key, which must never travel on a card); nothing if it is. The
-# first boot (systemd/lichen-firstboot) checks the same way.
-ca_problem() {
-  awk '
+# pem_problem FILE BLOCK NONE KEY: silent if FILE holds at least one PEM BLOCK block with base64
+# inside and no private key; else prints KEY (a private key is there) or NONE (no such block).
+pem_problem() {
+  awk -v block="$2" -v none="$3" -v keymsg="$4" '
     { sub(/\r$/, "") }
     /^-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----$/ { key = 1 }
-    $0 == "-----BEGIN CERTIFICATE-----" { if (!inside) { inside = 1; body = 0; bad = 0 }; next }
-    $0 == "-----END CERTIFICATE-----" { if (inside && body && !bad) certs++; inside = 0; next }
+    $0 == "-----BEGIN " block "-----" { if (!inside) { inside = 1; body = 0; bad = 0 }; next }
+    $0 == "-----END " block "-----" { if (inside && body && !bad) found++; inside = 0; next }
     inside && $0 == "" { next }
     inside { if ($0 ~ /^[A-Za-z0-9+\/=]+$/) body++; else bad = 1 }
     END {
-      if (key) print "it holds a private key: give only the cluster CA certificate, and never put a CA key on a board"
-      else if (!certs) print "it holds no PEM certificate (no -----BEGIN CERTIFICATE----- block with base64 inside): give the cluster CA, /etc/kubernetes/pki/ca.crt on a kubeadm control plane"
+      if (key) print keymsg
+      else if (!found) print none
     }' "$1"
+}
+
+# ca_problem FILE: silent if FILE holds a cluster CA certificate (and no private key); else why not.
+ca_problem() {
+  pem_problem "$1" CERTIFICATE "it holds no PEM certificate (no -----BEGIN CERTIFICATE----- block with base64 inside): give the cluster CA, /etc/kubernetes/pki/ca.crt on a kubeadm control plane" \
+    "it holds a private key: give only the cluster CA certificate, and never put a CA key on a board"
+}
+
+# pubkey_problem FILE: silent if FILE holds a PEM public key (and no private key); else why not.
+pubkey_problem() {
+  pem_problem "$1" "PUBLIC KEY" "it holds no PEM public key (no -----BEGIN PUBLIC KEY----- block with base64 inside): give cosign.pub, or what openssl ec -pubout writes" \
+    "it holds a private key: give only the public key (cosign.pub); the signing key never goes on a board"
 }
 
 # read_token FILE: sets token to FILE's bootstrap token (one line; surrounding blanks and a Windows
@@ -80,7 +92,7 @@ read_token() {
   fi
 }
 
-image='' deb='' config='' kubeconfig='' out='' in_place='' lichen_host='' ca_cert='' token_file=''
+image='' deb='' config='' kubeconfig='' out='' in_place='' lichen_host='' ca_cert='' token_file='' upgrade_keys=''
 while (($#)); do
   case $1 in
     --image) image=${2:-}; shift 2 || usage ;;
@@ -88,6 +100,7 @@ while (($#)); do
     --config) config=${2:-}; shift 2 || usage ;;
     --kubeconfig) kubeconfig=${2:-}; shift 2 || usage ;;
     --ca-cert) ca_cert=${2:-}; shift 2 || usage ;;
+    --upgrade-keys) upgrade_keys=${2:-}; shift 2 || usage ;;
     --bootstrap-token-file) token_file=${2:-}; shift 2 || usage ;;
     --out) out=${2:-}; shift 2 || usage ;;
     --in-place) in_place=yes; shift ;;
@@ -172,6 +185,14 @@ if [[ -n $ca_cert ]]; then
   if [[ $named != /etc/lichen/ca.crt && $named != ca.crt ]]; then
     say "WARNING: --ca-cert is installed as /etc/lichen/ca.crt, but $config's [join] says ca_cert = \"$named\";" \
       "add ca_cert = \"/etc/lichen/ca.crt\" to [join] or the join does not use it"
+  fi
+fi
+if [[ -n $upgrade_keys ]]; then
+  why=$(pubkey_problem "$upgrade_keys")
+  [[ -z $why ]] || die "$upgrade_keys is not a file of upgrade signing public keys: $why"
+  if ! grep -Eq '^[[:space:]]*(upgrade\.)?trusted_keys[[:space:]]*=.*/etc/lichen/upgrade-keys\.pub' "$config"; then
+    say "WARNING: --upgrade-keys is installed as /etc/lichen/upgrade-keys.pub, but $config does not name it;" \
+      "add trusted_keys = [\"/etc/lichen/upgrade-keys.pub\"] to [upgrade] or remote upgrades stay off"
   fi
 fi
 if [[ -n $(toml_value join token "$config") ]]; then
@@ -389,13 +410,15 @@ cmp -s "$stage/lichen.back" "$stage/root/usr/bin/lichen" || die "/usr/bin/lichen
 mcopy -o -i "$img@@$fat_off" "$config" ::/lichen.toml
 if [[ -n $kubeconfig ]]; then mcopy -o -i "$img@@$fat_off" "$kubeconfig" ::/lichen-kubeconfig.yaml; fi
 if [[ -n $ca_cert ]]; then mcopy -o -i "$img@@$fat_off" "$ca_cert" ::/lichen-ca.crt; fi
+if [[ -n $upgrade_keys ]]; then mcopy -o -i "$img@@$fat_off" "$upgrade_keys" ::/lichen-upgrade-keys.pub; fi
 if [[ -n $token_file ]]; then mcopy -o -i "$img@@$fat_off" "$stage/bootstrap-token" ::/lichen-bootstrap-token; fi
 
 created_out=''
 say "installed lichen $deb_version ($deb_arch) into $root_node and enabled lichen.service and lichen-firstboot.service"
 for k in "${kept[@]}"; do say "kept the image's own $k"; done
 boot_files=$boot_dir/lichen.toml
-for f in ${kubeconfig:+lichen-kubeconfig.yaml} ${ca_cert:+lichen-ca.crt} ${token_file:+lichen-bootstrap-token}; do
+for f in ${kubeconfig:+lichen-kubeconfig.yaml} ${ca_cert:+lichen-ca.crt} ${upgrade_keys:+lichen-upgrade-keys.pub} \
+  ${token_file:+lichen-bootstrap-token}; do
   boot_files+=", $boot_dir/$f"
 done
 say "$boot_files on the boot partition; the first boot moves them to /etc/lichen${token_file:+ and /var/lib/lichen}"

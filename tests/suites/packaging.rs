@@ -1359,3 +1359,72 @@ fn firstboot_installs_the_join_credentials_and_refuses_bad_ones() {
     let left: Vec<_> = std::fs::read_dir(&boot).expect("boot").flatten().map(|e| e.file_name()).collect();
     assert_eq!(left, vec![std::ffi::OsString::from("lichen-ca.crt.error")], "only the CA's reason stays");
 }
+
+#[test]
+fn firstboot_installs_the_upgrade_keys_and_refuses_a_private_key() {
+    let root = fake_root();
+    let r = root.path();
+    let boot = r.join("boot/firmware");
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (private, public) = lichen_tests::agent_image::p256_key(keys.path(), "fleet");
+    let public_pem = std::fs::read_to_string(&public).expect("public key");
+    std::fs::write(boot.join("lichen-upgrade-keys.pub"), &public_pem).expect("keys");
+    let out = firstboot(r, None);
+    let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "firstboot failed:\n{log}");
+    let installed = r.join("etc/lichen/upgrade-keys.pub");
+    assert_eq!(std::fs::read_to_string(&installed).expect("installed keys"), public_pem);
+    let gid = id_in(r, "group", "lichen");
+    assert_eq!(mode_owner(&installed), (0o640, 0, gid), "upgrade-keys.pub is 0640 root:lichen");
+    let keys_read = lichen::upgrade::signature::TrustedKeys::load(std::slice::from_ref(&installed))
+        .unwrap_or_else(|e| panic!("the agent refuses the installed keys: {e}"));
+    assert_eq!(keys_read.len(), 1);
+    assert!(!boot.join("lichen-upgrade-keys.pub").exists(), "deleted from the boot partition");
+
+    // The signing key by mistake: refused, kept aside with the reason, the installed keys kept.
+    let private_pem = std::fs::read_to_string(&private).expect("private key");
+    std::fs::write(boot.join("lichen-upgrade-keys.pub"), format!("{public_pem}{private_pem}")).expect("bad");
+    let out = firstboot(r, None);
+    assert!(!out.status.success(), "a refused file must fail the unit");
+    let error = std::fs::read_to_string(boot.join("lichen-upgrade-keys.pub.error")).expect(".error");
+    assert!(error.contains("holds a private key"), "{error}");
+    assert!(boot.join("lichen-upgrade-keys.pub.invalid").exists());
+    assert_eq!(std::fs::read_to_string(&installed).expect("kept"), public_pem, "the installed keys stay");
+}
+
+#[test]
+fn bake_puts_the_upgrade_keys_on_the_boot_partition_and_refuses_a_private_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let image = make_image(d, "upgrade-keys", &Board::default());
+    let (private, public) = lichen_tests::agent_image::p256_key(d, "fleet");
+    let public_pem = std::fs::read_to_string(&public).expect("public key");
+    let config = d.join("lichen.toml");
+    let with = |config: &Path, keys: &Path, out: &Path| {
+        let mut cmd = bake(&image, config);
+        cmd.arg("--upgrade-keys").arg(keys).arg("--out").arg(out);
+        cmd
+    };
+    // A config that does not name them: baked, with a warning saying what to add.
+    std::fs::write(&config, JOIN_CONFIG).expect("config");
+    let said = ok(&mut with(&config, &public, &d.join("warned.img")));
+    assert!(said.contains("WARNING: --upgrade-keys is installed as /etc/lichen/upgrade-keys.pub"), "{said}");
+    // One that does: no warning, and the keys on the boot partition as given.
+    std::fs::write(
+        &config,
+        format!("{JOIN_CONFIG}\n[upgrade]\ntrusted_keys = [\"/etc/lichen/upgrade-keys.pub\"]\n"),
+    )
+    .expect("config");
+    let out_img = d.join("baked.img");
+    let said = ok(&mut with(&config, &public, &out_img));
+    assert!(!said.contains("WARNING"), "{said}");
+    assert!(said.contains("/boot/firmware/lichen-upgrade-keys.pub"), "{said}");
+    let baked = Baked { img: out_img };
+    assert_eq!(baked.boot_text("lichen-upgrade-keys.pub"), public_pem);
+    // The signing key is never baked.
+    let both = d.join("both.pem");
+    std::fs::write(&both, format!("{public_pem}{}", std::fs::read_to_string(&private).expect("key")))
+        .expect("both");
+    refused(&mut with(&config, &both, &d.join("refused.img")), "it holds a private key");
+    assert!(!d.join("refused.img").exists(), "a refused bake left an image");
+}
