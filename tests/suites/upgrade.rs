@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Event, Node};
+use k8s_openapi::api::core::v1::{Event, Node, Pod};
 use kube::api::{Api, Patch, PatchParams};
 use lichen::layout::StateLayout;
 use lichen::upgrade::slots::{Slot, Slots, SwitchRecord, Trial};
@@ -223,6 +223,34 @@ async fn outcome(api: &FakeApi, node: &str, image: &str) -> UpgradeReport {
     .await
 }
 
+/// The ticker pod's line times (ns since the epoch, as it wrote them), from every log file the
+/// node keeps for it, sorted.
+fn ticks(s: &Scratch) -> Vec<i64> {
+    fn files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                files(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    let mut paths = Vec::new();
+    files(&s.state.join("logs"), &mut paths);
+    let mut times: Vec<i64> = paths
+        .iter()
+        .filter(|p| p.to_string_lossy().contains("tick"))
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .flat_map(|text| {
+            text.lines().filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok()).collect::<Vec<_>>()
+        })
+        .collect();
+    times.sort_unstable();
+    times.dedup();
+    times
+}
+
 /// The reasons of the Events recorded on Node `node`, oldest first.
 async fn node_events(api: &FakeApi, node: &str) -> Vec<(String, String, String)> {
     let events: Api<Event> = Api::namespaced(api.client(), "default");
@@ -259,10 +287,33 @@ async fn an_annotated_node_upgrades_itself_to_a_signed_image_and_reports_it() {
         "the node reports what runs"
     );
 
+    // A pod ticking every 100 ms through the switch: each line carries the time it was written.
+    let pods: Api<Pod> = Api::namespaced(api.client(), "default");
+    let ticker = serde_json::json!({
+        "metadata": {"name": "tick"},
+        "spec": {
+            "nodeName": "pi-up",
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "main", "image": format!("file://{}", fixture("ticker.wat").display()),
+                            "args": ["100000", "100000000"]}]
+        }
+    });
+    pods.create(&Default::default(), &serde_json::from_value(ticker).expect("pod"))
+        .await
+        .expect("create the pod");
+    wait_for(T, "the ticker's first lines", || (ticks(&s).len() >= 3).then_some(()));
+
     let annotated = std::time::Instant::now();
     annotate(&api, "pi-up", &image).await;
     let report = outcome(&api, "pi-up", &image).await;
     let took = annotated.elapsed();
+    let after = ticks(&s).last().copied().expect("ticks");
+    wait_for(T, "the ticker to tick under the new agent", || {
+        (ticks(&s).iter().filter(|t| **t > after).count() >= 3).then_some(())
+    });
+    let gap = ticks(&s).windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    let pod = pods.get("tick").await.expect("the pod");
+    assert_eq!(pod.status.and_then(|s| s.phase).as_deref(), Some("Running"), "the pod kept running");
     assert_eq!(report.phase, Phase::Succeeded, "{report:?}");
     assert_eq!(report.version.as_deref(), Some(version.as_str()));
     let node = wait_for_async(T, "the new version on the Node", || async {
@@ -280,7 +331,11 @@ async fn an_annotated_node_upgrades_itself_to_a_signed_image_and_reports_it() {
     assert!(events.iter().all(|(_, t, _)| t == "Normal"), "{events:?}");
     let staged = Slots::new(&StateLayout::new(&s.state)).binary(&sha256_hex(&v2));
     assert_eq!(exe(agent.pid()), staged, "the new agent runs in the agent's own process");
-    eprintln!("figures: annotation to committed {:.1}s (debug build, loopback registry)", took.as_secs_f64());
+    eprintln!(
+        "figures: annotation to committed {:.1}s, pod output gap at the switch {:.2}s (debug build, loopback registry)",
+        took.as_secs_f64(),
+        gap as f64 / 1e9
+    );
     assert!(agent.stop().0.success());
 }
 
