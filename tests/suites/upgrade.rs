@@ -251,6 +251,16 @@ fn ticks(s: &Scratch) -> Vec<i64> {
     times
 }
 
+/// The body bytes of a GET the registry served, from its access-log line (`"GET … HTTP/1.1" 200
+/// 1234 …`).
+fn served_bytes(line: &str) -> Option<u64> {
+    let (_, rest) = line.split_once("\"GET ")?;
+    let (_, after) = rest.split_once("\" ")?;
+    let mut fields = after.split_whitespace();
+    let status: u16 = fields.next()?.parse().ok()?;
+    (200..300).contains(&status).then(|| fields.next()?.parse().ok()).flatten()
+}
+
 /// The reasons of the Events recorded on Node `node`, oldest first.
 async fn node_events(api: &FakeApi, node: &str) -> Vec<(String, String, String)> {
     let events: Api<Event> = Api::namespaced(api.client(), "default");
@@ -303,6 +313,7 @@ async fn an_annotated_node_upgrades_itself_to_a_signed_image_and_reports_it() {
         .expect("create the pod");
     wait_for(T, "the ticker's first lines", || (ticks(&s).len() >= 3).then_some(()));
 
+    let log_mark = reg.log().len();
     let annotated = std::time::Instant::now();
     annotate(&api, "pi-up", &image).await;
     let report = outcome(&api, "pi-up", &image).await;
@@ -331,10 +342,18 @@ async fn an_annotated_node_upgrades_itself_to_a_signed_image_and_reports_it() {
     assert!(events.iter().all(|(_, t, _)| t == "Normal"), "{events:?}");
     let staged = Slots::new(&StateLayout::new(&s.state)).binary(&sha256_hex(&v2));
     assert_eq!(exe(agent.pid()), staged, "the new agent runs in the agent's own process");
+    // Everything the node fetched from the registry for the upgrade, from its access log.
+    let fetched: u64 = reg.log()[log_mark..].iter().filter_map(|l| served_bytes(l)).sum();
+    let binary = std::fs::metadata(&v2).expect("binary").len();
+    assert!(
+        fetched >= binary && fetched < binary + 64 * 1024,
+        "fetched {fetched} bytes for a {binary}-byte binary"
+    );
     eprintln!(
-        "figures: annotation to committed {:.1}s, pod output gap at the switch {:.2}s (debug build, loopback registry)",
+        "figures: annotation to committed {:.1}s, pod output gap at the switch {:.2}s, {fetched} bytes fetched for a {binary}-byte binary (+{} of index, manifests, config and signature; debug build, loopback registry)",
         took.as_secs_f64(),
-        gap as f64 / 1e9
+        gap as f64 / 1e9,
+        fetched - binary
     );
     assert!(agent.stop().0.success());
 }
