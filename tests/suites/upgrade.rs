@@ -14,7 +14,7 @@ use lichen::upgrade::slots::{Slot, Slots, SwitchRecord, Trial};
 use lichen::upgrade::{IMAGE_ANNOTATION, Phase, UPGRADE_ANNOTATION, UpgradeReport, VERSION_ANNOTATION};
 use lichen_tests::agent_image::{field, p256_key};
 use lichen_tests::fakeapi::FakeApi;
-use lichen_tests::registry::Registry;
+use lichen_tests::registry::{FaultMode, FaultProxy, Registry};
 use lichen_tests::{
     Agent, Scratch, fixture, lichen_bin, lichen_ok, node_condition, pod_yaml, wait_for, wait_for_async,
 };
@@ -387,4 +387,62 @@ async fn unsigned_wrongly_signed_and_unpinned_images_are_refused_with_the_reason
     assert_eq!(exe(agent.pid()), std::fs::canonicalize(lichen_bin()).expect("canonical"));
     assert!(Slots::new(&StateLayout::new(&s.state)).staged().is_empty(), "nothing was staged");
     assert!(agent.stop().0.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_download_resumes_after_the_restart_and_completes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = p256_key(dir.path(), "fleet");
+    let (reg, api, s, agent) = fleet_node("pi-cut", &[public.as_path()], "").await;
+    // The node reaches the registry through a proxy that can cut a download short.
+    let proxy = FaultProxy::start(&reg);
+    let registries = format!("{},{}", reg.host(), proxy.host());
+    let env = [("LICHEN_INSECURE_REGISTRIES", registries.as_str())];
+    let args = s.run_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert!(agent.stop().0.success());
+    let agent = Agent::start_with_env(&args, &s.state, &env);
+    let (v2, version) = stamped(dir.path(), "test.8");
+    let binary = std::fs::metadata(&v2).expect("binary").len();
+    let image = push_agent(&s, &v2, &format!("{}/fleet/lichen:cut", reg.host()), Some(&key))
+        .replace(&reg.host(), &proxy.host());
+
+    // The first transfer stops after 30 MB; the node would retry, but is killed while it waits.
+    proxy.set_mode(FaultMode::CutAfter(30_000_000));
+    annotate(&api, "pi-cut", &image).await;
+    let download = s.state.join("agent/download");
+    let part = wait_for(T, "a cut download on disk", || {
+        let p = std::fs::read_dir(&download)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "part"))?;
+        let len = std::fs::metadata(&p).ok()?.len();
+        (len >= 20_000_000).then_some(len)
+    });
+    drop(agent); // SIGKILL, as a power cut would
+    proxy.set_mode(FaultMode::Pass);
+    let log_mark = reg.log().len();
+    let agent = Agent::start_with_env(&args, &s.state, &env);
+    let report = outcome(&api, "pi-cut", &image).await;
+    assert_eq!(
+        (report.phase, report.version.as_deref()),
+        (Phase::Succeeded, Some(version.as_str())),
+        "{report:?}"
+    );
+    // The restart resumed from what was on disk: the rest of the blob, by a range request.
+    let resumed: Vec<String> =
+        reg.log()[log_mark..].iter().filter(|l| l.contains("\" 206 ")).cloned().collect();
+    assert!(!resumed.is_empty(), "no range request after the restart: {:?}", &reg.log()[log_mark..]);
+    let rest: u64 = resumed.iter().filter_map(|l| served_partial(l)).sum();
+    assert!(rest <= binary - part + 1, "resumed with {rest} bytes; {part} of {binary} were on disk");
+    let staged = Slots::new(&StateLayout::new(&s.state)).binary(&sha256_hex(&v2));
+    assert_eq!(exe(agent.pid()), staged);
+    assert!(agent.stop().0.success());
+}
+
+/// The body bytes of a 206 the registry served, from its access-log line.
+fn served_partial(line: &str) -> Option<u64> {
+    let (_, after) = line.split_once("\" 206 ")?;
+    after.split_whitespace().next()?.parse().ok()
 }
