@@ -86,12 +86,19 @@ async fn agent_image_pushed_signed_resolved_verified_and_downloaded() {
     let e = err(lichen(&s, &["push", path(&own), path(&stamped), &image], ""));
     assert!(e.contains("a module push takes one .wasm file; to publish agent binaries add --agent"), "{e}");
 
-    // The test build, and an aarch64 build beside it when one has been cross-built already.
+    // The test build, and a second platform's binary beside it: a copy whose ELF header names the
+    // other 64-bit machine (aarch64, or x86-64 on an aarch64 host). Pushing reads only the header
+    // and the version field, and nothing here runs it. (A cross-built binary lying in the target
+    // dir is not used: it may be older than this build, without the version field.)
     let mut binaries = vec![own.clone()];
-    let arm64 = std::env::var_os("CARGO_TARGET_DIR")
-        .map(|d| PathBuf::from(d).join("aarch64-unknown-linux-gnu/debug/lichen"))
-        .filter(|p| p.is_file() && platform != Platform::Arm64);
-    binaries.extend(arm64.clone());
+    let (other, other_machine) =
+        if platform == Platform::Arm64 { (Platform::Amd64, 62u16) } else { (Platform::Arm64, 183u16) };
+    let mut other_bytes = own_bytes.clone();
+    other_bytes[18..20].copy_from_slice(&other_machine.to_le_bytes());
+    let other_binary = dir.join("lichen-other-platform");
+    std::fs::write(&other_binary, &other_bytes).expect("write the other platform's binary");
+    assert_eq!(Platform::of_elf(&other_bytes).expect("an ELF header"), other);
+    binaries.push(other_binary.clone());
     let mut args = vec!["push", "--agent"];
     args.extend(binaries.iter().map(|b| path(b)));
     args.push(&image);
@@ -121,10 +128,8 @@ async fn agent_image_pushed_signed_resolved_verified_and_downloaded() {
     assert_eq!(resolved.binary_digest, sha256_digest(&own_bytes));
     assert_eq!(resolved.binary_size, own_bytes.len() as u64);
     assert_eq!(resolved.index_digest, index_digest);
-    if let Some(arm64) = &arm64 {
-        let r = registry.resolve(&pinned_ref, Platform::Arm64, None).await.expect("resolve arm64");
-        assert_eq!(r.binary_digest, sha256_digest(&std::fs::read(arm64).expect("arm64 binary")));
-    }
+    let r = registry.resolve(&pinned_ref, other, None).await.expect("resolve the other platform");
+    assert_eq!(r.binary_digest, sha256_digest(&other_bytes));
     let e = registry.resolve(&pinned_ref, Platform::ArmV7, None).await.unwrap_err();
     assert!(e.to_string().contains("has no linux/arm/v7 binary (it has: "), "{e}");
     assert!(!e.is_retryable());
