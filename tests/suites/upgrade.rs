@@ -394,14 +394,8 @@ async fn a_node_killed_mid_download_resumes_after_the_restart_and_completes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (key, public) = p256_key(dir.path(), "fleet");
     let (reg, api, s, agent) = fleet_node("pi-cut", &[public.as_path()], "").await;
-    // The node reaches the registry through a proxy that can cut a download short.
-    let proxy = FaultProxy::start(&reg);
-    let registries = format!("{},{}", reg.host(), proxy.host());
-    let env = [("LICHEN_INSECURE_REGISTRIES", registries.as_str())];
-    let args = s.run_args();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    assert!(agent.stop().0.success());
-    let agent = Agent::start_with_env(&args, &s.state, &env);
+    let (proxy, restart) = through_a_proxy(&reg, &s, agent);
+    let agent = restart();
     let (v2, version) = stamped(dir.path(), "test.8");
     let binary = std::fs::metadata(&v2).expect("binary").len();
     let image = push_agent(&s, &v2, &format!("{}/fleet/lichen:cut", reg.host()), Some(&key))
@@ -410,20 +404,11 @@ async fn a_node_killed_mid_download_resumes_after_the_restart_and_completes() {
     // The first transfer stops after 30 MB; the node would retry, but is killed while it waits.
     proxy.set_mode(FaultMode::CutAfter(30_000_000));
     annotate(&api, "pi-cut", &image).await;
-    let download = s.state.join("agent/download");
-    let part = wait_for(T, "a cut download on disk", || {
-        let p = std::fs::read_dir(&download)
-            .ok()?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == "part"))?;
-        let len = std::fs::metadata(&p).ok()?.len();
-        (len >= 20_000_000).then_some(len)
-    });
+    let part = cut_download(&s, 20_000_000);
     drop(agent); // SIGKILL, as a power cut would
     proxy.set_mode(FaultMode::Pass);
     let log_mark = reg.log().len();
-    let agent = Agent::start_with_env(&args, &s.state, &env);
+    let agent = restart();
     let report = outcome(&api, "pi-cut", &image).await;
     assert_eq!(
         (report.phase, report.version.as_deref()),
@@ -438,6 +423,82 @@ async fn a_node_killed_mid_download_resumes_after_the_restart_and_completes() {
     assert!(rest <= binary - part + 1, "resumed with {rest} bytes; {part} of {binary} were on disk");
     let staged = Slots::new(&StateLayout::new(&s.state)).binary(&sha256_hex(&v2));
     assert_eq!(exe(agent.pid()), staged);
+    assert!(agent.stop().0.success());
+}
+
+/// Stops `agent` and returns a proxy in front of `reg` (which can cut a download short) and how to
+/// start the agent again reaching the registry through it too.
+fn through_a_proxy<'a>(
+    reg: &Registry,
+    s: &'a Scratch,
+    agent: Agent,
+) -> (FaultProxy, impl Fn() -> Agent + 'a) {
+    let proxy = FaultProxy::start(reg);
+    let registries = format!("{},{}", reg.host(), proxy.host());
+    assert!(agent.stop().0.success());
+    let restart = move || {
+        let args = s.run_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Agent::start_with_env(&args, &s.state, &[("LICHEN_INSECURE_REGISTRIES", registries.as_str())])
+    };
+    (proxy, restart)
+}
+
+/// Waits for a download cut short on disk (a `.part` of at least `bytes`); returns its length.
+fn cut_download(s: &Scratch, bytes: u64) -> u64 {
+    let download = s.state.join("agent/download");
+    wait_for(T, "a cut download on disk", || {
+        let p = std::fs::read_dir(&download)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "part"))?;
+        let len = std::fs::metadata(&p).ok()?.len();
+        (len >= bytes).then_some(len)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_under_way_when_the_api_server_goes_finishes_and_reports_when_it_returns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = p256_key(dir.path(), "fleet");
+    let (reg, api, s, agent) = fleet_node("pi-off", &[public.as_path()], "").await;
+    let (proxy, restart) = through_a_proxy(&reg, &s, agent);
+    let agent = restart();
+    let nodes: Api<Node> = Api::all(api.client());
+    wait_for_async(T, "the node Ready again", || async {
+        let n = nodes.get("pi-off").await.ok()?;
+        (node_condition(&n, "Ready")? == "True").then_some(())
+    })
+    .await;
+    let (v2, version) = stamped(dir.path(), "test.9");
+    let image = push_agent(&s, &v2, &format!("{}/fleet/lichen:off", reg.host()), Some(&key))
+        .replace(&reg.host(), &proxy.host());
+    // The download is held back (cut every 5 MB) until the API server is gone and the node knows.
+    proxy.set_mode(FaultMode::CutAfter(5_000_000));
+    annotate(&api, "pi-off", &image).await;
+    cut_download(&s, 4_000_000);
+    api.faults().stop().await;
+    wait_for(T, "the node to notice the API server is gone", || {
+        let status: serde_json::Value = serde_json::from_slice(&s.status_output().stdout).ok()?;
+        status["contact"]["down_since"].as_str().map(drop)
+    });
+    proxy.set_mode(FaultMode::Pass);
+    let staged = Slots::new(&StateLayout::new(&s.state)).binary(&sha256_hex(&v2));
+    let committed =
+        wait_for(Duration::from_secs(180), "the new agent committed without the API server", || {
+            record(&s).committed.filter(|c| c.version == version)
+        });
+    assert_eq!(exe(agent.pid()), staged);
+    assert!(record(&s).report_pending, "the outcome waits for the link");
+    api.faults().start().await;
+    let report = outcome(&api, "pi-off", &image).await;
+    assert_eq!(
+        (report.phase, report.version.as_deref()),
+        (Phase::Succeeded, Some(committed.version.as_str()))
+    );
+    let events = node_events(&api, "pi-off").await;
+    assert!(events.iter().any(|(r, _, _)| r == "UpgradeSucceeded"), "{events:?}");
     assert!(agent.stop().0.success());
 }
 
