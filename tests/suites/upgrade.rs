@@ -359,20 +359,30 @@ async fn an_annotated_node_upgrades_itself_to_a_signed_image_and_reports_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unsigned_wrongly_signed_and_unpinned_images_are_refused_with_the_reason_on_the_node() {
+async fn unsigned_wrongly_signed_unpinned_foreign_and_missing_images_are_refused_with_the_reason_on_the_node()
+{
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_, public) = p256_key(dir.path(), "fleet");
+    let (key, public) = p256_key(dir.path(), "fleet");
     let (stranger, _) = p256_key(dir.path(), "stranger");
     let (reg, api, s, agent) = fleet_node("pi-no", &[public.as_path()], "").await;
     // Two builds: a signature belongs to an image's digest, and the same binary pushed twice is
     // the same image.
     let (v2, _) = stamped(dir.path(), "test.6");
     let (v3, _) = stamped(dir.path(), "test.7");
+    // A build for another machine, signed by the trusted key: its ELF header names the other
+    // 64-bit machine (nothing runs it).
+    let mut foreign = std::fs::read(&v3).expect("read");
+    let other: u16 = if std::env::consts::ARCH == "aarch64" { 62 } else { 183 };
+    foreign[18..20].copy_from_slice(&other.to_le_bytes());
+    let foreign_path = dir.path().join("lichen-foreign");
+    std::fs::write(&foreign_path, &foreign).expect("write");
     let repo = format!("{}/fleet/lichen", reg.host());
     let cases = [
         (push_agent(&s, &v2, &format!("{repo}:unsigned"), None), "unsigned"),
         (push_agent(&s, &v3, &format!("{repo}:stranger"), Some(&stranger)), "bad signature"),
         (format!("{repo}:unsigned"), "not pinned by digest"),
+        (push_agent(&s, &foreign_path, &format!("{repo}:foreign"), Some(&key)), "binary (it has: linux/"),
+        (format!("{repo}@sha256:{}", "0".repeat(64)), "not found"),
     ];
     for (image, why) in &cases {
         annotate(&api, "pi-no", image).await;
@@ -382,7 +392,7 @@ async fn unsigned_wrongly_signed_and_unpinned_images_are_refused_with_the_reason
     }
     let events = node_events(&api, "pi-no").await;
     let failed = events.iter().filter(|(r, t, _)| r == "UpgradeFailed" && t == "Warning").count();
-    assert_eq!(failed, 3, "{events:?}");
+    assert_eq!(failed, cases.len(), "{events:?}");
     // Nothing was switched: the agent that started is the one running.
     assert_eq!(exe(agent.pid()), std::fs::canonicalize(lichen_bin()).expect("canonical"));
     assert!(Slots::new(&StateLayout::new(&s.state)).staged().is_empty(), "nothing was staged");

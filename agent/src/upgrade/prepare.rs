@@ -1,5 +1,5 @@
-//! Readies a new agent for the switch, or says why it cannot be: the signature checked before
-//! anything large is fetched, the image resolved for this platform, the binary downloaded
+//! Readies a new agent for the switch, or says why it cannot be: the image resolved for this
+//! platform (a few KiB), its signature checked before anything large is fetched, the binary downloaded
 //! (resuming, retried while the registry is away), checked (ELF for this machine, the version the
 //! artifact claims) and smoke-tested (it starts and answers `lichen version` for this
 //! architecture), then staged beside the committed version, older ones removed.
@@ -117,9 +117,10 @@ async fn prepare_inner(
     let platform = Platform::current().ok_or(PrepareError::Platform(std::env::consts::ARCH))?;
     let registry = AgentRegistry::new(modules)?;
     let reference = parse_reference(image)?;
-    // Trust first: nothing large is fetched for an image no trusted key signed.
-    registry.verify_signature(&reference, &keys, None).await?;
+    // The image first (its index, this platform's manifest and config: a few KiB), so that a
+    // missing image or one without this platform says so; then trust, before anything large.
     let resolved = registry.resolve(&reference, platform, None).await?;
+    registry.verify_signature(&reference, &keys, None).await?;
     *version = Some(resolved.version.clone());
     let hex = digest_hex(&resolved.binary_digest).unwrap_or_default().to_owned();
     let staged = slots.binary(&hex);

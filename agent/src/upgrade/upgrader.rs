@@ -2,7 +2,7 @@
 //! `lichen.dev/agent-version`), the outcome of the last upgrade (`lichen.dev/agent-upgrade` and
 //! Events on the Node, including outcomes decided while the API server was away), and watches its
 //! own Node for `lichen.dev/agent-image`. An accepted image is resolved for this platform, its
-//! signature verified, downloaded (resuming), checked and smoke-tested, staged, and handed over to:
+//! signature verified, the binary downloaded (resuming), checked and smoke-tested, staged, and handed over to:
 //! the agent stops its pods, flushes its store and `exec`s the new binary on trial.
 //!
 //! What to do with an annotation is decided by [`consider`] (pure); everything that can fail before
