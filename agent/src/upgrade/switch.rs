@@ -71,7 +71,8 @@ pub struct AgentSwitch {
     launcher: Option<PathBuf>,
     trial: Mutex<Option<Trial>>,
     handover: std::sync::atomic::AtomicBool,
-    /// Woken when the health gate commits, so the outcome reaches the Node at once.
+    /// Woken when an outcome awaits reporting (the health gate committed, or a report failed to
+    /// go out), so it reaches the Node at once, retried until it does.
     decided: tokio::sync::Notify,
 }
 
@@ -143,9 +144,14 @@ impl AgentSwitch {
         self.trial.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Waits until the health gate has committed this agent.
+    /// Waits until an outcome awaits reporting.
     pub async fn decided(&self) {
         self.decided.notified().await;
+    }
+
+    /// Says an outcome awaits reporting (kept until someone waits, like a permit).
+    pub fn outcome_pending(&self) {
+        self.decided.notify_one();
     }
 
     /// The slots on disk.
@@ -171,7 +177,7 @@ impl AgentSwitch {
         self.slots.save(&record)?;
         *self.trial.lock().unwrap_or_else(|p| p.into_inner()) = None;
         // A stored permit: the upgrader may be busy when the commit lands.
-        self.decided.notify_one();
+        self.outcome_pending();
         let mut keep = vec![trial.slot.digest.as_str()];
         if let Some(p) = &previous {
             keep.push(p.digest.as_str());

@@ -256,7 +256,9 @@ impl Upgrader {
             }
             Err(_) => return false,
         }
-        self.annotate(client, &record.report.clone().into_iter().collect::<Vec<_>>()).await;
+        if let Some(report) = &record.report {
+            self.annotate(client, report).await;
+        }
         tracing::info!(version = %staged.version, "handing over to the new agent");
         if !self.switch.request_handover() {
             return false;
@@ -290,6 +292,9 @@ impl Upgrader {
         if self.publish(client, node, &report, &[EventReason::UpgradeFailed]).await {
             record.report_pending = false;
             self.save(record.clone()).await;
+        } else {
+            // Retried by the watch loop until it goes out (the record keeps it for a restart).
+            self.switch.outcome_pending();
         }
     }
 
@@ -378,7 +383,7 @@ impl Upgrader {
         report: &UpgradeReport,
         reasons: &[EventReason],
     ) -> bool {
-        let mut ok = self.annotate(client, std::slice::from_ref(report)).await;
+        let mut ok = self.annotate(client, report).await;
         for reason in reasons {
             if let Err(e) = record_event(client, node, *reason, &event_message(*reason, report)).await {
                 tracing::warn!(error = %crate::api_error::brief(&e), "cannot record the upgrade event");
@@ -388,8 +393,8 @@ impl Upgrader {
         ok
     }
 
-    async fn annotate(&self, client: &ClusterClient, report: &[UpgradeReport]) -> bool {
-        let Some(report) = report.first() else { return true };
+    /// Writes `report` to the Node's [`UPGRADE_ANNOTATION`]; whether it went through.
+    async fn annotate(&self, client: &ClusterClient, report: &UpgradeReport) -> bool {
         let api: Api<Node> = Api::all(client.current());
         let annotations = BTreeMap::from([(
             UPGRADE_ANNOTATION.to_owned(),
