@@ -1,9 +1,15 @@
-//! What the agent-image tests share: signing keys made with openssl as an operator makes them,
-//! version-stamped copies of the agent under test (another build of it), and reading the lines
-//! `lichen push --agent` prints.
+//! What the agent-image and upgrade tests share: signing keys made with openssl as an operator
+//! makes them, version-stamped copies of the agent under test (another build of it), publishing
+//! with `lichen push --agent`, and an operator's view of a Node's upgrade (annotate, outcome,
+//! version, Events).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Event, Node};
+use kube::api::{Api, Patch, PatchParams};
+use lichen::upgrade::{IMAGE_ANNOTATION, UPGRADE_ANNOTATION, UpgradeReport, VERSION_ANNOTATION};
 
 fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
@@ -39,4 +45,72 @@ pub fn stamped_copy(elf: &Path, dir: &Path, id: &str) -> (PathBuf, String) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     (copy, lichen::version::read_version(&bytes).expect("its version"))
+}
+
+/// `lichen push --agent <binary> <reference> [--sign-key <key>]` with `registry` reachable over
+/// plain HTTP; the pinned image it printed.
+pub fn push_agent(binary: &Path, reference: &str, key: Option<&Path>, registry: &str) -> String {
+    // An empty config of its own: the machine's /etc/lichen/config.toml is not this push's.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("lichen.toml");
+    std::fs::write(&config, "").expect("config");
+    let mut cmd = Command::new(crate::lichen_bin());
+    cmd.args(["push", "--agent"]).arg(binary).arg(reference).arg("--config").arg(&config);
+    if let Some(k) = key {
+        cmd.arg("--sign-key").arg(k);
+    }
+    let out = cmd
+        .env_remove("LICHEN_CONFIG")
+        .env("LICHEN_INSECURE_REGISTRIES", registry)
+        .output()
+        .expect("lichen push");
+    field(&crate::lichen_ok(out), "image").to_owned()
+}
+
+/// Sets `lichen.dev/agent-image` on Node `node`, as an operator's `kubectl annotate` does.
+pub async fn annotate(client: &kube::Client, node: &str, image: &str) {
+    let patch = serde_json::json!({"metadata": {"annotations": {IMAGE_ANNOTATION: image}}});
+    Api::<Node>::all(client.clone())
+        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("annotate the node");
+}
+
+/// The node's `lichen.dev/agent-upgrade` report once it answers `image` with a final phase.
+pub async fn outcome(client: &kube::Client, node: &str, image: &str, timeout: Duration) -> UpgradeReport {
+    let nodes: Api<Node> = Api::all(client.clone());
+    crate::wait_for_async(timeout, "the upgrade's outcome on the Node", || async {
+        let n = nodes.get(node).await.ok()?;
+        let text = n.metadata.annotations.as_ref()?.get(UPGRADE_ANNOTATION)?.clone();
+        let report: UpgradeReport = serde_json::from_str(&text).ok()?;
+        (report.image == image && report.phase.is_final()).then_some(report)
+    })
+    .await
+}
+
+/// The Node's `lichen.dev/agent-version`: (version, binary digest).
+pub async fn agent_version(client: &kube::Client, node: &str) -> Option<(String, String)> {
+    let n = Api::<Node>::all(client.clone()).get(node).await.ok()?;
+    let v = n.metadata.annotations.as_ref()?.get(VERSION_ANNOTATION)?.clone();
+    lichen::upgrade::parse_version_annotation(&v).map(|(v, d)| (v.to_owned(), d.to_owned()))
+}
+
+/// The Events recorded on Node `node`, oldest first: (reason, type, message).
+pub async fn node_events(client: &kube::Client, node: &str) -> Vec<(String, String, String)> {
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let mut list: Vec<Event> = events
+        .list(&Default::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.involved_object.kind.as_deref() == Some("Node")
+                && e.involved_object.name.as_deref() == Some(node)
+        })
+        .collect();
+    list.sort_by_key(|e| e.metadata.creation_timestamp.clone().map(|t| t.0));
+    list.into_iter()
+        .map(|e| (e.reason.unwrap_or_default(), e.type_.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect()
 }

@@ -39,6 +39,8 @@ pub struct BakeInputs<'a> {
     pub ca: &'a [u8],
     /// The bootstrap token.
     pub token: &'a str,
+    /// The public keys agent upgrades must be signed by (PEM), baked with `--upgrade-keys`.
+    pub upgrade_keys: Option<&'a [u8]>,
 }
 
 /// One emulated board: its image and, while it runs, its QEMU.
@@ -74,23 +76,25 @@ impl Board {
         std::fs::write(files.join("ca.crt"), inputs.ca).expect("ca");
         std::fs::write(files.join("token"), format!("{}\n", inputs.token)).expect("token");
         let image = dir.path().join("board.img");
-        run(
-            Command::new("bash")
-                .arg(script("bake.sh"))
-                .arg("--image")
-                .arg(&base)
-                .arg("--deb")
-                .arg(inputs.deb)
-                .arg("--config")
-                .arg(files.join("lichen.toml"))
-                .arg("--ca-cert")
-                .arg(files.join("ca.crt"))
-                .arg("--bootstrap-token-file")
-                .arg(files.join("token"))
-                .arg("--out")
-                .arg(&image),
-            "images/bake.sh",
-        );
+        let mut bake = Command::new("bash");
+        bake.arg(script("bake.sh"))
+            .arg("--image")
+            .arg(&base)
+            .arg("--deb")
+            .arg(inputs.deb)
+            .arg("--config")
+            .arg(files.join("lichen.toml"))
+            .arg("--ca-cert")
+            .arg(files.join("ca.crt"))
+            .arg("--bootstrap-token-file")
+            .arg(files.join("token"))
+            .arg("--out")
+            .arg(&image);
+        if let Some(keys) = inputs.upgrade_keys {
+            std::fs::write(files.join("upgrade-keys.pub"), keys).expect("upgrade keys");
+            bake.arg("--upgrade-keys").arg(files.join("upgrade-keys.pub"));
+        }
+        run(&mut bake, "images/bake.sh");
         let _ = std::fs::remove_file(&base);
         Board { arch, image, dir, boot: None, boots: 0 }
     }

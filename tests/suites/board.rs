@@ -82,6 +82,12 @@ struct Setup {
 
 /// Bakes and boots a board for `arch` that joins as `node`, and waits for the Node to be Ready.
 async fn first_boot(arch: &'static str, node: &str) -> Setup {
+    first_boot_with(arch, node, "", None).await
+}
+
+/// [`first_boot`] with `extra` appended to the board's `lichen.toml` and, if given, upgrade keys
+/// baked in (`bake.sh --upgrade-keys`).
+async fn first_boot_with(arch: &'static str, node: &str, extra: &str, upgrade_keys: Option<&[u8]>) -> Setup {
     let cluster = Cluster::from_env().await;
     cluster.delete_node(node).await;
     let (server, ca) = cluster.server_and_ca();
@@ -97,11 +103,12 @@ async fn first_boot(arch: &'static str, node: &str) -> Setup {
     let config = format!(
         "node_name = {node:?}\nnode_ip = \"127.0.0.1\"\nnode_hostname = \"localhost\"\n\n[join]\nserver = \"https://10.0.2.100:{api_port}\"\n\
          ca_cert = \"/etc/lichen/ca.crt\"\n\n[kubelet_api]\nport = {kubelet_port}\n\n\
-         [modules]\ninsecure_registries = [\"10.0.2.100:{reg_port}\"]\n"
+         [modules]\ninsecure_registries = [\"10.0.2.100:{reg_port}\"]\n{extra}"
     );
     let deb = deb(arch);
     let token = cluster.bootstrap_token();
-    let mut board = Board::bake(arch, &BakeInputs { deb: &deb, config: &config, ca: &ca, token: &token });
+    let mut board =
+        Board::bake(arch, &BakeInputs { deb: &deb, config: &config, ca: &ca, token: &token, upgrade_keys });
     let booted = Instant::now();
     board.boot(&[api_port, reg_port], &[(kubelet_port, kubelet_port)]);
     board.wait_boot(BOOT, &[]);

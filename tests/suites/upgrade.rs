@@ -7,17 +7,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Event, Node, Pod};
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::Api;
 use lichen::layout::StateLayout;
 use lichen::upgrade::slots::{Slot, Slots, SwitchRecord, Trial};
-use lichen::upgrade::{IMAGE_ANNOTATION, Phase, UPGRADE_ANNOTATION, UpgradeReport, VERSION_ANNOTATION};
-use lichen_tests::agent_image::{field, p256_key};
+use lichen::upgrade::{Phase, VERSION_ANNOTATION};
+use lichen_tests::agent_image::{annotate, node_events, outcome, p256_key, push_agent};
 use lichen_tests::fakeapi::FakeApi;
 use lichen_tests::registry::{FaultMode, FaultProxy, Registry};
-use lichen_tests::{
-    Agent, Scratch, fixture, lichen_bin, lichen_ok, node_condition, pod_yaml, wait_for, wait_for_async,
-};
+use lichen_tests::{Agent, Scratch, fixture, lichen_bin, node_condition, pod_yaml, wait_for, wait_for_async};
 
 const T: Duration = Duration::from_secs(60);
 const IMAGE: &str =
@@ -192,37 +190,6 @@ async fn fleet_node(name: &str, trusted: &[&Path], extra: &str) -> (Registry, Fa
     (reg, api, s, agent)
 }
 
-/// `lichen push --agent <binary> <reference> [--sign-key <key>]`; the pinned image it printed.
-fn push_agent(s: &Scratch, binary: &Path, reference: &str, key: Option<&Path>) -> String {
-    let mut cmd = std::process::Command::new(lichen_bin());
-    cmd.args(["push", "--agent"]).arg(binary).arg(reference).arg("--config").arg(&s.config);
-    if let Some(k) = key {
-        cmd.arg("--sign-key").arg(k);
-    }
-    let out = lichen_ok(cmd.env_remove("LICHEN_CONFIG").output().expect("lichen push"));
-    field(&out, "image").to_owned()
-}
-
-async fn annotate(api: &FakeApi, node: &str, image: &str) {
-    let patch = serde_json::json!({"metadata": {"annotations": {IMAGE_ANNOTATION: image}}});
-    Api::<Node>::all(api.client())
-        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .expect("annotate the node");
-}
-
-/// The node's `lichen.dev/agent-upgrade` report once it answers `image` with a final phase.
-async fn outcome(api: &FakeApi, node: &str, image: &str) -> UpgradeReport {
-    let nodes: Api<Node> = Api::all(api.client());
-    wait_for_async(Duration::from_secs(120), "the upgrade's outcome on the Node", || async {
-        let n = nodes.get(node).await.ok()?;
-        let text = n.metadata.annotations.as_ref()?.get(UPGRADE_ANNOTATION)?.clone();
-        let report: UpgradeReport = serde_json::from_str(&text).ok()?;
-        (report.image == image && report.phase.is_final()).then_some(report)
-    })
-    .await
-}
-
 /// The ticker pod's line times (ns since the epoch, as it wrote them), from every log file the
 /// node keeps for it, sorted.
 fn ticks(s: &Scratch) -> Vec<i64> {
@@ -261,33 +228,14 @@ fn served_bytes(line: &str) -> Option<u64> {
     (200..300).contains(&status).then(|| fields.next()?.parse().ok()).flatten()
 }
 
-/// The reasons of the Events recorded on Node `node`, oldest first.
-async fn node_events(api: &FakeApi, node: &str) -> Vec<(String, String, String)> {
-    let events: Api<Event> = Api::namespaced(api.client(), "default");
-    let mut list: Vec<Event> = events
-        .list(&Default::default())
-        .await
-        .expect("events")
-        .items
-        .into_iter()
-        .filter(|e| {
-            e.involved_object.kind.as_deref() == Some("Node")
-                && e.involved_object.name.as_deref() == Some(node)
-        })
-        .collect();
-    list.sort_by_key(|e| e.metadata.creation_timestamp.clone().map(|t| t.0));
-    list.into_iter()
-        .map(|e| (e.reason.unwrap_or_default(), e.type_.unwrap_or_default(), e.message.unwrap_or_default()))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_annotated_node_upgrades_itself_to_a_signed_image_and_reports_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (key, public) = p256_key(dir.path(), "fleet");
     let (reg, api, s, agent) = fleet_node("pi-up", &[public.as_path()], "").await;
     let (v2, version) = stamped(dir.path(), "test.5");
-    let image = push_agent(&s, &v2, &format!("{}/fleet/lichen:next", reg.host()), Some(&key));
+    let image =
+        push_agent(&v2, &format!("{}/fleet/lichen:next", reg.host()), Some(key.as_path()), &reg.host());
     let nodes: Api<Node> = Api::all(api.client());
     let before = nodes.get("pi-up").await.expect("node");
     let running = before.metadata.annotations.as_ref().and_then(|a| a.get(VERSION_ANNOTATION)).cloned();
@@ -315,8 +263,8 @@ async fn an_annotated_node_upgrades_itself_to_a_signed_image_and_reports_it() {
 
     let log_mark = reg.log().len();
     let annotated = std::time::Instant::now();
-    annotate(&api, "pi-up", &image).await;
-    let report = outcome(&api, "pi-up", &image).await;
+    annotate(&api.client(), "pi-up", &image).await;
+    let report = outcome(&api.client(), "pi-up", &image, Duration::from_secs(120)).await;
     let took = annotated.elapsed();
     let after = ticks(&s).last().copied().expect("ticks");
     wait_for(T, "the ticker to tick under the new agent", || {
@@ -336,7 +284,7 @@ async fn an_annotated_node_upgrades_itself_to_a_signed_image_and_reports_it() {
     let kubelet_version =
         node.status.and_then(|s| s.node_info).map(|i| i.kubelet_version).unwrap_or_default();
     assert!(kubelet_version.ends_with("-lichen+test.5"), "nodeInfo.kubeletVersion {kubelet_version}");
-    let events = node_events(&api, "pi-up").await;
+    let events = node_events(&api.client(), "pi-up").await;
     let reasons: Vec<&str> = events.iter().map(|(r, _, _)| r.as_str()).collect();
     assert_eq!(reasons, ["UpgradeStarted", "UpgradeSucceeded"], "{events:?}");
     assert!(events.iter().all(|(_, t, _)| t == "Normal"), "{events:?}");
@@ -378,19 +326,25 @@ async fn unsigned_wrongly_signed_unpinned_foreign_and_missing_images_are_refused
     std::fs::write(&foreign_path, &foreign).expect("write");
     let repo = format!("{}/fleet/lichen", reg.host());
     let cases = [
-        (push_agent(&s, &v2, &format!("{repo}:unsigned"), None), "unsigned"),
-        (push_agent(&s, &v3, &format!("{repo}:stranger"), Some(&stranger)), "bad signature"),
+        (push_agent(&v2, &format!("{repo}:unsigned"), None, &reg.host()), "unsigned"),
+        (
+            push_agent(&v3, &format!("{repo}:stranger"), Some(stranger.as_path()), &reg.host()),
+            "bad signature",
+        ),
         (format!("{repo}:unsigned"), "not pinned by digest"),
-        (push_agent(&s, &foreign_path, &format!("{repo}:foreign"), Some(&key)), "binary (it has: linux/"),
+        (
+            push_agent(&foreign_path, &format!("{repo}:foreign"), Some(key.as_path()), &reg.host()),
+            "binary (it has: linux/",
+        ),
         (format!("{repo}@sha256:{}", "0".repeat(64)), "not found"),
     ];
     for (image, why) in &cases {
-        annotate(&api, "pi-no", image).await;
-        let report = outcome(&api, "pi-no", image).await;
+        annotate(&api.client(), "pi-no", image).await;
+        let report = outcome(&api.client(), "pi-no", image, Duration::from_secs(120)).await;
         assert_eq!(report.phase, Phase::Failed, "{report:?}");
         assert!(report.reason.contains(why), "{image}: {:?} should say {why:?}", report.reason);
     }
-    let events = node_events(&api, "pi-no").await;
+    let events = node_events(&api.client(), "pi-no").await;
     let failed = events.iter().filter(|(r, t, _)| r == "UpgradeFailed" && t == "Warning").count();
     assert_eq!(failed, cases.len(), "{events:?}");
     // Nothing was switched: the agent that started is the one running.
@@ -408,18 +362,19 @@ async fn a_node_killed_mid_download_resumes_after_the_restart_and_completes() {
     let agent = restart();
     let (v2, version) = stamped(dir.path(), "test.8");
     let binary = std::fs::metadata(&v2).expect("binary").len();
-    let image = push_agent(&s, &v2, &format!("{}/fleet/lichen:cut", reg.host()), Some(&key))
-        .replace(&reg.host(), &proxy.host());
+    let image =
+        push_agent(&v2, &format!("{}/fleet/lichen:cut", reg.host()), Some(key.as_path()), &reg.host())
+            .replace(&reg.host(), &proxy.host());
 
     // The first transfer stops after 30 MB; the node would retry, but is killed while it waits.
     proxy.set_mode(FaultMode::CutAfter(30_000_000));
-    annotate(&api, "pi-cut", &image).await;
+    annotate(&api.client(), "pi-cut", &image).await;
     let part = cut_download(&s, 20_000_000);
     drop(agent); // SIGKILL, as a power cut would
     proxy.set_mode(FaultMode::Pass);
     let log_mark = reg.log().len();
     let agent = restart();
-    let report = outcome(&api, "pi-cut", &image).await;
+    let report = outcome(&api.client(), "pi-cut", &image, Duration::from_secs(120)).await;
     assert_eq!(
         (report.phase, report.version.as_deref()),
         (Phase::Succeeded, Some(version.as_str())),
@@ -482,11 +437,12 @@ async fn an_upgrade_under_way_when_the_api_server_goes_finishes_and_reports_when
     })
     .await;
     let (v2, version) = stamped(dir.path(), "test.9");
-    let image = push_agent(&s, &v2, &format!("{}/fleet/lichen:off", reg.host()), Some(&key))
-        .replace(&reg.host(), &proxy.host());
+    let image =
+        push_agent(&v2, &format!("{}/fleet/lichen:off", reg.host()), Some(key.as_path()), &reg.host())
+            .replace(&reg.host(), &proxy.host());
     // The download is held back (cut every 5 MB) until the API server is gone and the node knows.
     proxy.set_mode(FaultMode::CutAfter(5_000_000));
-    annotate(&api, "pi-off", &image).await;
+    annotate(&api.client(), "pi-off", &image).await;
     cut_download(&s, 4_000_000);
     api.faults().stop().await;
     wait_for(T, "the node to notice the API server is gone", || {
@@ -502,12 +458,12 @@ async fn an_upgrade_under_way_when_the_api_server_goes_finishes_and_reports_when
     assert_eq!(exe(agent.pid()), staged);
     assert!(record(&s).report_pending, "the outcome waits for the link");
     api.faults().start().await;
-    let report = outcome(&api, "pi-off", &image).await;
+    let report = outcome(&api.client(), "pi-off", &image, Duration::from_secs(120)).await;
     assert_eq!(
         (report.phase, report.version.as_deref()),
         (Phase::Succeeded, Some(committed.version.as_str()))
     );
-    let events = node_events(&api, "pi-off").await;
+    let events = node_events(&api.client(), "pi-off").await;
     assert!(events.iter().any(|(r, _, _)| r == "UpgradeSucceeded"), "{events:?}");
     assert!(agent.stop().0.success());
 }
