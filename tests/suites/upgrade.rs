@@ -112,6 +112,10 @@ fn a_new_agent_that_died_on_trial_is_rolled_back_and_not_tried_again() {
     let report = r.report.expect("an outcome");
     assert_eq!(report.phase, Phase::RolledBack);
     assert!(report.reason.contains("before passing its health gate"), "{}", report.reason);
+    // What the operator on the board sees.
+    let status = s.status_json();
+    assert_eq!(status["upgrade"]["phase"], "RolledBack", "{status}");
+    assert_eq!(status["upgrade"]["version"], version.as_str(), "{status}");
     assert!(agent.stop().0.success());
 }
 

@@ -12,6 +12,16 @@ use crate::control::{ControlRequest, ControlResponse};
 /// The node report: from the running agent through its control socket, or from the store when no
 /// agent runs.
 pub async fn node_report(config: &AgentConfig) -> Result<NodeReport, CliError> {
+    let mut report = node_report_of_pods(config).await?;
+    // The last upgrade's outcome, from its record in the state directory (read as the agent does
+    // at start; whoever may read the state directory may read it).
+    let slots = crate::upgrade::slots::Slots::new(&config.layout());
+    report.upgrade =
+        tokio::task::spawn_blocking(move || slots.load().ok().and_then(|r| r.report)).await.ok().flatten();
+    Ok(report)
+}
+
+async fn node_report_of_pods(config: &AgentConfig) -> Result<NodeReport, CliError> {
     let layout = config.layout();
     let (socket, store_dir) = (layout.control_socket(), layout.store());
     let request = ControlRequest::Status;
@@ -37,6 +47,7 @@ pub async fn node_report(config: &AgentConfig) -> Result<NodeReport, CliError> {
         pods,
         status_changes: 0,
         agent_version: None,
+        upgrade: None,
         store_pod_writes: 0,
         mqtt: None,
     })
@@ -164,6 +175,11 @@ pub fn render(report: &NodeReport) -> String {
         (_, false) => "not running (read from the store)".to_owned(),
     };
     let _ = writeln!(out, "agent:      {agent}");
+    if let Some(u) = &report.upgrade {
+        let version = u.version.as_deref().map(|v| format!(" to {v}")).unwrap_or_default();
+        let reason = if u.reason.is_empty() { String::new() } else { format!(": {}", u.reason) };
+        let _ = writeln!(out, "upgrade:    {:?}{version} at {} ({}){reason}", u.phase, u.at, u.image);
+    }
     let link = match &report.contact {
         None => "unknown (agent not running)".to_owned(),
         Some(c) if !c.configured => "standalone (no kubeconfig)".to_owned(),

@@ -117,6 +117,7 @@ mod tests {
             pods: Vec::new(),
             status_changes: 3,
             agent_version: Some("0.1.0".into()),
+            upgrade: None,
             store_pod_writes: 4,
             mqtt: None,
         };

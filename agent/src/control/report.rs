@@ -105,6 +105,10 @@ pub struct NodeReport {
     /// The running agent's version, `lichen version`'s (`None`: the agent is not running).
     #[serde(default)]
     pub agent_version: Option<String>,
+    /// The last upgrade of the agent this node was asked for, and how it ended (`lichen status`
+    /// reads it from the state directory; the agent does not send it).
+    #[serde(default)]
+    pub upgrade: Option<crate::upgrade::UpgradeReport>,
 }
 
 /// What `lichen status` shows of MQTT.

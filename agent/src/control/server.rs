@@ -60,6 +60,7 @@ impl Control {
             pods,
             status_changes: self.board.changes(),
             agent_version: Some(crate::version::version()),
+            upgrade: None,
             store_pod_writes: self.store.pod_writes(),
             mqtt: self.mqtt.as_ref().map(|b| MqttReport {
                 bridge: b.snapshot(),
