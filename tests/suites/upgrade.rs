@@ -7,17 +7,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Event, Node};
+use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
 use lichen::layout::StateLayout;
 use lichen::upgrade::slots::{Slot, Slots, SwitchRecord, Trial};
 use lichen::upgrade::{IMAGE_ANNOTATION, Phase, UPGRADE_ANNOTATION, UpgradeReport, VERSION_ANNOTATION};
-use lichen_tests::agent_image::{field, p256_key};
+use lichen_tests::agent_image::{fleet_upgrade, node_events, p256_key, push_agent, upgrade_outcome};
 use lichen_tests::fakeapi::FakeApi;
 use lichen_tests::registry::Registry;
-use lichen_tests::{
-    Agent, Scratch, fixture, lichen_bin, lichen_ok, node_condition, pod_yaml, wait_for, wait_for_async,
-};
+use lichen_tests::{Agent, Scratch, fixture, lichen_bin, node_condition, pod_yaml, wait_for, wait_for_async};
 
 const T: Duration = Duration::from_secs(60);
 const IMAGE: &str =
@@ -168,6 +166,19 @@ fn a_new_agent_failing_its_health_gate_hands_back_to_the_version_before() {
 async fn fleet_node(name: &str, trusted: &[&Path], extra: &str) -> (Registry, FakeApi, Scratch, Agent) {
     let reg = Registry::start();
     let api = FakeApi::start().await;
+    let (s, agent) = join_node(&api, &reg, name, trusted, extra).await;
+    (reg, api, s, agent)
+}
+
+/// Node `name` joined to `api` with node credentials, pulling from `reg` and trusting `trusted`
+/// for upgrades, `extra` after its `[upgrade]` table; Ready when this returns.
+async fn join_node(
+    api: &FakeApi,
+    reg: &Registry,
+    name: &str,
+    trusted: &[&Path],
+    extra: &str,
+) -> (Scratch, Agent) {
     let s = Scratch::new("");
     let kc = api.node_kubeconfig(name, s.dir.path()).await;
     let keys: Vec<String> = trusted.iter().map(|p| format!("{:?}", p.display().to_string())).collect();
@@ -189,18 +200,7 @@ async fn fleet_node(name: &str, trusted: &[&Path], extra: &str) -> (Registry, Fa
         (node_condition(&n, "Ready")? == "True").then_some(())
     })
     .await;
-    (reg, api, s, agent)
-}
-
-/// `lichen push --agent <binary> <reference> [--sign-key <key>]`; the pinned image it printed.
-fn push_agent(s: &Scratch, binary: &Path, reference: &str, key: Option<&Path>) -> String {
-    let mut cmd = std::process::Command::new(lichen_bin());
-    cmd.args(["push", "--agent"]).arg(binary).arg(reference).arg("--config").arg(&s.config);
-    if let Some(k) = key {
-        cmd.arg("--sign-key").arg(k);
-    }
-    let out = lichen_ok(cmd.env_remove("LICHEN_CONFIG").output().expect("lichen push"));
-    field(&out, "image").to_owned()
+    (s, agent)
 }
 
 async fn annotate(api: &FakeApi, node: &str, image: &str) {
@@ -211,45 +211,13 @@ async fn annotate(api: &FakeApi, node: &str, image: &str) {
         .expect("annotate the node");
 }
 
-/// The node's `lichen.dev/agent-upgrade` report once it answers `image` with a final phase.
-async fn outcome(api: &FakeApi, node: &str, image: &str) -> UpgradeReport {
-    let nodes: Api<Node> = Api::all(api.client());
-    wait_for_async(Duration::from_secs(120), "the upgrade's outcome on the Node", || async {
-        let n = nodes.get(node).await.ok()?;
-        let text = n.metadata.annotations.as_ref()?.get(UPGRADE_ANNOTATION)?.clone();
-        let report: UpgradeReport = serde_json::from_str(&text).ok()?;
-        (report.image == image && report.phase.is_final()).then_some(report)
-    })
-    .await
-}
-
-/// The reasons of the Events recorded on Node `node`, oldest first.
-async fn node_events(api: &FakeApi, node: &str) -> Vec<(String, String, String)> {
-    let events: Api<Event> = Api::namespaced(api.client(), "default");
-    let mut list: Vec<Event> = events
-        .list(&Default::default())
-        .await
-        .expect("events")
-        .items
-        .into_iter()
-        .filter(|e| {
-            e.involved_object.kind.as_deref() == Some("Node")
-                && e.involved_object.name.as_deref() == Some(node)
-        })
-        .collect();
-    list.sort_by_key(|e| e.metadata.creation_timestamp.clone().map(|t| t.0));
-    list.into_iter()
-        .map(|e| (e.reason.unwrap_or_default(), e.type_.unwrap_or_default(), e.message.unwrap_or_default()))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_annotated_node_upgrades_itself_to_a_signed_image_and_reports_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (key, public) = p256_key(dir.path(), "fleet");
     let (reg, api, s, agent) = fleet_node("pi-up", &[public.as_path()], "").await;
     let (v2, version) = stamped(dir.path(), "test.5");
-    let image = push_agent(&s, &v2, &format!("{}/fleet/lichen:next", reg.host()), Some(&key));
+    let image = push_agent(&s.config, &v2, &format!("{}/fleet/lichen:next", reg.host()), Some(&key));
     let nodes: Api<Node> = Api::all(api.client());
     let before = nodes.get("pi-up").await.expect("node");
     let running = before.metadata.annotations.as_ref().and_then(|a| a.get(VERSION_ANNOTATION)).cloned();
@@ -261,7 +229,7 @@ async fn an_annotated_node_upgrades_itself_to_a_signed_image_and_reports_it() {
 
     let annotated = std::time::Instant::now();
     annotate(&api, "pi-up", &image).await;
-    let report = outcome(&api, "pi-up", &image).await;
+    let report = upgrade_outcome(&api.client, "pi-up", &image).await;
     let took = annotated.elapsed();
     assert_eq!(report.phase, Phase::Succeeded, "{report:?}");
     assert_eq!(report.version.as_deref(), Some(version.as_str()));
@@ -274,7 +242,7 @@ async fn an_annotated_node_upgrades_itself_to_a_signed_image_and_reports_it() {
     let kubelet_version =
         node.status.and_then(|s| s.node_info).map(|i| i.kubelet_version).unwrap_or_default();
     assert!(kubelet_version.ends_with("-lichen+test.5"), "nodeInfo.kubeletVersion {kubelet_version}");
-    let events = node_events(&api, "pi-up").await;
+    let events = node_events(&api.client, "pi-up").await;
     let reasons: Vec<&str> = events.iter().map(|(r, _, _)| r.as_str()).collect();
     assert_eq!(reasons, ["UpgradeStarted", "UpgradeSucceeded"], "{events:?}");
     assert!(events.iter().all(|(_, t, _)| t == "Normal"), "{events:?}");
@@ -296,21 +264,164 @@ async fn unsigned_wrongly_signed_and_unpinned_images_are_refused_with_the_reason
     let (v3, _) = stamped(dir.path(), "test.7");
     let repo = format!("{}/fleet/lichen", reg.host());
     let cases = [
-        (push_agent(&s, &v2, &format!("{repo}:unsigned"), None), "unsigned"),
-        (push_agent(&s, &v3, &format!("{repo}:stranger"), Some(&stranger)), "bad signature"),
+        (push_agent(&s.config, &v2, &format!("{repo}:unsigned"), None), "unsigned"),
+        (push_agent(&s.config, &v3, &format!("{repo}:stranger"), Some(&stranger)), "bad signature"),
         (format!("{repo}:unsigned"), "not pinned by digest"),
     ];
     for (image, why) in &cases {
         annotate(&api, "pi-no", image).await;
-        let report = outcome(&api, "pi-no", image).await;
+        let report = upgrade_outcome(&api.client, "pi-no", image).await;
         assert_eq!(report.phase, Phase::Failed, "{report:?}");
         assert!(report.reason.contains(why), "{image}: {:?} should say {why:?}", report.reason);
     }
-    let events = node_events(&api, "pi-no").await;
+    let events = node_events(&api.client, "pi-no").await;
     let failed = events.iter().filter(|(r, t, _)| r == "UpgradeFailed" && t == "Warning").count();
     assert_eq!(failed, 3, "{events:?}");
     // Nothing was switched: the agent that started is the one running.
     assert_eq!(exe(agent.pid()), std::fs::canonicalize(lichen_bin()).expect("canonical"));
     assert!(Slots::new(&StateLayout::new(&s.state)).staged().is_empty(), "nothing was staged");
     assert!(agent.stop().0.success());
+}
+
+// ---------------------------------------------------------------------------------------------
+// `lichen fleet upgrade`: three real agents on the fake API server, rolled out in waves
+// ---------------------------------------------------------------------------------------------
+
+const FLEET: [&str; 3] = ["fleet-a", "fleet-b", "fleet-c"];
+const FLEET_LABELS: &str = "[node_labels]\n\"lichen.dev/fleet\" = \"waves\"\n";
+
+/// The fake API server's request index of the first successful PATCH of Node `node` by a user
+/// `user` accepts, with a body containing every one of `needles`.
+fn write_index(api: &FakeApi, user: impl Fn(&str) -> bool, node: &str, needles: &[&str]) -> Option<usize> {
+    let path = format!("/api/v1/nodes/{node}");
+    api.requests().iter().position(|r| {
+        r.method == "PATCH"
+            && user(&r.user)
+            && r.path_only() == path
+            && r.code < 300
+            && needles.iter().all(|n| r.body.contains(n))
+    })
+}
+
+fn annotations(node: &Node) -> std::collections::BTreeMap<String, String> {
+    node.metadata.annotations.clone().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_upgrade_rolls_a_signed_image_out_in_waves_and_prints_the_outcomes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = p256_key(dir.path(), "fleet");
+    let reg = Registry::start();
+    let api = FakeApi::start().await;
+    let mut agents = Vec::new();
+    for name in FLEET {
+        agents.push(join_node(&api, &reg, name, &[public.as_path()], FLEET_LABELS).await);
+    }
+    let (v2, version) = stamped(dir.path(), "test.8");
+    let image =
+        push_agent(&agents[0].0.config, &v2, &format!("{}/fleet/lichen:waves", reg.host()), Some(&key));
+    let admin = api.admin_kubeconfig(dir.path());
+
+    let run = fleet_upgrade(&admin, "lichen.dev/fleet=waves", &image, 2).await;
+    assert!(run.status.success(), "{}{}", run.stdout, run.stderr);
+    for node in FLEET {
+        assert_eq!(run.row(node)[..3], [node, "Succeeded", version.as_str()], "{}", run.stdout);
+    }
+    assert!(
+        run.line_index("wave 1/2: fleet-a, fleet-b") < run.line_index("wave 2/2: fleet-c"),
+        "{}",
+        run.stdout
+    );
+
+    // The order, as the API server saw it: the third node was annotated only after the first two
+    // had reported their success (with their own credentials).
+    let operator = |user: &str| !user.starts_with("system:node:");
+    let annotated = |node: &str| write_index(&api, operator, node, &[IMAGE_ANNOTATION]);
+    let succeeded = |node: &str| {
+        let own = format!("system:node:{node}");
+        write_index(&api, |user| user == own, node, &[UPGRADE_ANNOTATION, "Succeeded"])
+    };
+    let (a, b, c) = (succeeded("fleet-a"), succeeded("fleet-b"), annotated("fleet-c"));
+    assert!(a.is_some() && b.is_some() && c.is_some(), "{a:?} {b:?} {c:?}");
+    assert!(annotated("fleet-a") < a && annotated("fleet-b") < b, "annotated, then reported");
+    assert!(
+        c > a && c > b,
+        "fleet-c annotated at request {c:?}, after fleet-a {a:?} and fleet-b {b:?} reported"
+    );
+
+    let nodes: Api<Node> = Api::all(api.client());
+    let staged = sha256_hex(&v2);
+    for (name, (s, agent)) in FLEET.iter().zip(&agents) {
+        let n = nodes.get(name).await.expect("node");
+        let running = annotations(&n).get(VERSION_ANNOTATION).cloned().unwrap_or_default();
+        assert!(running.starts_with(&format!("{version} sha256:")), "{name}: {running}");
+        let events = node_events(&api.client, name).await;
+        let reasons: Vec<&str> = events.iter().map(|(r, _, _)| r.as_str()).collect();
+        assert_eq!(reasons, ["UpgradeStarted", "UpgradeSucceeded"], "{name}: {events:?}");
+        let binary = Slots::new(&StateLayout::new(&s.state)).binary(&staged);
+        assert_eq!(exe(agent.pid()), binary, "{name}: the new agent runs in the agent's own process");
+    }
+
+    // Run again: every node already runs it, nothing is annotated, and it says so.
+    let again = fleet_upgrade(&admin, "lichen.dev/fleet=waves", &image, 2).await;
+    assert!(again.status.success(), "{}", again.stdout);
+    for node in FLEET {
+        assert_eq!(again.row(node)[..3], [node, "Skipped", version.as_str()]);
+    }
+    assert!(!again.stdout.contains("wave "), "{}", again.stdout);
+    for (_, agent) in agents {
+        assert!(agent.stop().0.success());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_upgrade_stops_after_a_wave_with_a_failure_and_leaves_the_rest_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = p256_key(dir.path(), "fleet");
+    let (_, other) = p256_key(dir.path(), "other");
+    let reg = Registry::start();
+    let api = FakeApi::start().await;
+    // fleet-b was baked with another key than the one the image is signed with. (A node baked with
+    // no key at all does not watch for upgrades: the rollout would time out on it instead.)
+    let mut agents = Vec::new();
+    for name in FLEET {
+        let trusted: &[&Path] = if name == "fleet-b" { &[other.as_path()] } else { &[public.as_path()] };
+        agents.push(join_node(&api, &reg, name, trusted, FLEET_LABELS).await);
+    }
+    let (v2, version) = stamped(dir.path(), "test.9");
+    let image =
+        push_agent(&agents[0].0.config, &v2, &format!("{}/fleet/lichen:waves", reg.host()), Some(&key));
+    let admin = api.admin_kubeconfig(dir.path());
+
+    let run = fleet_upgrade(&admin, "lichen.dev/fleet=waves", &image, 2).await;
+    assert_eq!(run.status.code(), Some(1), "{}{}", run.stdout, run.stderr);
+    assert_eq!(
+        run.row("fleet-a")[..3],
+        ["fleet-a", "Succeeded", version.as_str()],
+        "the wave ran to its end"
+    );
+    let b = run.row("fleet-b");
+    assert_eq!(b[..3], ["fleet-b", "Failed", "-"]);
+    assert!(b.join(" ").contains("bad signature"), "the node's own reason: {b:?}");
+    assert_eq!(run.row("fleet-c")[..2], ["fleet-c", "NotStarted"]);
+    assert!(!run.stdout.contains("wave 2/2"), "{}", run.stdout);
+
+    let nodes: Api<Node> = Api::all(api.client());
+    let c = nodes.get("fleet-c").await.expect("node");
+    assert_eq!(annotations(&c).get(IMAGE_ANNOTATION), None, "fleet-c was never annotated");
+    assert_eq!(annotations(&c).get(UPGRADE_ANNOTATION), None);
+    let b = nodes.get("fleet-b").await.expect("node");
+    let report: UpgradeReport =
+        serde_json::from_str(&annotations(&b)[UPGRADE_ANNOTATION]).expect("fleet-b's report");
+    assert_eq!((report.image.as_str(), report.phase), (image.as_str(), Phase::Failed));
+    // A tag is refused before anything is touched.
+    let tag =
+        fleet_upgrade(&admin, "lichen.dev/fleet=waves", &format!("{}/fleet/lichen:waves", reg.host()), 2)
+            .await;
+    assert_eq!(tag.status.code(), Some(1));
+    assert!(tag.stderr.contains("not pinned by digest"), "{}", tag.stderr);
+    assert_eq!(annotations(&nodes.get("fleet-c").await.expect("node")).get(IMAGE_ANNOTATION), None);
+    for (_, agent) in agents {
+        assert!(agent.stop().0.success());
+    }
 }
