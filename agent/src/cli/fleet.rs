@@ -123,12 +123,14 @@ pub enum Verdict {
 
 /// The verdict on `node`'s upgrade to `image`: its `lichen.dev/agent-upgrade` report for this image,
 /// and for a success the reported running version and the Ready condition as well (a node that
-/// committed but is not back is not done).
-pub fn verdict(node: &Node, image: &str) -> Verdict {
+/// committed but is not back is not done). `stale` is the report the node carried when it was
+/// annotated, if that report predates this request: an outcome of an earlier try of the same image
+/// (a retry after the annotation was removed) is no answer until the node writes a new one.
+pub fn verdict(node: &Node, image: &str, stale: Option<&str>) -> Verdict {
     let name = node.metadata.name.clone().unwrap_or_default();
     let annotations = node.metadata.annotations.clone().unwrap_or_default();
-    let report =
-        annotations.get(UPGRADE_ANNOTATION).and_then(|t| serde_json::from_str::<UpgradeReport>(t).ok());
+    let text = annotations.get(UPGRADE_ANNOTATION).filter(|t| stale != Some(t.as_str()));
+    let report = text.and_then(|t| serde_json::from_str::<UpgradeReport>(t).ok());
     let Some(report) = report.filter(|r| r.image == image) else {
         return Verdict::Waiting("waiting for the node to take up the image".to_owned());
     };
@@ -178,7 +180,7 @@ pub fn plan(nodes: &[Node], image: &str, max_unavailable: usize) -> Plan {
     let mut skipped = Vec::new();
     let mut todo = Vec::new();
     for node in sorted {
-        match verdict(node, image) {
+        match verdict(node, image, None) {
             Verdict::Done(d) if d.outcome == Outcome::Succeeded => skipped.push(NodeOutcome {
                 outcome: Outcome::Skipped,
                 reason: "already runs this image".to_owned(),
@@ -286,7 +288,16 @@ async fn run_wave(nodes: &Api<Node>, wave: &[String], image: &str, timeout: Dura
     // The last progress line printed for each node still under way.
     let mut pending: BTreeMap<String, String> = BTreeMap::new();
     let patch = serde_json::json!({ "metadata": { "annotations": { IMAGE_ANNOTATION: image } } });
+    // Per node, the report it carried before this annotation, when the annotation changes with it.
+    let mut stale: BTreeMap<String, String> = BTreeMap::new();
     for node in wave {
+        if let Ok(Some(before)) = nodes.get_opt(node).await {
+            let a = before.metadata.annotations.unwrap_or_default();
+            let asked_already = a.get(IMAGE_ANNOTATION).is_some_and(|i| i == image);
+            if let (false, Some(report)) = (asked_already, a.get(UPGRADE_ANNOTATION)) {
+                stale.insert(node.clone(), report.clone());
+            }
+        }
         match nodes.patch(node, &PatchParams::default(), &Patch::Merge(&patch)).await {
             Ok(_) => {
                 println!("{node}: annotated {IMAGE_ANNOTATION}={image}");
@@ -308,7 +319,7 @@ async fn run_wave(nodes: &Api<Node>, wave: &[String], image: &str, timeout: Dura
         let names: Vec<String> = pending.keys().cloned().collect();
         for name in names {
             let status = match nodes.get_opt(&name).await {
-                Ok(Some(node)) => verdict(&node, image),
+                Ok(Some(node)) => verdict(&node, image, stale.get(&name).map(String::as_str)),
                 Ok(None) => Verdict::Done(NodeOutcome {
                     node: name.clone(),
                     outcome: Outcome::Failed,
@@ -462,12 +473,23 @@ mod tests {
             ),
         ];
         for (what, n, want) in cases {
-            assert_eq!(verdict(&n, IMAGE), want, "{what}");
+            assert_eq!(verdict(&n, IMAGE, None), want, "{what}");
         }
+        // A retry: the node still carries its refusal of an earlier try when it is annotated again.
+        let before = report(IMAGE, Phase::Failed, None, "registry unreachable");
+        let retried = node("n", Some(before.clone()), "0.1.0", "True");
+        assert_eq!(
+            verdict(&retried, IMAGE, Some(&before)),
+            waiting("waiting for the node to take up the image"),
+            "the old outcome is no answer"
+        );
+        let answered =
+            node("n", Some(report(IMAGE, Phase::Started, None, "upgrading from 0.1.0")), "0.1.0", "True");
+        assert_eq!(verdict(&answered, IMAGE, Some(&before)), waiting("started: upgrading from 0.1.0"));
         let mut no_status =
             node("n", Some(report(IMAGE, Phase::Succeeded, Some("0.2.0"), "")), "0.2.0", "True");
         no_status.status = None;
-        assert!(matches!(verdict(&no_status, IMAGE), Verdict::Waiting(_)), "no status is not Ready");
+        assert!(matches!(verdict(&no_status, IMAGE, None), Verdict::Waiting(_)), "no status is not Ready");
     }
 
     #[test]
