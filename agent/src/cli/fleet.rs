@@ -332,7 +332,8 @@ async fn run_wave(nodes: &Api<Node>, wave: &[String], image: &str, timeout: Dura
             match status {
                 Verdict::Done(o) => {
                     let version = o.version.as_deref().unwrap_or("-");
-                    println!("{name}: {} {version} {}", o.outcome.as_str(), o.reason);
+                    let line = format!("{name}: {} {version} {}", o.outcome.as_str(), o.reason);
+                    println!("{}", line.trim_end());
                     pending.remove(&name);
                     ended.push(o);
                 }
