@@ -421,6 +421,33 @@ async fn fleet_upgrade_stops_after_a_wave_with_a_failure_and_leaves_the_rest_unt
     assert_eq!(tag.status.code(), Some(1));
     assert!(tag.stderr.contains("not pinned by digest"), "{}", tag.stderr);
     assert_eq!(annotations(&nodes.get("fleet-c").await.expect("node")).get(IMAGE_ANNOTATION), None);
+
+    // The operator fixes fleet-b (the fleet's key baked in, the agent restarted), removes its
+    // annotation so that it tries the image again, and runs the command again: fleet-a is skipped,
+    // fleet-b's refusal from the first run is not taken for its answer, and both others upgrade.
+    let (b_scratch, b_agent) = agents.remove(1);
+    assert!(b_agent.stop().0.success());
+    let clear = serde_json::json!({"metadata": {"annotations": {IMAGE_ANNOTATION: null}}});
+    nodes.patch("fleet-b", &PatchParams::default(), &Patch::Merge(&clear)).await.expect("clear");
+    let config = std::fs::read_to_string(&b_scratch.config).expect("config");
+    let other = other.display().to_string();
+    assert!(config.contains(&other));
+    std::fs::write(&b_scratch.config, config.replace(&other, &public.display().to_string())).expect("config");
+    let b_agent = b_scratch.start();
+    // The node found its Node without the annotation: its refusal of the image is lifted (so that
+    // the same image, set again, is tried).
+    wait_for(T, "fleet-b to lift its refusal", || record(&b_scratch).refused.is_none().then_some(()));
+    wait_for_async(T, "fleet-b Ready again", || async {
+        (node_condition(&nodes.get("fleet-b").await.ok()?, "Ready")? == "True").then_some(())
+    })
+    .await;
+    agents.insert(1, (b_scratch, b_agent));
+    let again = fleet_upgrade(&admin, "lichen.dev/fleet=waves", &image, 2).await;
+    assert!(again.status.success(), "{}{}", again.stdout, again.stderr);
+    assert_eq!(again.row("fleet-a")[..3], ["fleet-a", "Skipped", version.as_str()]);
+    assert_eq!(again.row("fleet-b")[..3], ["fleet-b", "Succeeded", version.as_str()]);
+    assert_eq!(again.row("fleet-c")[..3], ["fleet-c", "Succeeded", version.as_str()]);
+    assert!(again.stdout.contains("wave 1/1: fleet-b, fleet-c"), "{}", again.stdout);
     for (_, agent) in agents {
         assert!(agent.stop().0.success());
     }
