@@ -20,6 +20,10 @@ fn main() -> ExitCode {
         println!("arch {}", std::env::consts::ARCH);
         return ExitCode::SUCCESS;
     }
+    if let Command::Fleet { action: cli::FleetAction::Upgrade(args) } = &cli.command {
+        // An operator's machine: no agent config to read, only the kubeconfig.
+        return fleet_upgrade(args, cli.config.kubeconfig.clone());
+    }
     let mut config = match AgentConfig::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -147,6 +151,8 @@ fn main() -> ExitCode {
                 )),
             }
         }
+        // Handled before the config is loaded.
+        Command::Fleet { .. } => ExitCode::SUCCESS,
         Command::Sign { key, reference, login } => {
             lichen::logging::init_quiet(&config);
             let login = match cli::modules::read_login(&login) {
@@ -155,6 +161,25 @@ fn main() -> ExitCode {
             };
             report(block_on(cli::publish::sign(&config, &key, &reference, login)))
         }
+    }
+}
+
+/// `lichen fleet upgrade`: progress lines while it runs, then the table; exits 1 unless every
+/// matching node runs the image.
+fn fleet_upgrade(args: &cli::FleetUpgradeArgs, kubeconfig: Option<std::path::PathBuf>) -> ExitCode {
+    let req = cli::fleet::FleetUpgrade {
+        selector: args.selector.clone(),
+        image: args.image.clone(),
+        max_unavailable: args.max_unavailable as usize,
+        timeout: std::time::Duration::from_secs(args.timeout_secs),
+        kubeconfig: kubeconfig.filter(|p| !p.as_os_str().is_empty()),
+    };
+    match block_on(async { Ok(cli::fleet::upgrade(&req).await?) }) {
+        Ok(report) => {
+            print!("\n{}", cli::fleet::render(&report.outcomes));
+            if report.succeeded() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Err(e) => fail(&e),
     }
 }
 

@@ -1,7 +1,7 @@
-//! What the agent-image and upgrade tests share: signing keys made with openssl as an operator
-//! makes them, version-stamped copies of the agent under test (another build of it), publishing
-//! with `lichen push --agent`, and an operator's view of a Node's upgrade (annotate, outcome,
-//! version, Events).
+//! What the agent-image and fleet-upgrade tests share (the fast tier and the cluster tier): signing
+//! keys made with openssl as an operator makes them, version-stamped copies of the agent under test
+//! (another build of it), `lichen push --agent` and the lines it prints, what a node reports of an
+//! upgrade (its Node's annotation and Events), and `lichen fleet upgrade` run as an operator runs it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,24 +47,16 @@ pub fn stamped_copy(elf: &Path, dir: &Path, id: &str) -> (PathBuf, String) {
     (copy, lichen::version::read_version(&bytes).expect("its version"))
 }
 
-/// `lichen push --agent <binary> <reference> [--sign-key <key>]` with `registry` reachable over
-/// plain HTTP; the pinned image it printed.
-pub fn push_agent(binary: &Path, reference: &str, key: Option<&Path>, registry: &str) -> String {
-    // An empty config of its own: the machine's /etc/lichen/config.toml is not this push's.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("lichen.toml");
-    std::fs::write(&config, "").expect("config");
+/// `lichen push --agent <binary> <reference> [--sign-key <key>]` with the agent config `config`
+/// (its `modules.*` settings: insecure registries, CAs); the pinned image it printed.
+pub fn push_agent(config: &Path, binary: &Path, reference: &str, key: Option<&Path>) -> String {
     let mut cmd = Command::new(crate::lichen_bin());
-    cmd.args(["push", "--agent"]).arg(binary).arg(reference).arg("--config").arg(&config);
+    cmd.args(["push", "--agent"]).arg(binary).arg(reference).arg("--config").arg(config);
     if let Some(k) = key {
         cmd.arg("--sign-key").arg(k);
     }
-    let out = cmd
-        .env_remove("LICHEN_CONFIG")
-        .env("LICHEN_INSECURE_REGISTRIES", registry)
-        .output()
-        .expect("lichen push");
-    field(&crate::lichen_ok(out), "image").to_owned()
+    let out = crate::lichen_ok(cmd.env_remove("LICHEN_CONFIG").output().expect("lichen push"));
+    field(&out, "image").to_owned()
 }
 
 /// Sets `lichen.dev/agent-image` on Node `node`, as an operator's `kubectl annotate` does.
@@ -76,8 +68,21 @@ pub async fn annotate(client: &kube::Client, node: &str, image: &str) {
         .expect("annotate the node");
 }
 
-/// The node's `lichen.dev/agent-upgrade` report once it answers `image` with a final phase.
-pub async fn outcome(client: &kube::Client, node: &str, image: &str, timeout: Duration) -> UpgradeReport {
+/// The Node's `lichen.dev/agent-version`: (version, binary digest).
+pub async fn agent_version(client: &kube::Client, node: &str) -> Option<(String, String)> {
+    let n = Api::<Node>::all(client.clone()).get(node).await.ok()?;
+    let v = n.metadata.annotations.as_ref()?.get(VERSION_ANNOTATION)?.clone();
+    lichen::upgrade::parse_version_annotation(&v).map(|(v, d)| (v.to_owned(), d.to_owned()))
+}
+
+/// Node `node`'s `lichen.dev/agent-upgrade` report once it answers `image` with a final phase,
+/// waiting at most `timeout`.
+pub async fn upgrade_outcome(
+    client: &kube::Client,
+    node: &str,
+    image: &str,
+    timeout: Duration,
+) -> UpgradeReport {
     let nodes: Api<Node> = Api::all(client.clone());
     crate::wait_for_async(timeout, "the upgrade's outcome on the Node", || async {
         let n = nodes.get(node).await.ok()?;
@@ -88,14 +93,8 @@ pub async fn outcome(client: &kube::Client, node: &str, image: &str, timeout: Du
     .await
 }
 
-/// The Node's `lichen.dev/agent-version`: (version, binary digest).
-pub async fn agent_version(client: &kube::Client, node: &str) -> Option<(String, String)> {
-    let n = Api::<Node>::all(client.clone()).get(node).await.ok()?;
-    let v = n.metadata.annotations.as_ref()?.get(VERSION_ANNOTATION)?.clone();
-    lichen::upgrade::parse_version_annotation(&v).map(|(v, d)| (v.to_owned(), d.to_owned()))
-}
-
-/// The Events recorded on Node `node`, oldest first: (reason, type, message).
+/// `(reason, type, message)` of the Events recorded on Node `node` (namespace `default`, where
+/// node events go), oldest first.
 pub async fn node_events(client: &kube::Client, node: &str) -> Vec<(String, String, String)> {
     let events: Api<Event> = Api::namespaced(client.clone(), "default");
     let mut list: Vec<Event> = events
@@ -113,4 +112,58 @@ pub async fn node_events(client: &kube::Client, node: &str) -> Vec<(String, Stri
     list.into_iter()
         .map(|e| (e.reason.unwrap_or_default(), e.type_.unwrap_or_default(), e.message.unwrap_or_default()))
         .collect()
+}
+
+/// What `lichen fleet upgrade` printed and how it exited.
+pub struct FleetRun {
+    /// Its exit status.
+    pub status: std::process::ExitStatus,
+    /// Progress lines, then the table.
+    pub stdout: String,
+    /// Errors.
+    pub stderr: String,
+}
+
+impl FleetRun {
+    /// The table's row for `node`, split on runs of spaces: NODE, OUTCOME, VERSION, then the
+    /// reason's words.
+    pub fn row(&self, node: &str) -> Vec<&str> {
+        let table = self.stdout.rsplit_once("\nNODE ").map_or("", |(_, t)| t);
+        table
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|cols| cols.first() == Some(&node))
+            .unwrap_or_else(|| panic!("no row for {node} in the table:\n{}", self.stdout))
+    }
+
+    /// The position of the first progress line starting with `prefix` (for the order of events).
+    pub fn line_index(&self, prefix: &str) -> usize {
+        self.stdout
+            .lines()
+            .position(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line starting {prefix:?} in:\n{}", self.stdout))
+    }
+}
+
+/// Runs `lichen fleet upgrade -l <selector> --image <image> --max-unavailable <n>` with the operator
+/// kubeconfig `kubeconfig` (off the async runtime: it takes as long as the rollout).
+pub async fn fleet_upgrade(kubeconfig: &Path, selector: &str, image: &str, max_unavailable: u32) -> FleetRun {
+    let mut cmd = Command::new(crate::lichen_bin());
+    cmd.args(["fleet", "upgrade", "--selector", selector, "--image", image, "--timeout-secs", "180"])
+        .arg("--max-unavailable")
+        .arg(max_unavailable.to_string())
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .env_remove("LICHEN_CONFIG")
+        .env_remove("LICHEN_KUBECONFIG");
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("lichen fleet upgrade"))
+        .await
+        .expect("the fleet command's thread");
+    let run = FleetRun {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    eprintln!("lichen fleet upgrade ({}):\n{}{}", run.status, run.stdout, run.stderr);
+    run
 }

@@ -8,16 +8,20 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::Api;
+use kube::api::{Api, Patch, PatchParams};
 use lichen::layout::StateLayout;
 use lichen::upgrade::slots::{Slot, Slots, SwitchRecord, Trial};
-use lichen::upgrade::{Phase, VERSION_ANNOTATION};
-use lichen_tests::agent_image::{annotate, node_events, outcome, p256_key, push_agent};
+use lichen::upgrade::{IMAGE_ANNOTATION, Phase, UPGRADE_ANNOTATION, UpgradeReport, VERSION_ANNOTATION};
+use lichen_tests::agent_image::{
+    annotate, fleet_upgrade, node_events, p256_key, push_agent, upgrade_outcome,
+};
 use lichen_tests::fakeapi::FakeApi;
 use lichen_tests::registry::{FaultMode, FaultProxy, Registry};
 use lichen_tests::{Agent, Scratch, fixture, lichen_bin, node_condition, pod_yaml, wait_for, wait_for_async};
 
 const T: Duration = Duration::from_secs(60);
+/// How long an upgrade's outcome may take to reach the Node (a debug build's download and switch).
+const T2: Duration = Duration::from_secs(120);
 const IMAGE: &str =
     "127.0.0.1:5000/lichen/agent@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -170,6 +174,19 @@ fn a_new_agent_failing_its_health_gate_hands_back_to_the_version_before() {
 async fn fleet_node(name: &str, trusted: &[&Path], extra: &str) -> (Registry, FakeApi, Scratch, Agent) {
     let reg = Registry::start();
     let api = FakeApi::start().await;
+    let (s, agent) = join_node(&api, &reg, name, trusted, extra).await;
+    (reg, api, s, agent)
+}
+
+/// Node `name` joined to `api` with node credentials, pulling from `reg` and trusting `trusted`
+/// for upgrades, `extra` after its `[upgrade]` table; Ready when this returns.
+async fn join_node(
+    api: &FakeApi,
+    reg: &Registry,
+    name: &str,
+    trusted: &[&Path],
+    extra: &str,
+) -> (Scratch, Agent) {
     let s = Scratch::new("");
     let kc = api.node_kubeconfig(name, s.dir.path()).await;
     let keys: Vec<String> = trusted.iter().map(|p| format!("{:?}", p.display().to_string())).collect();
@@ -191,7 +208,7 @@ async fn fleet_node(name: &str, trusted: &[&Path], extra: &str) -> (Registry, Fa
         (node_condition(&n, "Ready")? == "True").then_some(())
     })
     .await;
-    (reg, api, s, agent)
+    (s, agent)
 }
 
 /// The ticker pod's line times (ns since the epoch, as it wrote them), from every log file the
@@ -238,8 +255,7 @@ async fn an_annotated_node_upgrades_itself_to_a_signed_image_and_reports_it() {
     let (key, public) = p256_key(dir.path(), "fleet");
     let (reg, api, s, agent) = fleet_node("pi-up", &[public.as_path()], "").await;
     let (v2, version) = stamped(dir.path(), "test.5");
-    let image =
-        push_agent(&v2, &format!("{}/fleet/lichen:next", reg.host()), Some(key.as_path()), &reg.host());
+    let image = push_agent(&s.config, &v2, &format!("{}/fleet/lichen:next", reg.host()), Some(key.as_path()));
     let nodes: Api<Node> = Api::all(api.client());
     let before = nodes.get("pi-up").await.expect("node");
     let running = before.metadata.annotations.as_ref().and_then(|a| a.get(VERSION_ANNOTATION)).cloned();
@@ -267,8 +283,8 @@ async fn an_annotated_node_upgrades_itself_to_a_signed_image_and_reports_it() {
 
     let log_mark = reg.log().len();
     let annotated = std::time::Instant::now();
-    annotate(&api.client(), "pi-up", &image).await;
-    let report = outcome(&api.client(), "pi-up", &image, Duration::from_secs(120)).await;
+    annotate(&api.client, "pi-up", &image).await;
+    let report = upgrade_outcome(&api.client, "pi-up", &image, T2).await;
     let took = annotated.elapsed();
     let after = ticks(&s).last().copied().expect("ticks");
     wait_for(T, "the ticker to tick under the new agent", || {
@@ -288,7 +304,7 @@ async fn an_annotated_node_upgrades_itself_to_a_signed_image_and_reports_it() {
     let kubelet_version =
         node.status.and_then(|s| s.node_info).map(|i| i.kubelet_version).unwrap_or_default();
     assert!(kubelet_version.ends_with("-lichen+test.5"), "nodeInfo.kubeletVersion {kubelet_version}");
-    let events = node_events(&api.client(), "pi-up").await;
+    let events = node_events(&api.client, "pi-up").await;
     let reasons: Vec<&str> = events.iter().map(|(r, _, _)| r.as_str()).collect();
     assert_eq!(reasons, ["UpgradeStarted", "UpgradeSucceeded"], "{events:?}");
     assert!(events.iter().all(|(_, t, _)| t == "Normal"), "{events:?}");
@@ -330,25 +346,22 @@ async fn unsigned_wrongly_signed_unpinned_foreign_and_missing_images_are_refused
     std::fs::write(&foreign_path, &foreign).expect("write");
     let repo = format!("{}/fleet/lichen", reg.host());
     let cases = [
-        (push_agent(&v2, &format!("{repo}:unsigned"), None, &reg.host()), "unsigned"),
-        (
-            push_agent(&v3, &format!("{repo}:stranger"), Some(stranger.as_path()), &reg.host()),
-            "bad signature",
-        ),
+        (push_agent(&s.config, &v2, &format!("{repo}:unsigned"), None), "unsigned"),
+        (push_agent(&s.config, &v3, &format!("{repo}:stranger"), Some(stranger.as_path())), "bad signature"),
         (format!("{repo}:unsigned"), "not pinned by digest"),
         (
-            push_agent(&foreign_path, &format!("{repo}:foreign"), Some(key.as_path()), &reg.host()),
+            push_agent(&s.config, &foreign_path, &format!("{repo}:foreign"), Some(key.as_path())),
             "binary (it has: linux/",
         ),
         (format!("{repo}@sha256:{}", "0".repeat(64)), "not found"),
     ];
     for (image, why) in &cases {
-        annotate(&api.client(), "pi-no", image).await;
-        let report = outcome(&api.client(), "pi-no", image, Duration::from_secs(120)).await;
+        annotate(&api.client, "pi-no", image).await;
+        let report = upgrade_outcome(&api.client, "pi-no", image, T2).await;
         assert_eq!(report.phase, Phase::Failed, "{report:?}");
         assert!(report.reason.contains(why), "{image}: {:?} should say {why:?}", report.reason);
     }
-    let events = node_events(&api.client(), "pi-no").await;
+    let events = node_events(&api.client, "pi-no").await;
     let failed = events.iter().filter(|(r, t, _)| r == "UpgradeFailed" && t == "Warning").count();
     assert_eq!(failed, cases.len(), "{events:?}");
     // Nothing was switched: the agent that started is the one running.
@@ -366,19 +379,18 @@ async fn a_node_killed_mid_download_resumes_after_the_restart_and_completes() {
     let agent = restart();
     let (v2, version) = stamped(dir.path(), "test.8");
     let binary = std::fs::metadata(&v2).expect("binary").len();
-    let image =
-        push_agent(&v2, &format!("{}/fleet/lichen:cut", reg.host()), Some(key.as_path()), &reg.host())
-            .replace(&reg.host(), &proxy.host());
+    let image = push_agent(&s.config, &v2, &format!("{}/fleet/lichen:cut", reg.host()), Some(key.as_path()))
+        .replace(&reg.host(), &proxy.host());
 
     // The first transfer stops after 30 MB; the node would retry, but is killed while it waits.
     proxy.set_mode(FaultMode::CutAfter(30_000_000));
-    annotate(&api.client(), "pi-cut", &image).await;
+    annotate(&api.client, "pi-cut", &image).await;
     let part = cut_download(&s, 20_000_000);
     drop(agent); // SIGKILL, as a power cut would
     proxy.set_mode(FaultMode::Pass);
     let log_mark = reg.log().len();
     let agent = restart();
-    let report = outcome(&api.client(), "pi-cut", &image, Duration::from_secs(120)).await;
+    let report = upgrade_outcome(&api.client, "pi-cut", &image, T2).await;
     assert_eq!(
         (report.phase, report.version.as_deref()),
         (Phase::Succeeded, Some(version.as_str())),
@@ -441,12 +453,11 @@ async fn an_upgrade_under_way_when_the_api_server_goes_finishes_and_reports_when
     })
     .await;
     let (v2, version) = stamped(dir.path(), "test.9");
-    let image =
-        push_agent(&v2, &format!("{}/fleet/lichen:off", reg.host()), Some(key.as_path()), &reg.host())
-            .replace(&reg.host(), &proxy.host());
+    let image = push_agent(&s.config, &v2, &format!("{}/fleet/lichen:off", reg.host()), Some(key.as_path()))
+        .replace(&reg.host(), &proxy.host());
     // The download is held back (cut every 5 MB) until the API server is gone and the node knows.
     proxy.set_mode(FaultMode::CutAfter(5_000_000));
-    annotate(&api.client(), "pi-off", &image).await;
+    annotate(&api.client, "pi-off", &image).await;
     cut_download(&s, 4_000_000);
     api.faults().stop().await;
     wait_for(T, "the node to notice the API server is gone", || {
@@ -462,12 +473,12 @@ async fn an_upgrade_under_way_when_the_api_server_goes_finishes_and_reports_when
     assert_eq!(exe(agent.pid()), staged);
     assert!(record(&s).report_pending, "the outcome waits for the link");
     api.faults().start().await;
-    let report = outcome(&api.client(), "pi-off", &image, Duration::from_secs(120)).await;
+    let report = upgrade_outcome(&api.client, "pi-off", &image, T2).await;
     assert_eq!(
         (report.phase, report.version.as_deref()),
         (Phase::Succeeded, Some(committed.version.as_str()))
     );
-    let events = node_events(&api.client(), "pi-off").await;
+    let events = node_events(&api.client, "pi-off").await;
     assert!(events.iter().any(|(r, _, _)| r == "UpgradeSucceeded"), "{events:?}");
     assert!(agent.stop().0.success());
 }
@@ -476,4 +487,170 @@ async fn an_upgrade_under_way_when_the_api_server_goes_finishes_and_reports_when
 fn served_partial(line: &str) -> Option<u64> {
     let (_, after) = line.split_once("\" 206 ")?;
     after.split_whitespace().next()?.parse().ok()
+}
+
+const FLEET: [&str; 3] = ["fleet-a", "fleet-b", "fleet-c"];
+const FLEET_LABELS: &str = "[node_labels]\n\"lichen.dev/fleet\" = \"waves\"\n";
+
+/// The fake API server's request index of the first successful PATCH of Node `node` by a user
+/// `user` accepts, with a body containing every one of `needles`.
+fn write_index(api: &FakeApi, user: impl Fn(&str) -> bool, node: &str, needles: &[&str]) -> Option<usize> {
+    let path = format!("/api/v1/nodes/{node}");
+    api.requests().iter().position(|r| {
+        r.method == "PATCH"
+            && user(&r.user)
+            && r.path_only() == path
+            && r.code < 300
+            && needles.iter().all(|n| r.body.contains(n))
+    })
+}
+
+fn annotations(node: &Node) -> std::collections::BTreeMap<String, String> {
+    node.metadata.annotations.clone().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_upgrade_rolls_a_signed_image_out_in_waves_and_prints_the_outcomes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = p256_key(dir.path(), "fleet");
+    let reg = Registry::start();
+    let api = FakeApi::start().await;
+    let mut agents = Vec::new();
+    for name in FLEET {
+        agents.push(join_node(&api, &reg, name, &[public.as_path()], FLEET_LABELS).await);
+    }
+    let (v2, version) = stamped(dir.path(), "test.8");
+    let image =
+        push_agent(&agents[0].0.config, &v2, &format!("{}/fleet/lichen:waves", reg.host()), Some(&key));
+    let admin = api.admin_kubeconfig(dir.path());
+
+    let run = fleet_upgrade(&admin, "lichen.dev/fleet=waves", &image, 2).await;
+    assert!(run.status.success(), "{}{}", run.stdout, run.stderr);
+    for node in FLEET {
+        assert_eq!(run.row(node)[..3], [node, "Succeeded", version.as_str()], "{}", run.stdout);
+    }
+    assert!(
+        run.line_index("wave 1/2: fleet-a, fleet-b") < run.line_index("wave 2/2: fleet-c"),
+        "{}",
+        run.stdout
+    );
+
+    // The order, as the API server saw it: the third node was annotated only after the first two
+    // had reported their success (with their own credentials).
+    let operator = |user: &str| !user.starts_with("system:node:");
+    let annotated = |node: &str| write_index(&api, operator, node, &[IMAGE_ANNOTATION]);
+    let succeeded = |node: &str| {
+        let own = format!("system:node:{node}");
+        write_index(&api, |user| user == own, node, &[UPGRADE_ANNOTATION, "Succeeded"])
+    };
+    let (a, b, c) = (succeeded("fleet-a"), succeeded("fleet-b"), annotated("fleet-c"));
+    assert!(a.is_some() && b.is_some() && c.is_some(), "{a:?} {b:?} {c:?}");
+    assert!(annotated("fleet-a") < a && annotated("fleet-b") < b, "annotated, then reported");
+    assert!(
+        c > a && c > b,
+        "fleet-c annotated at request {c:?}, after fleet-a {a:?} and fleet-b {b:?} reported"
+    );
+
+    let nodes: Api<Node> = Api::all(api.client());
+    let staged = sha256_hex(&v2);
+    for (name, (s, agent)) in FLEET.iter().zip(&agents) {
+        let n = nodes.get(name).await.expect("node");
+        let running = annotations(&n).get(VERSION_ANNOTATION).cloned().unwrap_or_default();
+        assert!(running.starts_with(&format!("{version} sha256:")), "{name}: {running}");
+        let events = node_events(&api.client, name).await;
+        let reasons: Vec<&str> = events.iter().map(|(r, _, _)| r.as_str()).collect();
+        assert_eq!(reasons, ["UpgradeStarted", "UpgradeSucceeded"], "{name}: {events:?}");
+        let binary = Slots::new(&StateLayout::new(&s.state)).binary(&staged);
+        assert_eq!(exe(agent.pid()), binary, "{name}: the new agent runs in the agent's own process");
+    }
+
+    // Run again: every node already runs it, nothing is annotated, and it says so.
+    let again = fleet_upgrade(&admin, "lichen.dev/fleet=waves", &image, 2).await;
+    assert!(again.status.success(), "{}", again.stdout);
+    for node in FLEET {
+        assert_eq!(again.row(node)[..3], [node, "Skipped", version.as_str()]);
+    }
+    assert!(!again.stdout.contains("wave "), "{}", again.stdout);
+    for (_, agent) in agents {
+        assert!(agent.stop().0.success());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_upgrade_stops_after_a_wave_with_a_failure_and_leaves_the_rest_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = p256_key(dir.path(), "fleet");
+    let (_, other) = p256_key(dir.path(), "other");
+    let reg = Registry::start();
+    let api = FakeApi::start().await;
+    // fleet-b was baked with another key than the one the image is signed with. (A node baked with
+    // no key at all does not watch for upgrades: the rollout would time out on it instead.)
+    let mut agents = Vec::new();
+    for name in FLEET {
+        let trusted: &[&Path] = if name == "fleet-b" { &[other.as_path()] } else { &[public.as_path()] };
+        agents.push(join_node(&api, &reg, name, trusted, FLEET_LABELS).await);
+    }
+    let (v2, version) = stamped(dir.path(), "test.9");
+    let image =
+        push_agent(&agents[0].0.config, &v2, &format!("{}/fleet/lichen:waves", reg.host()), Some(&key));
+    let admin = api.admin_kubeconfig(dir.path());
+
+    let run = fleet_upgrade(&admin, "lichen.dev/fleet=waves", &image, 2).await;
+    assert_eq!(run.status.code(), Some(1), "{}{}", run.stdout, run.stderr);
+    assert_eq!(
+        run.row("fleet-a")[..3],
+        ["fleet-a", "Succeeded", version.as_str()],
+        "the wave ran to its end"
+    );
+    let b = run.row("fleet-b");
+    assert_eq!(b[..3], ["fleet-b", "Failed", "-"]);
+    assert!(b.join(" ").contains("bad signature"), "the node's own reason: {b:?}");
+    assert_eq!(run.row("fleet-c")[..2], ["fleet-c", "NotStarted"]);
+    assert!(!run.stdout.contains("wave 2/2"), "{}", run.stdout);
+
+    let nodes: Api<Node> = Api::all(api.client());
+    let c = nodes.get("fleet-c").await.expect("node");
+    assert_eq!(annotations(&c).get(IMAGE_ANNOTATION), None, "fleet-c was never annotated");
+    assert_eq!(annotations(&c).get(UPGRADE_ANNOTATION), None);
+    let b = nodes.get("fleet-b").await.expect("node");
+    let report: UpgradeReport =
+        serde_json::from_str(&annotations(&b)[UPGRADE_ANNOTATION]).expect("fleet-b's report");
+    assert_eq!((report.image.as_str(), report.phase), (image.as_str(), Phase::Failed));
+    // A tag is refused before anything is touched.
+    let tag =
+        fleet_upgrade(&admin, "lichen.dev/fleet=waves", &format!("{}/fleet/lichen:waves", reg.host()), 2)
+            .await;
+    assert_eq!(tag.status.code(), Some(1));
+    assert!(tag.stderr.contains("not pinned by digest"), "{}", tag.stderr);
+    assert_eq!(annotations(&nodes.get("fleet-c").await.expect("node")).get(IMAGE_ANNOTATION), None);
+
+    // The operator fixes fleet-b (the fleet's key baked in, the agent restarted), removes its
+    // annotation so that it tries the image again, and runs the command again: fleet-a is skipped,
+    // fleet-b's refusal from the first run is not taken for its answer, and both others upgrade.
+    let (b_scratch, b_agent) = agents.remove(1);
+    assert!(b_agent.stop().0.success());
+    let clear = serde_json::json!({"metadata": {"annotations": {IMAGE_ANNOTATION: null}}});
+    nodes.patch("fleet-b", &PatchParams::default(), &Patch::Merge(&clear)).await.expect("clear");
+    let config = std::fs::read_to_string(&b_scratch.config).expect("config");
+    let other = other.display().to_string();
+    assert!(config.contains(&other));
+    std::fs::write(&b_scratch.config, config.replace(&other, &public.display().to_string())).expect("config");
+    let b_agent = b_scratch.start();
+    // The node found its Node without the annotation: its refusal of the image is lifted (so that
+    // the same image, set again, is tried).
+    wait_for(T, "fleet-b to lift its refusal", || record(&b_scratch).refused.is_none().then_some(()));
+    wait_for_async(T, "fleet-b Ready again", || async {
+        (node_condition(&nodes.get("fleet-b").await.ok()?, "Ready")? == "True").then_some(())
+    })
+    .await;
+    agents.insert(1, (b_scratch, b_agent));
+    let again = fleet_upgrade(&admin, "lichen.dev/fleet=waves", &image, 2).await;
+    assert!(again.status.success(), "{}{}", again.stdout, again.stderr);
+    assert_eq!(again.row("fleet-a")[..3], ["fleet-a", "Skipped", version.as_str()]);
+    assert_eq!(again.row("fleet-b")[..3], ["fleet-b", "Succeeded", version.as_str()]);
+    assert_eq!(again.row("fleet-c")[..3], ["fleet-c", "Succeeded", version.as_str()]);
+    assert!(again.stdout.contains("wave 1/1: fleet-b, fleet-c"), "{}", again.stdout);
+    for (_, agent) in agents {
+        assert!(agent.stop().0.success());
+    }
 }

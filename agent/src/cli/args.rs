@@ -1,5 +1,5 @@
 //! The command line: `lichen run | join | check | version | status | pods | logs | modules | compile |
-//! push | sign`, with every config field as a global flag.
+//! push | sign | fleet`, with every config field as a global flag.
 
 use std::path::PathBuf;
 
@@ -116,6 +116,41 @@ pub enum Command {
         #[command(flatten)]
         login: RegistryLogin,
     },
+    /// Operate on a fleet of nodes from an operator's machine, with a kubeconfig (--kubeconfig, else
+    /// $KUBECONFIG or ~/.kube/config); the config file is not read.
+    Fleet {
+        /// What to do with the fleet.
+        #[command(subcommand)]
+        action: FleetAction,
+    },
+}
+
+/// `lichen fleet` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum FleetAction {
+    /// Roll an agent image out in waves: annotate the matching Nodes with lichen.dev/agent-image,
+    /// --max-unavailable at a time, wait for each wave to report the outcome, the new version and
+    /// Ready, stop at the first wave with a failure, and print a table of nodes and outcomes. Exits 1
+    /// unless every node runs the image.
+    Upgrade(FleetUpgradeArgs),
+}
+
+/// `lichen fleet upgrade`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FleetUpgradeArgs {
+    /// The Nodes to upgrade, as a label selector (`kubectl get nodes -l`), e.g. site=barn-3.
+    #[arg(long, short = 'l')]
+    pub selector: String,
+    /// The agent image, pinned by digest: registry/repo@sha256:<digest> (`lichen push --agent`
+    /// prints it). A tag is refused.
+    #[arg(long, value_name = "REF@sha256:DIGEST")]
+    pub image: String,
+    /// How many nodes upgrade at a time (the size of a wave).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_unavailable: u32,
+    /// How long one wave may take before its unfinished nodes count as timed out.
+    #[arg(long, value_name = "S", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_secs: u64,
 }
 
 /// `lichen logs`, with kubectl's flags.
@@ -254,6 +289,33 @@ pub struct RegistryLogin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fleet_upgrade_takes_a_selector_an_image_a_wave_size_and_the_global_kubeconfig() {
+        let cli = Cli::try_parse_from([
+            "lichen",
+            "fleet",
+            "upgrade",
+            "-l",
+            "site=barn-3",
+            "--image",
+            "reg/agent@sha256:00",
+            "--max-unavailable",
+            "2",
+            "--kubeconfig",
+            "/home/op/.kube/config",
+        ])
+        .expect("parse");
+        assert_eq!(cli.config.kubeconfig.as_deref(), Some(std::path::Path::new("/home/op/.kube/config")));
+        let Command::Fleet { action: FleetAction::Upgrade(a) } = cli.command else { panic!("not fleet") };
+        assert_eq!(
+            (a.selector.as_str(), a.image.as_str(), a.max_unavailable, a.timeout_secs),
+            ("site=barn-3", "reg/agent@sha256:00", 2, 600)
+        );
+        let zero = ["lichen", "fleet", "upgrade", "-l", "a=b", "--image", "x", "--max-unavailable", "0"];
+        assert!(Cli::try_parse_from(zero).is_err(), "a wave of no node");
+        assert!(Cli::try_parse_from(["lichen", "fleet", "upgrade", "--image", "x"]).is_err(), "no selector");
+    }
 
     #[test]
     fn since_takes_kubectl_durations() {

@@ -1,5 +1,6 @@
 //! The operator's commands (top floor): the command line ([`args`]), `lichen check`, `status`,
-//! `pods`, `logs`, `modules`, `compile`, `push`, `sign`, and the control socket's client.
+//! `pods`, `logs`, `modules`, `compile`, `push`, `sign`, `fleet upgrade` (a client of the API server
+//! with the operator's kubeconfig), and the control socket's client.
 //!
 //! Nothing imports this layer. It reaches a running agent through the control socket
 //! ([`crate::control`]) and, when none runs, reads the state directory itself, through the same
@@ -8,6 +9,7 @@
 pub mod args;
 pub mod check;
 pub mod client;
+pub mod fleet;
 pub mod logs;
 pub mod modules;
 pub mod publish;
@@ -15,7 +17,9 @@ pub mod status;
 
 use std::path::PathBuf;
 
-pub use args::{Cli, Command, JoinArgs, LogsArgs, ModulesAction, PodsFormat, RegistryLogin};
+pub use args::{
+    Cli, Command, FleetAction, FleetUpgradeArgs, JoinArgs, LogsArgs, ModulesAction, PodsFormat, RegistryLogin,
+};
 
 /// Why an operator command failed: what `lichen` prints after `lichen: ` before exiting 1.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +110,9 @@ pub enum CliError {
     /// Publishing, signing or fetching an agent image failed.
     #[error(transparent)]
     AgentImage(#[from] crate::upgrade::registry::UpgradeFetchError),
+    /// `lichen fleet` could not run.
+    #[error(transparent)]
+    Fleet(#[from] fleet::FleetError),
     /// The command line asks for something that does not fit together.
     #[error("{0}")]
     Usage(&'static str),

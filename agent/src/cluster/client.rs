@@ -59,6 +59,9 @@ pub enum ClientError {
     /// The kubeconfig could not be parsed or resolved.
     #[error("{0}")]
     Kubeconfig(#[source] KubeconfigError),
+    /// Neither `$KUBECONFIG`, `~/.kube/config` nor an in-cluster service account gave a config.
+    #[error("no kubeconfig found (give --kubeconfig, or set KUBECONFIG): {0}")]
+    Infer(#[source] kube::config::InferConfigError),
     /// The HTTP client could not be built from it (TLS material, headers, credentials).
     #[error("{0}")]
     Build(#[source] kube::Error),
@@ -76,6 +79,14 @@ pub async fn connect(kubeconfig: &Path) -> Result<Client, ClientError> {
     let kc =
         kube::config::Kubeconfig::read_from(kubeconfig).map_err(|e| in_file(ClientError::Kubeconfig(e)))?;
     client_for(kc).await.map_err(in_file)
+}
+
+/// A client from kube's config inference, as kubectl finds its config: `$KUBECONFIG`, else
+/// `~/.kube/config`, else the in-cluster service account. For operator commands (`lichen fleet`),
+/// never for the agent, whose kubeconfig is its config's.
+pub async fn infer() -> Result<Client, ClientError> {
+    let config = kube::Config::infer().await.map_err(ClientError::Infer)?;
+    build(&config)
 }
 
 /// A client for a parsed kubeconfig, on the agent's transport (see the module's notes).

@@ -121,7 +121,10 @@ impl Upgrader {
         }
         let config = watcher::Config::default().fields(&format!("metadata.name={}", self.node));
         let mut stream = std::pin::pin!(watcher::watcher(Api::<Node>::all(client.current()), config.clone()));
-        let mut seen: Option<String> = None;
+        // `None` until the first event: the Node as found at start is acted on even without the
+        // annotation, so that one removed while the agent was down clears a refusal of its image
+        // (else the same image set again would never be tried).
+        let mut seen: Option<Option<String>> = None;
         loop {
             let event = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -148,10 +151,10 @@ impl Upgrader {
             };
             backoff.reset();
             let image = node.metadata.annotations.as_ref().and_then(|a| a.get(IMAGE_ANNOTATION)).cloned();
-            if image == seen {
+            if seen.as_ref() == Some(&image) {
                 continue;
             }
-            seen = image.clone();
+            seen = Some(image.clone());
             if self.on_annotation(&client, &node, image.as_deref(), &cancel).await {
                 return;
             }
