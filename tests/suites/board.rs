@@ -394,3 +394,182 @@ async fn armhf_first_boot_joins_and_runs_a_deployment_on_pulley() {
     assert_eq!(s.board.wait_exit(Duration::from_secs(300)), Some(0), "the board powers off cleanly");
     s.cluster.delete_node(&s.node).await;
 }
+
+/// The binary the board's package installs as /usr/bin/lichen, extracted from the `.deb`.
+fn packaged_binary(arch: &str, dir: &std::path::Path) -> PathBuf {
+    let root = dir.join(format!("deb-{arch}"));
+    let out = std::process::Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(deb(arch))
+        .arg(&root)
+        .output()
+        .expect("dpkg-deb");
+    assert!(out.status.success(), "dpkg-deb -x: {}", String::from_utf8_lossy(&out.stderr));
+    root.join("usr/bin/lichen")
+}
+
+/// The agent's main process in the guest: (systemd's restart count, the executable it runs).
+fn agent_process(board: &Board) -> (u32, String) {
+    let out = board.sh(
+        "systemctl show lichen -p NRestarts --value; readlink /proc/$(systemctl show lichen -p MainPID --value)/exe",
+    );
+    let mut lines = out.lines().map(str::trim).filter(|l| !l.is_empty());
+    let restarts = lines.next().and_then(|l| l.parse().ok()).expect("NRestarts");
+    (restarts, lines.next().unwrap_or_default().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arm64_upgrades_itself_under_systemd_rolls_back_a_failing_version_and_survives_a_power_cut() {
+    use lichen::upgrade::Phase;
+    use lichen_tests::agent_image::{
+        agent_version, annotate, p256_key, push_agent, stamped_copy, upgrade_outcome,
+    };
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (key, public) = p256_key(keys.path(), "fleet");
+    let public_pem = std::fs::read(&public).expect("public key");
+    let mut s = first_boot_with(
+        "arm64",
+        "lichen-board-upgrade",
+        "\n[upgrade]\ntrusted_keys = [\"/etc/lichen/upgrade-keys.pub\"]\nhealth_timeout_secs = 600\n",
+        Some(&public_pem),
+    )
+    .await;
+    let client = s.cluster.client.clone();
+    let packaged = wait_for_async(API, "the packaged version reported on the Node", || async {
+        agent_version(&client, &s.node).await
+    })
+    .await;
+    let (pod, _) = run_ticker(&s, "lichen-board-upgrade-ticker").await;
+    let pod_name = pod.metadata.name.clone().expect("name");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+
+    // 1. From the packaged version to a newer build, with a pod running.
+    let packaged_bin = packaged_binary("arm64", keys.path());
+    let (v2, v2_version) = stamped_copy(&packaged_bin, keys.path(), "board.2");
+    let host = s.registry.host();
+    let guest_registry = format!("10.0.2.100:{}", port_of(&host));
+    // The operator's lichen pushes to the registry on the host's loopback.
+    let push_config = keys.path().join("push.toml");
+    std::fs::write(&push_config, format!("[modules]\ninsecure_registries = [{host:?}]\n")).expect("config");
+    let image = push_agent(&push_config, &v2, &format!("{host}/fleet/lichen:board2"), Some(&key))
+        .replace(&host, &guest_registry);
+    let (restarts_before, _) = agent_process(&s.board);
+    eprintln!("STEP arm64: upgrade to {v2_version}");
+    let annotated = Instant::now();
+    annotate(&client, &s.node, &image).await;
+    let report = upgrade_outcome(&client, &s.node, &image, API).await;
+    assert_eq!(
+        (report.phase, report.version.as_deref()),
+        (Phase::Succeeded, Some(v2_version.as_str())),
+        "{report:?}"
+    );
+    eprintln!("FIGURE arm64: annotation to committed {:.0} s", annotated.elapsed().as_secs_f64());
+    let running = wait_for_async(API, "the new version on the Node", || async {
+        agent_version(&client, &s.node).await.filter(|(v, _)| *v == v2_version)
+    })
+    .await;
+    assert_ne!(running.1, packaged.1, "another binary runs");
+    let (restarts, exe) = agent_process(&s.board);
+    assert_eq!(restarts, restarts_before, "the hand-over is an exec in the same service, not a restart");
+    assert!(exe.starts_with("/var/lib/lichen/agent/versions/"), "systemd's main process runs {exe}");
+    wait_for_async(API, "the ticker Running and Ready under the new agent", || async {
+        let p = pods.get(&pod_name).await.ok()?;
+        is_running_ready(&p).then_some(())
+    })
+    .await;
+
+    // 2. A version that cannot start: the state a switch to it leaves (recorded, not yet booted),
+    // then systemd's restart of the service. The launcher boots it, it exits at once, systemd
+    // restarts the service, and the launcher rolls back to the committed version.
+    eprintln!("STEP arm64: a failing version rolled back by systemd's restart");
+    let failing = "10.0.2.100:5000/fleet/lichen@sha256:feedfeedfeedfeedfeedfeedfeedfeedfeedfeedfeedfeedfeedfeedfeedfeed";
+    let record_text = s.board.sh("cat /var/lib/lichen/agent/upgrade.json");
+    let mut record: lichen::upgrade::slots::SwitchRecord =
+        serde_json::from_str(record_text.trim()).expect("the record reads");
+    let digest = "f".repeat(64);
+    record.trial = Some(lichen::upgrade::slots::Trial {
+        slot: lichen::upgrade::slots::Slot {
+            image: failing.into(),
+            digest: digest.clone(),
+            version: "9.9.9".into(),
+        },
+        boots: 0,
+        had_contact: true,
+        from_version: v2_version.clone(),
+    });
+    use base64::Engine as _;
+    let json = base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&record).expect("json"));
+    s.board.sh(&format!(
+        "set -e; d=/var/lib/lichen/agent/versions/{digest}; mkdir -p $d; printf '#!/bin/sh\\nexit 3\\n' > $d/lichen; \
+         chmod 755 $d/lichen; chown -R lichen:lichen $d; echo {json} | base64 -d > /var/lib/lichen/agent/upgrade.json; \
+         chown lichen:lichen /var/lib/lichen/agent/upgrade.json; systemctl restart --no-block lichen"
+    ));
+    let restarted = Instant::now();
+    let report = upgrade_outcome(&client, &s.node, failing, API).await;
+    assert_eq!(report.phase, Phase::RolledBack, "{report:?}");
+    assert!(report.reason.contains("before passing its health gate"), "{}", report.reason);
+    eprintln!(
+        "FIGURE arm64: failed start to rolled back and reported {:.0} s",
+        restarted.elapsed().as_secs_f64()
+    );
+    let (restarts, exe) = agent_process(&s.board);
+    assert!(restarts > restarts_before, "systemd restarted the service after the failing version exited");
+    let v2_binary =
+        format!("/var/lib/lichen/agent/versions/{}/lichen", running.1.trim_start_matches("sha256:"));
+    assert_eq!(exe, v2_binary, "the committed version's binary runs again");
+    assert_eq!(
+        agent_version(&client, &s.node).await.map(|v| v.0),
+        Some(v2_version.clone()),
+        "the committed version runs again"
+    );
+
+    // 3. A power cut in the middle of a switch to a third build: the board boots into a working
+    // version (the one before, or the new one committed), and says which on the Node.
+    eprintln!("STEP arm64: power cut mid-switch");
+    let (v3, v3_version) = stamped_copy(&packaged_bin, keys.path(), "board.3");
+    let image3 = push_agent(&push_config, &v3, &format!("{host}/fleet/lichen:board3"), Some(&key))
+        .replace(&host, &guest_registry);
+    annotate(&client, &s.node, &image3).await;
+    s.board.wait_exec(
+        "grep -c board.3 /var/lib/lichen/agent/upgrade.json || true",
+        API,
+        "the switch to the third build to be recorded",
+        |_, out| {
+            (out.trim().lines().last().and_then(|l| l.trim().parse::<u32>().ok()).unwrap_or(0) > 0)
+                .then_some(())
+        },
+    );
+    s.board.guest("kill");
+    assert_eq!(s.board.wait_exit(Duration::from_secs(60)), Some(137), "boot.sh reports the power cut");
+    let cut = Instant::now();
+    s.board.boot(&[s.api_port, port_of(&s.registry.host())], &[(s.kubelet_port, s.kubelet_port)]);
+    s.board.wait_boot(BOOT, &[]);
+    let report = upgrade_outcome(&client, &s.node, &image3, API).await;
+    let now = wait_for_async(API, "a version reported after the power cut", || async {
+        let v = agent_version(&client, &s.node).await?;
+        let n = Api::<Node>::all(client.clone()).get(&s.node).await.ok()?;
+        (node_condition(&n, "Ready")? == "True" && (v.0 == v2_version || v.0 == v3_version)).then_some(v.0)
+    })
+    .await;
+    match report.phase {
+        Phase::Succeeded => assert_eq!(now, v3_version, "committed, so the new build runs"),
+        Phase::RolledBack => assert_eq!(now, v2_version, "rolled back, so the build before runs"),
+        other => panic!("after the power cut the upgrade ended {other:?}: {report:?}"),
+    }
+    eprintln!(
+        "FIGURE arm64: power cut mid-switch to Ready on {now} ({:?}) {:.0} s",
+        report.phase,
+        cut.elapsed().as_secs_f64()
+    );
+    wait_for_async(API, "the ticker Running and Ready after the power cut", || async {
+        let p = pods.get(&pod_name).await.ok()?;
+        is_running_ready(&p).then_some(())
+    })
+    .await;
+
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let _ = deploys.delete("lichen-board-upgrade-ticker", &DeleteParams::default()).await;
+    s.board.guest("powerdown");
+    assert_eq!(s.board.wait_exit(Duration::from_secs(300)), Some(0), "the board powers off cleanly");
+    s.cluster.delete_node(&s.node).await;
+}
