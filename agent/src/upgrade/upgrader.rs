@@ -95,7 +95,7 @@ impl Upgrader {
     }
 
     /// Reports, then watches the Node until `cancel`.
-    pub async fn run(self, client: ClusterClient, cancel: CancellationToken) {
+    pub async fn run(self, mut client: ClusterClient, cancel: CancellationToken) {
         let mut backoff = RetryBackoff::new(Duration::from_secs(1), Duration::from_secs(60));
         // What runs, and any outcome decided while away, reach the Node first.
         let node = loop {
@@ -131,6 +131,12 @@ impl Upgrader {
                 // The health gate decided (this agent was on trial): say so on the Node.
                 () = self.switch.decided() => {
                     self.report_decided(&client, &node, &cancel).await;
+                    continue;
+                }
+                // A renewed certificate: watch again with the new client, whose connections carry
+                // it (the re-list is acted on like any event; an unchanged annotation is skipped).
+                () = client.changed() => {
+                    stream.set(watcher::watcher(Api::<Node>::all(client.current()), config.clone()));
                     continue;
                 }
                 e = stream.try_next() => e,
