@@ -302,6 +302,25 @@ impl Scratch {
         vec!["run".into(), "--config".into(), self.config.display().to_string()]
     }
 
+    /// Runs `lichen <args> --config <this layout's config>` with `input` on its stdin and no
+    /// registry password from the environment; its output, whatever the exit status.
+    pub fn lichen(&self, args: &[&str], input: &str) -> std::process::Output {
+        use std::io::Write as _;
+        let mut child = Command::new(lichen_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("LICHEN_CONFIG")
+            .env_remove("LICHEN_REGISTRY_PASSWORD")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn lichen");
+        child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("stdin");
+        child.wait_with_output().expect("lichen output")
+    }
+
     /// Starts the agent on this layout.
     pub fn start(&self) -> Agent {
         let args = self.run_args();
@@ -407,6 +426,12 @@ pub fn stdout_lines(recs: &[lichen::runtime::logs::LogRecord]) -> Vec<&str> {
         .filter(|r| r.stream == lichen::runtime::logs::Stream::Stdout)
         .map(|r| r.text.as_str())
         .collect()
+}
+
+/// A finished `lichen` command's stderr; fails the test unless it failed.
+pub fn lichen_err(out: std::process::Output) -> String {
+    assert!(!out.status.success(), "lichen should have failed: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// A finished `lichen` command's stdout; fails the test with its stdout and stderr unless it

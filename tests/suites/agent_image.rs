@@ -4,9 +4,7 @@
 //! platform, checking its signature against trusted keys, and downloading the binary, resuming a
 //! cut download with a range request.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 
 use lichen::config::ModulesConfig;
 use lichen::upgrade::artifact::Platform;
@@ -14,7 +12,7 @@ use lichen::upgrade::registry::{AgentRegistry, UpgradeFetchError, parse_referenc
 use lichen::upgrade::signature::TrustedKeys;
 use lichen_tests::agent_image::{field, p256_key, stamped_copy};
 use lichen_tests::registry::{FaultMode, FaultProxy, Registry, WASM_CONFIG_V0, WASM_LAYER, sha256_digest};
-use lichen_tests::{Scratch, lichen_bin, lichen_ok};
+use lichen_tests::{Scratch, lichen_err, lichen_ok};
 
 /// The agent binary under test as an ELF file (not a runner script around it).
 fn agent_elf() -> PathBuf {
@@ -25,28 +23,6 @@ fn agent_elf() -> PathBuf {
             exe.parent().and_then(Path::parent).map(|d| d.join("lichen")).expect("target dir")
         }
     }
-}
-
-/// Runs `lichen <args>` with the scratch config; stdin gets `input`.
-fn lichen(s: &Scratch, args: &[&str], input: &str) -> Output {
-    let mut child = Command::new(lichen_bin())
-        .args(args)
-        .arg("--config")
-        .arg(&s.config)
-        .env_remove("LICHEN_CONFIG")
-        .env_remove("LICHEN_REGISTRY_PASSWORD")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn lichen");
-    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("stdin");
-    child.wait_with_output().expect("lichen output")
-}
-
-fn err(out: Output) -> String {
-    assert!(!out.status.success(), "lichen should have failed: {}", String::from_utf8_lossy(&out.stdout));
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn path(p: &Path) -> &str {
@@ -72,18 +48,18 @@ async fn agent_image_pushed_signed_resolved_verified_and_downloaded() {
     let image = format!("{}/fleet/lichen-agent:{version}", reg.host());
 
     // Refused before anything is pushed: two binaries for one platform, a script, a non-Lichen ELF.
-    let e = err(lichen(&s, &["push", "--agent", path(&own), path(&stamped), &image], ""));
+    let e = lichen_err(s.lichen(&["push", "--agent", path(&own), path(&stamped), &image], ""));
     assert!(
         e.contains(&format!("two binaries for {platform}; an agent image holds one per platform")),
         "{e}"
     );
     let script = dir.join("lichen.sh");
     std::fs::write(&script, "#!/bin/sh\nexec lichen \"$@\"\n").expect("script");
-    let e = err(lichen(&s, &["push", "--agent", path(&script), &image], ""));
+    let e = lichen_err(s.lichen(&["push", "--agent", path(&script), &image], ""));
     assert!(e.contains("lichen.sh: not an ELF executable"), "{e}");
-    let e = err(lichen(&s, &["push", "--agent", "/bin/true", &image], ""));
+    let e = lichen_err(s.lichen(&["push", "--agent", "/bin/true", &image], ""));
     assert!(e.contains("/bin/true: not a Lichen agent binary"), "{e}");
-    let e = err(lichen(&s, &["push", path(&own), path(&stamped), &image], ""));
+    let e = lichen_err(s.lichen(&["push", path(&own), path(&stamped), &image], ""));
     assert!(e.contains("a module push takes one .wasm file; to publish agent binaries add --agent"), "{e}");
 
     // The test build, and a second platform's binary beside it: a copy whose ELF header names the
@@ -102,7 +78,7 @@ async fn agent_image_pushed_signed_resolved_verified_and_downloaded() {
     let mut args = vec!["push", "--agent"];
     args.extend(binaries.iter().map(|b| path(b)));
     args.push(&image);
-    let out = lichen_ok(lichen(&s, &args, ""));
+    let out = lichen_ok(s.lichen(&args, ""));
     let pinned = field(&out, "image").to_owned();
     let index_digest = pinned.rsplit_once('@').expect("pinned").1.to_owned();
     assert!(out.contains(&format!("pushed {image} (index {index_digest})")), "{out}");
@@ -159,14 +135,14 @@ async fn agent_image_pushed_signed_resolved_verified_and_downloaded() {
         "{e}"
     );
     assert!(!e.is_retryable());
-    let out = lichen_ok(lichen(&s, &["sign", "--key", path(&key), &pinned], ""));
+    let out = lichen_ok(s.lichen(&["sign", "--key", path(&key), &pinned], ""));
     let sig_tag = format!("sha256-{}.sig", &index_digest[7..]);
     assert!(out.contains(&sig_tag), "{out}");
     registry.verify_signature(&pinned_ref, &trusted, None).await.expect("signed by the trusted key");
     let e = registry.verify_signature(&pinned_ref, &untrusted, None).await.unwrap_err();
     assert!(e.to_string().contains("bad signature: none of the 1 signature(s)"), "{e}");
     // A second signer appends; both keys then verify, and the first signature is still there.
-    lichen_ok(lichen(&s, &["sign", "--key", path(&other), &pinned], ""));
+    lichen_ok(s.lichen(&["sign", "--key", path(&other), &pinned], ""));
     registry.verify_signature(&pinned_ref, &untrusted, None).await.expect("second signer");
     registry.verify_signature(&pinned_ref, &trusted, None).await.expect("first signer kept");
     let sig = reg.request(
@@ -178,13 +154,13 @@ async fn agent_image_pushed_signed_resolved_verified_and_downloaded() {
     let sig: serde_json::Value = serde_json::from_slice(&sig.body).expect("signature manifest");
     assert_eq!(sig["layers"].as_array().expect("layers").len(), 2, "{sig}");
     // Signing by tag is refused (a tag can move).
-    let e = err(lichen(&s, &["sign", "--key", path(&key), &image], ""));
+    let e = lichen_err(s.lichen(&["sign", "--key", path(&key), &image], ""));
     assert!(e.contains("is not pinned by digest"), "{e}");
 
     // Push and sign in one go: the stamped build under another tag.
     let image2 = format!("{}/fleet/lichen-agent:ci.2", reg.host());
     let out =
-        lichen_ok(lichen(&s, &["push", "--agent", path(&stamped), &image2, "--sign-key", path(&key)], ""));
+        lichen_ok(s.lichen(&["push", "--agent", path(&stamped), &image2, "--sign-key", path(&key)], ""));
     let pinned2 = parse_reference(field(&out, "image")).expect("pinned");
     registry.verify_signature(&pinned2, &trusted, None).await.expect("signed at push");
     let r2 = registry.resolve(&pinned2, platform, None).await.expect("resolve ci.2");

@@ -3,16 +3,14 @@
 //! precompiled artifacts, `lichen compile` and `lichen modules`, and every way a pull can go wrong,
 //! each ending in a clear message and a cache holding only verified modules.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use lichen_tests::registry::{
     FaultMode, FaultProxy, Registry, WASM_CONFIG_V0, WASM_LAYER, WASM_TO_OCI_CONFIG, WASM_TO_OCI_LAYER,
     sha256_digest,
 };
-use lichen_tests::{Scratch, fixture, lichen_bin, lichen_ok, wait_for};
+use lichen_tests::{Scratch, fixture, lichen_err, lichen_ok, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -25,28 +23,6 @@ fn write_wasm(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(name.replace(".wat", ".wasm"));
     std::fs::write(&path, wasm(name)).expect("write wasm");
     path
-}
-
-/// Runs `lichen <args>` with the scratch config; stdin gets `input`.
-fn lichen(s: &Scratch, args: &[&str], input: &str) -> Output {
-    let mut child = Command::new(lichen_bin())
-        .args(args)
-        .arg("--config")
-        .arg(&s.config)
-        .env_remove("LICHEN_CONFIG")
-        .env_remove("LICHEN_REGISTRY_PASSWORD")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn lichen");
-    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("stdin");
-    child.wait_with_output().expect("lichen output")
-}
-
-fn err(out: Output) -> String {
-    assert!(!out.status.success(), "lichen should have failed: {}", String::from_utf8_lossy(&out.stdout));
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// A scratch agent config that may reach `hosts` over plain HTTP.
@@ -74,7 +50,7 @@ fn pushed_modules_run_as_static_pods_and_stay_cached_with_their_compiled_code() 
     let s = scratch(&[reg.host()], "");
     let file = write_wasm(s.dir.path(), "hello.wat");
     let image = format!("{}/demo/hello:1.0", reg.host());
-    let pushed = lichen_ok(lichen(&s, &["push", file.to_str().expect("utf-8"), &image], ""));
+    let pushed = lichen_ok(s.lichen(&["push", file.to_str().expect("utf-8"), &image], ""));
     let digest = sha256_digest(&wasm("hello.wat"));
     assert!(pushed.contains(&digest), "push names the module digest: {pushed}");
 
@@ -97,7 +73,7 @@ fn pushed_modules_run_as_static_pods_and_stay_cached_with_their_compiled_code() 
     agent.wait_log(&["pulled module", &digest], T);
 
     // `lichen modules list` reaches the running agent through its control socket.
-    let list = lichen_ok(lichen(&s, &["modules", "list"], ""));
+    let list = lichen_ok(s.lichen(&["modules", "list"], ""));
     let short = &digest["sha256:".len().."sha256:".len() + 12];
     let line = list.lines().find(|l| l.contains(short)).unwrap_or_else(|| panic!("module listed: {list}"));
     assert!(line.contains("demo/hello:1.0"), "with its image: {line}");
@@ -140,22 +116,21 @@ fn credentials_from_the_command_line_pull_from_an_authenticated_registry() {
     let image = format!("{}/private/hello:2", reg.host());
     let path = file.to_str().expect("utf-8");
 
-    let refused = err(lichen(&s, &["push", path, &image], ""));
+    let refused = lichen_err(s.lichen(&["push", path, &image], ""));
     assert!(refused.contains("unauthorized") || refused.contains("401"), "{refused}");
-    lichen_ok(lichen(&s, &["push", path, &image, "--username", "edge", "--password-stdin"], "s3cret-pw\n"));
+    lichen_ok(s.lichen(&["push", path, &image, "--username", "edge", "--password-stdin"], "s3cret-pw\n"));
 
     // No agent runs: `lichen modules` works on the store directly.
-    let anonymous = err(lichen(&s, &["modules", "pull", &image], ""));
+    let anonymous = lichen_err(s.lichen(&["modules", "pull", &image], ""));
     assert!(anonymous.contains("unauthorized"), "names the cause: {anonymous}");
-    let wrong =
-        err(lichen(&s, &["modules", "pull", &image, "--username", "edge", "--password-stdin"], "nope\n"));
+    let wrong = lichen_err(
+        s.lichen(&["modules", "pull", &image, "--username", "edge", "--password-stdin"], "nope\n"),
+    );
     assert!(wrong.contains("unauthorized"), "{wrong}");
     assert!(!wrong.contains("nope"), "the password never shows: {wrong}");
-    let pulled = lichen_ok(lichen(
-        &s,
-        &["modules", "pull", &image, "--username", "edge", "--password-stdin"],
-        "s3cret-pw\n",
-    ));
+    let pulled = lichen_ok(
+        s.lichen(&["modules", "pull", &image, "--username", "edge", "--password-stdin"], "s3cret-pw\n"),
+    );
     assert!(pulled.contains(&sha256_digest(&wasm("hello.wat"))), "{pulled}");
 
     // A pod naming the image with `Never` finds it in the cache.
@@ -220,7 +195,7 @@ fn bad_artifacts_end_in_clear_errors_and_leave_the_cache_clean() {
     let not_wasm = b"this is not a module".to_vec();
     reg.push_artifact("bad/text", "1", WASM_CONFIG_V0, b"{}", &[(WASM_LAYER, &not_wasm)]);
 
-    let pull = |image: &str| err(lichen(&s, &["modules", "pull", image], ""));
+    let pull = |image: &str| lichen_err(s.lichen(&["modules", "pull", image], ""));
     let e = pull(&format!("{host}/bad/tar:1"));
     assert!(e.contains("not a Wasm module artifact") && e.contains("tar+gzip"), "{e}");
     let e = pull(&format!("{host}/bad/big:1"));
@@ -241,9 +216,9 @@ fn bad_artifacts_end_in_clear_errors_and_leave_the_cache_clean() {
     let e = pull(&format!("{blob}@sha256:{}", "1".repeat(64)));
     assert!(e.contains("digest mismatch"), "{e}");
     // The same URL with its real digest is fine.
-    lichen_ok(lichen(&s, &["modules", "pull", &format!("{blob}@{}", sha256_digest(&small))], ""));
+    lichen_ok(s.lichen(&["modules", "pull", &format!("{blob}@{}", sha256_digest(&small))], ""));
 
-    let list = lichen_ok(lichen(&s, &["modules", "list"], ""));
+    let list = lichen_ok(s.lichen(&["modules", "list"], ""));
     assert!(list.contains("1 module(s)"), "only the verified module is cached: {list}");
 }
 
@@ -278,12 +253,12 @@ fn a_registry_dying_mid_pull_is_retried_and_nothing_half_written_is_kept() {
     let image = format!("{}/demo/hello:1", proxy.host());
 
     proxy.set_mode(FaultMode::CutAfter(module.len() / 2));
-    let e = err(lichen(&s, &["modules", "pull", &image], ""));
+    let e = lichen_err(s.lichen(&["modules", "pull", &image], ""));
     assert!(e.contains("registry unreachable") || e.contains("interrupted"), "{e}");
     proxy.set_mode(FaultMode::Stall);
-    let e = err(lichen(&s, &["modules", "pull", &image], ""));
+    let e = lichen_err(s.lichen(&["modules", "pull", &image], ""));
     assert!(e.contains("timed out"), "{e}");
-    let list = lichen_ok(lichen(&s, &["modules", "list"], ""));
+    let list = lichen_ok(s.lichen(&["modules", "list"], ""));
     assert!(list.contains("0 module(s)"), "nothing half-downloaded is cached: {list}");
 
     // A pod started while the blob download keeps dying waits in back-off, then runs once the
@@ -303,20 +278,20 @@ fn precompiled_artifacts_from_lichen_compile_are_imported_and_checked() {
     let file = write_wasm(s.dir.path(), "hello.wat");
     let path = file.to_str().expect("utf-8");
     let host_art = s.dir.path().join("hello.cwasm");
-    let out = lichen_ok(lichen(&s, &["compile", path, "-o", host_art.to_str().expect("utf-8")], ""));
+    let out = lichen_ok(s.lichen(&["compile", path, "-o", host_art.to_str().expect("utf-8")], ""));
     assert!(out.contains("compiled"), "{out}");
     for target in ["aarch64", "armv7"] {
         let art = s.dir.path().join(format!("hello-{target}.cwasm"));
-        lichen_ok(lichen(&s, &["compile", "--target", target, path, "-o", art.to_str().expect("utf-8")], ""));
+        lichen_ok(s.lichen(&["compile", "--target", target, path, "-o", art.to_str().expect("utf-8")], ""));
         // A board of another architecture is a different engine: its artifact is refused here.
-        let e =
-            err(lichen(&s, &["modules", "import", path, "--precompiled", art.to_str().expect("utf-8")], ""));
+        let e = lichen_err(
+            s.lichen(&["modules", "import", path, "--precompiled", art.to_str().expect("utf-8")], ""),
+        );
         assert!(e.contains("compiled for engine"), "{target}: {e}");
     }
     // An artifact of another module is refused.
     let other = write_wasm(s.dir.path(), "exit.wat");
-    let e = err(lichen(
-        &s,
+    let e = lichen_err(s.lichen(
         &[
             "modules",
             "import",
@@ -330,12 +305,13 @@ fn precompiled_artifacts_from_lichen_compile_are_imported_and_checked() {
     // Garbage is refused before anything is deserialized.
     std::fs::write(s.dir.path().join("junk.cwasm"), b"\x7fELF not really").expect("junk");
     let junk = s.dir.path().join("junk.cwasm");
-    let e = err(lichen(&s, &["modules", "import", path, "--precompiled", junk.to_str().expect("utf-8")], ""));
+    let e = lichen_err(
+        s.lichen(&["modules", "import", path, "--precompiled", junk.to_str().expect("utf-8")], ""),
+    );
     assert!(e.contains("lichen compile"), "{e}");
 
     let image = "registry.invalid/acme/hello:1";
-    let out = lichen_ok(lichen(
-        &s,
+    let out = lichen_ok(s.lichen(
         &["modules", "import", path, "--precompiled", host_art.to_str().expect("utf-8"), "--as", image],
         "",
     ));
@@ -347,16 +323,16 @@ fn precompiled_artifacts_from_lichen_compile_are_imported_and_checked() {
     assert!(status.success());
 
     // Prune keeps what a pod uses; rm refuses it without --force.
-    let e = err(lichen(&s, &["modules", "rm", image], ""));
+    let e = lichen_err(s.lichen(&["modules", "rm", image], ""));
     assert!(e.contains("used by pod(s) default/imported-test-node"), "{e}");
-    let pruned = lichen_ok(lichen(&s, &["modules", "prune", "--all"], ""));
+    let pruned = lichen_ok(s.lichen(&["modules", "prune", "--all"], ""));
     assert!(pruned.contains("removed 0 module(s)"), "{pruned}");
     std::fs::remove_file(s.pods.join("imported.yaml")).expect("rm pod");
     let agent = s.start();
     agent.wait_log(&["forgetting pod whose source is gone"], T);
     let (status, _) = agent.stop();
     assert!(status.success());
-    let pruned = lichen_ok(lichen(&s, &["modules", "prune", "--all"], ""));
+    let pruned = lichen_ok(s.lichen(&["modules", "prune", "--all"], ""));
     assert!(pruned.contains("removed 1 module(s)"), "{pruned}");
 }
 
@@ -369,13 +345,13 @@ fn https_registries_are_verified_against_the_system_roots_and_the_configured_ca(
     // Without the CA the certificate is unknown: refused, never downgraded to plain HTTP.
     let plain = scratch(&[], "");
     let path = file(&plain);
-    let e = err(lichen(&plain, &["push", path.to_str().expect("utf-8"), &image], ""));
+    let e = lichen_err(plain.lichen(&["push", path.to_str().expect("utf-8"), &image], ""));
     assert!(e.to_lowercase().contains("certificate"), "names the TLS failure: {e}");
 
     let ca = reg.ca_file();
     let s = scratch(&[], &format!("registry_ca_files = [{:?}]\n", ca.display().to_string()));
     let path = file(&s);
-    lichen_ok(lichen(&s, &["push", path.to_str().expect("utf-8"), &image], ""));
+    lichen_ok(s.lichen(&["push", path.to_str().expect("utf-8"), &image], ""));
     let agent = s.start();
     static_pod(&s, "secure", &image, "");
     wait_for(T, "the module pulled over HTTPS", || hello_ran(&s, "secure"));
@@ -384,6 +360,6 @@ fn https_registries_are_verified_against_the_system_roots_and_the_configured_ca(
     // The same registry named in a pinned URL over https.
     let digest = sha256_digest(&wasm("hello.wat"));
     let url = format!("https://{}/v2/secure/hello/blobs/{digest}@{digest}", reg.host());
-    let out = lichen_ok(lichen(&s, &["modules", "pull", &url], ""));
+    let out = lichen_ok(s.lichen(&["modules", "pull", &url], ""));
     assert!(out.contains(&digest), "{out}");
 }

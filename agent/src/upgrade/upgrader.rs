@@ -103,7 +103,15 @@ impl Upgrader {
                 Ok(node) => break node,
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %crate::api_error::brief(&e), retry_in_ms = delay.as_millis() as u64, "cannot report the agent's version on the Node; retrying");
+                    // The registrar creates the Node alongside: at first start it may not be there yet.
+                    if matches!(&e, kube::Error::Api(s) if s.code == 404) {
+                        tracing::debug!(
+                            retry_in_ms = delay.as_millis() as u64,
+                            "the Node is not registered yet"
+                        );
+                    } else {
+                        tracing::warn!(error = %crate::api_error::brief(&e), retry_in_ms = delay.as_millis() as u64, "cannot report the agent's version on the Node; retrying");
+                    }
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
