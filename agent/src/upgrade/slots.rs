@@ -228,9 +228,12 @@ impl Slots {
         self.dir.join("versions").join(digest).join("lichen")
     }
 
-    /// Whether `slot`'s binary is on disk.
+    /// Whether `slot`'s binary is on disk. A digest that is not 64 hex digits names no slot: the
+    /// record never sends the launcher outside `versions/`.
     pub fn exists(&self, slot: &Slot) -> bool {
-        self.binary(&slot.digest).is_file()
+        let hex =
+            slot.digest.len() == 64 && slot.digest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        hex && self.binary(&slot.digest).is_file()
     }
 
     /// The record; an absent file is an empty record.
@@ -450,6 +453,10 @@ mod tests {
             assert!(staged.is_file());
         }
         assert_eq!(slots.staged(), ["aa", "bb", "cc"]);
+        // Only a sha256 names a slot the launcher may exec.
+        assert!(!slots.exists(&slot("aa", "0.2.0")), "not a digest");
+        let traversal = Slot { image: "x".into(), digest: "../../../bin".into(), version: "0".into() };
+        assert!(!slots.exists(&traversal));
         slots.prune(&["bb", "cc"]);
         assert_eq!(slots.staged(), ["bb", "cc"]);
         use std::os::unix::fs::PermissionsExt;
