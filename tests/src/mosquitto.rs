@@ -252,6 +252,9 @@ pub struct Received {
     pub payload: Vec<u8>,
     /// Whether the broker flagged it retained.
     pub retain: bool,
+    /// Whether the broker flagged it a redelivery (DUP: sent again after this subscriber's
+    /// reconnection, as QoS 1 allows).
+    pub dup: bool,
 }
 
 /// An MQTT client with a persistent session (QoS 1) on the broker's plain listener, recording
@@ -302,6 +305,7 @@ impl Subscriber {
                             topic: p.topic.clone(),
                             payload: p.payload.to_vec(),
                             retain: p.retain,
+                            dup: p.dup,
                         })
                     }
                     Ok(_) => {}
