@@ -31,9 +31,8 @@ fn stamped(dir: &Path, id: &str) -> (PathBuf, String) {
 }
 
 fn sha256_hex(path: &Path) -> String {
-    use sha2::{Digest, Sha256};
-    let bytes = std::fs::read(path).expect("read");
-    Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+    let digest = lichen_tests::registry::sha256_digest(&std::fs::read(path).expect("read"));
+    digest.trim_start_matches("sha256:").to_owned()
 }
 
 /// Stages `binary` as the upgrade's download would, and records a trial of it with `boots`.
@@ -62,6 +61,20 @@ fn running_version(s: &Scratch) -> Option<String> {
     let out = s.status_output();
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     (status["agent_running"] == true).then(|| status["agent_version"].as_str().map(str::to_owned)).flatten()
+}
+
+/// Waits until the packaged agent (the test build, no upgrade) answers as running; its process
+/// must run the test build's own binary.
+fn wait_packaged(s: &Scratch, pid: u32) {
+    wait_for(T, "the packaged agent to run", || {
+        running_version(s).filter(|v| *v == lichen::version::version())
+    });
+    assert_eq!(exe(pid), packaged_exe(), "the packaged binary runs");
+}
+
+/// The test build's own binary: the packaged launcher in these tests.
+fn packaged_exe() -> PathBuf {
+    std::fs::canonicalize(lichen_bin()).expect("canonical")
 }
 
 fn exe(pid: u32) -> PathBuf {
@@ -106,10 +119,7 @@ fn a_new_agent_that_died_on_trial_is_rolled_back_and_not_tried_again() {
     // power cut.
     stage_trial(&s, &v2, &version, 1, false);
     let agent = s.start();
-    wait_for(T, "the packaged agent to run", || {
-        running_version(&s).filter(|v| *v == lichen::version::version())
-    });
-    assert_eq!(exe(agent.pid()), std::fs::canonicalize(lichen_bin()).expect("canonical"));
+    wait_packaged(&s, agent.pid());
     let r = record(&s);
     assert_eq!(r.trial, None);
     assert_eq!(r.refused.as_deref(), Some(IMAGE), "not tried again until the annotation changes");
@@ -135,9 +145,7 @@ fn a_new_agent_that_exits_at_start_is_rolled_back_by_the_next_start() {
     assert_eq!(status.code(), Some(3), "the process the launcher exec'ed was the broken agent");
     // systemd restarts the service: the launcher finds the trial booted and rolls back.
     let agent = s.start();
-    wait_for(T, "the packaged agent to run", || {
-        running_version(&s).filter(|v| *v == lichen::version::version())
-    });
+    wait_packaged(&s, agent.pid());
     let report = record(&s).report.expect("an outcome");
     assert_eq!((report.phase, report.version.as_deref()), (Phase::RolledBack, Some("0.9.0")));
     assert!(agent.stop().0.success());
@@ -156,10 +164,8 @@ fn a_new_agent_failing_its_health_gate_hands_back_to_the_version_before() {
     });
     assert!(report.reason.contains("health gate timed out"), "{}", report.reason);
     assert!(report.reason.contains("API server"), "{}", report.reason);
-    wait_for(T, "the version before to run in the same process", || {
-        running_version(&s).filter(|v| *v == lichen::version::version())
-    });
-    assert_eq!(exe(agent.pid()), std::fs::canonicalize(lichen_bin()).expect("canonical"));
+    // The version before, in the same process.
+    wait_packaged(&s, agent.pid());
     assert_eq!(record(&s).committed, None);
     assert!(agent.stop().0.success());
 }
@@ -365,7 +371,7 @@ async fn unsigned_wrongly_signed_unpinned_foreign_and_missing_images_are_refused
     let failed = events.iter().filter(|(r, t, _)| r == "UpgradeFailed" && t == "Warning").count();
     assert_eq!(failed, cases.len(), "{events:?}");
     // Nothing was switched: the agent that started is the one running.
-    assert_eq!(exe(agent.pid()), std::fs::canonicalize(lichen_bin()).expect("canonical"));
+    assert_eq!(exe(agent.pid()), packaged_exe());
     assert!(Slots::new(&StateLayout::new(&s.state)).staged().is_empty(), "nothing was staged");
     assert!(agent.stop().0.success());
 }
