@@ -75,7 +75,7 @@ pub async fn push_file(
     let Ok(ModuleSource::Oci(r)) = parse_image(reference, ImageOrigin::Cluster, &config.modules) else {
         return Err(CliError::NotOci(reference.to_owned()));
     };
-    let credential = login.map(|(username, password)| Credential::Basic { username, password });
+    let credential = credential(login);
     let fetcher = Fetcher::new(&config.modules)?;
     let size = wasm.len();
     let digest = ModuleDigest::of(&wasm);
@@ -85,6 +85,11 @@ pub async fn push_file(
         file.display(),
         r.whole()
     ))
+}
+
+/// The registry credential of a login [`read_login`] read, for pushes.
+pub fn credential(login: Option<(String, String)>) -> Option<Credential> {
+    login.map(|(username, password)| Credential::Basic { username, password })
 }
 
 /// User name from the flag or LICHEN_REGISTRY_USERNAME; password from stdin (`--password-stdin`)

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use super::CliError;
 use crate::config::AgentConfig;
-use crate::modules::Credential;
 use crate::upgrade::IMAGE_ANNOTATION;
 use crate::upgrade::registry::{AgentRegistry, UpgradeFetchError, parse_reference};
 use crate::upgrade::signature::SigningKey;
@@ -24,7 +23,7 @@ pub async fn push_agent(
     // A bad key is reported before anything is pushed.
     let key = sign_key.map(SigningKey::load).transpose().map_err(UpgradeFetchError::from)?;
     let reference = parse_reference(reference)?;
-    let credential = login.map(|(username, password)| Credential::Basic { username, password });
+    let credential = super::modules::credential(login);
     let registry = AgentRegistry::new(&config.modules)?;
     let pushed = registry.push_agent(&reference, binaries, credential.as_ref()).await?;
     let mut out = String::new();
@@ -51,7 +50,7 @@ pub async fn sign(
 ) -> Result<String, CliError> {
     let key = SigningKey::load(key).map_err(UpgradeFetchError::from)?;
     let reference = parse_reference(reference)?;
-    let credential = login.map(|(username, password)| Credential::Basic { username, password });
+    let credential = super::modules::credential(login);
     let registry = AgentRegistry::new(&config.modules)?;
     let sig = registry.push_signature(&reference, &key, credential.as_ref()).await?;
     Ok(format!("signed {}: {sig}\n", reference.whole()))

@@ -67,6 +67,8 @@ impl HealthGate {
 #[derive(Debug)]
 pub struct AgentSwitch {
     slots: Slots,
+    /// The digest of the slot this process was `exec`ed as; `None` for the packaged binary.
+    slot: Option<String>,
     /// The packaged binary, for the way back; `None` if it cannot be known.
     launcher: Option<PathBuf>,
     trial: Mutex<Option<Trial>>,
@@ -94,6 +96,10 @@ impl AgentSwitch {
         let switch = |trial| {
             Arc::new(AgentSwitch {
                 slots: slots.clone(),
+                slot: match &me {
+                    Identity::Slot(d) => Some(d.clone()),
+                    Identity::Launcher => None,
+                },
                 launcher: launcher.clone(),
                 trial: Mutex::new(trial),
                 handover: false.into(),
@@ -152,6 +158,11 @@ impl AgentSwitch {
     /// Says an outcome awaits reporting (kept until someone waits, like a permit).
     pub fn outcome_pending(&self) {
         self.decided.notify_one();
+    }
+
+    /// The digest of the staged version this process runs, if it is one (else the packaged binary).
+    pub fn slot(&self) -> Option<&str> {
+        self.slot.as_deref()
     }
 
     /// The slots on disk.

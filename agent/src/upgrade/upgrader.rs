@@ -328,7 +328,7 @@ impl Upgrader {
     async fn report_start(&self, client: &ClusterClient) -> Result<Node, kube::Error> {
         let api: Api<Node> = Api::all(client.current());
         let node = api.get(&self.node).await?;
-        let digest = own_digest().await;
+        let digest = own_digest(&self.switch).await;
         let version = BTreeMap::from([(
             VERSION_ANNOTATION.to_owned(),
             super::version_annotation(&crate::version::version(), &digest),
@@ -439,15 +439,19 @@ fn event_message(reason: EventReason, report: &UpgradeReport) -> String {
     }
 }
 
-/// The sha256 (hex) of this process's own binary.
-async fn own_digest() -> String {
+/// The sha256 (hex) of this process's own binary: a staged version knows it (its slot), the
+/// packaged one reads and hashes itself once.
+async fn own_digest(switch: &AgentSwitch) -> String {
+    if let Some(digest) = switch.slot() {
+        return digest.to_owned();
+    }
     tokio::task::spawn_blocking(|| {
         use sha2::{Digest, Sha256};
         let path = std::env::current_exe().ok()?;
         let mut file = std::fs::File::open(path).ok()?;
         let mut hasher = Sha256::new();
         std::io::copy(&mut file, &mut hasher).ok()?;
-        Some(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>())
+        Some(crate::store::ModuleDigest(hasher.finalize().into()).hex())
     })
     .await
     .ok()
