@@ -31,7 +31,7 @@ NEEDS=(
   "setpriv|util-linux|the permission test drops root to run the agent as nobody"
   "docker-registry|docker-registry|the OCI pull tests run a real registry (distribution 2.8)"
   "htpasswd|apache2-utils|the registry tests make its bcrypt htpasswd file"
-  "openssl|openssl|the TLS tests make their CAs (the HTTPS registry, the MQTT broker)"
+  "openssl|openssl|the TLS tests make their CAs (the HTTPS registry, the MQTT broker); the upgrade tests their signing keys"
   "mosquitto|mosquitto|the MQTT telemetry tests run a real broker (mosquitto 2.0)"
   "curl|curl|the kubelet API tests call the node over TLS as an operator would"
   "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1|libfaketime|the clock-jump test moves the agent's wall clock"
