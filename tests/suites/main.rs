@@ -12,6 +12,7 @@ mod agent_image;
 mod cross;
 mod fake_cluster;
 mod hostile;
+mod link;
 mod main_loop;
 mod mqtt;
 mod operate;

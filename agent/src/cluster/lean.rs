@@ -1,14 +1,24 @@
 //! Writes whose answer the agent does not need: the Lease renewal every 10 s, node status, pod
 //! status. kube's typed `patch` asks for JSON and decodes the whole object the server sends back
-//! (a Lease with its managed fields is about 550 bytes, a Node several KB). Here the answer is
-//! asked for in the API server's protobuf encoding, about half the size, and dropped unread when
-//! the write succeeded; a failure's `Status` is decoded (protobuf or JSON) into the same
-//! `kube::Error::Api` a typed call returns, so callers handle errors exactly as before.
+//! (a Lease with its managed fields is about 550 bytes, a Node several KB). Here:
+//! - the write goes on the lean connection ([`super::client::LeanWrite`]), whose HTTP/2 streams have
+//!   no receive window: the server sends the response head, and its body waits for a window that
+//!   never opens; a success is known from the status code, and the stream is then cancelled, so
+//!   the object never crosses the link;
+//! - a failure's `Status` is held back the same way, so a failed write is sent once more on the
+//!   full connection, whose answer carries it; the caller gets the same `kube::Error::Api` a typed
+//!   call returns (code, reason, message) and handles errors exactly as before. Failures are rare
+//!   (a Lease deleted by hand, a pod gone), and repeating a merge patch that was refused is safe;
+//! - the answer is asked for in the API server's protobuf encoding (about half the size of JSON),
+//!   for a server that speaks only HTTP/1.1, where the body is read (the connection is reused only
+//!   once it has been).
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::header::{ACCEPT, CONTENT_TYPE};
 use kube::core::Status;
+
+use super::client::LeanWrite;
 
 /// Protobuf first; JSON for a server or resource that has no protobuf encoding (custom resources).
 const ACCEPT_LEAN: &str = "application/vnd.kubernetes.protobuf, application/json";
@@ -21,19 +31,41 @@ pub async fn merge_patch(
     patch: &serde_json::Value,
 ) -> Result<(), kube::Error> {
     let body = serde_json::to_vec(patch).map_err(kube::Error::SerdeError)?;
-    let request = hyper::Request::patch(path)
-        .header(CONTENT_TYPE, "application/merge-patch+json")
-        .header(ACCEPT, ACCEPT_LEAN)
-        .body(kube::client::Body::from(body))
-        .map_err(kube::Error::HttpError)?;
-    let response = client.send(request).await?;
+    let request = |lean: bool| {
+        let mut request = hyper::Request::patch(path)
+            .header(CONTENT_TYPE, "application/merge-patch+json")
+            .header(ACCEPT, ACCEPT_LEAN)
+            .body(kube::client::Body::from(body.clone()))
+            .map_err(kube::Error::HttpError)?;
+        if lean {
+            request.extensions_mut().insert(LeanWrite);
+        }
+        Ok::<_, kube::Error>(request)
+    };
+    let response = client.send(request(true)?).await?;
+    let windowless = response.version() == hyper::Version::HTTP_2;
+    if windowless {
+        if response.status().is_success() {
+            // Dropping the body cancels the stream (RST_STREAM): the server discards the object.
+            return Ok(());
+        }
+        drop(response);
+        let again = client.send(request(false)?).await?;
+        return finish(again).await;
+    }
+    finish(response).await
+}
+
+/// `Ok` for a success, else the `Status` the body holds as `kube::Error::Api`; the body is read to
+/// the end either way (an HTTP/1.1 connection is reused only then, an HTTP/2 stream's window is
+/// returned only then).
+async fn finish(response: hyper::Response<kube::client::Body>) -> Result<(), kube::Error> {
     let code = response.status();
     let is_protobuf = response
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|t| t.starts_with("application/vnd.kubernetes.protobuf"));
-    // Read to the end either way: an HTTP/2 stream's window is returned only once its data is read.
     let body = response.into_body().collect().await?.to_bytes();
     if code.is_success() {
         return Ok(());
