@@ -317,6 +317,11 @@ pub async fn run(
         HealthGate::new(timeout, t.had_contact)
     });
     let mut gate_tick = interval(GATE_POLL);
+    // Start-up's code pages go back once the agent has been ready for a while (heap.rs), off the
+    // loop. Once: a page that later work reads back is part of what the node runs.
+    let release_code = tokio::time::sleep(Duration::ZERO); // armed (reset) at ready
+    let mut release_code = std::pin::pin!(release_code);
+    let mut release_code_armed = false;
     loop {
         // Fed here, where the loop proves it still turns: a wedged loop stops the feeding and
         // systemd restarts the agent. (systemd arms the watchdog at READY=1.) Nothing below waits
@@ -373,6 +378,8 @@ pub async fn run(
             }
             notifier.ready(&status);
             ready = true;
+            release_code.as_mut().reset(tokio::time::Instant::now() + RELEASE_CODE_AFTER);
+            release_code_armed = true;
         } else if ready && status != shown_status {
             notifier.status(&status);
         }
@@ -418,6 +425,13 @@ pub async fn run(
             _ = ready_poll.tick(), if !ready => {}
             _ = watchdog_tick.tick(), if watchdog.is_some() => {}
             _ = gate_tick.tick(), if gate.is_some() => {}
+            () = &mut release_code, if release_code_armed => {
+                release_code_armed = false;
+                tracker.spawn_blocking(|| match crate::heap::release_code_pages() {
+                    Ok(bytes) => tracing::info!(mapped_kib = bytes / 1024, "released start-up code pages"),
+                    Err(e) => tracing::debug!(error = %e, "cannot release start-up code pages"),
+                });
+            }
         }
     }
 
@@ -451,6 +465,9 @@ const OFFLINE_CHECK: Duration = Duration::from_secs(5);
 /// ready: a module stuck behind an unreachable registry must not hold the whole service in
 /// "activating" until systemd gives up and restarts it.
 const READY_WAIT: Duration = Duration::from_secs(60);
+/// From ready to giving back start-up's code pages: the first heartbeat, node status and pod
+/// watch are done by then on a working link, and resumed pods have run their first instructions.
+const RELEASE_CODE_AFTER: Duration = Duration::from_secs(10);
 
 /// How often an agent on trial looks at its health gate, at least.
 const GATE_POLL: Duration = Duration::from_secs(1);
