@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::{Event, EventSource, Node, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PartialObjectMeta, PostParams};
 use kube::runtime::watcher::{self, Event as WatchEvent};
 use tokio_util::sync::CancellationToken;
 
@@ -120,15 +120,20 @@ impl Upgrader {
             }
         };
         if !self.upgrade.enabled() {
-            // No watch on a node that refuses every upgrade anyway (a watch of the Node costs
-            // about a mebibyte a day on the link): an annotation set before this start is refused
-            // now, one set later at the next start.
-            let image = node.metadata.annotations.as_ref().and_then(|a| a.get(IMAGE_ANNOTATION)).cloned();
+            // No watch on a node that refuses every upgrade anyway (each node status refresh,
+            // every 5 minutes, would come back on it as an event): an annotation set before this
+            // start is refused now, one set later at the next start.
+            let image = node.annotations.as_ref().and_then(|a| a.get(IMAGE_ANNOTATION)).cloned();
             self.on_annotation(&client, &node, image.as_deref(), &cancel).await;
             return;
         }
+        // The Node's metadata only (annotations are all this reads): each status refresh comes
+        // back on this watch, without the status.
         let config = watcher::Config::default().fields(&format!("metadata.name={}", self.node));
-        let mut stream = std::pin::pin!(watcher::watcher(Api::<Node>::all(client.current()), config.clone()));
+        let mut stream = std::pin::pin!(watcher::watcher(
+            Api::<PartialObjectMeta<Node>>::all(client.current()),
+            config.clone()
+        ));
         // `None` until the first event: the Node as found at start is acted on even without the
         // annotation, so that one removed while the agent was down clears a refusal of its image
         // (else the same image set again would never be tried).
@@ -144,13 +149,13 @@ impl Upgrader {
                 // A renewed certificate: watch again with the new client, whose connections carry
                 // it (the re-list is acted on like any event; an unchanged annotation is skipped).
                 () = client.changed() => {
-                    stream.set(watcher::watcher(Api::<Node>::all(client.current()), config.clone()));
+                    stream.set(watcher::watcher(Api::<PartialObjectMeta<Node>>::all(client.current()), config.clone()));
                     continue;
                 }
                 e = stream.try_next() => e,
             };
             let node = match event {
-                Ok(Some(WatchEvent::Apply(n) | WatchEvent::InitApply(n))) => n,
+                Ok(Some(WatchEvent::Apply(n) | WatchEvent::InitApply(n))) => n.metadata,
                 Ok(Some(_)) => continue,
                 Ok(None) => return,
                 Err(e) => {
@@ -164,7 +169,7 @@ impl Upgrader {
                 }
             };
             backoff.reset();
-            let image = node.metadata.annotations.as_ref().and_then(|a| a.get(IMAGE_ANNOTATION)).cloned();
+            let image = node.annotations.as_ref().and_then(|a| a.get(IMAGE_ANNOTATION)).cloned();
             if seen.as_ref() == Some(&image) {
                 continue;
             }
@@ -179,7 +184,7 @@ impl Upgrader {
     async fn on_annotation(
         &self,
         client: &ClusterClient,
-        node: &Node,
+        node: &ObjectMeta,
         image: Option<&str>,
         cancel: &CancellationToken,
     ) -> bool {
@@ -211,7 +216,7 @@ impl Upgrader {
     async fn upgrade_to(
         &self,
         client: &ClusterClient,
-        node: &Node,
+        node: &ObjectMeta,
         record: &mut SwitchRecord,
         image: &str,
         cancel: &CancellationToken,
@@ -288,7 +293,7 @@ impl Upgrader {
     async fn fail(
         &self,
         client: &ClusterClient,
-        node: &Node,
+        node: &ObjectMeta,
         record: &mut SwitchRecord,
         image: &str,
         version: Option<String>,
@@ -325,9 +330,10 @@ impl Upgrader {
     }
 
     /// The version annotation, and a pending outcome with its events.
-    async fn report_start(&self, client: &ClusterClient) -> Result<Node, kube::Error> {
+    async fn report_start(&self, client: &ClusterClient) -> Result<ObjectMeta, kube::Error> {
         let api: Api<Node> = Api::all(client.current());
-        let node = api.get(&self.node).await?;
+        // Its metadata only: the whole Node (status, images, addresses) is several KB more.
+        let node = api.get_metadata(&self.node).await?.metadata;
         let digest = own_digest(&self.switch).await;
         let version = BTreeMap::from([(
             VERSION_ANNOTATION.to_owned(),
@@ -342,10 +348,9 @@ impl Upgrader {
     async fn report_pending(
         &self,
         client: &ClusterClient,
-        node: &Node,
+        node: &ObjectMeta,
         mut annotations: BTreeMap<String, String>,
     ) -> Result<(), kube::Error> {
-        let api: Api<Node> = Api::all(client.current());
         let slots = self.switch.slots().clone();
         let record = tokio::task::spawn_blocking(move || slots.load()).await.ok().and_then(Result::ok);
         let pending = record.as_ref().filter(|r| r.report_pending).and_then(|r| r.report.clone());
@@ -354,7 +359,7 @@ impl Upgrader {
                 .insert(UPGRADE_ANNOTATION.to_owned(), serde_json::to_string(report).unwrap_or_default());
         }
         if !annotations.is_empty() {
-            patch_annotations(&api, &self.node, annotations).await?;
+            patch_annotations(client, &self.node, annotations).await?;
         }
         if let Some(report) = pending {
             let reasons: &[EventReason] = match report.phase {
@@ -379,7 +384,7 @@ impl Upgrader {
     }
 
     /// Reports an outcome decided while running (the health gate's), retrying until it is written.
-    async fn report_decided(&self, client: &ClusterClient, node: &Node, cancel: &CancellationToken) {
+    async fn report_decided(&self, client: &ClusterClient, node: &ObjectMeta, cancel: &CancellationToken) {
         let mut backoff = RetryBackoff::new(Duration::from_secs(1), Duration::from_secs(60));
         while let Err(e) = self.report_pending(client, node, BTreeMap::new()).await {
             let delay = backoff.next_delay();
@@ -396,7 +401,7 @@ impl Upgrader {
     async fn publish(
         &self,
         client: &ClusterClient,
-        node: &Node,
+        node: &ObjectMeta,
         report: &UpgradeReport,
         reasons: &[EventReason],
     ) -> bool {
@@ -412,12 +417,11 @@ impl Upgrader {
 
     /// Writes `report` to the Node's [`UPGRADE_ANNOTATION`]; whether it went through.
     async fn annotate(&self, client: &ClusterClient, report: &UpgradeReport) -> bool {
-        let api: Api<Node> = Api::all(client.current());
         let annotations = BTreeMap::from([(
             UPGRADE_ANNOTATION.to_owned(),
             serde_json::to_string(report).unwrap_or_default(),
         )]);
-        match patch_annotations(&api, &self.node, annotations).await {
+        match patch_annotations(client, &self.node, annotations).await {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(error = %crate::api_error::brief(&e), "cannot write the upgrade's outcome on the Node");
@@ -459,23 +463,25 @@ async fn own_digest(switch: &AgentSwitch) -> String {
     .unwrap_or_default()
 }
 
+/// Merges `annotations` into the Node's; the Node the server answers with is not read
+/// ([`crate::cluster::lean`]).
 async fn patch_annotations(
-    api: &Api<Node>,
+    client: &ClusterClient,
     node: &str,
     annotations: BTreeMap<String, String>,
 ) -> Result<(), kube::Error> {
     let patch = serde_json::json!({ "metadata": { "annotations": annotations } });
-    api.patch(node, &PatchParams::default(), &Patch::Merge(&patch)).await.map(drop)
+    crate::cluster::lean::merge_patch(&client.current(), &format!("/api/v1/nodes/{node}"), &patch).await
 }
 
 /// Records an Event on the Node, as the kubelet records node events (namespace `default`).
 async fn record_event(
     client: &ClusterClient,
-    node: &Node,
+    node: &ObjectMeta,
     reason: EventReason,
     message: &str,
 ) -> Result<(), kube::Error> {
-    let name = node.metadata.name.clone().unwrap_or_default();
+    let name = node.name.clone().unwrap_or_default();
     let now = jiff::Timestamp::now();
     let event = Event {
         metadata: ObjectMeta {
@@ -487,7 +493,7 @@ async fn record_event(
             api_version: Some("v1".into()),
             kind: Some("Node".into()),
             name: Some(name.clone()),
-            uid: node.metadata.uid.clone(),
+            uid: node.uid.clone(),
             ..ObjectReference::default()
         },
         reason: Some(reason.as_str().into()),
