@@ -40,12 +40,15 @@ pub fn release_free_memory() {
 /// 7.1 MiB 30 s after this call, the idle loop having read back what it uses.
 ///
 /// Only the executable's own mappings are advised (shared libraries' pages serve other processes
-/// too). Kernels before 5.4 do not know `MADV_PAGEOUT` and answer with an error.
+/// too). Kernels before 5.4 do not know `MADV_PAGEOUT` and answer with an error; QEMU's user-mode
+/// emulation takes the advice and ignores it.
 pub fn release_code_pages() -> std::io::Result<u64> {
     #[cfg(target_os = "linux")]
     {
-        use std::os::unix::fs::MetadataExt as _;
-        let exe = std::fs::metadata("/proc/self/exe")?.ino();
+        // The link's text, as maps shows the path (both say " (deleted)" once an upgrade or a
+        // package replaced the file); an emulator answers for its guest in both.
+        let exe = std::fs::read_link("/proc/self/exe")?;
+        let exe = exe.to_str().ok_or_else(|| std::io::Error::other("executable path is not UTF-8"))?;
         let maps = std::fs::read_to_string("/proc/self/maps")?;
         let mut advised = 0;
         for (start, end) in own_mappings(&maps, exe) {
@@ -58,14 +61,15 @@ pub fn release_code_pages() -> std::io::Result<u64> {
     Ok(0)
 }
 
-/// The address ranges of `/proc/self/maps` lines that map inode `exe` without write permission.
-fn own_mappings(maps: &str, exe: u64) -> Vec<(usize, usize)> {
+/// The address ranges of `/proc/self/maps` lines that map the file `exe` without write permission.
+fn own_mappings(maps: &str, exe: &str) -> Vec<(usize, usize)> {
     maps.lines()
         .filter_map(|line| {
+            // The path is the rest of the line from its first '/': no field before it has one.
+            let path = &line[line.find('/')?..];
             let mut fields = line.split_whitespace();
             let (range, perms) = (fields.next()?, fields.next()?);
-            let inode: u64 = fields.nth(2)?.parse().ok()?;
-            if inode != exe || perms.contains('w') {
+            if path != exe || perms.contains('w') {
                 return None;
             }
             let (start, end) = range.split_once('-')?;
@@ -131,12 +135,12 @@ mod tests {
 7f0000200000-7f0000300000 r-xp 00000000 fd:01 4242 /var/lib/lichen/agent/versions/ab/lichen (deleted)
 ";
         assert_eq!(
-            own_mappings(maps, 4242),
-            vec![
-                (0x55d0a0000000, 0x55d0a0200000),
-                (0x55d0a0200000, 0x55d0a1000000),
-                (0x7f0000200000, 0x7f0000300000)
-            ]
+            own_mappings(maps, "/usr/bin/lichen"),
+            vec![(0x55d0a0000000, 0x55d0a0200000), (0x55d0a0200000, 0x55d0a1000000)]
+        );
+        assert_eq!(
+            own_mappings(maps, "/var/lib/lichen/agent/versions/ab/lichen (deleted)"),
+            vec![(0x7f0000200000, 0x7f0000300000)]
         );
     }
 
