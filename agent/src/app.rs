@@ -317,11 +317,13 @@ pub async fn run(
         HealthGate::new(timeout, t.had_contact)
     });
     let mut gate_tick = interval(GATE_POLL);
-    // Start-up's code pages go back once the agent has been ready for a while (heap.rs), off the
-    // loop. Once: a page that later work reads back is part of what the node runs.
+    // The code pages start-up, or a burst of pod work, ran go back once that work has been over
+    // for a while (heap.rs), off the loop, and at most once per RELEASE_CODE_EVERY: a page read
+    // back in is a read of the binary (from the SD card, if the kernel dropped it meanwhile).
     let release_code = tokio::time::sleep(Duration::ZERO); // armed (reset) at ready
     let mut release_code = std::pin::pin!(release_code);
     let mut release_code_armed = false;
+    let mut code_released: Option<tokio::time::Instant> = None;
     loop {
         // Fed here, where the loop proves it still turns: a wedged loop stops the feeding and
         // systemd restarts the agent. (systemd arms the watchdog at READY=1.) Nothing below waits
@@ -384,6 +386,13 @@ pub async fn run(
             notifier.status(&status);
         }
         shown_status = status;
+        if manager.take_burst_ended() && ready {
+            // Re-armed by each burst's end: a node churning pods keeps its code until it pauses.
+            let at = tokio::time::Instant::now() + RELEASE_CODE_AFTER;
+            let at = code_released.map_or(at, |last| at.max(last + RELEASE_CODE_EVERY));
+            release_code.as_mut().reset(at);
+            release_code_armed = true;
+        }
         if let Some(g) = &gate {
             let contact_ok = contact.snapshot().last_ok.is_some();
             match g.look(Instant::now(), !first && preparing == 0, contact_ok) {
@@ -427,9 +436,10 @@ pub async fn run(
             _ = gate_tick.tick(), if gate.is_some() => {}
             () = &mut release_code, if release_code_armed => {
                 release_code_armed = false;
+                code_released = Some(tokio::time::Instant::now());
                 tracker.spawn_blocking(|| match crate::heap::release_code_pages() {
-                    Ok(bytes) => tracing::info!(mapped_kib = bytes / 1024, "released start-up code pages"),
-                    Err(e) => tracing::debug!(error = %e, "cannot release start-up code pages"),
+                    Ok(bytes) => tracing::info!(mapped_kib = bytes / 1024, "released idle code pages"),
+                    Err(e) => tracing::debug!(error = %e, "cannot release idle code pages"),
                 });
             }
         }
@@ -465,9 +475,12 @@ const OFFLINE_CHECK: Duration = Duration::from_secs(5);
 /// ready: a module stuck behind an unreachable registry must not hold the whole service in
 /// "activating" until systemd gives up and restarts it.
 const READY_WAIT: Duration = Duration::from_secs(60);
-/// From ready to giving back start-up's code pages: the first heartbeat, node status and pod
-/// watch are done by then on a working link, and resumed pods have run their first instructions.
+/// From ready, or from the end of a burst of pod work, to giving back the code pages it ran: the
+/// first heartbeat, node status and pod watch are done by then on a working link, and new pods
+/// have run their first instructions.
 const RELEASE_CODE_AFTER: Duration = Duration::from_secs(10);
+/// The least time between two such releases: each costs reading back what the node runs next.
+const RELEASE_CODE_EVERY: Duration = Duration::from_secs(60);
 
 /// How often an agent on trial looks at its health gate, at least.
 const GATE_POLL: Duration = Duration::from_secs(1);

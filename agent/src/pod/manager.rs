@@ -190,8 +190,10 @@ pub struct PodManager {
     lane_busy: bool,
     /// A [`PodManager::forget_absent`] waiting for the lane.
     forget: Option<(Vec<DesiredPod>, SourceKind)>,
-    /// Whether a pod was removed since the allocator last gave freed memory back.
+    /// Whether a pod was admitted or removed since the allocator last gave freed memory back.
     freed: bool,
+    /// Whether a burst of admissions or removals ended since [`PodManager::take_burst_ended`].
+    burst_ended: bool,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -214,6 +216,7 @@ impl PodManager {
             lane_busy: false,
             forget: None,
             freed: false,
+            burst_ended: false,
             tracker,
             cancel,
         }
@@ -359,6 +362,8 @@ impl PodManager {
         match self.in_flight.remove(&id) {
             Some(Work::Batch(keys)) => {
                 self.lane_busy = false;
+                // Admitting frees much too: each module's artifact and load buffers.
+                self.freed = true;
                 // Whatever the batch left undecided (it failed) is tried again by the next sync.
                 for key in keys {
                     match self.pods.get_mut(&key) {
@@ -376,12 +381,14 @@ impl PodManager {
             }
             None => {}
         }
-        // Removed pods' memory goes back to the system once the last removal of a burst is done:
+        // Removed pods' memory, and what admitting a burst used for a while, goes back to the
+        // system once the last admission or removal of a burst is done:
         // the allocator keeps freed pages otherwise, and a node churning Jobs would look like it
         // leaked (100 pods created and deleted left 17 MiB more than idle, and each further 100
         // another 2.5 MiB). Off the loop: it takes milliseconds.
         if self.freed && self.work.is_empty() {
             self.freed = false;
+            self.burst_ended = true;
             self.tracker.spawn_blocking(crate::heap::release_free_memory);
         }
     }
@@ -444,6 +451,13 @@ impl PodManager {
     }
 
     /// Whether a worker for this pod is still running (or about to, or still being removed).
+    /// Whether a burst of pod work (admissions, removals) has ended since the last call: the code
+    /// that ran for it is idle now (see `heap::release_code_pages`).
+    pub fn take_burst_ended(&mut self) -> bool {
+        std::mem::take(&mut self.burst_ended)
+    }
+
+    /// Whether the pod `key` with `uid` runs.
     pub fn is_running(&self, key: &str, uid: &str) -> bool {
         self.removing.get(key).is_some_and(|u| u == uid)
             || match self.pods.get(key) {

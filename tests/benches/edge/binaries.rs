@@ -44,14 +44,25 @@ pub async fn run(report: &mut Report) {
     }
     for (triple, allowed) in lines {
         let binary = target_dir.join(&triple).join("release/lichen");
+        // The aims, beside the budget line CI holds each build to.
+        let aim = if triple.starts_with("armv7") { 10 << 20 } else { 12 << 20 };
         match std::fs::metadata(&binary) {
-            Ok(m) => report.aim(
-                SECTION,
-                format!("{triple} release binary, stripped"),
-                format!("{} ({} bytes)", mib(m.len()), m.len()),
-                &format!("≤ {}", mib(allowed)),
-                m.len() <= allowed,
-            ),
+            Ok(m) => {
+                report.aim(
+                    SECTION,
+                    format!("{triple} release binary, stripped"),
+                    format!("{} ({} bytes)", mib(m.len()), m.len()),
+                    &format!("≤ {}", mib(aim)),
+                    m.len() <= aim,
+                );
+                report.aim(
+                    SECTION,
+                    "… against its line in cross/size-budget (checked in CI)",
+                    format!("{} bytes", m.len()),
+                    &format!("≤ {allowed} bytes ({})", mib(allowed)),
+                    m.len() <= allowed,
+                );
+            }
             Err(_) => report.skipped(
                 SECTION,
                 format!("{triple}: no {} (run `bash cross/build.sh build`)", binary.display()),

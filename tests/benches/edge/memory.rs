@@ -4,13 +4,15 @@
 //! so memory that a churned pod leaves behind is a leak there.
 //!
 //! Every pod runs `tests/fixtures/idle.wat` (prints a line, then sleeps). Each reading is VmRSS from
-//! `/proc/<pid>/status` (RssAnon and RssFile beside it) taken [`SETTLE`] after the fact it follows:
-//! `lichen running` in the agent's log (right after start-up); 30 s after the agent released its
-//! start-up code pages (idle); `lichen pods` showing all 100 `Running`; `lichen pods`
+//! `/proc/<pid>/status` (RssAnon and RssFile beside it), taken [`SETTLE`] after the fact it follows:
+//! `lichen running` in the agent's log; `lichen pods` showing all 100 `Running`; `lichen pods`
 //! listing none after the manifests were removed. The settling time is part of the definition: it
 //! lets the agent finish what it does after a pod is gone, as any later reading would see it. The
-//! cycles' count is `LICHEN_BENCH_CYCLES` (20 unless set; a soak sets 1000), and one more reading
-//! is taken [`LATER`] after the last cycle.
+//! three aims (idle, with 100 pods, after deleting them) are read once the work is over: [`AFTER_RELEASE`]
+//! after the agent next gives back the code pages the work ran (heap.rs); the reading right after
+//! the fact is printed beside. The cycles' count is `LICHEN_BENCH_CYCLES` (20 unless set; a soak
+//! sets 1000), each read right after its deletion, and one more reading is taken [`LATER`] after
+//! the last cycle.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -25,8 +27,8 @@ const PODS: usize = 100;
 const CYCLES: usize = 20;
 /// From the fact a reading follows to the reading.
 const SETTLE: Duration = Duration::from_secs(2);
-/// From the agent's release of its start-up code pages to the idle reading.
-const IDLE_AFTER_RELEASE: Duration = Duration::from_secs(30);
+/// From the agent's release of idle code pages to a reading (idle, with pods, after deleting).
+const AFTER_RELEASE: Duration = Duration::from_secs(30);
 /// The reading after the last cycle.
 const LATER: Duration = Duration::from_secs(30);
 /// The longest any wait for a fact may take.
@@ -192,6 +194,18 @@ impl Node {
         self.wait("`lichen pods` to list no pod", |n| n.phases().is_some_and(|p| p.is_empty()))
     }
 
+    /// RSS [`AFTER_RELEASE`] after the agent's next release of idle code pages, its `seen`th
+    /// having been logged before (heap.rs: 10 s after start-up or a burst of pod work ends, at most
+    /// once a minute): what the node holds once the work is over and it has read back what it
+    /// runs.
+    fn after_code_release(&mut self, seen: usize) -> Result<Rss, String> {
+        self.wait("the agent to release idle code pages", |n| {
+            n.log_text().matches("released idle code pages").count() > seen
+        })?;
+        std::thread::sleep(AFTER_RELEASE.saturating_sub(SETTLE));
+        self.settled()
+    }
+
     /// RSS [`SETTLE`] from now.
     fn settled(&mut self) -> Result<Rss, String> {
         std::thread::sleep(SETTLE);
@@ -224,13 +238,7 @@ fn measure(report: &mut Report) -> Result<(), String> {
     node.wait("`lichen running` in the agent's log", |n| n.log_text().contains("lichen running"))?;
     let start_up = node.settled()?;
     report.info(SECTION, "RSS right after start-up", format!("{} ({})", start_up.text(), start_up.split()));
-    // The agent gives back start-up's code pages once it has been ready a while (heap.rs); idle is
-    // what it holds [`IDLE_AFTER_RELEASE`] later, the idle loop having read back what it runs.
-    node.wait("the agent to release its start-up code pages", |n| {
-        n.log_text().contains("released start-up code pages")
-    })?;
-    std::thread::sleep(IDLE_AFTER_RELEASE.saturating_sub(SETTLE));
-    let idle = node.settled()?;
+    let idle = node.after_code_release(0)?;
     report.aim(
         SECTION,
         "idle RSS, no pods",
@@ -241,7 +249,13 @@ fn measure(report: &mut Report) -> Result<(), String> {
     report.info(SECTION, "idle, split", idle.split());
 
     node.create()?;
-    let full = node.settled()?;
+    let fresh = node.settled()?;
+    report.info(
+        SECTION,
+        format!("RSS {SETTLE:?} after all {PODS} pods run"),
+        format!("{} ({})", fresh.text(), fresh.split()),
+    );
+    let full = node.after_code_release(1)?;
     report.aim(
         SECTION,
         format!("RSS with {PODS} idle pods"),
@@ -252,7 +266,13 @@ fn measure(report: &mut Report) -> Result<(), String> {
     report.info(SECTION, format!("{PODS} idle pods, split"), full.split());
 
     node.delete()?;
-    let after = node.settled()?;
+    let fresh = node.settled()?;
+    report.info(
+        SECTION,
+        format!("RSS {SETTLE:?} after the last pod is gone"),
+        format!("{} ({})", fresh.text(), fresh.split()),
+    );
+    let after = node.after_code_release(2)?;
     let limit = idle.total + AFTER_AIM_OVER_IDLE;
     report.aim(
         SECTION,
