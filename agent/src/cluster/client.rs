@@ -43,9 +43,12 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a PING may go unanswered before the connection is closed and its requests fail.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an unused connection stays in the pool: longer than the heartbeat's 10 s, so the
-/// heartbeat never needs a new one.
-const POOL_IDLE: Duration = Duration::from_secs(120);
+/// How long a connection no request has taken stays in the pool. hyper counts from the last
+/// request that took it, even while a stream on it (a watch) is open. The heartbeat takes the lean
+/// connection every 10 s; on the full one, an idle node's only request is the pod watch, started
+/// again when the server ends it (kube's default `timeoutSeconds`, 290 s): longer than that, so
+/// the restart finds the connection in the pool instead of opening a new one.
+const POOL_IDLE: Duration = Duration::from_secs(600);
 
 /// Why a client could not be built.
 #[derive(Debug, thiserror::Error)]
