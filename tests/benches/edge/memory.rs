@@ -71,6 +71,11 @@ impl Rss {
         format!("{:.1} MiB", self.total)
     }
 
+    /// The total with its split.
+    fn both(&self) -> String {
+        format!("{} ({})", self.text(), self.split())
+    }
+
     fn split(&self) -> String {
         format!("anon {:.1} MiB, file {:.1} MiB, {} threads", self.anon, self.file, self.threads)
     }
@@ -236,8 +241,7 @@ fn measure(report: &mut Report) -> Result<(), String> {
     println!("{SECTION}: agent {}", bin.display());
     let mut node = Node::start()?;
     node.wait("`lichen running` in the agent's log", |n| n.log_text().contains("lichen running"))?;
-    let start_up = node.settled()?;
-    report.info(SECTION, "RSS right after start-up", format!("{} ({})", start_up.text(), start_up.split()));
+    report.info(SECTION, "RSS right after start-up", node.settled()?.both());
     let idle = node.after_code_release(0)?;
     report.aim(
         SECTION,
@@ -249,12 +253,7 @@ fn measure(report: &mut Report) -> Result<(), String> {
     report.info(SECTION, "idle, split", idle.split());
 
     node.create()?;
-    let fresh = node.settled()?;
-    report.info(
-        SECTION,
-        format!("RSS {SETTLE:?} after all {PODS} pods run"),
-        format!("{} ({})", fresh.text(), fresh.split()),
-    );
+    report.info(SECTION, format!("RSS {SETTLE:?} after all {PODS} pods run"), node.settled()?.both());
     let full = node.after_code_release(1)?;
     report.aim(
         SECTION,
@@ -266,12 +265,7 @@ fn measure(report: &mut Report) -> Result<(), String> {
     report.info(SECTION, format!("{PODS} idle pods, split"), full.split());
 
     node.delete()?;
-    let fresh = node.settled()?;
-    report.info(
-        SECTION,
-        format!("RSS {SETTLE:?} after the last pod is gone"),
-        format!("{} ({})", fresh.text(), fresh.split()),
-    );
+    report.info(SECTION, format!("RSS {SETTLE:?} after the last pod is gone"), node.settled()?.both());
     let after = node.after_code_release(2)?;
     let limit = idle.total + AFTER_AIM_OVER_IDLE;
     report.aim(
