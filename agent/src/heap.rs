@@ -1,7 +1,7 @@
 //! How the process holds and gives back memory (ground floor): the allocator's free pages, and the
-//! pages of the agent's own binary that start-up read. It imports nothing from the crate; it must
-//! not decide when to give memory back, only how (its callers know when a burst of work has ended,
-//! or start-up has).
+//! pages of the agent's own binary that start-up or a burst of pod work ran. It imports nothing
+//! from the crate; it must not decide when to give memory back, only how (its callers know when a
+//! burst of work has ended, or start-up has).
 //!
 //! glibc's allocator keeps memory that was freed: each thread that allocates gets an arena (up to
 //! eight per core), and an arena returns pages to the kernel only from its top, so the pages a
@@ -32,12 +32,14 @@ pub fn release_free_memory() {
 /// Asks the kernel to reclaim the pages of the agent's own executable that are resident now;
 /// returns the bytes of mappings advised. Those pages are clean copies of the binary (code and
 /// read-only data), so nothing is lost: a page touched again is read back from the page cache, or
-/// from the disk if the kernel dropped it. Worth it once, after start-up: parsing flags and config,
-/// the join, opening the store, building TLS and the Wasmtime engine touch about 8 MiB of a 14-20
-/// MB binary that an idle node never runs again, and those pages otherwise stay in the agent's
-/// resident memory (and its cgroup's charge) until the board runs short of memory. Measured on
-/// the development machine (release, x86_64, idle, standalone): 13.5 MiB resident after start-up,
-/// 7.1 MiB 30 s after this call, the idle loop having read back what it uses.
+/// from the disk if the kernel dropped it. Worth it when work is over, not often: parsing flags
+/// and config, the join, opening the store, building TLS and the Wasmtime engine touch about 5 MiB
+/// of a 14-20 MB binary that an idle node never runs again, and a burst of pods (manifests,
+/// compiling and loading modules, WASI set-up) about as much; those pages otherwise stay in the
+/// agent's resident memory (and its cgroup's charge) until the board runs short of memory.
+/// Measured on the development machine (release, x86_64, standalone): idle, 12.8 MiB resident
+/// after start-up and 8.2 MiB 30 s after this call, the idle loop having read back what it runs;
+/// with 100 idle pods, 27.5 and 19.8 MiB.
 ///
 /// Only the executable's own mappings are advised (shared libraries' pages serve other processes
 /// too). Kernels before 5.4 do not know `MADV_PAGEOUT` and answer with an error; QEMU's user-mode

@@ -62,8 +62,9 @@ impl AsyncWrite for Counted {
     }
 }
 
-/// A TLS server offering only `h2`: `/ok` answers 200 with [`ANSWER`] bytes of object; `/missing`
-/// answers 404 with the JSON `Status` the kube-apiserver sends. Returns its port and CA (PEM).
+/// A TLS server offering only `h2`: `/ok` answers 200 with [`ANSWER`] bytes of object; `/busy`
+/// 503 and `/missing` 404, each with the JSON `Status` the kube-apiserver sends. Returns its port
+/// and CA (PEM).
 async fn h2_server(counts: Arc<Counts>) -> (u16, String) {
     let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("CA key");
     let mut params = rcgen::CertificateParams::new(vec![]).expect("CA params");
@@ -104,6 +105,12 @@ async fn h2_server(counts: Arc<Counts>) -> (u16, String) {
                             counts.patches.fetch_add(1, Ordering::Relaxed);
                         }
                         let response = match req.uri().path() {
+                            "/busy" => Response::builder()
+                                .status(StatusCode::SERVICE_UNAVAILABLE)
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from_static(
+                                    br#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"the server is overloaded","reason":"ServiceUnavailable","code":503}"#,
+                                ))),
                             "/ok" => Response::builder()
                                 .header("content-type", "application/vnd.kubernetes.protobuf")
                                 .body(Full::new(Bytes::from(vec![b'x'; ANSWER]))),
@@ -182,5 +189,15 @@ async fn lean_writes_never_download_their_answer_and_share_one_connection() {
         before + 2,
         "the lean try, then once more on the full connection"
     );
+
+    // An overloaded server is not asked twice: the caller's back-off retries.
+    let before = counts.patches.load(Ordering::Relaxed);
+    match lichen::cluster::lean::merge_patch(&client, "/busy", &patch).await {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!((s.code, s.reason.as_str()), (503, "ServiceUnavailable"), "{s:?}")
+        }
+        other => panic!("a 503 must come back as an API error, got {other:?}"),
+    }
+    assert_eq!(counts.patches.load(Ordering::Relaxed), before + 1, "a 503 is not repeated");
     assert_eq!(counts.connections.load(Ordering::Relaxed), 2, "no new connection for an error");
 }

@@ -164,8 +164,9 @@ fn build(config: &kube::Config) -> Result<Client, ClientError> {
 pub struct LeanWrite;
 
 /// Sends requests marked [`LeanWrite`] on the lean transport (a connection of its own whose HTTP/2
-/// streams have a zero receive window), everything else on the full one. Both are pools of at
-/// most one HTTP/2 connection each, kept as long as the heartbeat uses them.
+/// streams have a zero receive window), everything else on the full one. Each pool normally holds
+/// one HTTP/2 connection (requests racing at start, before ALPN has answered, can open a second,
+/// which closes once unused).
 #[derive(Clone)]
 struct Route<T> {
     full: T,

@@ -5,10 +5,12 @@
 //!   no receive window: the server sends the response head, and its body waits for a window that
 //!   never opens; a success is known from the status code, and the stream is then cancelled, so
 //!   the object never crosses the link;
-//! - a failure's `Status` is held back the same way, so a failed write is sent once more on the
-//!   full connection, whose answer carries it; the caller gets the same `kube::Error::Api` a typed
-//!   call returns (code, reason, message) and handles errors exactly as before. Failures are rare
-//!   (a Lease deleted by hand, a pod gone), and repeating a merge patch that was refused is safe;
+//! - a failure's `Status` is held back the same way, so a write refused with a 4xx is sent once
+//!   more on the full connection, whose answer carries it; the caller gets the same
+//!   `kube::Error::Api` a typed call returns (code, reason, message) and handles errors exactly as
+//!   before. Such refusals are rare (a Lease deleted by hand, a pod gone), and repeating a merge
+//!   patch that was refused is safe. A 429 or a 5xx is not repeated (an overloaded server is not
+//!   asked twice; the caller's back-off retries): its error has the code and its reason only;
 //! - the answer is asked for in the API server's protobuf encoding (about half the size of JSON),
 //!   for a server that speaks only HTTP/1.1, where the body is read (the connection is reused only
 //!   once it has been).
@@ -44,16 +46,29 @@ pub async fn merge_patch(
     };
     let response = client.send(request(true)?).await?;
     let windowless = response.version() == hyper::Version::HTTP_2;
-    if windowless {
-        if response.status().is_success() {
-            // Dropping the body cancels the stream (RST_STREAM): the server discards the object.
-            return Ok(());
-        }
-        drop(response);
-        let again = client.send(request(false)?).await?;
-        return finish(again).await;
+    if !windowless {
+        return finish(response).await;
     }
-    finish(response).await
+    // Dropping the body cancels the stream (RST_STREAM): the server discards what it held back.
+    let code = response.status();
+    drop(response);
+    if code.is_success() {
+        return Ok(());
+    }
+    if code == hyper::StatusCode::TOO_MANY_REQUESTS || code.is_server_error() {
+        // An overloaded or failing server is not asked twice: the caller retries with its own
+        // back-off, and the code says what happened.
+        return Err(held_back(code));
+    }
+    finish(client.send(request(false)?).await?).await
+}
+
+/// The error for a refusal whose `Status` stayed on the server: its code and the code's reason.
+fn held_back(code: hyper::StatusCode) -> kube::Error {
+    let reason = code.canonical_reason().unwrap_or("Failure").replace(' ', "");
+    let message =
+        format!("the API server answered {code} (its message is not downloaded on the write connection)");
+    kube::Error::Api(Status::failure(&message, &reason).with_code(code.as_u16()).boxed())
 }
 
 /// `Ok` for a success, else the `Status` the body holds as `kube::Error::Api`; the body is read to
