@@ -128,21 +128,22 @@ mod tests {
 
     #[test]
     fn only_the_executables_read_only_mappings_are_taken() {
+        // Addresses that fit a 32-bit board's usize as well.
         let maps = "\
-55d0a0000000-55d0a0200000 r--p 00000000 fd:01 4242 /usr/bin/lichen
-55d0a0200000-55d0a1000000 r-xp 00200000 fd:01 4242 /usr/bin/lichen
-55d0a1000000-55d0a1100000 rw-p 01000000 fd:01 4242 /usr/bin/lichen
-55d0a2000000-55d0a2100000 rw-p 00000000 00:00 0 [heap]
-7f0000000000-7f0000100000 r-xp 00000000 fd:01 777 /usr/lib/x86_64-linux-gnu/libc.so.6
-7f0000200000-7f0000300000 r-xp 00000000 fd:01 4242 /var/lib/lichen/agent/versions/ab/lichen (deleted)
+00400000-00600000 r--p 00000000 fd:01 4242 /usr/bin/lichen
+00600000-01400000 r-xp 00200000 fd:01 4242 /usr/bin/lichen
+01400000-01500000 rw-p 01000000 fd:01 4242 /usr/bin/lichen
+02000000-02100000 rw-p 00000000 00:00 0 [heap]
+b6f00000-b7000000 r-xp 00000000 fd:01 777 /usr/lib/arm-linux-gnueabihf/libc.so.6
+b7100000-b7200000 r-xp 00000000 fd:01 4242 /var/lib/lichen/agent/versions/ab/lichen (deleted)
 ";
         assert_eq!(
             own_mappings(maps, "/usr/bin/lichen"),
-            vec![(0x55d0a0000000, 0x55d0a0200000), (0x55d0a0200000, 0x55d0a1000000)]
+            vec![(0x0040_0000, 0x0060_0000), (0x0060_0000, 0x0140_0000)]
         );
         assert_eq!(
             own_mappings(maps, "/var/lib/lichen/agent/versions/ab/lichen (deleted)"),
-            vec![(0x7f0000200000, 0x7f0000300000)]
+            vec![(0xb710_0000, 0xb720_0000)]
         );
     }
 
