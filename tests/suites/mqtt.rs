@@ -376,9 +376,14 @@ fn the_host_api_publishes_subscribes_receives_and_refuses_hostile_calls() {
     sub.publish("api/in/big", &[b'z'; 100]);
     sub.publish("api/elsewhere", b"not granted");
     // The sentinel, last from the same client: once the module has echoed it, it has received
-    // (and echoed) everything the agent would ever hand it from before.
+    // (and echoed) everything the agent would ever hand it from before. Its topic is the last
+    // thing the module publishes for it (after the payload's echo), so that is what is waited for.
     sub.publish("api/in/end", b"end");
-    wait_for(T, "the sentinel echoed", || sub.texts("api/out/echo").iter().any(|t| t == "end").then_some(()));
+    wait_for(T, "the sentinel echoed", || {
+        (sub.texts("api/out/topic").iter().any(|t| t == "api/in/end")
+            && sub.texts("api/out/echo").iter().any(|t| t == "end"))
+        .then_some(())
+    });
     let echo = sub.texts("api/out/echo");
     assert_eq!(
         echo,
