@@ -266,9 +266,12 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 
 /// The hex of a `sha256:<64 hex>` digest, if it is one.
 pub fn digest_hex(digest: &str) -> Option<&str> {
-    digest
-        .strip_prefix("sha256:")
-        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    digest.strip_prefix("sha256:").filter(|h| is_sha256_hex(h))
+}
+
+/// Whether `hex` is a sha256 as OCI digests write it: 64 lower-case hex digits.
+pub fn is_sha256_hex(hex: &str) -> bool {
+    hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The config of one platform's manifest ([`AGENT_CONFIG`]): what a node checks before it

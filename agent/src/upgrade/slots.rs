@@ -231,9 +231,7 @@ impl Slots {
     /// Whether `slot`'s binary is on disk. A digest that is not 64 hex digits names no slot: the
     /// record never sends the launcher outside `versions/`.
     pub fn exists(&self, slot: &Slot) -> bool {
-        let hex =
-            slot.digest.len() == 64 && slot.digest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-        hex && self.binary(&slot.digest).is_file()
+        super::artifact::is_sha256_hex(&slot.digest) && self.binary(&slot.digest).is_file()
     }
 
     /// The record; an absent file is an empty record.

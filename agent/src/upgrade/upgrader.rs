@@ -40,11 +40,9 @@ pub enum Decision {
 
 /// Whether `image` is `<name>@sha256:<64 hex>`.
 pub fn pinned(image: &str) -> bool {
-    image.rsplit_once("@sha256:").is_some_and(|(name, hex)| {
-        !name.is_empty()
-            && hex.len() == 64
-            && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-    })
+    image
+        .rsplit_once("@sha256:")
+        .is_some_and(|(name, hex)| !name.is_empty() && super::artifact::is_sha256_hex(hex))
 }
 
 /// The decision on annotation `image` given the record and whether upgrades are on.
