@@ -254,23 +254,8 @@ pub async fn run(report: &mut Report) {
     // What the joined idle node holds by the end of that window (its heartbeat, watches and two
     // connections running; start-up's code pages given back), beside the standalone figure of the
     // memory section.
-    if let Ok(text) = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())) {
-        let kib = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        report.info(
-            SECTION,
-            "idle node: RSS at the end of the window",
-            format!(
-                "{:.1} MiB (anon {:.1}, file {:.1})",
-                kib("VmRSS:") / 1024.0,
-                kib("RssAnon:") / 1024.0,
-                kib("RssFile:") / 1024.0
-            ),
-        );
+    if let Some(rss) = crate::memory::Rss::read(agent.pid()) {
+        report.info(SECTION, "idle node: RSS at the end of the window", rss.both());
     }
 
     // After that quiet spell, a pod bound to the node: how long until a watching client sees it

@@ -42,7 +42,7 @@ const GROWTH_TOLERANCE: f64 = 1.0;
 
 /// One reading of `/proc/<pid>/status`, in MiB, with the thread count.
 #[derive(Debug, Clone, Copy)]
-struct Rss {
+pub(crate) struct Rss {
     total: f64,
     anon: f64,
     file: f64,
@@ -50,7 +50,7 @@ struct Rss {
 }
 
 impl Rss {
-    fn read(pid: u32) -> Option<Rss> {
+    pub(crate) fn read(pid: u32) -> Option<Rss> {
         let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let field = |name: &str| {
             text.lines()
@@ -72,7 +72,7 @@ impl Rss {
     }
 
     /// The total with its split.
-    fn both(&self) -> String {
+    pub(crate) fn both(&self) -> String {
         format!("{} ({})", self.text(), self.split())
     }
 
