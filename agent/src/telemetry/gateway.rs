@@ -23,8 +23,14 @@
 //! no user properties, so every message the gateway publishes is remembered on the side it was
 //! published to ([`EchoTable`]: topic and payload hash, per copy, for [`ECHO_TTL`]), and the first
 //! matching message to arrive back from that broker is recognised as the echo and dropped
-//! (counted as `loops_suppressed`). Every hop checks, so even a duplicate that slips through (an
-//! upstream resend after a reconnect) crosses once and is stopped at the next broker.
+//! (counted as `loops_suppressed`).
+//!
+//! A broker sends an echo again after a reconnect when the gateway's acknowledgement of it was
+//! lost with the connection, and after a broker restart that copy may come without the `dup`
+//! flag (seen once in CI: one sensor message came back down through an upstream restart). So an
+//! echo taken on one connection leaves one credit for a repeat on a later one: the gateway then
+//! takes as echoes what it sent plus what it took before each reconnect, never more. Every hop
+//! checks, so even a duplicate that slips through crosses once and is stopped at the next broker.
 //! The cost: a message another client publishes with the same topic and payload within
 //! [`ECHO_TTL`] of one the gateway forwarded, on the broker the gateway forwarded to, may be
 //! taken for the echo (it is still delivered to that broker's other subscribers; only its
@@ -40,7 +46,7 @@ use rumqttc::{MqttOptions, QoS};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::bridge::MqttBridge;
+use super::bridge::{Arrival, MqttBridge};
 use super::mqtt::{MqttError, options};
 use super::session::{self, Link, SessionError};
 use super::spool::{Origin, SpoolMessage, TelemetrySpool};
@@ -58,7 +64,22 @@ const ECHO_CAPACITY: usize = 65_536;
 /// The messages the gateway published to one broker and has not seen come back yet.
 #[derive(Debug, Default)]
 pub struct EchoTable {
-    entries: HashMap<(String, u64), (u32, Instant)>,
+    entries: HashMap<(String, u64), Echo>,
+}
+
+/// One (topic, payload) the gateway published, and what came back of it.
+#[derive(Debug, Clone, Copy)]
+struct Echo {
+    /// Copies sent whose echo has not arrived yet.
+    copies: u32,
+    /// Echoes taken on a connection since lost: each may come once more, `dup` flag or not.
+    repeats: u32,
+    /// Echoes taken on `connection`.
+    taken: u32,
+    /// The connection the last echo arrived on.
+    connection: u64,
+    /// When the last copy was sent; the entry lives [`ECHO_TTL`] from it.
+    at: Instant,
 }
 
 fn payload_hash(payload: &[u8]) -> u64 {
@@ -71,42 +92,55 @@ impl EchoTable {
     /// Remembers one copy of a message published at `now`.
     pub fn record(&mut self, topic: &str, payload: &[u8], now: Instant) {
         if self.entries.len() >= ECHO_CAPACITY {
-            self.entries.retain(|_, (_, at)| now.saturating_duration_since(*at) < ECHO_TTL);
+            self.entries.retain(|_, e| now.saturating_duration_since(e.at) < ECHO_TTL);
             if self.entries.len() >= ECHO_CAPACITY {
                 // Still full of live entries: forget the oldest.
-                if let Some(oldest) =
-                    self.entries.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| k.clone())
-                {
+                if let Some(oldest) = self.entries.iter().min_by_key(|(_, e)| e.at).map(|(k, _)| k.clone()) {
                     self.entries.remove(&oldest);
                 }
             }
         }
-        let e = self.entries.entry((topic.to_owned(), payload_hash(payload))).or_insert((0, now));
-        e.0 += 1;
-        e.1 = now;
+        let e = self.entries.entry((topic.to_owned(), payload_hash(payload))).or_insert(Echo {
+            copies: 0,
+            repeats: 0,
+            taken: 0,
+            connection: 0,
+            at: now,
+        });
+        e.copies += 1;
+        e.at = now;
     }
 
-    /// Whether an arriving message is the echo of one the gateway published (and forgets one copy).
-    /// A broker sends an unacknowledged message again after a reconnect, flagged `dup`; such a
-    /// repeat of an echo already taken is an echo too, so a taken entry is kept (at zero copies)
-    /// until it expires.
-    pub fn take(&mut self, topic: &str, payload: &[u8], dup: bool, now: Instant) -> bool {
+    /// Whether a message arriving on `connection` (a number that changes with every connection to
+    /// the broker) is the echo of one the gateway published; each echo taken uses up one copy, or
+    /// one repeat of an echo taken on an earlier connection. A broker's resend flagged `dup` of
+    /// an echo already taken is an echo too, so a used-up entry is kept until it expires.
+    pub fn take(&mut self, topic: &str, payload: &[u8], dup: bool, connection: u64, now: Instant) -> bool {
         let key = (topic.to_owned(), payload_hash(payload));
-        match self.entries.get_mut(&key) {
-            Some((n, at)) if now.saturating_duration_since(*at) < ECHO_TTL => {
-                if *n > 0 {
-                    *n -= 1;
-                    true
-                } else {
-                    dup
-                }
-            }
-            Some(_) => {
-                self.entries.remove(&key);
-                false
-            }
-            None => false,
+        let Some(e) = self.entries.get_mut(&key) else { return false };
+        if now.saturating_duration_since(e.at) >= ECHO_TTL {
+            self.entries.remove(&key);
+            return false;
         }
+        if e.connection != connection {
+            // What was taken on the connection before may all come again on this one.
+            e.repeats = e.repeats.saturating_add(e.taken);
+            e.taken = 0;
+            e.connection = connection;
+        }
+        let echo = if e.copies > 0 {
+            e.copies -= 1;
+            true
+        } else if e.repeats > 0 {
+            e.repeats -= 1;
+            true
+        } else {
+            dup
+        };
+        if echo {
+            e.taken = e.taken.saturating_add(1);
+        }
+        echo
     }
 }
 
@@ -187,6 +221,8 @@ struct UpPath {
     bridge: Arc<MqttBridge>,
     stats: GatewayCounters,
     local_echo: EchoTable,
+    /// Counts connections to the local broker, for [`EchoTable::take`].
+    connection: u64,
 }
 
 impl Gateway {
@@ -212,9 +248,11 @@ impl Gateway {
             (stats.clone(), up_echo.clone(), gateway.mappings.clone(), down.clone());
         bridge.subscribe_gateway(
             filters,
-            Arc::new(move |topic: &str, payload: &[u8], retain: bool, dup: bool| {
+            Arc::new(move |m: &Arrival| {
                 let s = &hook_stats.0;
-                if hook_echo.lock().unwrap_or_else(|p| p.into_inner()).take(topic, payload, dup, Instant::now()) {
+                let (topic, payload) = (m.topic, m.payload);
+                let mut echo = hook_echo.lock().unwrap_or_else(|p| p.into_inner());
+                if echo.take(topic, payload, m.dup, m.connection, Instant::now()) {
                     s.loops_suppressed.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
@@ -222,7 +260,8 @@ impl Gateway {
                 // The upstream connection subscribes at QoS 1, so what arrives is QoS 0 or 1 as
                 // published; it is forwarded at QoS 1 either way (the local hop is cheap). The
                 // upstream connection acknowledges it once this returns: it is in the spool.
-                let m = SpoolMessage { topic: local, qos: 1, retain, origin: Origin::Upstream, payload: payload.to_vec() };
+                drop(echo);
+                let m = SpoolMessage { topic: local, qos: 1, retain: m.retain, origin: Origin::Upstream, payload: payload.to_vec() };
                 if let Err(e) = spool.append(&m) {
                     s.dropped_down.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, topic = %m.topic, "gateway: cannot spool a message from upstream; dropped");
@@ -246,7 +285,13 @@ impl Gateway {
         );
         let g = Gateway {
             mqtt: mqtt.clone(),
-            path: UpPath { gateway, bridge, stats: stats.clone(), local_echo: EchoTable::default() },
+            path: UpPath {
+                gateway,
+                bridge,
+                stats: stats.clone(),
+                local_echo: EchoTable::default(),
+                connection: 0,
+            },
             down,
         };
         (g, stats)
@@ -325,6 +370,7 @@ impl Link for LocalLink {
     fn connected(&mut self, ack: &rumqttc::ConnAck) {
         tracing::info!(broker = %self.broker(), session_present = ack.session_present, spooled = self.down.snapshot().entries, "gateway: connected to the local MQTT broker");
         self.path.stats.0.connected.store(true, Ordering::Relaxed);
+        self.path.connection += 1;
     }
 
     fn lost(&mut self, _connected_for: Option<Duration>, error: &SessionError, delay: Duration) {
@@ -368,7 +414,7 @@ impl UpPath {
     /// through the spool). The caller acknowledges it afterwards.
     async fn up(&mut self, p: &rumqttc::Publish) {
         let now = Instant::now();
-        if self.local_echo.take(&p.topic, &p.payload, p.dup, now) {
+        if self.local_echo.take(&p.topic, &p.payload, p.dup, self.connection, now) {
             self.stats.0.loops_suppressed.fetch_add(1, Ordering::Relaxed);
         } else if let Some(topic) = map_up(&self.gateway.mappings, &p.topic) {
             let qos = if p.qos == QoS::AtMostOnce { 0 } else { 1 };
@@ -425,14 +471,39 @@ mod tests {
         let mut e = EchoTable::default();
         e.record("a", b"1", t0);
         e.record("a", b"1", t0);
-        assert!(!e.take("a", b"2", false, t0), "another payload");
-        assert!(!e.take("b", b"1", false, t0), "another topic");
-        assert!(e.take("a", b"1", false, t0));
-        assert!(e.take("a", b"1", false, t0));
-        assert!(!e.take("a", b"1", false, t0), "two copies, two echoes");
-        assert!(e.take("a", b"1", true, t0), "a broker's resend of an echo is an echo");
+        assert!(!e.take("a", b"2", false, 1, t0), "another payload");
+        assert!(!e.take("b", b"1", false, 1, t0), "another topic");
+        assert!(e.take("a", b"1", false, 1, t0));
+        assert!(e.take("a", b"1", false, 1, t0));
+        assert!(!e.take("a", b"1", false, 1, t0), "two copies, two echoes");
+        assert!(e.take("a", b"1", true, 1, t0), "a broker's resend of an echo is an echo");
         e.record("a", b"1", t0);
-        assert!(!e.take("a", b"1", true, t0 + ECHO_TTL), "expired");
+        assert!(!e.take("a", b"1", true, 1, t0 + ECHO_TTL), "expired");
+    }
+
+    /// What CI saw once through an upstream restart: the gateway's message came back and was
+    /// taken, the acknowledgement of that echo was lost with the connection, the gateway sent its
+    /// message again (no acknowledgement either), and on the new connection the broker sent both
+    /// the old echo again, unflagged, and the echo of the new copy.
+    #[test]
+    fn an_echo_taken_before_a_reconnect_may_come_once_more_unflagged() {
+        let t0 = Instant::now();
+        let mut e = EchoTable::default();
+        e.record("a", b"1", t0);
+        assert!(e.take("a", b"1", false, 1, t0));
+        e.record("a", b"1", t0);
+        assert!(e.take("a", b"1", false, 2, t0), "the old echo again");
+        assert!(e.take("a", b"1", false, 2, t0), "the resend's echo");
+        assert!(!e.take("a", b"1", false, 2, t0), "a third copy on the same connection is someone else's");
+        // Both echoes taken on connection 2 may come again on connection 3, and no more.
+        assert!(e.take("a", b"1", false, 3, t0));
+        assert!(e.take("a", b"1", false, 3, t0));
+        assert!(!e.take("a", b"1", false, 3, t0));
+        // Without a reconnect, an unflagged repeat is a new message.
+        let mut e = EchoTable::default();
+        e.record("b", b"1", t0);
+        assert!(e.take("b", b"1", false, 7, t0));
+        assert!(!e.take("b", b"1", false, 7, t0));
     }
 
     #[test]
@@ -443,7 +514,7 @@ mod tests {
             e.record(&i.to_string(), b"x", t0 + Duration::from_nanos(i as u64));
         }
         assert_eq!(e.entries.len(), ECHO_CAPACITY);
-        assert!(!e.take("0", b"x", false, t0), "the oldest went first");
-        assert!(e.take(&(ECHO_CAPACITY + 9).to_string(), b"x", false, t0 + Duration::from_secs(1)));
+        assert!(!e.take("0", b"x", false, 1, t0), "the oldest went first");
+        assert!(e.take(&(ECHO_CAPACITY + 9).to_string(), b"x", false, 1, t0 + Duration::from_secs(1)));
     }
 }

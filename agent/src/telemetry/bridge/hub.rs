@@ -77,9 +77,23 @@ pub(super) enum Sink {
     Gateway(GatewaySink),
 }
 
-/// The gateway's hook for messages from the upstream broker: topic, payload, retain, dup. When it
-/// returns, a message it forwards is in its spool.
-pub type GatewaySink = Arc<dyn Fn(&str, &[u8], bool, bool) + Send + Sync>;
+/// A message from the upstream broker, as the gateway sees it.
+pub struct Arrival<'a> {
+    /// Its topic on the upstream broker.
+    pub topic: &'a str,
+    /// Its payload, as published.
+    pub payload: &'a [u8],
+    /// The retain flag it came with.
+    pub retain: bool,
+    /// The broker's flag on a resend.
+    pub dup: bool,
+    /// Which connection to the broker it came on: a number that grows with each one.
+    pub connection: u64,
+}
+
+/// The gateway's hook for messages from the upstream broker. When it returns, a message it
+/// forwards is in its spool.
+pub type GatewaySink = Arc<dyn Fn(&Arrival) + Send + Sync>;
 /// The gateway's hook for its own messages as the upstream connection sends them.
 pub type GatewaySent = Arc<dyn Fn(&str, &[u8]) + Send + Sync>;
 
@@ -97,6 +111,8 @@ pub struct MqttBridge {
     pub(super) next_id: AtomicU64,
     pub(super) subscriptions_changed: Notify,
     pub(super) connected: AtomicBool,
+    /// Connections made so far (see [`Arrival::connection`]).
+    pub(super) connections: AtomicU64,
     pub(super) stats: BridgeStats,
     pub(super) gateway: std::sync::OnceLock<(GatewayCounters, GatewaySent)>,
     /// The containers' stdout pumps: each ends when its container's run ends, after handing its
@@ -125,6 +141,7 @@ impl MqttBridge {
             next_id: AtomicU64::new(1),
             subscriptions_changed: Notify::new(),
             connected: AtomicBool::new(false),
+            connections: AtomicU64::new(0),
             stats: BridgeStats::default(),
             gateway: std::sync::OnceLock::new(),
             pumps: tokio_util::task::TaskTracker::new(),
@@ -195,6 +212,9 @@ impl MqttBridge {
 
     /// Called by the connection.
     pub fn set_connected(&self, up: bool) {
+        if up {
+            self.connections.fetch_add(1, Ordering::Relaxed);
+        }
         self.connected.store(up, Ordering::Relaxed);
     }
 
@@ -220,7 +240,8 @@ impl MqttBridge {
             let sent = match &s.sink {
                 // The gateway forwards whole messages; the broker's packet limit bounds them.
                 Sink::Gateway(hook) => {
-                    hook(topic, payload, retain, dup);
+                    let connection = self.connections.load(Ordering::Relaxed);
+                    hook(&Arrival { topic, payload, retain, dup, connection });
                     continue;
                 }
                 _ if payload.len() > self.max_payload => {

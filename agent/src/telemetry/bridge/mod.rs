@@ -58,7 +58,7 @@ use framing::BASE64_PREFIX;
 pub use framing::{LineFault, LineSplitter, decode_line, encode_incoming};
 use guest::GuestPort;
 pub use guest::MAX_GUEST_SUBSCRIPTIONS;
-pub use hub::{BridgeSnapshot, GatewaySent, GatewaySink, MqttBridge};
+pub use hub::{Arrival, BridgeSnapshot, GatewaySent, GatewaySink, MqttBridge};
 use hub::{Sink, Subscriber};
 
 /// Chunks of stdout waiting for the bridge per container before the module's writes wait.
