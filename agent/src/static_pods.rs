@@ -269,10 +269,15 @@ impl StaticPodSource {
     fn watch_dir(&self, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
         use notify::Watcher;
         let handler = move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
-                // A full channel already means "rescan": dropping the extra signal is fine.
-                let _ = tx.try_send(());
+            // Opening, reading and closing a file changes nothing, and the scan itself does all
+            // three: acting on those events rescanned the directory a few hundred times a second,
+            // for as long as the agent ran. Anything else (and an error: events may have been
+            // lost) means "rescan".
+            if res.as_ref().is_ok_and(|e| e.kind.is_access()) {
+                return;
             }
+            // A full channel already means "rescan": dropping the extra signal is fine.
+            let _ = tx.try_send(());
         };
         let mut w = match notify::recommended_watcher(handler) {
             Ok(w) => w,

@@ -662,6 +662,47 @@ fn threads(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Wake-ups so far of every thread of process `pid`: the sum of their voluntary context switches
+/// (each is the end of a wait), as powertop counts them.
+fn wakeups(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+#[test]
+fn an_idle_agent_sleeps() {
+    // The static pod watcher once took the open and close events of its own scan for changes and
+    // rescanned the directory a few hundred times a second for as long as the agent ran: about
+    // 400 wake-ups a second on an idle node, a core's worth of power on a board. Idle, the agent
+    // wakes for its timers and sled's I/O threads' ticks: about 7 a second.
+    const MOST_PER_SEC: f64 = 40.0;
+    const WINDOW: Duration = Duration::from_secs(5);
+    let s = Scratch::new("");
+    let agent = s.start();
+    s.wait_running(T);
+    s.put_pod("idle.yaml", &pod_yaml("idle", &fixture("idle.wat"), ""));
+    wait_for(T, "the pod's first output", || s.output("idle", "main", 0).first().cloned());
+    let pid = agent.pid();
+    let (before, start) = (wakeups(pid), std::time::Instant::now());
+    // The window is the measurement, not a wait for something to happen.
+    std::thread::sleep(WINDOW);
+    let rate = wakeups(pid).saturating_sub(before) as f64 / start.elapsed().as_secs_f64();
+    assert!(
+        rate <= MOST_PER_SEC,
+        "an idle agent woke {rate:.0} times a second (at most {MOST_PER_SEC} wanted)"
+    );
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}
+
 #[test]
 fn a_burst_of_pods_starts_and_goes_on_a_bounded_number_of_threads() {
     // 100 pods of one module created at once, then deleted at once: with tokio's default blocking
