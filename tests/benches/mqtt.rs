@@ -29,7 +29,8 @@
 //! the module would be held to 100 msg/s. Everything else is the default configuration
 //! (`inflight` 100), plus one QoS 1 run of each Lichen path with `inflight = 1000`.
 //!
-//! It prints figures and a Markdown table, and exits non-zero only if a path never delivers.
+//! It prints figures and a Markdown table, and exits non-zero only if a path never delivers. Names
+//! after `--` limit a run to some parts: `ceiling`, `bridge`, `stdout`, `gateway`, `latency`.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -368,25 +369,42 @@ async fn lichen_gateway(q: u8, rate: Option<u64>, inflight: u16) -> (Run, Vec<Sa
     )
 }
 
+/// The parts a run can be limited to (`cargo bench -p lichen-tests --bench mqtt -- stdout`).
+const PARTS: [&str; 5] = ["ceiling", "bridge", "stdout", "gateway", "latency"];
+
 fn main() {
+    let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    if let Some(w) = wanted.iter().find(|w| !PARTS.contains(&w.as_str())) {
+        eprintln!("unknown part {w:?}; the parts are: {}", PARTS.join(", "));
+        std::process::exit(2);
+    }
+    let on = |part: &str| wanted.is_empty() || wanted.iter().any(|w| w == part);
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio");
     rt.block_on(async {
         // (path, QoS 0, QoS 1) in the order of the table.
         let mut runs: Vec<(Option<Run>, Run)> = Vec::new();
         let both = |a: Run, b: Run| (Some(a), b);
-        runs.push(both(ceiling(0).await, ceiling(1).await));
-        runs.push(both(mosquitto_bridge(0, None).await.0, mosquitto_bridge(1, None).await.0));
-        let (a, _, s0) = lichen_stdout(0, None, 100).await;
-        let (b, _, s1) = lichen_stdout(1, None, 100).await;
-        eprintln!("lichen stdout: QoS 0 {s0}\nQoS 1 {s1}");
-        runs.push(both(a, b));
-        runs.push((None, lichen_stdout(1, None, 1000).await.0));
-        let (a, _, s0) = lichen_gateway(0, None, 100).await;
-        let (b, _, s1) = lichen_gateway(1, None, 100).await;
-        eprintln!("lichen gateway: QoS 0 {s0}\nQoS 1 {s1}");
-        runs.push(both(a, b));
-        runs.push((None, lichen_gateway(1, None, 1000).await.0));
+        if on("ceiling") {
+            runs.push(both(ceiling(0).await, ceiling(1).await));
+        }
+        if on("bridge") {
+            runs.push(both(mosquitto_bridge(0, None).await.0, mosquitto_bridge(1, None).await.0));
+        }
+        if on("stdout") {
+            let (a, _, s0) = lichen_stdout(0, None, 100).await;
+            let (b, _, s1) = lichen_stdout(1, None, 100).await;
+            eprintln!("lichen stdout: QoS 0 {s0}\nQoS 1 {s1}");
+            runs.push(both(a, b));
+            runs.push((None, lichen_stdout(1, None, 1000).await.0));
+        }
+        if on("gateway") {
+            let (a, _, s0) = lichen_gateway(0, None, 100).await;
+            let (b, _, s1) = lichen_gateway(1, None, 100).await;
+            eprintln!("lichen gateway: QoS 0 {s0}\nQoS 1 {s1}");
+            runs.push(both(a, b));
+            runs.push((None, lichen_gateway(1, None, 1000).await.0));
+        }
         println!(
             "\nthroughput, {COUNT} messages per run (distinct messages received / time from first to last):"
         );
@@ -397,12 +415,14 @@ fn main() {
             );
         }
         let mut lat = Vec::new();
-        let (_, s) = mosquitto_bridge(1, Some(RATE)).await;
-        lat.push(("Mosquitto bridge", latency(&s)));
-        let (_, s, _) = lichen_stdout(1, Some(RATE), 100).await;
-        lat.push(("Lichen, module stdout", latency(&s)));
-        let (_, s, _) = lichen_gateway(1, Some(RATE), 100).await;
-        lat.push(("Lichen gateway", latency(&s)));
+        if on("latency") {
+            let (_, s) = mosquitto_bridge(1, Some(RATE)).await;
+            lat.push(("Mosquitto bridge", latency(&s)));
+            let (_, s, _) = lichen_stdout(1, Some(RATE), 100).await;
+            lat.push(("Lichen, module stdout", latency(&s)));
+            let (_, s, _) = lichen_gateway(1, Some(RATE), 100).await;
+            lat.push(("Lichen gateway", latency(&s)));
+        }
         println!("\nlatency at {RATE} msg/s, QoS 1, {LATENCY_SECS} s (first second not counted):");
         for (path, (p50, p99, n)) in &lat {
             println!("  {path:<24} p50 {p50:.2} ms  p99 {p99:.2} ms  ({n} messages)");
