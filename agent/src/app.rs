@@ -437,9 +437,15 @@ pub async fn run(
             () = &mut release_code, if release_code_armed => {
                 release_code_armed = false;
                 code_released = Some(tokio::time::Instant::now());
-                tracker.spawn_blocking(|| match crate::heap::release_code_pages() {
-                    Ok(bytes) => tracing::info!(mapped_kib = bytes / 1024, "released idle code pages"),
-                    Err(e) => tracing::debug!(error = %e, "cannot release idle code pages"),
+                tracker.spawn_blocking(|| {
+                    // The pod manager trims the heap as a burst's last admission or removal is
+                    // done, but the pods' own tasks free their last buffers a little later: after
+                    // five cycles of 100 pods, a trim here gave back another 1.8 MiB.
+                    crate::heap::release_free_memory();
+                    match crate::heap::release_code_pages() {
+                        Ok(bytes) => tracing::info!(mapped_kib = bytes / 1024, "released idle code pages"),
+                        Err(e) => tracing::debug!(error = %e, "cannot release idle code pages"),
+                    }
                 });
             }
         }
