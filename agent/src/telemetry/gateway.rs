@@ -100,13 +100,12 @@ impl EchoTable {
                 }
             }
         }
-        let e = self.entries.entry((topic.to_owned(), payload_hash(payload))).or_insert(Echo {
-            copies: 0,
-            repeats: 0,
-            taken: 0,
-            connection: 0,
-            at: now,
-        });
+        let fresh = Echo { copies: 0, repeats: 0, taken: 0, connection: 0, at: now };
+        let e = self.entries.entry((topic.to_owned(), payload_hash(payload))).or_insert(fresh);
+        if now.saturating_duration_since(e.at) >= ECHO_TTL {
+            // What an expired entry counted is over: nothing of it may excuse a message now.
+            *e = fresh;
+        }
         e.copies += 1;
         e.at = now;
     }
@@ -499,6 +498,10 @@ mod tests {
         assert!(e.take("a", b"1", false, 3, t0));
         assert!(e.take("a", b"1", false, 3, t0));
         assert!(!e.take("a", b"1", false, 3, t0));
+        // An entry sent again after it expired starts afresh: the old echo's repeat is gone.
+        e.record("a", b"1", t0 + ECHO_TTL);
+        assert!(e.take("a", b"1", false, 4, t0 + ECHO_TTL));
+        assert!(!e.take("a", b"1", false, 4, t0 + ECHO_TTL), "no repeat left from before it expired");
         // Without a reconnect, an unflagged repeat is a new message.
         let mut e = EchoTable::default();
         e.record("b", b"1", t0);
