@@ -449,16 +449,17 @@ pub fn emulated() -> bool {
     std::env::var("LICHEN_BIN_RUNNER").is_ok_and(|r| !r.trim().is_empty())
 }
 
+/// The number a `/proc` status file (a process's, or a thread's under `task/`) gives for `name`
+/// (`"VmRSS"`, `"Threads"`: the first word after the colon), if it can be read.
+pub fn status_field(status: &Path, name: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(status).ok()?;
+    let rest = text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
 /// Resident memory of process `pid` in KiB (0 if it cannot be read), for benchmarks.
 pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
+    status_field(Path::new(&format!("/proc/{pid}/status")), "VmRSS").unwrap_or(0)
 }
 
 /// The `p` quantile (0.0–1.0) of sorted, non-empty durations, for benchmarks.

@@ -1,9 +1,10 @@
 //! The real `lichen` binary, as a user runs it: static pods follow their directory, bad input is
 //! named precisely without disturbing anything else, and a broken state store is a clear error.
 
+use std::path::Path;
 use std::time::Duration;
 
-use lichen_tests::{Scratch, fixture, is_root, lichen_bin, pod_yaml, wait_for};
+use lichen_tests::{Scratch, fixture, is_root, lichen_bin, pod_yaml, status_field, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -656,25 +657,14 @@ fn logs_and_pods_show_what_static_pods_wrote() {
 
 /// The agent's thread count (`/proc/<pid>/status`), 0 once it cannot be read.
 fn threads(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|n| n.trim().parse().ok()))
-        .unwrap_or(0)
+    status_field(Path::new(&format!("/proc/{pid}/status")), "Threads").unwrap_or(0)
 }
 
 /// Wake-ups so far of every thread of process `pid`: the sum of their voluntary context switches
 /// (each is the end of a wait), as powertop counts them.
 fn wakeups(pid: u32) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .filter_map(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                .and_then(|n| n.trim().parse::<u64>().ok())
-        })
-        .sum()
+    tasks.flatten().filter_map(|t| status_field(&t.path().join("status"), "voluntary_ctxt_switches")).sum()
 }
 
 #[test]

@@ -247,11 +247,10 @@ impl Gateway {
             (stats.clone(), up_echo.clone(), gateway.mappings.clone(), down.clone());
         bridge.subscribe_gateway(
             filters,
-            Arc::new(move |m: &Arrival| {
+            Arc::new(move |arrival: &Arrival| {
                 let s = &hook_stats.0;
-                let (topic, payload) = (m.topic, m.payload);
-                let mut echo = hook_echo.lock().unwrap_or_else(|p| p.into_inner());
-                if echo.take(topic, payload, m.dup, m.connection, Instant::now()) {
+                let Arrival { topic, payload, retain, dup, connection } = *arrival;
+                if hook_echo.lock().unwrap_or_else(|p| p.into_inner()).take(topic, payload, dup, connection, Instant::now()) {
                     s.loops_suppressed.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
@@ -259,8 +258,7 @@ impl Gateway {
                 // The upstream connection subscribes at QoS 1, so what arrives is QoS 0 or 1 as
                 // published; it is forwarded at QoS 1 either way (the local hop is cheap). The
                 // upstream connection acknowledges it once this returns: it is in the spool.
-                drop(echo);
-                let m = SpoolMessage { topic: local, qos: 1, retain: m.retain, origin: Origin::Upstream, payload: payload.to_vec() };
+                let m = SpoolMessage { topic: local, qos: 1, retain, origin: Origin::Upstream, payload: payload.to_vec() };
                 if let Err(e) = spool.append(&m) {
                     s.dropped_down.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, topic = %m.topic, "gateway: cannot spool a message from upstream; dropped");

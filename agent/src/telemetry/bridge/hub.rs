@@ -78,6 +78,7 @@ pub(super) enum Sink {
 }
 
 /// A message from the upstream broker, as the gateway sees it.
+#[derive(Clone, Copy)]
 pub struct Arrival<'a> {
     /// Its topic on the upstream broker.
     pub topic: &'a str,
