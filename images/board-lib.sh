@@ -28,16 +28,19 @@ need_tools() {
     pkgs+=("$pkg")
   done
   ((${#pkgs[@]})) || return 0
+  if [[ $(id -u) -ne 0 ]]; then
+    die "not root, so not installing them; as root run: apt-get update && apt-get install -y --no-install-recommends ${pkgs[*]}"
+  fi
+  # The package lists first: the qemu-utils pin names the version apt would install now, and a
+  # machine's lists may be older than the archive (a version since replaced is not found).
+  say "apt-get update"
+  apt-get update -qq
   mapfile -t extra < <(qemu_utils_pin "${pkgs[@]}")
   if ((${#extra[@]})); then
     say "the installed qemu-utils is of another QEMU release than qemu-system-arm: installing ${extra[0]} with it"
   fi
   local cmd=(apt-get install -y --no-install-recommends "${pkgs[@]}" "${extra[@]}")
-  if [[ $(id -u) -ne 0 ]]; then
-    die "not root, so not installing them; as root run: apt-get update && ${cmd[*]}"
-  fi
-  say "installing: apt-get update && ${cmd[*]}"
-  apt-get update -qq
+  say "installing: ${cmd[*]}"
   DEBIAN_FRONTEND=noninteractive "${cmd[@]}" -qq >/dev/null
 }
 

@@ -81,20 +81,27 @@ install_missing() {
       pkgs+=("$pkg")
     fi
   done <<<"$missing"
-  local pin
-  mapfile -t pin < <(qemu_utils_pin "${bare[@]}")
-  bare+=("${pin[@]}")
-  local cmds=()
-  ((${#pkgs[@]} == 0)) || cmds+=("apt-get install -y ${pkgs[*]}")
-  ((${#bare[@]} == 0)) || cmds+=("apt-get install -y --no-install-recommends ${bare[*]}")
+  install_line() {
+    local cmds=()
+    ((${#pkgs[@]} == 0)) || cmds+=("apt-get install -y ${pkgs[*]}")
+    ((${#bare[@]} == 0)) || cmds+=("apt-get install -y --no-install-recommends ${bare[*]}")
+    printf ' && DEBIAN_FRONTEND=noninteractive %s' "${cmds[@]}"
+  }
   if [[ $(id -u) -ne 0 ]]; then
     echo "tests/run.sh: not root, so not installing them; as root run:" >&2
-    echo "  apt-get update$(printf ' && DEBIAN_FRONTEND=noninteractive %s' "${cmds[@]}")" >&2
+    echo "  apt-get update$(install_line)" >&2
+    echo "  (if qemu-utils is from another QEMU release, add qemu-utils=<qemu-system-arm's version> --allow-downgrades)" >&2
     return 1
   fi
   command -v apt-get >/dev/null || { echo "tests/run.sh: no apt-get: install the packages above with your package manager" >&2; return 1; }
-  echo "tests/run.sh: installing them: apt-get update$(printf ' && %s' "${cmds[@]}")"
+  # The package lists first: the qemu-utils pin below names the version apt would install now,
+  # and a machine's lists may be older than the archive (a version since replaced is not found).
+  echo "tests/run.sh: apt-get update"
   apt-get update -qq
+  local pin
+  mapfile -t pin < <(qemu_utils_pin "${bare[@]}")
+  bare+=("${pin[@]}")
+  echo "tests/run.sh: installing them:$(install_line | sed 's/DEBIAN_FRONTEND=noninteractive //g; s/^ &&//')"
   if ((${#pkgs[@]})); then DEBIAN_FRONTEND=noninteractive apt-get install -y "${pkgs[@]}" -qq; fi
   if ((${#bare[@]})); then DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${bare[@]}" -qq; fi
   # A package whose check still fails was installed under another name or path: say which, rather

@@ -21,9 +21,11 @@
 //! matches the upstream subscription `site1/sensors/#` and would come straight back down, then up
 //! again, forever. Payloads cannot carry a marker (they belong to the sensors), and MQTT 3.1.1 has
 //! no user properties, so every message the gateway publishes is remembered on the side it was
-//! published to ([`EchoTable`]: topic and payload hash, per copy, for [`ECHO_TTL`]), and the first
-//! matching message to arrive back from that broker is recognised as the echo and dropped
-//! (counted as `loops_suppressed`).
+//! published to ([`EchoTable`]: topic and payload hash, per copy), and the first matching message
+//! to arrive back from that broker is recognised as the echo and dropped (counted as
+//! `loops_suppressed`). An entry is kept at least [`ECHO_TTL`], and beyond it until the echo of a
+//! later message has come back: a broker's backlog (what it queued for the gateway through an
+//! outage) delays echoes without reordering them, so no clock alone can say an echo is lost.
 //!
 //! A broker sends an echo again after a reconnect when the gateway's acknowledgement of it was
 //! lost with the connection, and after a broker restart that copy may come without the `dup`
@@ -31,12 +33,12 @@
 //! echo taken on one connection leaves one credit for a repeat on a later one: the gateway then
 //! takes as echoes what it sent plus what it took before each reconnect, never more. Every hop
 //! checks, so even a duplicate that slips through crosses once and is stopped at the next broker.
-//! The cost: a message another client publishes with the same topic and payload within
-//! [`ECHO_TTL`] of one the gateway forwarded, on the broker the gateway forwarded to, may be
+//! The cost: a message another client publishes with the same topic and payload while the
+//! gateway still remembers one it forwarded, on the broker the gateway forwarded to, may be
 //! taken for the echo (it is still delivered to that broker's other subscribers; only its
 //! forwarding is skipped).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -56,29 +58,43 @@ use crate::retry::RetryBackoff;
 use crate::store::SpoolTree;
 use crate::topic::{TopicFilter, TopicName};
 
-/// How long a forwarded message is remembered to recognise its echo.
+/// The least time a forwarded message is remembered to recognise its echo; beyond it, until the
+/// echo of a message sent after it has come back (see [`EchoTable`]).
 pub const ECHO_TTL: Duration = Duration::from_secs(30);
+/// The most time a forwarded message is remembered, for an echo that never comes (a broker that
+/// dropped it, or refuses the gateway's subscription).
+pub const ECHO_MAX_AGE: Duration = Duration::from_secs(600);
 /// Most forwarded messages remembered per broker; beyond it the oldest are forgotten.
 const ECHO_CAPACITY: usize = 65_536;
 
 /// The messages the gateway published to one broker and has not seen come back yet.
+///
+/// How long an entry lives follows the broker's order, not only the clock: a broker sends a
+/// subscriber what it took in the order it took it, so a backlog there (the downstream messages
+/// queued for the gateway through an outage, a slow board draining them) delays an echo without
+/// reordering it. An entry is forgotten once it is [`ECHO_TTL`] old *and* the echo of a copy sent
+/// after it has come back (then its own echo came before that one, or is not coming), or once it
+/// is [`ECHO_MAX_AGE`] old. With the clock alone, an echo stuck behind more than [`ECHO_TTL`] of
+/// backlog came back as a fresh message and crossed once more.
 #[derive(Debug, Default)]
 pub struct EchoTable {
     entries: HashMap<(String, u64), Echo>,
+    /// When the newest copy whose echo came back (first delivery, not a resend) was sent.
+    horizon: Option<Instant>,
 }
 
 /// One (topic, payload) the gateway published, and what came back of it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Echo {
-    /// Copies sent whose echo has not arrived yet.
-    copies: u32,
+    /// When each copy whose echo has not arrived yet was sent, oldest first.
+    copies: VecDeque<Instant>,
     /// Echoes taken on a connection since lost: each may come once more, `dup` flag or not.
     repeats: u32,
     /// Echoes taken on `connection`.
     taken: u32,
     /// The connection the last echo arrived on.
     connection: u64,
-    /// When the last copy was sent; the entry lives [`ECHO_TTL`] from it.
+    /// When the last copy was sent.
     at: Instant,
 }
 
@@ -88,11 +104,24 @@ fn payload_hash(payload: &[u8]) -> u64 {
     h.finish()
 }
 
+impl Echo {
+    fn new(now: Instant) -> Echo {
+        Echo { copies: VecDeque::new(), repeats: 0, taken: 0, connection: 0, at: now }
+    }
+
+    /// Whether this entry is over (see [`EchoTable`]).
+    fn expired(&self, horizon: Option<Instant>, now: Instant) -> bool {
+        let age = now.saturating_duration_since(self.at);
+        age >= ECHO_MAX_AGE || (age >= ECHO_TTL && horizon.is_some_and(|h| h > self.at))
+    }
+}
+
 impl EchoTable {
     /// Remembers one copy of a message published at `now`.
     pub fn record(&mut self, topic: &str, payload: &[u8], now: Instant) {
+        let horizon = self.horizon;
         if self.entries.len() >= ECHO_CAPACITY {
-            self.entries.retain(|_, e| now.saturating_duration_since(e.at) < ECHO_TTL);
+            self.entries.retain(|_, e| !e.expired(horizon, now));
             if self.entries.len() >= ECHO_CAPACITY {
                 // Still full of live entries: forget the oldest.
                 if let Some(oldest) = self.entries.iter().min_by_key(|(_, e)| e.at).map(|(k, _)| k.clone()) {
@@ -100,13 +129,13 @@ impl EchoTable {
                 }
             }
         }
-        let fresh = Echo { copies: 0, repeats: 0, taken: 0, connection: 0, at: now };
-        let e = self.entries.entry((topic.to_owned(), payload_hash(payload))).or_insert(fresh);
-        if now.saturating_duration_since(e.at) >= ECHO_TTL {
+        let e =
+            self.entries.entry((topic.to_owned(), payload_hash(payload))).or_insert_with(|| Echo::new(now));
+        if e.expired(horizon, now) {
             // What an expired entry counted is over: nothing of it may excuse a message now.
-            *e = fresh;
+            *e = Echo::new(now);
         }
-        e.copies += 1;
+        e.copies.push_back(now);
         e.at = now;
     }
 
@@ -117,7 +146,7 @@ impl EchoTable {
     pub fn take(&mut self, topic: &str, payload: &[u8], dup: bool, connection: u64, now: Instant) -> bool {
         let key = (topic.to_owned(), payload_hash(payload));
         let Some(e) = self.entries.get_mut(&key) else { return false };
-        if now.saturating_duration_since(e.at) >= ECHO_TTL {
+        if e.expired(self.horizon, now) {
             self.entries.remove(&key);
             return false;
         }
@@ -127,8 +156,13 @@ impl EchoTable {
             e.taken = 0;
             e.connection = connection;
         }
-        let echo = if e.copies > 0 {
-            e.copies -= 1;
+        let echo = if let Some(sent) = e.copies.pop_front() {
+            // A first delivery says how far the broker's queue has come (a resend flagged `dup`
+            // may come ahead of its place). The oldest copy is taken to be the one that came
+            // back, which can only hold the horizon back, never move it too far.
+            if !dup {
+                self.horizon = Some(self.horizon.map_or(sent, |h| h.max(sent)));
+            }
             true
         } else if e.repeats > 0 {
             e.repeats -= 1;
@@ -475,7 +509,43 @@ mod tests {
         assert!(!e.take("a", b"1", false, 1, t0), "two copies, two echoes");
         assert!(e.take("a", b"1", true, 1, t0), "a broker's resend of an echo is an echo");
         e.record("a", b"1", t0);
-        assert!(!e.take("a", b"1", true, 1, t0 + ECHO_TTL), "expired");
+        assert!(!e.take("a", b"1", true, 1, t0 + ECHO_MAX_AGE), "expired");
+    }
+
+    /// A backlog on the broker delays echoes beyond [`ECHO_TTL`] without reordering them: an echo
+    /// is still one until the echo of a later message has come back.
+    #[test]
+    fn an_echo_late_behind_a_backlog_is_still_an_echo_and_one_overtaken_is_lost() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut e = EchoTable::default();
+        e.record("a", b"1", t0);
+        e.record("b", b"1", t0 + ms(1));
+        // A second copy of "a", sent after "b": the first echo of "a" must not stand for it.
+        e.record("a", b"1", t0 + ms(2));
+        let late = t0 + ECHO_TTL * 3;
+        assert!(e.take("a", b"1", false, 1, late), "the first echo, far behind a backlog");
+        assert!(e.take("b", b"1", false, 1, late), "sent after the first copy of a: still awaited");
+        assert!(e.take("a", b"1", false, 1, late), "the second copy's echo");
+        assert!(!e.take("a", b"1", false, 1, late), "nothing more was sent");
+        // "c" was sent before "d", and d's echo is in: c's is not coming, and once c is
+        // ECHO_TTL old an arrival like it is someone else's message.
+        e.record("c", b"1", late);
+        e.record("d", b"1", late + ms(1));
+        assert!(e.take("d", b"1", false, 1, late + ECHO_TTL));
+        assert!(!e.take("c", b"1", false, 1, late + ECHO_TTL), "overtaken and old: lost");
+        // A broker's resend (dup) does not move the horizon: it may come ahead of its place.
+        let mut e = EchoTable::default();
+        e.record("f", b"1", t0);
+        e.record("g", b"1", t0 + ms(1));
+        assert!(e.take("g", b"1", true, 1, t0 + ECHO_TTL));
+        assert!(e.take("f", b"1", false, 1, t0 + ECHO_TTL), "a resend of a later one overtook it");
+        // With no echo coming at all, an entry lasts ECHO_MAX_AGE.
+        let mut e = EchoTable::default();
+        e.record("e", b"1", t0);
+        e.record("e", b"2", t0);
+        assert!(e.take("e", b"1", false, 1, t0 + ECHO_MAX_AGE - ms(1)));
+        assert!(!e.take("e", b"2", false, 1, t0 + ECHO_MAX_AGE));
     }
 
     /// What CI saw once through an upstream restart: the gateway's message came back and was
@@ -497,9 +567,9 @@ mod tests {
         assert!(e.take("a", b"1", false, 3, t0));
         assert!(!e.take("a", b"1", false, 3, t0));
         // An entry sent again after it expired starts afresh: the old echo's repeat is gone.
-        e.record("a", b"1", t0 + ECHO_TTL);
-        assert!(e.take("a", b"1", false, 4, t0 + ECHO_TTL));
-        assert!(!e.take("a", b"1", false, 4, t0 + ECHO_TTL), "no repeat left from before it expired");
+        e.record("a", b"1", t0 + ECHO_MAX_AGE);
+        assert!(e.take("a", b"1", false, 4, t0 + ECHO_MAX_AGE));
+        assert!(!e.take("a", b"1", false, 4, t0 + ECHO_MAX_AGE), "no repeat left from before it expired");
         // Without a reconnect, an unflagged repeat is a new message.
         let mut e = EchoTable::default();
         e.record("b", b"1", t0);
