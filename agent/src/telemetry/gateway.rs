@@ -81,6 +81,9 @@ pub struct EchoTable {
     entries: HashMap<(String, u64), Echo>,
     /// When the newest copy whose echo came back (first delivery, not a resend) was sent.
     horizon: Option<Instant>,
+    /// When expired entries are next swept out: most are never looked up again (a sensor's
+    /// readings differ), and would otherwise stay until the table is full.
+    sweep_at: Option<Instant>,
 }
 
 /// One (topic, payload) the gateway published, and what came back of it.
@@ -120,8 +123,9 @@ impl EchoTable {
     /// Remembers one copy of a message published at `now`.
     pub fn record(&mut self, topic: &str, payload: &[u8], now: Instant) {
         let horizon = self.horizon;
-        if self.entries.len() >= ECHO_CAPACITY {
+        if self.entries.len() >= ECHO_CAPACITY || self.sweep_at.is_none_or(|at| now >= at) {
             self.entries.retain(|_, e| !e.expired(horizon, now));
+            self.sweep_at = Some(now + ECHO_TTL);
             if self.entries.len() >= ECHO_CAPACITY {
                 // Still full of live entries: forget the oldest.
                 if let Some(oldest) = self.entries.iter().min_by_key(|(_, e)| e.at).map(|(k, _)| k.clone()) {
@@ -575,6 +579,19 @@ mod tests {
         e.record("b", b"1", t0);
         assert!(e.take("b", b"1", false, 7, t0));
         assert!(!e.take("b", b"1", false, 7, t0));
+    }
+
+    #[test]
+    fn expired_entries_are_swept_out_though_never_looked_up_again() {
+        let t0 = Instant::now();
+        let mut e = EchoTable::default();
+        for i in 0..100u32 {
+            e.record("t", &i.to_be_bytes(), t0 + Duration::from_millis(i.into()));
+        }
+        let newest = t0 + Duration::from_millis(99);
+        assert!(e.take("t", &99u32.to_be_bytes(), false, 1, newest), "the newest echo is in");
+        e.record("t", b"later", newest + ECHO_TTL);
+        assert_eq!(e.entries.len(), 2, "the old readings went; the newest and the latest stay");
     }
 
     #[test]
