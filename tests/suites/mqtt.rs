@@ -572,10 +572,10 @@ fn the_gateway_bridges_both_ways_through_an_upstream_restart_without_loops() {
     // gateway's own message from upstream is dropped. Across the upstream restart QoS 1 is at
     // least once, so a copy coming down once more is a duplicate, not a loop (the local echo
     // table stops it there): at most one per upstream reconnection is allowed, and reported. Twice
-    // in CI under QEMU (armv7) one sensor message came down once more; the cause is not pinned
-    // down (neither a lost echo acknowledgement nor a backlog past the echo table's clock, both
-    // now covered, explains it), so the failure message says which message it was and what each
-    // party logged. A copy the
+    // in CI under QEMU (armv7) one sensor message came down once more. The cause is not pinned
+    // down: a lost echo acknowledgement and a backlog past the echo table's clock are both
+    // covered now, but neither was caught in the act, so the failure message says which message
+    // it was and what each party logged. A copy the
     // broker flags DUP is its own redelivery to this test's subscriber after the subscriber
     // reconnected (seen once under QEMU on a loaded machine); a copy that came down through the
     // gateway is a fresh publish, without the flag.
