@@ -121,7 +121,9 @@ async fn a_runs_cpu_time_is_the_time_its_code_ran_and_waiting_costs_none() {
     assert_eq!(r.outcome, Outcome::DeadlineExceeded { timeout: limit });
     assert_eq!(stdout_lines(&out), vec!["started"]);
     let cpu = Duration::from_nanos(idle.cpu_nanos());
-    assert!(cpu > Duration::ZERO && cpu < Duration::from_millis(40), "asleep for 0.8 s: {cpu:?}");
+    // What it ran is instantiation, one print and the poll: a few ms natively, tens of ms on an
+    // emulated board (45 ms was seen under QEMU). A module that spun would show most of the 0.8 s.
+    assert!(cpu > Duration::ZERO && cpu < limit / 5, "asleep for 0.8 s: {cpu:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
