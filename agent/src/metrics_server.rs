@@ -92,6 +92,12 @@ pub fn render(sources: &Sources) -> String {
             spool.entries as i64,
         );
         gauge(&mut r, "mqtt_spool_bytes", "Bytes in the MQTT spool", spool.bytes as i64);
+        counter(
+            &mut r,
+            "mqtt_spool_written",
+            "QoS 1 messages written to the disk (those the broker had not acknowledged by their group commit)",
+            spool.written,
+        );
         counter(&mut r, "mqtt_published", "Messages handed to the MQTT client", b.published);
         counter(
             &mut r,
