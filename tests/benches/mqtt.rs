@@ -418,9 +418,11 @@ fn main() {
         if on("latency") {
             let (_, s) = mosquitto_bridge(1, Some(RATE)).await;
             lat.push(("Mosquitto bridge", latency(&s)));
-            let (_, s, _) = lichen_stdout(1, Some(RATE), 100).await;
+            let (_, s, st) = lichen_stdout(1, Some(RATE), 100).await;
+            eprintln!("lichen stdout at {RATE} msg/s: {st}");
             lat.push(("Lichen, module stdout", latency(&s)));
-            let (_, s, _) = lichen_gateway(1, Some(RATE), 100).await;
+            let (_, s, st) = lichen_gateway(1, Some(RATE), 100).await;
+            eprintln!("lichen gateway at {RATE} msg/s: {st}");
             lat.push(("Lichen gateway", latency(&s)));
         }
         println!("\nlatency at {RATE} msg/s, QoS 1, {LATENCY_SECS} s (first second not counted):");
