@@ -68,8 +68,10 @@ async fn the_node_registers_with_what_the_scheduler_needs_and_heartbeats() {
         assert!(condition(&node, kind).is_some(), "{kind} reported");
     }
 
+    // The heartbeat creates the Lease beside the status writer, so it may come a moment after Ready
+    // (it did in CI): wait for it rather than read it once.
     let leases: Api<Lease> = Api::namespaced(cluster.client.clone(), "kube-node-lease");
-    let lease = leases.get(name).await.expect("lease");
+    let lease = wait_for_async(T, "the node's Lease", || async { leases.get(name).await.ok() }).await;
     let spec = lease.spec.clone().expect("lease spec");
     assert_eq!((spec.holder_identity.as_deref(), spec.lease_duration_seconds), (Some(name), Some(40)));
     let owner = lease.metadata.owner_references.clone().unwrap_or_default();

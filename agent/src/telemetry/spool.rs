@@ -39,7 +39,7 @@
 //! its own ([`SpoolTree::Local`]) for messages from upstream to the local broker, with the same
 //! guarantees.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -96,6 +96,9 @@ pub enum DecodeError {
     /// The topic is not UTF-8.
     #[error("spool entry topic is not UTF-8")]
     Topic,
+    /// A commit group's messages are out of order, or it holds none or more than it says.
+    #[error("spool commit group is damaged")]
+    Group,
 }
 
 impl SpoolMessage {
@@ -241,6 +244,8 @@ struct SpoolState {
     next_seq: u64,
     /// The tree's commit groups by their first sequence number.
     groups: BTreeMap<u64, Group>,
+    /// The groups in the read cache, and their bytes.
+    cached: BTreeSet<u64>,
     cached_bytes: u64,
     /// Appended since the last commit and not yet acknowledged, encoded: every sequence number
     /// from `pending_from` on lives here, not in the tree.
@@ -264,26 +269,30 @@ impl SpoolState {
         if size > READ_CACHE_BYTES {
             return;
         }
+        self.uncache(key);
         while self.cached_bytes + size > READ_CACHE_BYTES {
-            let Some(old) = self.groups.values_mut().find(|g| g.cached.is_some()) else { break };
-            if let Some(c) = old.cached.take() {
-                self.cached_bytes -= c.iter().map(|(_, e)| e.len() as u64).sum::<u64>();
-            }
+            let Some(old) = self.cached.first().copied() else { break };
+            self.uncache(old);
         }
         if let Some(g) = self.groups.get_mut(&key) {
-            if let Some(c) = g.cached.replace(entries) {
-                self.cached_bytes -= c.iter().map(|(_, e)| e.len() as u64).sum::<u64>();
-            }
+            g.cached = Some(entries);
+            self.cached.insert(key);
             self.cached_bytes += size;
+        }
+    }
+
+    /// Drops a group's entries from the read cache.
+    fn uncache(&mut self, key: u64) {
+        self.cached.remove(&key);
+        if let Some(c) = self.groups.get_mut(&key).and_then(|g| g.cached.take()) {
+            self.cached_bytes -= c.iter().map(|(_, e)| e.len() as u64).sum::<u64>();
         }
     }
 
     /// Forgets a group removed from the tree.
     fn forget(&mut self, key: u64) -> Option<Group> {
+        self.uncache(key);
         let g = self.groups.remove(&key)?;
-        if let Some(c) = &g.cached {
-            self.cached_bytes -= c.iter().map(|(_, e)| e.len() as u64).sum::<u64>();
-        }
         self.accounting.entries = self.accounting.entries.saturating_sub(g.live);
         self.accounting.bytes = self.accounting.bytes.saturating_sub(g.bytes);
         self.tree_changed = true;
@@ -309,35 +318,48 @@ fn encode_group(entries: &[(u64, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
-/// The messages of one tree value under `key`, in order.
-fn decode_group(key: u64, value: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, DecodeError> {
+/// Walks one tree value under `key`: each message's sequence number and entry, in order. An error
+/// may come after some messages were walked: the value as a whole is damaged.
+fn walk_group<'a>(key: u64, value: &'a [u8], mut f: impl FnMut(u64, &'a [u8])) -> Result<(), DecodeError> {
     match value.first() {
-        Some(&FORMAT_V1) => return Ok(vec![(key, value.to_vec())]),
+        Some(&FORMAT_V1) => {
+            f(key, value);
+            return Ok(());
+        }
         Some(&FORMAT_GROUP) => {}
         Some(&v) => return Err(DecodeError::Version(v)),
         None => return Err(DecodeError::Truncated),
     }
     let count = value.get(1..5).ok_or(DecodeError::Truncated)?;
-    let count = u32::from_be_bytes([count[0], count[1], count[2], count[3]]) as usize;
-    let mut out = Vec::with_capacity(count.min(value.len() / 12));
+    let count = u32::from_be_bytes([count[0], count[1], count[2], count[3]]);
     let mut rest = &value[5..];
     let mut prev = None;
     for _ in 0..count {
-        let head = rest.get(..12).ok_or(DecodeError::Truncated)?;
-        let seq = u64::from_be_bytes(head[..8].try_into().map_err(|_| DecodeError::Truncated)?);
-        let len = u32::from_be_bytes(head[8..12].try_into().map_err(|_| DecodeError::Truncated)?) as usize;
+        let (seq, len) = match rest.get(..12) {
+            Some(&[a, b, c, d, e, f, g, h, l0, l1, l2, l3]) => {
+                (u64::from_be_bytes([a, b, c, d, e, f, g, h]), u32::from_be_bytes([l0, l1, l2, l3]) as usize)
+            }
+            _ => return Err(DecodeError::Truncated),
+        };
         let entry = rest.get(12..12 + len).ok_or(DecodeError::Truncated)?;
         // In order, from the key on: anything else is damage.
         if seq < key || prev.is_some_and(|p| seq <= p) {
-            return Err(DecodeError::Truncated);
+            return Err(DecodeError::Group);
         }
         prev = Some(seq);
-        out.push((seq, entry.to_vec()));
+        f(seq, entry);
         rest = &rest[12 + len..];
     }
-    if out.is_empty() {
-        return Err(DecodeError::Truncated);
+    if prev.is_none() || !rest.is_empty() {
+        return Err(DecodeError::Group);
     }
+    Ok(())
+}
+
+/// The messages of one tree value under `key`, in order.
+fn decode_group(key: u64, value: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, DecodeError> {
+    let mut out = Vec::new();
+    walk_group(key, value, |seq, entry| out.push((seq, entry.to_vec())))?;
     Ok(out)
 }
 
@@ -357,8 +379,8 @@ pub struct TelemetrySpool {
     stats: SpoolStats,
 }
 
-/// Tree values read at a time when the spool opens.
-const OPEN_PAGE: usize = 64;
+/// Tree values read at a time when the spool opens (at most 2 MiB of commit groups).
+const OPEN_PAGE: usize = 8;
 
 impl TelemetrySpool {
     /// Opens the spool in `store`, counting what an earlier run left in it.
@@ -392,11 +414,14 @@ impl TelemetrySpool {
             }
             for (key, value) in page {
                 after = Some(key);
-                match decode_group(key, &value) {
-                    Ok(entries) => {
-                        let last = entries.last().map_or(key, |(s, _)| *s);
-                        let live = entries.len() as u64;
-                        let bytes: u64 = entries.iter().map(|(_, e)| e.len() as u64).sum();
+                let (mut last, mut live, mut bytes) = (key, 0u64, 0u64);
+                let walked = walk_group(key, &value, |seq, entry| {
+                    last = seq;
+                    live += 1;
+                    bytes += entry.len() as u64;
+                });
+                match walked {
+                    Ok(()) => {
                         accounting.entries += live;
                         accounting.bytes += bytes;
                         groups.insert(key, Group { last, live, bytes, acked: HashSet::new(), cached: None });
@@ -428,6 +453,7 @@ impl TelemetrySpool {
                 accounting,
                 next_seq,
                 groups,
+                cached: BTreeSet::new(),
                 cached_bytes: 0,
                 pending: BTreeMap::new(),
                 pending_from: next_seq,
@@ -627,7 +653,8 @@ impl TelemetrySpool {
                         Err(e) => {
                             tracing::warn!(seq, error = %e, "dropping an unreadable MQTT spool entry");
                             self.stats.dropped_corrupt.fetch_add(1, Ordering::Relaxed);
-                            // Counted out as if acknowledged (not in `acked`: the stats say why).
+                            // Counted out of its group as if acknowledged; `dropped_corrupt`
+                            // counts it, the `acked` counter does not.
                             self.ack_locked(&mut st, *seq);
                         }
                     }
@@ -673,7 +700,7 @@ impl TelemetrySpool {
     }
 
     /// Commits now if anything is uncommitted: writes the messages still in memory into the tree as
-    /// one commit group and flushes it. Blocking (an fsync): call from a blocking thread.
+    /// commit groups and flushes it. Blocking (an fsync): call from a blocking thread.
     pub fn commit(&self) {
         let (dirty, flush) = {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -964,10 +991,15 @@ mod tests {
         let good = encode_group(&[(0, msg("t", b"a").encode()), (1, msg("t", b"b").encode())]);
         store.spool_put(SpoolTree::Upstream, 0, &good).expect("put");
         store.spool_put(SpoolTree::Upstream, 2, &good[..good.len() - 3]).expect("put");
+        let backwards = encode_group(&[(7, msg("t", b"a").encode()), (6, msg("t", b"b").encode())]);
+        store.spool_put(SpoolTree::Upstream, 6, &backwards).expect("put");
         let spool = TelemetrySpool::open(store, 1 << 20, Duration::from_millis(5), 8).expect("spool");
         assert_eq!(seqs(spool.next_batch(None, 100).expect("batch")), vec![0, 1]);
         let snap = spool.snapshot();
-        assert_eq!((snap.entries, snap.dropped_corrupt), (2, 1));
+        assert_eq!((snap.entries, snap.dropped_corrupt), (2, 2));
+        assert_eq!(decode_group(6, &backwards), Err(DecodeError::Group));
+        assert_eq!(decode_group(0, &good[..good.len() - 3]), Err(DecodeError::Truncated));
+        assert_eq!(decode_group(2, &good), Err(DecodeError::Group), "below its key");
     }
 
     #[test]
