@@ -345,8 +345,6 @@ pub trait StateStore: Send + Sync + 'static {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
-    /// What the spool holds: entries, their bytes, and the highest sequence number.
-    fn spool_summary(&self, spool: SpoolTree) -> Result<SpoolSummary, StoreError>;
 }
 
 /// Which MQTT spool: each is a tree of its own, with its own sequence numbers.
@@ -366,15 +364,4 @@ impl SpoolTree {
             SpoolTree::Local => "local",
         }
     }
-}
-
-/// The MQTT spool's contents at a glance, read once when the spool opens.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SpoolSummary {
-    /// Entries.
-    pub entries: u64,
-    /// Their encoded bytes.
-    pub bytes: u64,
-    /// The highest sequence number present.
-    pub last_seq: Option<u64>,
 }

@@ -5,8 +5,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::{
-    MigrationError, ModuleDigest, ModuleInfo, PodRecord, SCHEMA_VERSION, SpoolSummary, SpoolTree, StateStore,
-    StoreError,
+    MigrationError, ModuleDigest, ModuleInfo, PodRecord, SCHEMA_VERSION, SpoolTree, StateStore, StoreError,
 };
 
 const PODS: &str = "pods";
@@ -443,20 +442,6 @@ impl StateStore for SledStore {
                 Ok((u64::from_be_bytes(key), v.to_vec()))
             })
             .collect()
-    }
-
-    fn spool_summary(&self, spool: SpoolTree) -> Result<SpoolSummary, StoreError> {
-        let tree = self.spool_tree(spool)?;
-        let mut summary = SpoolSummary::default();
-        for kv in tree.iter() {
-            let (k, v) = kv.map_err(|e| self.err(e))?;
-            summary.entries += 1;
-            summary.bytes += v.len() as u64;
-            if let Ok(key) = <[u8; 8]>::try_from(k.as_ref()) {
-                summary.last_seq = Some(u64::from_be_bytes(key));
-            }
-        }
-        Ok(summary)
     }
 }
 
