@@ -8,6 +8,7 @@ pub mod board;
 pub mod cluster;
 pub mod fakeapi;
 pub mod mosquitto;
+pub mod mqtt_paths;
 pub mod registry;
 pub mod strict_json;
 pub mod top;

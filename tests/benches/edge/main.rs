@@ -18,6 +18,7 @@ mod link;
 mod memory;
 mod qos;
 mod report;
+mod throughput;
 
 use report::Report;
 
@@ -26,6 +27,7 @@ const SECTIONS: &[(&str, &str)] = &[
     ("link", "bytes between one node and a real API server, through a counting proxy"),
     ("memory", "resident memory idle, with 100 static pods, and over create/delete cycles"),
     ("qos1", "QoS 1 lines under the default rate limit, through a broker restart"),
+    ("throughput", "QoS 1 throughput and latency beside a Mosquitto bridge in the same run"),
     ("binaries", "board binary sizes against cross/size-budget"),
 ];
 
@@ -57,6 +59,7 @@ async fn run_section(name: &str, report: &mut Report) {
     match name {
         "link" => link::run(report).await,
         "qos1" => qos::run(report).await,
+        "throughput" => throughput::run(report).await,
         "binaries" => binaries::run(report).await,
         "memory" => memory::run(report).await,
         _ => unreachable!("SECTIONS lists only sections run_section knows"),
