@@ -13,6 +13,11 @@
 //! anonymous memory instead of 12.2 after five cycles of 100 pods; the module-output path's QoS 1
 //! throughput did not change (29-36k against 31-32k msg/s in alternating runs). Other C
 //! libraries (musl) keep little, and there both do nothing.
+//!
+//! One more of glibc's habits cannot be changed from here: each thread keeps freed small blocks in
+//! a cache of its own (the tcache) that no trim empties, and glibc reads the setting that turns it
+//! off (`GLIBC_TUNABLES=glibc.malloc.tcache_count=0`) only when a process starts. The systemd
+//! unit sets it (systemd/README.md has the figures).
 
 /// The allocator arenas the agent's threads share. One: the agent's threads rarely allocate at
 /// the same instant on a board's 2-4 cores, and each further arena scatters live objects over

@@ -98,6 +98,22 @@ where
     }
 }
 
+/// The environment `systemd/lichen.service` gives the agent (its `Environment=` lines, each
+/// `KEY=VALUE` word), for benchmarks that measure the agent as a board runs it. Empty when
+/// `LICHEN_BENCH_UNIT_ENV=0` (to measure without it) or when the unit cannot be read.
+pub fn service_environment() -> Vec<(String, String)> {
+    if std::env::var("LICHEN_BENCH_UNIT_ENV").is_ok_and(|v| v == "0") {
+        return Vec::new();
+    }
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/lichen.service");
+    let text = std::fs::read_to_string(unit).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("Environment="))
+        .flat_map(str::split_whitespace)
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect()
+}
+
 /// A `lichen run` child process with its stderr captured line by line.
 pub struct Agent {
     child: Child,
@@ -327,6 +343,16 @@ impl Scratch {
         let args = self.run_args();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Agent::start(&args, &self.state)
+    }
+
+    /// Starts the agent on this layout with the environment its systemd unit gives it
+    /// ([`service_environment`]).
+    pub fn start_as_service(&self) -> Agent {
+        let args = self.run_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env = service_environment();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Agent::start_with_env(&args, &self.state, &env)
     }
 
     /// Writes a manifest atomically (write + rename), as configuration tools do.

@@ -6,6 +6,8 @@
 //! Every message is `<seq> <unix ns>`, about 30 bytes: the subscriber records when each arrived, so
 //! a run gives both throughput (distinct messages over the time from the first arrival to the last)
 //! and latency (from the time its producer wrote into it to its arrival, same machine clock).
+//! The agent runs with the environment its systemd unit gives it on a board
+//! ([`crate::service_environment`]).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -347,7 +349,7 @@ pub async fn lichen_stdout(q: u8, rate: Option<(u64, u64)>, inflight: u16) -> Re
     let broker = Mosquitto::start();
     let sub = Collector::connect(broker.port, "bench-sub", "bench/#", q).await?;
     let s = Scratch::new(&lichen_config(&broker.url(), inflight, ""));
-    let agent = s.start();
+    let agent = s.start_as_service();
     agent.wait_log(&["connected to the MQTT broker"], T);
     let (count, interval) = plan(rate);
     s.put_pod("ticker.yaml", &ticker_pod(q, interval.as_micros() as u64, count));
@@ -378,7 +380,7 @@ pub async fn lichen_gateway(q: u8, rate: Option<(u64, u64)>, inflight: u16) -> R
         local.url()
     );
     let s = Scratch::new(&lichen_config(&upstream.url(), inflight, &gw));
-    let agent = s.start();
+    let agent = s.start_as_service();
     agent.wait_log(&["gateway: connected to the local MQTT broker"], T);
     agent.wait_log(&["connected to the MQTT broker"], T);
     until_forwarded(local.port, &sub, Some(&agent)).await?;

@@ -12,7 +12,8 @@
 //! after the agent next gives back the code pages the work ran (heap.rs); the reading right after
 //! the fact is printed beside. The cycles' count is `LICHEN_BENCH_CYCLES` (20 unless set; a soak
 //! sets 1000), each read right after its deletion, and one more reading is taken [`LATER`] after
-//! the last cycle.
+//! the last cycle. The agent gets the environment `systemd/lichen.service` gives it on a board
+//! (glibc's allocator settings); `LICHEN_BENCH_UNIT_ENV=0` runs it without.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -121,6 +122,8 @@ impl Node {
             .env_remove("RUST_BACKTRACE")
             .env_remove("LICHEN_METRICS_ADDRESS")
             .env_remove("LICHEN_KUBELET_PORT")
+            // As a board runs it: glibc's allocator settings come from the unit.
+            .envs(lichen_tests::service_environment())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
@@ -239,6 +242,13 @@ pub async fn run(report: &mut Report) {
 fn measure(report: &mut Report) -> Result<(), String> {
     let bin = lichen_tests::lichen_bin();
     println!("{SECTION}: agent {}", bin.display());
+    let env: Vec<String> =
+        lichen_tests::service_environment().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    report.info(
+        SECTION,
+        "environment (systemd/lichen.service's; LICHEN_BENCH_UNIT_ENV=0 for none)",
+        format!("{env:?}"),
+    );
     let mut node = Node::start()?;
     node.wait("`lichen running` in the agent's log", |n| n.log_text().contains("lichen running"))?;
     report.info(SECTION, "RSS right after start-up", node.settled()?.both());
