@@ -353,20 +353,13 @@ pub async fn lichen_stdout(q: u8, rate: Option<(u64, u64)>, inflight: u16) -> Re
     agent.wait_log(&["connected to the MQTT broker"], T);
     let (count, interval) = plan(rate);
     s.put_pod("ticker.yaml", &ticker_pod(q, interval.as_micros() as u64, count));
-    let samples = sub.wait(count).await;
-    let (received, r) = throughput(&samples);
-    if received == 0 {
-        return Err(failed("no message from the module reached the subscriber", Some(&agent)));
-    }
-    let agent_mqtt = Some(s.status_json()["mqtt"].clone());
-    let agent_cpu = cpu_time(agent.pid());
-    let _ = agent.stop();
     let path = if inflight == 100 {
         "Lichen, module stdout (spool on) -> broker -> subscriber"
     } else {
         "Lichen, module stdout (spool on), inflight 1000"
     };
-    Ok(Outcome { run: Run { path, q, sent: count, received, rate: r }, samples, agent_mqtt, agent_cpu })
+    let run = Run { path, q, sent: count, received: 0, rate: 0.0 };
+    lichen_outcome(run, sub.wait(count).await, &s, agent, "no message from the module reached the subscriber")
 }
 
 /// Publisher -> local broker -> Lichen's gateway (QoS 1 through the spool) -> upstream broker ->
@@ -386,18 +379,36 @@ pub async fn lichen_gateway(q: u8, rate: Option<(u64, u64)>, inflight: u16) -> R
     until_forwarded(local.port, &sub, Some(&agent)).await?;
     let (count, interval) = plan(rate);
     load(local.port, "bench-load", "bench/x", q, count, interval).await?;
-    let samples = sub.wait(count).await;
-    let (received, r) = throughput(&samples);
-    if received == 0 {
-        return Err(failed("no message through the gateway reached the subscriber", Some(&agent)));
-    }
-    let agent_mqtt = Some(s.status_json()["mqtt"].clone());
-    let agent_cpu = cpu_time(agent.pid());
-    let _ = agent.stop();
     let path = if inflight == 100 {
         "Lichen gateway (publisher -> local -> Lichen, spool on -> upstream -> subscriber)"
     } else {
         "Lichen gateway (spool on), inflight 1000"
     };
-    Ok(Outcome { run: Run { path, q, sent: count, received, rate: r }, samples, agent_mqtt, agent_cpu })
+    let run = Run { path, q, sent: count, received: 0, rate: 0.0 };
+    lichen_outcome(
+        run,
+        sub.wait(count).await,
+        &s,
+        agent,
+        "no message through the gateway reached the subscriber",
+    )
+}
+
+/// The end of a Lichen path's run: its throughput from `samples`, the agent's MQTT status and CPU
+/// time, and the agent stopped. A run that delivered nothing fails with `nothing` and the log.
+fn lichen_outcome(
+    mut run: Run,
+    samples: Vec<Sample>,
+    s: &Scratch,
+    agent: Agent,
+    nothing: &str,
+) -> Result<Outcome, PathFailed> {
+    (run.received, run.rate) = throughput(&samples);
+    if run.received == 0 {
+        return Err(failed(nothing, Some(&agent)));
+    }
+    let agent_mqtt = Some(s.status_json()["mqtt"].clone());
+    let agent_cpu = cpu_time(agent.pid());
+    let _ = agent.stop();
+    Ok(Outcome { run, samples, agent_mqtt, agent_cpu })
 }
