@@ -39,7 +39,7 @@
 //! its own ([`SpoolTree::Local`]) for messages from upstream to the local broker, with the same
 //! guarantees.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -227,8 +227,6 @@ struct Group {
     /// Those acknowledged since the agent started (lost with a restart, which then sends them
     /// again: at least once).
     acked: HashSet<u64>,
-    /// Its entries, while they are in the read cache ([`READ_CACHE_BYTES`]).
-    cached: Option<Entries>,
 }
 
 /// A commit writes groups of at most this many bytes of entries (a larger message goes alone), so
@@ -244,8 +242,8 @@ struct SpoolState {
     next_seq: u64,
     /// The tree's commit groups by their first sequence number.
     groups: BTreeMap<u64, Group>,
-    /// The groups in the read cache, and their bytes.
-    cached: BTreeSet<u64>,
+    /// The read cache ([`READ_CACHE_BYTES`]): entries of groups by key, and their bytes.
+    cached: BTreeMap<u64, Entries>,
     cached_bytes: u64,
     /// Appended since the last commit and not yet acknowledged, encoded: every sequence number
     /// from `pending_from` on lives here, not in the tree.
@@ -272,22 +270,18 @@ impl SpoolState {
         }
         self.uncache(key);
         while self.cached_bytes + size > READ_CACHE_BYTES {
-            let Some(old) = self.cached.first().copied() else { break };
+            let Some(old) = self.cached.keys().next().copied() else { break };
             self.uncache(old);
         }
-        if let Some(g) = self.groups.get_mut(&key) {
-            g.cached = Some(entries);
-            self.cached.insert(key);
-            self.cached_bytes += size;
-        }
+        self.cached.insert(key, entries);
+        self.cached_bytes += size;
     }
 
     /// Drops a group's entries from the read cache.
     fn uncache(&mut self, key: u64) {
-        if self.cached.remove(&key)
-            && let Some(g) = self.groups.get_mut(&key)
+        if self.cached.remove(&key).is_some()
+            && let Some(g) = self.groups.get(&key)
         {
-            g.cached = None;
             self.cached_bytes -= g.bytes;
         }
     }
@@ -427,7 +421,7 @@ impl TelemetrySpool {
                     Ok(()) => {
                         accounting.entries += live;
                         accounting.bytes += bytes;
-                        groups.insert(key, Group { last, live, bytes, acked: HashSet::new(), cached: None });
+                        groups.insert(key, Group { last, live, bytes, acked: HashSet::new() });
                     }
                     Err(e) => damaged.push((key, e)),
                 }
@@ -456,7 +450,7 @@ impl TelemetrySpool {
                 accounting,
                 next_seq,
                 groups,
-                cached: BTreeSet::new(),
+                cached: BTreeMap::new(),
                 cached_bytes: 0,
                 pending: BTreeMap::new(),
                 pending_from: next_seq,
@@ -587,7 +581,7 @@ impl TelemetrySpool {
     /// A group's entries: from the read cache, or from the tree (then cached). `None` if it is gone
     /// or unreadable (then removed and counted).
     fn group_entries(&self, st: &mut SpoolState, key: u64) -> Result<Option<Entries>, SpoolError> {
-        if let Some(c) = st.groups.get(&key).and_then(|g| g.cached.clone()) {
+        if let Some(c) = st.cached.get(&key).cloned() {
             return Ok(Some(c));
         }
         let value = match self.store.spool_range(self.tree, key.checked_sub(1), 1)?.into_iter().next() {
@@ -739,7 +733,7 @@ impl TelemetrySpool {
                 written += entries.len() as u64;
                 let live = entries.len() as u64;
                 // The accounting already holds these bytes (counted when appended).
-                st.groups.insert(key, Group { last, live, bytes, acked: HashSet::new(), cached: None });
+                st.groups.insert(key, Group { last, live, bytes, acked: HashSet::new() });
                 // Most likely read next (committed before the session could send it).
                 st.cache(key, entries.into());
                 st.pending_from = last + 1;
