@@ -105,13 +105,19 @@ pub fn service_environment() -> Vec<(String, String)> {
     if std::env::var("LICHEN_BENCH_UNIT_ENV").is_ok_and(|v| v == "0") {
         return Vec::new();
     }
+    unit_environment().unwrap_or_default()
+}
+
+/// The `Environment=` settings of `systemd/lichen.service` in this checkout, each `KEY=VALUE` word.
+pub fn unit_environment() -> std::io::Result<Vec<(String, String)>> {
     let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/lichen.service");
-    let text = std::fs::read_to_string(unit).unwrap_or_default();
-    text.lines()
+    let text = std::fs::read_to_string(unit)?;
+    Ok(text
+        .lines()
         .filter_map(|l| l.trim().strip_prefix("Environment="))
         .flat_map(str::split_whitespace)
         .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
-        .collect()
+        .collect())
 }
 
 /// A `lichen run` child process with its stderr captured line by line.

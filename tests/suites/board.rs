@@ -153,6 +153,21 @@ fn check_first_boot(board: &Board) {
     let watchdog = show.lines().find_map(|l| l.trim().strip_prefix("WatchdogUSec=")).unwrap_or("0");
     assert!(!["0", "infinity", ""].contains(&watchdog), "the watchdog is not armed: WatchdogUSec={watchdog}");
     board.sh("systemctl is-active lichen-firstboot.service || systemctl show lichen-firstboot -p Result | grep -qx Result=success");
+    // The running agent has the unit's environment: glibc reads its allocator settings only when a
+    // process starts (systemd/README.md, "Memory"), so this is where they can be seen to hold.
+    let unit = lichen_tests::unit_environment().expect("systemd/lichen.service");
+    assert!(
+        unit.iter().any(|(k, _)| k == "GLIBC_TUNABLES"),
+        "the unit no longer sets GLIBC_TUNABLES: {unit:?}"
+    );
+    let environ = board.sh("tr '\\0' '\\n' < /proc/$(systemctl show lichen -p MainPID --value)/environ");
+    for (key, value) in &unit {
+        let want = format!("{key}={value}");
+        assert!(
+            environ.lines().any(|l| l.trim() == want),
+            "{want} is not in the running agent's environment:\n{environ}"
+        );
+    }
     // The unit's hardening in force without getting in the way: no call refused by the syscall
     // filter (SIGSYS would kill the agent: NRestarts above says it never died) and no write
     // refused by ProtectSystem/ReadWritePaths.

@@ -201,3 +201,40 @@ async fn lean_writes_never_download_their_answer_and_share_one_connection() {
     assert_eq!(counts.patches.load(Ordering::Relaxed), before + 1, "a 503 is not repeated");
     assert_eq!(counts.connections.load(Ordering::Relaxed), 2, "no new connection for an error");
 }
+
+/// Requests racing on a new client (as at start: the registration, the pod watch, the Lease and
+/// the first status writes) share one connection per pool instead of each opening its own before
+/// ALPN has said the server speaks HTTP/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_racing_at_start_open_one_connection_per_pool() {
+    let counts = Arc::new(Counts::default());
+    let (port, ca) = h2_server(counts.clone()).await;
+    let client = client(port, &ca).await;
+    let patch = serde_json::json!({"spec": {"renewTime": "2026-12-06T00:00:00.000000Z"}});
+
+    const EACH: usize = 8;
+    let reads = (0..EACH).map(|_| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let response = client
+                .send(Request::get("/ok").body(kube::client::Body::empty()).expect("request"))
+                .await
+                .expect("a read");
+            http_body_util::BodyExt::collect(response.into_body()).await.expect("body").to_bytes().len()
+        })
+    });
+    let writes = (0..EACH).map(|_| {
+        let (client, patch) = (client.clone(), patch.clone());
+        tokio::spawn(async move { lichen::cluster::lean::merge_patch(&client, "/ok", &patch).await.is_ok() })
+    });
+    let (reads, writes): (Vec<_>, Vec<_>) = (reads.collect(), writes.collect());
+    for read in reads {
+        assert_eq!(read.await.expect("read task"), ANSWER, "a read's answer arrives whole");
+    }
+    for write in writes {
+        assert!(write.await.expect("write task"), "a successful write");
+    }
+    let connections = counts.connections.load(Ordering::Relaxed);
+    println!("{EACH} reads and {EACH} lean writes at once on a new client: {connections} connections");
+    assert_eq!(connections, 2, "one connection for the reads, one for the lean writes");
+}

@@ -16,6 +16,9 @@
 //!   traffic every 10 s means a healthy link never PINGs on the lean connection.
 //! - A request that is not a watch must answer within [`REQUEST_TIMEOUT`], so a silent server
 //!   cannot hang a heartbeat for minutes.
+//! - While a pool has no connection that has answered, its requests go one at a time
+//!   ([`OneConnect`]): requests racing at start or after the API server went away would each open
+//!   a connection of their own before ALPN has said that one HTTP/2 connection carries them all.
 //! - Writes whose answer is not needed (the Lease renewal, node and pod status) go on a second
 //!   long-lived connection whose streams get no receive window, so the object the server sends
 //!   back never crosses the link ([`LeanWrite`], [`super::lean`]).
@@ -26,6 +29,8 @@
 //! its 10 s.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -129,7 +134,8 @@ fn build(config: &kube::Config) -> Result<Client, ClientError> {
     let https = https.enable_http1().enable_http2().wrap_connector(tcp);
 
     let transport = |stream_window: Option<u32>| {
-        hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        let gate = Arc::new(Gate::default());
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE)
@@ -137,7 +143,8 @@ fn build(config: &kube::Config) -> Result<Client, ClientError> {
             .http2_keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .http2_keep_alive_while_idle(true)
             .http2_initial_stream_window_size(stream_window)
-            .build::<_, kube::client::Body>(https.clone())
+            .build::<_, kube::client::Body>(Counting { inner: https.clone(), gate: gate.clone() });
+        OneConnect { inner: client, gate }
     };
     // The lean connection's streams get no flow-control window: the server can send a write's
     // response head (HEADERS are not flow-controlled) but not its body, which `lean` then cancels
@@ -164,9 +171,8 @@ fn build(config: &kube::Config) -> Result<Client, ClientError> {
 pub struct LeanWrite;
 
 /// Sends requests marked [`LeanWrite`] on the lean transport (a connection of its own whose HTTP/2
-/// streams have a zero receive window), everything else on the full one. Each pool normally holds
-/// one HTTP/2 connection (requests racing at start, before ALPN has answered, can open a second,
-/// which closes once unused).
+/// streams have a zero receive window), everything else on the full one. Each pool holds one
+/// HTTP/2 connection ([`OneConnect`]).
 #[derive(Clone)]
 struct Route<T> {
     full: T,
@@ -192,6 +198,183 @@ where
 
     fn call(&mut self, req: hyper::Request<B>) -> Self::Future {
         if req.extensions().get::<LeanWrite>().is_some() { self.lean.call(req) } else { self.full.call(req) }
+    }
+}
+
+/// One pool's open connections, and the gate in front of it ([`OneConnect`]).
+#[derive(Default)]
+struct Gate {
+    /// The pool's connections still open ([`Counting`]).
+    live: AtomicUsize,
+    /// Whether a request had its answer since the pool last had no connection (or a request
+    /// failed).
+    answered: AtomicBool,
+    /// Held by the one request in flight while the gate is closed.
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl Gate {
+    /// Whether requests may go at once: the pool holds a connection that has answered.
+    fn is_open(&self) -> bool {
+        self.answered.load(Ordering::Acquire) && self.live.load(Ordering::Acquire) > 0
+    }
+
+    fn connection_opened(&self) {
+        self.live.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn connection_closed(&self) {
+        if self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.answered.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// Lets a pool's requests through one at a time while it has no connection that has answered
+/// ([`Gate`]), and all at once otherwise.
+///
+/// hyper's pool can only know that a connection speaks HTTP/2, and so can carry every request,
+/// once ALPN has answered in the TLS handshake. Until then each request that finds no connection
+/// opens one of its own: on a new client, 8 reads and 8 writes at once opened 16 connections (a TLS
+/// handshake with the client certificate is several KB on a metered link), which hyper then closed
+/// as they went unused. At start the node's registration, the pod watch, the Lease and the first
+/// status writes race like that, and so do the retries after the API server went away. The cost is
+/// one round trip for the requests behind the first one, once per connection.
+#[derive(Clone)]
+struct OneConnect<T> {
+    inner: T,
+    gate: Arc<Gate>,
+}
+
+impl<T, B> tower::Service<hyper::Request<B>> for OneConnect<T>
+where
+    T: tower::Service<hyper::Request<B>> + Clone + Send + 'static,
+    T::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = T::Response;
+    type Error = T::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T::Response, T::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: hyper::Request<B>) -> Self::Future {
+        let gate = self.gate.clone();
+        // The service that was polled ready takes the request, in the future (tower's idiom).
+        let fresh = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, fresh);
+        Box::pin(async move {
+            let turn = if gate.is_open() { None } else { Some(gate.turn.lock().await) };
+            // Whoever had the turn before may have opened the gate meanwhile.
+            let alone = turn.filter(|_| !gate.is_open());
+            let result = inner.call(req).await;
+            if result.is_err() {
+                gate.answered.store(false, Ordering::Release);
+            } else if alone.is_some() {
+                gate.answered.store(true, Ordering::Release);
+            }
+            result
+        })
+    }
+}
+
+/// The connector under a pool: counts the connections it made that are still open, for [`Gate`].
+#[derive(Clone)]
+struct Counting<C> {
+    inner: C,
+    gate: Arc<Gate>,
+}
+
+impl<C> tower::Service<hyper::Uri> for Counting<C>
+where
+    C: tower::Service<hyper::Uri>,
+    C::Future: Send + 'static,
+    C::Response: Send + 'static,
+{
+    type Response = Counted<C::Response>;
+    type Error = C::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, C::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: hyper::Uri) -> Self::Future {
+        let (connecting, gate) = (self.inner.call(uri), self.gate.clone());
+        Box::pin(async move {
+            let io = connecting.await?;
+            gate.connection_opened();
+            Ok(Counted { io, gate })
+        })
+    }
+}
+
+/// A connection [`Counting`] counts until it is dropped.
+struct Counted<T> {
+    io: T,
+    gate: Arc<Gate>,
+}
+
+impl<T> Drop for Counted<T> {
+    fn drop(&mut self) {
+        self.gate.connection_closed();
+    }
+}
+
+impl<T: hyper_util::client::legacy::connect::Connection> hyper_util::client::legacy::connect::Connection
+    for Counted<T>
+{
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.io.connected()
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Counted<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Counted<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 }
 
@@ -244,5 +427,142 @@ where
                 Err(_) => Err(Box::new(RequestTimedOut) as tower::BoxError),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tower::Service;
+
+    /// A pool as the gate sees it: requests in flight, answered when the test says, `Ok` or not.
+    #[derive(Clone, Default)]
+    struct Pool(Arc<Mutex<PoolState>>, Arc<tokio::sync::Notify>);
+
+    #[derive(Default)]
+    struct PoolState {
+        in_flight: usize,
+        most_in_flight: usize,
+        answered: usize,
+        /// What the requests waiting now get.
+        answer: Option<bool>,
+    }
+
+    impl tower::Service<hyper::Request<()>> for Pool {
+        type Response = ();
+        type Error = &'static str;
+        type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), &'static str>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: hyper::Request<()>) -> Self::Future {
+            let (state, wake) = (self.0.clone(), self.1.clone());
+            Box::pin(async move {
+                {
+                    let mut s = state.lock().unwrap();
+                    s.in_flight += 1;
+                    s.most_in_flight = s.most_in_flight.max(s.in_flight);
+                }
+                loop {
+                    let notified = wake.notified();
+                    let answer = state.lock().unwrap().answer;
+                    if let Some(ok) = answer {
+                        let mut s = state.lock().unwrap();
+                        s.in_flight -= 1;
+                        s.answered += 1;
+                        return if ok { Ok(()) } else { Err("connection reset") };
+                    }
+                    notified.await;
+                }
+            })
+        }
+    }
+
+    impl Pool {
+        fn answer(&self, ok: Option<bool>) {
+            self.0.lock().unwrap().answer = ok;
+            self.1.notify_waiters();
+        }
+        fn get(&self, f: impl Fn(&PoolState) -> usize) -> usize {
+            f(&self.0.lock().unwrap())
+        }
+    }
+
+    /// Lets every task that can run do so (the runtime has one thread).
+    async fn settle() {
+        for _ in 0..64 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn burst(service: &OneConnect<Pool>, n: usize) {
+        for _ in 0..n {
+            let mut s = service.clone();
+            tokio::spawn(async move { s.call(hyper::Request::new(())).await });
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn one_request_at_a_time_until_a_connection_has_answered_then_all_at_once() {
+        let pool = Pool::default();
+        let service = OneConnect { inner: pool.clone(), gate: Arc::new(Gate::default()) };
+
+        // No connection yet: one request goes, the others wait for its answer.
+        burst(&service, 5);
+        settle().await;
+        assert_eq!(pool.get(|s| s.in_flight), 1, "one request while the pool has no connection");
+        // It connected (the connector counts it) and was answered: the rest go at once.
+        service.gate.connection_opened();
+        pool.answer(Some(true));
+        settle().await;
+        assert_eq!(pool.get(|s| s.answered), 5);
+        assert_eq!(pool.get(|s| s.most_in_flight), 1, "the others went one by one or after the answer");
+
+        // With a connection that has answered, a burst goes at once.
+        pool.answer(None);
+        burst(&service, 5);
+        settle().await;
+        assert_eq!(pool.get(|s| s.in_flight), 5, "all at once on a working connection");
+        pool.answer(Some(true));
+        settle().await;
+
+        // The connection closed (the API server went away): one at a time again.
+        service.gate.connection_closed();
+        pool.answer(None);
+        burst(&service, 3);
+        settle().await;
+        assert_eq!(pool.get(|s| s.in_flight), 1, "one request after the connection closed");
+        service.gate.connection_opened();
+        pool.answer(Some(true));
+        settle().await;
+        assert_eq!(pool.get(|s| s.answered), 13);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_request_closes_the_gate_until_one_is_answered() {
+        let pool = Pool::default();
+        let service = OneConnect { inner: pool.clone(), gate: Arc::new(Gate::default()) };
+        service.gate.connection_opened();
+        service.gate.answered.store(true, Ordering::Release);
+
+        // A request fails on the open connection (reset): the gate closes.
+        burst(&service, 1);
+        settle().await;
+        pool.answer(Some(false));
+        settle().await;
+        assert!(!service.gate.is_open(), "a failure closes the gate");
+
+        // The next burst goes one at a time until a request is answered again.
+        pool.answer(None);
+        burst(&service, 4);
+        settle().await;
+        assert_eq!(pool.get(|s| s.in_flight), 1);
+        pool.answer(Some(true));
+        settle().await;
+        assert_eq!(pool.get(|s| s.answered), 5);
+        assert!(service.gate.is_open(), "an answer opens it again");
     }
 }

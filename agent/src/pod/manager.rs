@@ -452,7 +452,6 @@ impl PodManager {
         self.launch(Vec::new());
     }
 
-    /// Whether a worker for this pod is still running (or about to, or still being removed).
     /// Whether a burst of pod work (admissions, removals) has ended since the last call: the code
     /// that ran for it is idle now (see `heap::release_code_pages`).
     pub fn take_burst_ended(&mut self) -> bool {
