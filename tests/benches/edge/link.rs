@@ -5,7 +5,9 @@
 //!
 //! Needs `LICHEN_E2E_KUBECONFIG` (the e2e tier's cluster). `LICHEN_BENCH_LINK_SECS` sets each
 //! counting window (default 300 s, so that the node status refresh, every 5 minutes, and the
-//! server's end of a watch fall inside one); figures are scaled to a day.
+//! server's end of a watch fall inside one); figures are scaled to a day. `LICHEN_BENCH_LINK_DELAY_MS`
+//! delays every byte the proxy forwards by that long each way (0 unless set), for the round trips
+//! of a cellular link: the bytes do not depend on it, but a race between requests does.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -49,8 +51,9 @@ impl Counters {
     }
 }
 
-/// A TCP proxy on 127.0.0.1 to `upstream`, counting bytes each way and connections accepted.
-async fn proxy(upstream: SocketAddr, counters: Arc<Counters>) -> SocketAddr {
+/// A TCP proxy on 127.0.0.1 to `upstream`, counting bytes each way and connections accepted, and
+/// delaying what it forwards by `delay` each way.
+async fn proxy(upstream: SocketAddr, counters: Arc<Counters>, delay: Duration) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the counting proxy");
     let addr = listener.local_addr().expect("proxy address");
     tokio::spawn(async move {
@@ -63,8 +66,8 @@ async fn proxy(upstream: SocketAddr, counters: Arc<Counters>) -> SocketAddr {
                 let (sr, sw) = server.into_split();
                 let c1 = counters.clone();
                 tokio::join!(
-                    pump(cr, sw, move |n| c1.up.fetch_add(n, Ordering::SeqCst)),
-                    pump(sr, cw, move |n| { counters.down.fetch_add(n, Ordering::SeqCst) })
+                    pump(cr, sw, delay, move |n| c1.up.fetch_add(n, Ordering::SeqCst)),
+                    pump(sr, cw, delay, move |n| { counters.down.fetch_add(n, Ordering::SeqCst) })
                 );
             });
         }
@@ -72,24 +75,39 @@ async fn proxy(upstream: SocketAddr, counters: Arc<Counters>) -> SocketAddr {
     addr
 }
 
+/// Forwards `from` to `to`, each chunk `delay` after it was read (a delay line: the link's
+/// throughput is kept, only its latency grows).
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
     count: impl Fn(u64) -> u64,
 ) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                count(n as u64);
-                if to.write_all(&buf[..n]).await.is_err() {
-                    break;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(64);
+    let read = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    count(n as u64);
+                    if tx.send((tokio::time::Instant::now() + delay, buf[..n].to_vec())).await.is_err() {
+                        break;
+                    }
                 }
             }
         }
-    }
-    let _ = to.shutdown().await;
+    };
+    let write = async move {
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(read, write);
 }
 
 /// The agent's `lichen_api_requests_total` series (`verb,code` → count) from its metrics endpoint
@@ -208,7 +226,13 @@ pub async fn run(report: &mut Report) {
         return report.failed(SECTION, format!("cannot resolve the API server {server}"));
     };
     let counters = Arc::new(Counters::default());
-    let via = proxy(upstream, counters.clone()).await;
+    let delay = Duration::from_millis(
+        std::env::var("LICHEN_BENCH_LINK_DELAY_MS").ok().and_then(|s| s.parse().ok()).unwrap_or(0),
+    );
+    if !delay.is_zero() {
+        report.info(SECTION, "link delay (each way)", format!("{} ms", delay.as_millis()));
+    }
+    let via = proxy(upstream, counters.clone(), delay).await;
 
     let s = Scratch::new("");
     let kubeconfig = cluster.node_kubeconfig(NODE, s.dir.path()).await;
