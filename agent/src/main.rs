@@ -12,7 +12,7 @@ use lichen::upgrade::switch::AgentSwitch;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    lichen::heap::limit_arenas();
+    lichen::heap::tune_allocator();
     let cli = Cli::parse();
     if let Command::Version = cli.command {
         println!("lichen {}", lichen::version::version());
