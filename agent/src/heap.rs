@@ -34,7 +34,7 @@ const ARENAS: i32 = 1;
 /// hands to the small long-lived objects allocated after them, which can then hold pages no trim
 /// gives back. (Which blocks these are was not traced; the figures below are the evidence.)
 /// Measured on the development machine (release, x86_64; the edge bench's memory section with the
-/// unit's environment; six runs with a threshold of 8-32 KiB, five without, interleaved), the
+/// unit's environment; seven runs with a threshold of 8-32 KiB, five without, interleaved), the
 /// agent's anonymous memory: idle 1.5 MiB instead of 2.0 in every run; after deleting 100 pods
 /// 4.6-5.1 MiB instead of 5.1-5.6; 30 s after 20 cycles of 100 pods 7.4-8.7 MiB instead of
 /// 8.7-10.1. The growth over the cycles did not change beyond its noise, nor did QoS 1 throughput

@@ -82,6 +82,59 @@ impl Rss {
     }
 }
 
+/// Where a reading's resident memory is, from `/proc/<pid>/smaps`, in MiB: the heap (`[heap]`,
+/// glibc's main arena), other anonymous mappings (thread stacks, fibers, Wasmtime's memories,
+/// memory images and code, large blocks on pages of their own), the agent's binary (code, read-only data and its
+/// relocated part) and everything else file-backed (the C library, the loader; shared with other
+/// processes). It tells fragmentation in the heap from memory held elsewhere.
+#[derive(Debug, Clone, Copy, Default)]
+struct Mappings {
+    heap: f64,
+    anon: f64,
+    binary: f64,
+    libraries: f64,
+}
+
+impl Mappings {
+    fn read(pid: u32) -> Option<Mappings> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+        let exe = exe.to_string_lossy();
+        let mut m = Mappings::default();
+        let mut slot: Option<&mut f64> = None;
+        for line in text.lines() {
+            let mut fields = line.split_whitespace();
+            let Some(first) = fields.next() else { continue };
+            if first.contains('-') && !first.ends_with(':') {
+                // A mapping's header: range, perms, offset, device, inode, then the path if any
+                // (which may hold spaces: it is the rest of the line).
+                let path = fields.nth(4).map(|_| line[line.find(['/', '[']).unwrap_or(line.len())..].trim());
+                slot = Some(match path {
+                    Some("[heap]") => &mut m.heap,
+                    Some(p) if p == exe => &mut m.binary,
+                    // Wasmtime's memory images: shared memory, not a library.
+                    Some(p) if p.starts_with("/memfd:") => &mut m.anon,
+                    Some(p) if p.starts_with('/') => &mut m.libraries,
+                    _ => &mut m.anon,
+                });
+            } else if first == "Rss:" {
+                let kib: f64 = fields.next()?.parse().ok()?;
+                if let Some(s) = slot.as_deref_mut() {
+                    *s += kib / 1024.0;
+                }
+            }
+        }
+        Some(m)
+    }
+
+    fn text(&self) -> String {
+        format!(
+            "heap {:.1} MiB, other anonymous {:.1} MiB, binary {:.1} MiB, libraries {:.1} MiB",
+            self.heap, self.anon, self.binary, self.libraries
+        )
+    }
+}
+
 /// The agent under measurement, its layout and its log file.
 struct Node {
     child: Child,
@@ -214,6 +267,13 @@ impl Node {
         self.settled()
     }
 
+    /// Prints where the resident memory is now ([`Mappings`]), if smaps can be read.
+    fn where_it_is(&self, report: &mut Report, when: &str) {
+        if let Some(m) = Mappings::read(self.pid()) {
+            report.info(SECTION, format!("{when}, by mapping"), m.text());
+        }
+    }
+
     /// RSS [`SETTLE`] from now.
     fn settled(&mut self) -> Result<Rss, String> {
         std::thread::sleep(SETTLE);
@@ -261,6 +321,7 @@ fn measure(report: &mut Report) -> Result<(), String> {
         idle.total <= IDLE_AIM,
     );
     report.info(SECTION, "idle, split", idle.split());
+    node.where_it_is(report, "idle");
 
     node.create()?;
     report.info(SECTION, format!("RSS {SETTLE:?} after all {PODS} pods run"), node.settled()?.both());
@@ -273,6 +334,7 @@ fn measure(report: &mut Report) -> Result<(), String> {
         full.total <= PODS_AIM,
     );
     report.info(SECTION, format!("{PODS} idle pods, split"), full.split());
+    node.where_it_is(report, &format!("{PODS} idle pods"));
 
     node.delete()?;
     report.info(SECTION, format!("RSS {SETTLE:?} after the last pod is gone"), node.settled()?.both());
@@ -286,6 +348,7 @@ fn measure(report: &mut Report) -> Result<(), String> {
         after.total <= limit,
     );
     report.info(SECTION, "after deleting, split", after.split());
+    node.where_it_is(report, "after deleting");
 
     let n = cycles();
     if n == 0 {
@@ -328,5 +391,6 @@ fn measure(report: &mut Report) -> Result<(), String> {
         later.total <= limit,
     );
     report.info(SECTION, format!("{} s after the last cycle, split", LATER.as_secs()), later.split());
+    node.where_it_is(report, &format!("{} s after the last cycle", LATER.as_secs()));
     Ok(())
 }
