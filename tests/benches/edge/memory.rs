@@ -84,9 +84,10 @@ impl Rss {
 
 /// Where a reading's resident memory is, from `/proc/<pid>/smaps`, in MiB: the heap (`[heap]`,
 /// glibc's main arena), other anonymous mappings (thread stacks, fibers, Wasmtime's memories,
-/// memory images and code, large blocks on pages of their own), the agent's binary (code, read-only data and its
-/// relocated part) and everything else file-backed (the C library, the loader; shared with other
-/// processes). It tells fragmentation in the heap from memory held elsewhere.
+/// memory images and code, large blocks on pages of their own), the agent's binary (code,
+/// read-only data and its relocated part) and everything else file-backed (the C library, the
+/// loader; shared with other processes). It tells fragmentation in the heap from memory held
+/// elsewhere.
 #[derive(Debug, Clone, Copy, Default)]
 struct Mappings {
     heap: f64,
