@@ -59,38 +59,58 @@ pub fn release_free_memory() {
     glibc::malloc_trim(0);
 }
 
-/// Asks the kernel to reclaim the pages of the agent's own executable that are resident now;
-/// returns the bytes of mappings advised. Those pages are clean copies of the binary (code and
-/// read-only data), so nothing is lost: a page touched again is read back from the page cache, or
-/// from the disk if the kernel dropped it. Worth it when work is over, not often: parsing flags
-/// and config, the join, opening the store, building TLS and the Wasmtime engine touch about 5 MiB
-/// of a 14-20 MB binary that an idle node never runs again, and a burst of pods (manifests,
-/// compiling and loading modules, WASI set-up) about as much; those pages otherwise stay in the
-/// agent's resident memory (and its cgroup's charge) until the board runs short of memory.
-/// Measured on the development machine (release, x86_64, standalone): idle, 12.8 MiB resident
-/// after start-up and 8.2 MiB 30 s after this call, the idle loop having read back what it runs;
-/// with 100 idle pods, 27.5 and 19.8 MiB.
+/// The agent's own executable as mapped now: clean copies of the binary (code and read-only
+/// data), which [`CodePages::page_out`] asks the kernel to reclaim. Nothing is lost: a page touched
+/// again is read back from the page cache, or from the disk if the kernel dropped it. Worth it when
+/// work is over, not often: parsing flags and config, the join, opening the store, building TLS
+/// and the Wasmtime engine touch about 5 MiB of a 14-20 MB binary that an idle node never runs
+/// again, and a burst of pods (manifests, compiling and loading modules, WASI set-up) about as
+/// much; those pages otherwise stay in the agent's resident memory (and its cgroup's charge) until
+/// the board runs short of memory. Measured on the development machine (release, x86_64,
+/// standalone): idle, 12.8 MiB resident after start-up and 8.2 MiB 30 s after the advice, the
+/// idle loop having read back what it runs; with 100 idle pods, 27.5 and 19.8 MiB.
+///
+/// Found and advised in two steps so that the caller can say what it releases before it does:
+/// whatever runs after the advice (a log line's formatting is about 2 MiB of code an idle node
+/// does not otherwise run) is read straight back.
 ///
 /// Only the executable's own mappings are advised (shared libraries' pages serve other processes
 /// too). Kernels before 5.4 do not know `MADV_PAGEOUT` and answer with an error; QEMU's user-mode
 /// emulation takes the advice and ignores it.
-pub fn release_code_pages() -> std::io::Result<u64> {
-    #[cfg(target_os = "linux")]
-    {
-        // The link's text, as maps shows the path (both say " (deleted)" once an upgrade or a
-        // package replaced the file); an emulator answers for its guest in both.
-        let exe = std::fs::read_link("/proc/self/exe")?;
-        let exe = exe.to_str().ok_or_else(|| std::io::Error::other("executable path is not UTF-8"))?;
-        let maps = std::fs::read_to_string("/proc/self/maps")?;
-        let mut advised = 0;
-        for (start, end) in own_mappings(&maps, exe) {
-            linux::page_out(start, end - start)?;
-            advised += (end - start) as u64;
+#[derive(Debug)]
+pub struct CodePages {
+    ranges: Vec<(usize, usize)>,
+}
+
+impl CodePages {
+    /// Reads this process's mappings of its executable from `/proc/self/maps`.
+    pub fn find() -> std::io::Result<CodePages> {
+        #[cfg(target_os = "linux")]
+        {
+            // The link's text, as maps shows the path (both say " (deleted)" once an upgrade or
+            // a package replaced the file); an emulator answers for its guest in both.
+            let exe = std::fs::read_link("/proc/self/exe")?;
+            let exe = exe.to_str().ok_or_else(|| std::io::Error::other("executable path is not UTF-8"))?;
+            let maps = std::fs::read_to_string("/proc/self/maps")?;
+            Ok(CodePages { ranges: own_mappings(&maps, exe) })
         }
-        Ok(advised)
+        #[cfg(not(target_os = "linux"))]
+        Ok(CodePages { ranges: Vec::new() })
     }
-    #[cfg(not(target_os = "linux"))]
-    Ok(0)
+
+    /// The bytes of the mappings found (resident or not).
+    pub fn mapped_bytes(&self) -> u64 {
+        self.ranges.iter().map(|(start, end)| (end - start) as u64).sum()
+    }
+
+    /// Asks the kernel to reclaim the pages of these mappings that are resident now.
+    pub fn page_out(self) -> std::io::Result<()> {
+        #[cfg(target_os = "linux")]
+        for &(start, end) in &self.ranges {
+            linux::page_out(start, end - start)?;
+        }
+        Ok(())
+    }
 }
 
 /// The address ranges of `/proc/self/maps` lines that map the file `exe` without write permission.
@@ -196,8 +216,10 @@ b7100000-b7200000 r-xp 00000000 fd:01 4242 /var/lib/lichen/agent/versions/ab/lic
 
     #[test]
     fn releasing_this_processs_code_pages_works_or_says_why() {
-        match release_code_pages() {
-            Ok(bytes) => assert!(bytes > 0, "the test binary maps its own code"),
+        let pages = CodePages::find().expect("this process's maps");
+        assert!(pages.mapped_bytes() > 0, "the test binary maps its own code");
+        match pages.page_out() {
+            Ok(()) => {}
             // A kernel before 5.4 (or an emulator) without MADV_PAGEOUT.
             Err(e) => assert_eq!(e.raw_os_error(), Some(22), "{e}"),
         }

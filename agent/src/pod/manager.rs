@@ -453,7 +453,7 @@ impl PodManager {
     }
 
     /// Whether a burst of pod work (admissions, removals) has ended since the last call: the code
-    /// that ran for it is idle now (see `heap::release_code_pages`).
+    /// that ran for it is idle now (see `heap::CodePages`).
     pub fn take_burst_ended(&mut self) -> bool {
         std::mem::take(&mut self.burst_ended)
     }

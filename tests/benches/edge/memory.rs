@@ -262,7 +262,7 @@ impl Node {
     /// runs.
     fn after_code_release(&mut self, seen: usize) -> Result<Rss, String> {
         self.wait("the agent to release idle code pages", |n| {
-            n.log_text().matches("released idle code pages").count() > seen
+            n.log_text().matches("releasing idle code pages").count() > seen
         })?;
         std::thread::sleep(AFTER_RELEASE.saturating_sub(SETTLE));
         self.settled()
