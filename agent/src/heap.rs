@@ -67,8 +67,8 @@ pub fn release_free_memory() {
 /// again, and a burst of pods (manifests, compiling and loading modules, WASI set-up) about as
 /// much; those pages otherwise stay in the agent's resident memory (and its cgroup's charge) until
 /// the board runs short of memory. Measured on the development machine (release, x86_64,
-/// standalone): idle, 12.8 MiB resident after start-up and 8.2 MiB 30 s after the advice, the
-/// idle loop having read back what it runs; with 100 idle pods, 27.5 and 19.8 MiB.
+/// standalone): idle, 12.8 MiB resident after start-up and 6.6-7.0 MiB 30 s after the advice,
+/// the idle loop having read back what it runs; with 100 idle pods, 26.4-26.6 and 16.1-16.8 MiB.
 ///
 /// Found and advised in two steps so that the caller can say what it releases before it does:
 /// whatever runs after the advice (a log line's formatting is about 2 MiB of code an idle node
