@@ -71,8 +71,8 @@ pub fn release_free_memory() {
 /// the idle loop having read back what it runs; with 100 idle pods, 26.4-26.6 and 16.1-16.8 MiB.
 ///
 /// Found and advised in two steps so that the caller can say what it releases before it does:
-/// whatever runs after the advice (a log line's formatting is about 2 MiB of code an idle node
-/// does not otherwise run) is read straight back.
+/// whatever runs after the advice is read straight back (a log line's formatting, which an idle
+/// node does not otherwise run, kept about 1 MiB resident).
 ///
 /// Only the executable's own mappings are advised (shared libraries' pages serve other processes
 /// too). Kernels before 5.4 do not know `MADV_PAGEOUT` and answer with an error; QEMU's user-mode
