@@ -228,6 +228,9 @@ fn agent_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .thread_name("lichen")
         .max_blocking_threads(BLOCKING_THREADS)
+        // What a thread's store writes retired is freed once the thread has nothing to do, not
+        // when it next writes (heap.rs).
+        .on_thread_park(lichen::heap::on_thread_idle)
         .build()
         .context("cannot start the async runtime")
 }
