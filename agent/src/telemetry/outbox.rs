@@ -100,15 +100,6 @@ impl Spool for TelemetrySpool {
     }
 }
 
-/// A publish waiting for room in the request queue.
-struct Stalled {
-    /// The spool entry it is, if it is one.
-    seq: Option<u64>,
-    /// The message it carries, given back once handed over (the session reports it as sent).
-    message: Option<SpoolMessage>,
-    handover: BoxFuture<'static, Result<(), QueueClosed>>,
-}
-
 /// A spool's messages on one connection (each connection starts a new one, and so reads the spool
 /// again from its oldest message). rumqttc reports every publish handed to it as
 /// `Outgoing::Publish` with the packet id it chose, in the order they were handed over, which is
@@ -122,7 +113,14 @@ pub struct Outbox<W> {
     inflight: HashMap<u16, u64>,
     /// The last spool entry taken on this connection (handed over or stalled).
     cursor: Option<u64>,
-    stalled: Option<Stalled>,
+    /// A publish waiting for room in the request queue. It is already in `sent` and its message
+    /// already reported: rumqttc's queue (flume) moves a waiting publish into the queue the moment
+    /// its event loop takes a request off it, so the loop may send it, report its packet id and
+    /// receive its echo before this future is polled again. (Counted only when the wait ended, a
+    /// stalled publish's `Outgoing::Publish` found `sent` empty, and every later PUBACK of the
+    /// connection was matched to the entry before its own; and a gateway saw its own message come
+    /// back before it had remembered sending it, and forwarded it as a new one.)
+    stalled: Option<BoxFuture<'static, Result<(), QueueClosed>>>,
 }
 
 fn qos(n: u8) -> QoS {
@@ -141,9 +139,7 @@ impl<W: Wire> Outbox<W> {
 
     /// Spool entries handed over (or waiting for room) and not yet acknowledged.
     pub fn in_flight(&self) -> usize {
-        self.inflight.len()
-            + self.sent.iter().filter(|s| s.is_some()).count()
-            + usize::from(self.stalled.as_ref().is_some_and(|s| s.seq.is_some()))
+        self.inflight.len() + self.sent.iter().filter(|s| s.is_some()).count()
     }
 
     /// Whether a publish waits for room in the request queue; nothing else is handed over until
@@ -175,59 +171,43 @@ impl<W: Wire> Outbox<W> {
                     continue;
                 }
                 let q = qos(m.qos.max(1));
-                if self.wire.try_publish(&m.topic, q, m.retain, &m.payload).is_err() {
-                    let h = Handover {
-                        topic: m.topic.clone(),
-                        qos: q,
-                        retain: m.retain,
-                        payload: m.payload.clone(),
-                    };
-                    self.stall(Some(seq), Some(m), h);
-                    return;
-                }
-                // Told after the hand-over, yet before any echo can be read: the session that
-                // reads events is the caller.
+                // Told before any echo can be read: the session that reads events is the caller,
+                // and a publish that must wait for room counts as handed over (see `stalled`).
                 sent(&m);
                 self.sent.push_back(Some(seq));
+                if self.wire.try_publish(&m.topic, q, m.retain, &m.payload).is_err() {
+                    let h = Handover { topic: m.topic, qos: q, retain: m.retain, payload: m.payload };
+                    self.stalled = Some(self.wire.publish(h));
+                    return;
+                }
             }
         }
     }
 
-    /// Hands over a publish that is not a spool entry (QoS 0, the status); `message` is what it
-    /// carries. Returns the message if it went at once; otherwise it waits for room and
-    /// [`Outbox::ready`] returns it. Call only when not [stalled](Outbox::is_stalled).
-    pub fn other(&mut self, h: Handover, message: Option<SpoolMessage>) -> Option<SpoolMessage> {
+    /// Hands over a publish that is not a spool entry (QoS 0, the status), now or, if the request
+    /// queue is full, through [`Outbox::ready`]; the caller records what it carries first (see
+    /// `stalled`). Call only when not [stalled](Outbox::is_stalled).
+    pub fn other(&mut self, h: Handover) {
         if self.is_stalled() {
             // The caller broke the rule; keep the order anyway by not overtaking.
             tracing::warn!(topic = %h.topic, "MQTT publish handed over while another waits; dropped");
-            return None;
+            return;
         }
-        match self.wire.try_publish(&h.topic, h.qos, h.retain, &h.payload) {
-            Ok(()) => {
-                self.sent.push_back(None);
-                message
-            }
-            Err(Full) => {
-                self.stall(None, message, h);
-                None
-            }
+        self.sent.push_back(None);
+        if self.wire.try_publish(&h.topic, h.qos, h.retain, &h.payload).is_err() {
+            self.stalled = Some(self.wire.publish(h));
         }
     }
 
-    fn stall(&mut self, seq: Option<u64>, message: Option<SpoolMessage>, h: Handover) {
-        self.stalled = Some(Stalled { seq, message, handover: self.wire.publish(h) });
-    }
-
-    /// Waits until the stalled publish is handed over (pending forever if none is) and returns
-    /// the message it carried. Cancel-safe: the hand-over stays stored until it completes.
-    pub async fn ready(&mut self) -> Result<Option<SpoolMessage>, QueueClosed> {
+    /// Waits until the stalled publish is in the request queue (pending forever if none waits).
+    /// Cancel-safe: the hand-over stays stored until it completes.
+    pub async fn ready(&mut self) -> Result<(), QueueClosed> {
         let Some(stalled) = self.stalled.as_mut() else {
             return std::future::pending().await;
         };
-        (&mut stalled.handover).await?;
-        let Some(s) = self.stalled.take() else { return Ok(None) };
-        self.sent.push_back(s.seq);
-        Ok(s.message)
+        stalled.await?;
+        self.stalled = None;
+        Ok(())
     }
 
     /// The client sent the next publish under `pkid` (`Outgoing::Publish`).
@@ -455,7 +435,7 @@ mod tests {
             retain: true,
             payload: b"online".to_vec(),
         };
-        assert_eq!(outbox.other(status, None), None);
+        outbox.other(status);
         outbox.fill(&spool, 10, |_| {});
         outbox.outgoing(1); // the status
         outbox.outgoing(2); // t1
@@ -468,10 +448,8 @@ mod tests {
         assert!(spool.left().is_empty());
         // A QoS 0 message in between takes its place in the report order (packet id 0).
         spool.append(3, "t3");
-        let m =
-            SpoolMessage { topic: "q0".into(), qos: 0, retain: false, origin: Origin::Node, payload: vec![] };
         let h = Handover { topic: "q0".into(), qos: QoS::AtMostOnce, retain: false, payload: vec![] };
-        assert_eq!(outbox.other(h, Some(m.clone())), Some(m));
+        outbox.other(h);
         outbox.fill(&spool, 10, |_| {});
         outbox.outgoing(0);
         outbox.outgoing(5);
@@ -526,22 +504,22 @@ mod tests {
         let mut outbox = Outbox::new(w);
         let mut told = Vec::new();
         outbox.fill(&spool, 5, |m| told.push(m.topic.clone()));
-        assert_eq!(told, ["t1", "t2"], "the queue took two");
+        assert_eq!(told, ["t1", "t2", "t3"], "the queue took two; the third, waiting, is told too");
         assert!(outbox.is_stalled());
         assert_eq!(outbox.in_flight(), 3, "the waiting one counts against the window");
         outbox.fill(&spool, 5, |_| panic!("nothing overtakes the waiting publish"));
         let q0 = Handover { topic: "q0".into(), qos: QoS::AtMostOnce, retain: false, payload: vec![] };
-        assert_eq!(outbox.other(q0, None), None, "nor another publish");
+        outbox.other(q0);
+        assert_eq!(outbox.in_flight(), 3, "nor another publish");
         // The client takes a request off the queue: the waiting hand-over completes.
         assert_eq!(rx.recv().await, Some(Req::Publish("t1".into())));
-        let handed = outbox.ready().await.expect("queue open");
-        assert_eq!(handed.map(|m| m.topic).as_deref(), Some("t3"));
+        outbox.ready().await.expect("queue open");
         assert!(!outbox.is_stalled());
         assert_eq!(rx.recv().await, Some(Req::Publish("t2".into())));
         assert_eq!(rx.recv().await, Some(Req::Publish("t3".into())));
         outbox.fill(&spool, 5, |m| told.push(m.topic.clone()));
         assert_eq!(drain(&mut rx), published(&["t4", "t5"]));
-        assert_eq!(told, ["t1", "t2", "t4", "t5"]);
+        assert_eq!(told, ["t1", "t2", "t3", "t4", "t5"]);
         for pkid in 1..=5 {
             outbox.outgoing(pkid);
         }
@@ -554,6 +532,57 @@ mod tests {
         assert!(outbox.is_stalled());
         drop(rx);
         assert_eq!(outbox.ready().await, Err(QueueClosed));
+    }
+
+    /// rumqttc's request queue (flume) moves a waiting publish into the queue as soon as its event
+    /// loop takes a request off it, before the waiting future is polled again: the loop may send
+    /// it, report its packet id and get its PUBACK (or, for a gateway, its echo) first. Seen in
+    /// the gateway test under QEMU: an echo arrived before the message was remembered as sent.
+    #[tokio::test]
+    async fn a_publish_that_waited_for_room_is_counted_before_the_wait_is_polled_again() {
+        use futures::FutureExt;
+        let spool = FakeSpool::with(1..=5);
+        let (tx, rx) = flume::bounded(2);
+        let mut outbox = Outbox::new(FlumeWire(tx));
+        let mut told = Vec::new();
+        outbox.fill(&spool, 5, |m| told.push(m.topic.clone()));
+        assert_eq!(told, ["t1", "t2", "t3"], "the waiting one is told before it can reach the broker");
+        assert!(outbox.ready().now_or_never().is_none(), "no room yet: the wait is registered");
+        // The event loop takes t1; flume moves t3 in behind t2 at once.
+        assert_eq!(rx.try_recv(), Ok("t1".to_owned()));
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), ["t2", "t3"], "t3 is in the queue already");
+        // The loop reports all three and the broker acknowledges t3, before the session polls
+        // the wait again.
+        for pkid in 1..=3 {
+            outbox.outgoing(pkid);
+        }
+        assert!(outbox.acked(3, &spool), "t3's PUBACK finds t3");
+        assert_eq!(spool.left(), [1, 2, 4, 5]);
+        outbox.ready().await.expect("queue open");
+        outbox.fill(&spool, 5, |m| told.push(m.topic.clone()));
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), ["t4", "t5"]);
+        outbox.outgoing(4);
+        assert!(outbox.acked(4, &spool) && outbox.acked(1, &spool), "later PUBACKs find their own entries");
+        assert_eq!(spool.left(), [2, 5]);
+    }
+
+    /// A client whose request queue is flume's bounded channel, as rumqttc's is (topics only).
+    struct FlumeWire(flume::Sender<String>);
+
+    impl Wire for FlumeWire {
+        fn try_publish(&self, topic: &str, _: QoS, _: bool, _: &[u8]) -> Result<(), Full> {
+            self.0.try_send(topic.to_owned()).map_err(|_| Full)
+        }
+        fn publish(&self, p: Handover) -> BoxFuture<'static, Result<(), QueueClosed>> {
+            let tx = self.0.clone();
+            Box::pin(async move { tx.send_async(p.topic).await.map_err(|_| QueueClosed) })
+        }
+        fn try_ack(&self, _: &rumqttc::Publish) -> Result<(), Full> {
+            Ok(())
+        }
+        fn ack(&self, _: rumqttc::Publish) -> BoxFuture<'static, Result<(), QueueClosed>> {
+            Box::pin(async { Ok(()) })
+        }
     }
 
     #[tokio::test]

@@ -123,7 +123,8 @@ pub(super) trait Link: Send {
     fn wanted(&self) -> BTreeSet<TopicFilter>;
     /// The broker answered a SUBSCRIBE of `filters`.
     fn subscribed(&self, filters: &[TopicFilter], refused: bool);
-    /// A message (spooled or direct) was handed to the client.
+    /// A message (spooled or direct) is being handed to the client: told before the client can
+    /// send it, so before any echo of it can be read.
     fn sent(&mut self, m: &SpoolMessage);
     /// The broker acknowledged a spool entry (it is already removed).
     fn acked(&mut self) {}
@@ -296,7 +297,7 @@ impl<'a, L: Link> Connected<'a, L> {
     /// Runs until the connection fails (`Err`) or `cancel` fires (`Ok`).
     async fn run(mut self, events: &mut Events, cancel: &CancellationToken) -> Result<(), SessionError> {
         if let Some(h) = self.link.hello() {
-            self.outbox.other(h, None);
+            self.outbox.other(h);
         }
         loop {
             self.sync_subscriptions()?;
@@ -325,11 +326,7 @@ impl<'a, L: Link> Connected<'a, L> {
                 }
                 // rumqttc's request queue had no room: the hand-over waits for it here, next to
                 // the events that drain it.
-                handed = self.outbox.ready(), if self.outbox.is_stalled() => {
-                    if let Some(m) = handed? {
-                        self.link.sent(&m);
-                    }
-                }
+                handed = self.outbox.ready(), if self.outbox.is_stalled() => handed?,
                 r = self.acks.ready(), if self.acks.is_stalled() => r?,
                 _ = self.spool.appended(), if room => {}
                 wake = self.link.woken(), if !self.outbox.is_stalled() => match wake {
@@ -347,16 +344,15 @@ impl<'a, L: Link> Connected<'a, L> {
             self.link.dropped();
             return;
         }
-        let h = Handover {
-            topic: m.topic.clone(),
+        // Recorded before the hand-over: once in rumqttc's queue it may be sent, and its echo read,
+        // before a wait for room would say it went.
+        self.link.sent(&m);
+        self.outbox.other(Handover {
+            topic: m.topic,
             qos: QoS::AtMostOnce,
             retain: m.retain,
-            payload: m.payload.clone(),
-        };
-        // Recorded once handed over: the echo cannot be read before this session reads events again.
-        if let Some(m) = self.outbox.other(h, Some(m)) {
-            self.link.sent(&m);
-        }
+            payload: m.payload,
+        });
     }
 
     /// One event: publishes get their packet ids, acknowledgements remove messages from the spool,
