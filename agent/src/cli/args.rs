@@ -1,5 +1,9 @@
 //! The command line: `lichen run | join | check | version | status | pods | logs | modules | compile |
 //! push | sign | fleet`, with every config field as a global flag.
+//!
+//! The doc comments are `--help` text, written for a terminal (`<digest>`, `<id>.<secret>`), not
+//! rustdoc markup.
+#![allow(rustdoc::invalid_html_tags)]
 
 use std::path::PathBuf;
 

@@ -1,6 +1,10 @@
 //! The command-line flags and environment variables that override the config file. Each is declared
-//! once, in the [`overlay!`] list below, with the config field it sets; the macro writes both the clap
+//! once, in the `overlay!` list below, with the config field it sets; the macro writes both the clap
 //! struct and the code that lays the values over the file's.
+//!
+//! The fields' doc comments are `--help` text, written for a terminal (`host[:port]`, `<id>`), not
+//! rustdoc markup.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -13,8 +13,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use super::reader::LogError;
-use super::{MAX_RECORD, parse_file_name};
+use super::{LogError, MAX_RECORD, parse_file_name};
 
 /// Bytes read from a file at a time, forwards or backwards.
 pub(super) const BLOCK: usize = 64 * 1024;

@@ -15,12 +15,15 @@
 //! HTTP. It must import nothing from the crate above the ground floor; who owns a log directory
 //! (the pod's side) and how a request spells its options (the kubelet's query) live upstairs.
 
+use std::io;
+use std::path::{Path, PathBuf};
+
 mod files;
 pub mod reader;
 mod tail;
 pub mod writer;
 
-pub use reader::{ContainerLogs, LogError, LogOptions, LogRecord, read_run, stream};
+pub use reader::{ContainerLogs, LogOptions, LogRecord, read_run, stream};
 pub use writer::ContainerLog;
 
 /// Longest line the writer keeps whole; longer output is split into partial (`P`) records, as CRI
@@ -32,6 +35,47 @@ pub const MAX_RECORD: usize = 64 * 1024;
 /// Bytes of a record that hold its time, stream and tag (the time is at most 35 characters): enough
 /// to read to learn a record's stream and whether it ends its line.
 pub const MAX_HEADER: usize = 64;
+
+/// Partial records are joined into their line up to this size; beyond it the line is sent on in
+/// pieces as they come, so one endless line cannot hold the reader's memory.
+const MAX_JOINED: usize = 1 << 20;
+
+/// Errors, each mapping to an HTTP status for the kubelet API.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The pod, the container or the run asked for does not exist (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request cannot be answered as asked (400): a malformed parameter, a pod with several
+    /// containers and none named, a container that has not started yet.
+    #[error("{0}")]
+    BadRequest(String),
+    /// A log file, the log directory or the store could not be read (500).
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// What could not be read.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl LogError {
+    /// The HTTP status the kubelet API answers with: 404, 400 or 500.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            LogError::NotFound(_) => 404,
+            LogError::BadRequest(_) => 400,
+            LogError::Io { .. } => 500,
+        }
+    }
+
+    /// Maps an I/O error on `path`.
+    fn io_at(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
+        move |source| LogError::Io { path: path.to_owned(), source }
+    }
+}
 
 /// Which output stream a record belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,14 +21,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::files::{Pos, Reader, next_file, open_run, runs, runs_after};
 use super::tail::{TailPlan, plan_tail};
-use super::{Record, Stream};
+use super::{LogError, MAX_JOINED, Record, Stream};
 
 /// How long a follower sleeps between looks at the file: short enough that `-f` feels live, long
 /// enough that an idle follower costs nothing.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
-/// Partial records are joined into their line up to this size; beyond it the line is sent on in
-/// pieces as they come, so one endless line cannot hold the reader's memory.
-pub(super) const MAX_JOINED: usize = 1 << 20;
 /// Output is sent in chunks of about this size.
 const CHUNK: usize = 32 * 1024;
 
@@ -47,43 +44,6 @@ pub struct LogOptions {
     pub since: Option<Timestamp>,
     /// Stop after this many bytes of output.
     pub limit_bytes: Option<u64>,
-}
-
-/// Errors, each mapping to an HTTP status for the kubelet API.
-#[derive(Debug, thiserror::Error)]
-pub enum LogError {
-    /// The pod, the container or the run asked for does not exist (404).
-    #[error("{0}")]
-    NotFound(String),
-    /// The request cannot be answered as asked (400): a malformed parameter, a pod with several
-    /// containers and none named, a container that has not started yet.
-    #[error("{0}")]
-    BadRequest(String),
-    /// A log file, the log directory or the store could not be read (500).
-    #[error("cannot read {path}: {source}")]
-    Io {
-        /// What could not be read.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-}
-
-impl LogError {
-    /// The HTTP status the kubelet API answers with: 404, 400 or 500.
-    pub fn http_status(&self) -> u16 {
-        match self {
-            LogError::NotFound(_) => 404,
-            LogError::BadRequest(_) => 400,
-            LogError::Io { .. } => 500,
-        }
-    }
-
-    /// Maps an I/O error on `path`.
-    pub(super) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
-        move |source| LogError::Io { path: path.to_owned(), source }
-    }
 }
 
 /// A container's log directory, and who it belongs to (for messages).

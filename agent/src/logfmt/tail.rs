@@ -9,8 +9,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 use super::files::{BLOCK, Pos, RunFile};
-use super::reader::MAX_JOINED;
-use super::{MAX_HEADER, Record};
+use super::{MAX_HEADER, MAX_JOINED, Record};
 
 /// How far back a tail looks for the first piece of a line whose end it has found, beyond the
 /// last record it kept (a line's pieces lie close together; MAX_JOINED would be sent in pieces).

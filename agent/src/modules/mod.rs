@@ -1,4 +1,4 @@
-//! Modules as images: what a container's `image:` names ([`reference`]), the credentials to fetch it
+//! Modules as images: what a container's `image:` names ([`mod@reference`]), the credentials to fetch it
 //! ([`auth`]), the network fetch ([`fetch`]) and the content-addressed cache in the store, with
 //! precompiled artifacts for this engine and garbage collection under a byte budget.
 //!

@@ -16,6 +16,7 @@ pub mod bridge;
 pub mod gateway;
 pub mod mqtt;
 pub mod node;
+mod options;
 mod outbox;
 mod session;
 pub mod spool;

@@ -21,7 +21,7 @@ use rumqttc::{AsyncClient, ConnAck, Event, EventLoop, MqttOptions, Outgoing, Pac
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::mqtt::MqttError;
+use super::options::MqttError;
 use super::outbox::{Acks, Handover, Outbox, QueueClosed};
 use super::spool::{SpoolMessage, TelemetrySpool};
 use crate::retry::RetryBackoff;

@@ -13,7 +13,6 @@ use super::artifact::{ArtifactError, Platform, digest_hex};
 use super::registry::{AgentRegistry, UpgradeFetchError, parse_reference};
 use super::signature::{KeyError, TrustedKeys};
 use super::slots::{SlotError, Slots};
-use super::upgrader::Staged;
 use crate::config::{ModulesConfig, UpgradeConfig};
 use crate::retry::RetryBackoff;
 
@@ -23,6 +22,17 @@ pub const MAX_AGENT_SIZE: u64 = 256 << 20;
 const SMOKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Attempts at a download the registry keeps interrupting before the upgrade fails.
 const DOWNLOAD_ATTEMPTS: u32 = 8;
+
+/// A staged binary: where it is, its sha256 (hex) and version.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    /// The staged binary.
+    pub binary: PathBuf,
+    /// Its sha256, hex.
+    pub digest: String,
+    /// Its version.
+    pub version: String,
+}
 
 /// Why a new agent cannot be readied; the reason written on the Node.
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,6 @@
 //! the switch ends in `Failed` with the reason, and the running agent stays.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -507,17 +506,6 @@ async fn record_event(
         .create(&PostParams::default(), &event)
         .await
         .map(drop)
-}
-
-/// A staged binary: where it is, its sha256 (hex) and version.
-#[derive(Debug, Clone)]
-pub struct Staged {
-    /// The staged binary.
-    pub binary: PathBuf,
-    /// Its sha256, hex.
-    pub digest: String,
-    /// Its version.
-    pub version: String,
 }
 
 #[cfg(test)]

@@ -140,7 +140,7 @@ impl FakeCa {
     }
 }
 
-/// The subject of a PKCS#10 request or a certificate: (CN, [O]).
+/// The subject of a PKCS#10 request or a certificate: (CN, `[O]`).
 fn subject(name: &x509_parser::x509::X509Name) -> (String, Vec<String>) {
     let cn = name.iter_common_name().next().and_then(|a| a.as_str().ok()).unwrap_or_default().to_owned();
     let orgs = name.iter_organization().filter_map(|a| a.as_str().ok()).map(str::to_owned).collect();

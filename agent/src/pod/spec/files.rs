@@ -13,8 +13,7 @@ use k8s_openapi::api::core::v1::{
 };
 
 use super::sources::{ObjectSource, lookup};
-use super::volumes::VolumeContext;
-use super::{Errors, VolumeFile, downward};
+use super::{Errors, VolumeContext, VolumeFile, downward};
 use crate::pod::inputs::{DEFAULT_TOKEN_SECONDS, ObjectKind, TokenRef};
 
 /// The kubelet's default mode for files it writes into volumes.

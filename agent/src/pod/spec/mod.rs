@@ -62,6 +62,16 @@ pub struct SpecError {
     pub pending: bool,
 }
 
+/// What planning a volume needs besides the volume (`volumes` plans the volume, `files` the files
+/// the agent writes into one).
+struct VolumeContext<'a> {
+    ctx: &'a PlanContext<'a>,
+    pod: &'a Pod,
+    /// `<pods_dir>/<uid>`, from a checked UID.
+    pod_dir: &'a Path,
+    fields: &'a downward::FieldValues,
+}
+
 /// What the plan depends on besides the pod.
 pub struct PlanContext<'a> {
     /// This node's name (for `fieldRef: spec.nodeName`).
@@ -116,7 +126,7 @@ pub fn plan(pod: &Pod, ctx: &PlanContext<'_>) -> Result<PodPlan, Vec<SpecError>>
     let fields = downward::field_values(pod, ctx);
     let mut warnings = Vec::new();
     let pod_dir = ctx.pods_dir.join(&uid);
-    let vctx = volumes::VolumeContext { ctx, pod, pod_dir: &pod_dir, fields: &fields };
+    let vctx = VolumeContext { ctx, pod, pod_dir: &pod_dir, fields: &fields };
     let planned = volumes::plan_volumes(spec, &vctx, &mut errs, &mut warnings);
     let cctx = container::ContainerContext { ctx, pod, volumes: &planned, fields: &fields, limits };
     let mut containers_of = |list: Option<&Vec<Container>>, kind: &str| -> Vec<ContainerPlan> {

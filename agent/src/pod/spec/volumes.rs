@@ -7,25 +7,12 @@
 //! does, from the plan.
 
 use std::collections::HashSet;
-use std::path::Path;
 
-use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, HostPathVolumeSource, Pod, PodSpec, Volume,
-};
+use k8s_openapi::api::core::v1::{Container, EmptyDirVolumeSource, HostPathVolumeSource, PodSpec, Volume};
 
-use super::downward::FieldValues;
 use super::files::{self, FileSource};
-use super::{Errors, PlanContext, VolumeKind, VolumePlan, host_path, names};
+use super::{Errors, VolumeContext, VolumeKind, VolumePlan, host_path, names};
 use crate::runtime::Preopen;
-
-/// What planning a volume needs besides the volume.
-pub(super) struct VolumeContext<'a> {
-    pub(super) ctx: &'a PlanContext<'a>,
-    pub(super) pod: &'a Pod,
-    /// `<pods_dir>/<uid>`, from a checked UID.
-    pub(super) pod_dir: &'a Path,
-    pub(super) fields: &'a FieldValues,
-}
 
 /// The pod's volumes, as far as they could be planned.
 pub(super) struct PlannedVolumes {

@@ -16,7 +16,7 @@ use super::framing::encode_incoming;
 use super::{DropLog, PodBridge, PodMqtt, QOS0_WAIT, TokenBucket};
 use crate::config::MqttConfig;
 use crate::runtime::mqtt_api::GuestMessage;
-use crate::telemetry::gateway::{GatewayCounters, GatewaySnapshot};
+use crate::telemetry::gateway::counters::{GatewayCounters, GatewaySnapshot};
 use crate::telemetry::spool::{SpoolMessage, TelemetrySpool};
 use crate::topic::TopicFilter;
 
@@ -269,7 +269,7 @@ impl MqttBridge {
     }
 
     /// Called by the upstream connection for every message it sends that came from the local
-    /// broker ([`Origin::LocalBroker`]).
+    /// broker ([`crate::telemetry::spool::Origin::LocalBroker`]).
     pub fn gateway_sent(&self, topic: &str, payload: &[u8]) {
         if let Some((_, sent)) = self.gateway.get() {
             sent(topic, payload);

@@ -38,18 +38,21 @@
 //! taken for the echo (it is still delivered to that broker's other subscribers; only its
 //! forwarding is skipped).
 
+pub mod counters;
+
+pub use counters::{GatewayCounters, GatewaySnapshot};
+
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::{MqttOptions, QoS};
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::bridge::{Arrival, MqttBridge};
-use super::mqtt::{MqttError, options};
+use super::options::{MqttError, options};
 use super::session::{self, Link, SessionError};
 use super::spool::{Origin, SpoolMessage, TelemetrySpool};
 use crate::config::{GatewayConfig, GatewayMapping, MqttConfig};
@@ -196,53 +199,6 @@ pub fn map_down(mappings: &[GatewayMapping], upstream_topic: &str) -> Option<Str
         let local = upstream_topic.strip_prefix(m.upstream_prefix.as_str())?;
         (TopicName::is_valid(local) && m.local.matches(local)).then(|| local.to_owned())
     })
-}
-
-#[derive(Debug, Default)]
-struct GatewayStats {
-    connected: AtomicBool,
-    forwarded_up: AtomicU64,
-    forwarded_down: AtomicU64,
-    dropped_down: AtomicU64,
-    loops_suppressed: AtomicU64,
-}
-
-/// What `lichen status` shows of gateway mode.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GatewaySnapshot {
-    /// Whether the local broker connection is up.
-    pub connected: bool,
-    /// Local messages handed upstream (spooled, or sent for QoS 0).
-    pub forwarded_up: u64,
-    /// Upstream messages the local broker accepted (published; QoS 1 acknowledged).
-    pub forwarded_down: u64,
-    /// Upstream messages waiting in the spool for the local broker.
-    pub spooled_down: u64,
-    /// Upstream messages dropped: the oldest when the down spool was full, or ones the disk refused.
-    pub dropped_down: u64,
-    /// Messages recognised as the gateway's own coming back, and not forwarded again.
-    pub loops_suppressed: u64,
-}
-
-/// A handle on the gateway's counters, for status reports.
-#[derive(Clone)]
-pub struct GatewayCounters(Arc<GatewayStats>, Arc<TelemetrySpool>);
-
-impl GatewayCounters {
-    /// The counters now.
-    pub fn snapshot(&self) -> GatewaySnapshot {
-        let s = &self.0;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let spool = self.1.snapshot();
-        GatewaySnapshot {
-            connected: s.connected.load(Ordering::Relaxed),
-            forwarded_up: l(&s.forwarded_up),
-            forwarded_down: l(&s.forwarded_down),
-            spooled_down: spool.entries,
-            dropped_down: l(&s.dropped_down) + spool.dropped_full + spool.dropped_corrupt,
-            loops_suppressed: l(&s.loops_suppressed),
-        }
-    }
 }
 
 /// The gateway task; see the module docs.
