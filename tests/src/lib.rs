@@ -123,7 +123,8 @@ pub fn unit_environment() -> std::io::Result<Vec<(String, String)>> {
 /// A `lichen run` child process with its stderr captured line by line.
 pub struct Agent {
     child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
+    /// Each stderr line, with when the reader took it from the pipe.
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
     /// The state directory it was given.
     pub state_dir: PathBuf,
 }
@@ -157,7 +158,7 @@ impl Agent {
                 if std::env::var_os("LICHEN_TEST_ECHO").is_some() {
                     eprintln!("agent| {line}");
                 }
-                sink.lock().expect("log lock").push(line);
+                sink.lock().expect("log lock").push((Instant::now(), line));
             }
         });
         Agent { child, lines, state_dir: state_dir.to_owned() }
@@ -165,7 +166,14 @@ impl Agent {
 
     /// Everything the agent logged so far.
     pub fn log(&self) -> Vec<String> {
-        self.lines.lock().expect("log lock").clone()
+        self.lines.lock().expect("log lock").iter().map(|(_, l)| l.clone()).collect()
+    }
+
+    /// When the first line containing every one of `needles` came out of the agent's stderr (for
+    /// benchmarks timing what the agent did against what a client did).
+    pub fn line_arrived(&self, needles: &[&str]) -> Option<Instant> {
+        let lines = self.lines.lock().expect("log lock");
+        lines.iter().find(|(_, l)| needles.iter().all(|n| l.contains(n))).map(|(at, _)| *at)
     }
 
     /// Waits until a log line contains every one of `needles`; returns it.

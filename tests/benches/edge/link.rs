@@ -326,6 +326,21 @@ pub async fn run(report: &mut Report) {
         ),
         _ => return report.failed(SECTION, "the first pod never became Running and Ready"),
     }
+    // The agent's own share: from the create to its worker starting the pod (planned, admitted,
+    // the module resolved), the moment its `starting pod` line left the process.
+    match agent.line_arrived(&["starting pod", "lichen-link-00"]) {
+        Some(at) => report.aim(
+            SECTION,
+            format!(
+                "pod bound after {} s idle: create to the agent starting it (its log line)",
+                secs.as_secs()
+            ),
+            format!("{:.0} ms", at.saturating_duration_since(created).as_secs_f64() * 1000.0),
+            "≤ 100 ms (pod changes seen at once)",
+            at.saturating_duration_since(created) <= Duration::from_millis(100),
+        ),
+        None => return report.failed(SECTION, "the agent never logged starting the first pod"),
+    }
     for i in 1..10 {
         pods.create(&PostParams::default(), &pod(i)).await.expect("create pod");
     }
