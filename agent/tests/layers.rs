@@ -1,8 +1,10 @@
 //! The house's layering, checked: every top-level module of the `lichen` crate sits on a floor, a
 //! module imports only from its own floor or below, and no two modules need each other (directly
-//! or around a circle). It reads the sources as text, the way a reviewer would: every `crate::x`
-//! path outside comments counts as an import of `x`. Run it alone with
-//! `cargo test -p lichen --test layers`; it prints the import graph with `-- --nocapture`.
+//! or around a circle), nor do any two files. It reads the sources as text, the way a reviewer
+//! would: every `crate::x` path outside comments counts as an import of `x`, and for files every
+//! `crate::`, `super::` and `self::` path, resolved to the file that defines what it names. Run it
+//! alone with `cargo test -p lichen --test layers`; it prints both import graphs with
+//! `-- --nocapture`.
 //!
 //! The floors are the README's Layout section. Moving a module between floors, or adding one, is a
 //! change to that picture: make it here and there together.

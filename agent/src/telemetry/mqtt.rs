@@ -1,5 +1,5 @@
 //! The upstream broker connection ([`MqttClient`]): its setup for the session driver
-//! ([`super::session`]): rumqttc's options from `[mqtt]` (TLS on ring, credentials, the will), the
+//! ([`super::session`]): rumqttc's options from `[mqtt]` ([`super::options`]), the
 //! upstream spool, the filters pods asked for, the bridge for incoming messages and the direct
 //! (QoS 0) channel. The driver does the connecting, sending, acknowledging and reconnecting.
 //!

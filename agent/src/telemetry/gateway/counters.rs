@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::telemetry::spool::TelemetrySpool;
 
+/// The counts, kept by the gateway's two directions and read by [`GatewayCounters::snapshot`].
 #[derive(Debug, Default)]
 pub(super) struct GatewayStats {
     pub(super) connected: AtomicBool,
