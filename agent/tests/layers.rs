@@ -274,8 +274,9 @@ fn code_only(text: &str) -> String {
             i += 1;
             out.push_str("\"\"");
         } else if c == '\'' && next == Some('\\') {
-            // An escaped char literal: '\n', '\'', '\u{7b}'.
-            i += 2;
+            // An escaped char literal: '\n', '\'', '\u{7b}' (the escaped character itself may be
+            // a quote).
+            i += 3;
             while i < chars.len() && chars[i] != '\'' {
                 i += 1;
             }
@@ -466,7 +467,8 @@ fn no_two_files_need_each_other() {
 #[test]
 fn the_file_reader_resolves_paths_from_where_they_are_written() {
     let text = "use super::{LogError, files::Pos};\nuse crate::store::{self, StateStore};\n\
-                let s = \"crate::app\"; // crate::cli\nmod linux {\n    use super::Page;\n}\n\
+                let s = \"crate::app\"; // crate::cli\n\
+                mod linux {\n    let q = '\\''; let b = b'}';\n    use super::Page;\n}\n\
                 #[cfg(test)]\nmod tests {\n    use crate::pod::x;\n}\nuse self::inner::Y;\n";
     let module: Vec<String> = ["logfmt", "reader"].map(String::from).to_vec();
     let found: Vec<String> = file_imports(&code_only(text), &module).iter().map(|p| p.join("::")).collect();
