@@ -60,13 +60,6 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The top-level module a source file belongs to: `pod/worker.rs` -> `pod`, `app.rs` -> `app`.
-fn module_of(src: &Path, file: &Path) -> String {
-    let rel = file.strip_prefix(src).expect("under src");
-    let first = rel.components().next().expect("a component").as_os_str().to_string_lossy();
-    first.trim_end_matches(".rs").to_owned()
-}
-
 /// The modules a file names through `crate::` (or `lichen::` in the binary), comments left out.
 fn imports(text: &str, crate_name: &str) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
@@ -111,7 +104,8 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
     rust_files(&src, &mut files);
     let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for file in files {
-        let module = module_of(&src, &file);
+        // The top-level module the file belongs to: `pod/worker.rs` -> `pod`, `app.rs` -> `app`.
+        let module = module_path(&src, &file).swap_remove(0);
         if module == "lib" {
             continue;
         }
@@ -151,39 +145,44 @@ fn every_module_is_on_a_floor_and_imports_only_downward() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
-#[test]
-fn no_two_modules_need_each_other() {
-    let graph = graph();
-    // Depth-first search for a back edge; report each circle found.
-    fn visit(
-        node: &str,
-        graph: &BTreeMap<String, BTreeSet<String>>,
-        path: &mut Vec<String>,
-        done: &mut BTreeSet<String>,
-        circles: &mut Vec<String>,
+/// Every circle a depth-first search meets in `graph` (at least one whenever there is one), each
+/// as its nodes from where it closes back to itself. Edges to nodes that are not keys are ignored.
+fn circles<K: Ord + Clone>(graph: &BTreeMap<K, BTreeSet<K>>) -> Vec<Vec<K>> {
+    fn visit<K: Ord + Clone>(
+        node: &K,
+        graph: &BTreeMap<K, BTreeSet<K>>,
+        path: &mut Vec<K>,
+        done: &mut BTreeSet<K>,
+        circles: &mut Vec<Vec<K>>,
     ) {
         if let Some(i) = path.iter().position(|p| p == node) {
             let mut circle = path[i..].to_vec();
-            circle.push(node.to_owned());
-            circles.push(circle.join(" -> "));
+            circle.push(node.clone());
+            circles.push(circle);
             return;
         }
         if done.contains(node) {
             return;
         }
-        path.push(node.to_owned());
+        path.push(node.clone());
         for dep in graph.get(node).into_iter().flatten() {
             if graph.contains_key(dep) {
                 visit(dep, graph, path, done, circles);
             }
         }
         path.pop();
-        done.insert(node.to_owned());
+        done.insert(node.clone());
     }
-    let (mut done, mut circles) = (BTreeSet::new(), Vec::new());
+    let (mut done, mut found) = (BTreeSet::new(), Vec::new());
     for node in graph.keys() {
-        visit(node, &graph, &mut Vec::new(), &mut done, &mut circles);
+        visit(node, graph, &mut Vec::new(), &mut done, &mut found);
     }
+    found
+}
+
+#[test]
+fn no_two_modules_need_each_other() {
+    let circles: Vec<String> = circles(&graph()).iter().map(|c| c.join(" -> ")).collect();
     assert!(circles.is_empty(), "import circles:\n{}", circles.join("\n"));
 }
 
@@ -441,26 +440,11 @@ fn file_graph() -> BTreeMap<Vec<String>, BTreeSet<Vec<String>>> {
 fn no_two_files_need_each_other() {
     let graph = file_graph();
     let name = |m: &Vec<String>| m.join("::");
-    let mut circles = Vec::new();
-    // Each strongly tied group of files, found by asking of every edge whether its target leads back.
-    for (from, deps) in &graph {
-        for to in deps {
-            let mut seen = BTreeSet::new();
-            let mut stack = vec![to.clone()];
-            while let Some(m) = stack.pop() {
-                if &m == from {
-                    circles.push(format!("{} -> {} -> … -> {}", name(from), name(to), name(from)));
-                    break;
-                }
-                if seen.insert(m.clone()) {
-                    stack.extend(graph.get(&m).into_iter().flatten().cloned());
-                }
-            }
-        }
-    }
     for (module, deps) in &graph {
         println!("{:>28} -> {}", name(module), deps.iter().map(name).collect::<Vec<_>>().join(", "));
     }
+    let circles: Vec<String> =
+        circles(&graph).iter().map(|c| c.iter().map(name).collect::<Vec<_>>().join(" -> ")).collect();
     assert!(circles.is_empty(), "files that need each other, around a circle:\n{}", circles.join("\n"));
 }
 

@@ -328,16 +328,19 @@ pub async fn run(report: &mut Report) {
     }
     // The agent's own share: from the create to its worker starting the pod (planned, admitted,
     // the module resolved), the moment its `starting pod` line left the process.
-    match agent.line_arrived(&["starting pod", "lichen-link-00"]) {
-        Some(at) => report.aim(
+    match agent
+        .line_arrived(&["starting pod", "lichen-link-00"])
+        .map(|at| at.saturating_duration_since(created))
+    {
+        Some(took) => report.aim(
             SECTION,
             format!(
                 "pod bound after {} s idle: create to the agent starting it (its log line)",
                 secs.as_secs()
             ),
-            format!("{:.0} ms", at.saturating_duration_since(created).as_secs_f64() * 1000.0),
+            format!("{:.0} ms", took.as_secs_f64() * 1000.0),
             "≤ 100 ms (pod changes seen at once)",
-            at.saturating_duration_since(created) <= Duration::from_millis(100),
+            took <= Duration::from_millis(100),
         ),
         None => return report.failed(SECTION, "the agent never logged starting the first pod"),
     }
